@@ -1,0 +1,222 @@
+//! Configuration: the key table, loading and validation, and the only writer of config files.
+//!
+//! Files are TOML in one directory; each top-level folder (`HA`, `subclusters`, `agents`,
+//! `vsmserver`, `vsmagent`, `vsm`) lives in one file. Every key has a path such as `/HA/enabled`.
+//!
+//! Invariants:
+//! - Every key the loader accepts is in the key table, and the key table drives validation,
+//!   `tl-config` and `docs/configuration.md`.
+//! - Loading either returns a fully validated [`Config`] or errors naming file, key, bad value
+//!   and what was expected; a half-valid configuration is never returned.
+//! - Nothing but the editor writes configuration files, and it writes atomically.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The validated configuration of a node. Built by the loader or from [`Config::default`]
+/// (the embedded defaults) in tests and the demo.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub ha: HaConfig,
+    /// Subclusters by name.
+    pub subclusters: BTreeMap<String, Subcluster>,
+    pub agents: AgentsConfig,
+    pub vsmserver: ServerConfig,
+    pub vsmagent: AgentConfig,
+    pub vsm: VsmConfig,
+}
+
+/// `/HA/*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HaConfig {
+    /// `/HA/enabled`
+    pub enabled: bool,
+    /// `/HA/nodes`: both masters, identical on both nodes.
+    pub nodes: Vec<String>,
+    /// `/HA/secret_file`: shared secret of the two masters.
+    pub secret_file: PathBuf,
+    /// `/HA/port`: TCP port of the peer link.
+    pub port: u16,
+    /// `/HA/sync`: when a client is answered.
+    pub sync: SyncLevel,
+    /// `/HA/sync_timeout`: how long a write waits for the peer before continuing alone.
+    pub sync_timeout: Duration,
+    /// `/HA/startup_grace`: after start, how long an unreachable peer delays readiness.
+    pub startup_grace: Duration,
+    /// `/HA/heartbeat_interval`
+    pub heartbeat_interval: Duration,
+    /// `/HA/peer_timeout`: silence after which the peer link is declared dead.
+    pub peer_timeout: Duration,
+    /// `/HA/tombstone_retention`: how long deletes are remembered so they win a merge.
+    pub tombstone_retention: Duration,
+    /// `/HA/changelog_retention`: how many change-log entries are kept for incremental resync.
+    pub changelog_retention: u64,
+    /// `/HA/local_node`: explicit name of the local node, bypassing detection.
+    pub local_node: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncLevel {
+    /// Answer clients as soon as the local commit is done.
+    Async,
+    /// Answer clients after the peer stored the change (or `sync_timeout` passed).
+    Ack,
+}
+
+/// `/subclusters/<name>/*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subcluster {
+    pub name: String,
+    pub agents: Vec<String>,
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+    /// 0 means unlimited.
+    pub max_users_per_agent: u32,
+}
+
+impl Subcluster {
+    /// A subcluster with neither users nor groups is a default subcluster.
+    pub fn is_default(&self) -> bool {
+        self.users.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// `/agents/*`.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct AgentsConfig {
+    /// `/agents/draining`
+    pub draining: Vec<String>,
+    /// `/agents/weights/<host>`; hosts not listed weigh 100.
+    pub weights: BTreeMap<String, u32>,
+}
+
+/// `/vsmserver/*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerConfig {
+    pub listen_port: u16,
+    pub allowed_clients: Vec<String>,
+    pub allowed_groups: Vec<String>,
+    /// 0 means unlimited.
+    pub max_sessions_per_user: u32,
+    pub admin_email: Vec<String>,
+    pub socket_path: PathBuf,
+    pub data_dir: PathBuf,
+    /// `/vsmserver/reconcile_interval`: how often agents are polled.
+    pub reconcile_interval: Duration,
+    /// `/vsmserver/agent_timeout`: how long one call to an agent may take.
+    pub agent_timeout: Duration,
+    /// `/vsmserver/session_startup_dir`: scripts run after a session is created.
+    pub session_startup_dir: PathBuf,
+    /// `/vsmserver/session_reconnect_dir`: scripts run after a reconnect.
+    pub session_reconnect_dir: PathBuf,
+    /// `/vsmserver/db_synchronous`
+    pub db_synchronous: DbSynchronous,
+    /// `/vsmserver/admin_group`: members may act as admins over the Unix socket.
+    pub admin_group: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbSynchronous {
+    Full,
+    Normal,
+}
+
+/// `/vsmagent/*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    pub master_hostname: String,
+    pub allowed_clients: Vec<String>,
+    /// Address given to clients; when unset the agent reports its own address.
+    pub agent_hostname: Option<String>,
+    pub listen_port: u16,
+    pub display_min: u32,
+    pub display_max: u32,
+    /// argv template; placeholders `{display}`, `{port}`, `{geometry}`, `{user}`.
+    pub session_command: Vec<String>,
+    pub default_geometry: String,
+    /// `/vsmagent/state_dir`: where the agent keeps per-session files.
+    pub state_dir: PathBuf,
+}
+
+/// `/vsm/*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VsmConfig {
+    pub vsm_server_port: u16,
+    pub vsm_agent_port: u16,
+    pub vnc_port_base: u16,
+    /// Cluster secret shared by masters and agents.
+    pub secret_file: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut subclusters = BTreeMap::new();
+        subclusters.insert(
+            "default".to_string(),
+            Subcluster {
+                name: "default".into(),
+                agents: vec!["127.0.0.1".into()],
+                users: vec![],
+                groups: vec![],
+                max_users_per_agent: 0,
+            },
+        );
+        Config {
+            ha: HaConfig {
+                enabled: false,
+                nodes: vec![],
+                secret_file: PathBuf::from("/etc/vsm/ha.key"),
+                port: 9001,
+                sync: SyncLevel::Ack,
+                sync_timeout: Duration::from_secs(2),
+                startup_grace: Duration::from_secs(30),
+                heartbeat_interval: Duration::from_millis(500),
+                peer_timeout: Duration::from_secs(3),
+                tombstone_retention: Duration::from_secs(7 * 24 * 3600),
+                changelog_retention: 100_000,
+                local_node: None,
+            },
+            subclusters,
+            agents: AgentsConfig::default(),
+            vsmserver: ServerConfig {
+                listen_port: 9000,
+                allowed_clients: vec![],
+                allowed_groups: vec![],
+                max_sessions_per_user: 1,
+                admin_email: vec!["root@localhost".into()],
+                socket_path: PathBuf::from("/run/vsm/vsmserver.sock"),
+                data_dir: PathBuf::from("/var/lib/vsm"),
+                reconcile_interval: Duration::from_secs(40),
+                agent_timeout: Duration::from_secs(5),
+                session_startup_dir: PathBuf::from("/etc/vsm/sessionstartup.d"),
+                session_reconnect_dir: PathBuf::from("/etc/vsm/sessionreconnect.d"),
+                db_synchronous: DbSynchronous::Full,
+                admin_group: None,
+            },
+            vsmagent: AgentConfig {
+                master_hostname: "localhost".into(),
+                allowed_clients: vec![],
+                agent_hostname: None,
+                listen_port: 904,
+                display_min: 10,
+                display_max: 2000,
+                session_command: [
+                    "Xvnc", ":{display}", "-rfbport", "{port}", "-geometry", "{geometry}",
+                    "-SecurityTypes", "None", "-localhost", "-desktop", "{user}",
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+                default_geometry: "1024x768".into(),
+                state_dir: PathBuf::from("/var/lib/vsmagent"),
+            },
+            vsm: VsmConfig {
+                vsm_server_port: 9000,
+                vsm_agent_port: 904,
+                vnc_port_base: 5900,
+                secret_file: PathBuf::from("/etc/vsm/cluster.key"),
+            },
+        }
+    }
+}

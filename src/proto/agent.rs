@@ -1,0 +1,93 @@
+//! Messages of the master↔agent link (both directions). Serialized as JSON inside
+//! authenticated, encrypted frames (see `proto::secure`).
+//!
+//! Invariant: these types are the whole agent protocol; nothing else crosses that link.
+
+use crate::model::SessionId;
+use serde::{Deserialize, Serialize};
+
+/// A call from a master to an agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AgentRequest {
+    /// Start a session for `user` on a free display.
+    Start {
+        session_id: SessionId,
+        user: String,
+        /// `WIDTHxHEIGHT`; the agent's `default_geometry` when absent.
+        geometry: Option<String>,
+    },
+    /// Is this session still alive?
+    Verify { session_id: SessionId, display: u32 },
+    /// End this session (SIGTERM, then SIGKILL after a grace period).
+    Terminate { session_id: SessionId, display: u32 },
+    /// Every session the agent runs.
+    List,
+    /// Current load figures.
+    Load,
+}
+
+/// The agent's answer to one [`AgentRequest`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum AgentReply {
+    Started { session: AgentSession },
+    Verified { alive: bool },
+    Terminated { was_running: bool },
+    Sessions { sessions: Vec<AgentSession>, load: LoadReport },
+    Load { load: LoadReport },
+    Error { kind: AgentErrorKind, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentErrorKind {
+    /// No free display in `[display_min, display_max]`.
+    NoFreeDisplay,
+    /// The user does not exist on the agent.
+    UnknownUser,
+    /// The session command could not be started or died at once.
+    StartFailed,
+    /// The request was malformed.
+    BadRequest,
+}
+
+/// A session as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentSession {
+    pub session_id: SessionId,
+    pub user: String,
+    pub display: u32,
+    pub vnc_port: u16,
+    pub pid: u32,
+    pub command: Vec<String>,
+    pub geometry: String,
+    pub started_ms: u64,
+    /// The address clients should use to reach this agent.
+    pub agent_address: String,
+}
+
+/// Load figures reported by an agent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub hostname: String,
+    pub cpus: u32,
+    pub load1: f64,
+    pub load5: f64,
+    pub load15: f64,
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub swap_total_kib: u64,
+    pub swap_free_kib: u64,
+    /// Distinct users with processes on the host (not only vsm sessions).
+    pub users: u32,
+    pub sessions: u32,
+}
+
+/// A report from an agent to the master at `master_hostname`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AgentReport {
+    /// The session's process ended; retried by the agent until acknowledged.
+    SessionExited { session_id: SessionId, display: u32, exit_status: Option<i32> },
+}
