@@ -5,3 +5,7 @@
 //! message.
 
 pub mod agent;
+pub mod api;
+pub mod frame;
+pub mod peer;
+pub mod secure;
