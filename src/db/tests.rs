@@ -1,0 +1,1 @@
+//! Tests of the session database through its public handle.
