@@ -23,7 +23,6 @@ use crate::broker::service::{Broker, Replication};
 use crate::config::Config;
 use crate::db::{DbHandle, DbOptions};
 use crate::ha::node::{HaNode, HaSetup};
-use crate::model::NodeId;
 use crate::proto::secure::Secret;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -195,6 +194,23 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Stops abruptly, as a crash would: listeners and links are dropped at once and
+    /// nothing waits for requests in flight. (The database still closes: an in-process stand-in
+    /// for `kill -9`, used by the demo.)
+    pub async fn kill(self) {
+        self.shutdown.cancel();
+        self.bg_cancel.cancel();
+        self.tracker.close();
+        self.background.close();
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.tracker.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.background.wait()).await;
+        self.ha.stopped().await;
+        let _ = self.db.close().await;
+        tracing::warn!("killed");
+    }
+}
+
 /// Runs a master until `shutdown` resolves.
 pub async fn run(cfg: Config, listeners: Listeners, ov: Overrides, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     let server = Server::start(cfg, listeners, ov).await?;
@@ -231,6 +247,3 @@ async fn housekeeping_loop(db: DbHandle, cancel: CancellationToken) {
         }
     }
 }
-
-#[allow(dead_code)]
-fn _node(_: NodeId) {}

@@ -123,9 +123,8 @@ impl Broker {
 
     /// Commits one write and waits for replication as configured.
     async fn commit(&self, w: Write) -> Result<(), BrokerError> {
-        if let Some(c) = self.inner.db.write(w).await? {
-            self.inner.replication.replicated(c.seq).await;
-        }
+        let c = self.inner.db.write(w).await?;
+        self.inner.replication.replicated(c.seq).await;
         Ok(())
     }
 
@@ -223,10 +222,29 @@ impl Broker {
         let mut tried = BTreeSet::new();
         let mut last_error = None;
         for _ in 0..sub.agents.len().max(1) {
-            let users_per_agent = self.inner.db.count_users_per_agent().await?;
+            let users_per_agent: BTreeMap<String, u32> =
+                self.inner.db.count_users_per_agent().await?.into_iter().map(|(a, n)| (a, n as u32)).collect();
             let chosen = {
-                let reg = self.registry();
-                placement::choose_agent(&placement_input(cfg, &sub, &req.user, &user_agents, &users_per_agent, &reg, &tried, now_ms()))
+                let now = now_ms();
+                let (unreachable, mut penalties) = {
+                    let reg = self.registry();
+                    (reg.unreachable_agents(), reg.penalties(now))
+                };
+                // Agents that already failed during this login go to the very back.
+                for t in &tried {
+                    penalties.insert(t.clone(), now);
+                }
+                let input = placement::PlacementInput {
+                    subcluster: &sub,
+                    user: &req.user,
+                    user_agents: &user_agents,
+                    draining: &cfg.agents.draining,
+                    weights: &cfg.agents.weights,
+                    users_per_agent: &users_per_agent,
+                    unreachable: &unreachable,
+                    penalties: &penalties,
+                };
+                placement::choose_agent(&input)
             };
             let agent = match chosen {
                 Ok(a) => a,
@@ -493,6 +511,7 @@ fn filter(sel: &Selector) -> SessionFilter {
         agent: sel.agent.clone(),
         display: sel.display,
         subcluster: sel.subcluster.clone(),
+        ..Default::default()
     }
 }
 
@@ -539,24 +558,3 @@ pub fn user_groups(user: &str) -> Vec<String> {
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn placement_input<'a>(
-    cfg: &'a Config,
-    sub: &'a crate::config::Subcluster,
-    user: &'a str,
-    user_agents: &'a [String],
-    users_per_agent: &'a BTreeMap<String, usize>,
-    reg: &AgentRegistry,
-    tried: &BTreeSet<String>,
-    now: u64,
-) -> placement::PlacementInput<'a> {
-    placement::PlacementInput::from_parts(cfg, sub, user, user_agents, users_per_agent, reg, tried, now)
-}
-
-#[allow(dead_code)]
-fn _assert_send(b: Broker) -> impl Send {
-    b
-}
-
-#[allow(dead_code)]
-fn _unused(_: LoadReport) {}

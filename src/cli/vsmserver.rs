@@ -35,6 +35,12 @@ pub struct Args {
 enum Command {
     /// Two masters and two agents on loopback: sessions, failover, resync, narrated.
     Demo(crate::demo::DemoArgs),
+    /// The demo's stand-in desktop: answers the RFB greeting on a port.
+    #[command(hide = true)]
+    DemoSession {
+        #[arg(long)]
+        port: u16,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -49,6 +55,7 @@ pub fn main() -> ExitCode {
     };
     match args.command {
         Some(Command::Demo(d)) => rt.block_on(crate::demo::run(d)),
+        Some(Command::DemoSession { port }) => rt.block_on(crate::demo::fake_session(port)),
         None => rt.block_on(daemon(args.config_dir)),
     }
 }
