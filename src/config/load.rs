@@ -426,7 +426,7 @@ impl Settings {
 
     /// Every key in effect as (canonical path, value, set in a file?), in key-table order:
     /// fixed keys, then for each subcluster all its keys, then every weight.
-    pub fn effective_all(&self) -> Vec<(String, Value, Option<&Entry>)> {
+    pub fn effective_all(&self) -> Vec<(&'static keys::KeyDef, String, Value, Option<&Entry>)> {
         let mut out = Vec::new();
         for def in KEYS {
             let names: Vec<String> = match def.wildcard() {
@@ -440,7 +440,7 @@ impl Settings {
                 let value = entry
                     .map(|e| e.value.clone())
                     .unwrap_or_else(|| def.default_value());
-                out.push((path, value, entry));
+                out.push((def, path, value, entry));
             }
         }
         out
