@@ -80,6 +80,18 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         }};
     }
     let dir = super::config_dir_from(args.config_dir.clone());
+    if !args.check
+        && !args.all
+        && args.params.is_empty()
+        && args.eval.is_empty()
+        && args.delete.is_empty()
+    {
+        let _ = writeln!(
+            err,
+            "tl-config: nothing to do: give a key, an assignment, -a, -e, -d or --check (see --help)"
+        );
+        return 1;
+    }
 
     if args.check {
         match super::load(&dir) {
@@ -342,6 +354,14 @@ mod tests {
             String::from_utf8(out).unwrap(),
             String::from_utf8(err).unwrap(),
         )
+    }
+
+    #[test]
+    fn no_arguments_is_an_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (code, _, err) = run_in(tmp.path(), &[]);
+        assert_eq!(code, 1);
+        assert!(err.contains("nothing to do"), "{err}");
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub struct Entry {
     pub builtin: bool,
 }
 
+/// Resolves host names to addresses (the system resolver, or a fake in tests).
+pub type Resolver<'a> = &'a dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>;
+
 /// The file name shown for built-in settings.
 pub const BUILTIN: &str = "(built-in default)";
 
@@ -457,10 +460,7 @@ impl Settings {
     }
 
     /// [`Settings::build`] with an explicit resolver (name → addresses), for tests.
-    pub fn build_with(
-        &self,
-        resolve: &dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>,
-    ) -> Result<Config, ConfigErrors> {
+    pub fn build_with(&self, resolve: Resolver<'_>) -> Result<Config, ConfigErrors> {
         let mut errors = self.errors.clone();
         let mut c = Config::default();
         c.subclusters.clear();
@@ -492,12 +492,7 @@ impl Settings {
         }
     }
 
-    fn check_rules(
-        &self,
-        c: &Config,
-        resolve: &dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>,
-        errors: &mut Vec<ConfigError>,
-    ) {
+    fn check_rules(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
         let a = &c.vsmagent;
         if a.display_min >= a.display_max {
             errors.push(self.rule(
@@ -586,12 +581,7 @@ impl Settings {
         }
     }
 
-    fn check_loopback(
-        &self,
-        c: &Config,
-        resolve: &dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>,
-        errors: &mut Vec<ConfigError>,
-    ) {
+    fn check_loopback(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
         let mut to_resolve = Vec::new();
         let mut literal: BTreeMap<&str, String> = BTreeMap::new();
         for s in c.subclusters.values() {
