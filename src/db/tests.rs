@@ -739,6 +739,40 @@ async fn users_per_agent_counts_distinct_users_of_live_sessions() {
 }
 
 #[tokio::test]
+async fn snapshot_streams_come_in_chunks_and_positions_can_be_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    for i in 0..10 {
+        db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i)))
+            .await
+            .unwrap();
+    }
+    let mut stream = db.snapshot_stream(4).await.unwrap();
+    // Writes after the stream began are not in it.
+    db.write(Write::Upsert(session("late", "u", "ag", 99)))
+        .await
+        .unwrap();
+    let mut sizes = Vec::new();
+    let mut ids = Vec::new();
+    while let Some(chunk) = stream.next_chunk().await {
+        let chunk = chunk.unwrap();
+        sizes.push(chunk.len());
+        ids.extend(chunk.into_iter().map(|r| r.id.0));
+    }
+    assert_eq!((stream.head, stream.total), (Seq(10), 10));
+    assert_eq!(sizes, vec![4, 4, 2]);
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(ids, sorted, "chunks come in id order");
+    assert!(!ids.contains(&"late".to_string()));
+
+    db.apply_remote("p".into(), vec![], Seq(50)).await.unwrap();
+    db.set_peer_position("p", Seq(7)).await.unwrap();
+    assert_eq!(db.peer_position("p").await.unwrap(), Seq(7));
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_closed_database_answers_closed() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
@@ -800,19 +834,16 @@ async fn sync(from: &DbHandle, to: &DbHandle, chunk: usize) {
                 .unwrap();
             }
             LogRead::Truncated { .. } => {
-                let snap = from.snapshot().await.unwrap();
-                let parts: Vec<_> = snap.records.chunks(chunk).map(<[Record]>::to_vec).collect();
-                let n = parts.len();
-                for (i, part) in parts.into_iter().enumerate() {
-                    // The position is only recorded with the last chunk.
-                    let at = if i + 1 == n { snap.head } else { pos };
-                    to.apply_remote(peer.clone(), part, at).await.unwrap();
+                let mut snap = from.snapshot_stream(chunk).await.unwrap();
+                let mut seen = 0;
+                while let Some(part) = snap.next_chunk().await {
+                    let part = part.unwrap();
+                    seen += part.len() as u64;
+                    // Positions are recorded once the whole snapshot is in.
+                    to.apply_remote(peer.clone(), part, pos).await.unwrap();
                 }
-                if n == 0 {
-                    to.apply_remote(peer.clone(), vec![], snap.head)
-                        .await
-                        .unwrap();
-                }
+                assert_eq!(seen, snap.total);
+                to.set_peer_position(&peer, snap.head).await.unwrap();
             }
         }
     }
@@ -912,4 +943,55 @@ proptest::proptest! {
         let res = rt.block_on(run_two_nodes(ops, final_a_first));
         proptest::prop_assert!(res.is_ok(), "{}", res.unwrap_err());
     }
+}
+
+/// Full resync of 100,000 sessions: snapshot on one node, apply on an empty one.
+/// Run with `cargo test --release --lib db::tests::resync_of_100k -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement; run explicitly, preferably in release"]
+async fn resync_of_100k_sessions() {
+    let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(&da, "a");
+    let b = open(&dbb, "b");
+    let t = std::time::Instant::now();
+    for chunk in 0..100 {
+        let ws = (0..1000)
+            .map(|i| {
+                Write::Upsert(session(
+                    &SessionId::random().0,
+                    &format!("user{}", i % 700),
+                    &format!("ag{}", chunk % 20),
+                    i,
+                ))
+            })
+            .collect();
+        a.write_batch(ws).await.unwrap();
+    }
+    println!("write 100k in batches of 1000: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let snap = a.snapshot().await.unwrap();
+    println!(
+        "snapshot of {} records: {:?}",
+        snap.records.len(),
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    for part in snap.records.chunks(5000) {
+        b.apply_remote(snap.db_id.clone(), part.to_vec(), snap.head)
+            .await
+            .unwrap();
+    }
+    println!("apply on an empty node: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let out = b
+        .apply_remote(snap.db_id.clone(), snap.records.clone(), snap.head)
+        .await
+        .unwrap();
+    println!("apply again (all skipped): {:?}", t.elapsed());
+    assert_eq!(out.skipped, 100_000);
+    let t = std::time::Instant::now();
+    assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
+    println!("two digests: {:?}", t.elapsed());
+    a.close().await.unwrap();
+    b.close().await.unwrap();
 }
