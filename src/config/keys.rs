@@ -578,16 +578,16 @@ pub fn lookup(path: &str) -> Result<KeyMatch, LookupError> {
                     ))
                 })?;
             }
-            Some(Wildcard::Name) => {
+            Some(Wildcard::Name)
                 if !wildcard
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
-                {
-                    return Err(LookupError::Invalid(format!(
-                        "{canon}: subcluster name {wildcard:?} may contain only letters, digits, '_', '-' and '.'"
-                    )));
-                }
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) =>
+            {
+                return Err(LookupError::Invalid(format!(
+                    "{canon}: subcluster name {wildcard:?} may contain only letters, digits, '_', '-' and '.'"
+                )));
             }
+            Some(Wildcard::Name) => {}
             None => {}
         }
         let wildcard = wildcard.to_string();
@@ -678,6 +678,23 @@ Reading an alias returns the canonical key's value; writing an alias with `tl-co
 - Hosts: an IP address, or a name made of letters, digits, `-` and `.`.
 - Paths must be absolute, except secret files, which may be relative to the configuration directory.
 - In files, any value may also be written as a TOML string in `tl-config` syntax (`enabled = "yes"`).
+
+## tl-config
+
+`tl-config` reads and writes keys by path; `tl-config --help` shows examples.
+
+- `tl-config /HA/enabled` prints a value (the default when the key is not set; lists space-separated).
+- `tl-config /HA/enabled=1 '/HA/nodes=tlha-primary tlha-secondary'` sets several keys at once.
+- `tl-config -a /HA` lists a folder (`name = value` lines, sub-folders as `name/`); `tl-config -Ra /` lists everything.
+- `tl-config -e PORT=/vsmserver/listen_port` prints `PORT='9000'` for `eval` in a shell; `-x` adds `export`.
+- `tl-config -d /agents/weights/agent1.example.com` deletes a key (it returns to its default); `-d /subclusters/<name>` deletes a subcluster.
+- `tl-config --check` validates the whole directory and lists every problem.
+
+Before writing, `tl-config` checks every assignment and validates the whole resulting configuration with the same rules as the daemons.
+If anything is wrong nothing is written; problems the directory already had are reported as warnings and do not block unrelated changes.
+A new key goes into the file that already holds its folder, else into the folder's file above (created if needed).
+Files are replaced atomically (temporary file, fsync, rename), and comments and layout of untouched lines are kept.
+The exit status is the number of errors (at most 255).
 
 ## Rules between keys
 

@@ -146,6 +146,9 @@ pub struct Entry {
     pub builtin: bool,
 }
 
+/// Resolves host names to addresses (the system resolver, or a fake in tests).
+pub type Resolver<'a> = &'a dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>;
+
 /// The file name shown for built-in settings.
 pub const BUILTIN: &str = "(built-in default)";
 
@@ -426,7 +429,7 @@ impl Settings {
 
     /// Every key in effect as (canonical path, value, set in a file?), in key-table order:
     /// fixed keys, then for each subcluster all its keys, then every weight.
-    pub fn effective_all(&self) -> Vec<(String, Value, Option<&Entry>)> {
+    pub fn effective_all(&self) -> Vec<(&'static keys::KeyDef, String, Value, Option<&Entry>)> {
         let mut out = Vec::new();
         for def in KEYS {
             let names: Vec<String> = match def.wildcard() {
@@ -440,7 +443,7 @@ impl Settings {
                 let value = entry
                     .map(|e| e.value.clone())
                     .unwrap_or_else(|| def.default_value());
-                out.push((path, value, entry));
+                out.push((def, path, value, entry));
             }
         }
         out
@@ -457,10 +460,7 @@ impl Settings {
     }
 
     /// [`Settings::build`] with an explicit resolver (name → addresses), for tests.
-    pub fn build_with(
-        &self,
-        resolve: &dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>,
-    ) -> Result<Config, ConfigErrors> {
+    pub fn build_with(&self, resolve: Resolver<'_>) -> Result<Config, ConfigErrors> {
         let mut errors = self.errors.clone();
         let mut c = Config::default();
         c.subclusters.clear();
@@ -492,12 +492,7 @@ impl Settings {
         }
     }
 
-    fn check_rules(
-        &self,
-        c: &Config,
-        resolve: &dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>,
-        errors: &mut Vec<ConfigError>,
-    ) {
+    fn check_rules(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
         let a = &c.vsmagent;
         if a.display_min >= a.display_max {
             errors.push(self.rule(
@@ -586,12 +581,7 @@ impl Settings {
         }
     }
 
-    fn check_loopback(
-        &self,
-        c: &Config,
-        resolve: &dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>,
-        errors: &mut Vec<ConfigError>,
-    ) {
+    fn check_loopback(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
         let mut to_resolve = Vec::new();
         let mut literal: BTreeMap<&str, String> = BTreeMap::new();
         for s in c.subclusters.values() {

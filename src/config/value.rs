@@ -113,7 +113,11 @@ impl ValueType {
             ValueType::List(ItemKind::Email) => "list of e-mail addresses".into(),
             ValueType::Path => "absolute path".into(),
             ValueType::SecretPath => "path".into(),
-            ValueType::Duration { .. } => "duration".into(),
+            ValueType::Duration { min_ms, max_ms } => format!(
+                "duration {}..{}",
+                format_duration(Duration::from_millis(*min_ms)),
+                format_duration(Duration::from_millis(*max_ms))
+            ),
             ValueType::Enum(words) => words.join(" \\| "),
             ValueType::Geometry => "geometry".into(),
             ValueType::Command => "command".into(),

@@ -41,10 +41,18 @@
 //!   a snapshot is the only safe way on.
 //! - A conflict is reported only when the two versions come from different nodes and carry
 //!   different content; two versions from one node are always an ordinary update.
-//! - The file is opened with `locking_mode=EXCLUSIVE`: a second process on the same file
-//!   gets [`DbError::Locked`] instead of interleaving sequence numbers.
+//! - A second process on the same file gets [`DbError::Locked`] (an advisory lock on
+//!   `<file>.lock`) instead of interleaving sequence numbers.
+//! - Snapshots and digests run on a reader thread with its own connection (see
+//!   `reader.rs`): WAL gives it one consistent state while the owner keeps committing, and
+//!   [`DbHandle::snapshot_stream`] hands the records out in chunks, so a resync of 100,000
+//!   sessions neither stalls writes nor needs them all in memory at once.
+//! - [`DbHandle::set_peer_position`] overwrites a position (`apply_remote` only moves it
+//!   forward): after a full snapshot from a peer whose log went backwards (restored from a
+//!   backup), the position must go back too.
 
 mod owner;
+mod reader;
 mod schema;
 mod store;
 
@@ -85,6 +93,8 @@ pub struct DbOptions {
 }
 
 /// A local mutation.
+// A session moves once, into the owner's queue; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
     /// Create or replace the session with `session.id`.
@@ -167,6 +177,25 @@ pub struct Snapshot {
     pub db_id: String,
     /// In id order.
     pub records: Vec<Record>,
+}
+
+/// A snapshot handed out in chunks, read in one transaction on a thread of its own.
+/// Dropping it ends the read.
+#[derive(Debug)]
+pub struct SnapshotStream {
+    /// The change-log head the records are consistent with.
+    pub head: Seq,
+    pub db_id: String,
+    /// How many records (sessions and tombstones) the chunks hold in total.
+    pub total: u64,
+    chunks: mpsc::Receiver<Result<Vec<Record>, DbError>>,
+}
+
+impl SnapshotStream {
+    /// The next chunk in id order; `None` after the last one.
+    pub async fn next_chunk(&mut self) -> Option<Result<Vec<Record>, DbError>> {
+        self.chunks.recv().await
+    }
 }
 
 /// Both sides of a concurrent change, after last-writer-wins decided it.
@@ -402,8 +431,47 @@ impl DbHandle {
     }
 
     /// Every record, read in one transaction together with the head.
+    /// Holds everything in memory; prefer [`DbHandle::snapshot_stream`] for big databases.
     pub async fn snapshot(&self) -> Result<Snapshot, DbError> {
-        self.read(|o| o.snapshot()).await
+        let mut stream = self.snapshot_stream(4096).await?;
+        let mut records = Vec::with_capacity(usize::try_from(stream.total).unwrap_or(0));
+        while let Some(chunk) = stream.next_chunk().await {
+            records.extend(chunk?);
+        }
+        if records.len() as u64 != stream.total {
+            return Err(DbError::Closed);
+        }
+        Ok(Snapshot {
+            head: stream.head,
+            db_id: stream.db_id,
+            records,
+        })
+    }
+
+    /// Every record in id order, in chunks of `chunk_records`, read in one transaction on a
+    /// reader thread while writes go on. The reader stays at most two chunks ahead.
+    pub async fn snapshot_stream(&self, chunk_records: usize) -> Result<SnapshotStream, DbError> {
+        if self.tx.is_closed() {
+            return Err(DbError::Closed);
+        }
+        let (header_tx, header_rx) = oneshot::channel();
+        let (tx, chunks) = mpsc::channel(2);
+        let path = self.path.to_path_buf();
+        let chunk = chunk_records.max(1);
+        std::thread::Builder::new()
+            .name("vsm-db-snapshot".into())
+            .spawn(move || reader::stream(path, chunk, header_tx, tx))
+            .map_err(|source| DbError::Io {
+                context: "start a snapshot reader".into(),
+                source,
+            })?;
+        let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
+        Ok(SnapshotStream {
+            head,
+            db_id,
+            total,
+            chunks,
+        })
     }
 
     /// Same records as [`DbHandle::snapshot`].
@@ -417,10 +485,30 @@ impl DbHandle {
         self.read(move |o| o.peer_position(&peer)).await
     }
 
+    /// Overwrites the position reached in the change log of `peer_db_id`. Use it after
+    /// applying a full snapshot: unlike `apply_remote`, it may move the position back.
+    pub async fn set_peer_position(&self, peer_db_id: &str, pos: Seq) -> Result<(), DbError> {
+        let peer = peer_db_id.to_string();
+        self.call(|reply| owner::Request::Write(owner::WriteReq::SetPeer { peer, pos, reply }))
+            .await
+    }
+
     /// SHA-256 (hex) over every record in id order: equal on two nodes iff they hold the
-    /// same sessions, versions and tombstones.
+    /// same sessions, versions and tombstones. Read on a reader thread.
     pub async fn digest(&self) -> Result<String, DbError> {
-        self.read(|o| o.digest()).await
+        if self.tx.is_closed() {
+            return Err(DbError::Closed);
+        }
+        let (reply, rx) = oneshot::channel();
+        let path = self.path.to_path_buf();
+        std::thread::Builder::new()
+            .name("vsm-db-digest".into())
+            .spawn(move || drop(reply.send(reader::digest(&path))))
+            .map_err(|source| DbError::Io {
+                context: "start a digest reader".into(),
+                source,
+            })?;
+        rx.await.map_err(|_| DbError::Closed)?
     }
 
     /// Finishes every request queued so far, checkpoints the WAL into the main file and

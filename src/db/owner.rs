@@ -15,14 +15,13 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use rusqlite::{Connection, OptionalExtension, ToSql};
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::merge::{self, Action, Winner};
 use super::store::{self, Stored};
 use super::{
     ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead,
-    SessionFilter, Snapshot, SqlContext, Write, GROUP_MAX,
+    SessionFilter, SqlContext, Write, GROUP_MAX,
 };
 use crate::model::{now_ms, Change, Hlc, NodeId, Record, Seq, Session, SessionId, Version};
 
@@ -31,6 +30,8 @@ type Reply<T> = oneshot::Sender<Result<T, DbError>>;
 /// A read: runs on the owner thread with no transaction open, answers through its own reply.
 pub(super) type ReadJob = Box<dyn FnOnce(&mut Owner) + Send>;
 
+// Sessions travel by value: boxing them would add an allocation per write.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Request {
     Write(WriteReq),
     Read(ReadJob),
@@ -57,14 +58,21 @@ pub(super) enum WriteReq {
         now_ms: u64,
         reply: Reply<GcStats>,
     },
+    SetPeer {
+        peer: String,
+        pos: Seq,
+        reply: Reply<()>,
+    },
 }
 
 /// The result of a write request, held until its transaction commits.
+#[allow(clippy::large_enum_variant)]
 enum Done {
     One(Committed),
     Batch(Vec<Committed>),
     Apply(ApplyOutcome),
     Gc(GcStats),
+    Unit,
 }
 
 impl WriteReq {
@@ -75,6 +83,7 @@ impl WriteReq {
             (WriteReq::Batch { reply, .. }, Ok(Done::Batch(c))) => drop(reply.send(Ok(c))),
             (WriteReq::Apply { reply, .. }, Ok(Done::Apply(o))) => drop(reply.send(Ok(o))),
             (WriteReq::Gc { reply, .. }, Ok(Done::Gc(g))) => drop(reply.send(Ok(g))),
+            (WriteReq::SetPeer { reply, .. }, Ok(Done::Unit)) => drop(reply.send(Ok(()))),
             (req, Err(e)) => req.fail(e),
             // `exec` answers each request in kind; a mismatch would drop the reply, which
             // the caller sees as `Closed` rather than a wrong answer.
@@ -88,6 +97,7 @@ impl WriteReq {
             WriteReq::Batch { reply, .. } => drop(reply.send(Err(e))),
             WriteReq::Apply { reply, .. } => drop(reply.send(Err(e))),
             WriteReq::Gc { reply, .. } => drop(reply.send(Err(e))),
+            WriteReq::SetPeer { reply, .. } => drop(reply.send(Err(e))),
         }
     }
 }
@@ -114,6 +124,8 @@ pub(super) fn run(
 
 pub(super) struct Owner {
     conn: Connection,
+    /// Keeps other processes off the file for as long as this owner lives.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     path: PathBuf,
     node: NodeId,
     db_id: String,
@@ -136,7 +148,8 @@ struct Saved {
 
 impl Owner {
     fn open(opts: &DbOptions) -> Result<Owner, DbError> {
-        let conn = super::schema::open(&opts.path, opts.synchronous)?;
+        let super::schema::Opened { conn, lock } =
+            super::schema::open(&opts.path, opts.synchronous)?;
         let (db_id, wall, logical, head): (String, i64, i64, i64) = conn
             .query_row(
                 "SELECT db_id, hlc_wall, hlc_logical, head_seq FROM meta WHERE id = 1",
@@ -163,6 +176,7 @@ impl Owner {
         );
         Ok(Owner {
             conn,
+            _lock: lock,
             path: opts.path.clone(),
             node: opts.node.clone(),
             db_id,
@@ -215,13 +229,15 @@ impl Owner {
     }
 
     fn finish(self) -> Result<(), DbError> {
+        // A snapshot reader still running keeps part of the log; the checkpoint then
+        // reports "busy" in its result row, which is fine: the next open replays it.
         self.conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .ctx("checkpoint the write-ahead log")?;
         self.conn
             .close()
             .map_err(|(_, e)| DbError::sqlite("close the database", e))?;
-        tracing::info!(path = %self.path.display(), "session database closed");
+        tracing::info!("session database closed");
         Ok(())
     }
 
@@ -316,13 +332,16 @@ impl Owner {
                 peer, records, pos, ..
             } => self.apply(peer, records, *pos).map(Done::Apply),
             WriteReq::Gc { now_ms, .. } => self.gc(*now_ms).map(Done::Gc),
+            WriteReq::SetPeer { peer, pos, .. } => {
+                self.set_peer(peer, *pos, false).map(|()| Done::Unit)
+            }
         }
     }
 
     fn count(&mut self, before: Option<&Stored>, after_tombstone: bool) {
         match before {
-            Some(s) if s.tombstone => self.tombs -= 1,
-            Some(_) => self.live -= 1,
+            Some(s) if s.tombstone => self.tombs = self.tombs.saturating_sub(1),
+            Some(_) => self.live = self.live.saturating_sub(1),
             None => {}
         }
         if after_tombstone {
@@ -420,16 +439,25 @@ impl Owner {
         if let Some(h) = newest {
             self.hlc = self.hlc.observe(h, now_ms());
         }
+        self.set_peer(peer, pos, true)?;
+        Ok(out)
+    }
+
+    fn set_peer(&mut self, peer: &str, pos: Seq, forward_only: bool) -> Result<(), DbError> {
+        let sql = if forward_only {
+            "INSERT INTO peer_positions (peer_db_id, seq) VALUES (?1, ?2)
+             ON CONFLICT(peer_db_id) DO UPDATE SET seq = max(seq, excluded.seq)"
+        } else {
+            "INSERT INTO peer_positions (peer_db_id, seq) VALUES (?1, ?2)
+             ON CONFLICT(peer_db_id) DO UPDATE SET seq = excluded.seq"
+        };
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "INSERT INTO peer_positions (peer_db_id, seq) VALUES (?1, ?2)
-                 ON CONFLICT(peer_db_id) DO UPDATE SET seq = max(seq, excluded.seq)",
-            )
+            .prepare_cached(sql)
             .ctx("prepare a peer position update")?;
         stmt.execute(rusqlite::params![peer, pos.0 as i64])
             .ctx("store a peer position")?;
-        Ok(out)
+        Ok(())
     }
 
     fn gc(&mut self, now_ms: u64) -> Result<GcStats, DbError> {
@@ -578,40 +606,6 @@ impl Owner {
         Ok(LogRead::Changes(out))
     }
 
-    /// Calls `f` with every record in id order inside one read transaction.
-    fn each_record(&mut self, mut f: impl FnMut(Record)) -> Result<(), DbError> {
-        let tx = self.conn.transaction().ctx("begin a read transaction")?;
-        {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT {} FROM sessions ORDER BY id",
-                    store::COLUMNS
-                ))
-                .ctx("prepare a full read")?;
-            let rows = stmt
-                .query_map([], store::raw_from_row)
-                .ctx("read every session")?;
-            for raw in rows {
-                f(raw.ctx("read every session")?.into_record(&self.path)?);
-            }
-        }
-        tx.commit().ctx("end a read transaction")?;
-        Ok(())
-    }
-
-    pub(super) fn snapshot(&mut self) -> Result<Snapshot, DbError> {
-        // Reads are never served with a write transaction open, and only this thread
-        // writes, so `head` is exactly the state the records are read from.
-        let head = self.head;
-        let mut records = Vec::with_capacity((self.live + self.tombs) as usize);
-        self.each_record(|r| records.push(r))?;
-        Ok(Snapshot {
-            head,
-            db_id: self.db_id.clone(),
-            records,
-        })
-    }
-
     pub(super) fn peer_position(&mut self, peer: &str) -> Result<Seq, DbError> {
         let seq: Option<i64> = self
             .conn
@@ -619,38 +613,6 @@ impl Owner {
             .and_then(|mut s| s.query_row([peer], |r| r.get(0)).optional())
             .ctx("read a peer position")?;
         Ok(seq.map_or(Seq::ZERO, |s| Seq(s as u64)))
-    }
-
-    pub(super) fn digest(&mut self) -> Result<String, DbError> {
-        fn field(h: &mut Sha256, b: &[u8]) {
-            h.update((b.len() as u64).to_le_bytes());
-            h.update(b);
-        }
-        let mut h = Sha256::new();
-        let mut err = None;
-        self.each_record(|r| {
-            field(&mut h, r.id.0.as_bytes());
-            h.update(r.version.hlc.wall_ms.to_le_bytes());
-            h.update(r.version.hlc.logical.to_le_bytes());
-            field(&mut h, r.version.node.0.as_bytes());
-            match &r.session {
-                None => h.update([1u8]),
-                Some(s) => {
-                    h.update([0u8]);
-                    match serde_json::to_vec(s) {
-                        Ok(body) => field(&mut h, &body),
-                        Err(e) => err = Some(e),
-                    }
-                }
-            }
-        })?;
-        if let Some(e) = err {
-            return Err(DbError::InvalidRecord {
-                id: SessionId(String::new()),
-                detail: e.to_string(),
-            });
-        }
-        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 }
 

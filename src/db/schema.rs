@@ -96,12 +96,47 @@ fn new_db_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The open database plus the lock that keeps other processes away from it.
+pub(super) struct Opened {
+    pub conn: Connection,
+    /// Held for as long as the owner lives; dropping it releases the lock.
+    pub lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the exclusive advisory lock on `<path>.lock`, so a second vsmserver on the same
+/// data directory fails instead of interleaving sequence numbers. The lock lives in its
+/// own file (SQLite's own locks stay untouched) and vanishes with the process.
+fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DbError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| DbError::Io {
+            context: format!("open the lock file {}", Path::new(&lock_path).display()),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => DbError::Locked {
+                path: path.to_path_buf(),
+            },
+            e => DbError::Io {
+                context: format!("lock {}", Path::new(&lock_path).display()),
+                source: std::io::Error::from(e),
+            },
+        },
+    )
+}
+
 /// Opens (creating if absent) and migrates the database at `path`.
 ///
 /// Checks happen in an order that never writes to a file that is then refused:
 /// read the header pragmas, refuse newer or foreign files, run `quick_check` on existing
 /// files, and only then switch to WAL and migrate.
-pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Connection, DbError> {
+pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, DbError> {
     if path.is_dir() {
         return Err(corrupt(path, "it is a directory, expected an sqlite file"));
     }
@@ -111,6 +146,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Connection
             source,
         })?;
     }
+    let lock = lock(path)?;
     let existed = std::fs::metadata(path)
         .map(|m| m.len() > 0)
         .unwrap_or(false);
@@ -120,13 +156,8 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Connection
         | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn =
         Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;
-    conn.busy_timeout(Duration::from_millis(500))
+    conn.busy_timeout(Duration::from_secs(2))
         .ctx("set the busy timeout")?;
-    // One process owns the file: a second vsmserver on the same data directory must fail
-    // rather than interleave sequence numbers. Set before the first read so WAL does not
-    // need the shared-memory index either.
-    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
-        .ctx("set the locking mode")?;
 
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
@@ -184,6 +215,19 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Connection
     conn.set_prepared_statement_cache_capacity(64);
 
     migrate(&mut conn, path, version)?;
+    Ok(Opened { conn, lock })
+}
+
+/// A second, read-only connection to a database the owner already opened and migrated;
+/// WAL lets it read one consistent state while the owner keeps committing.
+pub(super) fn open_reader(path: &Path) -> Result<Connection, DbError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn =
+        Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a reader"))?;
+    conn.busy_timeout(Duration::from_secs(2))
+        .ctx("set the busy timeout")?;
+    conn.pragma_update(None, "query_only", true)
+        .ctx("make a reader read-only")?;
     Ok(conn)
 }
 
