@@ -143,6 +143,11 @@ impl Api {
                 self.need_admin(caller, "terminating sessions")?;
                 ApiReply::Terminated { outcome: b.terminate(&selector, all, allow_abandon, dry_run).await.map_err(broker_err)? }
             }
+            ApiRequest::SessionPut { session } => {
+                self.need_admin(caller, "storing session records")?;
+                b.put(session).await.map_err(broker_err)?;
+                ApiReply::Ok { message: "stored".into() }
+            }
             ApiRequest::LoadList => {
                 self.need_admin(caller, "showing agent load")?;
                 ApiReply::Loads { agents: b.loads().await.map_err(broker_err)? }

@@ -331,6 +331,14 @@ impl Broker {
         }
     }
 
+    /// Stores a session record as given (admin import); answered after replication.
+    pub async fn put(&self, s: Session) -> Result<(), BrokerError> {
+        if s.id.0.is_empty() || s.user.is_empty() || s.agent.is_empty() {
+            return Err(BrokerError::BadRequest("a session record needs an id, a user and an agent".into()));
+        }
+        self.commit(Write::Upsert(s)).await
+    }
+
     /// Admin listing.
     pub async fn list(&self, sel: &Selector) -> Result<Vec<Session>, BrokerError> {
         Ok(self.inner.db.list(&filter(sel)).await?)

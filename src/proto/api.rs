@@ -59,6 +59,9 @@ pub enum ApiRequest {
     SessionList { selector: Selector, refresh: bool },
     /// Admin: terminate sessions. With `dry_run` only the selection is returned.
     SessionTerminate { selector: Selector, all: bool, allow_abandon: bool, dry_run: bool },
+    /// Admin: store a session record as given (import from another master, benchmarks).
+    /// Answered once the record is committed and, in HA `ack` mode, stored by the peer.
+    SessionPut { session: Session },
     /// Admin: load of every agent.
     LoadList,
     /// Admin: load of one agent.
