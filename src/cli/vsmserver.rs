@@ -27,6 +27,10 @@ pub struct Args {
     /// Log one JSON object per line.
     #[arg(long)]
     log_json: bool,
+    /// Reach the HA peer at HOST:PORT instead of its /HA/nodes entry and /HA/port (for two
+    /// masters on one host, such as tests and the lab; combine with /HA/local_node).
+    #[arg(long, value_name = "HOST:PORT")]
+    peer_addr: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -56,11 +60,11 @@ pub fn main() -> ExitCode {
     match args.command {
         Some(Command::Demo(d)) => rt.block_on(crate::demo::run(d)),
         Some(Command::DemoSession { port }) => rt.block_on(crate::demo::fake_session(port)),
-        None => rt.block_on(daemon(args.config_dir)),
+        None => rt.block_on(daemon(args.config_dir, args.peer_addr)),
     }
 }
 
-async fn daemon(config_dir: Option<PathBuf>) -> ExitCode {
+async fn daemon(config_dir: Option<PathBuf>, peer_addr: Option<String>) -> ExitCode {
     let dir = crate::config::config_dir_from(config_dir);
     let cfg = match crate::config::load(&dir) {
         Ok(c) => c,
@@ -77,7 +81,8 @@ async fn daemon(config_dir: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match server::run(cfg, listeners, Overrides::default(), shutdown_signal()).await {
+    let ov = Overrides { peer_addr, ..Overrides::default() };
+    match server::run(cfg, listeners, ov, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vsmserver: {e}");
