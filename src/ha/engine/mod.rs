@@ -942,6 +942,8 @@ impl Engine {
                 limit,
             });
         }
+        // Nothing to send may also mean nothing will be acknowledged.
+        self.check_outbound_done();
     }
 
     fn on_log_read(&mut self, after: Seq, result: LogRead, now: u64, out: &mut Vec<Command>) {
@@ -1013,7 +1015,6 @@ impl Engine {
         if db_id != self.db_id {
             return;
         }
-        let now = self.now;
         self.peer_acked = applied;
         while self
             .commit_times
@@ -1037,23 +1038,33 @@ impl Engine {
             while o.inflight.front().is_some_and(|s| *s <= applied) {
                 o.inflight.pop_front();
             }
-            if o.caught_up_sent && !o.done && applied >= o.target {
-                o.done = true;
-                let info = ResyncInfo {
-                    kind: o.kind,
-                    records: o.records,
-                    duration_ms: now.saturating_sub(link.connected_at),
-                    at_ms: now,
-                    direction: Direction::Sent,
-                };
-                tracing::info!(peer = %self.cfg.peer, kind = ?info.kind, records = info.records,
-                    duration_ms = info.duration_ms, "peer caught up with this node");
-                self.last_resync = Some(info);
-                self.resyncs += 1;
-            }
         }
+        self.check_outbound_done();
         self.maybe_clear_degraded();
         self.pump(out);
+    }
+
+    /// The peer has everything up to my head at connect: record the completed resync.
+    fn check_outbound_done(&mut self) {
+        let now = self.now;
+        let Some(link) = &mut self.link else { return };
+        let o = &mut link.out;
+        if o.done || !o.caught_up_sent || self.peer_acked < o.target {
+            return;
+        }
+        o.done = true;
+        let info = ResyncInfo {
+            kind: o.kind,
+            records: o.records,
+            duration_ms: now.saturating_sub(link.connected_at),
+            at_ms: now,
+            direction: Direction::Sent,
+        };
+        tracing::info!(peer = %self.cfg.peer, kind = ?info.kind, records = info.records,
+            duration_ms = info.duration_ms, "peer caught up with this node");
+        self.last_resync = Some(info);
+        self.resyncs += 1;
+        self.maybe_clear_degraded();
     }
 
     fn on_await(&mut self, waiter: WaiterId, seq: Seq, now: u64, out: &mut Vec<Command>) {

@@ -1014,7 +1014,8 @@ fn not_ready_on_reconnect_until_caught_up_but_ready_while_apart() {
         now: 302,
     });
     assert!(e.is_ready());
-    assert_eq!(e.status().resyncs, 3);
+    // Both directions of three connections, the last one complete.
+    assert_eq!(e.status().resyncs, 5);
 }
 
 #[test]
@@ -1127,7 +1128,7 @@ fn status_serializes() {
     assert_eq!(v["link"], "streaming");
     assert_eq!(v["role"], "standby");
     assert_eq!(v["local_head"], 3);
-    assert_eq!(v["last_resync"]["direction"], "sent");
+    assert_eq!(v["last_resync_received"]["direction"], "received");
 }
 
 #[test]
