@@ -146,8 +146,8 @@ struct Node {
     db_queue: VecDeque<DbCmd>,
     /// The connection this node believes it is on.
     link: Option<u64>,
-    /// Outstanding waiters: the write each one waits for.
-    waiters: BTreeMap<WaiterId, (SessionId, Version)>,
+    /// Outstanding waiters: the write each one waits for, and the peer's database then.
+    waiters: BTreeMap<WaiterId, (SessionId, Version, String)>,
 }
 
 fn names() -> [NodeId; 2] {
@@ -267,13 +267,15 @@ impl World {
                         .remove(&w)
                         .expect("released an unknown waiter");
                     if outcome == AckOutcome::Acked {
-                        // Acked means the peer has stored it, now.
-                        let (id, v) = &write;
+                        // Acked means the peer has stored it, unless the peer's database
+                        // was wiped after it sent the acknowledgement.
+                        let (id, v, peer_db) = write;
+                        let peer = &self.nodes[1 - i].store;
                         assert!(
-                            self.nodes[1 - i].store.has(id, v),
+                            peer.has(&id, &v) || peer.db_id != peer_db,
                             "{id} at {v} acked but not on the peer"
                         );
-                        self.acked.push(write);
+                        self.acked.push((id, v));
                     }
                 }
             }
@@ -314,7 +316,8 @@ impl World {
         self.feed(i, Event::LocalCommitted { seq, change, now });
         let waiter = WaiterId(self.next_waiter);
         self.next_waiter += 1;
-        self.nodes[i].waiters.insert(waiter, (id, version));
+        let peer_db = self.nodes[1 - i].store.db_id.clone();
+        self.nodes[i].waiters.insert(waiter, (id, version, peer_db));
         self.feed(i, Event::AwaitAck { waiter, seq, now });
     }
 
