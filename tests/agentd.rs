@@ -535,3 +535,25 @@ fn the_binary_refuses_an_invalid_configuration() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("display_min"), "{err}");
 }
+
+#[tokio::test]
+async fn concurrent_starts_get_distinct_displays_and_one_session_per_id() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    let user = me();
+    let (a, b, c) = tokio::join!(
+        mgr.start(sid("a"), &user, None),
+        mgr.start(sid("b"), &user, None),
+        mgr.start(sid("a"), &user, None),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.display, b.display);
+    match c {
+        Ok(c) => assert_eq!(c, a),
+        Err(e) => assert_eq!(e.kind(), AgentErrorKind::BadRequest, "{e}"),
+    }
+    assert_eq!(mgr.list().len(), 2);
+    for s in mgr.list() {
+        assert!(mgr.terminate(&s.session_id, s.display).await);
+    }
+}
