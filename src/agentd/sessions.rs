@@ -350,18 +350,29 @@ impl SessionManager {
                 });
             }
         }
-        mgr.persist().await;
-        if !dead.is_empty() {
-            // Not awaited here: the reporter may not run yet and the channel is bounded.
-            let tx = mgr.inner.reports.clone();
-            tokio::spawn(async move {
-                for r in dead {
-                    if tx.send(r).await.is_err() {
-                        break;
-                    }
+        // Hand the reports over before the dead sessions leave sessions.json, so a crash in
+        // between repeats them instead of losing them. The channel is bounded and the reporter
+        // may not drain it yet: what does not fit is sent by a task.
+        let mut dead = dead.into_iter();
+        for r in dead.by_ref() {
+            match mgr.inner.reports.try_send(r) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(r)) => {
+                    let tx = mgr.inner.reports.clone();
+                    let rest: Vec<AgentReport> = std::iter::once(r).chain(dead.by_ref()).collect();
+                    tokio::spawn(async move {
+                        for r in rest {
+                            if tx.send(r).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    break;
                 }
-            });
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
         }
+        mgr.persist().await;
         Ok(mgr)
     }
 
