@@ -457,3 +457,103 @@ async fn requests_map_to_replies_with_the_agent_address() {
         AgentReply::Verified { alive: false }
     );
 }
+
+/// A configuration directory for the `vsmagent` binary.
+fn agent_config_dir(dir: &Path, extra_agent: &str) -> std::path::PathBuf {
+    let cfg = dir.join("etc");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("cluster.key"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    std::fs::write(
+        cfg.join("vsmagent.toml"),
+        format!(
+            "[vsmagent]\nstate_dir = {:?}\nsession_command = [\"sleep\", \"600\"]\n{extra_agent}",
+            dir.join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn the_binary_starts_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = agent_config_dir(dir.path(), "");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vsmagent"))
+        .arg("--config-dir")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .expect("vsmagent ended before accepting")
+            .unwrap();
+        let ready = line.contains("accepting master connections");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}; log: {seen:?} {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("sessions keep running")),
+        "{rest:?}"
+    );
+    assert!(dir.path().join("state/sessions.json").exists());
+}
+
+#[test]
+fn the_binary_refuses_an_invalid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = agent_config_dir(dir.path(), "display_min = \"many\"\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vsmagent"))
+        .arg("--config-dir")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("display_min"), "{err}");
+}
+
+#[tokio::test]
+async fn concurrent_starts_get_distinct_displays_and_one_session_per_id() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    let user = me();
+    let (a, b, c) = tokio::join!(
+        mgr.start(sid("a"), &user, None),
+        mgr.start(sid("b"), &user, None),
+        mgr.start(sid("a"), &user, None),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.display, b.display);
+    match c {
+        Ok(c) => assert_eq!(c, a),
+        Err(e) => assert_eq!(e.kind(), AgentErrorKind::BadRequest, "{e}"),
+    }
+    assert_eq!(mgr.list().len(), 2);
+    for s in mgr.list() {
+        assert!(mgr.terminate(&s.session_id, s.display).await);
+    }
+}

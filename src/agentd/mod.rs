@@ -7,6 +7,7 @@
 //! - [`load`]: load figures from `/proc`.
 //! - [`access`]: which callers may connect.
 //! - [`reporter`]: exit reports to the master, retried until acknowledged.
+//! - `link` (private): the glue to the secure channel of `proto::secure`.
 //! - this file: [`Agent`] (one request in, one reply out, no I/O of its own) and the
 //!   connection loop [`run`].
 //!
@@ -16,14 +17,22 @@
 //! daemon never ends a session.
 
 pub mod access;
+mod link;
 pub mod load;
 pub mod reporter;
 pub mod sessions;
 
-use crate::proto::agent::{AgentErrorKind, AgentReply, AgentRequest, AgentSession};
+use crate::config::Config;
+use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, AgentSession};
 use sessions::SessionManager;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Errors of the agent daemon. The first four are failures of one request
 /// (see [`AgentdError::kind`]); the others stop the daemon at start-up.
@@ -176,3 +185,150 @@ pub fn session_log_path(state_dir: &Path, user: &str, display: u32) -> PathBuf {
         .join(user)
         .join(format!("{display}.log"))
 }
+
+/// Tuning of [`run_with`] that tests may change; [`run`] uses [`RunOptions::from_config`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub sessions: sessions::SessionOptions,
+    pub reporter: reporter::ReporterConfig,
+    /// At most this many master connections at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in progress.
+    pub shutdown_deadline: std::time::Duration,
+}
+
+impl RunOptions {
+    pub fn from_config(config: &Config) -> RunOptions {
+        RunOptions {
+            sessions: sessions::SessionOptions::from_config(config),
+            reporter: reporter::ReporterConfig {
+                outbox_path: Some(reporter::outbox_path(&config.vsmagent.state_dir)),
+                ..Default::default()
+            },
+            max_connections: 256,
+            shutdown_deadline: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serve masters on `listener` until `shutdown` resolves.
+///
+/// Start-up, one log line per step: load the cluster secret, start the exit reporter (so
+/// re-adoption can queue reports), open the session table (re-adopting sessions that
+/// survived a restart), then accept.
+///
+/// Shutdown order: stop accepting; let requests in progress finish (a start interrupted
+/// between spawn and bookkeeping would leave an untracked desktop) up to a deadline; stop the
+/// reporter (its outbox is on disk); detach from the sessions, which keep running.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future,
+) -> Result<(), AgentdError> {
+    let opts = RunOptions::from_config(&config);
+    run_with(config, opts, listener, shutdown).await
+}
+
+/// [`run`] with explicit options.
+pub async fn run_with(
+    config: Config,
+    opts: RunOptions,
+    listener: TcpListener,
+    shutdown: impl Future,
+) -> Result<(), AgentdError> {
+    let secret = link::load_secret(&config.vsm.secret_file)?;
+    tracing::info!(path = %config.vsm.secret_file.display(), "loaded cluster secret");
+
+    let master = (
+        config.vsmagent.master_hostname.clone(),
+        config.vsm.vsm_server_port,
+    );
+    let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
+    let stop_reporter = CancellationToken::new();
+    let sink = {
+        let secret = secret.clone();
+        let master = master.clone();
+        move |report: AgentReport| {
+            let secret = secret.clone();
+            let master = master.clone();
+            async move { link::send_report(&master, &secret, &report).await }
+        }
+    };
+    let reporter_task = tokio::spawn(reporter::run_reporter(
+        sink,
+        report_rx,
+        opts.reporter.clone(),
+        stop_reporter.clone().cancelled_owned(),
+    ));
+    tracing::info!(master = %format!("{}:{}", master.0, master.1), "exit reports go to the master");
+
+    let sessions = SessionManager::open(opts.sessions.clone(), report_tx).await?;
+    tracing::info!(sessions = sessions.count(), state_dir = %opts.sessions.state_dir.display(), "session table open");
+
+    let agent = Agent::new(sessions.clone(), config.vsmagent.agent_hostname.clone());
+    let access = Arc::new(access::AccessList::from_config(&config.vsmagent));
+    let limit = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, allowed = ?access.names(), "accepting master connections");
+    }
+
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "too many master connections; dropping this one");
+            continue;
+        };
+        let (agent, access, secret, stop) =
+            (agent.clone(), access.clone(), secret.clone(), stop.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            if !access.check(peer.ip()).await {
+                return;
+            }
+            let local = match stream.local_addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "cannot read the local address");
+                    return;
+                }
+            };
+            if let Err(e) = link::serve(stream, &secret, &agent, local, stop).await {
+                tracing::warn!(peer = %peer, error = %e, "master connection ended with an error");
+            }
+        });
+    }
+
+    tracing::info!("shutting down: no longer accepting");
+    drop(listener);
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(opts.shutdown_deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in progress at the shutdown deadline");
+    }
+    stop_reporter.cancel();
+    let _ = reporter_task.await;
+    sessions.shutdown().await;
+    tracing::info!("agent stopped; sessions keep running");
+    Ok(())
+}
+
+/// Capacity of the channel between session watchers and the reporter.
+const REPORT_QUEUE: usize = 256;

@@ -260,8 +260,8 @@ struct Entry {
 }
 
 enum Slot {
-    /// Picked by a start in progress.
-    Reserved,
+    /// Picked by a start of this session id in progress.
+    Reserved(SessionId),
     Running(Entry),
 }
 
@@ -272,6 +272,12 @@ struct Inner {
     /// Serialises writers of `sessions.json` so an older snapshot never overwrites a newer.
     persist_lock: tokio::sync::Mutex<()>,
     closed: AtomicBool,
+}
+
+enum Reserved {
+    /// A start of a session id that runs: the request is answered with the running session.
+    Existing(AgentSession),
+    Display(u32),
 }
 
 /// Owner of the running sessions. Cheap to clone; every clone is the same manager.
@@ -344,18 +350,29 @@ impl SessionManager {
                 });
             }
         }
-        mgr.persist().await;
-        if !dead.is_empty() {
-            // Not awaited here: the reporter may not run yet and the channel is bounded.
-            let tx = mgr.inner.reports.clone();
-            tokio::spawn(async move {
-                for r in dead {
-                    if tx.send(r).await.is_err() {
-                        break;
-                    }
+        // Hand the reports over before the dead sessions leave sessions.json, so a crash in
+        // between repeats them instead of losing them. The channel is bounded and the reporter
+        // may not drain it yet: what does not fit is sent by a task.
+        let mut dead = dead.into_iter();
+        for r in dead.by_ref() {
+            match mgr.inner.reports.try_send(r) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(r)) => {
+                    let tx = mgr.inner.reports.clone();
+                    let rest: Vec<AgentReport> = std::iter::once(r).chain(dead.by_ref()).collect();
+                    tokio::spawn(async move {
+                        for r in rest {
+                            if tx.send(r).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    break;
                 }
-            });
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
         }
+        mgr.persist().await;
         Ok(mgr)
     }
 
@@ -401,10 +418,31 @@ impl SessionManager {
         );
     }
 
-    /// Reserve the lowest free display.
-    fn reserve_display(&self) -> Result<u32, AgentdError> {
+    /// Under one lock: the running session with this id, or else the lowest free display,
+    /// reserved for this id. Two concurrent starts never share a display or an id.
+    fn reserve_display(&self, session_id: &SessionId, user: &str) -> Result<Reserved, AgentdError> {
         let o = &self.inner.opts;
         let mut table = self.table();
+        for slot in table.values() {
+            match slot {
+                Slot::Reserved(id) if id == session_id => {
+                    return Err(AgentdError::BadRequest(format!(
+                        "session {session_id} is being started by another request"
+                    )))
+                }
+                Slot::Running(e)
+                    if &e.session.session_id == session_id && e.exited.borrow().is_none() =>
+                {
+                    if e.session.user == user {
+                        return Ok(Reserved::Existing(e.session.clone()));
+                    }
+                    return Err(AgentdError::BadRequest(format!(
+                        "session id {session_id} is already used by another user"
+                    )));
+                }
+                _ => {}
+            }
+        }
         for n in o.display_min..=o.display_max {
             if table.contains_key(&n) {
                 continue;
@@ -413,8 +451,8 @@ impl SessionManager {
                 break;
             };
             if display_is_free(&o.x_dir, n, port) {
-                table.insert(n, Slot::Reserved);
-                return Ok(n);
+                table.insert(n, Slot::Reserved(session_id.clone()));
+                return Ok(Reserved::Display(n));
             }
         }
         Err(AgentdError::NoFreeDisplay {
@@ -425,7 +463,7 @@ impl SessionManager {
 
     fn release(&self, display: u32) {
         let mut table = self.table();
-        if matches!(table.get(&display), Some(Slot::Reserved)) {
+        if matches!(table.get(&display), Some(Slot::Reserved(_))) {
             table.remove(&display);
         }
     }
@@ -500,16 +538,11 @@ impl SessionManager {
         if self.inner.opts.session_command.is_empty() {
             return Err(AgentdError::StartFailed("session_command is empty".into()));
         }
-        if let Some(existing) = self.find_running(&session_id) {
-            if existing.user == user {
-                return Ok(existing);
-            }
-            return Err(AgentdError::BadRequest(format!(
-                "session id {session_id} is already used by another user"
-            )));
-        }
         let ident = self.identity(user)?;
-        let dpy = self.reserve_display()?;
+        let dpy = match self.reserve_display(&session_id, user)? {
+            Reserved::Existing(s) => return Ok(s),
+            Reserved::Display(n) => n,
+        };
         match self.spawn(&session_id, user, &geometry, dpy, ident).await {
             Ok(s) => Ok(s),
             Err(e) => {
@@ -688,24 +721,13 @@ impl SessionManager {
                     session: e.session.clone(),
                     start_time: e.start_time,
                 }),
-                Slot::Reserved => None,
+                Slot::Reserved(_) => None,
             })
             .collect();
         let path = self.state_file();
         if let Err(e) = write_json_atomic(&path, &list) {
             tracing::error!(path = %path.display(), error = %e, "cannot persist sessions; they will not be re-adopted after a restart");
         }
-    }
-
-    fn find_running(&self, session_id: &SessionId) -> Option<AgentSession> {
-        self.table().values().find_map(|s| match s {
-            Slot::Running(e)
-                if &e.session.session_id == session_id && e.exited.borrow().is_none() =>
-            {
-                Some(e.session.clone())
-            }
-            _ => None,
-        })
     }
 
     fn lookup(
