@@ -14,8 +14,16 @@
 //! number it has applied (its *position*), in the same transaction as the merge.
 //! The database layer offers what the commands need: a status, `changes_since(after, limit)`
 //! (or "truncated"), a consistent snapshot, and `apply_remote(peer_db_id, records, peer_pos)`,
-//! an idempotent merge that stores `peer_pos` **verbatim** (not the maximum), so a snapshot
-//! in progress records position 0 and an interrupted snapshot is redone in full.
+//! an idempotent merge that, when `peer_pos` is given, stores it **verbatim** (not the
+//! maximum) in the same transaction.
+//!
+//! Why incremental resync is enough, and when it is not: a node's own writes never leave its
+//! database, so what it lacks of the peer is exactly the peer's log after its position. That
+//! fails for a node that lost its own writes (a new, empty database; a database restored from
+//! a backup): the peer holds those writes merged, outside its log. Hence a new `db_id` gets a
+//! full snapshot; snapshot chunks never move the position (so an interrupted snapshot is
+//! redone in full, not "continued" from position 0); and a peer whose log ends before the
+//! position we applied of it (restored backup) gets a full snapshot too.
 //!
 //! # Each direction of the link
 //! Both directions are symmetric: each node streams its own log to the other.
@@ -29,7 +37,7 @@
 //! - *Receiving:* `Changes` must continue exactly where my position is (duplicates are
 //!   trimmed, a gap disconnects; the next connect resyncs from the stored position). Each batch
 //!   becomes one `Apply`; each `Applied` is acknowledged with `Ack`. A snapshot is applied
-//!   chunk by chunk with position 0, and its end with position = its head.
+//!   chunk by chunk without a position, and its end with position = its head.
 //!
 //! # Readiness
 //! - Connected: ready only once this connection's catch-up is complete (the peer's
@@ -51,7 +59,13 @@
 //! # Refinements of the original plan
 //! - `Hello::your_db_id` names the log `your_position` refers to, because both sides send
 //!   `Hello` before reading the other's.
-//! - `Apply` carries `peer_db_id`; the database layer needs it.
+//! - `Apply` carries `peer_db_id`, and `peer_pos` is an `Option` (`None` for snapshot chunks)
+//!   rather than position 0: storing 0 made an interrupted snapshot look like a valid
+//!   position, and a reinstalled node then never got back its own writes held by the peer
+//!   (found by the simulation in `sim.rs`). `Applied::up_to` echoes it.
+//! - A database restored from a backup *and written to* before reconnecting reuses sequence
+//!   numbers the peer already applied; the engine cannot see that. Restoring a backup must
+//!   therefore give the database a new `db_id` (the database layer's job).
 //! - Every `Apply` is answered by exactly one `Applied`, in order (one database task). The
 //!   engine matches them first-in first-out, so an `Applied` from an earlier connection is
 //!   recognised and ignored. `our_position_for_them` must be read after earlier `Apply`s.
@@ -222,7 +236,7 @@ pub enum Event {
     /// Answer to [`Command::ReadSnapshot`].
     SnapshotRead { snapshot: Snapshot, now: u64 },
     /// The oldest outstanding [`Command::Apply`] is durably done; `up_to` is its `peer_pos`.
-    Applied { up_to: Seq, now: u64 },
+    Applied { up_to: Option<Seq>, now: u64 },
     /// The VIP manager changed this node's role.
     RoleChanged { role: Role, now: u64 },
 }
@@ -237,12 +251,14 @@ pub enum Command {
     ReadLog { after: Seq, limit: usize },
     /// Take a consistent snapshot of the local database; answer with [`Event::SnapshotRead`].
     ReadSnapshot,
-    /// Merge these peer records and store `peer_pos` as the position in the peer's log
-    /// `peer_db_id`, in one transaction; answer with [`Event::Applied`].
+    /// Merge these peer records and, when `peer_pos` is set, store it as the position in the
+    /// peer's log `peer_db_id` (verbatim, not the maximum), in one transaction. Snapshot chunks
+    /// carry `None`: they merge records but must not move the position. Answer with
+    /// [`Event::Applied`].
     Apply {
         peer_db_id: String,
         records: Vec<Record>,
-        peer_pos: Seq,
+        peer_pos: Option<Seq>,
     },
     /// Answer these waiting clients.
     ReleaseWaiters {
@@ -408,8 +424,8 @@ struct Link {
 struct PendingApply {
     no: u64,
     gen: u64,
-    up_to: Seq,
-    ack: bool,
+    /// The position stored with it; acknowledged once durable. `None` for snapshot chunks.
+    up_to: Option<Seq>,
 }
 
 #[derive(Debug)]
@@ -732,7 +748,16 @@ impl Engine {
 
         let mine = hello.your_db_id.as_deref() == Some(self.db_id.as_str());
         let pos = hello.your_position;
-        let incremental = mine && pos.0 + 1 >= self.oldest.0 && pos <= self.local_head;
+        // The peer's log ends before what we applied of it: its database went back in time
+        // (restored from a backup) and lost its own later writes, which only a full copy of
+        // ours gives back.
+        let peer_rewound = hello.head < our_pos;
+        if peer_rewound {
+            tracing::warn!(peer = %self.cfg.peer, peer_head = %hello.head, applied = %our_pos,
+                "the peer's database is older than what this node applied of it; sending a snapshot");
+        }
+        let incremental =
+            mine && !peer_rewound && pos.0 + 1 >= self.oldest.0 && pos <= self.local_head;
         let kind = if incremental {
             ResyncKind::Incremental
         } else {
@@ -1117,7 +1142,7 @@ impl Engine {
                 let Some(first) = fresh.first().map(|c| c.seq) else {
                     // Everything was applied already; still acknowledge, once durable, so
                     // the sender's window and catch-up move on.
-                    return self.apply(vec![], pos, true, out);
+                    return self.apply(vec![], Some(pos), out);
                 };
                 if first != pos.next() {
                     let reason = format!(
@@ -1131,7 +1156,7 @@ impl Engine {
                 link.inb.records += fresh.len() as u64;
                 self.peer_head = self.peer_head.max(last);
                 let records = fresh.into_iter().map(|c| c.record).collect();
-                self.apply(records, last, true, out);
+                self.apply(records, Some(last), out);
             }
             PeerMsg::SnapshotBegin { head, total } => {
                 if link.inb.snapshot.is_some() {
@@ -1150,7 +1175,7 @@ impl Engine {
                         .disconnect(violation("snapshot chunk outside a snapshot".into()), out);
                 }
                 link.inb.records += records.len() as u64;
-                self.apply(records, Seq::ZERO, false, out);
+                self.apply(records, None, out);
             }
             PeerMsg::SnapshotEnd { head } => {
                 if link.inb.snapshot != Some(head) {
@@ -1160,7 +1185,7 @@ impl Engine {
                 link.inb.snapshot = None;
                 link.inb.recv_pos = head;
                 self.peer_head = self.peer_head.max(head);
-                self.apply(vec![], head, true, out);
+                self.apply(vec![], Some(head), out);
             }
             PeerMsg::CaughtUp { head } => {
                 if link.inb.snapshot.is_some() || link.inb.caught_up_barrier.is_some() {
@@ -1179,14 +1204,13 @@ impl Engine {
         }
     }
 
-    fn apply(&mut self, records: Vec<Record>, peer_pos: Seq, ack: bool, out: &mut Vec<Command>) {
+    fn apply(&mut self, records: Vec<Record>, peer_pos: Option<Seq>, out: &mut Vec<Command>) {
         let Some(link) = &self.link else { return };
         self.applies_issued += 1;
         self.pending_applies.push_back(PendingApply {
             no: self.applies_issued,
             gen: link.gen,
             up_to: peer_pos,
-            ack,
         });
         out.push(Command::Apply {
             peer_db_id: link.peer_db_id.clone(),
@@ -1195,25 +1219,28 @@ impl Engine {
         });
     }
 
-    fn on_applied(&mut self, up_to: Seq, now: u64, out: &mut Vec<Command>) {
+    fn on_applied(&mut self, up_to: Option<Seq>, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
         let Some(done) = self.pending_applies.pop_front() else {
-            tracing::error!(%up_to, "applied reported with no apply outstanding; ignored");
+            tracing::error!(
+                ?up_to,
+                "applied reported with no apply outstanding; ignored"
+            );
             return;
         };
         if done.up_to != up_to {
-            tracing::error!(expected = %done.up_to, got = %up_to, "applied reported out of order");
+            tracing::error!(expected = ?done.up_to, got = ?up_to, "applied reported out of order");
         }
         self.applies_completed = done.no;
         let Some(link) = &mut self.link else { return };
         if link.gen != done.gen {
             return;
         }
-        self.applied_of_peer = done.up_to;
-        if done.ack {
+        if let Some(pos) = done.up_to {
+            self.applied_of_peer = pos;
             let msg = PeerMsg::Ack {
                 db_id: link.peer_db_id.clone(),
-                applied: done.up_to,
+                applied: pos,
             };
             Self::send(link, msg, now, out);
         }

@@ -99,7 +99,13 @@ impl Store {
         }
     }
 
-    fn apply_remote(&mut self, peer_db: &str, records: Vec<Record>, peer_pos: Seq, now: u64) {
+    fn apply_remote(
+        &mut self,
+        peer_db: &str,
+        records: Vec<Record>,
+        peer_pos: Option<Seq>,
+        now: u64,
+    ) {
         for r in records {
             self.hlc = self.hlc.observe(r.version.hlc, now);
             let newer = self
@@ -110,8 +116,10 @@ impl Store {
                 self.records.insert(r.id.clone(), r);
             }
         }
-        self.positions.insert(peer_db.to_string(), peer_pos);
-        self.last_peer_db = Some(peer_db.to_string());
+        if let Some(pos) = peer_pos {
+            self.positions.insert(peer_db.to_string(), pos);
+            self.last_peer_db = Some(peer_db.to_string());
+        }
     }
 
     fn truncate(&mut self, keep: usize) {
@@ -136,7 +144,7 @@ enum DbCmd {
     Apply {
         peer_db_id: String,
         records: Vec<Record>,
-        peer_pos: Seq,
+        peer_pos: Option<Seq>,
     },
 }
 
@@ -789,4 +797,26 @@ fn snapshot_interrupted_by_a_restart_is_redone() {
     w.settle();
     w.check();
     assert_eq!(w.nodes[1].store.records.len(), 7);
+}
+
+#[test]
+fn wiped_node_whose_snapshot_is_interrupted_gets_a_full_snapshot_again() {
+    let mut w = World::new();
+    for k in 0..7 {
+        w.write(0, k, false, true);
+    }
+    w.connect();
+    w.settle();
+    // a is reinstalled; its own old writes now live only on b, outside b's change log.
+    w.restart(0, true);
+    w.connect();
+    w.db_step(1, usize::MAX); // b reads its snapshot for a
+    w.deliver(0, usize::MAX);
+    w.db_step(0, 2); // a's own snapshot read, then b's first chunk
+    assert_eq!(w.nodes[0].store.records.len(), 3);
+    // a restarts (keeping its store): the rest of the snapshot is lost.
+    w.restart(0, false);
+    w.settle();
+    w.check();
+    assert_eq!(w.nodes[0].store.records.len(), 7);
 }

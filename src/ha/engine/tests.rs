@@ -333,7 +333,7 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
     assert_eq!(cmds, vec![Command::ReadSnapshot]);
     assert!(!e.is_ready());
 
-    let recs = vec![record("x", 1), record("y", 2), record("z", 3)];
+    let recs = [record("x", 1), record("y", 2), record("z", 3)];
     assert_eq!(
         msg(
             &mut e,
@@ -345,10 +345,10 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
         ),
         vec![]
     );
-    let apply = |records: Vec<Record>, pos: u64| Command::Apply {
+    let apply = |records: Vec<Record>, pos: Option<u64>| Command::Apply {
         peer_db_id: B_DB.into(),
         records,
-        peer_pos: Seq(pos),
+        peer_pos: pos.map(Seq),
     };
     assert_eq!(
         msg(
@@ -358,7 +358,7 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
             },
             12
         ),
-        vec![apply(recs[..2].to_vec(), 0)]
+        vec![apply(recs[..2].to_vec(), None)]
     );
     assert_eq!(
         msg(
@@ -368,11 +368,11 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
             },
             12
         ),
-        vec![apply(recs[2..].to_vec(), 0)]
+        vec![apply(recs[2..].to_vec(), None)]
     );
     assert_eq!(
         msg(&mut e, PeerMsg::SnapshotEnd { head: Seq(10) }, 13),
-        vec![apply(vec![], 10)]
+        vec![apply(vec![], Some(10))]
     );
     assert_eq!(msg(&mut e, PeerMsg::CaughtUp { head: Seq(10) }, 13), vec![]);
     // Not ready while the snapshot is not durable, even past the start-up grace.
@@ -388,14 +388,14 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
     assert!(!e.is_ready());
     assert_eq!(
         e.step(Event::Applied {
-            up_to: Seq(0),
+            up_to: None,
             now: 6001
         }),
         vec![]
     );
     assert_eq!(
         e.step(Event::Applied {
-            up_to: Seq(0),
+            up_to: None,
             now: 6002
         }),
         vec![]
@@ -403,7 +403,7 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
     assert!(!e.is_ready());
     assert_eq!(
         e.step(Event::Applied {
-            up_to: Seq(10),
+            up_to: Some(Seq(10)),
             now: 6003
         }),
         vec![send(PeerMsg::Ack {
@@ -491,7 +491,7 @@ fn gap_in_changes_disconnects_and_duplicates_are_trimmed() {
     let apply = |from: u64, to: u64| Command::Apply {
         peer_db_id: B_DB.into(),
         records: changes(from..=to).into_iter().map(|c| c.record).collect(),
-        peer_pos: Seq(to),
+        peer_pos: Some(Seq(to)),
     };
     // 1..=2 were applied before; 3 is new.
     assert_eq!(
@@ -553,7 +553,7 @@ fn applied_batches_are_acknowledged_and_stale_ones_ignored() {
     );
     assert_eq!(
         e.step(Event::Applied {
-            up_to: Seq(2),
+            up_to: Some(Seq(2)),
             now: 12
         }),
         vec![send(PeerMsg::Ack {
@@ -576,7 +576,7 @@ fn applied_batches_are_acknowledged_and_stale_ones_ignored() {
     connect(&mut e, hello_b(Some(A_DB), 0, 9), 3, 15);
     assert_eq!(
         e.step(Event::Applied {
-            up_to: Seq(3),
+            up_to: Some(Seq(3)),
             now: 16
         }),
         vec![]
@@ -593,7 +593,7 @@ fn applied_batches_are_acknowledged_and_stale_ones_ignored() {
     msg(&mut e, PeerMsg::CaughtUp { head: Seq(4) }, 17);
     assert!(!e.is_ready());
     e.step(Event::Applied {
-        up_to: Seq(4),
+        up_to: Some(Seq(4)),
         now: 18,
     });
     assert!(e.is_ready());
@@ -1010,7 +1010,7 @@ fn not_ready_on_reconnect_until_caught_up_but_ready_while_apart() {
     msg(&mut e, PeerMsg::CaughtUp { head: Seq(4) }, 301);
     assert!(!e.is_ready());
     e.step(Event::Applied {
-        up_to: Seq(4),
+        up_to: Some(Seq(4)),
         now: 302,
     });
     assert!(e.is_ready());
@@ -1151,4 +1151,12 @@ fn config_digest_covers_subclusters_and_agents() {
         .agents
         .push("agent2".into());
     assert_ne!(config_digest(&a), config_digest(&c));
+}
+
+#[test]
+fn peer_database_older_than_what_we_applied_gets_a_snapshot() {
+    // B restored an old backup: its log ends at 3, but we applied 5 of it.
+    let mut e = engine(5, 1);
+    let cmds = connect(&mut e, hello_b(Some(A_DB), 2, 3), 5, 10);
+    assert_eq!(cmds, vec![Command::ReadSnapshot]);
 }
