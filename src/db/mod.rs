@@ -175,7 +175,7 @@ pub enum LogRead {
 pub struct Snapshot {
     pub head: Seq,
     pub db_id: String,
-    /// In id order.
+    /// In storage order (not sorted).
     pub records: Vec<Record>,
 }
 
@@ -192,7 +192,7 @@ pub struct SnapshotStream {
 }
 
 impl SnapshotStream {
-    /// The next chunk in id order; `None` after the last one.
+    /// The next chunk (storage order, not sorted); `None` after the last one.
     pub async fn next_chunk(&mut self) -> Option<Result<Vec<Record>, DbError>> {
         self.chunks.recv().await
     }
@@ -448,7 +448,7 @@ impl DbHandle {
         })
     }
 
-    /// Every record in id order, in chunks of `chunk_records`, read in one transaction on a
+    /// Every record in storage order, in chunks of `chunk_records`, read in one transaction on a
     /// reader thread while writes go on. The reader stays at most two chunks ahead.
     pub async fn snapshot_stream(&self, chunk_records: usize) -> Result<SnapshotStream, DbError> {
         if self.tx.is_closed() {

@@ -39,7 +39,7 @@ pub(super) fn stream(
         }
         let mut buf = Vec::with_capacity(chunk);
         let mut stopped = false;
-        each_record(&tx, &path, |r| {
+        each_record(&tx, &path, Order::Storage, |r| {
             buf.push(r);
             if buf.len() >= chunk {
                 let full = std::mem::replace(&mut buf, Vec::with_capacity(chunk));
@@ -72,7 +72,7 @@ pub(super) fn digest(path: &Path) -> Result<String, DbError> {
     let tx = conn.transaction().ctx("begin a digest")?;
     let mut h = Sha256::new();
     let mut body = Vec::new();
-    each_record(&tx, path, |r| {
+    each_record(&tx, path, Order::Id, |r| {
         field(&mut h, r.id.0.as_bytes());
         h.update(r.version.hlc.wall_ms.to_le_bytes());
         h.update(r.version.hlc.logical.to_le_bytes());
@@ -104,17 +104,26 @@ fn read_header(conn: &Connection) -> Result<(Seq, String, u64), DbError> {
     Ok((Seq(head as u64), db_id, total as u64))
 }
 
-/// Calls `f` with every record in id order until it returns false.
+enum Order {
+    /// Sorted by session id (for digests, which must not depend on storage).
+    Id,
+    /// As stored: a sequential scan, the fastest way through the table.
+    Storage,
+}
+
+/// Calls `f` with every record until it returns false.
 fn each_record(
     conn: &Connection,
     path: &Path,
+    order: Order,
     mut f: impl FnMut(Record) -> bool,
 ) -> Result<(), DbError> {
+    let order = match order {
+        Order::Id => " ORDER BY id",
+        Order::Storage => "",
+    };
     let mut stmt = conn
-        .prepare(&format!(
-            "SELECT {} FROM sessions ORDER BY id",
-            store::COLUMNS
-        ))
+        .prepare(&format!("SELECT {} FROM sessions{order}", store::COLUMNS))
         .ctx("prepare a full read")?;
     let rows = stmt
         .query_map([], store::raw_from_row)

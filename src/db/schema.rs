@@ -33,6 +33,9 @@ const MIGRATIONS: &[Migration] = &[v1_initial];
 pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version 1: sessions (incl. tombstones), change log, metadata, peer positions.
+///
+/// `sessions` is a rowid table: new rows append at the end and only the small id index
+/// takes random inserts (session ids are random), which keeps inserts cache-friendly.
 fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(
         "CREATE TABLE meta (
@@ -64,7 +67,7 @@ fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
              origin              TEXT    NOT NULL,
              tombstone           INTEGER NOT NULL,
              tombstone_at_ms     INTEGER
-         ) WITHOUT ROWID;
+         );
          CREATE INDEX sessions_by_user ON sessions(user) WHERE tombstone = 0;
          CREATE INDEX sessions_by_agent_display ON sessions(agent, display) WHERE tombstone = 0;
          CREATE INDEX sessions_by_subcluster ON sessions(subcluster) WHERE tombstone = 0;
