@@ -6,7 +6,8 @@
 //! message says what to check; nothing here panics on what the master sends.
 
 use crate::proto::api::{ApiReply, ApiRequest, ADMIN_PROLOGUE};
-use crate::proto::secure::{PlainConn, Secret};
+use crate::proto::secure::Secret;
+use crate::proto::PlainConn;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

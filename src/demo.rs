@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -305,8 +305,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     let mut prim = Master { name: "tlha-primary", dir: base.join("tlha-primary"), socket: base.join("tlha-primary/vsmserver.sock"), tcp_port: 0, peer_port: 0, server: None };
     let mut sec = Master { name: "tlha-secondary", dir: base.join("tlha-secondary"), socket: base.join("tlha-secondary/vsmserver.sock"), tcp_port: 0, peer_port: 0, server: None };
     // The secondary accepts the link, so it starts first and the primary learns its port.
-    start_master(&mut sec, demo_config(&base, sec.name, &agents, vip_port, sync), 1).await?;
-    start_master(&mut prim, demo_config(&base, prim.name, &agents, vip_port, sync), sec.peer_port).await?;
+    let c = demo_config(&base, sec.name, &agents, vip_port, sync);
+    start_master(&mut sec, c, 1).await?;
+    let c = demo_config(&base, prim.name, &agents, vip_port, sync);
+    start_master(&mut prim, c, sec.peer_port).await?;
     let (active_tx, active_rx) = tokio::sync::watch::channel(prim.tcp_port);
     tokio::spawn(vip(vip_listener, active_rx, cancel.clone()));
     let ready = wait_until(Duration::from_secs(15), || async {
@@ -391,7 +393,8 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     let _ = std::fs::remove_dir_all(prim.dir.join("data"));
     let t0 = Instant::now();
     let sec_peer = sec.peer_port;
-    start_master(&mut prim, demo_config(&base, prim.name, &agents, vip_port, sync), sec_peer).await?;
+    let c = demo_config(&base, prim.name, &agents, vip_port, sync);
+    start_master(&mut prim, c, sec_peer).await?;
     let synced = wait_until(Duration::from_secs(15), || async { ha_status(&prim).await.map(|s| s.ready && s.link == "streaming").unwrap_or(false) }).await;
     st.check(synced, &format!("tlha-primary is ready after resync ({} ms)", t0.elapsed().as_millis()));
     if let Some(s) = ha_status(&prim).await {

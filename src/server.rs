@@ -137,8 +137,7 @@ impl Server {
             synchronous: cfg.vsmserver.db_synchronous,
             changelog_retention: cfg.ha.changelog_retention,
             tombstone_retention: cfg.ha.tombstone_retention,
-        })
-        .await?;
+        })?;
         let st = db.status().await?;
         tracing::info!(path = %db_path.display(), sessions = st.sessions, head = st.head.0, "session database open");
 
@@ -189,7 +188,9 @@ impl Server {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.background.wait()).await;
         self.ha.stopped().await;
         tracing::info!("shutting down: closing the session database");
-        self.db.close().await;
+        if let Err(e) = self.db.close().await {
+            tracing::warn!(error = %e, "closing the session database failed");
+        }
         tracing::info!("stopped");
     }
 }

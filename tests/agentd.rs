@@ -34,6 +34,7 @@ impl TestAgent {
             start_check: Duration::from_millis(100),
             terminate_grace: Duration::from_secs(3),
             adopted_poll: Duration::from_millis(50),
+            run_as_self: false,
         };
         TestAgent { _dir: dir, opts }
     }

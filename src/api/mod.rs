@@ -77,6 +77,7 @@ impl Api {
             (Caller::Local { user, .. }, None) => Ok(user.clone()),
             (Caller::Local { user, .. }, Some(r)) if &r == user => Ok(r),
             (c, Some(r)) if c.is_admin() => Ok(r),
+            (Caller::RemoteAdmin { .. }, Some(r)) => Ok(r),
             (Caller::Local { user, .. }, Some(r)) => Err(err(
                 ApiErrorKind::NotAllowed,
                 format!("user {user} may not act for user {r}: only root and admins may use --user"),

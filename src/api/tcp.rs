@@ -10,9 +10,9 @@
 //! allowed) are refused and logged with the caller's address before any handshake.
 
 use super::{Api, Caller};
-use crate::proto::agent::{AgentReport, ReportAck, REPORT_PROLOGUE};
-use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, ADMIN_PROLOGUE};
-use crate::proto::secure::{accept, Secret};
+use crate::proto::agent::{AgentReport, ReportAck};
+use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
+use crate::proto::secure::{accept, Secret, PROLOGUE_ADMIN as ADMIN_PROLOGUE, PROLOGUE_REPORT as REPORT_PROLOGUE};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -137,7 +137,7 @@ async fn serve_conn(mut stream: TcpStream, addr: SocketAddr, api: Api, secret: S
                         api.broker.session_exited(&session_id, exit_status).await.map_err(|e| e.to_string())?;
                     }
                 }
-                conn.send(&ReportAck::default()).await.map_err(|e| e.to_string())?;
+                conn.send(&ReportAck { ok: true }).await.map_err(|e| e.to_string())?;
             }
             Ok(())
         }

@@ -5,7 +5,7 @@
 
 use super::{Api, Caller};
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
-use crate::proto::secure::PlainConn;
+use crate::proto::PlainConn;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

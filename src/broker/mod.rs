@@ -4,3 +4,5 @@
 //! reached through handles.
 
 pub mod placement;
+pub mod hooks;
+pub mod service;

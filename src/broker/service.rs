@@ -18,7 +18,7 @@ use crate::broker::placement;
 use crate::config::Config;
 use crate::db::{DbError, DbHandle, SessionFilter, Write};
 use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
-use crate::proto::agent::{AgentSession, LoadReport};
+use crate::proto::agent::AgentSession;
 use crate::proto::api::{AgentLoad, ConnectInfo, Selector, TerminateOutcome};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -219,7 +219,7 @@ impl Broker {
             .map_err(|e| BrokerError::NoAgentAvailable(e.to_string()))?
             .clone();
         let user_agents: Vec<String> = live.iter().map(|s| s.agent.clone()).collect();
-        let mut tried = BTreeSet::new();
+        let mut tried: BTreeSet<String> = BTreeSet::new();
         let mut last_error = None;
         for _ in 0..sub.agents.len().max(1) {
             let users_per_agent: BTreeMap<String, u32> =

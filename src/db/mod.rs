@@ -92,6 +92,17 @@ pub struct DbOptions {
     pub tombstone_retention: Duration,
 }
 
+/// How [`DbHandle::apply_remote_with`] updates the stored position in the peer's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionUpdate {
+    /// Leave it as it is (a snapshot chunk).
+    Keep,
+    /// Move it forward to this seq, never back.
+    Advance(Seq),
+    /// Store exactly this seq (end of a snapshot, which may rewind a restored peer).
+    Set(Seq),
+}
+
 /// A local mutation.
 // A session moves once, into the owner's queue; boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -379,11 +390,24 @@ impl DbHandle {
         records: Vec<Record>,
         peer_pos: Seq,
     ) -> Result<ApplyOutcome, DbError> {
+        self.apply_remote_with(peer_db_id, records, PositionUpdate::Advance(peer_pos))
+            .await
+    }
+
+    /// [`DbHandle::apply_remote`] with an explicit rule for the stored position: the
+    /// replication engine keeps it while a snapshot is being applied and sets it exactly at
+    /// the snapshot's end.
+    pub async fn apply_remote_with(
+        &self,
+        peer_db_id: String,
+        records: Vec<Record>,
+        pos: PositionUpdate,
+    ) -> Result<ApplyOutcome, DbError> {
         self.call(|reply| {
             owner::Request::Write(owner::WriteReq::Apply {
                 peer: peer_db_id,
                 records,
-                pos: peer_pos,
+                pos,
                 reply,
             })
         })

@@ -51,7 +51,7 @@ pub(super) enum WriteReq {
     Apply {
         peer: String,
         records: Vec<Record>,
-        pos: Seq,
+        pos: super::PositionUpdate,
         reply: Reply<ApplyOutcome>,
     },
     Gc {
@@ -396,7 +396,7 @@ impl Owner {
         })
     }
 
-    fn apply(&mut self, peer: &str, records: &[Record], pos: Seq) -> Result<ApplyOutcome, DbError> {
+    fn apply(&mut self, peer: &str, records: &[Record], pos: super::PositionUpdate) -> Result<ApplyOutcome, DbError> {
         let mut out = ApplyOutcome::default();
         let mut newest: Option<Hlc> = None;
         for rec in records {
@@ -439,7 +439,11 @@ impl Owner {
         if let Some(h) = newest {
             self.hlc = self.hlc.observe(h, now_ms());
         }
-        self.set_peer(peer, pos, true)?;
+        match pos {
+            super::PositionUpdate::Keep => {}
+            super::PositionUpdate::Advance(p) => self.set_peer(peer, p, true)?,
+            super::PositionUpdate::Set(p) => self.set_peer(peer, p, false)?,
+        }
         Ok(out)
     }
 

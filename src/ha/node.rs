@@ -32,8 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// Prologue binding the secure channel to the peer link.
-pub const PEER_PROLOGUE: &[u8] = b"vsm-peer/1";
+use crate::proto::secure::PROLOGUE_PEER as PEER_PROLOGUE;
 
 /// The outcome of node resolution plus how to reach the peer.
 #[derive(Clone, Debug)]
@@ -77,6 +76,15 @@ impl HaSetup {
     }
 }
 
+fn link_name(l: engine::LinkState) -> &'static str {
+    match l {
+        engine::LinkState::Down => "down",
+        engine::LinkState::Handshaking => "handshaking",
+        engine::LinkState::CatchingUp => "catching_up",
+        engine::LinkState::Streaming => "streaming",
+    }
+}
+
 fn matched_by(m: &MatchedBy) -> String {
     match m {
         MatchedBy::Hostname => "host name".into(),
@@ -108,7 +116,6 @@ pub struct HaNode {
     /// `None` with HA off.
     engine_tx: Option<mpsc::Sender<Req>>,
     status: Arc<Mutex<Option<engine::EngineStatus>>>,
-    peer_digest_mismatch: Arc<Mutex<Option<String>>>,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -136,7 +143,6 @@ impl HaNode {
                 broker: OnceLock::new(),
                 engine_tx: None,
                 status,
-                peer_digest_mismatch: Arc::new(Mutex::new(None)),
                 done: Mutex::new(None),
             }));
         }
@@ -144,18 +150,8 @@ impl HaNode {
         let secret = Secret::from_file(&cfg.ha.secret_file).map_err(|e| format!("/HA/secret_file: {e}"))?;
         let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
         let st = db.status().await.map_err(|e| e.to_string())?;
-        let ecfg = EngineConfig {
-            local: local.clone(),
-            peer: remote.clone(),
-            sync: cfg.ha.sync,
-            sync_timeout_ms: cfg.ha.sync_timeout.as_millis() as u64,
-            startup_grace_ms: cfg.ha.startup_grace.as_millis() as u64,
-            heartbeat_interval_ms: cfg.ha.heartbeat_interval.as_millis() as u64,
-            peer_timeout_ms: cfg.ha.peer_timeout.as_millis() as u64,
-            config_digest: cfg.digest_cluster(),
-            batch_limit: 1000,
-        };
-        let engine = Engine::new(ecfg, engine::DbPosition { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest }, now_ms());
+        let ecfg = EngineConfig::new(local.clone(), remote.clone(), &cfg.ha, cfg.digest_cluster());
+        let engine = Engine::new(ecfg, engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest }, now_ms());
         let (req_tx, req_rx) = mpsc::channel(4096);
         let (link_tx, link_rx) = mpsc::channel(4096);
         let node = Arc::new(HaNode {
@@ -167,10 +163,9 @@ impl HaNode {
             broker: OnceLock::new(),
             engine_tx: Some(req_tx),
             status: status.clone(),
-            peer_digest_mismatch: Arc::new(Mutex::new(None)),
             done: Mutex::new(None),
         });
-        let hello_src = HelloSource { db: db.clone(), local: local.clone(), digest: cfg.digest_cluster() };
+        let hello_src = HelloSource { db: db.clone(), local: local.clone(), digest: cfg.digest_cluster(), last_peer: Arc::new(Mutex::new(None)) };
         let conns = ConnCounter::default();
         tracker.spawn(accept_loop(peer_listener, secret.clone(), hello_src.clone(), link_tx.clone(), conns.clone(), cancel.clone()));
         if local < remote {
@@ -181,7 +176,6 @@ impl HaNode {
             engine,
             db,
             node: node.clone(),
-            peer_db_id: None,
             writer: None,
             conn: None,
             waiters: Default::default(),
@@ -235,17 +229,19 @@ impl HaNode {
 
     /// The status `tlctl ha status` shows.
     pub async fn status_view(&self) -> HaStatusView {
+        let role = self.role.borrow().to_string();
         let db = self.db.status().await.ok();
+        let db_digest = self.db.digest().await.ok();
         let mut v = HaStatusView {
             configured: self.cfg.ha.enabled,
-            role: self.role.borrow().to_string(),
+            role,
             sync: match self.cfg.ha.sync {
                 SyncLevel::Async => "async".into(),
                 SyncLevel::Ack => "ack".into(),
             },
             sessions: db.as_ref().map(|d| d.sessions).unwrap_or(0),
             local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
-            db_digest: self.db.digest().await.ok(),
+            db_digest,
             link: "down".into(),
             ..Default::default()
         };
@@ -265,7 +261,7 @@ impl HaNode {
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(st) = st {
                     v.ready = st.ready;
-                    v.link = st.link.as_str().to_string();
+                    v.link = link_name(st.link).to_string();
                     v.peer_acked = st.peer_acked.0;
                     v.peer_head = st.peer_head.0;
                     v.applied_of_peer = st.applied_of_peer.0;
@@ -275,8 +271,14 @@ impl HaNode {
                     v.degraded = st.degraded;
                     v.degraded_reason = st.degraded_reason.clone();
                     v.last_resync = st.last_resync.as_ref().map(|r| ResyncView {
-                        kind: r.kind.as_str().into(),
-                        direction: r.direction.as_str().into(),
+                        kind: match r.kind {
+                            engine::ResyncKind::Incremental => "incremental".into(),
+                            engine::ResyncKind::Snapshot => "snapshot".into(),
+                        },
+                        direction: match r.direction {
+                            engine::Direction::Received => "received".into(),
+                            engine::Direction::Sent => "sent".into(),
+                        },
                         records: r.records,
                         duration_ms: r.duration_ms,
                         at_ms: r.at_ms,
@@ -327,17 +329,27 @@ struct HelloSource {
     db: DbHandle,
     local: NodeId,
     digest: String,
+    /// The peer's database id as last announced to us, so our hello can say how far we
+    /// applied that log.
+    last_peer: Arc<Mutex<Option<String>>>,
 }
 
 impl HelloSource {
     async fn hello(&self) -> Result<Hello, String> {
         let st = self.db.status().await.map_err(|e| e.to_string())?;
+        let last = self.last_peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let your_position = match &last {
+            Some(id) => self.db.peer_position(id).await.map_err(|e| e.to_string())?,
+            None => Seq::ZERO,
+        };
         Ok(Hello {
             protocol: PROTOCOL_VERSION,
             node: self.local.clone(),
             db_id: st.db_id,
             head: st.head,
             oldest: st.oldest,
+            your_db_id: last,
+            your_position,
             config_digest: self.digest.clone(),
             now_ms: now_ms(),
         })
@@ -441,6 +453,7 @@ where
             return;
         }
     };
+    *hs.last_peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(theirs.db_id.clone());
     let (wtx, mut wrx) = mpsc::channel::<PeerMsg>(1024);
     if tx.send(Link::Up { conn: id, hello: theirs, addr: addr.clone(), writer: wtx }).await.is_err() {
         return;
@@ -485,7 +498,6 @@ struct Driver {
     engine: Engine,
     db: DbHandle,
     node: Arc<HaNode>,
-    peer_db_id: Option<String>,
     writer: Option<mpsc::Sender<PeerMsg>>,
     conn: Option<u64>,
     waiters: std::collections::HashMap<engine::WaiterId, oneshot::Sender<()>>,
@@ -501,7 +513,7 @@ impl Driver {
         events.push_back(Event::Start { now: now_ms() });
         loop {
             while let Some(ev) = events.pop_front() {
-                let cmds = self.engine.handle(ev);
+                let cmds = self.engine.step(ev);
                 for c in cmds {
                     self.execute(c, &mut events).await;
                 }
@@ -513,7 +525,7 @@ impl Driver {
                 r = head.changed() => {
                     if r.is_err() { break; }
                     let seq = *head.borrow_and_update();
-                    events.push_back(Event::LocalCommitted { seq, now: now_ms() });
+                    events.push_back(Event::LocalCommitted { seq, change: None, now: now_ms() });
                 }
                 Some(r) = reqs.recv() => match r {
                     Req::AwaitAck { seq, done } => {
@@ -541,7 +553,6 @@ impl Driver {
                 }
                 tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
                 let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
-                self.peer_db_id = Some(hello.db_id.clone());
                 self.writer = Some(writer);
                 self.conn = Some(conn);
                 events.push_back(Event::PeerConnected { hello, our_position_for_them: pos, now: now_ms() });
@@ -570,17 +581,29 @@ impl Driver {
                 }
             }
             Command::ReadLog { after, limit } => match self.db.changes_since(after, limit).await {
-                Ok(result) => events.push_back(Event::LogRead { after, result }),
+                Ok(r) => {
+                    let result = match r {
+                        LogRead::Changes(c) => engine::LogRead::Changes(c),
+                        LogRead::Truncated { oldest } => engine::LogRead::Truncated { oldest },
+                    };
+                    events.push_back(Event::LogRead { after, result, now: now_ms() })
+                }
                 Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
             },
             Command::ReadSnapshot => match self.db.snapshot().await {
-                Ok(snapshot) => events.push_back(Event::SnapshotRead { head: snapshot.head, records: snapshot.records }),
+                Ok(s) => events.push_back(Event::SnapshotRead {
+                    snapshot: engine::Snapshot { head: s.head, records: s.records },
+                    now: now_ms(),
+                }),
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
-            Command::Apply { records, peer_pos } => {
-                let Some(peer_db) = self.peer_db_id.clone() else { return };
+            Command::Apply { peer_db_id: peer_db, records, peer_pos } => {
                 let n = records.len();
-                match self.db.apply_remote(peer_db, records, peer_pos).await {
+                let pos = match peer_pos {
+                    Some(p) => crate::db::PositionUpdate::Set(p),
+                    None => crate::db::PositionUpdate::Keep,
+                };
+                match self.db.apply_remote_with(peer_db, records, pos).await {
                     Ok(out) => {
                         for c in &out.conflicts {
                             tracing::warn!(
@@ -588,7 +611,7 @@ impl Driver {
                                 "conflicting changes to one session while the masters were apart; the newer version wins"
                             );
                         }
-                        tracing::trace!(records = n, seq = peer_pos.0, "applied peer changes");
+                        tracing::trace!(records = n, seq = ?peer_pos, "applied peer changes");
                         events.push_back(Event::Applied { up_to: peer_pos, now: now_ms() });
                     }
                     Err(e) => {
@@ -605,8 +628,10 @@ impl Driver {
                         let _ = tx.send(());
                     }
                 }
-                if outcome == engine::AckOutcome::TimedOut {
-                    tracing::warn!("the peer did not acknowledge in time; continuing alone (degraded)");
+                match outcome {
+                    engine::AckOutcome::TimedOut => tracing::warn!("the peer did not acknowledge in time; continuing alone (degraded)"),
+                    engine::AckOutcome::Degraded => tracing::debug!("peer link down; answering without its acknowledgement (degraded)"),
+                    _ => {}
                 }
             }
             Command::Disconnect { reason } => {
@@ -622,6 +647,3 @@ impl Driver {
         *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.engine.status());
     }
 }
-
-#[allow(dead_code)]
-fn _unused(_: LogRead) {}

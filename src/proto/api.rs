@@ -10,7 +10,7 @@ use crate::proto::agent::LoadReport;
 use serde::{Deserialize, Serialize};
 
 /// Prologue binding the secure channel to the admin API.
-pub const ADMIN_PROLOGUE: &[u8] = b"vsm-admin/1";
+pub use crate::proto::secure::PROLOGUE_ADMIN as ADMIN_PROLOGUE;
 
 /// Selects sessions; every field that is set must match (AND).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
