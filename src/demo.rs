@@ -434,6 +434,11 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         println!("Press Ctrl-C to stop.");
         crate::cli::vsmserver::shutdown_signal().await;
     }
+    // End every desktop the demo started, then stop the masters.
+    let all = ApiRequest::SessionTerminate { selector: Selector::default(), all: true, allow_abandon: true, dry_run: false };
+    if let Err(e) = call(&prim.target(), &all, Duration::from_secs(20)).await {
+        eprintln!("demo: could not end the demo sessions: {e}");
+    }
     for m in [&mut prim, &mut sec] {
         if let Some(s) = m.server.take() {
             s.stop().await;

@@ -49,6 +49,10 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    if matches!(args.command, Some(Command::Demo(_))) && args.verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
+        // The demo narrates on stdout; only problems are logged unless asked for more.
+        std::env::set_var("RUST_LOG", "warn,vsm::ha::node=error,vsm::ha::engine=error");
+    }
     crate::telemetry::init(args.verbose, args.log_json);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
