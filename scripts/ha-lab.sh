@@ -186,7 +186,13 @@ spawn() {
     fi
 }
 
-cmd_node_exec_internal() { node_exec "$@"; }
+# Internal: spawn's entry point; becomes the node process (keeps the pid spawn recorded).
+cmd_node_exec_internal() {
+    local node=$1
+    shift
+    exec ip netns exec "$(ns "$node")" \
+        unshare --uts --mount --propagation private "$SELF" _enter "$node" "$@"
+}
 
 # Send SIGNAL to daemon NAME on NODE and, for TERM/KILL, wait until it is gone.
 stop_daemon() {
@@ -713,10 +719,17 @@ cmd_kill_daemon() {
     need_up
     [ $# -ge 2 ] || die "usage: $0 kill-daemon NODE NAME [SIGNAL]  (SIGNAL defaults to KILL)"
     need_node "$1"
-    local node=$1 name=$2 sig=${3:-KILL} pid
+    local node=$1 name=$2 sig=${3:-KILL} pid pids
     pid=$(daemon_pid "$node" "$name") || die "$name is not running on $node"
-    kill -s "$sig" "$pid"
-    say "sent SIG${sig#SIG} to $name (pid $pid) on $node"
+    pids=$pid
+    if [ "$name" = keepalived ]; then
+        # keepalived is a parent and a VRRP child; a crash takes both (a VRRP child that
+        # outlives its parent hands the VIP over cleanly, which is no crash).
+        pids=$(ns_pids_named "$(ns "$node")" keepalived | tr '\n' ' ')
+    fi
+    # shellcheck disable=SC2086
+    kill -s "$sig" $pids
+    say "sent SIG${sig#SIG} to $name (pids ${pids% }) on $node"
 }
 
 cmd_start_daemon() {
