@@ -76,6 +76,10 @@ expect() { # RC ACTION [NAME=VALUE...]
 
 cleanup() {
     agent stop || true
+    # A test double the agent lost track of (only after a failed check) goes too.
+    if [ -s "$CFG/fake-server.pid" ]; then
+        kill "$(cat "$CFG/fake-server.pid")" 2>/dev/null || true
+    fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
