@@ -376,6 +376,8 @@ PubkeyAuthentication yes
 AuthorizedKeysFile $LAB/ssh/authorized_keys/%u
 UseDNS no
 LogLevel VERBOSE
+# Names the node in the SSH banner, so probes can tell the masters apart cheaply.
+VersionAddendum $node
 EOF
     done
 
@@ -405,7 +407,9 @@ write_helpers() {
     cat >"$LAB/bin/check-sshd" <<EOF
 #!/bin/sh
 pid=\$(cat "$LAB/nodes/\$(uname -n)/run/sshd.pid" 2>/dev/null) || exit 1
-[ -n "\$pid" ] && kill -0 "\$pid" 2>/dev/null
+# A killed sshd waiting to be reaped (a zombie) counts as dead.
+state=\$(sed -n 's/^State:[[:space:]]*\\([A-Z]\\).*/\\1/p' "/proc/\$pid/status" 2>/dev/null)
+[ -n "\$state" ] && [ "\$state" != Z ]
 EOF
     # keepalived notify hook: records the transition, then hands it to tlctl when present.
     cat >"$LAB/bin/notify" <<EOF
