@@ -606,6 +606,16 @@ kill_pids() {
     fi
 }
 
+# Is a lab with another prefix up (its primary's namespace exists)?
+other_lab_up() {
+    local f
+    for f in /run/netns/*-tlha-primary; do
+        [ -e "$f" ] || continue
+        [ "$(basename "$f")" = "$(ns tlha-primary)" ] || return 0
+    done
+    return 1
+}
+
 cmd_down() {
     need_root
     local n f pid pids=() d
@@ -635,7 +645,8 @@ cmd_down() {
         fi
         if [ -d "/etc/netns/$n" ]; then rm -rf "/etc/netns/$n"; fi
     done
-    if [ -f "$LAB/created-mountpoints" ]; then
+    # Mount points this lab created on the host go too, unless another lab still uses them.
+    if [ -f "$LAB/created-mountpoints" ] && ! other_lab_up; then
         while read -r d; do
             [ -n "$d" ] && rmdir "$d" 2>/dev/null || true
         done <"$LAB/created-mountpoints"
@@ -794,7 +805,10 @@ cmd_wait_ssh() {
 
 cmd_logs() {
     local lines=${VSM_LAB_LOG_LINES:-40} f
-    [ -d "$LAB/nodes" ] || die "no lab directory $LAB"
+    if [ ! -d "$LAB/nodes" ]; then
+        say "no logs: no lab directory $LAB"
+        return 0
+    fi
     for f in "$LAB"/nodes/"${1:-*}"/log/*.log; do
         [ -e "$f" ] || continue
         echo "===== ${f#"$LAB"/nodes/} (last $lines lines)"

@@ -23,13 +23,14 @@ packages=(
     xfonts-base                 # fonts Xvnc needs to start
     resource-agents             # ocf-tester, ocf-shellfuncs, IPaddr2
     libxml2-utils               # xmllint, checks the OCF agent's meta-data
+    jq                          # parses the JSON of vsmclient and tlctl in tests/e2e
 )
 
 apt-get update
 apt-get install -y --no-install-recommends "${packages[@]}"
 
 missing=0
-for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint useradd; do
+for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         echo "install-test-deps: $tool still missing after install" >&2
         missing=1
