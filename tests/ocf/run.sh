@@ -155,6 +155,26 @@ else
     echo "==> ocf: not-ready and hung cases need the test doubles; run without BIN_DIR for them"
 fi
 
+echo "==> ocf: alert agent vsm-alert turns IP start/stop on this node into tlctl ha notify"
+ALERT=$REPO/config/pacemaker/vsm-alert
+printf '#!/bin/sh\necho "$*" >>"%s/notified"\n' "$WORK" >"$WORK/tlctl-record"
+chmod 0755 "$WORK/tlctl-record"
+alert() { # TASK RSC NODE RC: run the alert agent for one resource event
+    env -i PATH="$PATH" tlctl="$WORK/tlctl-record" vip_resource=tlha-ip CRM_alert_kind=resource \
+        CRM_alert_task="$1" CRM_alert_rsc="$2" CRM_alert_node="$3" CRM_alert_rc="$4" \
+        CRM_alert_target_rc=0 "$ALERT" || fail "vsm-alert exited non-zero for $*"
+}
+here=$(uname -n)
+alert start tlha-ip "$here" 0
+alert monitor tlha-ip "$here" 0
+alert start other-rsc "$here" 0
+alert start tlha-ip other-node 0
+alert start tlha-ip "$here" 1
+alert stop tlha-ip "$here" 0
+got=$(cat "$WORK/notified" 2>/dev/null | tr '\n' ';')
+[ "$got" = "ha notify MASTER;ha notify BACKUP;" ] ||
+    fail "vsm-alert made the calls '$got', expected 'ha notify MASTER;ha notify BACKUP;'"
+
 if [ "$failures" -gt 0 ]; then
     echo "FAIL: ocf: $failures problem(s)" >&2
     exit 1
