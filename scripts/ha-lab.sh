@@ -304,7 +304,7 @@ make_node_dirs() {
     for m in "${MOUNTS[@]}"; do mkdir -p "$nd/${m#*:}"; done
     mkdir -p "$nd/tmp"
     chmod 1777 "$nd/tmp"
-    chmod 0700 "$nd/etc-vsm"
+    # Readable like a packaged /etc/vsm (users' vsmclient reads it); the keys in it are 0600.
 }
 
 build_network() {
