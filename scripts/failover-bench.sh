@@ -95,14 +95,13 @@ ms_between() { # START END (EPOCHREALTIME values) -> whole milliseconds
 measure() {
     local want=$1
     shift
-    local ready out t0 t1
+    local ready out t0 t1 t2
     ready=$VSM_LAB_DIR/probe-ready
     rm -f "$ready"
     out=$(mktemp)
     lab exec client bash -c "$PROBE" probe "$want" "$ready" "$PROBE_LIMIT" >"$out" &
     local probe=$!
-    local i
-    for i in $(seq 100); do [ -e "$ready" ] && break; sleep 0.02; done
+    for _ in $(seq 100); do [ -e "$ready" ] && break; sleep 0.02; done
     [ -e "$ready" ] || die "the probe did not start"
     t0=$EPOCHREALTIME
     "$@" >/dev/null

@@ -344,7 +344,7 @@ setup_users() {
 }
 
 setup_ssh() {
-    local pri sec cli node d u
+    local pri sec node d u
     mkdir -p "$LAB/ssh/authorized_keys" "$LAB/client"
     chmod 0755 "$LAB/ssh" "$LAB/ssh/authorized_keys"
     ssh-keygen -q -t ed25519 -N '' -C "vsm-lab-client" -f "$LAB/client/id_ed25519"
@@ -553,6 +553,7 @@ cmd_up() {
     done
 
     mode=$(detect_mode)
+    trap 'warn "up failed; what was built stays for inspection; remove it with: $0 down"' EXIT
     mkdir -p "$LAB/pids" "$LAB/nodes"
     chmod 0755 "$LAB"
     touch "$LAB/.vsm-lab"
@@ -587,12 +588,13 @@ cmd_up() {
     if ! poll "$TIMEOUT" ssh_is tlha-primary; then
         die "ssh to $VIP_NAME from the client does not reach tlha-primary (see $LAB/nodes/*/log/sshd.log)"
     fi
+    trap - EXIT
     say "up: VIP $VIP ($VIP_NAME) on tlha-primary; try: $0 exec client ssh testuser@$VIP_NAME uname -n"
 }
 
 # Kill PIDS with TERM, then KILL what remains; wait until they are gone (zombies count as gone).
 kill_pids() {
-    local pid left
+    local pid
     [ $# -gt 0 ] || return 0
     kill -s TERM "$@" 2>/dev/null || true
     left() {
@@ -601,7 +603,9 @@ kill_pids() {
         return 0
     }
     if ! poll 5 left "$@"; then
-        for pid in "$@"; do pid_alive "$pid" && kill -s KILL "$pid" 2>/dev/null || true; done
+        for pid in "$@"; do
+            if pid_alive "$pid"; then kill -s KILL "$pid" 2>/dev/null || true; fi
+        done
         poll 5 left "$@" || warn "some processes do not die: $*"
     fi
 }
@@ -648,7 +652,7 @@ cmd_down() {
     # Mount points this lab created on the host go too, unless another lab still uses them.
     if [ -f "$LAB/created-mountpoints" ] && ! other_lab_up; then
         while read -r d; do
-            [ -n "$d" ] && rmdir "$d" 2>/dev/null || true
+            if [ -n "$d" ]; then rmdir "$d" 2>/dev/null || true; fi
         done <"$LAB/created-mountpoints"
     fi
     if [ -d "$LAB" ]; then

@@ -161,6 +161,7 @@ wait_for 30 "ssh tlha answered by tlha-primary after the restart" answered_by tl
 wait_for 30 "both masters list the same sessions after the restart" masters_agree
 
 step "6. an agent refuses privileged calls from a host not in allowed_clients"
+# shellcheck disable=SC2016  # expanded by the inner bash
 lab exec client timeout 5 bash -c 'exec 3<>"/dev/tcp/$1/$2" && printf "hello\n" >&3 && sleep 1' \
     _ 10.213.0.11 "$AGENT_PORT" >/dev/null 2>&1 || true
 agent_refused() { grep -i 'refused' "$VSM_LAB_DIR/nodes/agent1/log/vsmagent.log" | grep -q "$CLIENT_ADDR"; }

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers of the end-to-end HA tests; sourced, not run.
 # The tests use their own namespace prefix and lab directory so a lab that a developer has
 # up (scripts/ha-lab.sh with the defaults) is left alone.
@@ -60,6 +61,7 @@ vip_on() { [ "$(lab vip-holder 2>/dev/null)" = "$1" ]; }
 
 # rfb_banner HOST PORT: the first line a VNC server sends, read from the client node.
 rfb_banner() {
+    # shellcheck disable=SC2016  # expanded by the inner bash
     lab exec client timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2" && read -r -t 2 banner <&3 &&
         printf "%s\n" "${banner%$'"'"'\r'"'"'}"' _ "$1" "$2" 2>/dev/null
 }
@@ -76,7 +78,13 @@ lab_up() {
 lab_down_checked() {
     local pids=() n pid left=()
     for n in $(ip netns list 2>/dev/null | awk '{print $1}'); do
-        case $n in "$VSM_LAB_PREFIX"*) pids+=($(ip netns pids "$n" 2>/dev/null)) ;; esac
+        case $n in
+            "$VSM_LAB_PREFIX"*)
+                local more=()
+                read -r -d '' -a more < <(ip netns pids "$n" 2>/dev/null) || true
+                pids+=("${more[@]}")
+                ;;
+        esac
     done
     lab down
     LAB_IS_UP=0

@@ -111,8 +111,7 @@ expect 0 start
 pid=$(cat "$PIDFILE")
 kill -KILL "$pid"
 wait_gone() {
-    local i
-    for i in $(seq 50); do
+    for _ in $(seq 50); do
         [ "$(sed -n 's/^State:[[:space:]]*\([A-Z]\).*/\1/p' "/proc/$1/status" 2>/dev/null)" != Z ] ||
             return 0
         [ -d "/proc/$1" ] || return 0
@@ -171,7 +170,7 @@ alert start other-rsc "$here" 0
 alert start tlha-ip other-node 0
 alert start tlha-ip "$here" 1
 alert stop tlha-ip "$here" 0
-got=$(cat "$WORK/notified" 2>/dev/null | tr '\n' ';')
+got=$(tr '\n' ';' <"$WORK/notified" 2>/dev/null || true)
 [ "$got" = "ha notify MASTER;ha notify BACKUP;" ] ||
     fail "vsm-alert made the calls '$got', expected 'ha notify MASTER;ha notify BACKUP;'"
 
