@@ -1,1 +1,14 @@
-//! (being built)
+//! The master's side of agents: [`AgentClient`] (calls with deadlines, a small connection
+//! pool, errors by what the broker does next) and [`AgentRegistry`] (what the master knows
+//! about each agent between calls).
+//!
+//! The wire exchanges themselves, including the agent daemon's server loop
+//! (`serve_agent_conn`) and both sides of the report link (`send_report`, `accept_report`),
+//! live in `crate::proto::agent_link`. This module must never hold broker policy (placement,
+//! session state): it reports outcomes, the broker decides.
+
+pub mod client;
+pub mod registry;
+
+pub use client::{AgentCallError, AgentClient, AgentClientConfig};
+pub use registry::{AgentRegistry, AgentState, Standing};

@@ -91,3 +91,13 @@ pub enum AgentReport {
     /// The session's process ended; retried by the agent until acknowledged.
     SessionExited { session_id: SessionId, display: u32, exit_status: Option<i32> },
 }
+
+/// The master's answer to one [`AgentReport`] on the report link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ack", rename_all = "snake_case")]
+pub enum ReportAck {
+    /// The master recorded the report; the agent may forget it.
+    Accepted,
+    /// The master cannot record it now (for example it is the standby); the agent retries.
+    Retry { reason: String },
+}

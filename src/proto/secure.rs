@@ -12,7 +12,8 @@
 //!    error for a wrong link kind; the handshake binds it cryptographically anyway);
 //! 2. initiator → responder: Noise message 1 (`psk, e`), sent right after the hello;
 //! 3. responder → initiator: `0x01` + Noise message 2 (`e, ee`), or `0x00` + a short reason
-//!    (`bad-secret`, `wrong-link <expected>`, `bad-hello`) when the responder refuses. The
+//!    (`bad-secret`, `wrong-link <expected>`, `bad-hello`, `not-allowed <why>`) when the
+//!    responder refuses. The
 //!    reason is unauthenticated and used only to word the initiator's error;
 //! 4. then each direction carries Noise transport messages, one per frame. The first
 //!    plaintext byte of each says whether the application message continues in the next
@@ -33,7 +34,7 @@
 use super::connection::{decode_json, read_frame};
 use super::frame::{self, MAX_MESSAGE};
 use super::ProtoError;
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -73,6 +74,7 @@ const REPLY_ACCEPT: u8 = 0x01;
 const REASON_BAD_SECRET: &str = "bad-secret";
 const REASON_WRONG_LINK: &str = "wrong-link";
 const REASON_BAD_HELLO: &str = "bad-hello";
+const REASON_NOT_ALLOWED: &str = "not-allowed";
 
 /// A 32-byte pre-shared key: the SHA-256 of a secret file's bytes.
 #[derive(Clone, PartialEq, Eq)]
@@ -193,6 +195,9 @@ fn rejection(reason: &[u8], ours: &[u8]) -> ProtoError {
     let mut words = reason.splitn(2, ' ');
     match (words.next(), words.next()) {
         (Some(REASON_BAD_SECRET), _) => ProtoError::BadSecret,
+        (Some(REASON_NOT_ALLOWED), why) => {
+            ProtoError::NotAllowed(why.unwrap_or("no reason given").chars().take(200).collect())
+        }
         (Some(REASON_WRONG_LINK), theirs) => ProtoError::WrongLink {
             expected: String::from_utf8_lossy(ours).into_owned(),
             got: theirs.unwrap_or("another link kind").chars().take(MAX_PROLOGUE).collect(),
@@ -219,37 +224,35 @@ async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, reason: &str) {
 /// Run the handshake as responder (the side that accepted the connection). On failure the
 /// peer is told why in a few words, and nothing it sent is returned.
 pub async fn accept<S>(
-    mut stream: S,
+    stream: S,
     secret: &Secret,
     prologue: &[u8],
 ) -> Result<SecureConn<S>, ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    check_prologue(prologue)?;
-    let mut rbuf = BytesMut::new();
-    let hello = match read_frame(&mut stream, &mut rbuf, MAX_PROLOGUE).await {
+    accept_any(stream, secret, &[prologue]).await.map(|(conn, _)| conn)
+}
+
+/// Read the initiator's hello and first handshake message.
+async fn read_opening<S>(stream: &mut S, rbuf: &mut BytesMut) -> Result<(Bytes, Bytes), ProtoError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let hello = match read_frame(stream, rbuf, MAX_PROLOGUE).await {
         Ok(Some(h)) => h,
         Ok(None) | Err(ProtoError::Truncated { .. }) => {
             return Err(ProtoError::Handshake("the peer closed the link before its hello".into()))
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
-            reject(&mut stream, REASON_BAD_HELLO).await;
+            reject(stream, REASON_BAD_HELLO).await;
             return Err(ProtoError::Handshake(
                 "the peer does not speak a vsm link (bad hello)".into(),
             ));
         }
         Err(e) => return Err(e),
     };
-    if hello[..] != *prologue {
-        let reason = format!("{REASON_WRONG_LINK} {}", String::from_utf8_lossy(prologue));
-        reject(&mut stream, &reason).await;
-        return Err(ProtoError::WrongLink {
-            expected: String::from_utf8_lossy(prologue).into_owned(),
-            got: String::from_utf8_lossy(&hello).into_owned(),
-        });
-    }
-    let msg1 = match read_frame(&mut stream, &mut rbuf, MAX_NOISE_MESSAGE).await {
+    let msg1 = match read_frame(stream, rbuf, MAX_NOISE_MESSAGE).await {
         Ok(Some(m)) => m,
         Ok(None) | Err(ProtoError::Truncated { .. }) => {
             return Err(ProtoError::Handshake(
@@ -257,11 +260,46 @@ where
             ))
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
-            reject(&mut stream, REASON_BAD_HELLO).await;
+            reject(stream, REASON_BAD_HELLO).await;
             return Err(ProtoError::Handshake("the peer's handshake message is too large".into()));
         }
         Err(e) => return Err(e),
     };
+    Ok((hello, msg1))
+}
+
+/// Like [`accept`], for a port that serves several link kinds: the initiator's prologue must
+/// be one of `prologues`; its index is returned with the connection.
+pub async fn accept_any<S>(
+    mut stream: S,
+    secret: &Secret,
+    prologues: &[&[u8]],
+) -> Result<(SecureConn<S>, usize), ProtoError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    for p in prologues {
+        check_prologue(p)?;
+    }
+    let Some(first) = prologues.first() else {
+        return Err(ProtoError::Handshake("no link kind to accept".into()));
+    };
+    let mut rbuf = BytesMut::new();
+    let (hello, msg1) = read_opening(&mut stream, &mut rbuf).await?;
+    let Some(index) = prologues.iter().position(|p| hello[..] == **p) else {
+        let ours = String::from_utf8_lossy(first).into_owned();
+        reject(&mut stream, &format!("{REASON_WRONG_LINK} {ours}")).await;
+        let expected = prologues
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect::<Vec<_>>()
+            .join(" or ");
+        return Err(ProtoError::WrongLink {
+            expected,
+            got: String::from_utf8_lossy(&hello).into_owned(),
+        });
+    };
+    let prologue = prologues[index];
     let mut hs = builder(secret, prologue)?.build_responder().map_err(noise_err)?;
     let mut payload = vec![0u8; MAX_NOISE_MESSAGE];
     match hs.read_message(&msg1, &mut payload) {
@@ -285,7 +323,22 @@ where
     stream.write_all(&out).await?;
     stream.flush().await?;
     let transport = hs.into_stateless_transport_mode().map_err(noise_err)?;
-    Ok(SecureConn::new(stream, rbuf, transport))
+    Ok((SecureConn::new(stream, rbuf, transport), index))
+}
+
+/// Turn an initiator away before any handshake, telling it why (e.g. its address is not in
+/// `allowed_clients`). Its [`connect`] fails with [`ProtoError::NotAllowed`]. Best effort,
+/// bounded by a few seconds; the stream is closed afterwards.
+pub async fn refuse<S>(mut stream: S, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut rbuf = BytesMut::new();
+    // Reading the opening first lets the reason arrive instead of a connection reset.
+    let _ =
+        tokio::time::timeout(Duration::from_secs(2), read_opening(&mut stream, &mut rbuf)).await;
+    let reason: String = reason.chars().take(200).collect();
+    reject(&mut stream, &format!("{REASON_NOT_ALLOWED} {reason}")).await;
 }
 
 /// [`connect`] bounded by `timeout` ([`ProtoError::Timeout`] when it passes).
@@ -758,6 +811,54 @@ mod tests {
             }
             other => panic!("expected WrongLink, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn accept_any_dispatches_on_the_link_kind() {
+        for (prologue, want) in [(PROLOGUE_REPORT, 0usize), (PROLOGUE_ADMIN, 1)] {
+            let (a, b) = tokio::io::duplex(4096);
+            let server = tokio::spawn(async move {
+                accept_any(b, &secret(), &[PROLOGUE_REPORT, PROLOGUE_ADMIN]).await
+            });
+            let mut c = connect(a, &secret(), prologue).await.unwrap();
+            let (mut s, index) = server.await.unwrap().unwrap();
+            assert_eq!(index, want);
+            c.send(&msg(1)).await.unwrap();
+            assert_eq!(s.recv::<Msg>().await.unwrap(), Some(msg(1)));
+        }
+        let (a, b) = tokio::io::duplex(4096);
+        let server = tokio::spawn(async move {
+            accept_any(b, &secret(), &[PROLOGUE_REPORT, PROLOGUE_ADMIN]).await
+        });
+        assert!(matches!(
+            connect(a, &secret(), PROLOGUE_PEER).await,
+            Err(ProtoError::WrongLink { .. })
+        ));
+        match server.await.unwrap() {
+            Err(ProtoError::WrongLink { expected, .. }) => {
+                assert_eq!(expected, "vsm-report/1 or vsm-admin/1")
+            }
+            other => panic!("expected WrongLink, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_initiator_learns_why() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (sock, _) = listener.accept().await.unwrap();
+            refuse(sock, "127.0.0.1 is not in allowed_clients").await;
+        });
+        let sock = TcpStream::connect(addr).await.unwrap();
+        match connect(sock, &secret(), PROLOGUE_AGENT).await {
+            Err(e @ ProtoError::NotAllowed(_)) => {
+                assert!(e.is_auth_failure());
+                assert!(e.to_string().contains("allowed_clients"), "{e}");
+            }
+            other => panic!("expected NotAllowed, got {other:?}"),
+        }
+        server.await.unwrap();
     }
 
     #[tokio::test]
