@@ -58,9 +58,8 @@ async fn call_inner(target: &Target, req: &ApiRequest, where_: &str) -> Result<A
             c.recv::<ApiReply>().await.map_err(protocol)?
         }
         Target::Tcp { addr, secret } => {
-            let mut s = tokio::net::TcpStream::connect(addr.as_str()).await.map_err(unreachable)?;
+            let s = tokio::net::TcpStream::connect(addr.as_str()).await.map_err(unreachable)?;
             let _ = s.set_nodelay(true);
-            crate::api::tcp::write_link_tag(&mut s, crate::api::tcp::LinkTag::Admin).await.map_err(unreachable)?;
             let mut c = crate::proto::secure::connect(s, secret, ADMIN_PROLOGUE).await.map_err(protocol)?;
             c.send(req).await.map_err(protocol)?;
             c.recv::<ApiReply>().await.map_err(protocol)?

@@ -143,7 +143,11 @@ impl Server {
 
         // 3. Broker.
         let secret = Secret::from_file(&cfg.vsm.secret_file).map_err(|e| ServerError::Secret(e.to_string()))?;
-        let agents = AgentClient::new(secret.clone(), ov.agent_port.unwrap_or(cfg.vsm.vsm_agent_port), cfg.vsmserver.agent_timeout);
+        let agents = AgentClient::new(crate::agent::AgentClientConfig {
+            secret: secret.clone(),
+            port: ov.agent_port.unwrap_or(cfg.vsm.vsm_agent_port),
+            timeout: cfg.vsmserver.agent_timeout,
+        });
 
         // 4. HA node.
         let shutdown = CancellationToken::new();

@@ -1,52 +1,22 @@
 //! The master's TCP port (`/vsmserver/listen_port`): admin calls from hosts in
 //! `/vsmserver/allowed_clients`, and session-exit reports from agents.
 //!
-//! Each connection starts with a four-byte link tag in clear (`VSMA` admin, `VSMR` report),
-//! then the secure handshake with the cluster secret and a prologue bound to that link, so a
-//! handshake made for one link is useless on the other.
+//! Both links share the port; the secure handshake's prologue says which one a connection
+//! carries, so a handshake made for one link is useless on the other.
 //!
-//! Invariants: nothing is read from a connection before the handshake proves the cluster
-//! secret except the tag; admin calls from a host not in `allowed_clients` (loopback is always
-//! allowed) are refused and logged with the caller's address before any handshake.
+//! Invariants: nothing is read from a connection before the handshake proved the cluster
+//! secret; admin calls from a host not in `allowed_clients` (loopback is always allowed) are
+//! refused and logged with the caller's address, and nothing they sent is acted on.
 
 use super::{Api, Caller};
 use crate::proto::agent::{AgentReport, ReportAck};
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
-use crate::proto::secure::{accept, Secret, PROLOGUE_ADMIN as ADMIN_PROLOGUE, PROLOGUE_REPORT as REPORT_PROLOGUE};
+use crate::proto::secure::{accept_any, Secret, PROLOGUE_ADMIN, PROLOGUE_REPORT};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-
-/// Which link a TCP connection to the master carries.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinkTag {
-    Admin,
-    Report,
-}
-
-impl LinkTag {
-    pub const fn bytes(self) -> &'static [u8; 4] {
-        match self {
-            LinkTag::Admin => b"VSMA",
-            LinkTag::Report => b"VSMR",
-        }
-    }
-    fn parse(b: &[u8; 4]) -> Option<LinkTag> {
-        match b {
-            b"VSMA" => Some(LinkTag::Admin),
-            b"VSMR" => Some(LinkTag::Report),
-            _ => None,
-        }
-    }
-}
-
-/// Writes the link tag a connection to the master starts with.
-pub async fn write_link_tag<S: AsyncWrite + Unpin>(s: &mut S, tag: LinkTag) -> std::io::Result<()> {
-    s.write_all(tag.bytes()).await
-}
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -92,56 +62,45 @@ pub fn allowed(ip: IpAddr, allowed: &[String]) -> bool {
     })
 }
 
-async fn serve_conn(mut stream: TcpStream, addr: SocketAddr, api: Api, secret: Secret, shutdown: CancellationToken) -> Result<(), String> {
-    let mut tag = [0u8; 4];
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.read_exact(&mut tag))
+async fn serve_conn(stream: TcpStream, addr: SocketAddr, api: Api, secret: Secret, shutdown: CancellationToken) -> Result<(), String> {
+    let (mut conn, link) = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_any(stream, &secret, &[PROLOGUE_ADMIN, PROLOGUE_REPORT]))
         .await
-        .map_err(|_| "no link tag within 5 s".to_string())?
-        .map_err(|e| format!("reading link tag: {e}"))?;
-    let tag = LinkTag::parse(&tag).ok_or_else(|| format!("unknown link tag {tag:?}; expected VSMA or VSMR"))?;
-    match tag {
-        LinkTag::Admin => {
-            if !allowed(addr.ip(), &api.broker.config().vsmserver.allowed_clients) {
-                return Err(format!("admin call from {} refused: not in /vsmserver/allowed_clients", addr.ip()));
-            }
-            let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &secret, ADMIN_PROLOGUE))
-                .await
-                .map_err(|_| "handshake timed out".to_string())?
-                .map_err(|e| e.to_string())?;
-            let caller = Caller::RemoteAdmin { addr };
-            loop {
-                let req = tokio::select! {
-                    _ = shutdown.cancelled() => return Ok(()),
-                    r = conn.recv::<ApiRequest>() => r,
-                };
-                let reply = match req {
-                    Ok(Some(req)) => api.handle(&caller, req).await,
-                    Ok(None) => return Ok(()),
-                    Err(e) => {
-                        let r = ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
-                        let _ = conn.send(&r).await;
-                        return Err(e.to_string());
-                    }
-                };
-                conn.send(&reply).await.map_err(|e| e.to_string())?;
-            }
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if link == 0 {
+        if !allowed(addr.ip(), &api.broker.config().vsmserver.allowed_clients) {
+            let msg = format!("admin calls from {} are refused: not in /vsmserver/allowed_clients", addr.ip());
+            let _ = conn.send(&ApiReply::Error { kind: ApiErrorKind::NotAllowed, message: msg.clone() }).await;
+            return Err(msg);
         }
-        LinkTag::Report => {
-            let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &secret, REPORT_PROLOGUE))
-                .await
-                .map_err(|_| "handshake timed out".to_string())?
-                .map_err(|e| e.to_string())?;
-            while let Some(report) = conn.recv::<AgentReport>().await.map_err(|e| e.to_string())? {
-                match report {
-                    AgentReport::SessionExited { session_id, exit_status, .. } => {
-                        api.broker.session_exited(&session_id, exit_status).await.map_err(|e| e.to_string())?;
-                    }
+        let caller = Caller::RemoteAdmin { addr };
+        loop {
+            let req = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = conn.recv::<ApiRequest>() => r,
+            };
+            let reply = match req {
+                Ok(Some(req)) => api.handle(&caller, req).await,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let r = ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
+                    let _ = conn.send(&r).await;
+                    return Err(e.to_string());
                 }
-                conn.send(&ReportAck { ok: true }).await.map_err(|e| e.to_string())?;
-            }
-            Ok(())
+            };
+            conn.send(&reply).await.map_err(|e| e.to_string())?;
         }
     }
+    while let Some(report) = conn.recv::<AgentReport>().await.map_err(|e| e.to_string())? {
+        let ack = match report {
+            AgentReport::SessionExited { session_id, exit_status, .. } => match api.broker.session_exited(&session_id, exit_status).await {
+                Ok(()) => ReportAck::Accepted,
+                Err(e) => ReportAck::Retry { reason: e.to_string() },
+            },
+        };
+        conn.send(&ack).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

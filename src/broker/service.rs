@@ -13,6 +13,8 @@
 //!   unreachable without ever deleting them.
 
 use crate::agent::{AgentCallError, AgentClient, AgentRegistry};
+use crate::agent::registry::DEFAULT_PENALTY;
+use std::time::Instant;
 use crate::broker::hooks::{run_hooks, HookEvent};
 use crate::broker::placement;
 use crate::config::Config;
@@ -92,7 +94,7 @@ impl Broker {
                 cfg,
                 db,
                 agents,
-                registry: Mutex::new(AgentRegistry::default()),
+                registry: Mutex::new(AgentRegistry::new(DEFAULT_PENALTY)),
                 replication,
                 user_locks: Mutex::new(HashMap::new()),
                 hook_timeout: Duration::from_secs(30),
@@ -228,12 +230,20 @@ impl Broker {
                 let now = now_ms();
                 let (unreachable, mut penalties) = {
                     let reg = self.registry();
-                    (reg.unreachable_agents(), reg.penalties(now))
+                    let at = Instant::now();
+                    let unreachable: BTreeSet<String> = reg.iter().filter(|(_, s)| !s.reachable).map(|(a, _)| a.to_string()).collect();
+                    // Ordered by when the penalty ends, which orders by when the agent failed.
+                    let penalties: BTreeMap<String, u64> = reg
+                        .iter()
+                        .filter_map(|(a, s)| s.penalised_until.filter(|&t| t > at).map(|t| (a.to_string(), (t - at).as_millis() as u64)))
+                        .collect();
+                    (unreachable, penalties)
                 };
                 // Agents that already failed during this login go to the very back.
                 for t in &tried {
-                    penalties.insert(t.clone(), now);
+                    penalties.insert(t.clone(), u64::MAX);
                 }
+                let _ = now;
                 let input = placement::PlacementInput {
                     subcluster: &sub,
                     user: &req.user,
@@ -257,9 +267,9 @@ impl Broker {
             };
             tried.insert(agent.clone());
             let id = SessionId::random();
-            match self.inner.agents.start(&agent, id.clone(), req.user.clone(), req.geometry.clone()).await {
+            match self.inner.agents.start(&agent, id.clone(), &req.user, req.geometry.clone()).await {
                 Ok(started) => {
-                    self.registry().record_success(&agent, now_ms());
+                    self.registry().record_success(&agent, Instant::now());
                     let now = now_ms();
                     let s = session_from_agent(&started, &agent, &sub.name, now, req.client_address.as_deref());
                     self.commit(Write::Upsert(s.clone())).await?;
@@ -270,7 +280,7 @@ impl Broker {
                 Err(e) => {
                     tracing::warn!(user = %req.user, agent = %agent, error = %e, "agent failed to start a session; moving it to the back of the queue");
                     self.note_agent_failure(&agent, &e);
-                    self.registry().penalise(&agent, now_ms());
+                    self.registry().penalise(&agent, Instant::now());
                     last_error = Some(format!("agent {agent}: {e}"));
                 }
             }
@@ -279,9 +289,7 @@ impl Broker {
     }
 
     fn note_agent_failure(&self, agent: &str, e: &AgentCallError) {
-        if matches!(e, AgentCallError::Unreachable { .. }) {
-            self.registry().mark_unreachable(agent, now_ms());
-        }
+        self.registry().record_failure(agent, e, Instant::now());
     }
 
     async fn user_sessions(&self, user: &str) -> Result<Vec<Session>, BrokerError> {
@@ -403,7 +411,7 @@ impl Broker {
             let Ok((agent, result)) = joined else { continue };
             match result {
                 Ok((sessions, load)) => {
-                    self.registry().record_load(&agent, load, now_ms());
+                    self.registry().record_load(&agent, load, Instant::now());
                     summary.reachable += 1;
                     self.reconcile_agent(&agent, &sessions, &mut summary).await?;
                 }
@@ -477,7 +485,7 @@ impl Broker {
         let cfg = &self.inner.cfg;
         let agents = self.known_agents().await?;
         let sessions = self.inner.db.list(&SessionFilter::default()).await?;
-        let now = now_ms();
+        let now = Instant::now();
         let reg = self.registry();
         Ok(agents
             .into_iter()
@@ -492,9 +500,9 @@ impl Broker {
                     weight: cfg.agents.weights.get(&agent).copied().unwrap_or(100),
                     vsm_users: users.len() as u32,
                     sessions: mine.len() as u32,
-                    updated_ms_ago: st.and_then(|s| s.last_contact_ms).map(|t| now.saturating_sub(t)),
+                    updated_ms_ago: st.and_then(|s| s.last_contact).map(|t| now.saturating_duration_since(t).as_millis() as u64),
                     load: st.and_then(|s| s.load.clone()),
-                    penalised_ms: st.and_then(|s| s.penalised_until_ms).filter(|&t| t > now).map(|t| t - now),
+                    penalised_ms: st.and_then(|s| s.penalised_until).filter(|&t| t > now).map(|t| (t - now).as_millis() as u64),
                     agent,
                 }
             })

@@ -110,8 +110,12 @@ pub enum AgentReport {
     },
 }
 
-/// The master's acknowledgement of one [`AgentReport`]; the agent retries until it gets it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReportAck {
-    pub ok: bool,
+/// The master's answer to one [`AgentReport`] on the report link.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "ack", rename_all = "snake_case")]
+pub enum ReportAck {
+    /// The master recorded the report; the agent may forget it.
+    Accepted,
+    /// The master cannot record it now (for example it is the standby); the agent retries.
+    Retry { reason: String },
 }

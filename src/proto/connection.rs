@@ -159,7 +159,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
     }
 
     /// Split with a stream-specific splitter, e.g. `UnixStream::into_split`, keeping buffered input.
-    pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (PlainReader<R>, PlainWriter<W>) {
+    pub fn split_with<R, W>(
+        self,
+        split: impl FnOnce(S) -> (R, W),
+    ) -> (PlainReader<R>, PlainWriter<W>) {
         let (r, w) = split(self.stream);
         (PlainReader { r, rx: self.rx }, PlainWriter { w, tx: self.tx })
     }

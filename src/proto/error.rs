@@ -44,12 +44,18 @@ pub enum ProtoError {
     #[error("handshake failed: the peer speaks link {got:?}, expected {expected:?}")]
     WrongLink { expected: String, got: String },
 
+    /// The peer turned us away before the handshake (e.g. we are not in its `allowed_clients`).
+    #[error("the peer does not accept links from us: {0}")]
+    NotAllowed(String),
+
     /// Any other handshake failure (garbage, the peer hung up, a protocol violation).
     #[error("handshake failed: {0}")]
     Handshake(String),
 
     /// A message failed authentication: it was altered in transit or the link is out of step.
-    #[error("message authentication failed: the data was altered in transit or the link is out of step")]
+    #[error(
+        "message authentication failed: the data was altered in transit or the link is out of step"
+    )]
     Decrypt,
 
     /// An operation did not finish in time.
@@ -71,8 +77,12 @@ pub enum ProtoError {
 
 impl ProtoError {
     /// True when the error says the peer refused our credentials or we refused its:
-    /// a wrong secret or another link kind. Retrying will not help until configuration changes.
+    /// a wrong secret, another link kind, or an address it does not accept. Retrying will not
+    /// help until configuration changes.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(self, ProtoError::BadSecret | ProtoError::WrongLink { .. })
+        matches!(
+            self,
+            ProtoError::BadSecret | ProtoError::WrongLink { .. } | ProtoError::NotAllowed(_)
+        )
     }
 }

@@ -99,7 +99,12 @@ mod tests {
         encode(b"0123456789", MAX_FRAME, &mut whole).unwrap();
         for cut in 0..whole.len() {
             let st = check(&whole[..cut], MAX_FRAME).unwrap();
-            assert_eq!(st, Status::Incomplete { need: if cut < HEADER_LEN { HEADER_LEN - cut } else { whole.len() - cut } });
+            assert_eq!(
+                st,
+                Status::Incomplete {
+                    need: if cut < HEADER_LEN { HEADER_LEN - cut } else { whole.len() - cut }
+                }
+            );
             let mut part = BytesMut::from(&whole[..cut]);
             assert_eq!(parse(&mut part, MAX_FRAME).unwrap(), None);
             assert_eq!(part.len(), cut, "an incomplete frame must not be consumed");
@@ -120,7 +125,10 @@ mod tests {
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
         assert!(matches!(parse(&mut buf, 100), Err(ProtoError::FrameTooLarge { .. })));
         let mut out = BytesMut::new();
-        assert!(matches!(encode(&[0u8; 101], 100, &mut out), Err(ProtoError::FrameTooLarge { .. })));
+        assert!(matches!(
+            encode(&[0u8; 101], 100, &mut out),
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
         assert!(out.is_empty());
     }
 

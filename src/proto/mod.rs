@@ -2,14 +2,17 @@
 //!
 //! Layers, bottom up: `frame` (byte layout, no I/O), `connection` (reading frames from a
 //! stream; the plain JSON link for the Unix socket), `secure` (Noise handshake with the
-//! cluster secret, encrypted JSON messages for every TCP link), then one module of message
-//! types per link (`agent`, `api`, `peer`).
+//! cluster secret, encrypted JSON messages for every TCP link), `addr` (targets and TCP
+//! connect), then one module of message types per link (`agent`, `api`, `peer`) and
+//! `agent_link` (the exchanges of the agent and report links, both sides).
 //!
 //! Invariants: bytes are only read and written here; a close in the middle of a frame is an
 //! error, a close between frames is a clean end; nothing unauthenticated is ever returned as a
 //! message.
 
+pub mod addr;
 pub mod agent;
+pub mod agent_link;
 pub mod api;
 pub mod connection;
 pub mod error;
@@ -19,4 +22,6 @@ pub mod secure;
 
 pub use connection::{PlainConn, PlainReader, PlainWriter};
 pub use error::ProtoError;
-pub use secure::{accept, connect, Secret, SecureConn, SecureReader, SecureWriter};
+pub use secure::{
+    accept, accept_any, connect, refuse, Secret, SecureConn, SecureReader, SecureWriter,
+};
