@@ -1,58 +1,100 @@
 //! Glue between the agent daemon and the secure channel of `proto::secure`.
 //!
 //! Owns nothing but the three calls the daemon needs: load the cluster secret, serve one
-//! master connection (handshake, then request → reply until the master closes or the agent
-//! stops), and deliver one exit report to the master.
+//! master connection (handshake with prologue `PROLOGUE_AGENT`, then request → reply until
+//! the master closes, stays idle too long, or the agent stops), and deliver one exit report
+//! to the master (link tag `VSMR` in clear, handshake with `PROLOGUE_REPORT`, the report,
+//! then wait for the master's acknowledgement).
 //!
 //! It must never hand the daemon a request that did not arrive over an authenticated
-//! channel.
-//!
-//! TEMPORARY: the secure channel is not in this branch yet. Until it is, the secret file is
-//! only read, every connection is refused after the access check, and every report fails
-//! (so reports stay in the outbox). Replace the bodies with `proto::secure` calls.
+//! channel, and never count a report as delivered before the master answered it.
 
 use super::{Agent, AgentdError};
-use crate::proto::agent::AgentReport;
+use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest};
+pub use crate::proto::secure::Secret;
+use crate::proto::secure::{accept, connect, PROLOGUE_AGENT, PROLOGUE_REPORT};
+use crate::proto::ProtoError;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// The cluster secret (placeholder until `proto::secure::Secret`).
-#[derive(Clone)]
-pub struct Secret(#[allow(dead_code)] Arc<Vec<u8>>);
+/// A caller that does not finish the handshake within this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A master connection with no request for this long is closed (masters pool connections
+/// and open a new one when a pooled one was closed).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Link tag the master's TCP port expects before a report handshake; must match the
+/// master's `api::tcp::LinkTag::Report`.
+pub const REPORT_LINK_TAG: &[u8; 4] = b"VSMR";
 
 pub fn load_secret(path: &Path) -> Result<Secret, AgentdError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        AgentdError::Secret(format!(
-            "cannot read {}: {e}; expected the cluster key file",
-            path.display()
-        ))
-    })?;
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(AgentdError::Secret(format!(
-            "{} is empty; expected the cluster key",
-            path.display()
-        )));
-    }
-    Ok(Secret(Arc::new(bytes)))
+    Secret::from_file(path).map_err(|e| AgentdError::Secret(e.to_string()))
 }
 
+/// Serve one master connection until it closes, idles out, or `stop` is cancelled. A
+/// request in progress is always answered before `stop` is looked at again.
 pub async fn serve(
-    _stream: TcpStream,
-    _secret: &Secret,
-    _agent: &Agent,
-    _local: SocketAddr,
-    _stop: CancellationToken,
+    stream: TcpStream,
+    secret: &Secret,
+    agent: &Agent,
+    local: SocketAddr,
+    stop: CancellationToken,
 ) -> Result<(), String> {
-    Err("secure channel not available in this build".into())
+    let _ = stream.set_nodelay(true);
+    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, secret, PROLOGUE_AGENT))
+        .await
+        .map_err(|_| format!("no secure handshake within {HANDSHAKE_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+    loop {
+        let req = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            r = tokio::time::timeout(IDLE_TIMEOUT, conn.recv::<AgentRequest>()) => match r {
+                Err(_) => return Ok(()),
+                Ok(r) => r,
+            },
+        };
+        let reply = match req {
+            Ok(Some(req)) => agent.handle(req, local).await,
+            Ok(None) => return Ok(()),
+            // Authenticated but not a request we know: answer, the link stays usable.
+            Err(ProtoError::Malformed(m)) => AgentReply::Error {
+                kind: AgentErrorKind::BadRequest,
+                message: format!("malformed request: {m}"),
+            },
+            Err(e) => return Err(e.to_string()),
+        };
+        conn.send(&reply).await.map_err(|e| e.to_string())?;
+    }
 }
 
+/// Deliver one report to the master at `master` and wait for its acknowledgement (any
+/// message the master answers on the report link). Bounded by the reporter's send timeout.
 pub async fn send_report(
-    _master: &(String, u16),
-    _secret: &Secret,
-    _report: &AgentReport,
+    master: &(String, u16),
+    secret: &Secret,
+    report: &AgentReport,
 ) -> Result<(), String> {
-    Err("secure channel not available in this build".into())
+    let (host, port) = (master.0.as_str(), master.1);
+    let mut s = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    s.write_all(REPORT_LINK_TAG)
+        .await
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let mut c = connect(s, secret, PROLOGUE_REPORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.send(report).await.map_err(|e| e.to_string())?;
+    match c
+        .recv::<serde::de::IgnoredAny>()
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Some(_) => Ok(()),
+        None => Err("the master closed the link without acknowledging".to_string()),
+    }
 }

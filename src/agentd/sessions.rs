@@ -74,6 +74,10 @@ pub struct SessionOptions {
     pub terminate_grace: Duration,
     /// How often a re-adopted session's process is checked.
     pub adopted_poll: Duration,
+    /// End every session on [`SessionManager::shutdown`] instead of detaching. Never set in
+    /// production (users' desktops must survive an agent restart); for test harnesses and
+    /// demos that must not leave processes behind.
+    pub terminate_on_shutdown: bool,
 }
 
 impl SessionOptions {
@@ -90,6 +94,7 @@ impl SessionOptions {
             start_check: Duration::from_millis(200),
             terminate_grace: Duration::from_secs(3),
             adopted_poll: Duration::from_secs(1),
+            terminate_on_shutdown: false,
         }
     }
 }
@@ -796,8 +801,14 @@ impl SessionManager {
     }
 
     /// Detach from every session without ending it: watchers stop, the table stays as
-    /// persisted, and the next [`SessionManager::open`] re-adopts the sessions.
+    /// persisted, and the next [`SessionManager::open`] re-adopts the sessions. With
+    /// `terminate_on_shutdown` the sessions are ended first instead.
     pub async fn shutdown(&self) {
+        if self.inner.opts.terminate_on_shutdown {
+            for s in self.list() {
+                self.terminate(&s.session_id, s.display).await;
+            }
+        }
         self.persist().await;
         self.inner.closed.store(true, Ordering::SeqCst);
         for slot in self.table().values() {

@@ -84,7 +84,10 @@ impl Secret {
     /// on every node and not empty.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Secret, ProtoError> {
         let path = path.as_ref();
-        let err = |problem: String| ProtoError::Secret { path: path.to_path_buf(), problem };
+        let err = |problem: String| ProtoError::Secret {
+            path: path.to_path_buf(),
+            problem,
+        };
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -111,7 +114,11 @@ impl Secret {
     /// The first 8 hex digits of the SHA-256 of the key: safe to log, lets an operator check
     /// that two nodes hold the same secret.
     pub fn fingerprint(&self) -> String {
-        Sha256::digest(self.0).iter().take(4).map(|b| format!("{b:02x}")).collect()
+        Sha256::digest(self.0)
+            .iter()
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -127,7 +134,9 @@ fn noise_err(e: snow::Error) -> ProtoError {
 
 fn builder<'a>(secret: &'a Secret, prologue: &'a [u8]) -> Result<snow::Builder<'a>, ProtoError> {
     let params: snow::params::NoiseParams = NOISE_PATTERN.parse().map_err(noise_err)?;
-    Ok(snow::Builder::new(params).psk(0, &secret.0).prologue(prologue))
+    Ok(snow::Builder::new(params)
+        .psk(0, &secret.0)
+        .prologue(prologue))
 }
 
 fn check_prologue(prologue: &[u8]) -> Result<(), ProtoError> {
@@ -150,7 +159,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     check_prologue(prologue)?;
-    let mut hs = builder(secret, prologue)?.build_initiator().map_err(noise_err)?;
+    let mut hs = builder(secret, prologue)?
+        .build_initiator()
+        .map_err(noise_err)?;
     let mut msg = vec![0u8; MAX_NOISE_MESSAGE];
     let n = hs.write_message(&[], &mut msg).map_err(noise_err)?;
     let mut out = BytesMut::new();
@@ -160,29 +171,38 @@ where
     stream.flush().await?;
 
     let mut rbuf = BytesMut::new();
-    let reply = match read_frame(&mut stream, &mut rbuf, MAX_NOISE_MESSAGE + 1).await {
-        Ok(Some(r)) => r,
-        Ok(None) | Err(ProtoError::Truncated { .. }) => {
-            return Err(ProtoError::Handshake(
+    let reply =
+        match read_frame(&mut stream, &mut rbuf, MAX_NOISE_MESSAGE + 1).await {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(ProtoError::Truncated { .. }) => return Err(ProtoError::Handshake(
                 "the peer closed the link without answering (is it a vsm endpoint of this kind?)"
                     .into(),
-            ))
-        }
-        Err(ProtoError::FrameTooLarge { .. }) => {
-            return Err(ProtoError::Handshake("the peer's answer is not a vsm handshake".into()))
-        }
-        Err(e) => return Err(e),
-    };
+            )),
+            Err(ProtoError::FrameTooLarge { .. }) => {
+                return Err(ProtoError::Handshake(
+                    "the peer's answer is not a vsm handshake".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
     match reply.first() {
         Some(&REPLY_ACCEPT) => {}
         Some(&REPLY_REJECT) => return Err(rejection(&reply[1..], prologue)),
-        _ => return Err(ProtoError::Handshake("the peer's answer is not a vsm handshake".into())),
+        _ => {
+            return Err(ProtoError::Handshake(
+                "the peer's answer is not a vsm handshake".into(),
+            ))
+        }
     }
     let mut payload = vec![0u8; MAX_NOISE_MESSAGE];
     match hs.read_message(&reply[1..], &mut payload) {
         Ok(_) => {}
         Err(snow::Error::Decrypt) => return Err(ProtoError::BadSecret),
-        Err(e) => return Err(ProtoError::Handshake(format!("invalid answer from the peer: {e}"))),
+        Err(e) => {
+            return Err(ProtoError::Handshake(format!(
+                "invalid answer from the peer: {e}"
+            )))
+        }
     }
     let transport = hs.into_stateless_transport_mode().map_err(noise_err)?;
     Ok(SecureConn::new(stream, rbuf, transport))
@@ -195,7 +215,11 @@ fn rejection(reason: &[u8], ours: &[u8]) -> ProtoError {
         (Some(REASON_BAD_SECRET), _) => ProtoError::BadSecret,
         (Some(REASON_WRONG_LINK), theirs) => ProtoError::WrongLink {
             expected: String::from_utf8_lossy(ours).into_owned(),
-            got: theirs.unwrap_or("another link kind").chars().take(MAX_PROLOGUE).collect(),
+            got: theirs
+                .unwrap_or("another link kind")
+                .chars()
+                .take(MAX_PROLOGUE)
+                .collect(),
         },
         _ => ProtoError::Handshake(format!(
             "the peer refused the link ({})",
@@ -231,7 +255,9 @@ where
     let hello = match read_frame(&mut stream, &mut rbuf, MAX_PROLOGUE).await {
         Ok(Some(h)) => h,
         Ok(None) | Err(ProtoError::Truncated { .. }) => {
-            return Err(ProtoError::Handshake("the peer closed the link before its hello".into()))
+            return Err(ProtoError::Handshake(
+                "the peer closed the link before its hello".into(),
+            ))
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
             reject(&mut stream, REASON_BAD_HELLO).await;
@@ -258,11 +284,15 @@ where
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
             reject(&mut stream, REASON_BAD_HELLO).await;
-            return Err(ProtoError::Handshake("the peer's handshake message is too large".into()));
+            return Err(ProtoError::Handshake(
+                "the peer's handshake message is too large".into(),
+            ));
         }
         Err(e) => return Err(e),
     };
-    let mut hs = builder(secret, prologue)?.build_responder().map_err(noise_err)?;
+    let mut hs = builder(secret, prologue)?
+        .build_responder()
+        .map_err(noise_err)?;
     let mut payload = vec![0u8; MAX_NOISE_MESSAGE];
     match hs.read_message(&msg1, &mut payload) {
         Ok(_) => {}
@@ -300,7 +330,10 @@ where
 {
     tokio::time::timeout(timeout, connect(stream, secret, prologue))
         .await
-        .map_err(|_| ProtoError::Timeout { what: "secure handshake", after: timeout })?
+        .map_err(|_| ProtoError::Timeout {
+            what: "secure handshake",
+            after: timeout,
+        })?
 }
 
 /// [`accept`] bounded by `timeout` ([`ProtoError::Timeout`] when it passes).
@@ -315,7 +348,10 @@ where
 {
     tokio::time::timeout(timeout, accept(stream, secret, prologue))
         .await
-        .map_err(|_| ProtoError::Timeout { what: "secure handshake", after: timeout })?
+        .map_err(|_| ProtoError::Timeout {
+            what: "secure handshake",
+            after: timeout,
+        })?
 }
 
 /// Receiving state of one direction: read buffer, nonce, reassembly.
@@ -359,7 +395,9 @@ impl SecureRx {
         loop {
             let Some(ct) = read_frame(r, &mut self.buf, MAX_NOISE_MESSAGE).await? else {
                 return if self.mid_message {
-                    Err(ProtoError::Truncated { what: "a fragmented message" })
+                    Err(ProtoError::Truncated {
+                        what: "a fragmented message",
+                    })
                 } else {
                     Ok(None)
                 };
@@ -367,7 +405,10 @@ impl SecureRx {
             if ct.len() < TAG_LEN + 1 {
                 return Err(ProtoError::Decrypt);
             }
-            let len = match self.transport.read_message(self.nonce, &ct, &mut self.plain) {
+            let len = match self
+                .transport
+                .read_message(self.nonce, &ct, &mut self.plain)
+            {
                 Ok(n) => n,
                 Err(snow::Error::Decrypt) => return Err(ProtoError::Decrypt),
                 Err(e) => return Err(noise_err(e)),
@@ -379,14 +420,19 @@ impl SecureRx {
             let flag = self.plain[0];
             let data = &self.plain[1..len];
             if flag != FLAG_MORE && flag != FLAG_LAST {
-                return Err(ProtoError::Malformed(format!("unknown fragment flag {flag:#04x}")));
+                return Err(ProtoError::Malformed(format!(
+                    "unknown fragment flag {flag:#04x}"
+                )));
             }
             if !self.mid_message && flag == FLAG_LAST {
                 return Ok(Some(Whole::Single(len)));
             }
             let total = self.assembling.len() + data.len();
             if total > MAX_MESSAGE {
-                return Err(ProtoError::MessageTooLarge { len: total, max: MAX_MESSAGE });
+                return Err(ProtoError::MessageTooLarge {
+                    len: total,
+                    max: MAX_MESSAGE,
+                });
             }
             self.assembling.extend_from_slice(data);
             if flag == FLAG_LAST {
@@ -427,7 +473,10 @@ impl SecureTx {
         if self.json.len() > MAX_MESSAGE {
             let len = self.json.len();
             self.json = Vec::new();
-            return Err(ProtoError::MessageTooLarge { len, max: MAX_MESSAGE });
+            return Err(ProtoError::MessageTooLarge {
+                len,
+                max: MAX_MESSAGE,
+            });
         }
         let json = std::mem::take(&mut self.json);
         let res = self.seal(&json);
@@ -444,10 +493,12 @@ impl SecureTx {
         for i in 0..count {
             let chunk = chunks.next().unwrap_or(&[]);
             self.plain.clear();
-            self.plain.push(if i + 1 == count { FLAG_LAST } else { FLAG_MORE });
+            self.plain
+                .push(if i + 1 == count { FLAG_LAST } else { FLAG_MORE });
             self.plain.extend_from_slice(chunk);
             let ct_len = self.plain.len() + TAG_LEN;
-            self.out.put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
+            self.out
+                .put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
             let start = self.out.len();
             self.out.resize(start + ct_len, 0);
             let n = self
@@ -532,7 +583,10 @@ impl<S> SecureConn<S> {
         split: impl FnOnce(S) -> (R, W),
     ) -> (SecureReader<R>, SecureWriter<W>) {
         let (r, w) = split(self.stream);
-        (SecureReader { r, rx: self.rx }, SecureWriter { w, tx: self.tx })
+        (
+            SecureReader { r, rx: self.rx },
+            SecureWriter { w, tx: self.tx },
+        )
     }
 }
 
@@ -580,7 +634,9 @@ pub struct SecureReader<R> {
 
 impl<R> fmt::Debug for SecureReader<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecureReader").field("received", &self.rx.nonce).finish()
+        f.debug_struct("SecureReader")
+            .field("received", &self.rx.nonce)
+            .finish()
     }
 }
 
@@ -600,7 +656,9 @@ pub struct SecureWriter<W> {
 
 impl<W> fmt::Debug for SecureWriter<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecureWriter").field("sent", &self.tx.nonce).finish()
+        f.debug_struct("SecureWriter")
+            .field("sent", &self.tx.nonce)
+            .finish()
     }
 }
 
@@ -641,7 +699,10 @@ mod tests {
     }
 
     fn msg(n: u32) -> Msg {
-        Msg { n, text: format!("message {n}") }
+        Msg {
+            n,
+            text: format!("message {n}"),
+        }
     }
 
     fn secret() -> Secret {
@@ -696,7 +757,12 @@ mod tests {
                 .await
                 .unwrap();
             while let Some(m) = s.recv::<Msg>().await.unwrap() {
-                s.send(&Msg { n: m.n * 2, text: m.text }).await.unwrap();
+                s.send(&Msg {
+                    n: m.n * 2,
+                    text: m.text,
+                })
+                .await
+                .unwrap();
             }
         });
         let sock = TcpStream::connect(addr).await.unwrap();
@@ -720,7 +786,10 @@ mod tests {
         assert!(matches!(client, Err(ProtoError::BadSecret)), "{client:?}");
         let server = server.await.unwrap();
         assert!(matches!(server, Err(ProtoError::BadSecret)), "{server:?}");
-        assert!(server.unwrap_err().to_string().contains("does not share our secret"));
+        assert!(server
+            .unwrap_err()
+            .to_string()
+            .contains("does not share our secret"));
     }
 
     #[tokio::test]
@@ -766,12 +835,18 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(4096);
         let server = tokio::spawn(async move { accept(b, &secret(), PROLOGUE_AGENT).await });
         a.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert!(matches!(server.await.unwrap(), Err(ProtoError::Handshake(_))));
+        assert!(matches!(
+            server.await.unwrap(),
+            Err(ProtoError::Handshake(_))
+        ));
         // A server that hangs up at once.
         let (a, b) = tokio::io::duplex(4096);
         drop(b);
         let r = connect(a, &secret(), PROLOGUE_AGENT).await;
-        assert!(matches!(r, Err(ProtoError::Handshake(_)) | Err(ProtoError::Io(_))), "{r:?}");
+        assert!(
+            matches!(r, Err(ProtoError::Handshake(_)) | Err(ProtoError::Io(_))),
+            "{r:?}"
+        );
         // A server that answers garbage.
         let (a, mut b) = tokio::io::duplex(4096);
         let junk = tokio::spawn(async move {
@@ -807,7 +882,10 @@ mod tests {
     #[tokio::test]
     async fn large_message_fragments_and_reassembles() {
         let (mut c, mut s) = pair().await;
-        let big = Msg { n: 1, text: "z".repeat(1024 * 1024) };
+        let big = Msg {
+            n: 1,
+            text: "z".repeat(1024 * 1024),
+        };
         let sender = tokio::spawn(async move {
             c.send(&big).await.unwrap();
             c.send(&msg(2)).await.unwrap();
@@ -818,11 +896,17 @@ mod tests {
         assert!(got.text.bytes().all(|b| b == b'z'));
         assert_eq!(s.recv::<Msg>().await.unwrap(), Some(msg(2)));
         let c = sender.await.unwrap();
-        assert!(c.tx.nonce > 16, "a 1 MiB message must take several transport messages");
+        assert!(
+            c.tx.nonce > 16,
+            "a 1 MiB message must take several transport messages"
+        );
         // And back the other way.
         let back = tokio::spawn(async move { s.send(&got).await });
         let mut c = c;
-        assert_eq!(c.recv::<Msg>().await.unwrap().unwrap().text.len(), 1024 * 1024);
+        assert_eq!(
+            c.recv::<Msg>().await.unwrap().unwrap().text.len(),
+            1024 * 1024
+        );
         back.await.unwrap().unwrap();
     }
 
@@ -830,7 +914,10 @@ mod tests {
     async fn message_over_the_maximum_is_refused_before_sending() {
         let (mut c, mut s) = pair().await;
         let huge = "y".repeat(MAX_MESSAGE + 1);
-        assert!(matches!(c.send(&huge).await, Err(ProtoError::MessageTooLarge { .. })));
+        assert!(matches!(
+            c.send(&huge).await,
+            Err(ProtoError::MessageTooLarge { .. })
+        ));
         c.send(&msg(1)).await.unwrap();
         assert_eq!(s.recv::<Msg>().await.unwrap(), Some(msg(1)));
     }
@@ -869,8 +956,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (sock, _) = listener.accept().await.unwrap();
-            let (mut r, mut w) =
-                accept(sock, &secret(), PROLOGUE_PEER).await.unwrap().into_tcp_split();
+            let (mut r, mut w) = accept(sock, &secret(), PROLOGUE_PEER)
+                .await
+                .unwrap()
+                .into_tcp_split();
             // Echo from a separate task per direction through a bounded channel.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(8);
             let reader = tokio::spawn(async move {
@@ -884,8 +973,10 @@ mod tests {
             reader.await.unwrap();
         });
         let sock = TcpStream::connect(addr).await.unwrap();
-        let (mut r, mut w) =
-            connect(sock, &secret(), PROLOGUE_PEER).await.unwrap().into_tcp_split();
+        let (mut r, mut w) = connect(sock, &secret(), PROLOGUE_PEER)
+            .await
+            .unwrap()
+            .into_tcp_split();
         let writer = tokio::spawn(async move {
             for n in 0..500 {
                 w.send(&msg(n)).await.unwrap();
@@ -987,16 +1078,30 @@ mod tests {
         let (mut c, mut s) = pair_through(Mitm::CutFrame { frame: 0 }).await;
         c.send(&msg(1)).await.unwrap();
         let r = s.recv::<Msg>().await;
-        assert!(matches!(r, Err(ProtoError::Truncated { what: "a frame" })), "{r:?}");
+        assert!(
+            matches!(r, Err(ProtoError::Truncated { what: "a frame" })),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]
     async fn stream_cut_mid_fragmented_message_is_truncated() {
         let (mut c, mut s) = pair_through(Mitm::CloseAfter { frames: 3 }).await;
-        let big = Msg { n: 1, text: "q".repeat(1024 * 1024) };
+        let big = Msg {
+            n: 1,
+            text: "q".repeat(1024 * 1024),
+        };
         let sender = tokio::spawn(async move { c.send(&big).await });
         let r = s.recv::<Msg>().await;
-        assert!(matches!(r, Err(ProtoError::Truncated { what: "a fragmented message" })), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Err(ProtoError::Truncated {
+                    what: "a fragmented message"
+                })
+            ),
+            "{r:?}"
+        );
         sender.abort();
     }
 
@@ -1030,7 +1135,10 @@ mod tests {
                 }
             });
             // A genuine handshake done by hand, then random bytes.
-            let mut hs = builder(&secret(), PROLOGUE_AGENT).unwrap().build_initiator().unwrap();
+            let mut hs = builder(&secret(), PROLOGUE_AGENT)
+                .unwrap()
+                .build_initiator()
+                .unwrap();
             let mut m = vec![0u8; 1024];
             let n = hs.write_message(&[], &mut m).unwrap();
             let mut out = BytesMut::new();
