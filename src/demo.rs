@@ -290,6 +290,7 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         cfg.vsmagent.session_command = vec![exe.display().to_string(), "demo-session".into(), "--port".into(), "{port}".into()];
         let mut opts = crate::agentd::RunOptions::from_config(&cfg);
         opts.sessions.run_as_self = true;
+        opts.sessions.terminate_on_shutdown = true;
         let c = cancel.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::agentd::run_with(cfg, opts, l, c.cancelled_owned()).await {

@@ -34,6 +34,7 @@ impl TestAgent {
             start_check: Duration::from_millis(100),
             terminate_grace: Duration::from_secs(3),
             adopted_poll: Duration::from_millis(50),
+            terminate_on_shutdown: false,
             run_as_self: false,
         };
         TestAgent { _dir: dir, opts }
@@ -45,6 +46,25 @@ impl TestAgent {
             SessionManager::open(self.opts.clone(), tx).await.unwrap(),
             rx,
         )
+    }
+}
+
+/// Nothing a test started may outlive it, even when an assertion failed half-way: every
+/// session still in the state file is killed with its process group.
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        let Ok(bytes) = std::fs::read(self.opts.state_dir.join("sessions.json")) else {
+            return;
+        };
+        let Ok(list) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+            return;
+        };
+        for p in list.as_array().into_iter().flatten() {
+            if let Some(pid) = p["session"]["pid"].as_i64() {
+                let pid = nix::unistd::Pid::from_raw(pid as i32);
+                let _ = nix::sys::signal::killpg(pid, nix::sys::signal::SIGKILL);
+            }
+        }
     }
 }
 
@@ -557,4 +577,241 @@ async fn concurrent_starts_get_distinct_displays_and_one_session_per_id() {
     for s in mgr.list() {
         assert!(mgr.terminate(&s.session_id, s.display).await);
     }
+}
+
+// ---- the daemon over the secure channel ----
+
+use vsm::agentd::reporter::ReporterConfig;
+use vsm::agentd::RunOptions;
+use vsm::proto::secure::{Secret, PROLOGUE_AGENT, PROLOGUE_REPORT};
+
+/// A running `agentd::run_with` on 127.0.0.1:0, with a fake master for exit reports.
+struct TestDaemon {
+    t: TestAgent,
+    addr: std::net::SocketAddr,
+    secret: Secret,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), AgentdError>>,
+}
+
+impl TestDaemon {
+    async fn start(master_port: u16) -> TestDaemon {
+        TestDaemon::start_with(master_port, true).await
+    }
+
+    async fn start_with(master_port: u16, terminate_on_shutdown: bool) -> TestDaemon {
+        let mut t = TestAgent::new(&["sleep", "600"]);
+        t.opts.terminate_on_shutdown = terminate_on_shutdown;
+        let key = t._dir.path().join("cluster.key");
+        std::fs::write(&key, "test cluster secret\n").unwrap();
+        let mut config = vsm::config::Config::default();
+        config.vsm.secret_file = key.clone();
+        config.vsm.vsm_server_port = master_port;
+        config.vsmagent.master_hostname = "127.0.0.1".into();
+        config.vsmagent.state_dir = t.opts.state_dir.clone();
+        let opts = RunOptions {
+            sessions: t.opts.clone(),
+            reporter: ReporterConfig {
+                backoff_initial: Duration::from_millis(5),
+                backoff_max: Duration::from_millis(20),
+                send_timeout: Duration::from_secs(5),
+                outbox_path: Some(t.opts.state_dir.join("outbox.json")),
+            },
+            max_connections: 16,
+            shutdown_deadline: Duration::from_secs(10),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(vsm::agentd::run_with(config, opts, listener, stopped));
+        TestDaemon {
+            t,
+            addr,
+            secret: Secret::from_file(&key).unwrap(),
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn call(&self, req: AgentRequest) -> AgentReply {
+        let s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let mut c = vsm::proto::secure::connect(s, &self.secret, PROLOGUE_AGENT)
+            .await
+            .unwrap();
+        c.send(&req).await.unwrap();
+        c.recv::<AgentReply>().await.unwrap().expect("a reply")
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn masters_start_list_and_terminate_over_the_secure_channel() {
+    let d = TestDaemon::start(1).await;
+    let AgentReply::Started { session } = d
+        .call(AgentRequest::Start {
+            session_id: sid("net1"),
+            user: me(),
+            geometry: None,
+        })
+        .await
+    else {
+        panic!("expected Started")
+    };
+    assert_eq!(session.agent_address, "127.0.0.1");
+    assert_eq!(session.display, 100);
+
+    // Several requests on one connection, as a pooled master connection does.
+    let s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    let mut c = vsm::proto::secure::connect(s, &d.secret, PROLOGUE_AGENT)
+        .await
+        .unwrap();
+    c.send(&AgentRequest::List).await.unwrap();
+    let Some(AgentReply::Sessions { sessions, load }) = c.recv().await.unwrap() else {
+        panic!("expected Sessions")
+    };
+    assert_eq!(sessions, vec![session.clone()]);
+    assert_eq!(load.sessions, 1);
+    c.send(&AgentRequest::Terminate {
+        session_id: sid("net1"),
+        display: 100,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        c.recv().await.unwrap(),
+        Some(AgentReply::Terminated { was_running: true })
+    );
+    assert!(gone(session.pid));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn a_caller_without_the_cluster_secret_is_refused() {
+    let d = TestDaemon::start(1).await;
+    let s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+    let wrong = Secret::from_bytes(b"not the cluster secret");
+    let err = vsm::proto::secure::connect(s, &wrong, PROLOGUE_AGENT)
+        .await
+        .unwrap_err();
+    assert!(err.is_auth_failure(), "{err}");
+    // The daemon is unharmed and still serves the right secret.
+    assert!(matches!(
+        d.call(AgentRequest::Load).await,
+        AgentReply::Load { .. }
+    ));
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn exit_reports_reach_the_master_after_it_comes_back() {
+    use tokio::io::AsyncReadExt;
+    // A fake master that drops the first two report links without acknowledging.
+    let master = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = master.local_addr().unwrap().port();
+    let d = TestDaemon::start(port).await;
+    let secret = d.secret.clone();
+    let (got_tx, mut got_rx) = mpsc::channel::<(u32, AgentReport)>(8);
+    tokio::spawn(async move {
+        let mut attempt = 0u32;
+        loop {
+            let (mut s, _) = master.accept().await.unwrap();
+            attempt += 1;
+            let mut tag = [0u8; 4];
+            s.read_exact(&mut tag).await.unwrap();
+            assert_eq!(&tag, b"VSMR");
+            let mut c = vsm::proto::secure::accept(s, &secret, PROLOGUE_REPORT)
+                .await
+                .unwrap();
+            let report: AgentReport = c.recv().await.unwrap().unwrap();
+            if attempt <= 2 {
+                continue; // dropped: no acknowledgement
+            }
+            c.send(&serde_json::json!({ "ok": true })).await.unwrap();
+            got_tx.send((attempt, report)).await.unwrap();
+        }
+    });
+
+    let AgentReply::Started { session } = d
+        .call(AgentRequest::Start {
+            session_id: sid("rep1"),
+            user: me(),
+            geometry: None,
+        })
+        .await
+    else {
+        panic!("expected Started")
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(session.pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    let (attempt, report) = tokio::time::timeout(Duration::from_secs(15), got_rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(attempt, 3);
+    assert_eq!(
+        report,
+        AgentReport::SessionExited {
+            session_id: sid("rep1"),
+            display: 100,
+            exit_status: Some(137)
+        }
+    );
+    let outbox = d.t.opts.state_dir.join("outbox.json");
+    wait_until("the outbox to empty", || {
+        std::fs::read(&outbox)
+            .map(|b| {
+                serde_json::from_slice::<Vec<AgentReport>>(&b)
+                    .unwrap()
+                    .is_empty()
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    d.stop().await;
+}
+
+#[tokio::test]
+async fn stopping_the_daemon_leaves_sessions_running_for_the_next_one() {
+    let d = TestDaemon::start_with(1, false).await;
+    let AgentReply::Started { session } = d
+        .call(AgentRequest::Start {
+            session_id: sid("stay"),
+            user: me(),
+            geometry: None,
+        })
+        .await
+    else {
+        panic!("expected Started")
+    };
+    let opts = d.t.opts.clone();
+    let TestDaemon {
+        t,
+        addr: _,
+        secret: _,
+        stop,
+        task,
+    } = d;
+    let _ = stop.unwrap().send(());
+    task.await.unwrap().unwrap();
+    assert!(!gone(session.pid), "the session must survive the agent");
+
+    let (again, _rx) = {
+        let (tx, rx) = mpsc::channel(16);
+        (SessionManager::open(opts, tx).await.unwrap(), rx)
+    };
+    let listed = again.list();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].pid, &listed[0].session_id),
+        (session.pid, &session.session_id)
+    );
+    assert!(again.terminate(&sid("stay"), session.display).await);
+    drop(t);
 }

@@ -1,36 +1,48 @@
 //! Glue between the agent daemon and the secure channel of `proto::secure`.
 //!
 //! Owns nothing but the three calls the daemon needs: load the cluster secret, serve one
-//! master connection (handshake, then request → reply until the master closes or the agent
-//! stops), and deliver one exit report to the master.
+//! master connection (handshake with prologue `PROLOGUE_AGENT`, then request → reply until
+//! the master closes, stays idle too long, or the agent stops), and deliver one exit report
+//! to the master (link tag `VSMR` in clear, handshake with `PROLOGUE_REPORT`, the report,
+//! then wait for the master's acknowledgement).
 //!
 //! It must never hand the daemon a request that did not arrive over an authenticated
-//! channel.
+//! channel, and never count a report as delivered before the master answered it.
 
 use super::{Agent, AgentdError};
-use crate::proto::agent::{AgentReply, AgentReport, AgentRequest, AgentErrorKind, ReportAck};
-use crate::proto::secure::{accept, connect, PROLOGUE_AGENT, PROLOGUE_REPORT};
+use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest};
 pub use crate::proto::secure::Secret;
+use crate::proto::secure::{accept, connect, PROLOGUE_AGENT, PROLOGUE_REPORT};
+use crate::proto::ProtoError;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+/// A caller that does not finish the handshake within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A master connection with no request for this long is closed.
+/// A master connection with no request for this long is closed (masters pool connections
+/// and open a new one when a pooled one was closed).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn load_secret(path: &Path) -> Result<Secret, AgentdError> {
     Secret::from_file(path).map_err(|e| AgentdError::Secret(e.to_string()))
 }
 
-pub async fn serve(stream: TcpStream, secret: &Secret, agent: &Agent, local: SocketAddr, stop: CancellationToken) -> Result<(), String> {
+/// Serve one master connection until it closes, idles out, or `stop` is cancelled. A
+/// request in progress is always answered before `stop` is looked at again.
+pub async fn serve(
+    stream: TcpStream,
+    secret: &Secret,
+    agent: &Agent,
+    local: SocketAddr,
+    stop: CancellationToken,
+) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
     let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, secret, PROLOGUE_AGENT))
         .await
-        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|_| format!("no secure handshake within {HANDSHAKE_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
     loop {
         let req = tokio::select! {
@@ -43,30 +55,40 @@ pub async fn serve(stream: TcpStream, secret: &Secret, agent: &Agent, local: Soc
         let reply = match req {
             Ok(Some(req)) => agent.handle(req, local).await,
             Ok(None) => return Ok(()),
-            Err(crate::proto::ProtoError::Malformed(m)) => {
-                let reply = AgentReply::Error { kind: AgentErrorKind::BadRequest, message: format!("malformed request: {m}") };
-                let _ = conn.send(&reply).await;
-                return Err(format!("malformed request: {m}"));
-            }
+            // Authenticated but not a request we know: answer, the link stays usable.
+            Err(ProtoError::Malformed(m)) => AgentReply::Error {
+                kind: AgentErrorKind::BadRequest,
+                message: format!("malformed request: {m}"),
+            },
             Err(e) => return Err(e.to_string()),
         };
         conn.send(&reply).await.map_err(|e| e.to_string())?;
     }
 }
 
-/// Delivers one report to the master and waits for its acknowledgement.
-pub async fn send_report(master: &(String, u16), secret: &Secret, report: &AgentReport) -> Result<(), String> {
-    let attempt = async {
-        let addr = crate::agent::address(&master.0, master.1);
-        let mut s = TcpStream::connect(&addr).await.map_err(|e| format!("{addr}: {e}"))?;
-        let _ = s.set_nodelay(true);
-        crate::api::tcp::write_link_tag(&mut s, crate::api::tcp::LinkTag::Report).await.map_err(|e| e.to_string())?;
-        let mut c = connect(s, secret, PROLOGUE_REPORT).await.map_err(|e| e.to_string())?;
-        c.send(report).await.map_err(|e| e.to_string())?;
-        match c.recv::<ReportAck>().await.map_err(|e| e.to_string())? {
-            Some(_) => Ok(()),
-            None => Err("the master closed the link without acknowledging".to_string()),
-        }
-    };
-    tokio::time::timeout(REPORT_TIMEOUT, attempt).await.map_err(|_| "no acknowledgement within 5 s".to_string())?
+/// Deliver one report to the master at `master` and wait for its acknowledgement (any
+/// message the master answers on the report link). Bounded by the reporter's send timeout.
+pub async fn send_report(
+    master: &(String, u16),
+    secret: &Secret,
+    report: &AgentReport,
+) -> Result<(), String> {
+    let (host, port) = (master.0.as_str(), master.1);
+    let s = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let mut c = connect(s, secret, PROLOGUE_REPORT)
+        .await
+        .map_err(|e| e.to_string())?;
+    c.send(report).await.map_err(|e| e.to_string())?;
+    match c
+        .recv::<crate::proto::agent::ReportAck>()
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        Some(crate::proto::agent::ReportAck::Accepted) => Ok(()),
+        Some(crate::proto::agent::ReportAck::Retry { reason }) => Err(format!("the master asks to retry: {reason}")),
+        None => Err("the master closed the link without acknowledging".to_string()),
+    }
 }

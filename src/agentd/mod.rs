@@ -178,14 +178,6 @@ impl Agent {
     }
 }
 
-/// Used by tests and the binary to name sessions in logs.
-pub fn session_log_path(state_dir: &Path, user: &str, display: u32) -> PathBuf {
-    state_dir
-        .join("sessions")
-        .join(user)
-        .join(format!("{display}.log"))
-}
-
 /// Tuning of [`run_with`] that tests may change; [`run`] uses [`RunOptions::from_config`].
 #[derive(Clone, Debug)]
 pub struct RunOptions {

@@ -77,6 +77,10 @@ pub struct SessionOptions {
     /// Run sessions as the agent's own user even when it is root (demo and tests only; not a
     /// configuration key).
     pub run_as_self: bool,
+    /// End every session on [`SessionManager::shutdown`] instead of detaching. Never set in
+    /// production (users' desktops must survive an agent restart); for test harnesses and
+    /// demos that must not leave processes behind.
+    pub terminate_on_shutdown: bool,
 }
 
 impl SessionOptions {
@@ -94,6 +98,7 @@ impl SessionOptions {
             terminate_grace: Duration::from_secs(3),
             adopted_poll: Duration::from_secs(1),
             run_as_self: false,
+            terminate_on_shutdown: false,
         }
     }
 }
@@ -800,8 +805,14 @@ impl SessionManager {
     }
 
     /// Detach from every session without ending it: watchers stop, the table stays as
-    /// persisted, and the next [`SessionManager::open`] re-adopts the sessions.
+    /// persisted, and the next [`SessionManager::open`] re-adopts the sessions. With
+    /// `terminate_on_shutdown` the sessions are ended first instead.
     pub async fn shutdown(&self) {
+        if self.inner.opts.terminate_on_shutdown {
+            for s in self.list() {
+                self.terminate(&s.session_id, s.display).await;
+            }
+        }
         self.persist().await;
         self.inner.closed.store(true, Ordering::SeqCst);
         for slot in self.table().values() {

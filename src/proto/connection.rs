@@ -49,7 +49,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
 /// Decode one JSON message, naming the expected type on failure.
 pub(crate) fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
     serde_json::from_slice(payload).map_err(|e| {
-        ProtoError::Malformed(format!("expected a {} as json: {e}", std::any::type_name::<T>()))
+        ProtoError::Malformed(format!(
+            "expected a {} as json: {e}",
+            std::any::type_name::<T>()
+        ))
     })
 }
 
@@ -93,7 +96,10 @@ impl PlainTx {
         }
         let json = serde_json::to_vec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
         if json.len() > frame::MAX_MESSAGE {
-            return Err(ProtoError::MessageTooLarge { len: json.len(), max: frame::MAX_MESSAGE });
+            return Err(ProtoError::MessageTooLarge {
+                len: json.len(),
+                max: frame::MAX_MESSAGE,
+            });
         }
         frame::encode(&json, MAX_FRAME, &mut self.buf)
     }
@@ -124,7 +130,11 @@ pub struct PlainConn<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
     pub fn new(stream: S) -> Self {
-        PlainConn { stream, rx: PlainRx::default(), tx: PlainTx::default() }
+        PlainConn {
+            stream,
+            rx: PlainRx::default(),
+            tx: PlainTx::default(),
+        }
     }
 
     /// Send one message and flush it.
@@ -164,7 +174,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
         split: impl FnOnce(S) -> (R, W),
     ) -> (PlainReader<R>, PlainWriter<W>) {
         let (r, w) = split(self.stream);
-        (PlainReader { r, rx: self.rx }, PlainWriter { w, tx: self.tx })
+        (
+            PlainReader { r, rx: self.rx },
+            PlainWriter { w, tx: self.tx },
+        )
     }
 }
 
@@ -230,7 +243,12 @@ mod tests {
         let mut b = PlainConn::new(b);
         let writer = tokio::spawn(async move {
             for n in 0..10 {
-                a.send(&Msg { n, s: "x".repeat(n as usize * 10) }).await.unwrap();
+                a.send(&Msg {
+                    n,
+                    s: "x".repeat(n as usize * 10),
+                })
+                .await
+                .unwrap();
             }
             let back: Msg = a.recv().await.unwrap().unwrap();
             assert_eq!(back.n, 99);
@@ -239,7 +257,12 @@ mod tests {
             let m: Msg = b.recv().await.unwrap().unwrap();
             assert_eq!(m.n, n);
         }
-        b.send(&Msg { n: 99, s: String::new() }).await.unwrap();
+        b.send(&Msg {
+            n: 99,
+            s: String::new(),
+        })
+        .await
+        .unwrap();
         writer.await.unwrap();
         assert!(b.recv::<Msg>().await.unwrap().is_none());
     }
@@ -250,7 +273,10 @@ mod tests {
         a.write_all(&[0, 0, 0, 10, b'{']).await.unwrap();
         drop(a);
         let mut b = PlainConn::new(b);
-        assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::Truncated { .. })));
+        assert!(matches!(
+            b.recv::<Msg>().await,
+            Err(ProtoError::Truncated { .. })
+        ));
         assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::Broken)));
     }
 
@@ -260,7 +286,10 @@ mod tests {
         a.write_all(&[0, 0]).await.unwrap();
         drop(a);
         let mut b = PlainConn::new(b);
-        assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::Truncated { .. })));
+        assert!(matches!(
+            b.recv::<Msg>().await,
+            Err(ProtoError::Truncated { .. })
+        ));
     }
 
     #[tokio::test]
@@ -275,7 +304,13 @@ mod tests {
             Err(ProtoError::Malformed(detail)) => assert!(detail.contains("Msg"), "{detail}"),
             other => panic!("expected Malformed, got {other:?}"),
         }
-        assert_eq!(b.recv::<Msg>().await.unwrap().unwrap(), Msg { n: 1, s: "ok".into() });
+        assert_eq!(
+            b.recv::<Msg>().await.unwrap().unwrap(),
+            Msg {
+                n: 1,
+                s: "ok".into()
+            }
+        );
     }
 
     #[tokio::test]
@@ -283,7 +318,10 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let mut b = PlainConn::new(b);
-        assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::FrameTooLarge { .. })));
+        assert!(matches!(
+            b.recv::<Msg>().await,
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
     }
 
     #[tokio::test]

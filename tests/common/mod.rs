@@ -74,6 +74,7 @@ impl TestAgent {
         cfg.vsmagent.session_command = command;
         let mut opts = vsm::agentd::RunOptions::from_config(&cfg);
         opts.sessions.run_as_self = true;
+        opts.sessions.terminate_on_shutdown = true;
         opts.sessions.x_dir = base.join(format!("x{idx}"));
         std::fs::create_dir_all(&opts.sessions.x_dir).unwrap();
         let cancel = CancellationToken::new();
