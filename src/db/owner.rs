@@ -138,6 +138,7 @@ pub(super) struct Owner {
     head_tx: watch::Sender<Seq>,
     /// Pokes the checkpointer thread (see [`spawn_checkpointer`]).
     checkpointer: std::sync::mpsc::SyncSender<()>,
+    checkpointer_thread: Option<std::thread::JoinHandle<()>>,
     /// Commits and rows written since the checkpointer was last poked.
     since_poke: (u32, u32),
 }
@@ -152,7 +153,12 @@ const CHECKPOINT_ROWS: u32 = 512;
 /// run a whole checkpoint (and, with FULL, its fsync) inline. A PASSIVE checkpoint never
 /// blocks the owner. SQLite's automatic checkpoint stays as a safety net at a higher mark
 /// (set in `schema.rs`). The thread ends when the owner drops its sender.
-fn spawn_checkpointer(path: &std::path::Path) -> std::sync::mpsc::SyncSender<()> {
+fn spawn_checkpointer(
+    path: &std::path::Path,
+) -> (
+    std::sync::mpsc::SyncSender<()>,
+    Option<std::thread::JoinHandle<()>>,
+) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
     let path = path.to_path_buf();
     let started = std::thread::Builder::new()
@@ -171,10 +177,13 @@ fn spawn_checkpointer(path: &std::path::Path) -> std::sync::mpsc::SyncSender<()>
                 }
             }
         });
-    if let Err(e) = started {
-        tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
+    match started {
+        Ok(thread) => (tx, Some(thread)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
+            (tx, None)
+        }
     }
-    tx
 }
 
 /// The in-memory state a failed transaction must put back.
@@ -213,6 +222,7 @@ impl Owner {
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
             tombstones = tombs, "session database open"
         );
+        let (checkpointer, checkpointer_thread) = spawn_checkpointer(&opts.path);
         Ok(Owner {
             conn,
             _lock: lock,
@@ -227,7 +237,8 @@ impl Owner {
             tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis())
                 .unwrap_or(u64::MAX),
             head_tx: watch::channel(head).0,
-            checkpointer: spawn_checkpointer(&opts.path),
+            checkpointer,
+            checkpointer_thread,
             since_poke: (0, 0),
         })
     }
@@ -269,7 +280,13 @@ impl Owner {
         }
     }
 
-    fn finish(self) -> Result<(), DbError> {
+    fn finish(mut self) -> Result<(), DbError> {
+        // Stop the checkpointer first: two checkpoints at once would make ours fail busy.
+        let (idle, _) = std::sync::mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.checkpointer, idle));
+        if let Some(t) = self.checkpointer_thread.take() {
+            let _ = t.join();
+        }
         // A snapshot reader still running keeps part of the log; the checkpoint then
         // reports "busy" in its result row, which is fine: the next open replays it.
         self.conn
