@@ -50,6 +50,12 @@
 //! - [`DbHandle::set_peer_position`] overwrites a position (`apply_remote` only moves it
 //!   forward): after a full snapshot from a peer whose log went backwards (restored from a
 //!   backup), the position must go back too.
+//! - A background checkpointer thread (its own connection) copies the write-ahead log into
+//!   the file, poked every 32 commits or 512 rows, so commits do not pay for checkpoints;
+//!   SQLite's automatic checkpoint remains as a safety net at 8192 pages.
+//! - `apply_remote` visits a request's records in id order (index locality); the result
+//!   does not depend on order. Snapshots come in storage order, digests in id order.
+//! - Dropping a `write` future does not cancel the write: once queued, it commits.
 
 mod owner;
 mod reader;

@@ -136,6 +136,54 @@ pub(super) struct Owner {
     changelog_retention: u64,
     tombstone_retention_ms: u64,
     head_tx: watch::Sender<Seq>,
+    /// Pokes the checkpointer thread (see [`spawn_checkpointer`]).
+    checkpointer: std::sync::mpsc::SyncSender<()>,
+    checkpointer_thread: Option<std::thread::JoinHandle<()>>,
+    /// Commits and rows written since the checkpointer was last poked.
+    since_poke: (u32, u32),
+}
+
+/// The checkpointer is poked after this many commits or rows written, whichever first:
+/// often enough to keep the log short, rarely enough not to fsync the file per commit.
+const CHECKPOINT_COMMITS: u32 = 32;
+const CHECKPOINT_ROWS: u32 = 512;
+
+/// Starts the thread that copies the write-ahead log back into the database file, so
+/// commits do not pay for it: without it, every ~1000th page written makes one commit
+/// run a whole checkpoint (and, with FULL, its fsync) inline. A PASSIVE checkpoint never
+/// blocks the owner. SQLite's automatic checkpoint stays as a safety net at a higher mark
+/// (set in `schema.rs`). The thread ends when the owner drops its sender.
+fn spawn_checkpointer(
+    path: &std::path::Path,
+) -> (
+    std::sync::mpsc::SyncSender<()>,
+    Option<std::thread::JoinHandle<()>>,
+) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+    let path = path.to_path_buf();
+    let started = std::thread::Builder::new()
+        .name("vsm-db-checkpoint".into())
+        .spawn(move || {
+            let conn = match super::schema::open_checkpointer(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
+                    return;
+                }
+            };
+            while rx.recv().is_ok() {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "background checkpoint failed");
+                }
+            }
+        });
+    match started {
+        Ok(thread) => (tx, Some(thread)),
+        Err(e) => {
+            tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
+            (tx, None)
+        }
+    }
 }
 
 /// The in-memory state a failed transaction must put back.
@@ -174,6 +222,7 @@ impl Owner {
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
             tombstones = tombs, "session database open"
         );
+        let (checkpointer, checkpointer_thread) = spawn_checkpointer(&opts.path);
         Ok(Owner {
             conn,
             _lock: lock,
@@ -188,6 +237,9 @@ impl Owner {
             tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis())
                 .unwrap_or(u64::MAX),
             head_tx: watch::channel(head).0,
+            checkpointer,
+            checkpointer_thread,
+            since_poke: (0, 0),
         })
     }
 
@@ -228,7 +280,13 @@ impl Owner {
         }
     }
 
-    fn finish(self) -> Result<(), DbError> {
+    fn finish(mut self) -> Result<(), DbError> {
+        // Stop the checkpointer first: two checkpoints at once would make ours fail busy.
+        let (idle, _) = std::sync::mpsc::sync_channel(1);
+        drop(std::mem::replace(&mut self.checkpointer, idle));
+        if let Some(t) = self.checkpointer_thread.take() {
+            let _ = t.join();
+        }
         // A snapshot reader still running keeps part of the log; the checkpoint then
         // reports "busy" in its result row, which is fine: the next open replays it.
         self.conn
@@ -281,8 +339,17 @@ impl Owner {
             // Fails harmlessly when SQLite already rolled back on its own.
             let _ = self.conn.execute_batch("ROLLBACK");
             self.restore(saved);
-        } else if self.head != saved.head {
-            self.head_tx.send_replace(self.head);
+        } else {
+            if self.head != saved.head {
+                self.head_tx.send_replace(self.head);
+            }
+            self.since_poke.0 += 1;
+            if self.since_poke.0 >= CHECKPOINT_COMMITS || self.since_poke.1 >= CHECKPOINT_ROWS {
+                self.since_poke = (0, 0);
+                // Full means a checkpoint is already pending; gone means the checkpointer
+                // stopped, and SQLite's own (rarer) automatic checkpoints take over.
+                let _ = self.checkpointer.try_send(());
+            }
         }
         res
     }
@@ -380,6 +447,7 @@ impl Owner {
         let seq = self.head.next();
         store::append_change(&self.conn, seq, &record)?;
         self.head = seq;
+        self.since_poke.1 += 1;
         self.count(prior.as_ref(), record.is_tombstone());
         let was_live = matches!(
             prior,
@@ -399,7 +467,11 @@ impl Owner {
     fn apply(&mut self, peer: &str, records: &[Record], pos: super::PositionUpdate) -> Result<ApplyOutcome, DbError> {
         let mut out = ApplyOutcome::default();
         let mut newest: Option<Hlc> = None;
-        for rec in records {
+        // Visiting ids in order keeps index lookups and inserts local (ids are random).
+        // The merge does not depend on order; the stable sort keeps duplicates in turn.
+        let mut order: Vec<&Record> = records.iter().collect();
+        order.sort_by(|a, b| a.id.cmp(&b.id));
+        for rec in order {
             validate(rec)?;
             if newest.map_or(true, |h| rec.version.hlc > h) {
                 newest = Some(rec.version.hlc);
@@ -430,6 +502,7 @@ impl Owner {
             match action {
                 Action::Store => {
                     store::put(&self.conn, rec)?;
+                    self.since_poke.1 += 1;
                     self.count(prior.as_ref(), rec.is_tombstone());
                     out.applied += 1;
                 }

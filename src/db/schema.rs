@@ -71,7 +71,7 @@ fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
          CREATE INDEX sessions_by_user ON sessions(user) WHERE tombstone = 0;
          CREATE INDEX sessions_by_agent_display ON sessions(agent, display) WHERE tombstone = 0;
          CREATE INDEX sessions_by_subcluster ON sessions(subcluster) WHERE tombstone = 0;
-         CREATE INDEX sessions_by_tombstone ON sessions(tombstone, tombstone_at_ms);
+         CREATE INDEX sessions_tombstones_by_age ON sessions(tombstone_at_ms) WHERE tombstone = 1;
          CREATE TABLE changelog (
              seq        INTEGER PRIMARY KEY,
              session_id TEXT NOT NULL,
@@ -219,6 +219,16 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
 
     migrate(&mut conn, path, version)?;
     Ok(Opened { conn, lock })
+}
+
+/// The background checkpointer's connection: it never touches a row.
+pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| classify(path, e, "open the checkpointer"))?;
+    conn.busy_timeout(Duration::from_secs(2))
+        .ctx("set the busy timeout")?;
+    Ok(conn)
 }
 
 /// A second, read-only connection to a database the owner already opened and migrated;

@@ -946,6 +946,18 @@ proptest::proptest! {
     }
 }
 
+/// CPU time (user + system) of this process so far: steadier than wall time on a busy machine.
+fn cpu_time() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 /// Full resync of 100,000 sessions: snapshot on one node, apply on an empty one.
 /// Run with `cargo test --release --lib db::tests::resync_of_100k -- --ignored --nocapture`.
 #[tokio::test]
@@ -954,13 +966,19 @@ async fn resync_of_100k_sessions() {
     let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(&da, "a");
     let b = open(&dbb, "b");
-    let t = std::time::Instant::now();
+    let mut t = (std::time::Instant::now(), cpu_time());
+    let mut lap = |what: &str| {
+        let now = (std::time::Instant::now(), cpu_time());
+        println!("{what}: wall {:?}, cpu {:?}", now.0 - t.0, now.1 - t.1);
+        t = now;
+    };
     for chunk in 0..100 {
         let ws = (0..1000)
             .map(|i| {
+                let user = format!("user{}", i % 700);
                 Write::Upsert(session(
                     &SessionId::random().0,
-                    &format!("user{}", i % 700),
+                    &user,
                     &format!("ag{}", chunk % 20),
                     i,
                 ))
@@ -968,31 +986,31 @@ async fn resync_of_100k_sessions() {
             .collect();
         a.write_batch(ws).await.unwrap();
     }
-    println!("write 100k in batches of 1000: {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let snap = a.snapshot().await.unwrap();
-    println!(
-        "snapshot of {} records: {:?}",
-        snap.records.len(),
-        t.elapsed()
-    );
-    let t = std::time::Instant::now();
-    for part in snap.records.chunks(5000) {
-        b.apply_remote(snap.db_id.clone(), part.to_vec(), snap.head)
+    lap("write 100k in batches of 1000");
+    let mut stream = a.snapshot_stream(5000).await.unwrap();
+    let mut parts = Vec::new();
+    while let Some(part) = stream.next_chunk().await {
+        parts.push(part.unwrap());
+    }
+    lap("snapshot of 100k (chunks of 5000)");
+    for part in &parts {
+        b.apply_remote(stream.db_id.clone(), part.clone(), Seq::ZERO)
             .await
             .unwrap();
     }
-    println!("apply on an empty node: {:?}", t.elapsed());
-    let t = std::time::Instant::now();
-    let out = b
-        .apply_remote(snap.db_id.clone(), snap.records.clone(), snap.head)
-        .await
-        .unwrap();
-    println!("apply again (all skipped): {:?}", t.elapsed());
-    assert_eq!(out.skipped, 100_000);
-    let t = std::time::Instant::now();
+    lap("apply on an empty node");
+    let mut skipped = 0;
+    for part in parts {
+        skipped += b
+            .apply_remote(stream.db_id.clone(), part, stream.head)
+            .await
+            .unwrap()
+            .skipped;
+    }
+    assert_eq!(skipped, 100_000);
+    lap("apply again (all skipped)");
     assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
-    println!("two digests: {:?}", t.elapsed());
+    lap("two digests");
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
