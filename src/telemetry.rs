@@ -62,11 +62,4 @@ mod tests {
         assert_eq!(level_for(1), "debug");
         assert_eq!(level_for(7), "trace");
     }
-
-    #[test]
-    fn init_twice_is_harmless() {
-        init(0, false);
-        init(2, true);
-        tracing::info!(session_id = "s1", user = "alice", "telemetry test event");
-    }
 }

@@ -708,7 +708,6 @@ async fn a_caller_without_the_cluster_secret_is_refused() {
 
 #[tokio::test]
 async fn exit_reports_reach_the_master_after_it_comes_back() {
-    use tokio::io::AsyncReadExt;
     // A fake master that drops the first two report links without acknowledging.
     let master = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = master.local_addr().unwrap().port();
@@ -718,11 +717,8 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
     tokio::spawn(async move {
         let mut attempt = 0u32;
         loop {
-            let (mut s, _) = master.accept().await.unwrap();
+            let (s, _) = master.accept().await.unwrap();
             attempt += 1;
-            let mut tag = [0u8; 4];
-            s.read_exact(&mut tag).await.unwrap();
-            assert_eq!(&tag, b"VSMR");
             let mut c = vsm::proto::secure::accept(s, &secret, PROLOGUE_REPORT)
                 .await
                 .unwrap();
@@ -730,7 +726,7 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
             if attempt <= 2 {
                 continue; // dropped: no acknowledgement
             }
-            c.send(&serde_json::json!({ "ok": true })).await.unwrap();
+            c.send(&vsm::proto::agent::ReportAck::Accepted).await.unwrap();
             got_tx.send((attempt, report)).await.unwrap();
         }
     });

@@ -188,15 +188,22 @@ async fn no_agent_available_is_a_clear_refusal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciliation_recovers_and_marks_sessions() {
-    let (d, agent, mut m) = one_agent_cluster().await;
+    init_logging();
+    let d = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let master_port = tcp.local_addr().unwrap().port();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Sessions must outlive the agent's restart here, as they do in production.
+    let agent = TestAgent::start_with(d.path(), 0, master_port, sleep_command(), l, true).await;
+    let mut m = TestMaster::start(master_config(d.path(), "master", &[agent.name.clone()]), tcp, None, None).await;
     let a = m.connect("alice", false).await.unwrap();
     // A session the master never heard of: started on the agent directly.
-    let client = vsm::agent::AgentClient::new(
-        vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
-        904,
-        Duration::from_secs(3),
-    );
-    let extra = client.start(&agent.name, vsm::model::SessionId::random(), "bob".into(), None).await.unwrap();
+    let client = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
+        secret: vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
+        port: 904,
+        timeout: Duration::from_secs(3),
+    });
+    let extra = client.start(&agent.name, vsm::model::SessionId::random(), "bob", None).await.unwrap();
     let sum = m.server().broker.reconcile_all().await.unwrap();
     assert_eq!(sum.recovered, 1, "{sum:?}");
     let got = m.server().db.get(&extra.session_id).await.unwrap().expect("recovered session stored");
@@ -213,6 +220,7 @@ async fn reconciliation_recovers_and_marks_sessions() {
     // It comes back (same port) and still runs the sessions: they are no longer unreachable.
     let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
     let agent = TestAgent::start_on(d.path(), 0, m.tcp_port, sleep_command(), l).await;
+    // (This agent ends its sessions when the test stops it.)
     let sum = m.server().broker.reconcile_all().await.unwrap();
     assert_eq!(sum.back, 2, "{sum:?}");
     assert_eq!(m.server().db.get(&a.session_id).await.unwrap().unwrap().status, SessionStatus::Disconnected);

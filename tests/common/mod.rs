@@ -61,6 +61,11 @@ impl TestAgent {
     }
 
     pub async fn start_on(base: &Path, idx: u32, master_port: u16, command: Vec<String>, l: TcpListener) -> TestAgent {
+        Self::start_with(base, idx, master_port, command, l, false).await
+    }
+
+    /// `keep_sessions`: sessions survive `stop` (as in production) instead of being ended.
+    pub async fn start_with(base: &Path, idx: u32, master_port: u16, command: Vec<String>, l: TcpListener, keep_sessions: bool) -> TestAgent {
         let port = l.local_addr().unwrap().port();
         let mut cfg = Config::default();
         cfg.vsm.secret_file = base.join("cluster.key");
@@ -74,7 +79,7 @@ impl TestAgent {
         cfg.vsmagent.session_command = command;
         let mut opts = vsm::agentd::RunOptions::from_config(&cfg);
         opts.sessions.run_as_self = true;
-        opts.sessions.terminate_on_shutdown = true;
+        opts.sessions.terminate_on_shutdown = !keep_sessions;
         opts.sessions.x_dir = base.join(format!("x{idx}"));
         std::fs::create_dir_all(&opts.sessions.x_dir).unwrap();
         let cancel = CancellationToken::new();
