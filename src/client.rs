@@ -26,7 +26,10 @@ pub enum ClientError {
 pub enum Target {
     Unix(PathBuf),
     /// `host:port` with the cluster secret.
-    Tcp { addr: String, secret: Secret },
+    Tcp {
+        addr: String,
+        secret: Secret,
+    },
 }
 
 impl Target {
@@ -48,8 +51,10 @@ pub async fn call(target: &Target, req: &ApiRequest, timeout: Duration) -> Resul
 }
 
 async fn call_inner(target: &Target, req: &ApiRequest, where_: &str) -> Result<ApiReply, ClientError> {
-    let unreachable = |e: std::io::Error| ClientError::Unreachable { where_: where_.to_string(), reason: e.to_string() };
-    let protocol = |e: crate::proto::ProtoError| ClientError::Protocol { where_: where_.to_string(), reason: e.to_string() };
+    let unreachable =
+        |e: std::io::Error| ClientError::Unreachable { where_: where_.to_string(), reason: e.to_string() };
+    let protocol =
+        |e: crate::proto::ProtoError| ClientError::Protocol { where_: where_.to_string(), reason: e.to_string() };
     let reply = match target {
         Target::Unix(path) => {
             let s = tokio::net::UnixStream::connect(path).await.map_err(unreachable)?;
@@ -65,7 +70,10 @@ async fn call_inner(target: &Target, req: &ApiRequest, where_: &str) -> Result<A
             c.recv::<ApiReply>().await.map_err(protocol)?
         }
     };
-    reply.ok_or_else(|| ClientError::Protocol { where_: where_.to_string(), reason: "the connection closed before a reply".into() })
+    reply.ok_or_else(|| ClientError::Protocol {
+        where_: where_.to_string(),
+        reason: "the connection closed before a reply".into(),
+    })
 }
 
 /// The socket path to use: `--socket`, then `VSM_SOCKET`, then the configuration (if it

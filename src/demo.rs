@@ -123,7 +123,13 @@ fn demo_config(base: &Path, name: &str, agents: &[String], vip_port: u16, sync: 
     let mut subclusters = BTreeMap::new();
     subclusters.insert(
         "default".to_string(),
-        Subcluster { name: "default".into(), agents: agents.to_vec(), users: vec![], groups: vec![], max_users_per_agent: 0 },
+        Subcluster {
+            name: "default".into(),
+            agents: agents.to_vec(),
+            users: vec![],
+            groups: vec![],
+            max_users_per_agent: 0,
+        },
     );
     cfg.subclusters = subclusters;
     cfg
@@ -140,7 +146,11 @@ async fn start_master(m: &mut Master, cfg: Config, peer_port: u16) -> Result<(),
     let peer = bind_fixed(m.peer_port).await?;
     m.tcp_port = tcp.local_addr().map_err(|e| e.to_string())?.port();
     m.peer_port = peer.local_addr().map_err(|e| e.to_string())?.port();
-    let ov = Overrides { agent_port: None, peer_addr: Some(format!("127.0.0.1:{peer_port}")), no_background_reconcile: false };
+    let ov = Overrides {
+        agent_port: None,
+        peer_addr: Some(format!("127.0.0.1:{peer_port}")),
+        no_background_reconcile: false,
+    };
     let server = Server::start(cfg, Listeners { unix, tcp, peer: Some(peer) }, ov).await.map_err(|e| e.to_string())?;
     m.server = Some(server);
     Ok(())
@@ -167,7 +177,13 @@ async fn vip(listener: TcpListener, active: tokio::sync::watch::Receiver<u16>, c
 }
 
 async fn connect_as(m: &Master, user: &str, new: bool) -> Result<ConnectInfo, String> {
-    let req = ApiRequest::Connect { user: Some(user.into()), new, terminate_existing: false, geometry: None, client_address: Some("127.0.0.1".into()) };
+    let req = ApiRequest::Connect {
+        user: Some(user.into()),
+        new,
+        terminate_existing: false,
+        geometry: None,
+        client_address: Some("127.0.0.1".into()),
+    };
     match call(&m.target(), &req, Duration::from_secs(20)).await {
         Ok(ApiReply::Connected { info }) => Ok(info),
         Ok(ApiReply::Error { message, .. }) => Err(message),
@@ -205,13 +221,23 @@ where
 }
 
 async fn rfb_answers(port: u16) -> bool {
-    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(("127.0.0.1", port))).await else { return false };
+    let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(("127.0.0.1", port))).await
+    else {
+        return false;
+    };
     let mut buf = [0u8; 12];
-    matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_))) && &buf[..4] == b"RFB "
+    matches!(tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await, Ok(Ok(_)))
+        && &buf[..4] == b"RFB "
 }
 
 async fn session_ids(m: &Master) -> Vec<SessionId> {
-    match call(&m.target(), &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, Duration::from_secs(5)).await {
+    match call(
+        &m.target(),
+        &ApiRequest::SessionList { selector: Selector::default(), refresh: false },
+        Duration::from_secs(5),
+    )
+    .await
+    {
         Ok(ApiReply::Sessions { sessions }) => {
             let mut v: Vec<SessionId> = sessions.into_iter().map(|s| s.id).collect();
             v.sort();
@@ -287,7 +313,8 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         cfg.vsmagent.display_min = 10 + 100 * i as u32;
         cfg.vsmagent.display_max = 99 + 100 * i as u32;
         cfg.vsm.vnc_port_base = 24000;
-        cfg.vsmagent.session_command = vec![exe.display().to_string(), "demo-session".into(), "--port".into(), "{port}".into()];
+        cfg.vsmagent.session_command =
+            vec![exe.display().to_string(), "demo-session".into(), "--port".into(), "{port}".into()];
         let mut opts = crate::agentd::RunOptions::from_config(&cfg);
         opts.sessions.run_as_self = true;
         opts.sessions.terminate_on_shutdown = true;
@@ -302,9 +329,25 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     }
 
     // 2. Masters.
-    st.title("Starting tlha-primary and tlha-secondary with HA (sync mode: {sync})".replace("{sync}", &args.sync).as_str());
-    let mut prim = Master { name: "tlha-primary", dir: base.join("tlha-primary"), socket: base.join("tlha-primary/vsmserver.sock"), tcp_port: 0, peer_port: 0, server: None };
-    let mut sec = Master { name: "tlha-secondary", dir: base.join("tlha-secondary"), socket: base.join("tlha-secondary/vsmserver.sock"), tcp_port: 0, peer_port: 0, server: None };
+    st.title(
+        "Starting tlha-primary and tlha-secondary with HA (sync mode: {sync})".replace("{sync}", &args.sync).as_str(),
+    );
+    let mut prim = Master {
+        name: "tlha-primary",
+        dir: base.join("tlha-primary"),
+        socket: base.join("tlha-primary/vsmserver.sock"),
+        tcp_port: 0,
+        peer_port: 0,
+        server: None,
+    };
+    let mut sec = Master {
+        name: "tlha-secondary",
+        dir: base.join("tlha-secondary"),
+        socket: base.join("tlha-secondary/vsmserver.sock"),
+        tcp_port: 0,
+        peer_port: 0,
+        server: None,
+    };
     // The secondary accepts the link, so it starts first and the primary learns its port.
     let c = demo_config(&base, sec.name, &agents, vip_port, sync);
     start_master(&mut sec, c, 1).await?;
@@ -329,7 +372,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     for u in ["alice", "bob", "carol"] {
         match connect_as(&prim, u, false).await {
             Ok(i) => {
-                st.say(&format!("{u}: new session {} on {} display :{} VNC port {}", i.session_id, i.agent, i.display, i.vnc_port));
+                st.say(&format!(
+                    "{u}: new session {} on {} display :{} VNC port {}",
+                    i.session_id, i.agent, i.display, i.vnc_port
+                ));
                 let ok = wait_until(Duration::from_secs(5), || rfb_answers(i.vnc_port)).await;
                 st.check(ok, &format!("{u}'s desktop answers with an RFB greeting on port {}", i.vnc_port));
                 first.insert(u, i);
@@ -353,7 +399,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     }
     active_tx.send_replace(sec.tcp_port);
     notify(&sec, VrrpState::Master).await;
-    let down = wait_until(Duration::from_secs(5), || async { ha_status(&sec).await.map(|s| s.link == "down").unwrap_or(false) }).await;
+    let down = wait_until(Duration::from_secs(5), || async {
+        ha_status(&sec).await.map(|s| s.link == "down").unwrap_or(false)
+    })
+    .await;
     st.check(down, "tlha-secondary sees the peer link down and keeps serving");
 
     // 6. Reconnect through the secondary.
@@ -363,7 +412,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
             Ok(i) => {
                 let before = &first[u];
                 st.check(
-                    i.reconnected && i.session_id == before.session_id && i.agent == before.agent && i.display == before.display,
+                    i.reconnected
+                        && i.session_id == before.session_id
+                        && i.agent == before.agent
+                        && i.display == before.display,
                     &format!("{u} is back in the same session {} ({} display :{})", i.session_id, i.agent, i.display),
                 );
             }
@@ -377,7 +429,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     st.title("While tlha-primary is away: dave starts a session, carol's session is ended");
     match connect_as(&sec, "dave", false).await {
         Ok(i) => {
-            st.check(!i.reconnected, &format!("dave: new session {} on {} display :{}", i.session_id, i.agent, i.display));
+            st.check(
+                !i.reconnected,
+                &format!("dave: new session {} on {} display :{}", i.session_id, i.agent, i.display),
+            );
         }
         Err(e) => {
             st.check(false, &format!("dave logs in: {e}"));
@@ -385,7 +440,12 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     }
     let carol = first.get("carol").map(|i| i.session_id.clone());
     if let Some(id) = carol {
-        let r = call(&sec.target(), &ApiRequest::TerminateMine { user: Some("carol".into()), session_id: id.clone() }, Duration::from_secs(10)).await;
+        let r = call(
+            &sec.target(),
+            &ApiRequest::TerminateMine { user: Some("carol".into()), session_id: id.clone() },
+            Duration::from_secs(10),
+        )
+        .await;
         st.check(matches!(r, Ok(ApiReply::Terminated { .. })), &format!("carol's session {id} terminated"));
     }
 
@@ -396,11 +456,17 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     let sec_peer = sec.peer_port;
     let c = demo_config(&base, prim.name, &agents, vip_port, sync);
     start_master(&mut prim, c, sec_peer).await?;
-    let synced = wait_until(Duration::from_secs(15), || async { ha_status(&prim).await.map(|s| s.ready && s.link == "streaming").unwrap_or(false) }).await;
+    let synced = wait_until(Duration::from_secs(15), || async {
+        ha_status(&prim).await.map(|s| s.ready && s.link == "streaming").unwrap_or(false)
+    })
+    .await;
     st.check(synced, &format!("tlha-primary is ready after resync ({} ms)", t0.elapsed().as_millis()));
     if let Some(s) = ha_status(&prim).await {
         if let Some(r) = s.last_resync {
-            st.say(&format!("last resync: {} ({}), {} record(s) in {} ms", r.kind, r.direction, r.records, r.duration_ms));
+            st.say(&format!(
+                "last resync: {} ({}), {} record(s) in {} ms",
+                r.kind, r.direction, r.records, r.duration_ms
+            ));
         }
     }
     notify(&sec, VrrpState::Backup).await;
@@ -409,7 +475,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     st.say("the resource address moves back to tlha-primary");
     match connect_as(&prim, "alice", false).await {
         Ok(i) => {
-            st.check(i.reconnected && i.session_id == first["alice"].session_id, "alice reconnects to her same session through tlha-primary");
+            st.check(
+                i.reconnected && i.session_id == first["alice"].session_id,
+                "alice reconnects to her same session through tlha-primary",
+            );
         }
         Err(e) => {
             st.check(false, &format!("alice reconnects: {e}"));
@@ -424,7 +493,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     })
     .await;
     let p_ids = session_ids(&prim).await;
-    st.check(same, &format!("same content and versions on both masters ({} live session(s): alice, bob, dave)", p_ids.len()));
+    st.check(
+        same,
+        &format!("same content and versions on both masters ({} live session(s): alice, bob, dave)", p_ids.len()),
+    );
     st.check(p_ids.len() == 3, "exactly three live sessions remain");
 
     if args.keep_running {
@@ -436,7 +508,8 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         crate::cli::vsmserver::shutdown_signal().await;
     }
     // End every desktop the demo started, then stop the masters.
-    let all = ApiRequest::SessionTerminate { selector: Selector::default(), all: true, allow_abandon: true, dry_run: false };
+    let all =
+        ApiRequest::SessionTerminate { selector: Selector::default(), all: true, allow_abandon: true, dry_run: false };
     if let Err(e) = call(&prim.target(), &all, Duration::from_secs(20)).await {
         eprintln!("demo: could not end the demo sessions: {e}");
     }

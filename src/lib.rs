@@ -8,25 +8,25 @@ pub mod agent;
 pub mod agentd;
 /// Unix-socket and TCP request handlers of the master.
 pub mod api;
-/// Wiring of the master daemon: start-up, background loops, shutdown.
-pub mod server;
-/// Client side of the master's API (`vsmclient`, `tlctl`).
-pub mod client;
-/// Command-line front ends of `vsmserver`, `vsmclient` and `tlctl`.
-pub mod cli;
-/// The self-contained two-master demonstration.
-pub mod demo;
 /// Login, placement and reconciliation with agents.
 pub mod broker;
+/// Command-line front ends of `vsmserver`, `vsmclient` and `tlctl`.
+pub mod cli;
+/// Client side of the master's API (`vsmclient`, `tlctl`).
+pub mod client;
 /// Key table, loading, validation and atomic editing of the configuration.
 pub mod config;
 /// The session database: one task owns SQLite, everyone else holds a handle.
 pub mod db;
+/// The self-contained two-master demonstration.
+pub mod demo;
 /// High availability: which node am I, the sans-IO replication engine, the peer link.
 pub mod ha;
 /// Domain types: sessions, identities, positions, versions. No I/O.
 pub mod model;
 /// Frames, the secure channel, and the messages of every link.
 pub mod proto;
+/// Wiring of the master daemon: start-up, background loops, shutdown.
+pub mod server;
 /// Logging set-up shared by every binary.
 pub mod telemetry;

@@ -46,9 +46,7 @@ impl fmt::Display for NodeId {
 }
 
 /// Position in one node's change log. Starts at 1; `Seq(0)` means "nothing yet".
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -67,9 +65,7 @@ impl fmt::Display for Seq {
 
 /// Hybrid logical clock reading: wall-clock milliseconds plus a logical counter that
 /// breaks ties and keeps the clock monotonic when the wall clock stalls or steps back.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Hlc {
     pub wall_ms: u64,
     pub logical: u32,
@@ -79,15 +75,9 @@ impl Hlc {
     /// The next local reading after `self`, given the current wall clock.
     pub fn tick(self, now_ms: u64) -> Hlc {
         if now_ms > self.wall_ms {
-            Hlc {
-                wall_ms: now_ms,
-                logical: 0,
-            }
+            Hlc { wall_ms: now_ms, logical: 0 }
         } else {
-            Hlc {
-                wall_ms: self.wall_ms,
-                logical: self.logical.saturating_add(1),
-            }
+            Hlc { wall_ms: self.wall_ms, logical: self.logical.saturating_add(1) }
         }
     }
 
@@ -219,10 +209,7 @@ impl fmt::Display for Role {
 
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -231,50 +218,26 @@ mod tests {
 
     #[test]
     fn hlc_is_monotonic_when_wall_clock_steps_back() {
-        let a = Hlc {
-            wall_ms: 100,
-            logical: 0,
-        };
+        let a = Hlc { wall_ms: 100, logical: 0 };
         let b = a.tick(50);
         assert!(b > a);
         let c = b.tick(200);
-        assert_eq!(
-            c,
-            Hlc {
-                wall_ms: 200,
-                logical: 0
-            }
-        );
+        assert_eq!(c, Hlc { wall_ms: 200, logical: 0 });
     }
 
     #[test]
     fn hlc_observe_moves_past_remote() {
-        let local = Hlc {
-            wall_ms: 100,
-            logical: 3,
-        };
-        let remote = Hlc {
-            wall_ms: 150,
-            logical: 7,
-        };
+        let local = Hlc { wall_ms: 100, logical: 3 };
+        let remote = Hlc { wall_ms: 150, logical: 7 };
         let r = local.observe(remote, 120);
         assert!(r > remote);
     }
 
     #[test]
     fn version_ties_break_on_node() {
-        let h = Hlc {
-            wall_ms: 1,
-            logical: 0,
-        };
-        let a = Version {
-            hlc: h,
-            node: NodeId("a".into()),
-        };
-        let b = Version {
-            hlc: h,
-            node: NodeId("b".into()),
-        };
+        let h = Hlc { wall_ms: 1, logical: 0 };
+        let a = Version { hlc: h, node: NodeId("a".into()) };
+        let b = Version { hlc: h, node: NodeId("b".into()) };
         assert!(a < b);
     }
 

@@ -169,7 +169,12 @@ impl Server {
 
         // 6. Background loops.
         if !ov.no_background_reconcile {
-            background.spawn(reconcile_loop(broker.clone(), ha.clone(), cfg.vsmserver.reconcile_interval, bg_cancel.clone()));
+            background.spawn(reconcile_loop(
+                broker.clone(),
+                ha.clone(),
+                cfg.vsmserver.reconcile_interval,
+                bg_cancel.clone(),
+            ));
         }
         background.spawn(housekeeping_loop(db.clone(), bg_cancel.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -217,7 +222,12 @@ impl Server {
 }
 
 /// Runs a master until `shutdown` resolves.
-pub async fn run(cfg: Config, listeners: Listeners, ov: Overrides, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    ov: Overrides,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let server = Server::start(cfg, listeners, ov).await?;
     shutdown.await;
     server.stop().await;

@@ -37,18 +37,10 @@ pub fn level_for(verbosity: u8) -> &'static str {
 /// `RUST_LOG` or else from `verbosity`. Safe to call more than once.
 pub fn init(verbosity: u8, json: bool) {
     INIT.call_once(|| {
-        let filter = EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| EnvFilter::new(level_for(verbosity)));
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_target(true);
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level_for(verbosity)));
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(true);
         // Another subscriber (e.g. a test harness) may already be installed: keep it.
-        let _ = if json {
-            builder.json().flatten_event(true).try_init()
-        } else {
-            builder.try_init()
-        };
+        let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
     });
 }
 

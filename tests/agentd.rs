@@ -42,10 +42,7 @@ impl TestAgent {
 
     async fn open(&self) -> (SessionManager, mpsc::Receiver<AgentReport>) {
         let (tx, rx) = mpsc::channel(16);
-        (
-            SessionManager::open(self.opts.clone(), tx).await.unwrap(),
-            rx,
-        )
+        (SessionManager::open(self.opts.clone(), tx).await.unwrap(), rx)
     }
 }
 
@@ -73,10 +70,7 @@ fn sid(s: &str) -> SessionId {
 }
 
 fn me() -> String {
-    nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .unwrap()
-        .unwrap()
-        .name
+    nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap().name
 }
 
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -96,9 +90,7 @@ async fn next_report(rx: &mut mpsc::Receiver<AgentReport>) -> AgentReport {
 
 fn status_field(pid: u32, field: &str) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .map(|v| v.trim().to_string())
+    text.lines().find_map(|l| l.strip_prefix(field)).map(|v| v.trim().to_string())
 }
 
 /// Gone, or a zombie nobody reaped yet (the latter only for processes that are not ours).
@@ -111,11 +103,8 @@ fn gone(pid: u32) -> bool {
 
 fn environ(pid: u32) -> Vec<String> {
     let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
-    let mut v: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|s| !s.is_empty())
-        .map(|s| String::from_utf8_lossy(s).into_owned())
-        .collect();
+    let mut v: Vec<String> =
+        raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
     v.sort();
     v
 }
@@ -123,48 +112,24 @@ fn environ(pid: u32) -> Vec<String> {
 fn persisted_pids(state_dir: &Path) -> Vec<u32> {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(state_dir.join("sessions.json")).unwrap()).unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["session"]["pid"].as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|p| p["session"]["pid"].as_u64().unwrap() as u32).collect()
 }
 
 #[tokio::test]
 async fn session_is_our_child_with_a_clean_environment_and_dies_on_terminate() {
     let t = TestAgent::new(&["sleep", "600"]);
     let (mgr, mut rx) = t.open().await;
-    let s = mgr
-        .start(sid("s1"), &me(), Some("800x600".into()))
-        .await
-        .unwrap();
+    let s = mgr.start(sid("s1"), &me(), Some("800x600".into())).await.unwrap();
     assert_eq!(s.display, 100);
     assert_eq!(s.vnc_port, t.opts.vnc_port_base + 100);
     assert_eq!(s.command, vec!["sleep".to_string(), "600".to_string()]);
-    assert_eq!(
-        status_field(s.pid, "PPid:"),
-        Some(std::process::id().to_string())
-    );
+    assert_eq!(status_field(s.pid, "PPid:"), Some(std::process::id().to_string()));
     // Its own Unix session, so terminate reaches the whole tree.
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).unwrap();
     let sess = vsm::agentd::sessions::parse_stat(&stat).unwrap().session;
     assert_eq!(sess as u32, s.pid);
-    let keys: Vec<String> = environ(s.pid)
-        .iter()
-        .map(|kv| kv.split('=').next().unwrap().to_string())
-        .collect();
-    assert_eq!(
-        keys,
-        [
-            "DISPLAY",
-            "HOME",
-            "LOGNAME",
-            "PATH",
-            "SHELL",
-            "USER",
-            "VSM_SESSION_ID"
-        ]
-    );
+    let keys: Vec<String> = environ(s.pid).iter().map(|kv| kv.split('=').next().unwrap().to_string()).collect();
+    assert_eq!(keys, ["DISPLAY", "HOME", "LOGNAME", "PATH", "SHELL", "USER", "VSM_SESSION_ID"]);
     assert!(environ(s.pid).contains(&"DISPLAY=:100".to_string()));
     assert!(environ(s.pid).contains(&"VSM_SESSION_ID=s1".to_string()));
     assert_eq!(persisted_pids(&t.opts.state_dir), vec![s.pid]);
@@ -180,21 +145,11 @@ async fn session_is_our_child_with_a_clean_environment_and_dies_on_terminate() {
     assert!(mgr.list().is_empty());
     assert_eq!(
         next_report(&mut rx).await,
-        AgentReport::SessionExited {
-            session_id: sid("s1"),
-            display: 100,
-            exit_status: Some(143)
-        }
+        AgentReport::SessionExited { session_id: sid("s1"), display: 100, exit_status: Some(143) }
     );
-    assert!(
-        !mgr.terminate(&sid("s1"), 100).await,
-        "a second terminate finds nothing"
-    );
+    assert!(!mgr.terminate(&sid("s1"), 100).await, "a second terminate finds nothing");
     let state = t.opts.state_dir.clone();
-    wait_until("the session to leave sessions.json", || {
-        persisted_pids(&state).is_empty()
-    })
-    .await;
+    wait_until("the session to leave sessions.json", || persisted_pids(&state).is_empty()).await;
 }
 
 #[tokio::test]
@@ -207,10 +162,7 @@ async fn display_allocation_skips_lock_files_sockets_busy_ports_and_own_sessions
     let a = mgr.start(sid("a"), &me(), None).await.unwrap();
     assert_eq!((a.display, a.geometry.as_str()), (103, "1024x768"));
     let err = mgr.start(sid("b"), &me(), None).await.unwrap_err();
-    assert!(
-        matches!(err, AgentdError::NoFreeDisplay { min: 100, max: 103 }),
-        "{err}"
-    );
+    assert!(matches!(err, AgentdError::NoFreeDisplay { min: 100, max: 103 }), "{err}");
     assert_eq!(err.kind(), AgentErrorKind::NoFreeDisplay);
     // Asking again for a running session id returns it instead of starting another.
     assert_eq!(mgr.start(sid("a"), &me(), None).await.unwrap(), a);
@@ -230,17 +182,10 @@ async fn a_command_that_exits_at_once_is_start_failed_with_its_log() {
     assert_eq!(err.kind(), AgentErrorKind::StartFailed);
     let msg = err.to_string();
     assert!(msg.contains("exit status 2"), "{msg}");
-    assert!(
-        msg.contains(&format!("nonexistent-vsm-{}", me())),
-        "the log tail is quoted: {msg}"
-    );
+    assert!(msg.contains(&format!("nonexistent-vsm-{}", me())), "the log tail is quoted: {msg}");
     assert!(mgr.list().is_empty());
     // The display was released: the same failure happens on the same display again.
-    let again = mgr
-        .start(sid("y"), &me(), None)
-        .await
-        .unwrap_err()
-        .to_string();
+    let again = mgr.start(sid("y"), &me(), None).await.unwrap_err().to_string();
     assert!(again.contains("100.log"), "{again}");
 }
 
@@ -257,15 +202,10 @@ async fn a_missing_program_is_start_failed() {
 async fn bad_requests_are_refused_before_anything_runs() {
     let t = TestAgent::new(&["sleep", "600"]);
     let (mgr, _rx) = t.open().await;
-    for (id, user, geom) in [
-        ("ok", "../etc", None),
-        ("ok", "alice", Some("1024 768")),
-        ("bad id/with slash", "alice", None),
-    ] {
-        let e = mgr
-            .start(sid(id), user, geom.map(String::from))
-            .await
-            .unwrap_err();
+    for (id, user, geom) in
+        [("ok", "../etc", None), ("ok", "alice", Some("1024 768")), ("bad id/with slash", "alice", None)]
+    {
+        let e = mgr.start(sid(id), user, geom.map(String::from)).await.unwrap_err();
         assert_eq!(e.kind(), AgentErrorKind::BadRequest, "{e}");
     }
     assert!(mgr.list().is_empty());
@@ -276,27 +216,16 @@ async fn an_exit_by_itself_is_reported_and_forgotten() {
     let t = TestAgent::new(&["sleep", "600"]);
     let (mgr, mut rx) = t.open().await;
     let s = mgr.start(sid("s1"), &me(), None).await.unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid as i32),
-        nix::sys::signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), nix::sys::signal::SIGKILL).unwrap();
     assert_eq!(
         next_report(&mut rx).await,
-        AgentReport::SessionExited {
-            session_id: sid("s1"),
-            display: 100,
-            exit_status: Some(137)
-        }
+        AgentReport::SessionExited { session_id: sid("s1"), display: 100, exit_status: Some(137) }
     );
     let m = mgr.clone();
     wait_until("the session to leave the table", || m.list().is_empty()).await;
     assert!(!mgr.verify(&sid("s1"), 100));
     let state = t.opts.state_dir.clone();
-    wait_until("the session to leave sessions.json", || {
-        persisted_pids(&state).is_empty()
-    })
-    .await;
+    wait_until("the session to leave sessions.json", || persisted_pids(&state).is_empty()).await;
 }
 
 #[tokio::test]
@@ -309,11 +238,7 @@ async fn a_session_ignoring_sigterm_is_killed_after_the_grace() {
     assert!(gone(s.pid));
     assert_eq!(
         next_report(&mut rx).await,
-        AgentReport::SessionExited {
-            session_id: sid("stubborn"),
-            display: s.display,
-            exit_status: Some(137)
-        }
+        AgentReport::SessionExited { session_id: sid("stubborn"), display: s.display, exit_status: Some(137) }
     );
 }
 
@@ -336,11 +261,7 @@ async fn sessions_survive_an_agent_restart_and_are_re_adopted() {
     assert!(gone(s.pid));
     assert_eq!(
         next_report(&mut rx2).await,
-        AgentReport::SessionExited {
-            session_id: sid("keep"),
-            display: s.display,
-            exit_status: None
-        }
+        AgentReport::SessionExited { session_id: sid("keep"), display: s.display, exit_status: None }
     );
     assert!(second.terminate(&sid("new"), other.display).await);
 }
@@ -351,22 +272,14 @@ async fn a_session_that_ended_while_the_agent_was_down_is_reported_at_start() {
     let (first, _rx1) = t.open().await;
     let s = first.start(sid("lost"), &me(), None).await.unwrap();
     first.shutdown().await;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(s.pid as i32),
-        nix::sys::signal::SIGKILL,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), nix::sys::signal::SIGKILL).unwrap();
     wait_until("the process to die", || gone(s.pid)).await;
 
     let (second, mut rx2) = t.open().await;
     assert!(second.list().is_empty());
     assert_eq!(
         next_report(&mut rx2).await,
-        AgentReport::SessionExited {
-            session_id: sid("lost"),
-            display: s.display,
-            exit_status: None
-        }
+        AgentReport::SessionExited { session_id: sid("lost"), display: s.display, exit_status: None }
     );
     assert!(persisted_pids(&t.opts.state_dir).is_empty());
 }
@@ -388,30 +301,15 @@ async fn as_root_the_session_runs_as_the_user() {
     let gid = status_field(s.pid, "Gid:").unwrap();
     let want_uid = nobody.uid.to_string();
     let want_gid = nobody.gid.to_string();
-    assert!(
-        uid.split_whitespace().all(|u| u == want_uid),
-        "uid line {uid:?}"
-    );
-    assert!(
-        gid.split_whitespace().all(|g| g == want_gid),
-        "gid line {gid:?}"
-    );
+    assert!(uid.split_whitespace().all(|u| u == want_uid), "uid line {uid:?}");
+    assert!(gid.split_whitespace().all(|g| g == want_gid), "gid line {gid:?}");
     let groups = status_field(s.pid, "Groups:").unwrap_or_default();
-    assert!(
-        !groups.split_whitespace().any(|g| g == "0"),
-        "root's groups leaked: {groups:?}"
-    );
+    assert!(!groups.split_whitespace().any(|g| g == "0"), "root's groups leaked: {groups:?}");
     let env = environ(s.pid);
     assert!(env.contains(&"USER=nobody".to_string()), "{env:?}");
-    assert!(
-        env.contains(&format!("HOME={}", nobody.dir.display())),
-        "{env:?}"
-    );
+    assert!(env.contains(&format!("HOME={}", nobody.dir.display())), "{env:?}");
 
-    let unknown = mgr
-        .start(sid("u1"), "no-such-user-vsm", None)
-        .await
-        .unwrap_err();
+    let unknown = mgr.start(sid("u1"), "no-such-user-vsm", None).await.unwrap_err();
     assert_eq!(unknown.kind(), AgentErrorKind::UnknownUser);
     assert!(mgr.terminate(&sid("n1"), s.display).await);
 }
@@ -422,18 +320,11 @@ async fn requests_map_to_replies_with_the_agent_address() {
     let (mgr, _rx) = t.open().await;
     let local: std::net::SocketAddr = "192.0.2.10:904".parse().unwrap();
     let agent = Agent::new(mgr.clone(), None);
-    let req = AgentRequest::Start {
-        session_id: sid("r1"),
-        user: me(),
-        geometry: None,
-    };
-    let AgentReply::Started { session } = agent.handle(req, local).await else {
-        panic!("expected Started")
-    };
+    let req = AgentRequest::Start { session_id: sid("r1"), user: me(), geometry: None };
+    let AgentReply::Started { session } = agent.handle(req, local).await else { panic!("expected Started") };
     assert_eq!(session.agent_address, "192.0.2.10");
     let named = Agent::new(mgr.clone(), Some("agent1.example.org".into()));
-    let AgentReply::Sessions { sessions, load } = named.handle(AgentRequest::List, local).await
-    else {
+    let AgentReply::Sessions { sessions, load } = named.handle(AgentRequest::List, local).await else {
         panic!("expected Sessions")
     };
     assert_eq!(sessions.len(), 1);
@@ -441,53 +332,21 @@ async fn requests_map_to_replies_with_the_agent_address() {
     assert_eq!(load.sessions, 1);
     assert!(load.cpus >= 1 && load.mem_total_kib > 0);
 
-    let bad = AgentRequest::Start {
-        session_id: sid("r2"),
-        user: me(),
-        geometry: Some("big".into()),
-    };
-    assert!(matches!(
-        agent.handle(bad, local).await,
-        AgentReply::Error {
-            kind: AgentErrorKind::BadRequest,
-            ..
-        }
-    ));
-    let v = AgentRequest::Verify {
-        session_id: sid("r1"),
-        display: session.display,
-    };
-    assert_eq!(
-        agent.handle(v, local).await,
-        AgentReply::Verified { alive: true }
-    );
-    let term = AgentRequest::Terminate {
-        session_id: sid("r1"),
-        display: session.display,
-    };
-    assert_eq!(
-        agent.handle(term, local).await,
-        AgentReply::Terminated { was_running: true }
-    );
-    let v = AgentRequest::Verify {
-        session_id: sid("r1"),
-        display: session.display,
-    };
-    assert_eq!(
-        agent.handle(v, local).await,
-        AgentReply::Verified { alive: false }
-    );
+    let bad = AgentRequest::Start { session_id: sid("r2"), user: me(), geometry: Some("big".into()) };
+    assert!(matches!(agent.handle(bad, local).await, AgentReply::Error { kind: AgentErrorKind::BadRequest, .. }));
+    let v = AgentRequest::Verify { session_id: sid("r1"), display: session.display };
+    assert_eq!(agent.handle(v, local).await, AgentReply::Verified { alive: true });
+    let term = AgentRequest::Terminate { session_id: sid("r1"), display: session.display };
+    assert_eq!(agent.handle(term, local).await, AgentReply::Terminated { was_running: true });
+    let v = AgentRequest::Verify { session_id: sid("r1"), display: session.display };
+    assert_eq!(agent.handle(v, local).await, AgentReply::Verified { alive: false });
 }
 
 /// A configuration directory for the `vsmagent` binary.
 fn agent_config_dir(dir: &Path, extra_agent: &str) -> std::path::PathBuf {
     let cfg = dir.join("etc");
     std::fs::create_dir_all(&cfg).unwrap();
-    std::fs::write(
-        cfg.join("cluster.key"),
-        "0123456789abcdef0123456789abcdef\n",
-    )
-    .unwrap();
+    std::fs::write(cfg.join("cluster.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
     std::fs::write(
         cfg.join("vsmagent.toml"),
         format!(
@@ -517,28 +376,18 @@ fn the_binary_starts_and_stops_cleanly_on_sigterm() {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut seen = Vec::new();
     loop {
-        let line = lines
-            .next()
-            .expect("vsmagent ended before accepting")
-            .unwrap();
+        let line = lines.next().expect("vsmagent ended before accepting").unwrap();
         let ready = line.contains("accepting master connections");
         seen.push(line);
         if ready {
             break;
         }
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::SIGTERM,
-    )
-    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::SIGTERM).unwrap();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "exit {status:?}; log: {seen:?} {rest:?}");
-    assert!(
-        rest.iter().any(|l| l.contains("sessions keep running")),
-        "{rest:?}"
-    );
+    assert!(rest.iter().any(|l| l.contains("sessions keep running")), "{rest:?}");
     assert!(dir.path().join("state/sessions.json").exists());
 }
 
@@ -624,20 +473,12 @@ impl TestDaemon {
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(vsm::agentd::run_with(config, opts, listener, stopped));
-        TestDaemon {
-            t,
-            addr,
-            secret: Secret::from_file(&key).unwrap(),
-            stop: Some(stop),
-            task,
-        }
+        TestDaemon { t, addr, secret: Secret::from_file(&key).unwrap(), stop: Some(stop), task }
     }
 
     async fn call(&self, req: AgentRequest) -> AgentReply {
         let s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let mut c = vsm::proto::secure::connect(s, &self.secret, PROLOGUE_AGENT)
-            .await
-            .unwrap();
+        let mut c = vsm::proto::secure::connect(s, &self.secret, PROLOGUE_AGENT).await.unwrap();
         c.send(&req).await.unwrap();
         c.recv::<AgentReply>().await.unwrap().expect("a reply")
     }
@@ -651,13 +492,8 @@ impl TestDaemon {
 #[tokio::test]
 async fn masters_start_list_and_terminate_over_the_secure_channel() {
     let d = TestDaemon::start(1).await;
-    let AgentReply::Started { session } = d
-        .call(AgentRequest::Start {
-            session_id: sid("net1"),
-            user: me(),
-            geometry: None,
-        })
-        .await
+    let AgentReply::Started { session } =
+        d.call(AgentRequest::Start { session_id: sid("net1"), user: me(), geometry: None }).await
     else {
         panic!("expected Started")
     };
@@ -666,25 +502,13 @@ async fn masters_start_list_and_terminate_over_the_secure_channel() {
 
     // Several requests on one connection, as a pooled master connection does.
     let s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
-    let mut c = vsm::proto::secure::connect(s, &d.secret, PROLOGUE_AGENT)
-        .await
-        .unwrap();
+    let mut c = vsm::proto::secure::connect(s, &d.secret, PROLOGUE_AGENT).await.unwrap();
     c.send(&AgentRequest::List).await.unwrap();
-    let Some(AgentReply::Sessions { sessions, load }) = c.recv().await.unwrap() else {
-        panic!("expected Sessions")
-    };
+    let Some(AgentReply::Sessions { sessions, load }) = c.recv().await.unwrap() else { panic!("expected Sessions") };
     assert_eq!(sessions, vec![session.clone()]);
     assert_eq!(load.sessions, 1);
-    c.send(&AgentRequest::Terminate {
-        session_id: sid("net1"),
-        display: 100,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        c.recv().await.unwrap(),
-        Some(AgentReply::Terminated { was_running: true })
-    );
+    c.send(&AgentRequest::Terminate { session_id: sid("net1"), display: 100 }).await.unwrap();
+    assert_eq!(c.recv().await.unwrap(), Some(AgentReply::Terminated { was_running: true }));
     assert!(gone(session.pid));
     d.stop().await;
 }
@@ -694,15 +518,10 @@ async fn a_caller_without_the_cluster_secret_is_refused() {
     let d = TestDaemon::start(1).await;
     let s = tokio::net::TcpStream::connect(d.addr).await.unwrap();
     let wrong = Secret::from_bytes(b"not the cluster secret");
-    let err = vsm::proto::secure::connect(s, &wrong, PROLOGUE_AGENT)
-        .await
-        .unwrap_err();
+    let err = vsm::proto::secure::connect(s, &wrong, PROLOGUE_AGENT).await.unwrap_err();
     assert!(err.is_auth_failure(), "{err}");
     // The daemon is unharmed and still serves the right secret.
-    assert!(matches!(
-        d.call(AgentRequest::Load).await,
-        AgentReply::Load { .. }
-    ));
+    assert!(matches!(d.call(AgentRequest::Load).await, AgentReply::Load { .. }));
     d.stop().await;
 }
 
@@ -719,9 +538,7 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
         loop {
             let (s, _) = master.accept().await.unwrap();
             attempt += 1;
-            let mut c = vsm::proto::secure::accept(s, &secret, PROLOGUE_REPORT)
-                .await
-                .unwrap();
+            let mut c = vsm::proto::secure::accept(s, &secret, PROLOGUE_REPORT).await.unwrap();
             let report: AgentReport = c.recv().await.unwrap().unwrap();
             if attempt <= 2 {
                 continue; // dropped: no acknowledgement
@@ -731,42 +548,19 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
         }
     });
 
-    let AgentReply::Started { session } = d
-        .call(AgentRequest::Start {
-            session_id: sid("rep1"),
-            user: me(),
-            geometry: None,
-        })
-        .await
+    let AgentReply::Started { session } =
+        d.call(AgentRequest::Start { session_id: sid("rep1"), user: me(), geometry: None }).await
     else {
         panic!("expected Started")
     };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(session.pid as i32),
-        nix::sys::signal::SIGKILL,
-    )
-    .unwrap();
-    let (attempt, report) = tokio::time::timeout(Duration::from_secs(15), got_rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(session.pid as i32), nix::sys::signal::SIGKILL).unwrap();
+    let (attempt, report) = tokio::time::timeout(Duration::from_secs(15), got_rx.recv()).await.unwrap().unwrap();
     assert_eq!(attempt, 3);
-    assert_eq!(
-        report,
-        AgentReport::SessionExited {
-            session_id: sid("rep1"),
-            display: 100,
-            exit_status: Some(137)
-        }
-    );
+    assert_eq!(report, AgentReport::SessionExited { session_id: sid("rep1"), display: 100, exit_status: Some(137) });
     let outbox = d.t.opts.state_dir.join("outbox.json");
     wait_until("the outbox to empty", || {
         std::fs::read(&outbox)
-            .map(|b| {
-                serde_json::from_slice::<Vec<AgentReport>>(&b)
-                    .unwrap()
-                    .is_empty()
-            })
+            .map(|b| serde_json::from_slice::<Vec<AgentReport>>(&b).unwrap().is_empty())
             .unwrap_or(false)
     })
     .await;
@@ -776,24 +570,13 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
 #[tokio::test]
 async fn stopping_the_daemon_leaves_sessions_running_for_the_next_one() {
     let d = TestDaemon::start_with(1, false).await;
-    let AgentReply::Started { session } = d
-        .call(AgentRequest::Start {
-            session_id: sid("stay"),
-            user: me(),
-            geometry: None,
-        })
-        .await
+    let AgentReply::Started { session } =
+        d.call(AgentRequest::Start { session_id: sid("stay"), user: me(), geometry: None }).await
     else {
         panic!("expected Started")
     };
     let opts = d.t.opts.clone();
-    let TestDaemon {
-        t,
-        addr: _,
-        secret: _,
-        stop,
-        task,
-    } = d;
+    let TestDaemon { t, addr: _, secret: _, stop, task } = d;
     let _ = stop.unwrap().send(());
     task.await.unwrap().unwrap();
     assert!(!gone(session.pid), "the session must survive the agent");
@@ -804,10 +587,7 @@ async fn stopping_the_daemon_leaves_sessions_running_for_the_next_one() {
     };
     let listed = again.list();
     assert_eq!(listed.len(), 1);
-    assert_eq!(
-        (listed[0].pid, &listed[0].session_id),
-        (session.pid, &session.session_id)
-    );
+    assert_eq!((listed[0].pid, &listed[0].session_id), (session.pid, &session.session_id));
     assert!(again.terminate(&sid("stay"), session.display).await);
     drop(t);
 }

@@ -77,7 +77,14 @@ async fn exit_report_reaches_the_master() {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     let db = m.server().db.clone();
     let id = a.session_id.clone();
-    assert!(wait_until(T, || { let db = db.clone(); let id = id.clone(); async move { db.get(&id).await.unwrap().is_none() } }).await);
+    assert!(
+        wait_until(T, || {
+            let db = db.clone();
+            let id = id.clone();
+            async move { db.get(&id).await.unwrap().is_none() }
+        })
+        .await
+    );
     m.stop().await;
     agent.stop().await;
 }
@@ -135,7 +142,12 @@ async fn users_spread_over_agents_and_a_draining_agent_gets_none() {
         assert_eq!(m.connect(u, false).await.unwrap().agent, a2.name);
     }
     // Existing sessions on the draining agent can still be reconnected.
-    let r = m.call(ApiRequest::SessionList { selector: Selector { agent: Some(a1.name.clone()), ..Default::default() }, refresh: false }).await;
+    let r = m
+        .call(ApiRequest::SessionList {
+            selector: Selector { agent: Some(a1.name.clone()), ..Default::default() },
+            refresh: false,
+        })
+        .await;
     let ApiReply::Sessions { sessions } = r else { panic!("{r:?}") };
     let u = sessions[0].user.clone();
     let again = m.connect(&u, false).await.unwrap();
@@ -294,15 +306,25 @@ async fn admin_terminate_needs_a_selector_and_abandons_only_when_asked() {
     let (_d, agent, mut m) = one_agent_cluster().await;
     m.connect("alice", false).await.unwrap();
     m.connect("bob", false).await.unwrap();
-    let r = m.call(ApiRequest::SessionTerminate { selector: Selector::default(), all: false, allow_abandon: false, dry_run: false }).await;
+    let r = m
+        .call(ApiRequest::SessionTerminate {
+            selector: Selector::default(),
+            all: false,
+            allow_abandon: false,
+            dry_run: false,
+        })
+        .await;
     assert!(matches!(r, ApiReply::Error { kind: ApiErrorKind::BadRequest, .. }), "{r:?}");
     agent.stop().await;
     let sel = Selector { user: Some("alice".into()), ..Default::default() };
-    let r = m.call(ApiRequest::SessionTerminate { selector: sel.clone(), all: false, allow_abandon: false, dry_run: false }).await;
+    let r = m
+        .call(ApiRequest::SessionTerminate { selector: sel.clone(), all: false, allow_abandon: false, dry_run: false })
+        .await;
     let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
     assert_eq!(outcome.failed.len(), 1);
     assert!(outcome.failed[0].1.contains("--allow-abandon"), "{:?}", outcome.failed);
-    let r = m.call(ApiRequest::SessionTerminate { selector: sel, all: false, allow_abandon: true, dry_run: false }).await;
+    let r =
+        m.call(ApiRequest::SessionTerminate { selector: sel, all: false, allow_abandon: true, dry_run: false }).await;
     let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
     assert_eq!(outcome.abandoned.len(), 1);
     let left = m.server().db.list(&Default::default()).await.unwrap();
@@ -351,13 +373,16 @@ async fn a_caller_with_the_wrong_secret_is_refused_on_tcp() {
         addr: format!("127.0.0.1:{}", m.tcp_port),
         secret: vsm::proto::secure::Secret::from_bytes(b"not the cluster secret"),
     };
-    let r = vsm::client::call(&target, &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, T).await;
+    let r =
+        vsm::client::call(&target, &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, T).await;
     assert!(r.is_err(), "{r:?}");
     let good = vsm::client::Target::Tcp {
         addr: format!("127.0.0.1:{}", m.tcp_port),
         secret: vsm::proto::secure::Secret::from_file(&m.cfg.vsm.secret_file).unwrap(),
     };
-    let r = vsm::client::call(&good, &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, T).await.unwrap();
+    let r = vsm::client::call(&good, &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, T)
+        .await
+        .unwrap();
     assert!(matches!(r, ApiReply::Sessions { .. }), "{r:?}");
     m.stop().await;
     agent.stop().await;

@@ -119,10 +119,7 @@ enum ExchangeError {
     Other(ProtoError),
 }
 
-async fn exchange(
-    conn: &mut SecureConn<TcpStream>,
-    req: &AgentRequest,
-) -> Result<AgentReply, ExchangeError> {
+async fn exchange(conn: &mut SecureConn<TcpStream>, req: &AgentRequest) -> Result<AgentReply, ExchangeError> {
     if let Err(e) = conn.send(req).await {
         return Err(match e {
             ProtoError::Io(_) => ExchangeError::Closed(e),
@@ -178,11 +175,7 @@ impl AgentClient {
         }
     }
 
-    async fn call_inner(
-        &self,
-        agent: &str,
-        req: &AgentRequest,
-    ) -> Result<AgentReply, AgentCallError> {
+    async fn call_inner(&self, agent: &str, req: &AgentRequest) -> Result<AgentReply, AgentCallError> {
         if let Some(mut conn) = self.take_idle(agent) {
             match exchange(&mut conn, req).await {
                 Ok(reply) => {
@@ -201,21 +194,15 @@ impl AgentClient {
                 self.put_idle(agent, conn);
                 classify(agent, reply)
             }
-            Err(ExchangeError::Closed(e) | ExchangeError::Other(e)) => {
-                Err(AgentCallError::from_proto(agent, e))
-            }
+            Err(ExchangeError::Closed(e) | ExchangeError::Other(e)) => Err(AgentCallError::from_proto(agent, e)),
         }
     }
 
     async fn open(&self, agent: &str) -> Result<SecureConn<TcpStream>, AgentCallError> {
-        let unreachable =
-            |reason: String| AgentCallError::Unreachable { agent: agent.to_string(), reason };
-        let target =
-            Target::parse(agent, self.inner.cfg.port).map_err(|e| unreachable(e.to_string()))?;
+        let unreachable = |reason: String| AgentCallError::Unreachable { agent: agent.to_string(), reason };
+        let target = Target::parse(agent, self.inner.cfg.port).map_err(|e| unreachable(e.to_string()))?;
         let stream = connect_tcp(&target).await.map_err(|e| unreachable(e.to_string()))?;
-        connect(stream, &self.inner.cfg.secret, PROLOGUE_AGENT)
-            .await
-            .map_err(|e| AgentCallError::from_proto(agent, e))
+        connect(stream, &self.inner.cfg.secret, PROLOGUE_AGENT).await.map_err(|e| AgentCallError::from_proto(agent, e))
     }
 
     fn take_idle(&self, agent: &str) -> Option<SecureConn<TcpStream>> {
@@ -265,12 +252,7 @@ impl AgentClient {
     }
 
     /// Is this session still alive on its agent?
-    pub async fn verify(
-        &self,
-        agent: &str,
-        session_id: SessionId,
-        display: u32,
-    ) -> Result<bool, AgentCallError> {
+    pub async fn verify(&self, agent: &str, session_id: SessionId, display: u32) -> Result<bool, AgentCallError> {
         match self.call(agent, AgentRequest::Verify { session_id, display }).await? {
             AgentReply::Verified { alive } => Ok(alive),
             other => Err(unexpected(agent, "verified", &other)),
@@ -278,12 +260,7 @@ impl AgentClient {
     }
 
     /// End a session; `Ok(was_running)`.
-    pub async fn terminate(
-        &self,
-        agent: &str,
-        session_id: SessionId,
-        display: u32,
-    ) -> Result<bool, AgentCallError> {
+    pub async fn terminate(&self, agent: &str, session_id: SessionId, display: u32) -> Result<bool, AgentCallError> {
         match self.call(agent, AgentRequest::Terminate { session_id, display }).await? {
             AgentReply::Terminated { was_running } => Ok(was_running),
             other => Err(unexpected(agent, "terminated", &other)),
@@ -291,10 +268,7 @@ impl AgentClient {
     }
 
     /// Every session the agent runs, with its current load.
-    pub async fn list(
-        &self,
-        agent: &str,
-    ) -> Result<(Vec<AgentSession>, LoadReport), AgentCallError> {
+    pub async fn list(&self, agent: &str) -> Result<(Vec<AgentSession>, LoadReport), AgentCallError> {
         match self.call(agent, AgentRequest::List).await? {
             AgentReply::Sessions { sessions, load } => Ok((sessions, load)),
             other => Err(unexpected(agent, "sessions", &other)),
@@ -328,10 +302,7 @@ fn unexpected(agent: &str, expected: &str, got: &AgentReply) -> AgentCallError {
         AgentReply::Load { .. } => "load",
         AgentReply::Error { .. } => "error",
     };
-    AgentCallError::Protocol {
-        agent: agent.to_string(),
-        reason: format!("expected a {expected:?} reply, got {got:?}"),
-    }
+    AgentCallError::Protocol { agent: agent.to_string(), reason: format!("expected a {expected:?} reply, got {got:?}") }
 }
 
 #[cfg(test)]
@@ -368,10 +339,7 @@ mod tests {
         match req {
             AgentRequest::Start { session_id, user, .. } if user == "nobody" => {
                 let _ = session_id;
-                AgentReply::Error {
-                    kind: AgentErrorKind::UnknownUser,
-                    message: "no such user".into(),
-                }
+                AgentReply::Error { kind: AgentErrorKind::UnknownUser, message: "no such user".into() }
             }
             AgentRequest::Start { session_id, user, .. } => {
                 AgentReply::Started { session: session(&session_id, &user) }
@@ -382,9 +350,7 @@ mod tests {
                 sessions: vec![session(&SessionId("x".into()), "u")],
                 load: LoadReport { cpus: 2, sessions: 1, ..LoadReport::default() },
             },
-            AgentRequest::Load => {
-                AgentReply::Load { load: LoadReport { cpus: 2, ..LoadReport::default() } }
-            }
+            AgentRequest::Load => AgentReply::Load { load: LoadReport { cpus: 2, ..LoadReport::default() } },
         }
     }
 
@@ -400,9 +366,7 @@ mod tests {
                 conns2.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     if one_shot {
-                        let mut c = crate::proto::secure::accept(sock, &secret(), PROLOGUE_AGENT)
-                            .await
-                            .unwrap();
+                        let mut c = crate::proto::secure::accept(sock, &secret(), PROLOGUE_AGENT).await.unwrap();
                         if let Ok(Some(req)) = c.recv::<AgentRequest>().await {
                             let _ = c.send(&fake_agent_reply(req).await).await;
                         }
@@ -445,9 +409,7 @@ mod tests {
         let c = client(port, Duration::from_secs(10));
         let r = c.start("127.0.0.1", SessionId("s".into()), "nobody", None).await;
         match r {
-            Err(AgentCallError::AgentError {
-                kind: AgentErrorKind::UnknownUser, agent, ..
-            }) => {
+            Err(AgentCallError::AgentError { kind: AgentErrorKind::UnknownUser, agent, .. }) => {
                 assert_eq!(agent, "127.0.0.1")
             }
             other => panic!("expected AgentError, got {other:?}"),
@@ -471,9 +433,7 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..20u32 {
             let c = c.clone();
-            tasks.push(tokio::spawn(async move {
-                c.verify("127.0.0.1", SessionId(i.to_string()), 10).await
-            }));
+            tasks.push(tokio::spawn(async move { c.verify("127.0.0.1", SessionId(i.to_string()), 10).await }));
         }
         for t in tasks {
             assert!(t.await.unwrap().unwrap());

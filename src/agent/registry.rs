@@ -87,8 +87,7 @@ impl AgentRegistry {
     /// Make the registry track exactly `agents` (e.g. every subcluster's agents after a
     /// configuration load): new ones start reachable, missing ones are forgotten.
     pub fn set_agents<'a>(&mut self, agents: impl IntoIterator<Item = &'a str>) {
-        let wanted: BTreeMap<String, ()> =
-            agents.into_iter().map(|a| (a.to_string(), ())).collect();
+        let wanted: BTreeMap<String, ()> = agents.into_iter().map(|a| (a.to_string(), ())).collect();
         self.agents.retain(|name, _| wanted.contains_key(name));
         for name in wanted.into_keys() {
             self.agents.entry(name).or_default();

@@ -80,12 +80,7 @@ pub struct AccessList {
 impl AccessList {
     /// `names` are the configured clients (`allowed_clients` plus `master_hostname`).
     pub fn new(names: Vec<String>, ttl: Duration) -> Self {
-        AccessList {
-            names,
-            ttl,
-            cache: Mutex::new(None),
-            warned: Mutex::new(HashSet::new()),
-        }
+        AccessList { names, ttl, cache: Mutex::new(None), warned: Mutex::new(HashSet::new()) }
     }
 
     /// The allow list of an agent configuration.
@@ -133,8 +128,7 @@ impl AccessList {
             }
         }
         let list = self.resolve_all().await;
-        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((Instant::now(), list.clone()));
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), list.clone()));
         list
     }
 
@@ -190,10 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn check_uses_configured_names_and_refuses_strangers() {
-        let list = AccessList::new(
-            vec!["192.0.2.7".into(), "no-such-host.invalid".into()],
-            DEFAULT_CACHE_TTL,
-        );
+        let list = AccessList::new(vec!["192.0.2.7".into(), "no-such-host.invalid".into()], DEFAULT_CACHE_TTL);
         assert!(list.check(ip("192.0.2.7")).await);
         assert!(list.check(ip("127.0.0.1")).await);
         assert!(!list.check(ip("192.0.2.8")).await);

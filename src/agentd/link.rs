@@ -56,10 +56,9 @@ pub async fn serve(
             Ok(Some(req)) => agent.handle(req, local).await,
             Ok(None) => return Ok(()),
             // Authenticated but not a request we know: answer, the link stays usable.
-            Err(ProtoError::Malformed(m)) => AgentReply::Error {
-                kind: AgentErrorKind::BadRequest,
-                message: format!("malformed request: {m}"),
-            },
+            Err(ProtoError::Malformed(m)) => {
+                AgentReply::Error { kind: AgentErrorKind::BadRequest, message: format!("malformed request: {m}") }
+            }
             Err(e) => return Err(e.to_string()),
         };
         conn.send(&reply).await.map_err(|e| e.to_string())?;
@@ -68,25 +67,13 @@ pub async fn serve(
 
 /// Deliver one report to the master at `master` and wait for its acknowledgement (any
 /// message the master answers on the report link). Bounded by the reporter's send timeout.
-pub async fn send_report(
-    master: &(String, u16),
-    secret: &Secret,
-    report: &AgentReport,
-) -> Result<(), String> {
+pub async fn send_report(master: &(String, u16), secret: &Secret, report: &AgentReport) -> Result<(), String> {
     let (host, port) = (master.0.as_str(), master.1);
-    let s = TcpStream::connect((host, port))
-        .await
-        .map_err(|e| format!("{host}:{port}: {e}"))?;
+    let s = TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
     let _ = s.set_nodelay(true);
-    let mut c = connect(s, secret, PROLOGUE_REPORT)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut c = connect(s, secret, PROLOGUE_REPORT).await.map_err(|e| e.to_string())?;
     c.send(report).await.map_err(|e| e.to_string())?;
-    match c
-        .recv::<crate::proto::agent::ReportAck>()
-        .await
-        .map_err(|e| e.to_string())?
-    {
+    match c.recv::<crate::proto::agent::ReportAck>().await.map_err(|e| e.to_string())? {
         Some(crate::proto::agent::ReportAck::Accepted) => Ok(()),
         Some(crate::proto::agent::ReportAck::Retry { reason }) => Err(format!("the master asks to retry: {reason}")),
         None => Err("the master closed the link without acknowledging".to_string()),

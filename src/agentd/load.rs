@@ -46,11 +46,7 @@ pub fn parse_meminfo(text: &str) -> MemInfo {
         let Some((key, rest)) = line.split_once(':') else {
             continue;
         };
-        let Some(value) = rest
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-        else {
+        let Some(value) = rest.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()) else {
             continue;
         };
         match key.trim() {
@@ -74,18 +70,13 @@ pub fn parse_status_uid(text: &str) -> Option<u32> {
 
 /// Number of distinct uids that count as people (see the module doc).
 pub fn count_human_users(uids: impl IntoIterator<Item = u32>) -> u32 {
-    let set: BTreeSet<u32> = uids
-        .into_iter()
-        .filter(|&u| u >= FIRST_HUMAN_UID && u != NOBODY_UID)
-        .collect();
+    let set: BTreeSet<u32> = uids.into_iter().filter(|&u| u >= FIRST_HUMAN_UID && u != NOBODY_UID).collect();
     set.len() as u32
 }
 
 /// Number of processors from `/proc/cpuinfo` (lines starting with `processor`).
 pub fn parse_cpuinfo_count(text: &str) -> u32 {
-    text.lines()
-        .filter(|l| l.split(':').next().map(str::trim) == Some("processor"))
-        .count() as u32
+    text.lines().filter(|l| l.split(':').next().map(str::trim) == Some("processor")).count() as u32
 }
 
 fn read_text(path: &Path) -> Option<String> {
@@ -102,10 +93,7 @@ fn cpu_count(proc_root: &Path) -> u32 {
     if let Ok(n) = std::thread::available_parallelism() {
         return n.get() as u32;
     }
-    read_text(&proc_root.join("cpuinfo"))
-        .map(|t| parse_cpuinfo_count(&t))
-        .unwrap_or(0)
-        .max(1)
+    read_text(&proc_root.join("cpuinfo")).map(|t| parse_cpuinfo_count(&t)).unwrap_or(0).max(1)
 }
 
 fn process_uids(proc_root: &Path) -> Vec<u32> {
@@ -113,11 +101,7 @@ fn process_uids(proc_root: &Path) -> Vec<u32> {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok())
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())))
         // A process may exit between listing and reading: that is not an error.
         .filter_map(|e| std::fs::read_to_string(e.path().join("status")).ok())
         .filter_map(|t| parse_status_uid(&t))
@@ -126,12 +110,9 @@ fn process_uids(proc_root: &Path) -> Vec<u32> {
 
 /// Read the current load from `proc_root` (normally `/proc`).
 pub fn read_load(proc_root: &Path, hostname: &str, sessions: u32) -> LoadReport {
-    let (load1, load5, load15) = read_text(&proc_root.join("loadavg"))
-        .and_then(|t| parse_loadavg(&t))
-        .unwrap_or((0.0, 0.0, 0.0));
-    let mem = read_text(&proc_root.join("meminfo"))
-        .map(|t| parse_meminfo(&t))
-        .unwrap_or_default();
+    let (load1, load5, load15) =
+        read_text(&proc_root.join("loadavg")).and_then(|t| parse_loadavg(&t)).unwrap_or((0.0, 0.0, 0.0));
+    let mem = read_text(&proc_root.join("meminfo")).map(|t| parse_meminfo(&t)).unwrap_or_default();
     LoadReport {
         hostname: hostname.to_string(),
         cpus: cpu_count(proc_root),
@@ -149,10 +130,7 @@ pub fn read_load(proc_root: &Path, hostname: &str, sessions: u32) -> LoadReport 
 
 /// The host name, or an empty string when it cannot be read.
 pub fn hostname() -> String {
-    nix::unistd::gethostname()
-        .ok()
-        .and_then(|h| h.into_string().ok())
-        .unwrap_or_default()
+    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -165,10 +143,7 @@ SwapTotal:       2097148 kB\nSwapFree:        2000000 kB\nHugePages_Total:      
 
     #[test]
     fn loadavg_parses_three_figures() {
-        assert_eq!(
-            parse_loadavg("0.52 1.03 2.50 2/512 12345\n"),
-            Some((0.52, 1.03, 2.5))
-        );
+        assert_eq!(parse_loadavg("0.52 1.03 2.50 2/512 12345\n"), Some((0.52, 1.03, 2.5)));
         assert_eq!(parse_loadavg("0.52 x"), None);
         assert_eq!(parse_loadavg(""), None);
     }
@@ -204,10 +179,7 @@ SwapTotal:       2097148 kB\nSwapFree:        2000000 kB\nHugePages_Total:      
 
     #[test]
     fn human_users_exclude_system_and_nobody_and_repeat() {
-        assert_eq!(
-            count_human_users([0, 1, 999, 1000, 1000, 1001, 65534, 70000]),
-            3
-        );
+        assert_eq!(count_human_users([0, 1, 999, 1000, 1000, 1001, 65534, 70000]), 3);
         assert_eq!(count_human_users([]), 0);
     }
 
@@ -224,11 +196,7 @@ SwapTotal:       2097148 kB\nSwapFree:        2000000 kB\nHugePages_Total:      
         std::fs::write(dir.path().join("meminfo"), MEMINFO).unwrap();
         for (pid, uid) in [("10", 1000), ("11", 1000), ("12", 0), ("13", 1002)] {
             std::fs::create_dir(dir.path().join(pid)).unwrap();
-            std::fs::write(
-                dir.path().join(pid).join("status"),
-                format!("Uid:\t{uid}\t{uid}\n"),
-            )
-            .unwrap();
+            std::fs::write(dir.path().join(pid).join("status"), format!("Uid:\t{uid}\t{uid}\n")).unwrap();
         }
         let r = read_load(dir.path(), "agent1", 4);
         assert_eq!((r.load1, r.load5, r.load15), (1.0, 2.0, 3.0));

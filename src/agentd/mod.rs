@@ -70,19 +70,13 @@ impl AgentdError {
     }
 
     fn to_reply(&self) -> AgentReply {
-        AgentReply::Error {
-            kind: self.kind(),
-            message: self.to_string(),
-        }
+        AgentReply::Error { kind: self.kind(), message: self.to_string() }
     }
 }
 
 /// Write `value` as JSON to `path` atomically: a temporary file in the same directory,
 /// flushed to disk, then renamed over the old file.
-pub(crate) fn write_json_atomic<T: serde::Serialize + ?Sized>(
-    path: &Path,
-    value: &T,
-) -> std::io::Result<()> {
+pub(crate) fn write_json_atomic<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> std::io::Result<()> {
     use std::io::Write;
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
@@ -139,39 +133,21 @@ impl Agent {
     /// Apply one request; `local` is the local address of the connection it came on.
     pub async fn handle(&self, req: AgentRequest, local: SocketAddr) -> AgentReply {
         match req {
-            AgentRequest::Start {
-                session_id,
-                user,
-                geometry,
-            } => match self.sessions.start(session_id, &user, geometry).await {
-                Ok(s) => AgentReply::Started {
-                    session: self.addressed(s, local),
-                },
-                Err(e) => e.to_reply(),
-            },
-            AgentRequest::Verify {
-                session_id,
-                display,
-            } => AgentReply::Verified {
-                alive: self.sessions.verify(&session_id, display),
-            },
-            AgentRequest::Terminate {
-                session_id,
-                display,
-            } => AgentReply::Terminated {
-                was_running: self.sessions.terminate(&session_id, display).await,
-            },
-            AgentRequest::List => {
-                let sessions = self
-                    .sessions
-                    .list()
-                    .into_iter()
-                    .map(|s| self.addressed(s, local))
-                    .collect();
-                AgentReply::Sessions {
-                    sessions,
-                    load: self.load(),
+            AgentRequest::Start { session_id, user, geometry } => {
+                match self.sessions.start(session_id, &user, geometry).await {
+                    Ok(s) => AgentReply::Started { session: self.addressed(s, local) },
+                    Err(e) => e.to_reply(),
                 }
+            }
+            AgentRequest::Verify { session_id, display } => {
+                AgentReply::Verified { alive: self.sessions.verify(&session_id, display) }
+            }
+            AgentRequest::Terminate { session_id, display } => {
+                AgentReply::Terminated { was_running: self.sessions.terminate(&session_id, display).await }
+            }
+            AgentRequest::List => {
+                let sessions = self.sessions.list().into_iter().map(|s| self.addressed(s, local)).collect();
+                AgentReply::Sessions { sessions, load: self.load() }
             }
             AgentRequest::Load => AgentReply::Load { load: self.load() },
         }
@@ -212,11 +188,7 @@ impl RunOptions {
 /// Shutdown order: stop accepting; let requests in progress finish (a start interrupted
 /// between spawn and bookkeeping would leave an untracked desktop) up to a deadline; stop the
 /// reporter (its outbox is on disk); detach from the sessions, which keep running.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future,
-) -> Result<(), AgentdError> {
+pub async fn run(config: Config, listener: TcpListener, shutdown: impl Future) -> Result<(), AgentdError> {
     let opts = RunOptions::from_config(&config);
     run_with(config, opts, listener, shutdown).await
 }
@@ -231,10 +203,7 @@ pub async fn run_with(
     let secret = link::load_secret(&config.vsm.secret_file)?;
     tracing::info!(path = %config.vsm.secret_file.display(), "loaded cluster secret");
 
-    let master = (
-        config.vsmagent.master_hostname.clone(),
-        config.vsm.vsm_server_port,
-    );
+    let master = (config.vsmagent.master_hostname.clone(), config.vsm.vsm_server_port);
     let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
     let stop_reporter = CancellationToken::new();
     let sink = {
@@ -285,8 +254,7 @@ pub async fn run_with(
             tracing::warn!(peer = %peer, "too many master connections; dropping this one");
             continue;
         };
-        let (agent, access, secret, stop) =
-            (agent.clone(), access.clone(), secret.clone(), stop.clone());
+        let (agent, access, secret, stop) = (agent.clone(), access.clone(), secret.clone(), stop.clone());
         tracker.spawn(async move {
             let _permit = permit;
             if !access.check(peer.ip()).await {
@@ -309,10 +277,7 @@ pub async fn run_with(
     drop(listener);
     stop.cancel();
     tracker.close();
-    if tokio::time::timeout(opts.shutdown_deadline, tracker.wait())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(opts.shutdown_deadline, tracker.wait()).await.is_err() {
         tracing::warn!("requests still in progress at the shutdown deadline");
     }
     stop_reporter.cancel();

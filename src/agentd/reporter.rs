@@ -90,10 +90,7 @@ impl Outbox {
             }
         }
         if !queue.is_empty() {
-            tracing::info!(
-                pending = queue.len(),
-                "exit reports from before the restart are pending"
-            );
+            tracing::info!(pending = queue.len(), "exit reports from before the restart are pending");
         }
         Outbox { path, queue }
     }
@@ -164,10 +161,7 @@ pub async fn run_reporter<S: ReportSink>(
                 outbox.persist();
                 delay = cfg.backoff_initial;
                 if failing {
-                    tracing::info!(
-                        pending = outbox.queue.len(),
-                        "master acknowledges exit reports again"
-                    );
+                    tracing::info!(pending = outbox.queue.len(), "master acknowledges exit reports again");
                     failing = false;
                 }
                 log_delivered(&front);
@@ -195,11 +189,7 @@ pub async fn run_reporter<S: ReportSink>(
 
 fn log_delivered(r: &AgentReport) {
     match r {
-        AgentReport::SessionExited {
-            session_id,
-            display: dpy,
-            ..
-        } => {
+        AgentReport::SessionExited { session_id, display: dpy, .. } => {
             tracing::info!(session_id = %session_id, display = *dpy, "master acknowledged session exit")
         }
     }
@@ -219,11 +209,7 @@ mod tests {
     use std::time::Instant;
 
     fn exited(n: u32) -> AgentReport {
-        AgentReport::SessionExited {
-            session_id: SessionId(format!("s{n}")),
-            display: n,
-            exit_status: Some(0),
-        }
+        AgentReport::SessionExited { session_id: SessionId(format!("s{n}")), display: n, exit_status: Some(0) }
     }
 
     fn fast() -> ReporterConfig {
@@ -247,11 +233,7 @@ mod tests {
         type Error = String;
         async fn send(&self, report: &AgentReport) -> Result<(), String> {
             self.attempts.fetch_add(1, Ordering::SeqCst);
-            if self
-                .fail
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-            {
+            if self.fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
                 return Err("connection refused".into());
             }
             self.acked.lock().unwrap().push(report.clone());
@@ -278,14 +260,8 @@ mod tests {
             tx.send(exited(n)).await.unwrap();
         }
         let acked = master.acked.clone();
-        wait_until("three acknowledged reports", || {
-            acked.lock().unwrap().len() == 3
-        })
-        .await;
-        assert_eq!(
-            *master.acked.lock().unwrap(),
-            vec![exited(1), exited(2), exited(3)]
-        );
+        wait_until("three acknowledged reports", || acked.lock().unwrap().len() == 3).await;
+        assert_eq!(*master.acked.lock().unwrap(), vec![exited(1), exited(2), exited(3)]);
         assert_eq!(master.attempts.load(Ordering::SeqCst), 7);
         stop_tx.send(()).unwrap();
         task.await.unwrap();
@@ -312,10 +288,7 @@ mod tests {
     #[tokio::test]
     async fn pending_reports_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = ReporterConfig {
-            outbox_path: Some(outbox_path(dir.path())),
-            ..fast()
-        };
+        let cfg = ReporterConfig { outbox_path: Some(outbox_path(dir.path())), ..fast() };
         // First life: the master never answers, then the agent stops.
         let down = FakeMaster::default();
         down.fail.store(u32::MAX, Ordering::SeqCst);
@@ -334,8 +307,7 @@ mod tests {
         drop(tx2);
         run_reporter(up.clone(), rx2, cfg.clone(), std::future::pending::<()>()).await;
         assert_eq!(*up.acked.lock().unwrap(), vec![exited(1), exited(2)]);
-        let left: Vec<AgentReport> =
-            serde_json::from_slice(&std::fs::read(cfg.outbox_path.unwrap()).unwrap()).unwrap();
+        let left: Vec<AgentReport> = serde_json::from_slice(&std::fs::read(cfg.outbox_path.unwrap()).unwrap()).unwrap();
         assert!(left.is_empty());
     }
 }

@@ -161,16 +161,12 @@ pub fn valid_user_name(u: &str) -> bool {
     !u.is_empty()
         && u.len() <= 64
         && !u.starts_with(['.', '-'])
-        && u.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-@$".contains(&b))
+        && u.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@$".contains(&b))
 }
 
 fn valid_session_id(id: &SessionId) -> bool {
     let s = &id.0;
-    !s.is_empty()
-        && s.len() <= 128
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 /// Is display `n` free of X servers (lock file, socket) in `x_dir`, with `port` bindable?
@@ -307,10 +303,7 @@ struct Identity {
 impl SessionManager {
     /// Create the state directory, load `sessions.json`, re-adopt the sessions still alive
     /// and queue exit reports for the others. Exits are reported into `reports`.
-    pub async fn open(
-        opts: SessionOptions,
-        reports: mpsc::Sender<AgentReport>,
-    ) -> Result<SessionManager, AgentdError> {
+    pub async fn open(opts: SessionOptions, reports: mpsc::Sender<AgentReport>) -> Result<SessionManager, AgentdError> {
         std::fs::create_dir_all(opts.state_dir.join("sessions")).map_err(|e| AgentdError::Io {
             what: format!("create state directory {}", opts.state_dir.display()),
             source: e,
@@ -331,12 +324,7 @@ impl SessionManager {
                 message: format!("expected a json list of sessions: {e}"),
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                return Err(AgentdError::Io {
-                    what: format!("read {}", path.display()),
-                    source: e,
-                })
-            }
+            Err(e) => return Err(AgentdError::Io { what: format!("read {}", path.display()), source: e }),
         };
         let mut dead = Vec::new();
         for p in persisted {
@@ -418,12 +406,7 @@ impl SessionManager {
         });
         self.table().insert(
             display,
-            Slot::Running(Entry {
-                session: p.session,
-                start_time,
-                exited: rx,
-                watcher: task.abort_handle(),
-            }),
+            Slot::Running(Entry { session: p.session, start_time, exited: rx, watcher: task.abort_handle() }),
         );
     }
 
@@ -439,9 +422,7 @@ impl SessionManager {
                         "session {session_id} is being started by another request"
                     )))
                 }
-                Slot::Running(e)
-                    if &e.session.session_id == session_id && e.exited.borrow().is_none() =>
-                {
+                Slot::Running(e) if &e.session.session_id == session_id && e.exited.borrow().is_none() => {
                     if e.session.user == user {
                         return Ok(Reserved::Existing(e.session.clone()));
                     }
@@ -464,10 +445,7 @@ impl SessionManager {
                 return Ok(Reserved::Display(n));
             }
         }
-        Err(AgentdError::NoFreeDisplay {
-            min: o.display_min,
-            max: o.display_max,
-        })
+        Err(AgentdError::NoFreeDisplay { min: o.display_min, max: o.display_max })
     }
 
     fn release(&self, display: u32) {
@@ -483,38 +461,19 @@ impl SessionManager {
             let u = match User::from_name(user) {
                 Ok(Some(u)) => u,
                 Ok(None) => return Err(AgentdError::UnknownUser(user.to_string())),
-                Err(e) => {
-                    return Err(AgentdError::StartFailed(format!(
-                        "cannot look up user {user:?}: {e}"
-                    )))
-                }
+                Err(e) => return Err(AgentdError::StartFailed(format!("cannot look up user {user:?}: {e}"))),
             };
-            let cname = CString::new(u.name.as_bytes())
-                .map_err(|_| AgentdError::UnknownUser(user.to_string()))?;
-            let groups = nix::unistd::getgrouplist(&cname, u.gid).map_err(|e| {
-                AgentdError::StartFailed(format!("cannot list the groups of {user:?}: {e}"))
-            })?;
-            Ok(Identity {
-                name: u.name,
-                home: u.dir,
-                shell: u.shell,
-                switch: Some((u.uid, u.gid, groups)),
-            })
+            let cname = CString::new(u.name.as_bytes()).map_err(|_| AgentdError::UnknownUser(user.to_string()))?;
+            let groups = nix::unistd::getgrouplist(&cname, u.gid)
+                .map_err(|e| AgentdError::StartFailed(format!("cannot list the groups of {user:?}: {e}")))?;
+            Ok(Identity { name: u.name, home: u.dir, shell: u.shell, switch: Some((u.uid, u.gid, groups)) })
         } else {
             // Not root: the session runs as the agent's own user, whoever asked.
             let me = User::from_uid(nix::unistd::geteuid()).ok().flatten();
             Ok(Identity {
-                name: me
-                    .as_ref()
-                    .map(|u| u.name.clone())
-                    .unwrap_or_else(|| user.to_string()),
-                home: me
-                    .as_ref()
-                    .map(|u| u.dir.clone())
-                    .unwrap_or_else(|| PathBuf::from("/")),
-                shell: me
-                    .map(|u| u.shell)
-                    .unwrap_or_else(|| PathBuf::from("/bin/sh")),
+                name: me.as_ref().map(|u| u.name.clone()).unwrap_or_else(|| user.to_string()),
+                home: me.as_ref().map(|u| u.dir.clone()).unwrap_or_else(|| PathBuf::from("/")),
+                shell: me.map(|u| u.shell).unwrap_or_else(|| PathBuf::from("/bin/sh")),
                 switch: None,
             })
         }
@@ -534,15 +493,11 @@ impl SessionManager {
             )));
         }
         if !valid_user_name(user) {
-            return Err(AgentdError::BadRequest(format!(
-                "user name {user:?} is not a valid user name"
-            )));
+            return Err(AgentdError::BadRequest(format!("user name {user:?} is not a valid user name")));
         }
         let geometry = geometry.unwrap_or_else(|| self.inner.opts.default_geometry.clone());
         if !valid_geometry(&geometry) {
-            return Err(AgentdError::BadRequest(format!(
-                "geometry {geometry:?} is not WIDTHxHEIGHT"
-            )));
+            return Err(AgentdError::BadRequest(format!("geometry {geometry:?} is not WIDTHxHEIGHT")));
         }
         if self.inner.opts.session_command.is_empty() {
             return Err(AgentdError::StartFailed("session_command is empty".into()));
@@ -571,18 +526,11 @@ impl SessionManager {
         ident: Identity,
     ) -> Result<AgentSession, AgentdError> {
         let o = &self.inner.opts;
-        let port = vnc_port(o.vnc_port_base, dpy).ok_or(AgentdError::NoFreeDisplay {
-            min: o.display_min,
-            max: o.display_max,
-        })?;
+        let port = vnc_port(o.vnc_port_base, dpy)
+            .ok_or(AgentdError::NoFreeDisplay { min: o.display_min, max: o.display_max })?;
         let argv = expand_command(
             &o.session_command,
-            &Placeholders {
-                display: dpy,
-                port,
-                geometry: geometry.to_string(),
-                user: user.to_string(),
-            },
+            &Placeholders { display: dpy, port, geometry: geometry.to_string(), user: user.to_string() },
         );
         let log_dir = o.state_dir.join("sessions").join(user);
         let log_path = log_dir.join(format!("{dpy}.log"));
@@ -595,11 +543,8 @@ impl SessionManager {
                 .create(&log_dir)
                 .map_err(io(format!("create {}", log_dir.display())))?;
         }
-        let log = std::fs::File::create(&log_path)
-            .map_err(io(format!("create session log {}", log_path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io("duplicate the log file handle".into()))?;
+        let log = std::fs::File::create(&log_path).map_err(io(format!("create session log {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(io("duplicate the log file handle".into()))?;
 
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -616,8 +561,7 @@ impl SessionManager {
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
-        let home_c = CString::new(ident.home.as_os_str().as_encoded_bytes())
-            .unwrap_or_else(|_| CString::from(c"/"));
+        let home_c = CString::new(ident.home.as_os_str().as_encoded_bytes()).unwrap_or_else(|_| CString::from(c"/"));
         let switch = ident.switch;
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
         // system calls on data prepared before the fork; it allocates nothing.
@@ -635,13 +579,9 @@ impl SessionManager {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| AgentdError::StartFailed(format!("cannot run {:?}: {e}", argv[0])))?;
+        let mut child = cmd.spawn().map_err(|e| AgentdError::StartFailed(format!("cannot run {:?}: {e}", argv[0])))?;
         let Some(pid) = child.id() else {
-            return Err(AgentdError::StartFailed(
-                "the session process vanished at once".into(),
-            ));
+            return Err(AgentdError::StartFailed("the session process vanished at once".into()));
         };
         let start_time = proc_stat(pid as i32).map(|s| s.start_time).unwrap_or(0);
 
@@ -681,12 +621,7 @@ impl SessionManager {
         });
         self.table().insert(
             dpy,
-            Slot::Running(Entry {
-                session: session.clone(),
-                start_time,
-                exited: rx,
-                watcher: task.abort_handle(),
-            }),
+            Slot::Running(Entry { session: session.clone(), start_time, exited: rx, watcher: task.abort_handle() }),
         );
         self.persist().await;
         tracing::info!(session_id = %session_id, user = user, display = dpy, pid, "session started");
@@ -699,11 +634,7 @@ impl SessionManager {
             return;
         }
         tracing::info!(session_id = %session_id, display = dpy, pid, exit_status = ?code, "session ended");
-        let report = AgentReport::SessionExited {
-            session_id: session_id.clone(),
-            display: dpy,
-            exit_status: code,
-        };
+        let report = AgentReport::SessionExited { session_id: session_id.clone(), display: dpy, exit_status: code };
         if self.inner.reports.send(report).await.is_err() {
             tracing::warn!(session_id = %session_id, "exit report dropped: the reporter is gone");
         }
@@ -726,10 +657,7 @@ impl SessionManager {
             .table()
             .values()
             .filter_map(|s| match s {
-                Slot::Running(e) => Some(Persisted {
-                    session: e.session.clone(),
-                    start_time: e.start_time,
-                }),
+                Slot::Running(e) => Some(Persisted { session: e.session.clone(), start_time: e.start_time }),
                 Slot::Reserved(_) => None,
             })
             .collect();
@@ -739,15 +667,9 @@ impl SessionManager {
         }
     }
 
-    fn lookup(
-        &self,
-        session_id: &SessionId,
-        dpy: u32,
-    ) -> Option<(i32, watch::Receiver<ExitState>)> {
+    fn lookup(&self, session_id: &SessionId, dpy: u32) -> Option<(i32, watch::Receiver<ExitState>)> {
         match self.table().get(&dpy) {
-            Some(Slot::Running(e))
-                if &e.session.session_id == session_id && e.exited.borrow().is_none() =>
-            {
+            Some(Slot::Running(e)) if &e.session.session_id == session_id && e.exited.borrow().is_none() => {
                 Some((e.session.pid as i32, e.exited.clone()))
             }
             _ => None,
@@ -768,17 +690,11 @@ impl SessionManager {
         tracing::info!(session_id = %session_id, display = dpy, pid, "terminating session");
         signal_session(pid, Signal::SIGTERM);
         let grace = self.inner.opts.terminate_grace;
-        if tokio::time::timeout(grace, exited.wait_for(|s| s.is_some()))
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, exited.wait_for(|s| s.is_some())).await.is_err() {
             tracing::warn!(session_id = %session_id, display = dpy, pid, "session ignored SIGTERM; sending SIGKILL");
             signal_session(pid, Signal::SIGKILL);
             let poll = self.inner.opts.adopted_poll;
-            if tokio::time::timeout(grace + poll * 2, exited.wait_for(|s| s.is_some()))
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout(grace + poll * 2, exited.wait_for(|s| s.is_some())).await.is_err() {
                 tracing::error!(session_id = %session_id, display = dpy, pid, "session still there after SIGKILL");
             }
         } else {
@@ -833,12 +749,7 @@ mod tests {
     use super::*;
 
     fn ph() -> Placeholders {
-        Placeholders {
-            display: 12,
-            port: 5912,
-            geometry: "800x600".into(),
-            user: "alice".into(),
-        }
+        Placeholders { display: 12, port: 5912, geometry: "800x600".into(), user: "alice".into() }
     }
 
     fn strs(v: &[&str]) -> Vec<String> {
@@ -880,14 +791,8 @@ mod tests {
 
     #[test]
     fn values_are_not_expanded_twice_and_stay_one_argument() {
-        let p = Placeholders {
-            user: "{display} x; rm -rf /".into(),
-            ..ph()
-        };
-        assert_eq!(
-            expand_command(&strs(&["-u", "{user}"]), &p),
-            strs(&["-u", "{display} x; rm -rf /"])
-        );
+        let p = Placeholders { user: "{display} x; rm -rf /".into(), ..ph() };
+        assert_eq!(expand_command(&strs(&["-u", "{user}"]), &p), strs(&["-u", "{display} x; rm -rf /"]));
     }
 
     #[test]
@@ -908,15 +813,7 @@ mod tests {
     #[test]
     fn stat_parses_names_with_parentheses_and_spaces() {
         let t = "1234 (my (odd) name) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 100 18446744073709551615";
-        assert_eq!(
-            parse_stat(t),
-            Some(ProcStat {
-                state: 'S',
-                ppid: 1,
-                session: 1234,
-                start_time: 987654
-            })
-        );
+        assert_eq!(parse_stat(t), Some(ProcStat { state: 'S', ppid: 1, session: 1234, start_time: 987654 }));
         assert_eq!(parse_stat("garbage"), None);
         assert_eq!(parse_stat("1 (x) S 1"), None);
     }
@@ -926,10 +823,7 @@ mod tests {
         let s = proc_stat(std::process::id() as i32).unwrap();
         assert!(s.start_time > 0);
         assert!(same_process_alive(std::process::id() as i32, s.start_time));
-        assert!(!same_process_alive(
-            std::process::id() as i32,
-            s.start_time + 1
-        ));
+        assert!(!same_process_alive(std::process::id() as i32, s.start_time + 1));
     }
 
     #[test]

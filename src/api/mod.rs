@@ -110,7 +110,10 @@ impl Api {
                 let user = self.acting_user(caller, user)?;
                 if let Some(g) = &geometry {
                     if !valid_geometry(g) {
-                        return Err(err(ApiErrorKind::BadRequest, format!("bad geometry {g:?}: expected WIDTHxHEIGHT such as 1280x800")));
+                        return Err(err(
+                            ApiErrorKind::BadRequest,
+                            format!("bad geometry {g:?}: expected WIDTHxHEIGHT such as 1280x800"),
+                        ));
                     }
                 }
                 let groups = user_groups(&user);
@@ -142,7 +145,9 @@ impl Api {
             }
             ApiRequest::SessionTerminate { selector, all, allow_abandon, dry_run } => {
                 self.need_admin(caller, "terminating sessions")?;
-                ApiReply::Terminated { outcome: b.terminate(&selector, all, allow_abandon, dry_run).await.map_err(broker_err)? }
+                ApiReply::Terminated {
+                    outcome: b.terminate(&selector, all, allow_abandon, dry_run).await.map_err(broker_err)?,
+                }
             }
             ApiRequest::SessionPut { session } => {
                 self.need_admin(caller, "storing session records")?;
@@ -158,7 +163,10 @@ impl Api {
                 let all = b.loads().await.map_err(broker_err)?;
                 let one: Vec<_> = all.into_iter().filter(|a| a.agent == agent).collect();
                 if one.is_empty() {
-                    return Err(err(ApiErrorKind::NotFound, format!("no agent named {agent} in any subcluster or session")));
+                    return Err(err(
+                        ApiErrorKind::NotFound,
+                        format!("no agent named {agent} in any subcluster or session"),
+                    ));
                 }
                 ApiReply::Loads { agents: one }
             }

@@ -62,11 +62,18 @@ pub fn allowed(ip: IpAddr, allowed: &[String]) -> bool {
     })
 }
 
-async fn serve_conn(stream: TcpStream, addr: SocketAddr, api: Api, secret: Secret, shutdown: CancellationToken) -> Result<(), String> {
-    let (mut conn, link) = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_any(stream, &secret, &[PROLOGUE_ADMIN, PROLOGUE_REPORT]))
-        .await
-        .map_err(|_| "handshake timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+async fn serve_conn(
+    stream: TcpStream,
+    addr: SocketAddr,
+    api: Api,
+    secret: Secret,
+    shutdown: CancellationToken,
+) -> Result<(), String> {
+    let (mut conn, link) =
+        tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_any(stream, &secret, &[PROLOGUE_ADMIN, PROLOGUE_REPORT]))
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| e.to_string())?;
     if link == 0 {
         if !allowed(addr.ip(), &api.broker.config().vsmserver.allowed_clients) {
             let msg = format!("admin calls from {} are refused: not in /vsmserver/allowed_clients", addr.ip());
@@ -83,7 +90,8 @@ async fn serve_conn(stream: TcpStream, addr: SocketAddr, api: Api, secret: Secre
                 Ok(Some(req)) => api.handle(&caller, req).await,
                 Ok(None) => return Ok(()),
                 Err(e) => {
-                    let r = ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
+                    let r =
+                        ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
                     let _ = conn.send(&r).await;
                     return Err(e.to_string());
                 }
@@ -93,10 +101,12 @@ async fn serve_conn(stream: TcpStream, addr: SocketAddr, api: Api, secret: Secre
     }
     while let Some(report) = conn.recv::<AgentReport>().await.map_err(|e| e.to_string())? {
         let ack = match report {
-            AgentReport::SessionExited { session_id, exit_status, .. } => match api.broker.session_exited(&session_id, exit_status).await {
-                Ok(()) => ReportAck::Accepted,
-                Err(e) => ReportAck::Retry { reason: e.to_string() },
-            },
+            AgentReport::SessionExited { session_id, exit_status, .. } => {
+                match api.broker.session_exited(&session_id, exit_status).await {
+                    Ok(()) => ReportAck::Accepted,
+                    Err(e) => ReportAck::Retry { reason: e.to_string() },
+                }
+            }
         };
         conn.send(&ack).await.map_err(|e| e.to_string())?;
     }

@@ -41,8 +41,8 @@ fn identify(stream: &UnixStream, admin_group: Option<&str>) -> Result<Caller, St
         .ok()
         .flatten()
         .ok_or_else(|| format!("uid {uid} has no user name"))?;
-    let admin = uid == 0
-        || admin_group.is_some_and(|g| crate::broker::service::user_groups(&user.name).iter().any(|x| x == g));
+    let admin =
+        uid == 0 || admin_group.is_some_and(|g| crate::broker::service::user_groups(&user.name).iter().any(|x| x == g));
     Ok(Caller::Local { uid, user: user.name, admin })
 }
 
@@ -66,7 +66,8 @@ async fn serve_conn(stream: UnixStream, api: Api, shutdown: CancellationToken) -
             Ok(Some(req)) => api.handle(&caller, req).await,
             Ok(None) => return Ok(()),
             Err(e) => {
-                let reply = ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
+                let reply =
+                    ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
                 let _ = conn.send(&reply).await;
                 return Err(e);
             }

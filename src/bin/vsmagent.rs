@@ -36,10 +36,7 @@ fn init_logging(args: &Args) {
         (None, 1) => EnvFilter::new("debug"),
         (None, _) => EnvFilter::new("trace"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Installs the handlers at once (a signal arriving before the first poll must not kill the
@@ -65,13 +62,9 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("invalid configuration in {}", dir.display()))?;
     tracing::info!(config_dir = %dir.display(), "configuration loaded");
-    let addr = args
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], config.vsmagent.listen_port)));
+    let addr = args.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], config.vsmagent.listen_port)));
     let shutdown = shutdown_signal()?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
     tracing::info!(listen = %bound, "bound agent port");
     // Not under systemd is fine: then there is nobody to tell.

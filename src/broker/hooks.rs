@@ -135,7 +135,8 @@ mod tests {
 
     #[tokio::test]
     async fn missing_directory_means_no_hooks() {
-        let n = run_hooks(Path::new("/nonexistent/vsm-hooks"), HookEvent::Startup, &session(), Duration::from_secs(1)).await;
+        let n = run_hooks(Path::new("/nonexistent/vsm-hooks"), HookEvent::Startup, &session(), Duration::from_secs(1))
+            .await;
         assert_eq!(n, 0);
     }
 }

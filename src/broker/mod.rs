@@ -3,6 +3,6 @@
 //! Invariant: broker logic decides, it does not do I/O itself; agents and the database are
 //! reached through handles.
 
-pub mod placement;
 pub mod hooks;
+pub mod placement;
 pub mod service;

@@ -44,10 +44,7 @@ pub enum PlacementError {
     #[error("user {user} matches no subcluster and there is no default subcluster")]
     NoSubcluster { user: String },
     #[error("{}", no_agent_message(subcluster, reasons))]
-    NoAgentAvailable {
-        subcluster: String,
-        reasons: Vec<AgentSkip>,
-    },
+    NoAgentAvailable { subcluster: String, reasons: Vec<AgentSkip> },
 }
 
 fn no_agent_message(subcluster: &str, reasons: &[AgentSkip]) -> String {
@@ -55,10 +52,7 @@ fn no_agent_message(subcluster: &str, reasons: &[AgentSkip]) -> String {
         return format!("no agent available in subcluster {subcluster}: it lists no agents");
     }
     let list: Vec<String> = reasons.iter().map(|r| r.to_string()).collect();
-    format!(
-        "no agent available in subcluster {subcluster}: {}",
-        list.join(", ")
-    )
+    format!("no agent available in subcluster {subcluster}: {}", list.join(", "))
 }
 
 /// One agent that could not take the session, and why.
@@ -106,17 +100,9 @@ pub enum SubclusterMatch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Ambiguity {
     /// The user is listed in `users` of several subclusters.
-    UserInSeveral {
-        user: String,
-        chosen: String,
-        others: Vec<String>,
-    },
+    UserInSeveral { user: String, chosen: String, others: Vec<String> },
     /// The user's groups match `groups` of several subclusters.
-    GroupsInSeveral {
-        user: String,
-        chosen: String,
-        others: Vec<String>,
-    },
+    GroupsInSeveral { user: String, chosen: String, others: Vec<String> },
     /// Several subclusters have neither users nor groups.
     SeveralDefaults { chosen: String, others: Vec<String> },
 }
@@ -171,39 +157,26 @@ pub fn select_subcluster<'a>(
     subclusters: &'a BTreeMap<String, Subcluster>,
 ) -> Result<SubclusterChoice<'a>, PlacementError> {
     // BTreeMap iteration is by name, which makes "first" deterministic.
-    let by_user: Vec<&Subcluster> = subclusters
-        .values()
-        .filter(|s| s.users.iter().any(|u| u == user))
-        .collect();
-    if let Some(choice) = pick(by_user, SubclusterMatch::User, |chosen, others| {
-        Ambiguity::UserInSeveral {
-            user: user.to_string(),
-            chosen,
-            others,
-        }
+    let by_user: Vec<&Subcluster> = subclusters.values().filter(|s| s.users.iter().any(|u| u == user)).collect();
+    if let Some(choice) = pick(by_user, SubclusterMatch::User, |chosen, others| Ambiguity::UserInSeveral {
+        user: user.to_string(),
+        chosen,
+        others,
     }) {
         return Ok(choice);
     }
-    let by_group: Vec<&Subcluster> = subclusters
-        .values()
-        .filter(|s| s.groups.iter().any(|g| user_groups.contains(g)))
-        .collect();
-    if let Some(choice) = pick(by_group, SubclusterMatch::Group, |chosen, others| {
-        Ambiguity::GroupsInSeveral {
-            user: user.to_string(),
-            chosen,
-            others,
-        }
+    let by_group: Vec<&Subcluster> =
+        subclusters.values().filter(|s| s.groups.iter().any(|g| user_groups.contains(g))).collect();
+    if let Some(choice) = pick(by_group, SubclusterMatch::Group, |chosen, others| Ambiguity::GroupsInSeveral {
+        user: user.to_string(),
+        chosen,
+        others,
     }) {
         return Ok(choice);
     }
     let defaults: Vec<&Subcluster> = subclusters.values().filter(|s| s.is_default()).collect();
-    pick(defaults, SubclusterMatch::Default, |chosen, others| {
-        Ambiguity::SeveralDefaults { chosen, others }
-    })
-    .ok_or_else(|| PlacementError::NoSubcluster {
-        user: user.to_string(),
-    })
+    pick(defaults, SubclusterMatch::Default, |chosen, others| Ambiguity::SeveralDefaults { chosen, others })
+        .ok_or_else(|| PlacementError::NoSubcluster { user: user.to_string() })
 }
 
 fn pick<'a>(
@@ -215,16 +188,9 @@ fn pick<'a>(
     let warnings = if rest.is_empty() {
         vec![]
     } else {
-        vec![ambiguity(
-            first.name.clone(),
-            rest.iter().map(|s| s.name.clone()).collect(),
-        )]
+        vec![ambiguity(first.name.clone(), rest.iter().map(|s| s.name.clone()).collect())]
     };
-    Some(SubclusterChoice {
-        subcluster: first,
-        matched_by,
-        warnings,
-    })
+    Some(SubclusterChoice { subcluster: first, matched_by, warnings })
 }
 
 /// Everything [`choose_agent`] needs to know. Agents are named as in the subcluster's list.
@@ -273,11 +239,7 @@ pub fn choose_agent(input: &PlacementInput) -> Result<String, PlacementError> {
 pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
     let sub = input.subcluster;
     let mut seen = BTreeSet::new();
-    let agents: Vec<&String> = sub
-        .agents
-        .iter()
-        .filter(|a| seen.insert(a.as_str()))
-        .collect();
+    let agents: Vec<&String> = sub.agents.iter().filter(|a| seen.insert(a.as_str())).collect();
 
     struct Candidate<'b> {
         agent: &'b str,
@@ -291,36 +253,22 @@ pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
     let mut skipped = Vec::new();
     let mut eligible: Vec<Candidate> = Vec::new();
     for (position, agent) in agents.iter().enumerate() {
-        let users = input
-            .users_per_agent
-            .get(agent.as_str())
-            .copied()
-            .unwrap_or(0);
+        let users = input.users_per_agent.get(agent.as_str()).copied().unwrap_or(0);
         let hosts_user = input.user_agents.iter().any(|a| a == *agent);
         let reason = if input.draining.iter().any(|d| d == *agent) {
             Some(SkipReason::Draining)
         } else if input.unreachable.contains(agent.as_str()) {
             Some(SkipReason::Unreachable)
         } else if sub.max_users_per_agent > 0 && !hosts_user && users >= sub.max_users_per_agent {
-            Some(SkipReason::Full {
-                users,
-                max: sub.max_users_per_agent,
-            })
+            Some(SkipReason::Full { users, max: sub.max_users_per_agent })
         } else {
             None
         };
         if let Some(reason) = reason {
-            skipped.push(AgentSkip {
-                agent: agent.to_string(),
-                reason,
-            });
+            skipped.push(AgentSkip { agent: agent.to_string(), reason });
             continue;
         }
-        let weight = input
-            .weights
-            .get(agent.as_str())
-            .copied()
-            .filter(|w| *w > 0);
+        let weight = input.weights.get(agent.as_str()).copied().filter(|w| *w > 0);
         eligible.push(Candidate {
             agent,
             position,
@@ -331,45 +279,21 @@ pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
         });
     }
 
-    if let Some(c) = eligible
-        .iter()
-        .find(|c| c.hosts_user && c.penalty.is_none())
-    {
-        return Ok(Placement {
-            agent: c.agent.to_string(),
-            reason: PlacementReason::Colocated,
-        });
+    if let Some(c) = eligible.iter().find(|c| c.hosts_user && c.penalty.is_none()) {
+        return Ok(Placement { agent: c.agent.to_string(), reason: PlacementReason::Colocated });
     }
 
     // (users_after / weight) compared exactly by cross-multiplication.
     let by_load = |a: &&Candidate, b: &&Candidate| {
-        (a.users_after * b.weight)
-            .cmp(&(b.users_after * a.weight))
-            .then(a.position.cmp(&b.position))
+        (a.users_after * b.weight).cmp(&(b.users_after * a.weight)).then(a.position.cmp(&b.position))
     };
-    if let Some(c) = eligible
-        .iter()
-        .filter(|c| c.penalty.is_none())
-        .min_by(by_load)
-    {
-        return Ok(Placement {
-            agent: c.agent.to_string(),
-            reason: PlacementReason::Balanced,
-        });
+    if let Some(c) = eligible.iter().filter(|c| c.penalty.is_none()).min_by(by_load) {
+        return Ok(Placement { agent: c.agent.to_string(), reason: PlacementReason::Balanced });
     }
-    if let Some(c) = eligible
-        .iter()
-        .min_by(|a, b| a.penalty.cmp(&b.penalty).then(by_load(a, b)))
-    {
-        return Ok(Placement {
-            agent: c.agent.to_string(),
-            reason: PlacementReason::Penalised,
-        });
+    if let Some(c) = eligible.iter().min_by(|a, b| a.penalty.cmp(&b.penalty).then(by_load(a, b))) {
+        return Ok(Placement { agent: c.agent.to_string(), reason: PlacementReason::Penalised });
     }
-    Err(PlacementError::NoAgentAvailable {
-        subcluster: sub.name.clone(),
-        reasons: skipped,
-    })
+    Err(PlacementError::NoAgentAvailable { subcluster: sub.name.clone(), reasons: skipped })
 }
 
 #[cfg(test)]
@@ -403,25 +327,13 @@ mod tests {
         ]);
         let staff = strings(&["staff"]);
         let r = select_subcluster("alice", &staff, &subs).unwrap();
-        assert_eq!(
-            (r.subcluster.name.as_str(), r.matched_by),
-            ("c-users", SubclusterMatch::User)
-        );
+        assert_eq!((r.subcluster.name.as_str(), r.matched_by), ("c-users", SubclusterMatch::User));
         assert!(r.warnings.is_empty());
         let r = select_subcluster("bob", &staff, &subs).unwrap();
-        assert_eq!(
-            (r.subcluster.name.as_str(), r.matched_by),
-            ("b-groups", SubclusterMatch::Group)
-        );
+        assert_eq!((r.subcluster.name.as_str(), r.matched_by), ("b-groups", SubclusterMatch::Group));
         let r = select_subcluster("carol", &strings(&["other"]), &subs).unwrap();
-        assert_eq!(
-            (r.subcluster.name.as_str(), r.matched_by),
-            ("a-default", SubclusterMatch::Default)
-        );
-        assert_eq!(
-            resolve_subcluster("carol", &[], &subs).unwrap().name,
-            "a-default"
-        );
+        assert_eq!((r.subcluster.name.as_str(), r.matched_by), ("a-default", SubclusterMatch::Default));
+        assert_eq!(resolve_subcluster("carol", &[], &subs).unwrap().name, "a-default");
     }
 
     #[test]
@@ -429,28 +341,19 @@ mod tests {
         let subs = map(vec![sc("only", &["x"], &["alice"], &["staff"])]);
         let err = resolve_subcluster("bob", &strings(&["users"]), &subs).unwrap_err();
         assert_eq!(err, PlacementError::NoSubcluster { user: "bob".into() });
-        assert_eq!(
-            err.to_string(),
-            "user bob matches no subcluster and there is no default subcluster"
-        );
+        assert_eq!(err.to_string(), "user bob matches no subcluster and there is no default subcluster");
         let empty = BTreeMap::new();
         assert!(resolve_subcluster("bob", &[], &empty).is_err());
     }
 
     #[test]
     fn two_defaults_pick_first_by_name_and_warn() {
-        let subs = map(vec![
-            sc("zeta", &["z"], &[], &[]),
-            sc("alpha", &["a"], &[], &[]),
-        ]);
+        let subs = map(vec![sc("zeta", &["z"], &[], &[]), sc("alpha", &["a"], &[], &[])]);
         let r = select_subcluster("bob", &[], &subs).unwrap();
         assert_eq!(r.subcluster.name, "alpha");
         assert_eq!(
             r.warnings,
-            vec![Ambiguity::SeveralDefaults {
-                chosen: "alpha".into(),
-                others: vec!["zeta".into()]
-            }]
+            vec![Ambiguity::SeveralDefaults { chosen: "alpha".into(), others: vec!["zeta".into()] }]
         );
         assert!(r.warnings[0].to_string().contains("using alpha"));
     }
@@ -464,26 +367,18 @@ mod tests {
         ]);
         let r = select_subcluster("alice", &[], &subs).unwrap();
         assert_eq!(r.subcluster.name, "s1");
-        assert!(
-            matches!(&r.warnings[..], [Ambiguity::UserInSeveral { chosen, others, .. }]
-            if chosen == "s1" && others == &vec!["s2".to_string()])
-        );
+        assert!(matches!(&r.warnings[..], [Ambiguity::UserInSeveral { chosen, others, .. }]
+            if chosen == "s1" && others == &vec!["s2".to_string()]));
     }
 
     #[test]
     fn groups_in_two_subclusters_pick_first_and_warn() {
-        let subs = map(vec![
-            sc("g2", &["b"], &[], &["dev"]),
-            sc("g1", &["a"], &[], &["staff"]),
-            sc("d", &["c"], &[], &[]),
-        ]);
+        let subs =
+            map(vec![sc("g2", &["b"], &[], &["dev"]), sc("g1", &["a"], &[], &["staff"]), sc("d", &["c"], &[], &[])]);
         let r = select_subcluster("alice", &strings(&["dev", "staff"]), &subs).unwrap();
         assert_eq!(r.subcluster.name, "g1");
         assert_eq!(r.matched_by, SubclusterMatch::Group);
-        assert!(matches!(
-            &r.warnings[..],
-            [Ambiguity::GroupsInSeveral { .. }]
-        ));
+        assert!(matches!(&r.warnings[..], [Ambiguity::GroupsInSeveral { .. }]));
         // A single group match is not ambiguous, and the extra default is not reported.
         let r = select_subcluster("alice", &strings(&["dev"]), &subs).unwrap();
         assert_eq!(r.subcluster.name, "g2");
@@ -542,13 +437,7 @@ mod tests {
     #[test]
     fn picks_least_loaded_and_breaks_ties_by_list_order() {
         let w = World::new(&["a", "b", "c"]).users(&[("a", 3), ("b", 1), ("c", 1)]);
-        assert_eq!(
-            w.place(),
-            Placement {
-                agent: "b".into(),
-                reason: PlacementReason::Balanced
-            }
-        );
+        assert_eq!(w.place(), Placement { agent: "b".into(), reason: PlacementReason::Balanced });
         let w = World::new(&["c", "b", "a"]);
         assert_eq!(w.choose().unwrap(), "c");
     }
@@ -563,13 +452,7 @@ mod tests {
     fn colocates_with_the_users_existing_session() {
         let mut w = World::new(&["a", "b", "c"]).users(&[("a", 0), ("b", 9), ("c", 9)]);
         w.user_agents = strings(&["c"]);
-        assert_eq!(
-            w.place(),
-            Placement {
-                agent: "c".into(),
-                reason: PlacementReason::Colocated
-            }
-        );
+        assert_eq!(w.place(), Placement { agent: "c".into(), reason: PlacementReason::Colocated });
         // Several: the first in the subcluster's list.
         w.user_agents = strings(&["c", "b"]);
         assert_eq!(w.choose().unwrap(), "b");
@@ -604,13 +487,7 @@ mod tests {
             "no agent available in subcluster sc: a (full: 2 of 2 users), b (full: 2 of 2 users)"
         );
         w.user_agents = strings(&["b"]);
-        assert_eq!(
-            w.place(),
-            Placement {
-                agent: "b".into(),
-                reason: PlacementReason::Colocated
-            }
-        );
+        assert_eq!(w.place(), Placement { agent: "b".into(), reason: PlacementReason::Colocated });
         // Unlimited when 0.
         w.sub.max_users_per_agent = 0;
         w.user_agents.clear();
@@ -625,13 +502,7 @@ mod tests {
         w.user_agents = strings(&["a"]);
         w.penalties.insert("a".into(), 1);
         w.unreachable.insert("b".into());
-        assert_eq!(
-            w.place(),
-            Placement {
-                agent: "a".into(),
-                reason: PlacementReason::Penalised
-            }
-        );
+        assert_eq!(w.place(), Placement { agent: "a".into(), reason: PlacementReason::Penalised });
     }
 
     #[test]
@@ -643,39 +514,23 @@ mod tests {
         w.draining.push("c".into());
         let err = w.choose().unwrap_err();
         match &err {
-            PlacementError::NoAgentAvailable {
-                subcluster,
-                reasons,
-            } => {
+            PlacementError::NoAgentAvailable { subcluster, reasons } => {
                 assert_eq!(subcluster, "sc");
-                let r: Vec<(&str, SkipReason)> = reasons
-                    .iter()
-                    .map(|r| (r.agent.as_str(), r.reason))
-                    .collect();
+                let r: Vec<(&str, SkipReason)> = reasons.iter().map(|r| (r.agent.as_str(), r.reason)).collect();
                 assert_eq!(
                     r,
-                    vec![
-                        ("a", SkipReason::Draining),
-                        ("b", SkipReason::Unreachable),
-                        ("c", SkipReason::Draining)
-                    ]
+                    vec![("a", SkipReason::Draining), ("b", SkipReason::Unreachable), ("c", SkipReason::Draining)]
                 );
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(
-            err.to_string(),
-            "no agent available in subcluster sc: a (draining), b (unreachable), c (draining)"
-        );
+        assert_eq!(err.to_string(), "no agent available in subcluster sc: a (draining), b (unreachable), c (draining)");
     }
 
     #[test]
     fn empty_subcluster_says_so() {
         let w = World::new(&[]);
-        assert_eq!(
-            w.choose().unwrap_err().to_string(),
-            "no agent available in subcluster sc: it lists no agents"
-        );
+        assert_eq!(w.choose().unwrap_err().to_string(), "no agent available in subcluster sc: it lists no agents");
     }
 
     #[test]
@@ -693,24 +548,12 @@ mod tests {
     fn penalised_agents_go_to_the_back_of_the_queue() {
         let mut w = World::new(&["a", "b", "c"]).users(&[("a", 0), ("b", 10), ("c", 20)]);
         w.penalties.insert("a".into(), 500);
-        assert_eq!(
-            w.place(),
-            Placement {
-                agent: "b".into(),
-                reason: PlacementReason::Balanced
-            }
-        );
+        assert_eq!(w.place(), Placement { agent: "b".into(), reason: PlacementReason::Balanced });
         w.penalties.insert("b".into(), 100);
         assert_eq!(w.choose().unwrap(), "c");
         w.penalties.insert("c".into(), 300);
         // All penalised: the one penalised longest ago.
-        assert_eq!(
-            w.place(),
-            Placement {
-                agent: "b".into(),
-                reason: PlacementReason::Penalised
-            }
-        );
+        assert_eq!(w.place(), Placement { agent: "b".into(), reason: PlacementReason::Penalised });
         // Same penalty time: by load.
         w.penalties.insert("a".into(), 100);
         assert_eq!(w.choose().unwrap(), "a");
@@ -731,11 +574,7 @@ mod tests {
         }
         let got = |a: &str| i64::from(w.users.get(a).copied().unwrap_or(0));
         for (agent, want) in [("big", 160), ("mid", 80), ("small", 40)] {
-            assert!(
-                (got(agent) - want).abs() <= 2,
-                "{agent}: {} users, want about {want}",
-                got(agent)
-            );
+            assert!((got(agent) - want).abs() <= 2, "{agent}: {} users, want about {want}", got(agent));
         }
     }
 

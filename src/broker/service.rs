@@ -12,9 +12,8 @@
 //!   sessions the agent no longer runs, and marks sessions of unreachable agents as
 //!   unreachable without ever deleting them.
 
-use crate::agent::{AgentCallError, AgentClient, AgentRegistry};
 use crate::agent::registry::DEFAULT_PENALTY;
-use std::time::Instant;
+use crate::agent::{AgentCallError, AgentClient, AgentRegistry};
 use crate::broker::hooks::{run_hooks, HookEvent};
 use crate::broker::placement;
 use crate::config::Config;
@@ -27,6 +26,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 
 /// Why a broker request failed; the API layer maps each to a reply kind.
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +211,8 @@ impl Broker {
         }
         self.commit(Write::Upsert(s.clone())).await?;
         tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, display = s.display, "reconnected");
-        run_hooks(&self.inner.cfg.vsmserver.session_reconnect_dir, HookEvent::Reconnect, &s, self.inner.hook_timeout).await;
+        run_hooks(&self.inner.cfg.vsmserver.session_reconnect_dir, HookEvent::Reconnect, &s, self.inner.hook_timeout)
+            .await;
         Ok(info(&s, true))
     }
 
@@ -231,11 +232,14 @@ impl Broker {
                 let (unreachable, mut penalties) = {
                     let reg = self.registry();
                     let at = Instant::now();
-                    let unreachable: BTreeSet<String> = reg.iter().filter(|(_, s)| !s.reachable).map(|(a, _)| a.to_string()).collect();
+                    let unreachable: BTreeSet<String> =
+                        reg.iter().filter(|(_, s)| !s.reachable).map(|(a, _)| a.to_string()).collect();
                     // Ordered by when the penalty ends, which orders by when the agent failed.
                     let penalties: BTreeMap<String, u64> = reg
                         .iter()
-                        .filter_map(|(a, s)| s.penalised_until.filter(|&t| t > at).map(|t| (a.to_string(), (t - at).as_millis() as u64)))
+                        .filter_map(|(a, s)| {
+                            s.penalised_until.filter(|&t| t > at).map(|t| (a.to_string(), (t - at).as_millis() as u64))
+                        })
                         .collect();
                     (unreachable, penalties)
                 };
@@ -274,7 +278,8 @@ impl Broker {
                     let s = session_from_agent(&started, &agent, &sub.name, now, req.client_address.as_deref());
                     self.commit(Write::Upsert(s.clone())).await?;
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "session created");
-                    run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout).await;
+                    run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout)
+                        .await;
                     return Ok(info(&s, false));
                 }
                 Err(e) => {
@@ -353,7 +358,13 @@ impl Broker {
     }
 
     /// Admin termination; `dry_run` only returns the selection.
-    pub async fn terminate(&self, sel: &Selector, all: bool, allow_abandon: bool, dry_run: bool) -> Result<TerminateOutcome, BrokerError> {
+    pub async fn terminate(
+        &self,
+        sel: &Selector,
+        all: bool,
+        allow_abandon: bool,
+        dry_run: bool,
+    ) -> Result<TerminateOutcome, BrokerError> {
         if sel.is_empty() && !all {
             return Err(BrokerError::BadRequest(
                 "terminate needs a selector (--user, --agent, --display, --subcluster) or --all".into(),
@@ -388,7 +399,8 @@ impl Broker {
 
     /// Every agent the broker knows: configured ones and those hosting known sessions.
     async fn known_agents(&self) -> Result<BTreeSet<String>, BrokerError> {
-        let mut set: BTreeSet<String> = self.inner.cfg.subclusters.values().flat_map(|s| s.agents.iter().cloned()).collect();
+        let mut set: BTreeSet<String> =
+            self.inner.cfg.subclusters.values().flat_map(|s| s.agents.iter().cloned()).collect();
         for s in self.inner.db.list(&SessionFilter::default()).await? {
             set.insert(s.agent);
         }
@@ -420,7 +432,12 @@ impl Broker {
                     self.note_agent_failure(&agent, &e);
                     tracing::warn!(agent = %agent, error = %e, "agent did not answer the session poll");
                     if matches!(e, AgentCallError::Unreachable { .. }) {
-                        for mut s in self.inner.db.list(&SessionFilter { agent: Some(agent.clone()), ..Default::default() }).await? {
+                        for mut s in self
+                            .inner
+                            .db
+                            .list(&SessionFilter { agent: Some(agent.clone()), ..Default::default() })
+                            .await?
+                        {
                             if s.status != SessionStatus::Unreachable {
                                 s.status = SessionStatus::Unreachable;
                                 self.commit(Write::Upsert(s)).await?;
@@ -434,7 +451,12 @@ impl Broker {
         Ok(summary)
     }
 
-    async fn reconcile_agent(&self, agent: &str, running: &[AgentSession], summary: &mut ReconcileSummary) -> Result<(), BrokerError> {
+    async fn reconcile_agent(
+        &self,
+        agent: &str,
+        running: &[AgentSession],
+        summary: &mut ReconcileSummary,
+    ) -> Result<(), BrokerError> {
         let known = self.inner.db.list(&SessionFilter { agent: Some(agent.to_string()), ..Default::default() }).await?;
         let by_id: HashMap<&SessionId, &AgentSession> = running.iter().map(|a| (&a.session_id, a)).collect();
         for s in &known {
@@ -494,15 +516,25 @@ impl Broker {
                 let users: BTreeSet<&str> = mine.iter().map(|s| s.user.as_str()).collect();
                 let st = reg.get(&agent);
                 AgentLoad {
-                    subclusters: cfg.subclusters.values().filter(|s| s.agents.contains(&agent)).map(|s| s.name.clone()).collect(),
+                    subclusters: cfg
+                        .subclusters
+                        .values()
+                        .filter(|s| s.agents.contains(&agent))
+                        .map(|s| s.name.clone())
+                        .collect(),
                     reachable: st.map(|s| s.reachable).unwrap_or(false),
                     draining: cfg.agents.draining.contains(&agent),
                     weight: cfg.agents.weights.get(&agent).copied().unwrap_or(100),
                     vsm_users: users.len() as u32,
                     sessions: mine.len() as u32,
-                    updated_ms_ago: st.and_then(|s| s.last_contact).map(|t| now.saturating_duration_since(t).as_millis() as u64),
+                    updated_ms_ago: st
+                        .and_then(|s| s.last_contact)
+                        .map(|t| now.saturating_duration_since(t).as_millis() as u64),
                     load: st.and_then(|s| s.load.clone()),
-                    penalised_ms: st.and_then(|s| s.penalised_until).filter(|&t| t > now).map(|t| (t - now).as_millis() as u64),
+                    penalised_ms: st
+                        .and_then(|s| s.penalised_until)
+                        .filter(|&t| t > now)
+                        .map(|t| (t - now).as_millis() as u64),
                     agent,
                 }
             })
@@ -569,8 +601,5 @@ pub fn user_groups(user: &str) -> Vec<String> {
     let Ok(Some(u)) = User::from_name(user) else { return vec![] };
     let Ok(cname) = std::ffi::CString::new(user) else { return vec![] };
     let gids = getgrouplist(&cname, u.gid).unwrap_or_else(|_| vec![u.gid]);
-    gids.into_iter()
-        .filter_map(|g| Group::from_gid(g).ok().flatten().map(|g| g.name))
-        .collect()
+    gids.into_iter().filter_map(|g| Group::from_gid(g).ok().flatten().map(|g| g.name)).collect()
 }
-

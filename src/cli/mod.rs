@@ -5,8 +5,8 @@
 //! `--json` forms print exactly one JSON document on stdout so scripts can parse them.
 
 pub mod tlctl;
-pub mod vsmserver;
 pub mod vsmclient;
+pub mod vsmserver;
 
 /// Renders rows as left-aligned columns separated by two spaces.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {

@@ -73,7 +73,12 @@ struct Filters {
 
 impl Filters {
     fn selector(&self) -> Selector {
-        Selector { user: self.user.clone(), agent: self.agent.clone(), display: self.display, subcluster: self.subcluster.clone() }
+        Selector {
+            user: self.user.clone(),
+            agent: self.agent.clone(),
+            display: self.display,
+            subcluster: self.subcluster.clone(),
+        }
     }
 }
 
@@ -169,7 +174,8 @@ fn target(args: &Args) -> Result<Target, String> {
         None => Ok(Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()))),
         Some(host) => {
             let dir = crate::config::config_dir_from(args.config_dir.clone());
-            let cfg = crate::config::load(&dir).map_err(|e| format!("cannot load configuration from {}: {e}", dir.display()))?;
+            let cfg = crate::config::load(&dir)
+                .map_err(|e| format!("cannot load configuration from {}: {e}", dir.display()))?;
             let secret = Secret::from_file(&cfg.vsm.secret_file).map_err(|e| e.to_string())?;
             let port = args.port.unwrap_or(cfg.vsmserver.listen_port);
             Ok(Target::Tcp { addr: format!("{host}:{port}"), secret })
@@ -202,14 +208,16 @@ async fn run(args: Args) -> ExitCode {
         Command::Session(SessionCmd::Terminate { filters, all, allow_abandon, yes }) => {
             terminate(&target, filters.selector(), *all, *allow_abandon, *yes, json, timeout).await
         }
-        Command::Load(LoadCmd::List { sort }) => request(&target, ApiRequest::LoadList, timeout).await.and_then(|r| match r {
-            ApiReply::Loads { mut agents } => {
-                sort_loads(&mut agents, *sort);
-                print_loads(&agents, json);
-                Ok(ExitCode::SUCCESS)
-            }
-            other => unexpected(other),
-        }),
+        Command::Load(LoadCmd::List { sort }) => {
+            request(&target, ApiRequest::LoadList, timeout).await.and_then(|r| match r {
+                ApiReply::Loads { mut agents } => {
+                    sort_loads(&mut agents, *sort);
+                    print_loads(&agents, json);
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            })
+        }
         Command::Load(LoadCmd::Show { agent }) => {
             request(&target, ApiRequest::LoadShow { agent: agent.clone() }, timeout).await.and_then(|r| match r {
                 ApiReply::Loads { agents } => {
@@ -299,14 +307,27 @@ fn unexpected(r: ApiReply) -> Outcome {
     Err((2, format!("unexpected reply from vsmserver: {r:?}")))
 }
 
-async fn terminate(target: &Target, sel: Selector, all: bool, allow_abandon: bool, yes: bool, json: bool, timeout: Duration) -> Outcome {
+async fn terminate(
+    target: &Target,
+    sel: Selector,
+    all: bool,
+    allow_abandon: bool,
+    yes: bool,
+    json: bool,
+    timeout: Duration,
+) -> Outcome {
     if sel.is_empty() && !all {
         return Err((1, "terminate needs a selector: --user, --agent, --display, --subcluster, or --all".into()));
     }
     if !json {
         println!("Refreshing session information...");
     }
-    let preview = request(target, ApiRequest::SessionTerminate { selector: sel.clone(), all, allow_abandon, dry_run: true }, timeout).await?;
+    let preview = request(
+        target,
+        ApiRequest::SessionTerminate { selector: sel.clone(), all, allow_abandon, dry_run: true },
+        timeout,
+    )
+    .await?;
     let selected = match preview {
         ApiReply::Terminated { outcome } => outcome.terminated,
         other => return unexpected(other),
@@ -330,7 +351,9 @@ async fn terminate(target: &Target, sel: Selector, all: bool, allow_abandon: boo
             return Ok(ExitCode::from(1));
         }
     }
-    let done = request(target, ApiRequest::SessionTerminate { selector: sel, all, allow_abandon, dry_run: false }, timeout).await?;
+    let done =
+        request(target, ApiRequest::SessionTerminate { selector: sel, all, allow_abandon, dry_run: false }, timeout)
+            .await?;
     let outcome = match done {
         ApiReply::Terminated { outcome } => outcome,
         other => return unexpected(other),
@@ -443,23 +466,40 @@ fn show_load(a: &AgentLoad) -> String {
     let mut s = String::new();
     let mib = |k: u64| format!("{} MiB", k / 1024);
     s += &format!("Agent:            {}\n", a.agent);
-    s += &format!("Subclusters:      {}\n", if a.subclusters.is_empty() { "-".into() } else { a.subclusters.join(", ") });
+    s += &format!(
+        "Subclusters:      {}\n",
+        if a.subclusters.is_empty() { "-".into() } else { a.subclusters.join(", ") }
+    );
     s += &format!("State:            {}\n", state(a));
     s += &format!("Weight:           {}\n", a.weight);
     s += &format!("vsm users:        {}\n", a.vsm_users);
     s += &format!("vsm sessions:     {}\n", a.sessions);
     if let Some(l) = &a.load {
         s += &format!("Total users:      {}\n", l.users);
-        s += &format!("Memory (RAM+swap) used: {}\n", mem_used_pct(a).map(|v| format!("{v:.0} %")).unwrap_or_else(|| "-".into()));
-        s += &format!("RAM:              {} used of {}\n", mib(l.mem_total_kib.saturating_sub(l.mem_available_kib)), mib(l.mem_total_kib));
-        s += &format!("Swap:             {} used of {}\n", mib(l.swap_total_kib.saturating_sub(l.swap_free_kib)), mib(l.swap_total_kib));
+        s += &format!(
+            "Memory (RAM+swap) used: {}\n",
+            mem_used_pct(a).map(|v| format!("{v:.0} %")).unwrap_or_else(|| "-".into())
+        );
+        s += &format!(
+            "RAM:              {} used of {}\n",
+            mib(l.mem_total_kib.saturating_sub(l.mem_available_kib)),
+            mib(l.mem_total_kib)
+        );
+        s += &format!(
+            "Swap:             {} used of {}\n",
+            mib(l.swap_total_kib.saturating_sub(l.swap_free_kib)),
+            mib(l.swap_total_kib)
+        );
         s += &format!("Load (1/5/15 min): {:.2} {:.2} {:.2}\n", l.load1, l.load5, l.load15);
         s += &format!("CPUs:             {}\n", l.cpus);
     }
     if let Some(p) = a.penalised_ms {
         s += &format!("Penalised for:    {} more (failed to start a session)\n", super::age(p));
     }
-    s += &format!("Last updated:     {}\n", a.updated_ms_ago.map(|m| format!("{} ago", super::age(m))).unwrap_or_else(|| "never".into()));
+    s += &format!(
+        "Last updated:     {}\n",
+        a.updated_ms_ago.map(|m| format!("{} ago", super::age(m))).unwrap_or_else(|| "never".into())
+    );
     s
 }
 
@@ -467,7 +507,10 @@ pub fn show_ha(st: &HaStatusView) -> String {
     let mut s = String::new();
     let yn = |b: bool| if b { "yes" } else { "no" };
     if !st.enabled {
-        s += &format!("HA:               off{}\n", if st.configured { " (configured but not running)" } else { " (/HA/enabled is false)" });
+        s += &format!(
+            "HA:               off{}\n",
+            if st.configured { " (configured but not running)" } else { " (/HA/enabled is false)" }
+        );
         if let Some(r) = &st.reason {
             s += &format!("Reason:           {r}\n");
         }
@@ -477,16 +520,32 @@ pub fn show_ha(st: &HaStatusView) -> String {
         return s;
     }
     s += "HA:               on\n";
-    s += &format!("Local node:       {}{}\n", st.local_node.as_deref().unwrap_or("-"), st.matched_by.as_deref().map(|m| format!(" (matched by {m})")).unwrap_or_default());
+    s += &format!(
+        "Local node:       {}{}\n",
+        st.local_node.as_deref().unwrap_or("-"),
+        st.matched_by.as_deref().map(|m| format!(" (matched by {m})")).unwrap_or_default()
+    );
     s += &format!("Remote node:      {}\n", st.remote_node.as_deref().unwrap_or("-"));
     s += &format!("Role:             {}\n", st.role);
     s += &format!("Ready:            {}\n", yn(st.ready));
     s += &format!("Peer link:        {}\n", st.link);
     s += &format!("Sync mode:        {}\n", st.sync);
-    s += &format!("Positions:        local head {}, peer acknowledged {}, peer head {}, applied of peer {}\n", st.local_head, st.peer_acked, st.peer_head, st.applied_of_peer);
+    s += &format!(
+        "Positions:        local head {}, peer acknowledged {}, peer head {}, applied of peer {}\n",
+        st.local_head, st.peer_acked, st.peer_head, st.applied_of_peer
+    );
     s += &format!("Lag:              {} change(s), {} ms\n", st.lag_changes, st.lag_ms);
     match &st.last_resync {
-        Some(r) => s += &format!("Last resync:      {} ({}), {} record(s) in {} ms, {} ago\n", r.kind, r.direction, r.records, r.duration_ms, super::age(now_ms().saturating_sub(r.at_ms))),
+        Some(r) => {
+            s += &format!(
+                "Last resync:      {} ({}), {} record(s) in {} ms, {} ago\n",
+                r.kind,
+                r.direction,
+                r.records,
+                r.duration_ms,
+                super::age(now_ms().saturating_sub(r.at_ms))
+            )
+        }
         None => s += "Last resync:      none yet\n",
     }
     s += &format!(
@@ -497,7 +556,11 @@ pub fn show_ha(st: &HaStatusView) -> String {
             None => "not compared yet",
         }
     );
-    s += &format!("Degraded:         {}{}\n", yn(st.degraded), st.degraded_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
+    s += &format!(
+        "Degraded:         {}{}\n",
+        yn(st.degraded),
+        st.degraded_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+    );
     s += &format!("Sessions:         {}\n", st.sessions);
     s
 }

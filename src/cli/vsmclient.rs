@@ -3,8 +3,8 @@
 //! session lives.
 
 use crate::client::{call, socket_path, Target};
-use crate::proto::api::{ApiReply, ApiRequest, ConnectInfo};
 use crate::model::SessionId;
+use crate::proto::api::{ApiReply, ApiRequest, ConnectInfo};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -103,7 +103,9 @@ async fn run(args: Args) -> ExitCode {
             client_address: client_address(),
         },
         Command::List => ApiRequest::MySessions { user: args.user.clone() },
-        Command::Terminate { id } => ApiRequest::TerminateMine { user: args.user.clone(), session_id: SessionId(id.clone()) },
+        Command::Terminate { id } => {
+            ApiRequest::TerminateMine { user: args.user.clone(), session_id: SessionId(id.clone()) }
+        }
     };
     let reply = match call(&target, &req, Duration::from_secs(args.timeout)).await {
         Ok(r) => r,

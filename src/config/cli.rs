@@ -80,16 +80,9 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         }};
     }
     let dir = super::config_dir_from(args.config_dir.clone());
-    if !args.check
-        && !args.all
-        && args.params.is_empty()
-        && args.eval.is_empty()
-        && args.delete.is_empty()
-    {
-        let _ = writeln!(
-            err,
-            "tl-config: nothing to do: give a key, an assignment, -a, -e, -d or --check (see --help)"
-        );
+    if !args.check && !args.all && args.params.is_empty() && args.eval.is_empty() && args.delete.is_empty() {
+        let _ =
+            writeln!(err, "tl-config: nothing to do: give a key, an assignment, -a, -e, -d or --check (see --help)");
         return 1;
     }
 
@@ -111,10 +104,9 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     let mut reads: Vec<&str> = Vec::new();
     for p in &args.params {
         match p.split_once('=') {
-            Some((path, value)) if !args.all => edits.push(Edit::Set {
-                path: path.to_string(),
-                value: value.to_string(),
-            }),
+            Some((path, value)) if !args.all => {
+                edits.push(Edit::Set { path: path.to_string(), value: value.to_string() })
+            }
             _ => reads.push(p),
         }
     }
@@ -157,11 +149,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
     }
 
     if args.all {
-        let folders = if reads.is_empty() {
-            vec!["/"]
-        } else {
-            reads.clone()
-        };
+        let folders = if reads.is_empty() { vec!["/"] } else { reads.clone() };
         for folder in folders {
             if let Err(msg) = list(&settings, folder, args.recursive, out) {
                 fail!(err, &msg);
@@ -188,10 +176,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             continue;
         };
         if !is_shell_name(var) {
-            fail!(
-                err,
-                &format!("-e {spec:?}: {var:?} is not a valid shell variable name")
-            );
+            fail!(err, &format!("-e {spec:?}: {var:?} is not a valid shell variable name"));
             continue;
         }
         match get(&settings, path) {
@@ -240,15 +225,10 @@ struct Node {
 
 impl Node {
     fn folder(&mut self, name: &str) -> &mut Node {
-        let pos = match self
-            .children
-            .iter()
-            .position(|(n, v, _)| n == name && v.is_none())
-        {
+        let pos = match self.children.iter().position(|(n, v, _)| n == name && v.is_none()) {
             Some(p) => p,
             None => {
-                self.children
-                    .push((name.to_string(), None, Node::default()));
+                self.children.push((name.to_string(), None, Node::default()));
                 self.children.len() - 1
             }
         };
@@ -273,29 +253,16 @@ impl Node {
     }
 }
 
-fn list(
-    settings: &Settings,
-    folder: &str,
-    recursive: bool,
-    out: &mut dyn Write,
-) -> Result<(), String> {
+fn list(settings: &Settings, folder: &str, recursive: bool, out: &mut dyn Write) -> Result<(), String> {
     let (canon, _) = keys::canonical(folder)?;
-    let prefix: Vec<&str> = canon
-        .trim_start_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let prefix: Vec<&str> = canon.trim_start_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let mut root = Node::default();
     let all = settings.effective_all();
     for def in keys::KEYS {
         // Folders exist even when empty (those just above a wildcard: /agents/weights).
         let segs: Vec<&str> = def.path[1..].split('/').collect();
         let mut node = &mut root;
-        for s in segs
-            .iter()
-            .take(segs.len() - 1)
-            .take_while(|s| !s.starts_with('<'))
-        {
+        for s in segs.iter().take(segs.len() - 1).take_while(|s| !s.starts_with('<')) {
             node = node.folder(s);
         }
         for (_, path, value, _) in all.iter().filter(|(d, ..)| std::ptr::eq(*d, def)) {
@@ -305,22 +272,15 @@ fn list(
             for s in parents {
                 node = node.folder(s);
             }
-            node.children
-                .push((last.to_string(), Some(value.display()), Node::default()));
+            node.children.push((last.to_string(), Some(value.display()), Node::default()));
         }
     }
     let mut node = &root;
     for s in &prefix {
-        let found = node
-            .children
-            .iter()
-            .find(|(n, v, _)| n == s && v.is_none())
-            .map(|(_, _, sub)| sub);
+        let found = node.children.iter().find(|(n, v, _)| n == s && v.is_none()).map(|(_, _, sub)| sub);
         node = match found {
             Some(sub) => sub,
-            None if keys::lookup(&canon).is_ok() => {
-                return Err(format!("{canon} is a key, not a folder"))
-            }
+            None if keys::lookup(&canon).is_ok() => return Err(format!("{canon} is a key, not a folder")),
             None => return Err(format!("folder {canon} not found")),
         };
     }
@@ -349,11 +309,7 @@ mod tests {
         let args = Args::try_parse_from(full).unwrap();
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let code = run(&args, &mut out, &mut err);
-        (
-            code,
-            String::from_utf8(out).unwrap(),
-            String::from_utf8(err).unwrap(),
-        )
+        (code, String::from_utf8(out).unwrap(), String::from_utf8(err).unwrap())
     }
 
     #[test]
@@ -378,19 +334,10 @@ mod tests {
         let (code, out, err) = run_in(tmp.path(), &["-Ra", "/"]);
         assert_eq!(code, 0, "{err}");
         assert!(out.starts_with("HA/\n    enabled = false\n"), "{out}");
-        assert!(
-            out.contains("subclusters/\n    default/\n        agents = 127.0.0.1\n"),
-            "{out}"
-        );
-        assert!(
-            out.contains("agents/\n    draining =\n    weights/\nvsmserver/\n"),
-            "{out}"
-        );
+        assert!(out.contains("subclusters/\n    default/\n        agents = 127.0.0.1\n"), "{out}");
+        assert!(out.contains("agents/\n    draining =\n    weights/\nvsmserver/\n"), "{out}");
         let (_, out, _) = run_in(tmp.path(), &["-a", "/"]);
-        assert_eq!(
-            out,
-            "HA/\nsubclusters/\nagents/\nvsmserver/\nvsmagent/\nvsm/\n"
-        );
+        assert_eq!(out, "HA/\nsubclusters/\nagents/\nvsmserver/\nvsmagent/\nvsm/\n");
         let (code, _, err) = run_in(tmp.path(), &["-a", "/HA/enabled", "/nope"]);
         assert_eq!(code, 2);
         assert!(err.contains("/HA/enabled is a key, not a folder"), "{err}");
@@ -408,10 +355,7 @@ mod tests {
     #[test]
     fn eval_rejects_bad_specs() {
         let tmp = tempfile::tempdir().unwrap();
-        let (code, out, _) = run_in(
-            tmp.path(),
-            &["-e", "1X=/HA/port", "-e", "nope", "-e", "P=/HA/port"],
-        );
+        let (code, out, _) = run_in(tmp.path(), &["-e", "1X=/HA/port", "-e", "nope", "-e", "P=/HA/port"]);
         assert_eq!(code, 2);
         assert_eq!(out, "P='9001'\n");
     }

@@ -40,11 +40,7 @@ pub enum EditError {
     #[error("{0}")]
     Lookup(LookupError),
     #[error("{path}: bad value {value:?}: expected {expected}")]
-    BadValue {
-        path: String,
-        value: String,
-        expected: String,
-    },
+    BadValue { path: String, value: String, expected: String },
     #[error("{path} is a folder, not a key; only /subclusters/<name> folders can be deleted")]
     NotAKey { path: String },
     #[error("cannot edit {}: {reason}", file.display())]
@@ -74,10 +70,7 @@ struct FileDoc {
 
 impl FileDoc {
     fn name(&self) -> String {
-        self.path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
+        self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
     fn text(&self) -> Option<String> {
         match (&self.doc, self.changed) {
@@ -110,33 +103,23 @@ pub fn apply(dir: &Path, edits: &[Edit]) -> Result<EditOutcome, Vec<EditError>> 
 
     let after = validate(dir, &files);
     let known: BTreeSet<String> = before.iter().map(ConfigError::identity).collect();
-    let (old, new): (Vec<_>, Vec<_>) = after
-        .into_iter()
-        .partition(|e| known.contains(&e.identity()));
+    let (old, new): (Vec<_>, Vec<_>) = after.into_iter().partition(|e| known.contains(&e.identity()));
     if !new.is_empty() {
         return Err(new.into_iter().map(EditError::Invalid).collect());
     }
     outcome.remaining = old;
 
     if files.iter().any(|f| f.changed) {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            vec![EditError::File {
-                file: dir.to_path_buf(),
-                reason: e.to_string(),
-            }]
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| vec![EditError::File { file: dir.to_path_buf(), reason: e.to_string() }])?;
     }
     for f in files.iter().filter(|f| f.changed) {
         let text = f.text().unwrap_or_default();
         if f.original.as_deref() == Some(text.as_str()) {
             continue;
         }
-        write_atomic(&f.path, text.as_bytes()).map_err(|e| {
-            vec![EditError::File {
-                file: f.path.clone(),
-                reason: e.to_string(),
-            }]
-        })?;
+        write_atomic(&f.path, text.as_bytes())
+            .map_err(|e| vec![EditError::File { file: f.path.clone(), reason: e.to_string() }])?;
         outcome.written.push(f.path.clone());
     }
     Ok(outcome)
@@ -146,43 +129,22 @@ fn read_docs(dir: &Path) -> Result<Vec<FileDoc>, EditError> {
     let paths = match load::config_files(dir) {
         Ok(p) => p,
         Err(ConfigError::MissingDir { .. }) => vec![],
-        Err(e) => {
-            return Err(EditError::File {
-                file: dir.to_path_buf(),
-                reason: e.to_string(),
-            })
-        }
+        Err(e) => return Err(EditError::File { file: dir.to_path_buf(), reason: e.to_string() }),
     };
     let mut files = Vec::new();
     for path in paths {
         // An unreadable file might define the key being edited: refuse rather than guess.
-        let text = std::fs::read_to_string(&path).map_err(|e| EditError::File {
-            file: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let doc = text
-            .parse::<DocumentMut>()
-            .map_err(|e| format!("not valid TOML: {}", e.message()));
-        files.push(FileDoc {
-            path,
-            original: Some(text),
-            doc,
-            changed: false,
-        });
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| EditError::File { file: path.clone(), reason: e.to_string() })?;
+        let doc = text.parse::<DocumentMut>().map_err(|e| format!("not valid TOML: {}", e.message()));
+        files.push(FileDoc { path, original: Some(text), doc, changed: false });
     }
     Ok(files)
 }
 
 fn validate(dir: &Path, files: &[FileDoc]) -> Vec<ConfigError> {
-    let sources: Vec<Source> = files
-        .iter()
-        .filter_map(|f| {
-            f.text().map(|text| Source {
-                file: f.path.clone(),
-                text,
-            })
-        })
-        .collect();
+    let sources: Vec<Source> =
+        files.iter().filter_map(|f| f.text().map(|text| Source { file: f.path.clone(), text })).collect();
     match Settings::from_sources(dir, &sources).build() {
         Ok(_) => vec![],
         Err(e) => e.0,
@@ -192,40 +154,24 @@ fn validate(dir: &Path, files: &[FileDoc]) -> Vec<ConfigError> {
 /// The alias form of a canonical path, if it has one.
 fn alias_segments(canon: &[String]) -> Option<Vec<String>> {
     match canon.first().map(String::as_str) {
-        Some("HA" | "subclusters") => Some(
-            std::iter::once("vsmserver".to_string())
-                .chain(canon.iter().cloned())
-                .collect(),
-        ),
+        Some("HA" | "subclusters") => {
+            Some(std::iter::once("vsmserver".to_string()).chain(canon.iter().cloned()).collect())
+        }
         _ => None,
     }
 }
 
 fn segs_of(canon: &str) -> Vec<String> {
-    canon
-        .trim_start_matches('/')
-        .split('/')
-        .map(str::to_string)
-        .collect()
+    canon.trim_start_matches('/').split('/').map(str::to_string).collect()
 }
 
-fn set(
-    files: &mut Vec<FileDoc>,
-    dir: &Path,
-    path: &str,
-    text: &str,
-    notes: &mut Vec<String>,
-) -> Result<(), EditError> {
+fn set(files: &mut Vec<FileDoc>, dir: &Path, path: &str, text: &str, notes: &mut Vec<String>) -> Result<(), EditError> {
     let key = keys::lookup(path).map_err(EditError::Lookup)?;
-    let value = key
-        .def
-        .ty
-        .parse_text(text)
-        .map_err(|expected| EditError::BadValue {
-            path: key.path.clone(),
-            value: text.to_string(),
-            expected,
-        })?;
+    let value = key.def.ty.parse_text(text).map_err(|expected| EditError::BadValue {
+        path: key.path.clone(),
+        value: text.to_string(),
+        expected,
+    })?;
     let segs = segs_of(&key.path);
     if path.trim() != key.path {
         notes.push(format!("{} is an alias: writing {}", path.trim(), key.path));
@@ -235,11 +181,7 @@ fn set(
             if let Ok(doc) = &mut f.doc {
                 if remove_in(doc.as_table_mut(), &alias) {
                     f.changed = true;
-                    notes.push(format!(
-                        "removed the alias entry /{} from {}",
-                        alias.join("/"),
-                        f.name()
-                    ));
+                    notes.push(format!("removed the alias entry /{} from {}", alias.join("/"), f.name()));
                 }
             }
         }
@@ -247,18 +189,10 @@ fn set(
     let toml_value = value.to_toml();
     // Where it is already set; else a file that already has its table; else its home file.
     let parent = &segs[..segs.len() - 1];
-    let target = files
-        .iter()
-        .position(|f| {
-            f.doc
-                .as_ref()
-                .is_ok_and(|d| get_in(d.as_table(), &segs).is_some())
-        })
-        .or_else(|| {
+    let target =
+        files.iter().position(|f| f.doc.as_ref().is_ok_and(|d| get_in(d.as_table(), &segs).is_some())).or_else(|| {
             files.iter().position(|f| {
-                f.doc
-                    .as_ref()
-                    .is_ok_and(|d| get_in(d.as_table(), parent).is_some_and(|i| i.is_table_like()))
+                f.doc.as_ref().is_ok_and(|d| get_in(d.as_table(), parent).is_some_and(|i| i.is_table_like()))
             })
         });
     let idx = match target {
@@ -268,26 +202,15 @@ fn set(
             match files.iter().position(|f| f.path == home) {
                 Some(i) => i,
                 None => {
-                    files.push(FileDoc {
-                        path: home,
-                        original: None,
-                        doc: Ok(DocumentMut::new()),
-                        changed: false,
-                    });
+                    files.push(FileDoc { path: home, original: None, doc: Ok(DocumentMut::new()), changed: false });
                     files.len() - 1
                 }
             }
         }
     };
     let f = &mut files[idx];
-    let doc = f.doc.as_mut().map_err(|reason| EditError::File {
-        file: f.path.clone(),
-        reason: reason.clone(),
-    })?;
-    set_in(doc.as_table_mut(), &segs, toml_value).map_err(|reason| EditError::File {
-        file: f.path.clone(),
-        reason,
-    })?;
+    let doc = f.doc.as_mut().map_err(|reason| EditError::File { file: f.path.clone(), reason: reason.clone() })?;
+    set_in(doc.as_table_mut(), &segs, toml_value).map_err(|reason| EditError::File { file: f.path.clone(), reason })?;
     f.changed = true;
     Ok(())
 }
@@ -296,8 +219,7 @@ fn delete(files: &mut [FileDoc], path: &str, notes: &mut Vec<String>) -> Result<
     let canon = match keys::lookup(path) {
         Ok(key) => key.path,
         Err(lookup) => {
-            let (canon, _) =
-                keys::canonical(path).map_err(|m| EditError::Lookup(LookupError::Invalid(m)))?;
+            let (canon, _) = keys::canonical(path).map_err(|m| EditError::Lookup(LookupError::Invalid(m)))?;
             let segs = segs_of(&canon);
             let is_subcluster = segs.len() == 2 && segs[0] == "subclusters";
             if !is_subcluster {
@@ -311,9 +233,7 @@ fn delete(files: &mut [FileDoc], path: &str, notes: &mut Vec<String>) -> Result<
     };
     let segs = segs_of(&canon);
     let mut removed = false;
-    let forms: Vec<Vec<String>> = std::iter::once(segs.clone())
-        .chain(alias_segments(&segs))
-        .collect();
+    let forms: Vec<Vec<String>> = std::iter::once(segs.clone()).chain(alias_segments(&segs)).collect();
     for f in files.iter_mut() {
         let Ok(doc) = &mut f.doc else {
             return Err(EditError::File {
@@ -329,9 +249,7 @@ fn delete(files: &mut [FileDoc], path: &str, notes: &mut Vec<String>) -> Result<
         }
     }
     if !removed {
-        notes.push(format!(
-            "{canon} was not set in any file; nothing to delete"
-        ));
+        notes.push(format!("{canon} was not set in any file; nothing to delete"));
     }
     Ok(())
 }
@@ -345,11 +263,7 @@ fn get_in<'a>(table: &'a dyn TableLike, segs: &[String]) -> Option<&'a Item> {
     get_in(item.as_table_like()?, rest)
 }
 
-fn set_in(
-    table: &mut dyn TableLike,
-    segs: &[String],
-    value: toml_edit::Value,
-) -> Result<(), String> {
+fn set_in(table: &mut dyn TableLike, segs: &[String], value: toml_edit::Value) -> Result<(), String> {
     let Some((first, rest)) = segs.split_first() else {
         return Err("empty key path".into());
     };
@@ -400,20 +314,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode() & 0o7777)
-        .unwrap_or(0o644);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(dir)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+    let mut tmp = tempfile::Builder::new().prefix(&format!(".{name}.")).suffix(".tmp").tempfile_in(dir)?;
     tmp.write_all(bytes)?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    tmp.as_file().set_permissions(std::fs::Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     std::fs::File::open(dir)?.sync_all()
@@ -424,10 +329,7 @@ mod tests {
     use super::*;
 
     fn set_edit(path: &str, value: &str) -> Edit {
-        Edit::Set {
-            path: path.into(),
-            value: value.into(),
-        }
+        Edit::Set { path: path.into(), value: value.into() }
     }
 
     fn read(dir: &Path, file: &str) -> String {
@@ -449,24 +351,14 @@ mod tests {
         .unwrap();
         assert_eq!(out.written.len(), 3);
         assert_eq!(read(&dir, "ha.toml"), "[HA]\nport = 9100\n");
-        assert_eq!(
-            read(&dir, "cluster.toml"),
-            "[subclusters.default]\nagents = [\"a1\", \"a2\"]\n"
-        );
+        assert_eq!(read(&dir, "cluster.toml"), "[subclusters.default]\nagents = [\"a1\", \"a2\"]\n");
         let c = load::load(&dir).unwrap();
         assert_eq!(c.ha.port, 9100);
         assert_eq!(c.vsmagent.master_hostname, "tlha");
-        let mode = std::fs::metadata(dir.join("ha.toml"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777;
+        let mode = std::fs::metadata(dir.join("ha.toml")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o644);
         // No temporary files left behind.
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 3, "{names:?}");
     }
 
@@ -493,27 +385,10 @@ mod tests {
             "[vsmserver]\nlisten_port = 9000\n\n[vsmserver.HA]\nenabled = false\n",
         )
         .unwrap();
-        let out = apply(
-            tmp.path(),
-            &[
-                set_edit("/vsmserver/HA/port", "9300"),
-                set_edit("/HA/enabled", "no"),
-            ],
-        )
-        .unwrap();
-        assert!(
-            out.notes.iter().any(|n| n.contains("alias")),
-            "{:?}",
-            out.notes
-        );
-        assert_eq!(
-            read(tmp.path(), "vsmserver.toml"),
-            "[vsmserver]\nlisten_port = 9000\n\n[vsmserver.HA]\n"
-        );
-        assert_eq!(
-            read(tmp.path(), "ha.toml"),
-            "[HA]\nport = 9300\nenabled = false\n"
-        );
+        let out = apply(tmp.path(), &[set_edit("/vsmserver/HA/port", "9300"), set_edit("/HA/enabled", "no")]).unwrap();
+        assert!(out.notes.iter().any(|n| n.contains("alias")), "{:?}", out.notes);
+        assert_eq!(read(tmp.path(), "vsmserver.toml"), "[vsmserver]\nlisten_port = 9000\n\n[vsmserver.HA]\n");
+        assert_eq!(read(tmp.path(), "ha.toml"), "[HA]\nport = 9300\nenabled = false\n");
     }
 
     #[test]
@@ -521,10 +396,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("site.toml"), "[HA]\nport = 9001\n").unwrap();
         apply(tmp.path(), &[set_edit("/HA/sync", "async")]).unwrap();
-        assert_eq!(
-            read(tmp.path(), "site.toml"),
-            "[HA]\nport = 9001\nsync = \"async\"\n"
-        );
+        assert_eq!(read(tmp.path(), "site.toml"), "[HA]\nport = 9001\nsync = \"async\"\n");
         assert!(!tmp.path().join("ha.toml").exists());
     }
 
@@ -534,28 +406,15 @@ mod tests {
         std::fs::write(tmp.path().join("ha.toml"), "[HA]\nport = 9001\n").unwrap();
         let errs = apply(
             tmp.path(),
-            &[
-                set_edit("/HA/port", "9100"),
-                set_edit("/HA/sync", "never"),
-                set_edit("/HA/nope", "1"),
-            ],
+            &[set_edit("/HA/port", "9100"), set_edit("/HA/sync", "never"), set_edit("/HA/nope", "1")],
         )
         .unwrap_err();
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert_eq!(read(tmp.path(), "ha.toml"), "[HA]\nport = 9001\n");
         // A cross-key problem introduced by the batch also refuses it.
-        let errs = apply(
-            tmp.path(),
-            &[
-                set_edit("/HA/port", "9100"),
-                set_edit("/vsmagent/display_min", "5000"),
-            ],
-        )
-        .unwrap_err();
-        assert!(
-            errs[0].to_string().contains("must be less than"),
-            "{errs:?}"
-        );
+        let errs =
+            apply(tmp.path(), &[set_edit("/HA/port", "9100"), set_edit("/vsmagent/display_min", "5000")]).unwrap_err();
+        assert!(errs[0].to_string().contains("must be less than"), "{errs:?}");
         assert_eq!(read(tmp.path(), "ha.toml"), "[HA]\nport = 9001\n");
     }
 
@@ -565,10 +424,7 @@ mod tests {
         std::fs::write(tmp.path().join("ha.toml"), "[HA]\nport = 0\nsync = \"x\"\n").unwrap();
         let out = apply(tmp.path(), &[set_edit("/HA/port", "9100")]).unwrap();
         assert_eq!(out.remaining.len(), 1, "{:?}", out.remaining);
-        assert_eq!(
-            read(tmp.path(), "ha.toml"),
-            "[HA]\nport = 9100\nsync = \"x\"\n"
-        );
+        assert_eq!(read(tmp.path(), "ha.toml"), "[HA]\nport = 9100\nsync = \"x\"\n");
     }
 
     #[test]
@@ -576,17 +432,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let errs = apply(
             tmp.path(),
-            &[
-                set_edit("/HA/enabled", "1"),
-                set_edit("/subclusters/default/agents", "agent1.example.com"),
-            ],
+            &[set_edit("/HA/enabled", "1"), set_edit("/subclusters/default/agents", "agent1.example.com")],
         )
         .unwrap_err();
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(
-            errs[0].to_string().contains("head -c 32 /dev/urandom >"),
-            "{errs:?}"
-        );
+        assert!(errs[0].to_string().contains("head -c 32 /dev/urandom >"), "{errs:?}");
         assert!(!tmp.path().join("ha.toml").exists());
     }
 
@@ -598,37 +448,12 @@ mod tests {
             "# cluster\n[subclusters.a]\nagents = [\"h1\"]\n\n[subclusters.b]\nagents = [\"h2\"]\nusers = [\"u\"]\n",
         )
         .unwrap();
-        apply(
-            tmp.path(),
-            &[Edit::Delete {
-                path: "/subclusters/b".into(),
-            }],
-        )
-        .unwrap();
-        assert_eq!(
-            read(tmp.path(), "cluster.toml"),
-            "# cluster\n[subclusters.a]\nagents = [\"h1\"]\n"
-        );
-        std::fs::write(
-            tmp.path().join("ha.toml"),
-            "[HA]\nport = 9100 # x\nsync = \"async\"\n",
-        )
-        .unwrap();
-        apply(
-            tmp.path(),
-            &[Edit::Delete {
-                path: "/vsmserver/HA/port".into(),
-            }],
-        )
-        .unwrap();
+        apply(tmp.path(), &[Edit::Delete { path: "/subclusters/b".into() }]).unwrap();
+        assert_eq!(read(tmp.path(), "cluster.toml"), "# cluster\n[subclusters.a]\nagents = [\"h1\"]\n");
+        std::fs::write(tmp.path().join("ha.toml"), "[HA]\nport = 9100 # x\nsync = \"async\"\n").unwrap();
+        apply(tmp.path(), &[Edit::Delete { path: "/vsmserver/HA/port".into() }]).unwrap();
         assert_eq!(read(tmp.path(), "ha.toml"), "[HA]\nsync = \"async\"\n");
-        let out = apply(
-            tmp.path(),
-            &[Edit::Delete {
-                path: "/HA/port".into(),
-            }],
-        )
-        .unwrap();
+        let out = apply(tmp.path(), &[Edit::Delete { path: "/HA/port".into() }]).unwrap();
         assert!(out.notes[0].contains("not set"));
         assert!(matches!(
             apply(tmp.path(), &[Edit::Delete { path: "/HA".into() }]).unwrap_err()[0],
@@ -660,9 +485,6 @@ mod tests {
             read(tmp.path(), "cluster.toml"),
             "[subclusters.default]\nagents = [\"agent1.example.com\"]\n\n[agents.weights]\n\"agent1.example.com\" = 200\n"
         );
-        assert_eq!(
-            load::load(tmp.path()).unwrap().agents.weights["agent1.example.com"],
-            200
-        );
+        assert_eq!(load::load(tmp.path()).unwrap().agents.weights["agent1.example.com"], 200);
     }
 }

@@ -49,9 +49,7 @@ impl KeyDef {
     pub fn default_value(&self) -> Value {
         // The defaults are constants checked by a unit test; falling back to an empty string
         // keeps this total.
-        self.ty
-            .parse_text(self.default)
-            .unwrap_or_else(|_| Value::Str(String::new()))
+        self.ty.parse_text(self.default).unwrap_or_else(|_| Value::Str(String::new()))
     }
 
     /// The folder this key lives in, e.g. `HA` for `/HA/enabled`.
@@ -76,15 +74,13 @@ const SEC: u64 = 1000;
 const DAY: u64 = 86_400 * SEC;
 
 fn sub<'a>(c: &'a mut Config, name: &str) -> &'a mut Subcluster {
-    c.subclusters
-        .entry(name.to_string())
-        .or_insert_with(|| Subcluster {
-            name: name.to_string(),
-            agents: vec![],
-            users: vec![],
-            groups: vec![],
-            max_users_per_agent: 0,
-        })
+    c.subclusters.entry(name.to_string()).or_insert_with(|| Subcluster {
+        name: name.to_string(),
+        agents: vec![],
+        users: vec![],
+        groups: vec![],
+        max_users_per_agent: 0,
+    })
 }
 
 /// Every known key, in documentation order.
@@ -469,11 +465,7 @@ pub const FOLDERS: &[(&str, &str)] = &[
 /// The file a canonical path is written to when no file defines it or its folder yet.
 pub fn home_file(canonical_path: &str) -> &'static str {
     let top = canonical_path.split('/').nth(1).unwrap_or("");
-    FOLDERS
-        .iter()
-        .find(|(f, _)| *f == top)
-        .map(|(_, file)| *file)
-        .unwrap_or("vsm.toml")
+    FOLDERS.iter().find(|(f, _)| *f == top).map(|(_, file)| *file).unwrap_or("vsm.toml")
 }
 
 /// Splits a path into segments, checking its shape: it starts with `/`, has no empty
@@ -488,10 +480,7 @@ pub fn segments(path: &str) -> Result<Vec<&str>, String> {
         return Ok(vec![]);
     }
     let segs: Vec<&str> = rest.split('/').collect();
-    if segs
-        .iter()
-        .any(|s| s.is_empty() || s.chars().any(char::is_whitespace))
-    {
+    if segs.iter().any(|s| s.is_empty() || s.chars().any(char::is_whitespace)) {
         return Err(format!("key path {p:?} has an empty segment or whitespace"));
     }
     Ok(segs)
@@ -525,26 +514,17 @@ pub enum LookupError {
     /// The path is malformed, or its wildcard segment is invalid.
     Invalid(String),
     /// Not a key of the table; with the closest known key when one is close enough.
-    Unknown {
-        path: String,
-        suggestion: Option<String>,
-    },
+    Unknown { path: String, suggestion: Option<String> },
 }
 
 impl std::fmt::Display for LookupError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LookupError::Invalid(msg) => f.write_str(msg),
-            LookupError::Unknown {
-                path,
-                suggestion: Some(s),
-            } => {
+            LookupError::Unknown { path, suggestion: Some(s) } => {
                 write!(f, "unknown key {path} (did you mean {s}?)")
             }
-            LookupError::Unknown {
-                path,
-                suggestion: None,
-            } => write!(f, "unknown key {path}"),
+            LookupError::Unknown { path, suggestion: None } => write!(f, "unknown key {path}"),
         }
     }
 }
@@ -573,16 +553,10 @@ pub fn lookup(path: &str) -> Result<KeyMatch, LookupError> {
         match def.wildcard() {
             Some(Wildcard::Host) => {
                 super::value::check_host(wildcard).map_err(|why| {
-                    LookupError::Invalid(format!(
-                        "{canon}: {wildcard:?} is not a valid host name ({why})"
-                    ))
+                    LookupError::Invalid(format!("{canon}: {wildcard:?} is not a valid host name ({why})"))
                 })?;
             }
-            Some(Wildcard::Name)
-                if !wildcard
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) =>
-            {
+            Some(Wildcard::Name) if !wildcard.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) => {
                 return Err(LookupError::Invalid(format!(
                     "{canon}: subcluster name {wildcard:?} may contain only letters, digits, '_', '-' and '.'"
                 )));
@@ -591,17 +565,10 @@ pub fn lookup(path: &str) -> Result<KeyMatch, LookupError> {
             None => {}
         }
         let wildcard = wildcard.to_string();
-        return Ok(KeyMatch {
-            def,
-            path: canon,
-            wildcard,
-        });
+        return Ok(KeyMatch { def, path: canon, wildcard });
     }
     let suggestion = suggest(&canon);
-    Err(LookupError::Unknown {
-        suggestion,
-        path: canon,
-    })
+    Err(LookupError::Unknown { suggestion, path: canon })
 }
 
 /// The known key closest to `path`, if it is close enough to be a plausible typo.
@@ -615,19 +582,10 @@ pub fn suggest(path: &str) -> Option<String> {
         let candidate: Vec<&str> = pat
             .iter()
             .enumerate()
-            .map(|(i, p)| {
-                if p.starts_with('<') {
-                    segs.get(i).copied().unwrap_or(p)
-                } else {
-                    p
-                }
-            })
+            .map(|(i, p)| if p.starts_with('<') { segs.get(i).copied().unwrap_or(p) } else { p })
             .collect();
         let candidate = format!("/{}", candidate.join("/"));
-        let score = strsim::normalized_levenshtein(
-            &path.to_ascii_lowercase(),
-            &candidate.to_ascii_lowercase(),
-        );
+        let score = strsim::normalized_levenshtein(&path.to_ascii_lowercase(), &candidate.to_ascii_lowercase());
         if best.as_ref().map_or(true, |(b, _)| score > *b) {
             best = Some((score, candidate));
         }
@@ -637,18 +595,10 @@ pub fn suggest(path: &str) -> Option<String> {
 
 /// Whether a canonical path names a folder (a prefix of some key path, wildcards filled).
 pub fn is_folder(canonical_path: &str) -> bool {
-    let segs: Vec<&str> = canonical_path
-        .trim_matches('/')
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .collect();
+    let segs: Vec<&str> = canonical_path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     KEYS.iter().any(|def| {
         let pat: Vec<&str> = def.path[1..].split('/').collect();
-        pat.len() > segs.len()
-            && pat
-                .iter()
-                .zip(&segs)
-                .all(|(p, s)| p.starts_with('<') || p == s)
+        pat.len() > segs.len() && pat.iter().zip(&segs).all(|(p, s)| p.starts_with('<') || p == s)
     })
 }
 
@@ -721,11 +671,7 @@ pub fn render_markdown() -> String {
         out.push_str("| key | type | default | restart | meaning |\n");
         out.push_str("| --- | --- | --- | --- | --- |\n");
         for def in KEYS.iter().filter(|d| d.top_folder() == *folder) {
-            let default = if def.default.is_empty() {
-                "(empty)".to_string()
-            } else {
-                format!("`{}`", def.default)
-            };
+            let default = if def.default.is_empty() { "(empty)".to_string() } else { format!("`{}`", def.default) };
             out.push_str(&format!(
                 "| `{}` | {} | {} | {} | {} |\n",
                 def.path,
@@ -752,10 +698,7 @@ mod tests {
         c.vsmagent.session_command.clear();
         c.vsmserver.admin_email.clear();
         for def in KEYS {
-            let v = def
-                .ty
-                .parse_text(def.default)
-                .unwrap_or_else(|e| panic!("{}: {e}", def.path));
+            let v = def.ty.parse_text(def.default).unwrap_or_else(|e| panic!("{}: {e}", def.path));
             if def.wildcard().is_none() {
                 (def.apply)(&mut c, "", &v);
             }
@@ -774,11 +717,7 @@ mod tests {
         for def in KEYS {
             assert!(seen.insert(def.path), "duplicate {}", def.path);
             assert!(segments(def.path).is_ok(), "{}", def.path);
-            assert!(
-                FOLDERS.iter().any(|(f, _)| *f == def.top_folder()),
-                "{}",
-                def.path
-            );
+            assert!(FOLDERS.iter().any(|(f, _)| *f == def.top_folder()), "{}", def.path);
             assert!(!def.doc.is_empty());
         }
     }
@@ -788,25 +727,13 @@ mod tests {
         assert_eq!(lookup("/HA/enabled").unwrap().path, "/HA/enabled");
         assert_eq!(lookup("/vsmserver/HA/enabled").unwrap().path, "/HA/enabled");
         let m = lookup("/vsmserver/subclusters/eng/agents").unwrap();
-        assert_eq!(
-            (m.path.as_str(), m.wildcard.as_str()),
-            ("/subclusters/eng/agents", "eng")
-        );
+        assert_eq!((m.path.as_str(), m.wildcard.as_str()), ("/subclusters/eng/agents", "eng"));
         let m = lookup("/agents/weights/agent1.example.com").unwrap();
         assert_eq!(m.wildcard, "agent1.example.com");
-        assert!(matches!(
-            lookup("/agents/weights/bad_host"),
-            Err(LookupError::Invalid(_))
-        ));
-        assert!(matches!(
-            lookup("/subclusters/a b/agents"),
-            Err(LookupError::Invalid(_))
-        ));
+        assert!(matches!(lookup("/agents/weights/bad_host"), Err(LookupError::Invalid(_))));
+        assert!(matches!(lookup("/subclusters/a b/agents"), Err(LookupError::Invalid(_))));
         assert!(matches!(lookup("HA/enabled"), Err(LookupError::Invalid(_))));
-        assert!(matches!(
-            lookup("/HA//enabled"),
-            Err(LookupError::Invalid(_))
-        ));
+        assert!(matches!(lookup("/HA//enabled"), Err(LookupError::Invalid(_))));
     }
 
     #[test]
@@ -833,14 +760,7 @@ mod tests {
 
     #[test]
     fn folders_and_home_files() {
-        for f in [
-            "/",
-            "/HA",
-            "/subclusters",
-            "/subclusters/x",
-            "/agents/weights",
-            "/vsm",
-        ] {
+        for f in ["/", "/HA", "/subclusters", "/subclusters/x", "/agents/weights", "/vsm"] {
             assert!(is_folder(f), "{f}");
         }
         for f in ["/HA/enabled", "/nope", "/agents/draining"] {
@@ -850,10 +770,7 @@ mod tests {
         assert_eq!(home_file("/agents/weights/x"), "cluster.toml");
         assert_eq!(home_file("/subclusters/a/agents"), "cluster.toml");
         assert_eq!(home_file("/vsmagent/listen_port"), "vsmagent.toml");
-        assert_eq!(
-            canonical("/vsmserver/HA").unwrap(),
-            ("/HA".to_string(), true)
-        );
+        assert_eq!(canonical("/vsmserver/HA").unwrap(), ("/HA".to_string(), true));
     }
 
     /// Fails when docs/configuration.md differs from the rendering of the key table.

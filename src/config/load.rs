@@ -52,34 +52,18 @@ pub enum ConfigError {
     #[error("{at}: {}", lookup)]
     UnknownKey { at: Location, lookup: LookupError },
     #[error("{at}: {path}: bad value {value}: expected {expected}")]
-    BadValue {
-        at: Location,
-        path: String,
-        value: String,
-        expected: String,
-    },
+    BadValue { at: Location, path: String, value: String, expected: String },
     #[error("{path} is defined twice: in {first} and in {second}; keep only one")]
-    Duplicate {
-        path: String,
-        first: Location,
-        second: Location,
-    },
+    Duplicate { path: String, first: Location, second: Location },
     #[error("{}{path}: {message}", at.as_ref().map(|a| format!("{a}: ")).unwrap_or_default())]
-    Rule {
-        at: Option<Location>,
-        path: String,
-        message: String,
-    },
+    Rule { at: Option<Location>, path: String, message: String },
 }
 
 impl ConfigError {
     /// The canonical key path this error is about, if it is about one key.
     pub fn path(&self) -> Option<&str> {
         match self {
-            ConfigError::UnknownKey {
-                lookup: LookupError::Unknown { path, .. },
-                ..
-            } => Some(path),
+            ConfigError::UnknownKey { lookup: LookupError::Unknown { path, .. }, .. } => Some(path),
             ConfigError::BadValue { path, .. }
             | ConfigError::Duplicate { path, .. }
             | ConfigError::Rule { path, .. } => Some(path),
@@ -168,23 +152,13 @@ pub fn config_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(ConfigError::MissingDir {
-                dir: dir.to_path_buf(),
-            })
+            return Err(ConfigError::MissingDir { dir: dir.to_path_buf() })
         }
-        Err(e) => {
-            return Err(ConfigError::Io {
-                file: dir.to_path_buf(),
-                reason: e.to_string(),
-            })
-        }
+        Err(e) => return Err(ConfigError::Io { file: dir.to_path_buf(), reason: e.to_string() }),
     };
     let mut files = Vec::new();
     for entry in rd {
-        let entry = entry.map_err(|e| ConfigError::Io {
-            file: dir.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let entry = entry.map_err(|e| ConfigError::Io { file: dir.to_path_buf(), reason: e.to_string() })?;
         let name = entry.file_name();
         let name = name.to_string_lossy();
         if name.starts_with('.') || !name.ends_with(".toml") {
@@ -206,10 +180,7 @@ pub fn read_sources(dir: &Path) -> Result<(Vec<Source>, Vec<ConfigError>), Confi
     for file in config_files(dir)? {
         match std::fs::read_to_string(&file) {
             Ok(text) => sources.push(Source { file, text }),
-            Err(e) => errors.push(ConfigError::Io {
-                file,
-                reason: e.to_string(),
-            }),
+            Err(e) => errors.push(ConfigError::Io { file, reason: e.to_string() }),
         }
     }
     Ok((sources, errors))
@@ -238,11 +209,7 @@ impl Settings {
 
     /// Builds settings from file texts; `dir` resolves relative secret-file paths.
     pub fn from_sources(dir: &Path, sources: &[Source]) -> Settings {
-        let mut s = Settings {
-            dir: dir.to_path_buf(),
-            entries: BTreeMap::new(),
-            errors: Vec::new(),
-        };
+        let mut s = Settings { dir: dir.to_path_buf(), entries: BTreeMap::new(), errors: Vec::new() };
         let mut saw_subcluster = false;
         for src in sources {
             let doc = match toml_edit::ImDocument::parse(src.text.as_str()) {
@@ -252,10 +219,7 @@ impl Settings {
                         Some(l) => format!("line {l}: {}", e.message()),
                         None => e.message().to_string(),
                     };
-                    s.errors.push(ConfigError::Syntax {
-                        file: src.file.clone(),
-                        reason,
-                    });
+                    s.errors.push(ConfigError::Syntax { file: src.file.clone(), reason });
                     // A broken file may define subclusters; don't invent the built-in one.
                     saw_subcluster = true;
                     continue;
@@ -270,10 +234,7 @@ impl Settings {
                     Entry {
                         key,
                         value: Value::List(vec!["127.0.0.1".into()]),
-                        at: Location {
-                            file: BUILTIN.into(),
-                            line: None,
-                        },
+                        at: Location { file: BUILTIN.into(), line: None },
                         builtin: true,
                     },
                 );
@@ -290,19 +251,11 @@ impl Settings {
         saw_subcluster: &mut bool,
     ) {
         for (name, item) in table.iter() {
-            let span = table
-                .get_key_value(name)
-                .and_then(|(k, _)| k.span())
-                .or_else(|| item.span());
-            let at = Location {
-                file: src.file.clone(),
-                line: line_of(&src.text, span),
-            };
+            let span = table.get_key_value(name).and_then(|(k, _)| k.span()).or_else(|| item.span());
+            let at = Location { file: src.file.clone(), line: line_of(&src.text, span) };
             prefix.push(name.to_string());
             let raw_path = format!("/{}", prefix.join("/"));
-            let canon = keys::canonical(&raw_path)
-                .map(|(c, _)| c)
-                .unwrap_or(raw_path.clone());
+            let canon = keys::canonical(&raw_path).map(|(c, _)| c).unwrap_or(raw_path.clone());
             if canon.starts_with("/subclusters/") || canon == "/subclusters" {
                 *saw_subcluster = true;
             }
@@ -356,31 +309,14 @@ impl Settings {
             }
         };
         if let Some(prev) = self.entries.get(&key.path) {
-            self.errors.push(ConfigError::Duplicate {
-                path: key.path.clone(),
-                first: prev.at.clone(),
-                second: at,
-            });
+            self.errors.push(ConfigError::Duplicate { path: key.path.clone(), first: prev.at.clone(), second: at });
             return;
         }
         match key.def.ty.parse_toml(value) {
             Ok(v) => {
-                self.entries.insert(
-                    key.path.clone(),
-                    Entry {
-                        key,
-                        value: v,
-                        at,
-                        builtin: false,
-                    },
-                );
+                self.entries.insert(key.path.clone(), Entry { key, value: v, at, builtin: false });
             }
-            Err(expected) => self.errors.push(ConfigError::BadValue {
-                at,
-                path: key.path,
-                value: shown,
-                expected,
-            }),
+            Err(expected) => self.errors.push(ConfigError::BadValue { at, path: key.path, value: shown, expected }),
         }
     }
 
@@ -420,11 +356,7 @@ impl Settings {
     }
 
     fn instances(&self, w: Wildcard) -> BTreeSet<String> {
-        self.entries
-            .values()
-            .filter(|e| e.key.def.wildcard() == Some(w))
-            .map(|e| e.key.wildcard.clone())
-            .collect()
+        self.entries.values().filter(|e| e.key.def.wildcard() == Some(w)).map(|e| e.key.wildcard.clone()).collect()
     }
 
     /// Every key in effect as (canonical path, value, set in a file?), in key-table order:
@@ -440,9 +372,7 @@ impl Settings {
             for n in names {
                 let path = def.path.replace("<name>", &n).replace("<host>", &n);
                 let entry = self.entries.get(&path);
-                let value = entry
-                    .map(|e| e.value.clone())
-                    .unwrap_or_else(|| def.default_value());
+                let value = entry.map(|e| e.value.clone()).unwrap_or_else(|| def.default_value());
                 out.push((def, path, value, entry));
             }
         }
@@ -485,11 +415,7 @@ impl Settings {
     }
 
     fn rule(&self, path: &str, message: String) -> ConfigError {
-        ConfigError::Rule {
-            at: self.at(path),
-            path: path.to_string(),
-            message,
-        }
+        ConfigError::Rule { at: self.at(path), path: path.to_string(), message }
     }
 
     fn check_rules(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
@@ -497,19 +423,13 @@ impl Settings {
         if a.display_min >= a.display_max {
             errors.push(self.rule(
                 "/vsmagent/display_min",
-                format!(
-                    "display_min {} must be less than /vsmagent/display_max {}",
-                    a.display_min, a.display_max
-                ),
+                format!("display_min {} must be less than /vsmagent/display_max {}", a.display_min, a.display_max),
             ));
         }
         let top = u32::from(c.vsm.vnc_port_base) + a.display_max;
         if top > 65535 {
-            let path = if self.at("/vsmagent/display_max").is_some() {
-                "/vsmagent/display_max"
-            } else {
-                "/vsm/vnc_port_base"
-            };
+            let path =
+                if self.at("/vsmagent/display_max").is_some() { "/vsmagent/display_max" } else { "/vsm/vnc_port_base" };
             errors.push(self.rule(
                 path,
                 format!(
@@ -561,11 +481,8 @@ impl Settings {
                 ),
             });
         }
-        let all_agents: BTreeSet<&str> = c
-            .subclusters
-            .values()
-            .flat_map(|s| s.agents.iter().map(String::as_str))
-            .collect();
+        let all_agents: BTreeSet<&str> =
+            c.subclusters.values().flat_map(|s| s.agents.iter().map(String::as_str)).collect();
         for host in c.agents.weights.keys() {
             if !all_agents.contains(host.as_str()) {
                 errors.push(self.rule(
@@ -598,11 +515,7 @@ impl Settings {
                 }
             }
         }
-        let resolved = if to_resolve.is_empty() {
-            HashMap::new()
-        } else {
-            resolve(&to_resolve)
-        };
+        let resolved = if to_resolve.is_empty() { HashMap::new() } else { resolve(&to_resolve) };
         for (name, s) in &c.subclusters {
             for agent in &s.agents {
                 let why = literal.get(agent.as_str()).cloned().or_else(|| {
@@ -632,11 +545,9 @@ impl Settings {
         let problem = match std::fs::metadata(p).and_then(|_| std::fs::File::open(p)) {
             Err(e) => Some(format!("secret file {} cannot be read ({e})", p.display())),
             Ok(f) => match f.metadata() {
-                Ok(m) if m.len() < 16 => Some(format!(
-                    "secret file {} holds {} bytes, expected at least 16",
-                    p.display(),
-                    m.len()
-                )),
+                Ok(m) if m.len() < 16 => {
+                    Some(format!("secret file {} holds {} bytes, expected at least 16", p.display(), m.len()))
+                }
                 Ok(_) => None,
                 Err(e) => Some(format!("secret file {} cannot be read ({e})", p.display())),
             },
@@ -650,9 +561,7 @@ impl Settings {
 fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
 }
 
@@ -664,10 +573,8 @@ pub fn system_resolve(names: &[String]) -> HashMap<String, Vec<IpAddr>> {
         let tx = tx.clone();
         let name = name.clone();
         std::thread::spawn(move || {
-            let ips: Vec<IpAddr> = (name.as_str(), 0u16)
-                .to_socket_addrs()
-                .map(|it| it.map(|sa| sa.ip()).collect())
-                .unwrap_or_default();
+            let ips: Vec<IpAddr> =
+                (name.as_str(), 0u16).to_socket_addrs().map(|it| it.map(|sa| sa.ip()).collect()).unwrap_or_default();
             let _ = tx.send((name, ips));
         });
     }
@@ -692,10 +599,7 @@ mod tests {
     use crate::config::{DbSynchronous, SyncLevel};
 
     fn src(file: &str, text: &str) -> Source {
-        Source {
-            file: PathBuf::from(format!("/cfg/{file}")),
-            text: text.to_string(),
-        }
+        Source { file: PathBuf::from(format!("/cfg/{file}")), text: text.to_string() }
     }
 
     fn no_dns(_: &[String]) -> HashMap<String, Vec<IpAddr>> {
@@ -762,14 +666,8 @@ draining = ["agent2.example.com"]
 "agent1.example.com" = 200
 "#,
             ),
-            src(
-                "vsmserver.toml",
-                "[vsmserver]\ndb_synchronous = \"normal\"\nadmin_group = \"vsmadmin\"\n",
-            ),
-            src(
-                "vsmagent.toml",
-                "[vsmagent]\ndisplay_max = 100\ndefault_geometry = \"800x600\"\n",
-            ),
+            src("vsmserver.toml", "[vsmserver]\ndb_synchronous = \"normal\"\nadmin_group = \"vsmadmin\"\n"),
+            src("vsmagent.toml", "[vsmagent]\ndisplay_max = 100\ndefault_geometry = \"800x600\"\n"),
         ])
         .unwrap();
         assert_eq!(c.ha.nodes, ["tlha-primary", "tlha-secondary"]);
@@ -781,10 +679,7 @@ draining = ["agent2.example.com"]
         assert_eq!(c.ha.tombstone_retention, Duration::from_secs(2 * 86400));
         assert_eq!(c.ha.local_node.as_deref(), Some("tlha-primary"));
         assert_eq!(c.subclusters.len(), 2);
-        assert_eq!(
-            c.subclusters["default"].agents,
-            ["agent1.example.com", "agent2.example.com"]
-        );
+        assert_eq!(c.subclusters["default"].agents, ["agent1.example.com", "agent2.example.com"]);
         assert_eq!(c.subclusters["default"].max_users_per_agent, 20);
         assert_eq!(c.subclusters["eng"].groups, ["eng"]);
         assert_eq!(c.agents.draining, ["agent2.example.com"]);
@@ -804,34 +699,20 @@ draining = ["agent2.example.com"]
         .unwrap();
         assert_eq!(c.ha.port, 9200);
         assert_eq!(c.subclusters["x"].agents, ["a1"]);
-        let e = one_error(&[
-            src("ha.toml", "[HA]\nport = 9200\n"),
-            src("vsmserver.toml", "[vsmserver.HA]\nport = 9300\n"),
-        ]);
-        assert_eq!(
-            e,
-            "/HA/port is defined twice: in /cfg/ha.toml:2 and in /cfg/vsmserver.toml:2; keep only one"
-        );
+        let e =
+            one_error(&[src("ha.toml", "[HA]\nport = 9200\n"), src("vsmserver.toml", "[vsmserver.HA]\nport = 9300\n")]);
+        assert_eq!(e, "/HA/port is defined twice: in /cfg/ha.toml:2 and in /cfg/vsmserver.toml:2; keep only one");
     }
 
     #[test]
     fn bad_value_names_file_line_key_value_and_expectation() {
         let e = one_error(&[src("ha.toml", "[HA]\n\nport = 70000\n")]);
-        assert_eq!(
-            e,
-            "/cfg/ha.toml:3: /HA/port: bad value 70000: expected an integer from 1 to 65535"
-        );
+        assert_eq!(e, "/cfg/ha.toml:3: /HA/port: bad value 70000: expected an integer from 1 to 65535");
         let e = one_error(&[src("ha.toml", "[HA]\nenabled = \"maybe\"\n")]);
-        assert!(
-            e.contains("/HA/enabled: bad value \"maybe\": expected a boolean"),
-            "{e}"
-        );
+        assert!(e.contains("/HA/enabled: bad value \"maybe\": expected a boolean"), "{e}");
         let e = one_error(&[src("ha.toml", "[HA]\nsync = \"sometimes\"\n")]);
         assert!(e.ends_with("expected one of: async, ack"), "{e}");
-        let e = one_error(&[src(
-            "a.toml",
-            "[vsmagent]\nsession_command = [\"Xvnc\", \"{home}\"]\n",
-        )]);
+        let e = one_error(&[src("a.toml", "[vsmagent]\nsession_command = [\"Xvnc\", \"{home}\"]\n")]);
         assert!(e.contains("unknown placeholder {home}"), "{e}");
     }
 
@@ -842,15 +723,9 @@ draining = ["agent2.example.com"]
             src("vsm.toml", "[vsm]\nvnc_port_base = \"abc\"\n"),
         ]);
         assert_eq!(errs.len(), 4, "{errs:#?}");
-        assert!(errs
-            .iter()
-            .any(|e| e.contains("unknown key /HA/enabel (did you mean /HA/enabled?)")));
-        let joined = ConfigErrors(
-            build(&[src("ha.toml", "[HA]\nport = 0\nsync = \"x\"\n")])
-                .unwrap_err()
-                .0,
-        )
-        .to_string();
+        assert!(errs.iter().any(|e| e.contains("unknown key /HA/enabel (did you mean /HA/enabled?)")));
+        let joined =
+            ConfigErrors(build(&[src("ha.toml", "[HA]\nport = 0\nsync = \"x\"\n")]).unwrap_err().0).to_string();
         assert_eq!(joined.lines().count(), 2);
     }
 
@@ -874,60 +749,36 @@ draining = ["agent2.example.com"]
 
     #[test]
     fn display_range_rules() {
-        let e = one_error(&[src(
-            "a.toml",
-            "[vsmagent]\ndisplay_min = 50\ndisplay_max = 50\n",
-        )]);
+        let e = one_error(&[src("a.toml", "[vsmagent]\ndisplay_min = 50\ndisplay_max = 50\n")]);
         assert_eq!(
             e,
             "/cfg/a.toml:2: /vsmagent/display_min: display_min 50 must be less than /vsmagent/display_max 50"
         );
         let e = one_error(&[src("a.toml", "[vsmagent]\ndisplay_max = 60000\n")]);
-        assert!(
-            e.contains("5900 + /vsmagent/display_max 60000 = 65900"),
-            "{e}"
-        );
+        assert!(e.contains("5900 + /vsmagent/display_max 60000 = 65900"), "{e}");
         assert!(build(&[src("a.toml", "[vsmagent]\ndisplay_max = 59635\n")]).is_ok());
     }
 
     #[test]
     fn heartbeat_rule() {
         let e = one_error(&[src("ha.toml", "[HA]\nheartbeat_interval = \"5s\"\n")]);
-        assert!(
-            e.contains("peer_timeout 3s must be longer than /HA/heartbeat_interval 5s"),
-            "{e}"
-        );
+        assert!(e.contains("peer_timeout 3s must be longer than /HA/heartbeat_interval 5s"), "{e}");
     }
 
     #[test]
     fn subcluster_rules() {
         let e = one_error(&[src("c.toml", "[subclusters.a]\nusers = [\"u\"]\n")]);
         assert!(e.contains("subcluster a has no agents"), "{e}");
-        let e = one_error(&[src(
-            "c.toml",
-            "[subclusters.a]\nagents = [\"h1\"]\n[subclusters.b]\nagents = [\"h2\"]\n",
-        )]);
-        assert!(
-            e.contains("subclusters a, b have neither users nor groups"),
-            "{e}"
-        );
+        let e = one_error(&[src("c.toml", "[subclusters.a]\nagents = [\"h1\"]\n[subclusters.b]\nagents = [\"h2\"]\n")]);
+        assert!(e.contains("subclusters a, b have neither users nor groups"), "{e}");
         let e = one_error(&[src(
             "c.toml",
             "[subclusters.a]\nagents = [\"h1\"]\nusers = [\"u\"]\n[subclusters.b]\nagents = [\"h2\"]\nusers = [\"u\"]\n",
         )]);
         assert!(e.contains("user u is listed in subclusters a and b"), "{e}");
-        let e = one_error(&[src(
-            "c.toml",
-            "[subclusters.a]\nagents = [\"h1\"]\n[agents.weights]\nh2 = 50\n",
-        )]);
-        assert!(
-            e.contains("/agents/weights/h2: agent h2 is not in any subcluster's agents"),
-            "{e}"
-        );
-        let e = one_error(&[src(
-            "c.toml",
-            "[subclusters.a]\nagents = [\"h1\"]\n[agents.weights]\nh1 = 0\n",
-        )]);
+        let e = one_error(&[src("c.toml", "[subclusters.a]\nagents = [\"h1\"]\n[agents.weights]\nh2 = 50\n")]);
+        assert!(e.contains("/agents/weights/h2: agent h2 is not in any subcluster's agents"), "{e}");
+        let e = one_error(&[src("c.toml", "[subclusters.a]\nagents = [\"h1\"]\n[agents.weights]\nh1 = 0\n")]);
         assert!(e.contains("bad value 0: expected an integer from 1"), "{e}");
     }
 
@@ -958,36 +809,20 @@ draining = ["agent2.example.com"]
         let key = dir.path().join("ha.key");
         std::fs::write(&key, [7u8; 32]).unwrap();
         assert!(build(&ha_sources("[\"agent1\"]", &key)).is_ok());
-        for agent in [
-            "127.0.0.1",
-            "127.1.2.3",
-            "::1",
-            "localhost",
-            "LOCALHOST",
-            "x.localhost",
-        ] {
+        for agent in ["127.0.0.1", "127.1.2.3", "::1", "localhost", "LOCALHOST", "x.localhost"] {
             let e = one_error(&ha_sources(&format!("[\"{agent}\"]"), &key));
             assert!(e.contains(&format!("agent {agent} is a loopback")), "{e}");
-            assert!(
-                e.contains("use the agent's unique host name or address"),
-                "{e}"
-            );
+            assert!(e.contains("use the agent's unique host name or address"), "{e}");
         }
         // A name resolving to loopback.
         let fake = |names: &[String]| -> HashMap<String, Vec<IpAddr>> {
-            names
-                .iter()
-                .map(|n| (n.clone(), vec!["127.0.1.1".parse().unwrap()]))
-                .collect()
+            names.iter().map(|n| (n.clone(), vec!["127.0.1.1".parse().unwrap()])).collect()
         };
         let e = Settings::from_sources(Path::new("/cfg"), &ha_sources("[\"myself\"]", &key))
             .build_with(&fake)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("agent myself resolves to the loopback address 127.0.1.1"),
-            "{e}"
-        );
+        assert!(e.contains("agent myself resolves to the loopback address 127.0.1.1"), "{e}");
         // Without HA, loopback agents are fine (the single-master setup).
         let mut s = ha_sources("[\"127.0.0.1\"]", &key);
         s[0].text = s[0].text.replace("enabled = true", "enabled = false");
@@ -1003,10 +838,7 @@ draining = ["agent2.example.com"]
         let key = dir.path().join("ha.key");
         let e = one_error(&ha_sources("[\"agent1\"]", &key));
         assert!(e.contains("cannot be read"), "{e}");
-        assert!(
-            e.contains(&format!("head -c 32 /dev/urandom > {}", key.display())),
-            "{e}"
-        );
+        assert!(e.contains(&format!("head -c 32 /dev/urandom > {}", key.display())), "{e}");
         std::fs::write(&key, b"short").unwrap();
         let e = one_error(&ha_sources("[\"agent1\"]", &key));
         assert!(e.contains("holds 5 bytes, expected at least 16"), "{e}");
@@ -1015,11 +847,7 @@ draining = ["agent2.example.com"]
     #[test]
     fn relative_secret_paths_resolve_against_the_config_dir() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("ha.toml"),
-            "[HA]\nsecret_file = \"keys/ha.key\"\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("ha.toml"), "[HA]\nsecret_file = \"keys/ha.key\"\n").unwrap();
         let c = load(dir.path()).unwrap();
         assert_eq!(c.ha.secret_file, dir.path().join("keys/ha.key"));
         assert_eq!(c.vsm.secret_file, dir.path().join("cluster.key"));
@@ -1029,33 +857,20 @@ draining = ["agent2.example.com"]
     fn load_reads_only_visible_toml_files_and_requires_the_dir() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("ha.toml"), "[HA]\nport = 9100\n").unwrap();
-        std::fs::write(
-            dir.path().join("extra.toml"),
-            "[vsm]\nvnc_port_base = 6000\n",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("extra.toml"), "[vsm]\nvnc_port_base = 6000\n").unwrap();
         std::fs::write(dir.path().join(".ha.toml.tmp"), "garbage [").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "garbage [").unwrap();
         let c = load(dir.path()).unwrap();
         assert_eq!((c.ha.port, c.vsm.vnc_port_base), (9100, 6000));
         let missing = dir.path().join("nope");
         let e = load(&missing).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            format!(
-                "configuration directory {} does not exist",
-                missing.display()
-            )
-        );
+        assert_eq!(e, format!("configuration directory {} does not exist", missing.display()));
     }
 
     #[test]
     fn identity_ignores_lines() {
         let a = ConfigError::BadValue {
-            at: Location {
-                file: "/f".into(),
-                line: Some(3),
-            },
+            at: Location { file: "/f".into(), line: Some(3) },
             path: "/HA/port".into(),
             value: "0".into(),
             expected: "x".into(),

@@ -334,10 +334,7 @@ mod tests {
         d.agents.weights.insert("a".into(), 200);
         assert_ne!(c.digest_cluster(), d.digest_cluster());
         let mut e = c.clone();
-        e.subclusters
-            .get_mut("default")
-            .unwrap()
-            .max_users_per_agent = 3;
+        e.subclusters.get_mut("default").unwrap().max_users_per_agent = 3;
         assert_ne!(c.digest_cluster(), e.digest_cluster());
         let mut f = c.clone();
         f.agents.draining.push("a".into());

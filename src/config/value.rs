@@ -83,9 +83,7 @@ impl ValueType {
             ValueType::List(ItemKind::Host) => "a list of host names or IP addresses".into(),
             ValueType::List(ItemKind::Email) => "a list of e-mail addresses".into(),
             ValueType::Path => "an absolute path".into(),
-            ValueType::SecretPath => {
-                "a path (relative paths are relative to the configuration directory)".into()
-            }
+            ValueType::SecretPath => "a path (relative paths are relative to the configuration directory)".into(),
             ValueType::Duration { min_ms, max_ms } => format!(
                 "a duration such as 250ms, 5s, 2m, 1h or 7d (a bare number means seconds) from {} to {}",
                 format_duration(Duration::from_millis(*min_ms)),
@@ -157,9 +155,7 @@ impl ValueType {
                 }
                 Ok(Value::Str(t.to_string()))
             }
-            ValueType::List(kind) => {
-                self.check_list(t.split_whitespace().map(str::to_string).collect(), *kind)
-            }
+            ValueType::List(kind) => self.check_list(t.split_whitespace().map(str::to_string).collect(), *kind),
             ValueType::Path => {
                 if t.is_empty() || !t.starts_with('/') || t.contains('\0') {
                     return fail();
@@ -194,9 +190,7 @@ impl ValueType {
                     fail()
                 }
             }
-            ValueType::Command => {
-                self.check_command(t.split_whitespace().map(str::to_string).collect())
-            }
+            ValueType::Command => self.check_command(t.split_whitespace().map(str::to_string).collect()),
         }
     }
 
@@ -236,9 +230,7 @@ impl ValueType {
     fn check_list(&self, items: Vec<String>, kind: ItemKind) -> Result<Value, String> {
         for item in &items {
             let ok = match kind {
-                ItemKind::Word => {
-                    !item.is_empty() && !item.chars().any(|c| c.is_whitespace() || c.is_control())
-                }
+                ItemKind::Word => !item.is_empty() && !item.chars().any(|c| c.is_whitespace() || c.is_control()),
                 ItemKind::Host => {
                     if let Err(why) = check_host(item) {
                         return Err(format!("{} ({item:?}: {why})", self.expected()));
@@ -375,12 +367,7 @@ pub fn format_duration(d: Duration) -> String {
     if ms == 0 {
         return "0s".into();
     }
-    for (unit, per) in [
-        ("d", 86_400_000u128),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
+    for (unit, per) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms % per == 0 {
             return format!("{}{unit}", ms / per);
         }
@@ -420,10 +407,7 @@ pub fn check_host(host: &str) -> Result<(), String> {
         if label.len() > 63 {
             return Err("label longer than 63 characters".into());
         }
-        if !label
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
             return Err("only letters, digits, '-' and '.' are allowed".into());
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -440,9 +424,7 @@ fn is_email(s: &str) -> bool {
     match s.rsplit_once('@') {
         Some((local, domain)) => {
             !local.is_empty()
-                && !local
-                    .chars()
-                    .any(|c| c.is_whitespace() || c.is_control() || c == '@')
+                && !local.chars().any(|c| c.is_whitespace() || c.is_control() || c == '@')
                 && check_host(domain).is_ok()
         }
         None => false,
@@ -456,9 +438,7 @@ fn check_placeholders(arg: &str) -> Result<(), String> {
             return Err(format!("unmatched '}}' in {arg:?}"));
         }
         let after = &rest[open + 1..];
-        let close = after
-            .find('}')
-            .ok_or_else(|| format!("unmatched '{{' in {arg:?}"))?;
+        let close = after.find('}').ok_or_else(|| format!("unmatched '{{' in {arg:?}"))?;
         let name = &after[..close];
         if !PLACEHOLDERS.contains(&name) {
             return Err(format!("unknown placeholder {{{name}}} in {arg:?}"));
@@ -473,10 +453,7 @@ mod tests {
     use super::*;
 
     const PORT: ValueType = ValueType::Int { min: 1, max: 65535 };
-    const DUR: ValueType = ValueType::Duration {
-        min_ms: 1,
-        max_ms: 86_400_000 * 365,
-    };
+    const DUR: ValueType = ValueType::Duration { min_ms: 1, max_ms: 86_400_000 * 365 };
 
     fn toml_value(src: &str) -> toml_edit::Value {
         src.parse::<toml_edit::Value>().unwrap()
@@ -493,18 +470,9 @@ mod tests {
         for t in ["", "2", "on", "truee"] {
             assert!(ValueType::Bool.parse_text(t).is_err(), "{t}");
         }
-        assert_eq!(
-            ValueType::Bool.parse_toml(&toml_value("true")),
-            Ok(Value::Bool(true))
-        );
-        assert_eq!(
-            ValueType::Bool.parse_toml(&toml_value("0")),
-            Ok(Value::Bool(false))
-        );
-        assert_eq!(
-            ValueType::Bool.parse_toml(&toml_value("\"no\"")),
-            Ok(Value::Bool(false))
-        );
+        assert_eq!(ValueType::Bool.parse_toml(&toml_value("true")), Ok(Value::Bool(true)));
+        assert_eq!(ValueType::Bool.parse_toml(&toml_value("0")), Ok(Value::Bool(false)));
+        assert_eq!(ValueType::Bool.parse_toml(&toml_value("\"no\"")), Ok(Value::Bool(false)));
         assert!(ValueType::Bool.parse_toml(&toml_value("2")).is_err());
         assert!(ValueType::Bool.parse_toml(&toml_value("1.0")).is_err());
         assert_eq!(Value::Bool(true).display(), "true");
@@ -529,46 +497,19 @@ mod tests {
 
     #[test]
     fn hosts() {
-        for h in [
-            "tlha",
-            "tlha-primary.example.com",
-            "10.0.0.2",
-            "::1",
-            "a1.b2",
-            "AGENT1",
-        ] {
+        for h in ["tlha", "tlha-primary.example.com", "10.0.0.2", "::1", "a1.b2", "AGENT1"] {
             assert!(check_host(h).is_ok(), "{h}");
         }
-        for h in [
-            "",
-            "-a",
-            "a-",
-            "a..b",
-            "a_b",
-            "a b",
-            "10.0.0.300",
-            "1.2.3",
-            "x/y",
-            ".a",
-        ] {
+        for h in ["", "-a", "a-", "a..b", "a_b", "a b", "10.0.0.300", "1.2.3", "x/y", ".a"] {
             assert!(check_host(h).is_err(), "{h}");
         }
         assert!(check_host(&"a".repeat(64)).is_err());
         assert!(check_host(&["a"; 130].join(".")).is_err());
-        assert_eq!(
-            ValueType::Host.parse_text("tlha"),
-            Ok(Value::Str("tlha".into()))
-        );
+        assert_eq!(ValueType::Host.parse_text("tlha"), Ok(Value::Str("tlha".into())));
         assert!(ValueType::Host.parse_text("").is_err());
-        assert_eq!(
-            ValueType::OptHost.parse_text(""),
-            Ok(Value::Str(String::new()))
-        );
+        assert_eq!(ValueType::OptHost.parse_text(""), Ok(Value::Str(String::new())));
         assert!(ValueType::OptHost.parse_text("bad host").is_err());
-        assert_eq!(
-            ValueType::OptWord.parse_text("wheel"),
-            Ok(Value::Str("wheel".into()))
-        );
+        assert_eq!(ValueType::OptWord.parse_text("wheel"), Ok(Value::Str("wheel".into())));
         assert!(ValueType::OptWord.parse_text("a b").is_err());
     }
 
@@ -576,28 +517,16 @@ mod tests {
     fn lists_from_text_array_and_string() {
         let hosts = ValueType::List(ItemKind::Host);
         let want = Value::List(vec!["tlha-primary".into(), "tlha-secondary".into()]);
-        assert_eq!(
-            hosts.parse_text(" tlha-primary   tlha-secondary "),
-            Ok(want.clone())
-        );
-        assert_eq!(
-            hosts.parse_toml(&toml_value(r#"["tlha-primary", "tlha-secondary"]"#)),
-            Ok(want.clone())
-        );
-        assert_eq!(
-            hosts.parse_toml(&toml_value(r#""tlha-primary tlha-secondary""#)),
-            Ok(want.clone())
-        );
+        assert_eq!(hosts.parse_text(" tlha-primary   tlha-secondary "), Ok(want.clone()));
+        assert_eq!(hosts.parse_toml(&toml_value(r#"["tlha-primary", "tlha-secondary"]"#)), Ok(want.clone()));
+        assert_eq!(hosts.parse_toml(&toml_value(r#""tlha-primary tlha-secondary""#)), Ok(want.clone()));
         assert_eq!(hosts.parse_text(""), Ok(Value::List(vec![])));
         let err = hosts.parse_text("good bad_host").unwrap_err();
         assert!(err.contains("bad_host"), "{err}");
         assert!(hosts.parse_toml(&toml_value("[1, 2]")).is_err());
         assert!(hosts.parse_toml(&toml_value("5")).is_err());
         assert_eq!(want.display(), "tlha-primary tlha-secondary");
-        assert_eq!(
-            want.to_toml().to_string(),
-            r#"["tlha-primary", "tlha-secondary"]"#
-        );
+        assert_eq!(want.to_toml().to_string(), r#"["tlha-primary", "tlha-secondary"]"#);
         let words = ValueType::List(ItemKind::Word);
         assert!(words.parse_toml(&toml_value(r#"["a b"]"#)).is_err());
         assert!(words.parse_toml(&toml_value(r#"[""]"#)).is_err());
@@ -610,16 +539,10 @@ mod tests {
 
     #[test]
     fn paths() {
-        assert_eq!(
-            ValueType::Path.parse_text("/var/lib/vsm"),
-            Ok(Value::Path("/var/lib/vsm".into()))
-        );
+        assert_eq!(ValueType::Path.parse_text("/var/lib/vsm"), Ok(Value::Path("/var/lib/vsm".into())));
         assert!(ValueType::Path.parse_text("var/lib").is_err());
         assert!(ValueType::Path.parse_text("").is_err());
-        assert_eq!(
-            ValueType::SecretPath.parse_text("ha.key"),
-            Ok(Value::Path("ha.key".into()))
-        );
+        assert_eq!(ValueType::SecretPath.parse_text("ha.key"), Ok(Value::Path("ha.key".into())));
         assert!(ValueType::SecretPath.parse_text("").is_err());
         assert!(ValueType::Path.parse_toml(&toml_value("3")).is_err());
     }
@@ -636,46 +559,18 @@ mod tests {
             (" 30s ", 30_000),
         ];
         for (t, ms) in cases {
-            assert_eq!(
-                DUR.parse_text(t),
-                Ok(Value::Duration(Duration::from_millis(ms))),
-                "{t}"
-            );
+            assert_eq!(DUR.parse_text(t), Ok(Value::Duration(Duration::from_millis(ms))), "{t}");
         }
-        for t in [
-            "",
-            "s",
-            "5x",
-            "1.5s",
-            "-1s",
-            "5 s s",
-            "99999999999999999999d",
-            "0s",
-        ] {
+        for t in ["", "s", "5x", "1.5s", "-1s", "5 s s", "99999999999999999999d", "0s"] {
             assert!(DUR.parse_text(t).is_err(), "{t}");
         }
-        assert_eq!(
-            DUR.parse_toml(&toml_value("30")),
-            Ok(Value::Duration(Duration::from_secs(30)))
-        );
+        assert_eq!(DUR.parse_toml(&toml_value("30")), Ok(Value::Duration(Duration::from_secs(30))));
         assert!(DUR.parse_toml(&toml_value("true")).is_err());
-        for (ms, s) in [
-            (500, "500ms"),
-            (30_000, "30s"),
-            (120_000, "2m"),
-            (604_800_000, "7d"),
-            (1_500, "1500ms"),
-        ] {
+        for (ms, s) in [(500, "500ms"), (30_000, "30s"), (120_000, "2m"), (604_800_000, "7d"), (1_500, "1500ms")] {
             assert_eq!(format_duration(Duration::from_millis(ms)), s);
-            assert_eq!(
-                DUR.parse_text(s),
-                Ok(Value::Duration(Duration::from_millis(ms)))
-            );
+            assert_eq!(DUR.parse_text(s), Ok(Value::Duration(Duration::from_millis(ms))));
         }
-        let short = ValueType::Duration {
-            min_ms: 10,
-            max_ms: 1000,
-        };
+        let short = ValueType::Duration { min_ms: 10, max_ms: 1000 };
         assert!(short.parse_text("5ms").is_err());
         assert!(short.parse_text("2s").is_err());
         assert!(short.expected().contains("from 10ms to 1s"));
@@ -693,9 +588,7 @@ mod tests {
     #[test]
     fn geometry() {
         assert_eq!(parse_geometry("1024x768"), Some((1024, 768)));
-        for bad in [
-            "1024 768", "x768", "1024x", "0x10", "10x99999", "+1x1", "axb",
-        ] {
+        for bad in ["1024 768", "x768", "1024x", "0x10", "10x99999", "+1x1", "axb"] {
             assert!(ValueType::Geometry.parse_text(bad).is_err(), "{bad}");
         }
     }
@@ -703,23 +596,13 @@ mod tests {
     #[test]
     fn command_templates() {
         let c = ValueType::Command;
-        let v = c
-            .parse_text("Xvnc :{display} -rfbport {port} -geometry {geometry} -desktop {user}")
-            .unwrap();
+        let v = c.parse_text("Xvnc :{display} -rfbport {port} -geometry {geometry} -desktop {user}").unwrap();
         assert_eq!(v.as_list().len(), 8);
-        assert!(c
-            .parse_toml(&toml_value(r#"["sh", "-c", "echo {user} x"]"#))
-            .is_ok());
+        assert!(c.parse_toml(&toml_value(r#"["sh", "-c", "echo {user} x"]"#)).is_ok());
         let err = c.parse_text("Xvnc {home}").unwrap_err();
         assert!(err.contains("unknown placeholder {home}"), "{err}");
-        assert!(c
-            .parse_text("Xvnc {display")
-            .unwrap_err()
-            .contains("unmatched '{'"));
-        assert!(c
-            .parse_text("Xvnc display}")
-            .unwrap_err()
-            .contains("unmatched '}'"));
+        assert!(c.parse_text("Xvnc {display").unwrap_err().contains("unmatched '{'"));
+        assert!(c.parse_text("Xvnc display}").unwrap_err().contains("unmatched '}'"));
         assert!(c.parse_text("").unwrap_err().contains("empty"));
         assert!(c.parse_toml(&toml_value(r#"[""]"#)).is_err());
     }
@@ -737,17 +620,7 @@ mod tests {
             ValueType::Geometry,
             ValueType::Command,
         ];
-        let texts = [
-            "yes",
-            "904",
-            "tlha",
-            "",
-            "a b",
-            "/x",
-            "90s",
-            "800x600",
-            "Xvnc :{display}",
-        ];
+        let texts = ["yes", "904", "tlha", "", "a b", "/x", "90s", "800x600", "Xvnc :{display}"];
         for (ty, t) in types.iter().zip(texts) {
             let v = ty.parse_text(t).unwrap();
             assert_eq!(ty.parse_text(&v.display()), Ok(v.clone()), "{ty:?}");

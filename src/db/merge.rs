@@ -40,9 +40,7 @@ pub fn decide(stored: Option<&Version>, incoming: &Version) -> Action {
 /// written on different nodes with different content. Two versions from one node are an
 /// ordinary sequence of updates (a node's clock only moves forward).
 pub fn is_conflict(local: &Record, remote: &Record) -> bool {
-    local.version != remote.version
-        && local.version.node != remote.version.node
-        && local.session != remote.session
+    local.version != remote.version && local.version.node != remote.version.node && local.session != remote.session
 }
 
 /// The winner of two records of one id, `None` when they are the same version.
@@ -62,21 +60,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn v(wall: u64, logical: u32, node: &str) -> Version {
-        Version {
-            hlc: Hlc {
-                wall_ms: wall,
-                logical,
-            },
-            node: NodeId(node.into()),
-        }
+        Version { hlc: Hlc { wall_ms: wall, logical }, node: NodeId(node.into()) }
     }
 
     fn tomb(id: &str, version: Version) -> Record {
-        Record {
-            id: SessionId(id.into()),
-            version,
-            session: None,
-        }
+        Record { id: SessionId(id.into()), version, session: None }
     }
 
     #[test]
@@ -92,16 +80,10 @@ mod tests {
     fn same_node_updates_are_not_conflicts() {
         let mut newer = tomb("x", v(2, 0, "a"));
         newer.session = None;
-        let older = Record {
-            session: None,
-            ..tomb("x", v(1, 0, "a"))
-        };
+        let older = Record { session: None, ..tomb("x", v(1, 0, "a")) };
         assert!(!is_conflict(&older, &newer));
         // Different nodes, same content (both tombstones): nothing to report either.
-        assert!(!is_conflict(
-            &tomb("x", v(1, 0, "a")),
-            &tomb("x", v(2, 0, "b"))
-        ));
+        assert!(!is_conflict(&tomb("x", v(1, 0, "a")), &tomb("x", v(2, 0, "b"))));
     }
 
     /// Merging a multiset of versions in any order, with duplicates, ends at the maximum.

@@ -144,10 +144,7 @@ pub struct Committed {
 impl Committed {
     /// The change-log entry this write appended.
     pub fn change(&self) -> Change {
-        Change {
-            seq: self.seq,
-            record: self.record.clone(),
-        }
+        Change { seq: self.seq, record: self.record.clone() }
     }
 }
 
@@ -267,11 +264,7 @@ pub enum DbError {
         "database {} has schema version {found}, this vsmserver knows up to {known}; refusing to touch it",
         path.display()
     )]
-    NewerSchema {
-        path: PathBuf,
-        found: i64,
-        known: i64,
-    },
+    NewerSchema { path: PathBuf, found: i64, known: i64 },
     /// Refuse to start: the file is not a readable vsm session database. It is left as is.
     #[error(
         "database {} is not a usable vsm session database ({detail}); refusing to touch it: move it away to start empty, or restore a backup",
@@ -283,16 +276,10 @@ pub enum DbError {
     Locked { path: PathBuf },
     /// A file-system operation failed.
     #[error("cannot {context}: {source}")]
-    Io {
-        context: String,
-        source: std::io::Error,
-    },
+    Io { context: String, source: std::io::Error },
     /// SQLite failed; the request was not applied (its transaction rolled back).
     #[error("sqlite failed to {context}: {source}")]
-    Sqlite {
-        context: &'static str,
-        source: SqliteError,
-    },
+    Sqlite { context: &'static str, source: SqliteError },
     /// A peer sent a record that cannot be stored; nothing of that request was applied.
     #[error("invalid record {id}: {detail}")]
     InvalidRecord { id: SessionId, detail: String },
@@ -300,10 +287,7 @@ pub enum DbError {
 
 impl DbError {
     fn sqlite(context: &'static str, e: rusqlite::Error) -> DbError {
-        DbError::Sqlite {
-            context,
-            source: SqliteError(e),
-        }
+        DbError::Sqlite { context, source: SqliteError(e) }
     }
 }
 
@@ -341,18 +325,9 @@ impl DbHandle {
         std::thread::Builder::new()
             .name("vsm-db".into())
             .spawn(move || owner::run(opts, rx, ready_tx))
-            .map_err(|source| DbError::Io {
-                context: "start the database thread".into(),
-                source,
-            })?;
+            .map_err(|source| DbError::Io { context: "start the database thread".into(), source })?;
         let (db_id, head) = ready_rx.recv().map_err(|_| DbError::Closed)??;
-        Ok(DbHandle {
-            tx,
-            db_id: Arc::from(db_id.as_str()),
-            node,
-            path,
-            head,
-        })
+        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head })
     }
 
     /// This database's identity (random, made once when the file was created).
@@ -377,14 +352,12 @@ impl DbHandle {
 
     /// One local write in its own change-log row, committed (group commit) before answering.
     pub async fn write(&self, w: Write) -> Result<Committed, DbError> {
-        self.call(|reply| owner::Request::Write(owner::WriteReq::One { write: w, reply }))
-            .await
+        self.call(|reply| owner::Request::Write(owner::WriteReq::One { write: w, reply })).await
     }
 
     /// Several local writes committed in one transaction, one change-log row each.
     pub async fn write_batch(&self, ws: Vec<Write>) -> Result<Vec<Committed>, DbError> {
-        self.call(|reply| owner::Request::Write(owner::WriteReq::Batch { writes: ws, reply }))
-            .await
+        self.call(|reply| owner::Request::Write(owner::WriteReq::Batch { writes: ws, reply })).await
     }
 
     /// Merges records from the peer whose database is `peer_db_id` (last writer wins),
@@ -396,8 +369,7 @@ impl DbHandle {
         records: Vec<Record>,
         peer_pos: Seq,
     ) -> Result<ApplyOutcome, DbError> {
-        self.apply_remote_with(peer_db_id, records, PositionUpdate::Advance(peer_pos))
-            .await
+        self.apply_remote_with(peer_db_id, records, PositionUpdate::Advance(peer_pos)).await
     }
 
     /// [`DbHandle::apply_remote`] with an explicit rule for the stored position: the
@@ -409,22 +381,13 @@ impl DbHandle {
         records: Vec<Record>,
         pos: PositionUpdate,
     ) -> Result<ApplyOutcome, DbError> {
-        self.call(|reply| {
-            owner::Request::Write(owner::WriteReq::Apply {
-                peer: peer_db_id,
-                records,
-                pos,
-                reply,
-            })
-        })
-        .await
+        self.call(|reply| owner::Request::Write(owner::WriteReq::Apply { peer: peer_db_id, records, pos, reply })).await
     }
 
     /// Forgets tombstones older than the tombstone retention and change-log rows more than
     /// the change-log retention behind the head.
     pub async fn gc(&self, now_ms: u64) -> Result<GcStats, DbError> {
-        self.call(|reply| owner::Request::Write(owner::WriteReq::Gc { now_ms, reply }))
-            .await
+        self.call(|reply| owner::Request::Write(owner::WriteReq::Gc { now_ms, reply })).await
     }
 
     /// A live session.
@@ -471,11 +434,7 @@ impl DbHandle {
         if records.len() as u64 != stream.total {
             return Err(DbError::Closed);
         }
-        Ok(Snapshot {
-            head: stream.head,
-            db_id: stream.db_id,
-            records,
-        })
+        Ok(Snapshot { head: stream.head, db_id: stream.db_id, records })
     }
 
     /// Every record in storage order, in chunks of `chunk_records`, read in one transaction on a
@@ -491,17 +450,9 @@ impl DbHandle {
         std::thread::Builder::new()
             .name("vsm-db-snapshot".into())
             .spawn(move || reader::stream(path, chunk, header_tx, tx))
-            .map_err(|source| DbError::Io {
-                context: "start a snapshot reader".into(),
-                source,
-            })?;
+            .map_err(|source| DbError::Io { context: "start a snapshot reader".into(), source })?;
         let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
-        Ok(SnapshotStream {
-            head,
-            db_id,
-            total,
-            chunks,
-        })
+        Ok(SnapshotStream { head, db_id, total, chunks })
     }
 
     /// Same records as [`DbHandle::snapshot`].
@@ -519,8 +470,7 @@ impl DbHandle {
     /// applying a full snapshot: unlike `apply_remote`, it may move the position back.
     pub async fn set_peer_position(&self, peer_db_id: &str, pos: Seq) -> Result<(), DbError> {
         let peer = peer_db_id.to_string();
-        self.call(|reply| owner::Request::Write(owner::WriteReq::SetPeer { peer, pos, reply }))
-            .await
+        self.call(|reply| owner::Request::Write(owner::WriteReq::SetPeer { peer, pos, reply })).await
     }
 
     /// SHA-256 (hex) over every record in id order: equal on two nodes iff they hold the
@@ -534,10 +484,7 @@ impl DbHandle {
         std::thread::Builder::new()
             .name("vsm-db-digest".into())
             .spawn(move || drop(reply.send(reader::digest(&path))))
-            .map_err(|source| DbError::Io {
-                context: "start a digest reader".into(),
-                source,
-            })?;
+            .map_err(|source| DbError::Io { context: "start a digest reader".into(), source })?;
         rx.await.map_err(|_| DbError::Closed)?
     }
 
@@ -556,10 +503,7 @@ impl DbHandle {
         make: impl FnOnce(oneshot::Sender<Result<T, DbError>>) -> owner::Request,
     ) -> Result<T, DbError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| DbError::Closed)?;
+        self.tx.send(make(reply)).await.map_err(|_| DbError::Closed)?;
         rx.await.map_err(|_| DbError::Closed)?
     }
 

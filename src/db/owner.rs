@@ -20,8 +20,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use super::merge::{self, Action, Winner};
 use super::store::{self, Stored};
 use super::{
-    ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead,
-    SessionFilter, SqlContext, Write, GROUP_MAX,
+    ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead, SessionFilter, SqlContext,
+    Write, GROUP_MAX,
 };
 use crate::model::{now_ms, Change, Hlc, NodeId, Record, Seq, Session, SessionId, Version};
 
@@ -40,29 +40,11 @@ pub(super) enum Request {
 
 /// A request that changes the database; these are grouped into one transaction.
 pub(super) enum WriteReq {
-    One {
-        write: Write,
-        reply: Reply<Committed>,
-    },
-    Batch {
-        writes: Vec<Write>,
-        reply: Reply<Vec<Committed>>,
-    },
-    Apply {
-        peer: String,
-        records: Vec<Record>,
-        pos: super::PositionUpdate,
-        reply: Reply<ApplyOutcome>,
-    },
-    Gc {
-        now_ms: u64,
-        reply: Reply<GcStats>,
-    },
-    SetPeer {
-        peer: String,
-        pos: Seq,
-        reply: Reply<()>,
-    },
+    One { write: Write, reply: Reply<Committed> },
+    Batch { writes: Vec<Write>, reply: Reply<Vec<Committed>> },
+    Apply { peer: String, records: Vec<Record>, pos: super::PositionUpdate, reply: Reply<ApplyOutcome> },
+    Gc { now_ms: u64, reply: Reply<GcStats> },
+    SetPeer { peer: String, pos: Seq, reply: Reply<()> },
 }
 
 /// The result of a write request, held until its transaction commits.
@@ -106,11 +88,7 @@ impl WriteReq {
 pub(super) type Ready = Result<(String, watch::Receiver<Seq>), DbError>;
 
 /// Thread body: open, report readiness, serve until shut down or every handle is gone.
-pub(super) fn run(
-    opts: DbOptions,
-    rx: mpsc::Receiver<Request>,
-    ready: std::sync::mpsc::SyncSender<Ready>,
-) {
+pub(super) fn run(opts: DbOptions, rx: mpsc::Receiver<Request>, ready: std::sync::mpsc::SyncSender<Ready>) {
     let owner = match Owner::open(&opts) {
         Ok(o) => o,
         Err(e) => {
@@ -155,28 +133,23 @@ const CHECKPOINT_ROWS: u32 = 512;
 /// (set in `schema.rs`). The thread ends when the owner drops its sender.
 fn spawn_checkpointer(
     path: &std::path::Path,
-) -> (
-    std::sync::mpsc::SyncSender<()>,
-    Option<std::thread::JoinHandle<()>>,
-) {
+) -> (std::sync::mpsc::SyncSender<()>, Option<std::thread::JoinHandle<()>>) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
     let path = path.to_path_buf();
-    let started = std::thread::Builder::new()
-        .name("vsm-db-checkpoint".into())
-        .spawn(move || {
-            let conn = match super::schema::open_checkpointer(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
-                    return;
-                }
-            };
-            while rx.recv().is_ok() {
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                    tracing::debug!(error = %e, "background checkpoint failed");
-                }
+    let started = std::thread::Builder::new().name("vsm-db-checkpoint".into()).spawn(move || {
+        let conn = match super::schema::open_checkpointer(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
+                return;
             }
-        });
+        };
+        while rx.recv().is_ok() {
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(error = %e, "background checkpoint failed");
+            }
+        }
+    });
     match started {
         Ok(thread) => (tx, Some(thread)),
         Err(e) => {
@@ -196,14 +169,11 @@ struct Saved {
 
 impl Owner {
     fn open(opts: &DbOptions) -> Result<Owner, DbError> {
-        let super::schema::Opened { conn, lock } =
-            super::schema::open(&opts.path, opts.synchronous)?;
+        let super::schema::Opened { conn, lock } = super::schema::open(&opts.path, opts.synchronous)?;
         let (db_id, wall, logical, head): (String, i64, i64, i64) = conn
-            .query_row(
-                "SELECT db_id, hlc_wall, hlc_logical, head_seq FROM meta WHERE id = 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
+            .query_row("SELECT db_id, hlc_wall, hlc_logical, head_seq FROM meta WHERE id = 1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .ctx("read the database metadata")?;
         let (live, tombs): (i64, i64) = conn
             .query_row(
@@ -214,10 +184,7 @@ impl Owner {
             )
             .ctx("count sessions")?;
         let head = Seq(head as u64);
-        let hlc = Hlc {
-            wall_ms: wall as u64,
-            logical: u32::try_from(logical).unwrap_or(u32::MAX),
-        };
+        let hlc = Hlc { wall_ms: wall as u64, logical: u32::try_from(logical).unwrap_or(u32::MAX) };
         tracing::info!(
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
             tombstones = tombs, "session database open"
@@ -234,8 +201,7 @@ impl Owner {
             live: live as u64,
             tombs: tombs as u64,
             changelog_retention: opts.changelog_retention,
-            tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis())
-                .unwrap_or(u64::MAX),
+            tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis()).unwrap_or(u64::MAX),
             head_tx: watch::channel(head).0,
             checkpointer,
             checkpointer_thread,
@@ -289,12 +255,8 @@ impl Owner {
         }
         // A snapshot reader still running keeps part of the log; the checkpoint then
         // reports "busy" in its result row, which is fine: the next open replays it.
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-            .ctx("checkpoint the write-ahead log")?;
-        self.conn
-            .close()
-            .map_err(|(_, e)| DbError::sqlite("close the database", e))?;
+        self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpoint the write-ahead log")?;
+        self.conn.close().map_err(|(_, e)| DbError::sqlite("close the database", e))?;
         tracing::info!("session database closed");
         Ok(())
     }
@@ -302,11 +264,7 @@ impl Owner {
     // ---- transactions ------------------------------------------------------------------
 
     fn saved(&self) -> Saved {
-        Saved {
-            head: self.head,
-            live: self.live,
-            tombs: self.tombs,
-        }
+        Saved { head: self.head, live: self.live, tombs: self.tombs }
     }
 
     fn restore(&mut self, s: Saved) {
@@ -317,22 +275,13 @@ impl Owner {
 
     /// Runs `f` in one IMMEDIATE transaction that also persists the clock and head.
     /// On error everything is rolled back, in the database and in memory.
-    fn transact<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, DbError>,
-    ) -> Result<T, DbError> {
+    fn transact<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, DbError>) -> Result<T, DbError> {
         let saved = self.saved();
         let res = (|| {
-            self.conn
-                .prepare_cached("BEGIN IMMEDIATE")
-                .and_then(|mut s| s.execute([]))
-                .ctx("begin a transaction")?;
+            self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.execute([])).ctx("begin a transaction")?;
             let out = f(self)?;
             store::save_meta(&self.conn, self.hlc, self.head)?;
-            self.conn
-                .prepare_cached("COMMIT")
-                .and_then(|mut s| s.execute([]))
-                .ctx("commit")?;
+            self.conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([])).ctx("commit")?;
             Ok(out)
         })();
         if res.is_err() {
@@ -360,12 +309,7 @@ impl Owner {
         if writes.is_empty() {
             return;
         }
-        let res = self.transact(|o| {
-            writes
-                .iter()
-                .map(|w| o.exec(w))
-                .collect::<Result<Vec<_>, _>>()
-        });
+        let res = self.transact(|o| writes.iter().map(|w| o.exec(w)).collect::<Result<Vec<_>, _>>());
         match res {
             Ok(done) => {
                 for (w, d) in writes.drain(..).zip(done) {
@@ -390,18 +334,12 @@ impl Owner {
     fn exec(&mut self, w: &WriteReq) -> Result<Done, DbError> {
         match w {
             WriteReq::One { write, .. } => self.local_write(write).map(Done::One),
-            WriteReq::Batch { writes, .. } => writes
-                .iter()
-                .map(|w| self.local_write(w))
-                .collect::<Result<_, _>>()
-                .map(Done::Batch),
-            WriteReq::Apply {
-                peer, records, pos, ..
-            } => self.apply(peer, records, *pos).map(Done::Apply),
-            WriteReq::Gc { now_ms, .. } => self.gc(*now_ms).map(Done::Gc),
-            WriteReq::SetPeer { peer, pos, .. } => {
-                self.set_peer(peer, *pos, false).map(|()| Done::Unit)
+            WriteReq::Batch { writes, .. } => {
+                writes.iter().map(|w| self.local_write(w)).collect::<Result<_, _>>().map(Done::Batch)
             }
+            WriteReq::Apply { peer, records, pos, .. } => self.apply(peer, records, *pos).map(Done::Apply),
+            WriteReq::Gc { now_ms, .. } => self.gc(*now_ms).map(Done::Gc),
+            WriteReq::SetPeer { peer, pos, .. } => self.set_peer(peer, *pos, false).map(|()| Done::Unit),
         }
     }
 
@@ -430,38 +368,20 @@ impl Owner {
             _ => self.hlc,
         };
         self.hlc = base.tick(now_ms());
-        let version = Version {
-            hlc: self.hlc,
-            node: self.node.clone(),
-        };
+        let version = Version { hlc: self.hlc, node: self.node.clone() };
         let session = match w {
             Write::Upsert(s) => Some(s.clone()),
             Write::Delete(_) => None,
         };
-        let record = Record {
-            id: id.clone(),
-            version: version.clone(),
-            session,
-        };
+        let record = Record { id: id.clone(), version: version.clone(), session };
         store::put(&self.conn, &record)?;
         let seq = self.head.next();
         store::append_change(&self.conn, seq, &record)?;
         self.head = seq;
         self.since_poke.1 += 1;
         self.count(prior.as_ref(), record.is_tombstone());
-        let was_live = matches!(
-            prior,
-            Some(Stored {
-                tombstone: false,
-                ..
-            })
-        );
-        Ok(Committed {
-            seq,
-            version,
-            record,
-            was_live,
-        })
+        let was_live = matches!(prior, Some(Stored { tombstone: false, .. }));
+        Ok(Committed { seq, version, record, was_live })
     }
 
     fn apply(&mut self, peer: &str, records: &[Record], pos: super::PositionUpdate) -> Result<ApplyOutcome, DbError> {
@@ -479,23 +399,14 @@ impl Owner {
             let prior = store::stored(&self.conn, &rec.id)?;
             let action = merge::decide(prior.as_ref().map(|p| &p.version), &rec.version);
             // Only versions from another node can be concurrent; load the body just then.
-            let concurrent = prior
-                .as_ref()
-                .is_some_and(|p| p.version != rec.version && p.version.node != rec.version.node);
+            let concurrent =
+                prior.as_ref().is_some_and(|p| p.version != rec.version && p.version.node != rec.version.node);
             if concurrent {
                 if let Some(local) = store::load(&self.conn, &self.path, &rec.id)? {
                     if merge::is_conflict(&local, rec) {
-                        let winner = if action == Action::Store {
-                            Winner::Remote
-                        } else {
-                            Winner::Local
-                        };
+                        let winner = if action == Action::Store { Winner::Remote } else { Winner::Local };
                         debug_assert_eq!(Some(winner), merge::winner(&local, rec));
-                        out.conflicts.push(Conflict {
-                            local,
-                            remote: rec.clone(),
-                            winner,
-                        });
+                        out.conflicts.push(Conflict { local, remote: rec.clone(), winner });
                     }
                 }
             }
@@ -528,12 +439,8 @@ impl Owner {
             "INSERT INTO peer_positions (peer_db_id, seq) VALUES (?1, ?2)
              ON CONFLICT(peer_db_id) DO UPDATE SET seq = excluded.seq"
         };
-        let mut stmt = self
-            .conn
-            .prepare_cached(sql)
-            .ctx("prepare a peer position update")?;
-        stmt.execute(rusqlite::params![peer, pos.0 as i64])
-            .ctx("store a peer position")?;
+        let mut stmt = self.conn.prepare_cached(sql).ctx("prepare a peer position update")?;
+        stmt.execute(rusqlite::params![peer, pos.0 as i64]).ctx("store a peer position")?;
         Ok(())
     }
 
@@ -557,10 +464,7 @@ impl Owner {
         if tombstones > 0 || changes > 0 {
             tracing::debug!(tombstones, changes, "session database gc");
         }
-        Ok(GcStats {
-            tombstones,
-            changes,
-        })
+        Ok(GcStats { tombstones, changes })
     }
 
     // ---- reads (no transaction open unless stated) -------------------------------------
@@ -574,10 +478,7 @@ impl Owner {
     }
 
     pub(super) fn list(&mut self, f: &SessionFilter) -> Result<Vec<Session>, DbError> {
-        let mut sql = format!(
-            "SELECT {} FROM sessions WHERE tombstone = 0",
-            store::COLUMNS
-        );
+        let mut sql = format!("SELECT {} FROM sessions WHERE tombstone = 0", store::COLUMNS);
         let display = f.display.map(i64::from);
         let status = f.status.map(|s| s.as_str());
         let mut args: Vec<&dyn ToSql> = Vec::new();
@@ -597,13 +498,8 @@ impl Owner {
             sql.push_str(" AND status <> 'unreachable'");
         }
         sql.push_str(" ORDER BY created_ms, id");
-        let mut stmt = self
-            .conn
-            .prepare_cached(&sql)
-            .ctx("prepare a session listing")?;
-        let rows = stmt
-            .query_map(args.as_slice(), store::raw_from_row)
-            .ctx("list sessions")?;
+        let mut stmt = self.conn.prepare_cached(&sql).ctx("prepare a session listing")?;
+        let rows = stmt.query_map(args.as_slice(), store::raw_from_row).ctx("list sessions")?;
         let mut out = Vec::new();
         for raw in rows {
             if let Some(s) = raw.ctx("list sessions")?.into_record(&self.path)?.session {
@@ -616,13 +512,10 @@ impl Owner {
     pub(super) fn count_users_per_agent(&mut self) -> Result<BTreeMap<String, usize>, DbError> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT agent, count(DISTINCT user) FROM sessions WHERE tombstone = 0 GROUP BY agent",
-            )
+            .prepare_cached("SELECT agent, count(DISTINCT user) FROM sessions WHERE tombstone = 0 GROUP BY agent")
             .ctx("prepare the users-per-agent count")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .ctx("count users per agent")?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).ctx("count users per agent")?;
         let mut out = BTreeMap::new();
         for row in rows {
             let (agent, n) = row.ctx("count users per agent")?;
@@ -658,15 +551,11 @@ impl Owner {
         }
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT seq, record FROM changelog WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
+            .prepare_cached("SELECT seq, record FROM changelog WHERE seq > ?1 ORDER BY seq LIMIT ?2")
             .ctx("prepare a change-log read")?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
-            .query_map([after.0 as i64, limit], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
-            })
+            .query_map([after.0 as i64, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
             .ctx("read the change log")?;
         let mut out = Vec::new();
         for row in rows {
@@ -675,10 +564,7 @@ impl Owner {
                 path: self.path.clone(),
                 detail: format!("change {seq} cannot be decoded: {e}"),
             })?;
-            out.push(Change {
-                seq: Seq(seq as u64),
-                record,
-            });
+            out.push(Change { seq: Seq(seq as u64), record });
         }
         Ok(LogRead::Changes(out))
     }

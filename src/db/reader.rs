@@ -31,9 +31,7 @@ pub(super) fn stream(
         let mut conn = super::schema::open_reader(&path)?;
         let tx = conn.transaction().ctx("begin a snapshot")?;
         let (head, db_id, total) = read_header(&tx)?;
-        let sent = header
-            .take()
-            .map(|h| h.send(Ok((head, db_id, total))).is_ok());
+        let sent = header.take().map(|h| h.send(Ok((head, db_id, total))).is_ok());
         if sent != Some(true) {
             return Ok(());
         }
@@ -94,13 +92,9 @@ pub(super) fn digest(path: &Path) -> Result<String, DbError> {
 
 fn read_header(conn: &Connection) -> Result<(Seq, String, u64), DbError> {
     let (db_id, head): (String, i64) = conn
-        .query_row("SELECT db_id, head_seq FROM meta WHERE id = 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .query_row("SELECT db_id, head_seq FROM meta WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
         .ctx("read the snapshot head")?;
-    let total: i64 = conn
-        .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
-        .ctx("count the snapshot")?;
+    let total: i64 = conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0)).ctx("count the snapshot")?;
     Ok((Seq(head as u64), db_id, total as u64))
 }
 
@@ -112,22 +106,14 @@ enum Order {
 }
 
 /// Calls `f` with every record until it returns false.
-fn each_record(
-    conn: &Connection,
-    path: &Path,
-    order: Order,
-    mut f: impl FnMut(Record) -> bool,
-) -> Result<(), DbError> {
+fn each_record(conn: &Connection, path: &Path, order: Order, mut f: impl FnMut(Record) -> bool) -> Result<(), DbError> {
     let order = match order {
         Order::Id => " ORDER BY id",
         Order::Storage => "",
     };
-    let mut stmt = conn
-        .prepare(&format!("SELECT {} FROM sessions{order}", store::COLUMNS))
-        .ctx("prepare a full read")?;
-    let rows = stmt
-        .query_map([], store::raw_from_row)
-        .ctx("read every session")?;
+    let mut stmt =
+        conn.prepare(&format!("SELECT {} FROM sessions{order}", store::COLUMNS)).ctx("prepare a full read")?;
+    let rows = stmt.query_map([], store::raw_from_row).ctx("read every session")?;
     for raw in rows {
         if !f(raw.ctx("read every session")?.into_record(path)?) {
             break;

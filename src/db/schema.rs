@@ -112,26 +112,17 @@ pub(super) struct Opened {
 fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DbError> {
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|source| DbError::Io {
-            context: format!("open the lock file {}", Path::new(&lock_path).display()),
-            source,
+    let file =
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|source| {
+            DbError::Io { context: format!("open the lock file {}", Path::new(&lock_path).display()), source }
         })?;
-    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
-        |(_, errno)| match errno {
-            nix::errno::Errno::EWOULDBLOCK => DbError::Locked {
-                path: path.to_path_buf(),
-            },
-            e => DbError::Io {
-                context: format!("lock {}", Path::new(&lock_path).display()),
-                source: std::io::Error::from(e),
-            },
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        nix::errno::Errno::EWOULDBLOCK => DbError::Locked { path: path.to_path_buf() },
+        e => DbError::Io {
+            context: format!("lock {}", Path::new(&lock_path).display()),
+            source: std::io::Error::from(e),
         },
-    )
+    })
 }
 
 /// Opens (creating if absent) and migrates the database at `path`.
@@ -150,27 +141,17 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
         })?;
     }
     let lock = lock(path)?;
-    let existed = std::fs::metadata(path)
-        .map(|m| m.len() > 0)
-        .unwrap_or(false);
+    let existed = std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
 
-    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
-        | OpenFlags::SQLITE_OPEN_CREATE
-        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let mut conn =
-        Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;
-    conn.busy_timeout(Duration::from_secs(2))
-        .ctx("set the busy timeout")?;
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;
+    conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
 
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .map_err(|e| classify(path, e, "read the schema version"))?;
     if version > KNOWN_VERSION {
-        return Err(DbError::NewerSchema {
-            path: path.to_path_buf(),
-            found: version,
-            known: KNOWN_VERSION,
-        });
+        return Err(DbError::NewerSchema { path: path.to_path_buf(), found: version, known: KNOWN_VERSION });
     }
     if existed {
         let app_id: i64 = conn
@@ -179,9 +160,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
         if app_id != 0 && app_id != APPLICATION_ID {
             return Err(corrupt(
                 path,
-                &format!(
-                    "it is an sqlite database of another application (application_id {app_id:#x})"
-                ),
+                &format!("it is an sqlite database of another application (application_id {app_id:#x})"),
             ));
         }
         if version == 0 {
@@ -189,10 +168,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
                 .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
                 .map_err(|e| classify(path, e, "list the schema"))?;
             if objects > 0 {
-                return Err(corrupt(
-                    path,
-                    "it is an sqlite database with tables but no vsm schema version",
-                ));
+                return Err(corrupt(path, "it is an sqlite database with tables but no vsm schema version"));
             }
         }
         quick_check(&conn, path)?;
@@ -202,19 +178,14 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
         .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
         .map_err(|e| classify(path, e, "switch to WAL mode"))?;
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(corrupt(
-            path,
-            &format!("cannot use WAL mode (journal mode stays {mode})"),
-        ));
+        return Err(corrupt(path, &format!("cannot use WAL mode (journal mode stays {mode})")));
     }
     let sync = match synchronous {
         DbSynchronous::Full => "FULL",
         DbSynchronous::Normal => "NORMAL",
     };
-    conn.pragma_update(None, "synchronous", sync)
-        .ctx("set synchronous")?;
-    conn.pragma_update(None, "temp_store", "MEMORY")
-        .ctx("set temp_store")?;
+    conn.pragma_update(None, "synchronous", sync).ctx("set synchronous")?;
+    conn.pragma_update(None, "temp_store", "MEMORY").ctx("set temp_store")?;
     conn.set_prepared_statement_cache_capacity(64);
 
     migrate(&mut conn, path, version)?;
@@ -224,10 +195,8 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
 /// The background checkpointer's connection: it never touches a row.
 pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| classify(path, e, "open the checkpointer"))?;
-    conn.busy_timeout(Duration::from_secs(2))
-        .ctx("set the busy timeout")?;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open the checkpointer"))?;
+    conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
     Ok(conn)
 }
 
@@ -235,12 +204,9 @@ pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
 /// WAL lets it read one consistent state while the owner keeps committing.
 pub(super) fn open_reader(path: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn =
-        Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a reader"))?;
-    conn.busy_timeout(Duration::from_secs(2))
-        .ctx("set the busy timeout")?;
-    conn.pragma_update(None, "query_only", true)
-        .ctx("make a reader read-only")?;
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a reader"))?;
+    conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
+    conn.pragma_update(None, "query_only", true).ctx("make a reader read-only")?;
     Ok(conn)
 }
 
@@ -251,19 +217,15 @@ fn migrate(conn: &mut Connection, path: &Path, from: i64) -> Result<(), DbError>
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| classify(path, e, "begin a migration"))?;
         step(&tx).map_err(|e| classify(path, e, "migrate the schema"))?;
-        tx.pragma_update(None, "user_version", to)
-            .ctx("record the schema version")?;
-        tx.commit()
-            .map_err(|e| classify(path, e, "commit a migration"))?;
+        tx.pragma_update(None, "user_version", to).ctx("record the schema version")?;
+        tx.commit().map_err(|e| classify(path, e, "commit a migration"))?;
         tracing::info!(path = %path.display(), version = to, "session database schema migrated");
     }
     Ok(())
 }
 
 fn quick_check(conn: &Connection, path: &Path) -> Result<(), DbError> {
-    let mut stmt = conn
-        .prepare("PRAGMA quick_check(5)")
-        .map_err(|e| classify(path, e, "check the database"))?;
+    let mut stmt = conn.prepare("PRAGMA quick_check(5)").map_err(|e| classify(path, e, "check the database"))?;
     let lines: Vec<String> = stmt
         .query_map([], |r| r.get::<_, String>(0))
         .and_then(|rows| rows.collect())
@@ -271,18 +233,12 @@ fn quick_check(conn: &Connection, path: &Path) -> Result<(), DbError> {
     if lines.len() == 1 && lines[0] == "ok" {
         Ok(())
     } else {
-        Err(corrupt(
-            path,
-            &format!("integrity check failed: {}", lines.join("; ")),
-        ))
+        Err(corrupt(path, &format!("integrity check failed: {}", lines.join("; "))))
     }
 }
 
 fn corrupt(path: &Path, detail: &str) -> DbError {
-    DbError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.to_string(),
-    }
+    DbError::Corrupt { path: path.to_path_buf(), detail: detail.to_string() }
 }
 
 /// Maps an error met while opening to what the caller must do about it.
@@ -290,12 +246,8 @@ fn classify(path: &Path, e: rusqlite::Error, doing: &'static str) -> DbError {
     use rusqlite::ErrorCode;
     match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase) => corrupt(path, "it is not an sqlite database"),
-        Some(ErrorCode::DatabaseCorrupt) => {
-            corrupt(path, &format!("sqlite reports corruption: {e}"))
-        }
-        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => DbError::Locked {
-            path: path.to_path_buf(),
-        },
+        Some(ErrorCode::DatabaseCorrupt) => corrupt(path, &format!("sqlite reports corruption: {e}")),
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => DbError::Locked { path: path.to_path_buf() },
         _ => DbError::sqlite(doing, e),
     }
 }

@@ -29,17 +29,12 @@ pub(super) struct Stored {
 
 pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>, DbError> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT hlc_wall, hlc_logical, origin, tombstone FROM sessions WHERE id = ?1",
-        )
+        .prepare_cached("SELECT hlc_wall, hlc_logical, origin, tombstone FROM sessions WHERE id = ?1")
         .ctx("prepare a version lookup")?;
     stmt.query_row([&id.0], |r| {
         Ok(Stored {
             version: Version {
-                hlc: Hlc {
-                    wall_ms: r.get::<_, i64>(0)? as u64,
-                    logical: r.get::<_, i64>(1)? as u32,
-                },
+                hlc: Hlc { wall_ms: r.get::<_, i64>(0)? as u64, logical: r.get::<_, i64>(1)? as u32 },
                 node: NodeId(r.get(2)?),
             },
             tombstone: r.get::<_, i64>(3)? != 0,
@@ -49,18 +44,10 @@ pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>
     .ctx("look up a version")
 }
 
-pub(super) fn load(
-    conn: &Connection,
-    path: &Path,
-    id: &SessionId,
-) -> Result<Option<Record>, DbError> {
-    let mut stmt = conn
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"))
-        .ctx("prepare a record lookup")?;
-    let row = stmt
-        .query_row([&id.0], raw_from_row)
-        .optional()
-        .ctx("read a record")?;
+pub(super) fn load(conn: &Connection, path: &Path, id: &SessionId) -> Result<Option<Record>, DbError> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1")).ctx("prepare a record lookup")?;
+    let row = stmt.query_row([&id.0], raw_from_row).optional().ctx("read a record")?;
     row.map(|r| r.into_record(path)).transpose()
 }
 
@@ -117,8 +104,8 @@ pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
         None => {
             let null: Option<&str> = None;
             stmt.execute(params![
-                rec.id.0, null, null, null, null, null, null, null, null, null, null, null, null,
-                null, null, wall, logical, origin, 1i64, wall,
+                rec.id.0, null, null, null, null, null, null, null, null, null, null, null, null, null, null, wall,
+                logical, origin, 1i64, wall,
             ])
         }
     }
@@ -131,23 +118,15 @@ pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result
     let mut stmt = conn
         .prepare_cached("INSERT INTO changelog (seq, session_id, record) VALUES (?1, ?2, ?3)")
         .ctx("prepare a change-log append")?;
-    stmt.execute(params![seq.0 as i64, rec.id.0, body])
-        .ctx("append to the change log")?;
+    stmt.execute(params![seq.0 as i64, rec.id.0, body]).ctx("append to the change log")?;
     Ok(())
 }
 
 pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), DbError> {
     let mut stmt = conn
-        .prepare_cached(
-            "UPDATE meta SET hlc_wall = ?1, hlc_logical = ?2, head_seq = ?3 WHERE id = 1",
-        )
+        .prepare_cached("UPDATE meta SET hlc_wall = ?1, hlc_logical = ?2, head_seq = ?3 WHERE id = 1")
         .ctx("prepare a metadata update")?;
-    stmt.execute(params![
-        hlc.wall_ms as i64,
-        hlc.logical as i64,
-        head.0 as i64
-    ])
-    .ctx("update the metadata")?;
+    stmt.execute(params![hlc.wall_ms as i64, hlc.logical as i64, head.0 as i64]).ctx("update the metadata")?;
     Ok(())
 }
 
@@ -209,35 +188,16 @@ pub(super) fn raw_from_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
 impl RawRow {
     pub(super) fn into_record(self, path: &Path) -> Result<Record, DbError> {
         let id = SessionId(self.id.clone());
-        let logical = u32::try_from(self.hlc_logical)
-            .map_err(|_| bad(path, &id, "hlc_logical out of range"))?;
-        let version = Version {
-            hlc: Hlc {
-                wall_ms: self.hlc_wall as u64,
-                logical,
-            },
-            node: NodeId(self.origin.clone()),
-        };
-        let session = if self.tombstone {
-            None
-        } else {
-            Some(self.into_session(path, &id)?)
-        };
-        Ok(Record {
-            id,
-            version,
-            session,
-        })
+        let logical = u32::try_from(self.hlc_logical).map_err(|_| bad(path, &id, "hlc_logical out of range"))?;
+        let version =
+            Version { hlc: Hlc { wall_ms: self.hlc_wall as u64, logical }, node: NodeId(self.origin.clone()) };
+        let session = if self.tombstone { None } else { Some(self.into_session(path, &id)?) };
+        Ok(Record { id, version, session })
     }
 
     fn into_session(self, path: &Path, id: &SessionId) -> Result<Session, DbError> {
         let need = |col: &str| bad(path, id, &format!("live session without {col}"));
-        fn int<T: TryFrom<i64>>(
-            v: Option<i64>,
-            path: &Path,
-            id: &SessionId,
-            col: &str,
-        ) -> Result<T, DbError> {
+        fn int<T: TryFrom<i64>>(v: Option<i64>, path: &Path, id: &SessionId, col: &str) -> Result<T, DbError> {
             let v = v.ok_or_else(|| bad(path, id, &format!("live session without {col}")))?;
             T::try_from(v).map_err(|_| bad(path, id, &format!("{col} out of range")))
         }
@@ -255,36 +215,19 @@ impl RawRow {
             status: SessionStatus::parse(&status)
                 .ok_or_else(|| bad(path, id, &format!("unknown status {status:?}")))?,
             created_ms: self.created_ms.ok_or_else(|| need("created_ms"))? as u64,
-            last_connect_ms: self
-                .last_connect_ms
-                .ok_or_else(|| need("last_connect_ms"))? as u64,
-            last_client_address: self
-                .last_client_address
-                .ok_or_else(|| need("last_client_address"))?,
+            last_connect_ms: self.last_connect_ms.ok_or_else(|| need("last_connect_ms"))? as u64,
+            last_client_address: self.last_client_address.ok_or_else(|| need("last_client_address"))?,
             pid: int(self.pid, path, id, "pid")?,
-            command: serde_json::from_str(&command).map_err(|e| {
-                bad(
-                    path,
-                    id,
-                    &format!("command is not a json list of strings: {e}"),
-                )
-            })?,
+            command: serde_json::from_str(&command)
+                .map_err(|e| bad(path, id, &format!("command is not a json list of strings: {e}")))?,
             geometry: self.geometry.ok_or_else(|| need("geometry"))?,
-            client_params: serde_json::from_str(&params).map_err(|e| {
-                bad(
-                    path,
-                    id,
-                    &format!("client_params is not a json list of pairs: {e}"),
-                )
-            })?,
+            client_params: serde_json::from_str(&params)
+                .map_err(|e| bad(path, id, &format!("client_params is not a json list of pairs: {e}")))?,
         })
     }
 }
 
 /// A stored row that cannot be decoded.
 fn bad(path: &Path, id: &SessionId, detail: &str) -> DbError {
-    DbError::Corrupt {
-        path: path.to_path_buf(),
-        detail: format!("session {id}: {detail}"),
-    }
+    DbError::Corrupt { path: path.to_path_buf(), detail: format!("session {id}: {detail}") }
 }

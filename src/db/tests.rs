@@ -46,13 +46,7 @@ fn session(id: &str, user: &str, agent: &str, display: u32) -> Session {
 }
 
 fn version(wall_ms: u64, node: &str) -> Version {
-    Version {
-        hlc: Hlc {
-            wall_ms,
-            logical: 0,
-        },
-        node: NodeId(node.into()),
-    }
+    Version { hlc: Hlc { wall_ms, logical: 0 }, node: NodeId(node.into()) }
 }
 
 fn id(s: &str) -> SessionId {
@@ -73,22 +67,14 @@ async fn fresh_file_is_migrated_and_keeps_its_identity() {
     db.close().await.unwrap();
 
     let conn = rusqlite::Connection::open(db_path(&dir)).unwrap();
-    let v: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .unwrap();
+    let v: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
     assert_eq!(v, schema::KNOWN_VERSION);
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-        .unwrap();
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
     assert_eq!(mode, "wal");
     drop(conn);
 
     let db = open(&dir, "a");
-    assert_eq!(
-        db.db_id(),
-        st.db_id,
-        "the identity is made once, with the file"
-    );
+    assert_eq!(db.db_id(), st.db_id, "the identity is made once, with the file");
     db.close().await.unwrap();
 }
 
@@ -98,16 +84,10 @@ async fn reopen_keeps_every_session_and_the_log_position() {
     let db = open(&dir, "a");
     let mut last = None;
     for i in 0..50 {
-        last = Some(
-            db.write(Write::Upsert(session(&format!("s{i:02}"), "u", "ag", i)))
-                .await
-                .unwrap(),
-        );
+        last = Some(db.write(Write::Upsert(session(&format!("s{i:02}"), "u", "ag", i))).await.unwrap());
     }
     for i in 0..5 {
-        db.write(Write::Delete(id(&format!("s{i:02}"))))
-            .await
-            .unwrap();
+        db.write(Write::Delete(id(&format!("s{i:02}")))).await.unwrap();
     }
     let before = db.export_records().await.unwrap();
     let digest = db.digest().await.unwrap();
@@ -118,15 +98,9 @@ async fn reopen_keeps_every_session_and_the_log_position() {
     assert_eq!(db.digest().await.unwrap(), digest);
     let st = db.status().await.unwrap();
     assert_eq!((st.head, st.sessions, st.tombstones), (Seq(55), 45, 5));
-    let c = db
-        .write(Write::Upsert(session("s49", "u", "ag", 49)))
-        .await
-        .unwrap();
+    let c = db.write(Write::Upsert(session("s49", "u", "ag", 49))).await.unwrap();
     assert_eq!(c.seq, Seq(56), "seq continues after a restart");
-    assert!(
-        c.version > last.unwrap().version,
-        "the clock survives a restart"
-    );
+    assert!(c.version > last.unwrap().version, "the clock survives a restart");
     db.close().await.unwrap();
 }
 
@@ -136,24 +110,16 @@ fn newer_schema_is_refused_and_the_file_left_alone() {
     let path = db_path(&dir);
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; CREATE TABLE future (x); PRAGMA user_version = 99;",
-        )
-        .unwrap();
+        conn.execute_batch("PRAGMA journal_mode = WAL; CREATE TABLE future (x); PRAGMA user_version = 99;").unwrap();
     }
     let bytes = std::fs::read(&path).unwrap();
     let err = DbHandle::open(opts(&path, "a")).unwrap_err();
     match &err {
-        DbError::NewerSchema {
-            found: 99, known, ..
-        } => assert_eq!(*known, schema::KNOWN_VERSION),
+        DbError::NewerSchema { found: 99, known, .. } => assert_eq!(*known, schema::KNOWN_VERSION),
         other => panic!("expected NewerSchema, got {other:?}"),
     }
     let msg = err.to_string();
-    assert!(
-        msg.contains("schema version 99") && msg.contains("refusing to touch it"),
-        "{msg}"
-    );
+    assert!(msg.contains("schema version 99") && msg.contains("refusing to touch it"), "{msg}");
     assert_eq!(std::fs::read(&path).unwrap(), bytes);
 }
 
@@ -161,9 +127,7 @@ fn newer_schema_is_refused_and_the_file_left_alone() {
 fn garbage_and_foreign_files_are_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
-    let garbage: Vec<u8> = (0..8192u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
+    let garbage: Vec<u8> = (0..8192u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
     std::fs::write(&path, &garbage).unwrap();
     let err = DbHandle::open(opts(&path, "a")).unwrap_err();
     assert!(matches!(err, DbError::Corrupt { .. }), "{err:?}");
@@ -173,8 +137,7 @@ fn garbage_and_foreign_files_are_refused_and_left_alone() {
     let other = dir.path().join("other.db");
     {
         let conn = rusqlite::Connection::open(&other).unwrap();
-        conn.execute_batch("CREATE TABLE accounts (name TEXT);")
-            .unwrap();
+        conn.execute_batch("CREATE TABLE accounts (name TEXT);").unwrap();
     }
     let bytes = std::fs::read(&other).unwrap();
     let err = DbHandle::open(opts(&other, "a")).unwrap_err();
@@ -182,25 +145,18 @@ fn garbage_and_foreign_files_are_refused_and_left_alone() {
     assert_eq!(std::fs::read(&other).unwrap(), bytes);
 
     let err = DbHandle::open(opts(dir.path(), "a")).unwrap_err();
-    assert!(
-        matches!(err, DbError::Corrupt { .. }),
-        "a directory is refused: {err:?}"
-    );
+    assert!(matches!(err, DbError::Corrupt { .. }), "a directory is refused: {err:?}");
 }
 
 #[tokio::test]
 async fn a_second_opener_of_the_same_file_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    db.write(Write::Upsert(session("x", "u", "ag", 1)))
-        .await
-        .unwrap();
+    db.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
     let err = DbHandle::open(opts(&db_path(&dir), "a")).unwrap_err();
     assert!(matches!(err, DbError::Locked { .. }), "{err:?}");
     // The first owner is unaffected.
-    db.write(Write::Upsert(session("y", "u", "ag", 2)))
-        .await
-        .unwrap();
+    db.write(Write::Upsert(session("y", "u", "ag", 2))).await.unwrap();
     db.close().await.unwrap();
 }
 
@@ -229,23 +185,14 @@ async fn a_write_and_its_change_row_commit_together() {
     assert_eq!(db.record(&s.id).await.unwrap(), Some(c2.record.clone()));
     assert_eq!(db.get(&s.id).await.unwrap(), None);
     let st = db.status().await.unwrap();
-    assert_eq!(
-        (st.head, st.oldest, st.sessions, st.tombstones),
-        (Seq(3), Seq(1), 0, 2)
-    );
+    assert_eq!((st.head, st.oldest, st.sessions, st.tombstones), (Seq(3), Seq(1), 0, 2));
     assert_eq!(*db.watch_head().borrow(), Seq(3));
 
     let batch = db
-        .write_batch(vec![
-            Write::Upsert(session("p", "u", "a", 1)),
-            Write::Upsert(session("q", "u", "a", 2)),
-        ])
+        .write_batch(vec![Write::Upsert(session("p", "u", "a", 1)), Write::Upsert(session("q", "u", "a", 2))])
         .await
         .unwrap();
-    assert_eq!(
-        batch.iter().map(|c| c.seq).collect::<Vec<_>>(),
-        vec![Seq(4), Seq(5)]
-    );
+    assert_eq!(batch.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![Seq(4), Seq(5)]);
     db.close().await.unwrap();
 }
 
@@ -255,46 +202,25 @@ async fn a_tombstone_beats_older_upserts_and_loses_to_newer_ones() {
     let dir_b = tempfile::tempdir().unwrap();
     let a = open(&dir_a, "a");
     let b = open(&dir_b, "b");
-    let created = a
-        .write(Write::Upsert(session("x", "u", "ag", 1)))
-        .await
-        .unwrap();
+    let created = a.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
     let deleted = a.write(Write::Delete(id("x"))).await.unwrap();
 
     // Delivered out of order: the tombstone first, then the older create.
-    b.apply_remote(a.db_id().into(), vec![deleted.record.clone()], Seq(2))
-        .await
-        .unwrap();
-    let out = b
-        .apply_remote(a.db_id().into(), vec![created.record.clone()], Seq(2))
-        .await
-        .unwrap();
+    b.apply_remote(a.db_id().into(), vec![deleted.record.clone()], Seq(2)).await.unwrap();
+    let out = b.apply_remote(a.db_id().into(), vec![created.record.clone()], Seq(2)).await.unwrap();
     assert_eq!((out.applied, out.skipped), (0, 1));
-    assert_eq!(
-        b.record(&id("x")).await.unwrap(),
-        Some(deleted.record.clone())
-    );
+    assert_eq!(b.record(&id("x")).await.unwrap(), Some(deleted.record.clone()));
     assert_eq!(b.get(&id("x")).await.unwrap(), None);
 
     // A newer upsert (e.g. from reconciliation after the delete) wins over the tombstone.
     let mut newer = created.record.clone();
-    newer.version = Version {
-        hlc: deleted.version.hlc.tick(deleted.version.hlc.wall_ms),
-        node: NodeId("c".into()),
-    };
-    let out = b
-        .apply_remote("peer-c".into(), vec![newer.clone()], Seq(1))
-        .await
-        .unwrap();
+    newer.version = Version { hlc: deleted.version.hlc.tick(deleted.version.hlc.wall_ms), node: NodeId("c".into()) };
+    let out = b.apply_remote("peer-c".into(), vec![newer.clone()], Seq(1)).await.unwrap();
     assert_eq!(out.applied, 1);
     assert_eq!(b.get(&id("x")).await.unwrap(), newer.session);
     let st = b.status().await.unwrap();
     assert_eq!((st.sessions, st.tombstones), (1, 0));
-    assert_eq!(
-        st.head,
-        Seq::ZERO,
-        "remote records never enter the local change log"
-    );
+    assert_eq!(st.head, Seq::ZERO, "remote records never enter the local change log");
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
@@ -306,22 +232,14 @@ async fn applying_the_same_records_twice_equals_once() {
     let a = open(&dir_a, "a");
     let b = open(&dir_b, "b");
     for i in 0..20 {
-        a.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i)))
-            .await
-            .unwrap();
+        a.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
     }
     a.write(Write::Delete(id("s3"))).await.unwrap();
     let snap = a.snapshot().await.unwrap();
-    let first = b
-        .apply_remote(snap.db_id.clone(), snap.records.clone(), snap.head)
-        .await
-        .unwrap();
+    let first = b.apply_remote(snap.db_id.clone(), snap.records.clone(), snap.head).await.unwrap();
     assert_eq!((first.applied, first.skipped), (20, 0));
     let digest = b.digest().await.unwrap();
-    let again = b
-        .apply_remote(snap.db_id.clone(), snap.records.clone(), snap.head)
-        .await
-        .unwrap();
+    let again = b.apply_remote(snap.db_id.clone(), snap.records.clone(), snap.head).await.unwrap();
     assert_eq!((again.applied, again.skipped), (0, 20));
     assert!(again.conflicts.is_empty());
     assert_eq!(b.digest().await.unwrap(), digest);
@@ -329,9 +247,7 @@ async fn applying_the_same_records_twice_equals_once() {
 
     // Positions only move forward.
     assert_eq!(b.peer_position(a.db_id()).await.unwrap(), Seq(21));
-    b.apply_remote(a.db_id().into(), vec![], Seq(5))
-        .await
-        .unwrap();
+    b.apply_remote(a.db_id().into(), vec![], Seq(5)).await.unwrap();
     assert_eq!(b.peer_position(a.db_id()).await.unwrap(), Seq(21));
     assert_eq!(b.peer_position("unknown").await.unwrap(), Seq::ZERO);
     a.close().await.unwrap();
@@ -342,27 +258,12 @@ async fn applying_the_same_records_twice_equals_once() {
 async fn remote_clocks_ahead_of_ours_push_local_versions_past_them() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    let ahead = Record {
-        id: id("x"),
-        version: version(now_ms() + 3_600_000, "b"),
-        session: None,
-    };
-    db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1))
-        .await
-        .unwrap();
-    let c = db
-        .write(Write::Upsert(session("y", "u", "ag", 1)))
-        .await
-        .unwrap();
+    let ahead = Record { id: id("x"), version: version(now_ms() + 3_600_000, "b"), session: None };
+    db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
+    let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
     assert!(c.version.hlc > ahead.version.hlc);
-    let c = db
-        .write(Write::Upsert(session("x", "u", "ag", 1)))
-        .await
-        .unwrap();
-    assert!(
-        c.version > ahead.version,
-        "a local write always wins locally"
-    );
+    let c = db.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
+    assert!(c.version > ahead.version, "a local write always wins locally");
     assert_eq!(db.get(&id("x")).await.unwrap(), c.record.session);
     db.close().await.unwrap();
 }
@@ -371,59 +272,24 @@ async fn remote_clocks_ahead_of_ours_push_local_versions_past_them() {
 async fn conflicts_are_reported_with_both_sides_and_the_winner() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "b");
-    let local = db
-        .write(Write::Upsert(session("x", "u", "ag1", 1)))
-        .await
-        .unwrap()
-        .record;
+    let local = db.write(Write::Upsert(session("x", "u", "ag1", 1))).await.unwrap().record;
 
-    let older = Record {
-        id: id("x"),
-        version: version(1, "a"),
-        session: Some(session("x", "u", "ag2", 2)),
-    };
-    let out = db
-        .apply_remote("pa".into(), vec![older.clone()], Seq(1))
-        .await
-        .unwrap();
-    assert_eq!(
-        out.conflicts,
-        vec![Conflict {
-            local: local.clone(),
-            remote: older,
-            winner: Winner::Local
-        }]
-    );
+    let older = Record { id: id("x"), version: version(1, "a"), session: Some(session("x", "u", "ag2", 2)) };
+    let out = db.apply_remote("pa".into(), vec![older.clone()], Seq(1)).await.unwrap();
+    assert_eq!(out.conflicts, vec![Conflict { local: local.clone(), remote: older, winner: Winner::Local }]);
 
     let newer = Record {
         id: id("x"),
         version: version(local.version.hlc.wall_ms + 10, "a"),
         session: Some(session("x", "u", "ag3", 3)),
     };
-    let out = db
-        .apply_remote("pa".into(), vec![newer.clone()], Seq(2))
-        .await
-        .unwrap();
+    let out = db.apply_remote("pa".into(), vec![newer.clone()], Seq(2)).await.unwrap();
     assert_eq!(out.applied, 1);
-    assert_eq!(
-        out.conflicts,
-        vec![Conflict {
-            local,
-            remote: newer.clone(),
-            winner: Winner::Remote
-        }]
-    );
+    assert_eq!(out.conflicts, vec![Conflict { local, remote: newer.clone(), winner: Winner::Remote }]);
 
     // A later version from the same node is an ordinary update.
-    let update = Record {
-        version: version(newer.version.hlc.wall_ms + 1, "a"),
-        session: None,
-        ..newer
-    };
-    let out = db
-        .apply_remote("pa".into(), vec![update], Seq(3))
-        .await
-        .unwrap();
+    let update = Record { version: version(newer.version.hlc.wall_ms + 1, "a"), session: None, ..newer };
+    let out = db.apply_remote("pa".into(), vec![update], Seq(3)).await.unwrap();
     assert_eq!((out.applied, out.conflicts.len()), (1, 0));
     db.close().await.unwrap();
 }
@@ -432,37 +298,19 @@ async fn conflicts_are_reported_with_both_sides_and_the_winner() {
 async fn an_invalid_record_fails_its_request_only() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    let good = Record {
-        id: id("g"),
-        version: version(5, "b"),
-        session: Some(session("g", "u", "ag", 1)),
-    };
-    let bad = Record {
-        id: id("x"),
-        version: version(6, "b"),
-        session: Some(session("not-x", "u", "ag", 1)),
-    };
+    let good = Record { id: id("g"), version: version(5, "b"), session: Some(session("g", "u", "ag", 1)) };
+    let bad = Record { id: id("x"), version: version(6, "b"), session: Some(session("not-x", "u", "ag", 1)) };
     let mut tasks = Vec::new();
     for i in 0..32 {
         let db = db.clone();
-        tasks.push(tokio::spawn(async move {
-            db.write(Write::Upsert(session(&format!("w{i}"), "u", "ag", i)))
-                .await
-        }));
+        tasks.push(tokio::spawn(async move { db.write(Write::Upsert(session(&format!("w{i}"), "u", "ag", i))).await }));
     }
-    let err = db
-        .apply_remote("pb".into(), vec![good, bad], Seq(9))
-        .await
-        .unwrap_err();
+    let err = db.apply_remote("pb".into(), vec![good, bad], Seq(9)).await.unwrap_err();
     assert!(matches!(err, DbError::InvalidRecord { .. }), "{err:?}");
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(
-        db.get(&id("g")).await.unwrap(),
-        None,
-        "the whole request was rolled back"
-    );
+    assert_eq!(db.get(&id("g")).await.unwrap(), None, "the whole request was rolled back");
     assert_eq!(db.peer_position("pb").await.unwrap(), Seq::ZERO);
     let st = db.status().await.unwrap();
     assert_eq!((st.head, st.sessions), (Seq(32), 32));
@@ -476,45 +324,22 @@ async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
     o.changelog_retention = 10;
     let db = DbHandle::open(o).unwrap();
     for i in 0..30 {
-        db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i)))
-            .await
-            .unwrap();
+        db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
     }
     let g = db.gc(now_ms()).await.unwrap();
-    assert_eq!(
-        g,
-        GcStats {
-            tombstones: 0,
-            changes: 20
-        }
-    );
+    assert_eq!(g, GcStats { tombstones: 0, changes: 20 });
     let st = db.status().await.unwrap();
     assert_eq!((st.head, st.oldest), (Seq(30), Seq(21)));
-    assert_eq!(
-        db.changes_since(Seq(5), 100).await.unwrap(),
-        LogRead::Truncated { oldest: Seq(21) }
-    );
-    assert_eq!(
-        db.changes_since(Seq(19), 100).await.unwrap(),
-        LogRead::Truncated { oldest: Seq(21) }
-    );
+    assert_eq!(db.changes_since(Seq(5), 100).await.unwrap(), LogRead::Truncated { oldest: Seq(21) });
+    assert_eq!(db.changes_since(Seq(19), 100).await.unwrap(), LogRead::Truncated { oldest: Seq(21) });
     match db.changes_since(Seq(20), 4).await.unwrap() {
         LogRead::Changes(ch) => {
-            assert_eq!(
-                ch.iter().map(|c| c.seq.0).collect::<Vec<_>>(),
-                vec![21, 22, 23, 24]
-            )
+            assert_eq!(ch.iter().map(|c| c.seq.0).collect::<Vec<_>>(), vec![21, 22, 23, 24])
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        db.changes_since(Seq(30), 4).await.unwrap(),
-        LogRead::Changes(vec![])
-    );
-    assert_eq!(
-        db.changes_since(Seq(31), 4).await.unwrap(),
-        LogRead::Truncated { oldest: Seq(21) }
-    );
+    assert_eq!(db.changes_since(Seq(30), 4).await.unwrap(), LogRead::Changes(vec![]));
+    assert_eq!(db.changes_since(Seq(31), 4).await.unwrap(), LogRead::Truncated { oldest: Seq(21) });
     db.close().await.unwrap();
 
     // The head survives even a log trimmed to nothing.
@@ -525,10 +350,7 @@ async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
     assert_eq!(db.status().await.unwrap().oldest, Seq(31));
     db.close().await.unwrap();
     let db = DbHandle::open(o).unwrap();
-    assert_eq!(
-        db.write(Write::Delete(id("s0"))).await.unwrap().seq,
-        Seq(31)
-    );
+    assert_eq!(db.write(Write::Delete(id("s0"))).await.unwrap().seq, Seq(31));
     db.close().await.unwrap();
 }
 
@@ -536,9 +358,7 @@ async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
 async fn gc_forgets_tombstones_only_after_the_retention() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    db.write(Write::Upsert(session("x", "u", "ag", 1)))
-        .await
-        .unwrap();
+    db.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
     let del = db.write(Write::Delete(id("x"))).await.unwrap();
     let t = del.version.hlc.wall_ms;
     assert_eq!(db.gc(t + 3_599_000).await.unwrap().tombstones, 0);
@@ -566,11 +386,7 @@ async fn snapshots_match_their_head_while_writes_go_on() {
         tokio::spawn(async move {
             for i in 0..600u32 {
                 let sid = format!("s{}", i % 37);
-                let w = if i % 5 == 4 {
-                    Write::Delete(id(&sid))
-                } else {
-                    Write::Upsert(session(&sid, "u", "ag", i))
-                };
+                let w = if i % 5 == 4 { Write::Delete(id(&sid)) } else { Write::Upsert(session(&sid, "u", "ag", i)) };
                 db.write(w).await.unwrap();
             }
         })
@@ -581,18 +397,11 @@ async fn snapshots_match_their_head_while_writes_go_on() {
     }
     writer.await.unwrap();
     snaps.push(db.snapshot().await.unwrap());
-    let LogRead::Changes(all) = db.changes_since(Seq::ZERO, 10_000).await.unwrap() else {
-        panic!("truncated")
-    };
+    let LogRead::Changes(all) = db.changes_since(Seq::ZERO, 10_000).await.unwrap() else { panic!("truncated") };
     assert_eq!(all.len(), 600);
     for s in &mut snaps {
         s.records.sort_by(|x, y| x.id.cmp(&y.id));
-        assert_eq!(
-            s.records,
-            replay(&all, s.head),
-            "snapshot at {} is inconsistent",
-            s.head
-        );
+        assert_eq!(s.records, replay(&all, s.head), "snapshot at {} is inconsistent", s.head);
     }
     db.close().await.unwrap();
 }
@@ -607,10 +416,7 @@ async fn concurrent_writers_get_distinct_dense_seqs() {
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for i in 0..200u32 {
-                let c = db
-                    .write(Write::Upsert(session(&format!("t{t}-{i}"), "u", "ag", i)))
-                    .await
-                    .unwrap();
+                let c = db.write(Write::Upsert(session(&format!("t{t}-{i}"), "u", "ag", i))).await.unwrap();
                 out.push(c);
             }
             out
@@ -648,71 +454,30 @@ async fn list_filters_combine_with_and() {
     for x in &s {
         db.write(Write::Upsert(x.clone())).await.unwrap();
     }
-    db.write(Write::Upsert(session("6", "alice", "ag1", 13)))
-        .await
-        .unwrap();
+    db.write(Write::Upsert(session("6", "alice", "ag1", 13))).await.unwrap();
     db.write(Write::Delete(id("6"))).await.unwrap();
 
     let all = db.list(&SessionFilter::default()).await.unwrap();
-    let order: Vec<_> = all
-        .iter()
-        .map(|s| (s.created_ms, s.id.0.as_str()))
-        .collect();
-    assert_eq!(
-        order,
-        vec![
-            (1010, "1"),
-            (1010, "4"),
-            (1010, "5"),
-            (1011, "2"),
-            (1012, "3")
-        ],
-        "oldest first"
-    );
+    let order: Vec<_> = all.iter().map(|s| (s.created_ms, s.id.0.as_str())).collect();
+    assert_eq!(order, vec![(1010, "1"), (1010, "4"), (1010, "5"), (1011, "2"), (1012, "3")], "oldest first");
     let ids = |v: Vec<Session>| {
         let mut ids = v.into_iter().map(|s| s.id.0).collect::<Vec<_>>();
         ids.sort();
         ids
     };
-    let f = SessionFilter {
-        user: Some("alice".into()),
-        ..Default::default()
-    };
+    let f = SessionFilter { user: Some("alice".into()), ..Default::default() };
     assert_eq!(ids(db.list(&f).await.unwrap()), vec!["1", "2"]);
-    let f = SessionFilter {
-        user: Some("alice".into()),
-        agent: Some("ag1".into()),
-        ..Default::default()
-    };
+    let f = SessionFilter { user: Some("alice".into()), agent: Some("ag1".into()), ..Default::default() };
     assert_eq!(ids(db.list(&f).await.unwrap()), vec!["1"]);
-    let f = SessionFilter {
-        agent: Some("ag1".into()),
-        display: Some(10),
-        ..Default::default()
-    };
+    let f = SessionFilter { agent: Some("ag1".into()), display: Some(10), ..Default::default() };
     assert_eq!(ids(db.list(&f).await.unwrap()), vec!["1", "4"]);
-    let f = SessionFilter {
-        subcluster: Some("lab".into()),
-        user: Some("bob".into()),
-        ..Default::default()
-    };
+    let f = SessionFilter { subcluster: Some("lab".into()), user: Some("bob".into()), ..Default::default() };
     assert_eq!(ids(db.list(&f).await.unwrap()), vec!["4"]);
-    let f = SessionFilter {
-        subcluster: Some("lab".into()),
-        user: Some("alice".into()),
-        ..Default::default()
-    };
+    let f = SessionFilter { subcluster: Some("lab".into()), user: Some("alice".into()), ..Default::default() };
     assert!(db.list(&f).await.unwrap().is_empty());
-    let f = SessionFilter {
-        display: Some(10),
-        exclude_unreachable: true,
-        ..Default::default()
-    };
+    let f = SessionFilter { display: Some(10), exclude_unreachable: true, ..Default::default() };
     assert_eq!(ids(db.list(&f).await.unwrap()), vec!["1", "4"]);
-    let f = SessionFilter {
-        status: Some(SessionStatus::Unreachable),
-        ..Default::default()
-    };
+    let f = SessionFilter { status: Some(SessionStatus::Unreachable), ..Default::default() };
     assert_eq!(db.list(&f).await.unwrap(), vec![s[4].clone()]);
     db.close().await.unwrap();
 }
@@ -732,10 +497,7 @@ async fn users_per_agent_counts_distinct_users_of_live_sessions() {
     }
     db.write(Write::Delete(id("5"))).await.unwrap();
     let m = db.count_users_per_agent().await.unwrap();
-    assert_eq!(
-        m,
-        BTreeMap::from([("ag1".to_string(), 2), ("ag2".to_string(), 1)])
-    );
+    assert_eq!(m, BTreeMap::from([("ag1".to_string(), 2), ("ag2".to_string(), 1)]));
     db.close().await.unwrap();
 }
 
@@ -744,15 +506,11 @@ async fn snapshot_streams_come_in_chunks_and_positions_can_be_reset() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
     for i in 0..10 {
-        db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i)))
-            .await
-            .unwrap();
+        db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
     }
     let mut stream = db.snapshot_stream(4).await.unwrap();
     // Writes after the stream began are not in it.
-    db.write(Write::Upsert(session("late", "u", "ag", 99)))
-        .await
-        .unwrap();
+    db.write(Write::Upsert(session("late", "u", "ag", 99))).await.unwrap();
     let mut sizes = Vec::new();
     let mut ids = Vec::new();
     while let Some(chunk) = stream.next_chunk().await {
@@ -778,10 +536,7 @@ async fn a_closed_database_answers_closed() {
     let other = db.clone();
     db.close().await.unwrap();
     assert!(matches!(other.status().await, Err(DbError::Closed)));
-    assert!(matches!(
-        other.write(Write::Delete(id("x"))).await,
-        Err(DbError::Closed)
-    ));
+    assert!(matches!(other.write(Write::Delete(id("x"))).await, Err(DbError::Closed)));
     // The file was checkpointed and can be opened again.
     let db = open(&dir, "a");
     db.close().await.unwrap();
@@ -792,12 +547,7 @@ async fn a_closed_database_answers_closed() {
 #[derive(Clone, Debug)]
 enum Op {
     /// A local write on node A (`true`) or B.
-    Write {
-        on_a: bool,
-        id: u8,
-        delete: bool,
-        display: u8,
-    },
+    Write { on_a: bool, id: u8, delete: bool, display: u8 },
     /// Replicate from one node to the other in chunks of `chunk` records.
     Sync { a_to_b: bool, chunk: usize },
     /// Trim the change log of one node to its last few entries.
@@ -824,13 +574,7 @@ async fn sync(from: &DbHandle, to: &DbHandle, chunk: usize) {
             LogRead::Changes(ch) if ch.is_empty() => return,
             LogRead::Changes(ch) => {
                 let last = ch.last().map(|c| c.seq).unwrap_or(pos);
-                to.apply_remote(
-                    peer.clone(),
-                    ch.into_iter().map(|c| c.record).collect(),
-                    last,
-                )
-                .await
-                .unwrap();
+                to.apply_remote(peer.clone(), ch.into_iter().map(|c| c.record).collect(), last).await.unwrap();
             }
             LogRead::Truncated { .. } => {
                 let mut snap = from.snapshot_stream(chunk).await.unwrap();
@@ -860,38 +604,19 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
     let mut written: BTreeMap<SessionId, Vec<Record>> = BTreeMap::new();
     for op in ops {
         match op {
-            Op::Write {
-                on_a,
-                id: n,
-                delete,
-                display,
-            } => {
+            Op::Write { on_a, id: n, delete, display } => {
                 let node = if on_a { &a } else { &b };
                 let sid = format!("s{n}");
                 let w = if delete {
                     Write::Delete(id(&sid))
                 } else {
-                    Write::Upsert(session(
-                        &sid,
-                        "u",
-                        if on_a { "ag-a" } else { "ag-b" },
-                        display.into(),
-                    ))
+                    Write::Upsert(session(&sid, "u", if on_a { "ag-a" } else { "ag-b" }, display.into()))
                 };
                 let c = node.write(w).await.unwrap();
-                written
-                    .entry(c.record.id.clone())
-                    .or_default()
-                    .push(c.record);
+                written.entry(c.record.id.clone()).or_default().push(c.record);
             }
-            Op::Sync {
-                a_to_b: true,
-                chunk,
-            } => sync(&a, &b, chunk).await,
-            Op::Sync {
-                a_to_b: false,
-                chunk,
-            } => sync(&b, &a, chunk).await,
+            Op::Sync { a_to_b: true, chunk } => sync(&a, &b, chunk).await,
+            Op::Sync { a_to_b: false, chunk } => sync(&b, &a, chunk).await,
             Op::Gc { on_a } => {
                 (if on_a { &a } else { &b }).gc(now_ms()).await.unwrap();
             }
@@ -906,27 +631,16 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
             sync(&a, &b, 2).await;
         }
     }
-    let (mut ra, mut rb) = (
-        a.export_records().await.unwrap(),
-        b.export_records().await.unwrap(),
-    );
+    let (mut ra, mut rb) = (a.export_records().await.unwrap(), b.export_records().await.unwrap());
     ra.sort_by(|x, y| x.id.cmp(&y.id));
     rb.sort_by(|x, y| x.id.cmp(&y.id));
     if a.digest().await.unwrap() != b.digest().await.unwrap() {
         return Err(format!("digests differ:\nA {ra:?}\nB {rb:?}"));
     }
-    let expected: Vec<Record> = written
-        .into_values()
-        .map(|v| {
-            v.into_iter()
-                .max_by(|x, y| x.version.cmp(&y.version))
-                .unwrap()
-        })
-        .collect();
+    let expected: Vec<Record> =
+        written.into_values().map(|v| v.into_iter().max_by(|x, y| x.version.cmp(&y.version)).unwrap()).collect();
     if ra != expected {
-        return Err(format!(
-            "surviving records are not the newest written:\n got {ra:?}\nwant {expected:?}"
-        ));
+        return Err(format!("surviving records are not the newest written:\n got {ra:?}\nwant {expected:?}"));
     }
     a.close().await.unwrap();
     b.close().await.unwrap();
@@ -976,12 +690,7 @@ async fn resync_of_100k_sessions() {
         let ws = (0..1000)
             .map(|i| {
                 let user = format!("user{}", i % 700);
-                Write::Upsert(session(
-                    &SessionId::random().0,
-                    &user,
-                    &format!("ag{}", chunk % 20),
-                    i,
-                ))
+                Write::Upsert(session(&SessionId::random().0, &user, &format!("ag{}", chunk % 20), i))
             })
             .collect();
         a.write_batch(ws).await.unwrap();
@@ -994,18 +703,12 @@ async fn resync_of_100k_sessions() {
     }
     lap("snapshot of 100k (chunks of 5000)");
     for part in &parts {
-        b.apply_remote(stream.db_id.clone(), part.clone(), Seq::ZERO)
-            .await
-            .unwrap();
+        b.apply_remote(stream.db_id.clone(), part.clone(), Seq::ZERO).await.unwrap();
     }
     lap("apply on an empty node");
     let mut skipped = 0;
     for part in parts {
-        skipped += b
-            .apply_remote(stream.db_id.clone(), part, stream.head)
-            .await
-            .unwrap()
-            .skipped;
+        skipped += b.apply_remote(stream.db_id.clone(), part, stream.head).await.unwrap().skipped;
     }
     assert_eq!(skipped, 100_000);
     lap("apply again (all skipped)");

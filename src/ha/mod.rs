@@ -2,5 +2,5 @@
 //! ([`engine`]), and (elsewhere) the peer link that feeds it.
 
 pub mod engine;
-pub mod resolve;
 pub mod node;
+pub mod resolve;

@@ -60,7 +60,11 @@ impl HaSetup {
             HaMode::Disabled => "off (/HA/enabled is false)".into(),
             HaMode::Fallback { reason } => format!("off: {reason}"),
             HaMode::Enabled { local, remote, via, .. } => {
-                format!("on: this node is {local}, peer {remote} at {} (matched by {})", self.peer_addr.as_deref().unwrap_or("?"), matched_by(via))
+                format!(
+                    "on: this node is {local}, peer {remote} at {} (matched by {})",
+                    self.peer_addr.as_deref().unwrap_or("?"),
+                    matched_by(via)
+                )
             }
         }
     }
@@ -70,7 +74,10 @@ impl HaSetup {
         match &self.mode {
             HaMode::Enabled { local, .. } => local.clone(),
             _ => NodeId(
-                nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "standalone".into()),
+                nix::unistd::gethostname()
+                    .ok()
+                    .and_then(|h| h.into_string().ok())
+                    .unwrap_or_else(|| "standalone".into()),
             ),
         }
     }
@@ -151,7 +158,8 @@ impl HaNode {
         let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
         let st = db.status().await.map_err(|e| e.to_string())?;
         let ecfg = EngineConfig::new(local.clone(), remote.clone(), &cfg.ha, cfg.digest_cluster());
-        let engine = Engine::new(ecfg, engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest }, now_ms());
+        let engine =
+            Engine::new(ecfg, engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest }, now_ms());
         let (req_tx, req_rx) = mpsc::channel(4096);
         let (link_tx, link_rx) = mpsc::channel(4096);
         let node = Arc::new(HaNode {
@@ -165,9 +173,21 @@ impl HaNode {
             status: status.clone(),
             done: Mutex::new(None),
         });
-        let hello_src = HelloSource { db: db.clone(), local: local.clone(), digest: cfg.digest_cluster(), last_peer: Arc::new(Mutex::new(None)) };
+        let hello_src = HelloSource {
+            db: db.clone(),
+            local: local.clone(),
+            digest: cfg.digest_cluster(),
+            last_peer: Arc::new(Mutex::new(None)),
+        };
         let conns = ConnCounter::default();
-        tracker.spawn(accept_loop(peer_listener, secret.clone(), hello_src.clone(), link_tx.clone(), conns.clone(), cancel.clone()));
+        tracker.spawn(accept_loop(
+            peer_listener,
+            secret.clone(),
+            hello_src.clone(),
+            link_tx.clone(),
+            conns.clone(),
+            cancel.clone(),
+        ));
         if local < remote {
             let addr = setup.peer_addr.clone().unwrap_or_default();
             tracker.spawn(dial_loop(addr, secret, hello_src, link_tx.clone(), conns, cancel.clone()));
@@ -367,7 +387,14 @@ impl ConnCounter {
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn accept_loop(l: TcpListener, secret: Secret, hs: HelloSource, tx: mpsc::Sender<Link>, conns: ConnCounter, cancel: CancellationToken) {
+async fn accept_loop(
+    l: TcpListener,
+    secret: Secret,
+    hs: HelloSource,
+    tx: mpsc::Sender<Link>,
+    conns: ConnCounter,
+    cancel: CancellationToken,
+) {
     loop {
         let (stream, addr) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -385,14 +412,23 @@ async fn accept_loop(l: TcpListener, secret: Secret, hs: HelloSource, tx: mpsc::
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &secret, PEER_PROLOGUE)).await {
                 Ok(Ok(conn)) => run_conn(conn, addr.to_string(), hs, tx, conns.next(), cancel).await,
-                Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "rejected a peer connection: nothing it sent was applied"),
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %addr, error = %e, "rejected a peer connection: nothing it sent was applied")
+                }
                 Err(_) => tracing::warn!(peer = %addr, "peer handshake timed out"),
             }
         });
     }
 }
 
-async fn dial_loop(addr: String, secret: Secret, hs: HelloSource, tx: mpsc::Sender<Link>, conns: ConnCounter, cancel: CancellationToken) {
+async fn dial_loop(
+    addr: String,
+    secret: Secret,
+    hs: HelloSource,
+    tx: mpsc::Sender<Link>,
+    conns: ConnCounter,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         if cancel.is_cancelled() {
@@ -421,8 +457,14 @@ async fn dial_loop(addr: String, secret: Secret, hs: HelloSource, tx: mpsc::Send
 
 /// Runs one authenticated connection: exchange Hellos, then pump messages both ways until
 /// it breaks or the engine drops the writer.
-async fn run_conn<S>(conn: crate::proto::secure::SecureConn<S>, addr: String, hs: HelloSource, tx: mpsc::Sender<Link>, id: u64, cancel: CancellationToken)
-where
+async fn run_conn<S>(
+    conn: crate::proto::secure::SecureConn<S>,
+    addr: String,
+    hs: HelloSource,
+    tx: mpsc::Sender<Link>,
+    id: u64,
+    cancel: CancellationToken,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = conn.into_split();
@@ -549,7 +591,10 @@ impl Driver {
         match l {
             Link::Up { conn, hello, addr, writer } => {
                 if self.conn.is_some() {
-                    events.push_back(Event::PeerDisconnected { now: now_ms(), reason: "replaced by a new connection".into() });
+                    events.push_back(Event::PeerDisconnected {
+                        now: now_ms(),
+                        reason: "replaced by a new connection".into(),
+                    });
                 }
                 tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
                 let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
@@ -616,7 +661,8 @@ impl Driver {
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
-                        events.push_back(Event::PeerDisconnected { now: now_ms(), reason: format!("apply failed: {e}") });
+                        events
+                            .push_back(Event::PeerDisconnected { now: now_ms(), reason: format!("apply failed: {e}") });
                         self.writer = None;
                         self.conn = None;
                     }
@@ -629,8 +675,12 @@ impl Driver {
                     }
                 }
                 match outcome {
-                    engine::AckOutcome::TimedOut => tracing::warn!("the peer did not acknowledge in time; continuing alone (degraded)"),
-                    engine::AckOutcome::Degraded => tracing::debug!("peer link down; answering without its acknowledgement (degraded)"),
+                    engine::AckOutcome::TimedOut => {
+                        tracing::warn!("the peer did not acknowledge in time; continuing alone (degraded)")
+                    }
+                    engine::AckOutcome::Degraded => {
+                        tracing::debug!("peer link down; answering without its acknowledgement (degraded)")
+                    }
                     _ => {}
                 }
             }

@@ -44,8 +44,7 @@ pub struct SystemHostEnv;
 impl HostEnv for SystemHostEnv {
     fn hostname(&self) -> io::Result<String> {
         let name = nix::unistd::gethostname().map_err(io::Error::from)?;
-        name.into_string()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "host name is not UTF-8"))
+        name.into_string().map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "host name is not UTF-8"))
     }
 
     fn resolve(&self, name: &str) -> io::Result<Vec<IpAddr>> {
@@ -85,12 +84,7 @@ pub enum HaMode {
     /// `/HA/enabled` is off.
     Disabled,
     /// HA runs: `local` is this machine, `remote` the peer, reached at `remote_host`.
-    Enabled {
-        local: NodeId,
-        remote: NodeId,
-        remote_host: String,
-        via: MatchedBy,
-    },
+    Enabled { local: NodeId, remote: NodeId, remote_host: String, via: MatchedBy },
     /// HA is configured but the node cannot safely tell which entry it is; runs without HA.
     Fallback { reason: String },
 }
@@ -113,9 +107,7 @@ pub fn resolve_nodes(cfg: &HaConfig, env: &dyn HostEnv) -> HaMode {
     let mode = decide(cfg, env);
     match &mode {
         HaMode::Fallback { reason } => tracing::warn!("{reason}"),
-        HaMode::Enabled {
-            local, remote, via, ..
-        } => {
+        HaMode::Enabled { local, remote, via, .. } => {
             tracing::info!(%local, peer = %remote, ?via, "HA node resolution")
         }
         HaMode::Disabled => {}
@@ -140,11 +132,7 @@ fn list_addrs(addrs: &[IpAddr]) -> String {
     if addrs.is_empty() {
         return "none".to_string();
     }
-    addrs
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// What was found out about one entry of `/HA/nodes`.
@@ -194,11 +182,7 @@ fn decide<'a>(cfg: &'a HaConfig, env: &dyn HostEnv) -> HaMode {
                 format!(
                     "it lists {} ({})",
                     nodes.len(),
-                    nodes
-                        .iter()
-                        .map(|n| format!("'{n}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    nodes.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
                 )
             };
             return fallback(format!(
@@ -216,16 +200,10 @@ fn decide<'a>(cfg: &'a HaConfig, env: &dyn HostEnv) -> HaMode {
 
     if let Some(local) = cfg.local_node.as_deref() {
         return if local == a {
-            tracing::info!(
-                local_node = local,
-                "using /HA/local_node instead of detection"
-            );
+            tracing::info!(local_node = local, "using /HA/local_node instead of detection");
             enabled(a, b, MatchedBy::Override)
         } else if local == b {
-            tracing::info!(
-                local_node = local,
-                "using /HA/local_node instead of detection"
-            );
+            tracing::info!(local_node = local, "using /HA/local_node instead of detection");
             enabled(b, a, MatchedBy::Override)
         } else {
             fallback(format!(
@@ -258,12 +236,7 @@ fn decide<'a>(cfg: &'a HaConfig, env: &dyn HostEnv) -> HaMode {
             Ok(addrs) => addrs.iter().find(|ip| local_addrs.contains(ip)).copied(),
             Err(_) => None,
         };
-        Probe {
-            entry,
-            by_name,
-            resolved,
-            local_addr,
-        }
+        Probe { entry, by_name, resolved, local_addr }
     };
     let pa = probe_entry(a);
     let pb = probe_entry(b);
@@ -320,10 +293,7 @@ mod tests {
             self.hostname.clone().map_err(io::Error::other)
         }
         fn resolve(&self, name: &str) -> io::Result<Vec<IpAddr>> {
-            self.dns
-                .get(name)
-                .cloned()
-                .ok_or_else(|| io::Error::other("name or service not known"))
+            self.dns.get(name).cloned().ok_or_else(|| io::Error::other("name or service not known"))
         }
         fn local_addresses(&self) -> io::Result<Vec<IpAddr>> {
             Ok(self.local.clone())
@@ -343,11 +313,7 @@ mod tests {
         dns.insert("other.example.com".to_string(), vec![ip("10.0.0.9")]);
         dns.insert("secondary".to_string(), vec![ip("10.0.0.3")]);
         dns.insert("loopy".to_string(), vec![ip("::ffff:127.0.0.1")]);
-        FakeHost {
-            hostname: Ok("primary".into()),
-            dns,
-            local: vec![ip("127.0.0.1"), ip("10.0.0.2"), ip("::1")],
-        }
+        FakeHost { hostname: Ok("primary".into()), dns, local: vec![ip("127.0.0.1"), ip("10.0.0.2"), ip("::1")] }
     }
 
     fn cfg(nodes: &[&str], local_node: Option<&str>) -> HaConfig {
@@ -390,11 +356,7 @@ mod tests {
                 name: "by address",
                 nodes: &["secondary.example.com", "primary.example.com"],
                 local_node: None,
-                want: Ok((
-                    "primary.example.com",
-                    "secondary.example.com",
-                    MatchedBy::Address(ip("10.0.0.2")),
-                )),
+                want: Ok(("primary.example.com", "secondary.example.com", MatchedBy::Address(ip("10.0.0.2")))),
             },
             Case {
                 name: "none matches",
@@ -434,10 +396,7 @@ mod tests {
                 name: "three entries",
                 nodes: &["primary", "secondary", "other.example.com"],
                 local_node: None,
-                want: Err(&[
-                    "exactly two",
-                    "it lists 3 ('primary', 'secondary', 'other.example.com')",
-                ]),
+                want: Err(&["exactly two", "it lists 3 ('primary', 'secondary', 'other.example.com')"]),
             },
             Case {
                 name: "one entry",
@@ -445,12 +404,7 @@ mod tests {
                 local_node: None,
                 want: Err(&["exactly two", "it lists 1 ('primary')"]),
             },
-            Case {
-                name: "no entries",
-                nodes: &[],
-                local_node: None,
-                want: Err(&["exactly two", "it is empty"]),
-            },
+            Case { name: "no entries", nodes: &[], local_node: None, want: Err(&["exactly two", "it is empty"]) },
             Case {
                 name: "remote does not resolve",
                 nodes: &["primary", "ghost.example.com"],
@@ -464,10 +418,7 @@ mod tests {
                 name: "unresolvable, nothing matches",
                 nodes: &["ghost", "secondary"],
                 local_node: None,
-                want: Err(&[
-                    "'ghost' in /HA/nodes does not resolve",
-                    "uname -n is 'primary'",
-                ]),
+                want: Err(&["'ghost' in /HA/nodes does not resolve", "uname -n is 'primary'"]),
             },
             Case {
                 name: "override",
@@ -485,10 +436,7 @@ mod tests {
                 name: "override not in the list",
                 nodes: &["primary", "secondary"],
                 local_node: Some("tertiary"),
-                want: Err(&[
-                    "/HA/local_node is 'tertiary'",
-                    "not an entry of /HA/nodes ('primary', 'secondary')",
-                ]),
+                want: Err(&["/HA/local_node is 'tertiary'", "not an entry of /HA/nodes ('primary', 'secondary')"]),
             },
         ];
         for case in cases {
@@ -528,16 +476,7 @@ mod tests {
         let mut h = host();
         h.hostname = Err("no uts namespace".into());
         let got = resolve_nodes(&cfg(&["primary.example.com", "secondary"], None), &h);
-        assert!(
-            matches!(
-                got,
-                HaMode::Enabled {
-                    via: MatchedBy::Address(_),
-                    ..
-                }
-            ),
-            "{got:?}"
-        );
+        assert!(matches!(got, HaMode::Enabled { via: MatchedBy::Address(_), .. }), "{got:?}");
         let r = reason(resolve_nodes(&cfg(&["primary", "secondary"], None), &h));
         assert!(r.contains("'primary' in /HA/nodes does not resolve"), "{r}");
         assert!(r.contains("uname -n failed: no uts namespace"), "{r}");
@@ -545,10 +484,7 @@ mod tests {
 
     #[test]
     fn name_match_is_exact() {
-        let r = reason(resolve_nodes(
-            &cfg(&["Primary", "secondary"], None),
-            &host(),
-        ));
+        let r = reason(resolve_nodes(&cfg(&["Primary", "secondary"], None), &host()));
         assert!(r.contains("'Primary' in /HA/nodes does not resolve"), "{r}");
     }
 
@@ -556,11 +492,7 @@ mod tests {
     fn system_host_env_answers() {
         let env = SystemHostEnv;
         assert!(!env.hostname().unwrap().is_empty());
-        assert!(env
-            .local_addresses()
-            .unwrap()
-            .iter()
-            .any(|a| a.is_loopback()));
+        assert!(env.local_addresses().unwrap().iter().any(|a| a.is_loopback()));
         assert!(env.resolve("127.0.0.1").unwrap().contains(&ip("127.0.0.1")));
     }
 

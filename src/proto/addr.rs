@@ -83,9 +83,7 @@ pub async fn connect_tcp(target: &Target) -> Result<TcpStream, AddrError> {
     for addr in addrs {
         match TcpStream::connect(addr).await {
             Ok(stream) => {
-                stream
-                    .set_nodelay(true)
-                    .map_err(|source| AddrError::Connect { target: shown.clone(), source })?;
+                stream.set_nodelay(true).map_err(|source| AddrError::Connect { target: shown.clone(), source })?;
                 return Ok(stream);
             }
             Err(e) => last = Some(e),
@@ -108,10 +106,7 @@ mod tests {
     #[test]
     fn parses_every_configured_form() {
         assert_eq!(Target::parse("agent1", 904).unwrap(), t("agent1", 904));
-        assert_eq!(
-            Target::parse("agent1.example.com:9904", 904).unwrap(),
-            t("agent1.example.com", 9904)
-        );
+        assert_eq!(Target::parse("agent1.example.com:9904", 904).unwrap(), t("agent1.example.com", 9904));
         assert_eq!(Target::parse("192.0.2.7", 904).unwrap(), t("192.0.2.7", 904));
         assert_eq!(Target::parse("192.0.2.7:5", 904).unwrap(), t("192.0.2.7", 5));
         assert_eq!(Target::parse("::1", 904).unwrap(), t("::1", 904));
@@ -122,12 +117,8 @@ mod tests {
 
     #[test]
     fn rejects_nonsense() {
-        for bad in ["", "host:", "host:x", "host:0", ":904", "a:b:c", "[nothost]", "a b", "h:70000"]
-        {
-            assert!(
-                matches!(Target::parse(bad, 904), Err(AddrError::BadTarget(_))),
-                "{bad:?} was accepted"
-            );
+        for bad in ["", "host:", "host:x", "host:0", ":904", "a:b:c", "[nothost]", "a b", "h:70000"] {
+            assert!(matches!(Target::parse(bad, 904), Err(AddrError::BadTarget(_))), "{bad:?} was accepted");
         }
     }
 
@@ -145,10 +136,7 @@ mod tests {
         let r = connect_tcp(&t("127.0.0.1", port)).await;
         assert!(matches!(r, Err(AddrError::Connect { .. })), "{r:?}");
         let r = connect_tcp(&t("no-such-host.invalid", 904)).await;
-        assert!(
-            matches!(r, Err(AddrError::Resolve { .. }) | Err(AddrError::NoAddress { .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(AddrError::Resolve { .. }) | Err(AddrError::NoAddress { .. })), "{r:?}");
     }
 
     #[tokio::test]

@@ -32,11 +32,7 @@ pub const SERVER_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// `vsm-agent/1`, bounded by [`HANDSHAKE_TIMEOUT`]), then for each [`AgentRequest`] one
 /// [`AgentReply`] from `handler`, until the master closes the link or it idles for
 /// [`SERVER_IDLE_TIMEOUT`]. `Ok(())` on a clean end.
-pub async fn serve_agent_conn<S, F, Fut>(
-    stream: S,
-    secret: &Secret,
-    handler: F,
-) -> Result<(), ProtoError>
+pub async fn serve_agent_conn<S, F, Fut>(stream: S, secret: &Secret, handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentRequest) -> Fut,
@@ -47,23 +43,18 @@ where
 }
 
 /// The request loop of [`serve_agent_conn`], for a connection already handshaken.
-pub async fn serve_agent_requests<S, F, Fut>(
-    mut conn: SecureConn<S>,
-    mut handler: F,
-) -> Result<(), ProtoError>
+pub async fn serve_agent_requests<S, F, Fut>(mut conn: SecureConn<S>, mut handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentRequest) -> Fut,
     Fut: Future<Output = AgentReply>,
 {
     loop {
-        let req = match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentRequest>()).await
-        {
+        let req = match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentRequest>()).await {
             Err(_) | Ok(Ok(None)) => return Ok(()),
             Ok(Ok(Some(req))) => req,
             Ok(Err(ProtoError::Malformed(detail))) => {
-                conn.send(&AgentReply::Error { kind: AgentErrorKind::BadRequest, message: detail })
-                    .await?;
+                conn.send(&AgentReply::Error { kind: AgentErrorKind::BadRequest, message: detail }).await?;
                 continue;
             }
             Ok(Err(e)) => return Err(e),
@@ -102,15 +93,13 @@ pub async fn send_report(
 ) -> Result<(), ReportError> {
     let target = match Target::parse(addr, port) {
         Ok(t) => t,
-        Err(e) => {
-            return Err(ReportError::Unreachable { target: addr.into(), reason: e.to_string() })
-        }
+        Err(e) => return Err(ReportError::Unreachable { target: addr.into(), reason: e.to_string() }),
     };
     let shown = target.to_string();
     let exchange = async {
-        let stream = connect_tcp(&target).await.map_err(|e: AddrError| {
-            ReportError::Unreachable { target: shown.clone(), reason: e.to_string() }
-        })?;
+        let stream = connect_tcp(&target)
+            .await
+            .map_err(|e: AddrError| ReportError::Unreachable { target: shown.clone(), reason: e.to_string() })?;
         let link_err = |source: ProtoError| {
             if source.is_auth_failure() {
                 ReportError::Refused { target: shown.clone(), source }
@@ -122,9 +111,7 @@ pub async fn send_report(
         conn.send(report).await.map_err(link_err)?;
         match conn.recv::<ReportAck>().await.map_err(link_err)? {
             Some(ReportAck::Accepted) => Ok(()),
-            Some(ReportAck::Retry { reason }) => {
-                Err(ReportError::Declined { target: shown.clone(), reason })
-            }
+            Some(ReportAck::Retry { reason }) => Err(ReportError::Declined { target: shown.clone(), reason }),
             None => Err(link_err(ProtoError::Truncated { what: "the report exchange" })),
         }
     };
@@ -141,11 +128,7 @@ pub async fn send_report(
 /// `vsm-report/1`, bounded by [`HANDSHAKE_TIMEOUT`]), then one [`ReportAck`] from `handler`
 /// per [`AgentReport`] until the agent closes the link. The handler must answer
 /// [`ReportAck::Accepted`] only once the report is durably recorded.
-pub async fn accept_report<S, F, Fut>(
-    stream: S,
-    secret: &Secret,
-    handler: F,
-) -> Result<(), ProtoError>
+pub async fn accept_report<S, F, Fut>(stream: S, secret: &Secret, handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentReport) -> Fut,
@@ -156,27 +139,22 @@ where
 }
 
 /// The loop of [`accept_report`], for a connection already handshaken.
-pub async fn serve_reports<S, F, Fut>(
-    mut conn: SecureConn<S>,
-    mut handler: F,
-) -> Result<(), ProtoError>
+pub async fn serve_reports<S, F, Fut>(mut conn: SecureConn<S>, mut handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentReport) -> Fut,
     Fut: Future<Output = ReportAck>,
 {
     loop {
-        let report =
-            match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentReport>()).await {
-                Err(_) | Ok(Ok(None)) => return Ok(()),
-                Ok(Ok(Some(r))) => r,
-                Ok(Err(ProtoError::Malformed(detail))) => {
-                    conn.send(&ReportAck::Retry { reason: format!("malformed report: {detail}") })
-                        .await?;
-                    continue;
-                }
-                Ok(Err(e)) => return Err(e),
-            };
+        let report = match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentReport>()).await {
+            Err(_) | Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(Some(r))) => r,
+            Ok(Err(ProtoError::Malformed(detail))) => {
+                conn.send(&ReportAck::Retry { reason: format!("malformed report: {detail}") }).await?;
+                continue;
+            }
+            Ok(Err(e)) => return Err(e),
+        };
         let ack = handler(report).await;
         conn.send(&ack).await?;
     }
@@ -194,11 +172,7 @@ mod tests {
     }
 
     fn report(n: u32) -> AgentReport {
-        AgentReport::SessionExited {
-            session_id: SessionId(format!("s{n}")),
-            display: n,
-            exit_status: Some(0),
-        }
+        AgentReport::SessionExited { session_id: SessionId(format!("s{n}")), display: n, exit_status: Some(0) }
     }
 
     async fn master(ack: ReportAck) -> (u16, Arc<Mutex<Vec<AgentReport>>>) {
@@ -227,30 +201,16 @@ mod tests {
     #[tokio::test]
     async fn report_is_acknowledged() {
         let (port, seen) = master(ReportAck::Accepted).await;
-        send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10))
-            .await
-            .unwrap();
-        send_report(
-            &format!("127.0.0.1:{port}"),
-            1,
-            &secret(),
-            &report(2),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await.unwrap();
+        send_report(&format!("127.0.0.1:{port}"), 1, &secret(), &report(2), Duration::from_secs(10)).await.unwrap();
         assert_eq!(*seen.lock().unwrap(), vec![report(1), report(2)]);
     }
 
     #[tokio::test]
     async fn declined_report_is_an_error() {
         let (port, _) = master(ReportAck::Retry { reason: "standby".into() }).await;
-        let r =
-            send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await;
-        assert!(
-            matches!(r, Err(ReportError::Declined { ref reason, .. }) if reason == "standby"),
-            "{r:?}"
-        );
+        let r = send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await;
+        assert!(matches!(r, Err(ReportError::Declined { ref reason, .. }) if reason == "standby"), "{r:?}");
     }
 
     #[tokio::test]
@@ -267,8 +227,7 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         drop(l);
-        let r =
-            send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await;
+        let r = send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await;
         assert!(matches!(r, Err(ReportError::Unreachable { .. })), "{r:?}");
     }
 
@@ -280,9 +239,7 @@ mod tests {
             let (sock, _) = listener.accept().await.unwrap();
             serve_agent_conn(sock, &secret(), |req| async move {
                 match req {
-                    AgentRequest::Verify { display, .. } => {
-                        AgentReply::Verified { alive: display == 1 }
-                    }
+                    AgentRequest::Verify { display, .. } => AgentReply::Verified { alive: display == 1 },
                     _ => AgentReply::Terminated { was_running: false },
                 }
             })
@@ -290,24 +247,14 @@ mod tests {
         });
         let sock = TcpStream::connect(addr).await.unwrap();
         let mut c = connect(sock, &secret(), PROLOGUE_AGENT).await.unwrap();
-        c.send(&AgentRequest::Verify { session_id: SessionId("a".into()), display: 1 })
-            .await
-            .unwrap();
-        assert_eq!(
-            c.recv::<AgentReply>().await.unwrap(),
-            Some(AgentReply::Verified { alive: true })
-        );
+        c.send(&AgentRequest::Verify { session_id: SessionId("a".into()), display: 1 }).await.unwrap();
+        assert_eq!(c.recv::<AgentReply>().await.unwrap(), Some(AgentReply::Verified { alive: true }));
         c.send(&serde_json::json!({"op": "launch_missiles"})).await.unwrap();
         match c.recv::<AgentReply>().await.unwrap() {
             Some(AgentReply::Error { kind: AgentErrorKind::BadRequest, .. }) => {}
             other => panic!("expected BadRequest, got {other:?}"),
         }
-        c.send(&AgentRequest::Verify { session_id: SessionId("a".into()), display: 2 })
-            .await
-            .unwrap();
-        assert_eq!(
-            c.recv::<AgentReply>().await.unwrap(),
-            Some(AgentReply::Verified { alive: false })
-        );
+        c.send(&AgentRequest::Verify { session_id: SessionId("a".into()), display: 2 }).await.unwrap();
+        assert_eq!(c.recv::<AgentReply>().await.unwrap(), Some(AgentReply::Verified { alive: false }));
     }
 }

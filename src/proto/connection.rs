@@ -37,23 +37,15 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         };
         buf.reserve(need.max(READ_BUF.min(max + frame::HEADER_LEN)));
         if r.read_buf(buf).await? == 0 {
-            return if buf.is_empty() {
-                Ok(None)
-            } else {
-                Err(ProtoError::Truncated { what: "a frame" })
-            };
+            return if buf.is_empty() { Ok(None) } else { Err(ProtoError::Truncated { what: "a frame" }) };
         }
     }
 }
 
 /// Decode one JSON message, naming the expected type on failure.
 pub(crate) fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
-    serde_json::from_slice(payload).map_err(|e| {
-        ProtoError::Malformed(format!(
-            "expected a {} as json: {e}",
-            std::any::type_name::<T>()
-        ))
-    })
+    serde_json::from_slice(payload)
+        .map_err(|e| ProtoError::Malformed(format!("expected a {} as json: {e}", std::any::type_name::<T>())))
 }
 
 /// Receiving half of a plain link's state (independent of the stream it reads).
@@ -64,10 +56,7 @@ struct PlainRx {
 }
 
 impl PlainRx {
-    async fn recv<R: AsyncRead + Unpin, T: DeserializeOwned>(
-        &mut self,
-        r: &mut R,
-    ) -> Result<Option<T>, ProtoError> {
+    async fn recv<R: AsyncRead + Unpin, T: DeserializeOwned>(&mut self, r: &mut R) -> Result<Option<T>, ProtoError> {
         if self.broken {
             return Err(ProtoError::Broken);
         }
@@ -96,10 +85,7 @@ impl PlainTx {
         }
         let json = serde_json::to_vec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
         if json.len() > frame::MAX_MESSAGE {
-            return Err(ProtoError::MessageTooLarge {
-                len: json.len(),
-                max: frame::MAX_MESSAGE,
-            });
+            return Err(ProtoError::MessageTooLarge { len: json.len(), max: frame::MAX_MESSAGE });
         }
         frame::encode(&json, MAX_FRAME, &mut self.buf)
     }
@@ -130,11 +116,7 @@ pub struct PlainConn<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
     pub fn new(stream: S) -> Self {
-        PlainConn {
-            stream,
-            rx: PlainRx::default(),
-            tx: PlainTx::default(),
-        }
+        PlainConn { stream, rx: PlainRx::default(), tx: PlainTx::default() }
     }
 
     /// Send one message and flush it.
@@ -169,15 +151,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
     }
 
     /// Split with a stream-specific splitter, e.g. `UnixStream::into_split`, keeping buffered input.
-    pub fn split_with<R, W>(
-        self,
-        split: impl FnOnce(S) -> (R, W),
-    ) -> (PlainReader<R>, PlainWriter<W>) {
+    pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (PlainReader<R>, PlainWriter<W>) {
         let (r, w) = split(self.stream);
-        (
-            PlainReader { r, rx: self.rx },
-            PlainWriter { w, tx: self.tx },
-        )
+        (PlainReader { r, rx: self.rx }, PlainWriter { w, tx: self.tx })
     }
 }
 
@@ -243,12 +219,7 @@ mod tests {
         let mut b = PlainConn::new(b);
         let writer = tokio::spawn(async move {
             for n in 0..10 {
-                a.send(&Msg {
-                    n,
-                    s: "x".repeat(n as usize * 10),
-                })
-                .await
-                .unwrap();
+                a.send(&Msg { n, s: "x".repeat(n as usize * 10) }).await.unwrap();
             }
             let back: Msg = a.recv().await.unwrap().unwrap();
             assert_eq!(back.n, 99);
@@ -257,12 +228,7 @@ mod tests {
             let m: Msg = b.recv().await.unwrap().unwrap();
             assert_eq!(m.n, n);
         }
-        b.send(&Msg {
-            n: 99,
-            s: String::new(),
-        })
-        .await
-        .unwrap();
+        b.send(&Msg { n: 99, s: String::new() }).await.unwrap();
         writer.await.unwrap();
         assert!(b.recv::<Msg>().await.unwrap().is_none());
     }
@@ -273,10 +239,7 @@ mod tests {
         a.write_all(&[0, 0, 0, 10, b'{']).await.unwrap();
         drop(a);
         let mut b = PlainConn::new(b);
-        assert!(matches!(
-            b.recv::<Msg>().await,
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::Truncated { .. })));
         assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::Broken)));
     }
 
@@ -286,10 +249,7 @@ mod tests {
         a.write_all(&[0, 0]).await.unwrap();
         drop(a);
         let mut b = PlainConn::new(b);
-        assert!(matches!(
-            b.recv::<Msg>().await,
-            Err(ProtoError::Truncated { .. })
-        ));
+        assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::Truncated { .. })));
     }
 
     #[tokio::test]
@@ -304,13 +264,7 @@ mod tests {
             Err(ProtoError::Malformed(detail)) => assert!(detail.contains("Msg"), "{detail}"),
             other => panic!("expected Malformed, got {other:?}"),
         }
-        assert_eq!(
-            b.recv::<Msg>().await.unwrap().unwrap(),
-            Msg {
-                n: 1,
-                s: "ok".into()
-            }
-        );
+        assert_eq!(b.recv::<Msg>().await.unwrap().unwrap(), Msg { n: 1, s: "ok".into() });
     }
 
     #[tokio::test]
@@ -318,10 +272,7 @@ mod tests {
         let (mut a, b) = tokio::io::duplex(64);
         a.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
         let mut b = PlainConn::new(b);
-        assert!(matches!(
-            b.recv::<Msg>().await,
-            Err(ProtoError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(b.recv::<Msg>().await, Err(ProtoError::FrameTooLarge { .. })));
     }
 
     #[tokio::test]

@@ -53,9 +53,7 @@ pub enum ProtoError {
     Handshake(String),
 
     /// A message failed authentication: it was altered in transit or the link is out of step.
-    #[error(
-        "message authentication failed: the data was altered in transit or the link is out of step"
-    )]
+    #[error("message authentication failed: the data was altered in transit or the link is out of step")]
     Decrypt,
 
     /// An operation did not finish in time.
@@ -80,9 +78,6 @@ impl ProtoError {
     /// a wrong secret, another link kind, or an address it does not accept. Retrying will not
     /// help until configuration changes.
     pub fn is_auth_failure(&self) -> bool {
-        matches!(
-            self,
-            ProtoError::BadSecret | ProtoError::WrongLink { .. } | ProtoError::NotAllowed(_)
-        )
+        matches!(self, ProtoError::BadSecret | ProtoError::WrongLink { .. } | ProtoError::NotAllowed(_))
     }
 }

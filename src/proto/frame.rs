@@ -35,9 +35,7 @@ pub enum Status {
 /// Is a whole frame at the start of `buf`? Errors when the header announces more than `max`.
 pub fn check(buf: &[u8], max: usize) -> Result<Status, ProtoError> {
     if buf.len() < HEADER_LEN {
-        return Ok(Status::Incomplete {
-            need: HEADER_LEN - buf.len(),
-        });
+        return Ok(Status::Incomplete { need: HEADER_LEN - buf.len() });
     }
     let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len > max {
@@ -45,9 +43,7 @@ pub fn check(buf: &[u8], max: usize) -> Result<Status, ProtoError> {
     }
     let total = HEADER_LEN + len;
     if buf.len() < total {
-        Ok(Status::Incomplete {
-            need: total - buf.len(),
-        })
+        Ok(Status::Incomplete { need: total - buf.len() })
     } else {
         Ok(Status::Complete { len })
     }
@@ -105,22 +101,13 @@ mod tests {
             let st = check(&whole[..cut], MAX_FRAME).unwrap();
             assert_eq!(
                 st,
-                Status::Incomplete {
-                    need: if cut < HEADER_LEN {
-                        HEADER_LEN - cut
-                    } else {
-                        whole.len() - cut
-                    }
-                }
+                Status::Incomplete { need: if cut < HEADER_LEN { HEADER_LEN - cut } else { whole.len() - cut } }
             );
             let mut part = BytesMut::from(&whole[..cut]);
             assert_eq!(parse(&mut part, MAX_FRAME).unwrap(), None);
             assert_eq!(part.len(), cut, "an incomplete frame must not be consumed");
         }
-        assert_eq!(
-            check(&whole, MAX_FRAME).unwrap(),
-            Status::Complete { len: 10 }
-        );
+        assert_eq!(check(&whole, MAX_FRAME).unwrap(), Status::Complete { len: 10 });
     }
 
     #[test]
@@ -134,15 +121,9 @@ mod tests {
             other => panic!("expected FrameTooLarge, got {other:?}"),
         }
         let mut buf = BytesMut::from(&u32::MAX.to_be_bytes()[..]);
-        assert!(matches!(
-            parse(&mut buf, 100),
-            Err(ProtoError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(parse(&mut buf, 100), Err(ProtoError::FrameTooLarge { .. })));
         let mut out = BytesMut::new();
-        assert!(matches!(
-            encode(&[0u8; 101], 100, &mut out),
-            Err(ProtoError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(encode(&[0u8; 101], 100, &mut out), Err(ProtoError::FrameTooLarge { .. })));
         assert!(out.is_empty());
     }
 

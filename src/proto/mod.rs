@@ -22,6 +22,4 @@ pub mod secure;
 
 pub use connection::{PlainConn, PlainReader, PlainWriter};
 pub use error::ProtoError;
-pub use secure::{
-    accept, accept_any, connect, refuse, Secret, SecureConn, SecureReader, SecureWriter,
-};
+pub use secure::{accept, accept_any, connect, refuse, Secret, SecureConn, SecureReader, SecureWriter};

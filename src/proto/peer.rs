@@ -82,13 +82,7 @@ mod tests {
     fn messages_round_trip_with_a_type_tag() {
         let record = Record {
             id: SessionId("s1".into()),
-            version: Version {
-                hlc: Hlc {
-                    wall_ms: 5,
-                    logical: 1,
-                },
-                node: NodeId("a".into()),
-            },
+            version: Version { hlc: Hlc { wall_ms: 5, logical: 1 }, node: NodeId("a".into()) },
             session: None,
         };
         let msgs = vec![
@@ -103,32 +97,14 @@ mod tests {
                 config_digest: "abc".into(),
                 now_ms: 9,
             }),
-            PeerMsg::Changes {
-                records: vec![Change {
-                    seq: Seq(1),
-                    record: record.clone(),
-                }],
-            },
-            PeerMsg::SnapshotBegin {
-                head: Seq(4),
-                total: 1,
-            },
-            PeerMsg::SnapshotChunk {
-                records: vec![record],
-            },
+            PeerMsg::Changes { records: vec![Change { seq: Seq(1), record: record.clone() }] },
+            PeerMsg::SnapshotBegin { head: Seq(4), total: 1 },
+            PeerMsg::SnapshotChunk { records: vec![record] },
             PeerMsg::SnapshotEnd { head: Seq(4) },
             PeerMsg::CaughtUp { head: Seq(4) },
-            PeerMsg::Ack {
-                db_id: "d1".into(),
-                applied: Seq(4),
-            },
-            PeerMsg::Heartbeat {
-                head: Seq(4),
-                now_ms: 10,
-            },
-            PeerMsg::Reject {
-                reason: "no".into(),
-            },
+            PeerMsg::Ack { db_id: "d1".into(), applied: Seq(4) },
+            PeerMsg::Heartbeat { head: Seq(4), now_ms: 10 },
+            PeerMsg::Reject { reason: "no".into() },
         ];
         for m in msgs {
             let json = serde_json::to_string(&m).unwrap();

@@ -90,9 +90,7 @@ impl Secret {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(err(
-                    "missing: create it with the same content on every node of the cluster".into(),
-                ))
+                return Err(err("missing: create it with the same content on every node of the cluster".into()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 return Err(err("unreadable: permission denied".into()))
@@ -143,11 +141,7 @@ fn check_prologue(prologue: &[u8]) -> Result<(), ProtoError> {
 }
 
 /// Run the handshake as initiator (the side that opened the connection).
-pub async fn connect<S>(
-    mut stream: S,
-    secret: &Secret,
-    prologue: &[u8],
-) -> Result<SecureConn<S>, ProtoError>
+pub async fn connect<S>(mut stream: S, secret: &Secret, prologue: &[u8]) -> Result<SecureConn<S>, ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -166,8 +160,7 @@ where
         Ok(Some(r)) => r,
         Ok(None) | Err(ProtoError::Truncated { .. }) => {
             return Err(ProtoError::Handshake(
-                "the peer closed the link without answering (is it a vsm endpoint of this kind?)"
-                    .into(),
+                "the peer closed the link without answering (is it a vsm endpoint of this kind?)".into(),
             ))
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
@@ -223,11 +216,7 @@ async fn reject<S: AsyncWrite + Unpin>(stream: &mut S, reason: &str) {
 
 /// Run the handshake as responder (the side that accepted the connection). On failure the
 /// peer is told why in a few words, and nothing it sent is returned.
-pub async fn accept<S>(
-    stream: S,
-    secret: &Secret,
-    prologue: &[u8],
-) -> Result<SecureConn<S>, ProtoError>
+pub async fn accept<S>(stream: S, secret: &Secret, prologue: &[u8]) -> Result<SecureConn<S>, ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -246,18 +235,14 @@ where
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
             reject(stream, REASON_BAD_HELLO).await;
-            return Err(ProtoError::Handshake(
-                "the peer does not speak a vsm link (bad hello)".into(),
-            ));
+            return Err(ProtoError::Handshake("the peer does not speak a vsm link (bad hello)".into()));
         }
         Err(e) => return Err(e),
     };
     let msg1 = match read_frame(stream, rbuf, MAX_NOISE_MESSAGE).await {
         Ok(Some(m)) => m,
         Ok(None) | Err(ProtoError::Truncated { .. }) => {
-            return Err(ProtoError::Handshake(
-                "the peer closed the link during the handshake".into(),
-            ))
+            return Err(ProtoError::Handshake("the peer closed the link during the handshake".into()))
         }
         Err(ProtoError::FrameTooLarge { .. }) => {
             reject(stream, REASON_BAD_HELLO).await;
@@ -289,15 +274,9 @@ where
     let Some(index) = prologues.iter().position(|p| hello[..] == **p) else {
         let ours = String::from_utf8_lossy(first).into_owned();
         reject(&mut stream, &format!("{REASON_WRONG_LINK} {ours}")).await;
-        let expected = prologues
-            .iter()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .collect::<Vec<_>>()
-            .join(" or ");
-        return Err(ProtoError::WrongLink {
-            expected,
-            got: String::from_utf8_lossy(&hello).into_owned(),
-        });
+        let expected =
+            prologues.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join(" or ");
+        return Err(ProtoError::WrongLink { expected, got: String::from_utf8_lossy(&hello).into_owned() });
     };
     let prologue = prologues[index];
     let mut hs = builder(secret, prologue)?.build_responder().map_err(noise_err)?;
@@ -310,9 +289,7 @@ where
         }
         Err(e) => {
             reject(&mut stream, REASON_BAD_HELLO).await;
-            return Err(ProtoError::Handshake(format!(
-                "invalid handshake message from the peer: {e}"
-            )));
+            return Err(ProtoError::Handshake(format!("invalid handshake message from the peer: {e}")));
         }
     }
     let mut msg2 = vec![0u8; MAX_NOISE_MESSAGE];
@@ -335,8 +312,7 @@ where
 {
     let mut rbuf = BytesMut::new();
     // Reading the opening first lets the reason arrive instead of a connection reset.
-    let _ =
-        tokio::time::timeout(Duration::from_secs(2), read_opening(&mut stream, &mut rbuf)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), read_opening(&mut stream, &mut rbuf)).await;
     let reason: String = reason.chars().take(200).collect();
     reject(&mut stream, &format!("{REASON_NOT_ALLOWED} {reason}")).await;
 }
@@ -383,10 +359,7 @@ struct SecureRx {
 }
 
 impl SecureRx {
-    async fn recv<R: AsyncRead + Unpin, T: DeserializeOwned>(
-        &mut self,
-        r: &mut R,
-    ) -> Result<Option<T>, ProtoError> {
+    async fn recv<R: AsyncRead + Unpin, T: DeserializeOwned>(&mut self, r: &mut R) -> Result<Option<T>, ProtoError> {
         if self.broken {
             return Err(ProtoError::Broken);
         }
@@ -405,10 +378,7 @@ impl SecureRx {
         }
     }
 
-    async fn recv_inner<R: AsyncRead + Unpin>(
-        &mut self,
-        r: &mut R,
-    ) -> Result<Option<Whole>, ProtoError> {
+    async fn recv_inner<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Option<Whole>, ProtoError> {
         loop {
             let Some(ct) = read_frame(r, &mut self.buf, MAX_NOISE_MESSAGE).await? else {
                 return if self.mid_message {
@@ -475,8 +445,7 @@ impl SecureTx {
             return Err(ProtoError::Broken);
         }
         self.json.clear();
-        serde_json::to_writer(&mut self.json, msg)
-            .map_err(|e| ProtoError::Encode(e.to_string()))?;
+        serde_json::to_writer(&mut self.json, msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
         if self.json.len() > MAX_MESSAGE {
             let len = self.json.len();
             self.json = Vec::new();
@@ -503,10 +472,7 @@ impl SecureTx {
             self.out.put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
             let start = self.out.len();
             self.out.resize(start + ct_len, 0);
-            let n = self
-                .transport
-                .write_message(self.nonce, &self.plain, &mut self.out[start..])
-                .map_err(noise_err)?;
+            let n = self.transport.write_message(self.nonce, &self.plain, &mut self.out[start..]).map_err(noise_err)?;
             debug_assert_eq!(n, ct_len);
             self.nonce += 1;
         }
@@ -541,10 +507,7 @@ pub struct SecureConn<S> {
 
 impl<S> fmt::Debug for SecureConn<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecureConn")
-            .field("sent", &self.tx.nonce)
-            .field("received", &self.rx.nonce)
-            .finish()
+        f.debug_struct("SecureConn").field("sent", &self.tx.nonce).field("received", &self.rx.nonce).finish()
     }
 }
 
@@ -580,10 +543,7 @@ impl<S> SecureConn<S> {
 
     /// Split with a stream-specific splitter (e.g. `UnixStream::into_split`), keeping any
     /// input already buffered.
-    pub fn split_with<R, W>(
-        self,
-        split: impl FnOnce(S) -> (R, W),
-    ) -> (SecureReader<R>, SecureWriter<W>) {
+    pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (SecureReader<R>, SecureWriter<W>) {
         let (r, w) = split(self.stream);
         (SecureReader { r, rx: self.rx }, SecureWriter { w, tx: self.tx })
     }
@@ -745,17 +705,13 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (sock, _) = listener.accept().await.unwrap();
-            let mut s = accept_timeout(sock, &secret(), PROLOGUE_ADMIN, Duration::from_secs(10))
-                .await
-                .unwrap();
+            let mut s = accept_timeout(sock, &secret(), PROLOGUE_ADMIN, Duration::from_secs(10)).await.unwrap();
             while let Some(m) = s.recv::<Msg>().await.unwrap() {
                 s.send(&Msg { n: m.n * 2, text: m.text }).await.unwrap();
             }
         });
         let sock = TcpStream::connect(addr).await.unwrap();
-        let mut c = connect_timeout(sock, &secret(), PROLOGUE_ADMIN, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let mut c = connect_timeout(sock, &secret(), PROLOGUE_ADMIN, Duration::from_secs(10)).await.unwrap();
         for n in 0..50 {
             c.send(&msg(n)).await.unwrap();
             assert_eq!(c.recv::<Msg>().await.unwrap().unwrap().n, n * 2);
@@ -817,9 +773,8 @@ mod tests {
     async fn accept_any_dispatches_on_the_link_kind() {
         for (prologue, want) in [(PROLOGUE_REPORT, 0usize), (PROLOGUE_ADMIN, 1)] {
             let (a, b) = tokio::io::duplex(4096);
-            let server = tokio::spawn(async move {
-                accept_any(b, &secret(), &[PROLOGUE_REPORT, PROLOGUE_ADMIN]).await
-            });
+            let server =
+                tokio::spawn(async move { accept_any(b, &secret(), &[PROLOGUE_REPORT, PROLOGUE_ADMIN]).await });
             let mut c = connect(a, &secret(), prologue).await.unwrap();
             let (mut s, index) = server.await.unwrap().unwrap();
             assert_eq!(index, want);
@@ -827,13 +782,8 @@ mod tests {
             assert_eq!(s.recv::<Msg>().await.unwrap(), Some(msg(1)));
         }
         let (a, b) = tokio::io::duplex(4096);
-        let server = tokio::spawn(async move {
-            accept_any(b, &secret(), &[PROLOGUE_REPORT, PROLOGUE_ADMIN]).await
-        });
-        assert!(matches!(
-            connect(a, &secret(), PROLOGUE_PEER).await,
-            Err(ProtoError::WrongLink { .. })
-        ));
+        let server = tokio::spawn(async move { accept_any(b, &secret(), &[PROLOGUE_REPORT, PROLOGUE_ADMIN]).await });
+        assert!(matches!(connect(a, &secret(), PROLOGUE_PEER).await, Err(ProtoError::WrongLink { .. })));
         match server.await.unwrap() {
             Err(ProtoError::WrongLink { expected, .. }) => {
                 assert_eq!(expected, "vsm-report/1 or vsm-admin/1")
@@ -970,8 +920,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (sock, _) = listener.accept().await.unwrap();
-            let (mut r, mut w) =
-                accept(sock, &secret(), PROLOGUE_PEER).await.unwrap().into_tcp_split();
+            let (mut r, mut w) = accept(sock, &secret(), PROLOGUE_PEER).await.unwrap().into_tcp_split();
             // Echo from a separate task per direction through a bounded channel.
             let (tx, mut rx) = tokio::sync::mpsc::channel::<Msg>(8);
             let reader = tokio::spawn(async move {
@@ -985,8 +934,7 @@ mod tests {
             reader.await.unwrap();
         });
         let sock = TcpStream::connect(addr).await.unwrap();
-        let (mut r, mut w) =
-            connect(sock, &secret(), PROLOGUE_PEER).await.unwrap().into_tcp_split();
+        let (mut r, mut w) = connect(sock, &secret(), PROLOGUE_PEER).await.unwrap().into_tcp_split();
         let writer = tokio::spawn(async move {
             for n in 0..500 {
                 w.send(&msg(n)).await.unwrap();

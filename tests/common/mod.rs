@@ -65,7 +65,14 @@ impl TestAgent {
     }
 
     /// `keep_sessions`: sessions survive `stop` (as in production) instead of being ended.
-    pub async fn start_with(base: &Path, idx: u32, master_port: u16, command: Vec<String>, l: TcpListener, keep_sessions: bool) -> TestAgent {
+    pub async fn start_with(
+        base: &Path,
+        idx: u32,
+        master_port: u16,
+        command: Vec<String>,
+        l: TcpListener,
+        keep_sessions: bool,
+    ) -> TestAgent {
         let port = l.local_addr().unwrap().port();
         let mut cfg = Config::default();
         cfg.vsm.secret_file = base.join("cluster.key");
@@ -120,14 +127,25 @@ pub fn master_config(base: &Path, name: &str, agents: &[String]) -> Config {
     let mut subs = BTreeMap::new();
     subs.insert(
         "default".to_string(),
-        Subcluster { name: "default".into(), agents: agents.to_vec(), users: vec![], groups: vec![], max_users_per_agent: 0 },
+        Subcluster {
+            name: "default".into(),
+            agents: agents.to_vec(),
+            users: vec![],
+            groups: vec![],
+            max_users_per_agent: 0,
+        },
     );
     cfg.subclusters = subs;
     cfg
 }
 
 impl TestMaster {
-    pub async fn start(cfg: Config, tcp: TcpListener, peer: Option<TcpListener>, peer_addr: Option<String>) -> TestMaster {
+    pub async fn start(
+        cfg: Config,
+        tcp: TcpListener,
+        peer: Option<TcpListener>,
+        peer_addr: Option<String>,
+    ) -> TestMaster {
         let tcp_port = tcp.local_addr().unwrap().port();
         let peer_port = peer.as_ref().map(|p| p.local_addr().unwrap().port()).unwrap_or(0);
         let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).unwrap();
@@ -154,7 +172,16 @@ impl TestMaster {
     }
 
     pub async fn connect(&self, user: &str, new: bool) -> Result<ConnectInfo, (vsm::proto::api::ApiErrorKind, String)> {
-        match self.call(ApiRequest::Connect { user: Some(user.into()), new, terminate_existing: false, geometry: None, client_address: None }).await {
+        match self
+            .call(ApiRequest::Connect {
+                user: Some(user.into()),
+                new,
+                terminate_existing: false,
+                geometry: None,
+                client_address: None,
+            })
+            .await
+        {
             ApiReply::Connected { info } => Ok(info),
             ApiReply::Error { kind, message } => Err((kind, message)),
             other => panic!("unexpected reply {other:?}"),

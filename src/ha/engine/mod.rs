@@ -205,34 +205,18 @@ pub enum Event {
     PeerConnecting { now: u64 },
     /// The link is up: the peer's `Hello`, and how far we have applied the peer's log of
     /// `hello.db_id` (read from the database after every earlier `Apply` completed).
-    PeerConnected {
-        hello: Hello,
-        our_position_for_them: Seq,
-        now: u64,
-    },
+    PeerConnected { hello: Hello, our_position_for_them: Seq, now: u64 },
     /// The link is gone (closed, failed, or a connection attempt failed).
     PeerDisconnected { reason: String, now: u64 },
     /// A message from the peer, after the `Hello`.
     PeerMessage { msg: PeerMsg, now: u64 },
     /// A local write committed at `seq` of the local log; `change` is that entry when the
     /// caller has it at hand.
-    LocalCommitted {
-        seq: Seq,
-        change: Option<Change>,
-        now: u64,
-    },
+    LocalCommitted { seq: Seq, change: Option<Change>, now: u64 },
     /// A client wants an answer once the peer has stored `seq` of the local log.
-    AwaitAck {
-        waiter: WaiterId,
-        seq: Seq,
-        now: u64,
-    },
+    AwaitAck { waiter: WaiterId, seq: Seq, now: u64 },
     /// Answer to [`Command::ReadLog`] with the same `after`.
-    LogRead {
-        after: Seq,
-        result: LogRead,
-        now: u64,
-    },
+    LogRead { after: Seq, result: LogRead, now: u64 },
     /// Answer to [`Command::ReadSnapshot`].
     SnapshotRead { snapshot: Snapshot, now: u64 },
     /// The oldest outstanding [`Command::Apply`] is durably done; `up_to` is its `peer_pos`.
@@ -255,16 +239,9 @@ pub enum Command {
     /// peer's log `peer_db_id` (verbatim, not the maximum), in one transaction. Snapshot chunks
     /// carry `None`: they merge records but must not move the position. Answer with
     /// [`Event::Applied`].
-    Apply {
-        peer_db_id: String,
-        records: Vec<Record>,
-        peer_pos: Option<Seq>,
-    },
+    Apply { peer_db_id: String, records: Vec<Record>, peer_pos: Option<Seq> },
     /// Answer these waiting clients.
-    ReleaseWaiters {
-        waiters: Vec<WaiterId>,
-        outcome: AckOutcome,
-    },
+    ReleaseWaiters { waiters: Vec<WaiterId>, outcome: AckOutcome },
     /// Close the peer link; `reason` is logged. The engine already counts the link as down.
     Disconnect { reason: String },
     /// Reconcile the database with every agent (this node just became active).
@@ -561,11 +538,9 @@ impl Engine {
                     self.connecting = true;
                 }
             }
-            Event::PeerConnected {
-                hello,
-                our_position_for_them,
-                now,
-            } => self.on_connected(hello, our_position_for_them, now, &mut out),
+            Event::PeerConnected { hello, our_position_for_them, now } => {
+                self.on_connected(hello, our_position_for_them, now, &mut out)
+            }
             Event::PeerDisconnected { reason, now } => {
                 self.observe(now);
                 self.connecting = false;
@@ -574,9 +549,7 @@ impl Engine {
                 }
             }
             Event::PeerMessage { msg, now } => self.on_message(msg, now, &mut out),
-            Event::LocalCommitted { seq, change, now } => {
-                self.on_local_commit(seq, change, now, &mut out)
-            }
+            Event::LocalCommitted { seq, change, now } => self.on_local_commit(seq, change, now, &mut out),
             Event::AwaitAck { waiter, seq, now } => self.on_await(waiter, seq, now, &mut out),
             Event::LogRead { after, result, now } => self.on_log_read(after, result, now, &mut out),
             Event::SnapshotRead { snapshot, now } => self.on_snapshot_read(snapshot, now, &mut out),
@@ -606,18 +579,14 @@ impl Engine {
     fn ready_reason(&self) -> String {
         match &self.link {
             Some(link) if link.inb.done => "caught up with the peer".into(),
-            Some(link) if link.inb.snapshot.is_some() => {
-                "receiving a snapshot from the peer".into()
-            }
+            Some(link) if link.inb.snapshot.is_some() => "receiving a snapshot from the peer".into(),
             Some(_) => "catching up with the peer".into(),
             None if self.ready_by_grace && self.last_resync_received.is_none() => {
                 "the peer stayed unreachable for the start-up grace period".into()
             }
             None if self.ever_ready => "peer unreachable; data as of the last resync".into(),
             None => {
-                let left = self
-                    .grace_ms()
-                    .saturating_sub(self.now.saturating_sub(self.down_since));
+                let left = self.grace_ms().saturating_sub(self.now.saturating_sub(self.down_since));
                 format!("waiting for the peer (start-up grace, {left} ms left)")
             }
         }
@@ -684,9 +653,7 @@ impl Engine {
     fn refuse(&mut self, reason: String, out: &mut Vec<Command>) {
         tracing::error!(peer = %self.cfg.peer, "refusing peer: {reason}");
         self.last_link_error = Some(reason.clone());
-        out.push(Command::Send(PeerMsg::Reject {
-            reason: reason.clone(),
-        }));
+        out.push(Command::Send(PeerMsg::Reject { reason: reason.clone() }));
         out.push(Command::Disconnect { reason });
     }
 
@@ -756,13 +723,8 @@ impl Engine {
             tracing::warn!(peer = %self.cfg.peer, peer_head = %hello.head, applied = %our_pos,
                 "the peer's database is older than what this node applied of it; sending a snapshot");
         }
-        let incremental =
-            mine && !peer_rewound && pos.0 + 1 >= self.oldest.0 && pos <= self.local_head;
-        let kind = if incremental {
-            ResyncKind::Incremental
-        } else {
-            ResyncKind::Snapshot
-        };
+        let incremental = mine && !peer_rewound && pos.0 + 1 >= self.oldest.0 && pos <= self.local_head;
+        let kind = if incremental { ResyncKind::Incremental } else { ResyncKind::Snapshot };
         self.peer_acked = if incremental { pos } else { Seq::ZERO };
         tracing::info!(
             peer = %self.cfg.peer, peer_db = %hello.db_id, ?kind, from = %pos,
@@ -806,28 +768,20 @@ impl Engine {
         self.last_link_error = Some(reason.clone());
         if !self.waiters.is_empty() {
             let ids = self.waiters.drain(..).map(|w| w.id).collect();
-            out.push(Command::ReleaseWaiters {
-                waiters: ids,
-                outcome: AckOutcome::Degraded,
-            });
+            out.push(Command::ReleaseWaiters { waiters: ids, outcome: AckOutcome::Degraded });
             self.set_degraded(format!("peer link down ({reason}); continuing alone"));
         }
     }
 
     /// The link must close: tell the io layer and count it as down now.
     fn disconnect(&mut self, reason: String, out: &mut Vec<Command>) {
-        out.push(Command::Disconnect {
-            reason: reason.clone(),
-        });
+        out.push(Command::Disconnect { reason: reason.clone() });
         self.link_down(reason, out);
     }
 
     fn on_tick(&mut self, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
-        if self.link.is_none()
-            && !self.ever_ready
-            && now.saturating_sub(self.down_since) >= self.grace_ms()
-        {
+        if self.link.is_none() && !self.ever_ready && now.saturating_sub(self.down_since) >= self.grace_ms() {
             tracing::warn!(
                 peer = %self.cfg.peer,
                 "peer unreachable for the start-up grace period; ready without it"
@@ -842,17 +796,13 @@ impl Engine {
             if silent >= timeout {
                 self.disconnect(format!("peer silent for {silent} ms"), out);
             } else if now.saturating_sub(link.last_sent) >= heartbeat {
-                let msg = PeerMsg::Heartbeat {
-                    head: self.local_head,
-                    now_ms: now,
-                };
+                let msg = PeerMsg::Heartbeat { head: self.local_head, now_ms: now };
                 Self::send(link, msg, now, out);
             }
         }
         let sync_timeout = self.cfg.sync_timeout.as_millis() as u64;
-        let (expired, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| now.saturating_sub(w.since) >= sync_timeout);
+        let (expired, kept): (Vec<Waiter>, Vec<Waiter>) =
+            std::mem::take(&mut self.waiters).into_iter().partition(|w| now.saturating_sub(w.since) >= sync_timeout);
         self.waiters = kept;
         if !expired.is_empty() {
             let max_seq = expired.iter().map(|w| w.seq).max().unwrap_or_default();
@@ -892,13 +842,7 @@ impl Engine {
 
     // ----- sending my log -------------------------------------------------------------
 
-    fn on_local_commit(
-        &mut self,
-        seq: Seq,
-        change: Option<Change>,
-        now: u64,
-        out: &mut Vec<Command>,
-    ) {
+    fn on_local_commit(&mut self, seq: Seq, change: Option<Change>, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
         if seq <= self.local_head {
             return;
@@ -921,14 +865,7 @@ impl Engine {
                 o.sent = seq;
                 o.inflight.push_back(seq);
                 o.records += 1;
-                Self::send(
-                    link,
-                    PeerMsg::Changes {
-                        records: vec![change],
-                    },
-                    now,
-                    out,
-                );
+                Self::send(link, PeerMsg::Changes { records: vec![change] }, now, out);
             }
         }
         self.pump(out);
@@ -937,11 +874,7 @@ impl Engine {
     /// Issues the next read or `CaughtUp` for the outbound direction, if any is due.
     fn pump(&mut self, out: &mut Vec<Command>) {
         let now = self.now;
-        let (limit, max_inflight, head) = (
-            self.cfg.batch_limit.max(1),
-            self.cfg.max_inflight.max(1),
-            self.local_head,
-        );
+        let (limit, max_inflight, head) = (self.cfg.batch_limit.max(1), self.cfg.max_inflight.max(1), self.local_head);
         let Some(link) = &mut self.link else { return };
         let o = &mut link.out;
         if o.reading != Reading::Idle {
@@ -954,18 +887,13 @@ impl Engine {
         }
         if !o.caught_up_sent && (o.sent >= o.target || o.stalled) {
             o.caught_up_sent = true;
-            let msg = PeerMsg::CaughtUp {
-                head: o.target.min(o.sent),
-            };
+            let msg = PeerMsg::CaughtUp { head: o.target.min(o.sent) };
             Self::send(link, msg, now, out);
         }
         let o = &mut link.out;
         if head > o.sent && !o.stalled && o.inflight.len() < max_inflight {
             o.reading = Reading::Log { after: o.sent };
-            out.push(Command::ReadLog {
-                after: o.sent,
-                limit,
-            });
+            out.push(Command::ReadLog { after: o.sent, limit });
         }
         // Nothing to send may also mean nothing will be acknowledged.
         self.check_outbound_done();
@@ -1041,16 +969,11 @@ impl Engine {
             return;
         }
         self.peer_acked = applied;
-        while self
-            .commit_times
-            .front()
-            .is_some_and(|(seq, _)| *seq <= applied)
-        {
+        while self.commit_times.front().is_some_and(|(seq, _)| *seq <= applied) {
             self.commit_times.pop_front();
         }
-        let (acked, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
-            .into_iter()
-            .partition(|w| w.seq <= applied);
+        let (acked, kept): (Vec<Waiter>, Vec<Waiter>) =
+            std::mem::take(&mut self.waiters).into_iter().partition(|w| w.seq <= applied);
         self.waiters = kept;
         if !acked.is_empty() {
             out.push(Command::ReleaseWaiters {
@@ -1094,10 +1017,7 @@ impl Engine {
 
     fn on_await(&mut self, waiter: WaiterId, seq: Seq, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
-        let release = |outcome| Command::ReleaseWaiters {
-            waiters: vec![waiter],
-            outcome,
-        };
+        let release = |outcome| Command::ReleaseWaiters { waiters: vec![waiter], outcome };
         if self.cfg.sync == SyncLevel::Async {
             out.push(release(AckOutcome::NotReplicated));
         } else if self.peer_acked >= seq {
@@ -1106,11 +1026,7 @@ impl Engine {
             out.push(release(AckOutcome::Degraded));
             self.set_degraded("peer link down; continuing alone".into());
         } else {
-            self.waiters.push(Waiter {
-                id: waiter,
-                seq,
-                since: now,
-            });
+            self.waiters.push(Waiter { id: waiter, seq, since: now });
         }
     }
 
@@ -1145,10 +1061,7 @@ impl Engine {
                     return self.apply(vec![], Some(pos), out);
                 };
                 if first != pos.next() {
-                    let reason = format!(
-                        "gap in the peer's changes: expected seq {}, got {first}",
-                        pos.next()
-                    );
+                    let reason = format!("gap in the peer's changes: expected seq {}, got {first}", pos.next());
                     return self.disconnect(reason, out);
                 }
                 let last = fresh.last().map(|c| c.seq).unwrap_or(first);
@@ -1171,16 +1084,14 @@ impl Engine {
             }
             PeerMsg::SnapshotChunk { records } => {
                 if link.inb.snapshot.is_none() {
-                    return self
-                        .disconnect(violation("snapshot chunk outside a snapshot".into()), out);
+                    return self.disconnect(violation("snapshot chunk outside a snapshot".into()), out);
                 }
                 link.inb.records += records.len() as u64;
                 self.apply(records, None, out);
             }
             PeerMsg::SnapshotEnd { head } => {
                 if link.inb.snapshot != Some(head) {
-                    return self
-                        .disconnect(violation(format!("unexpected snapshot end at {head}")), out);
+                    return self.disconnect(violation(format!("unexpected snapshot end at {head}")), out);
                 }
                 link.inb.snapshot = None;
                 link.inb.recv_pos = head;
@@ -1192,10 +1103,7 @@ impl Engine {
                     return self.disconnect(violation("unexpected caught-up".into()), out);
                 }
                 if link.inb.recv_pos < head {
-                    let what = format!(
-                        "caught up at {head} but sent only up to {}",
-                        link.inb.recv_pos
-                    );
+                    let what = format!("caught up at {head} but sent only up to {}", link.inb.recv_pos);
                     return self.disconnect(violation(what), out);
                 }
                 link.inb.caught_up_barrier = Some(self.applies_issued);
@@ -1207,25 +1115,14 @@ impl Engine {
     fn apply(&mut self, records: Vec<Record>, peer_pos: Option<Seq>, out: &mut Vec<Command>) {
         let Some(link) = &self.link else { return };
         self.applies_issued += 1;
-        self.pending_applies.push_back(PendingApply {
-            no: self.applies_issued,
-            gen: link.gen,
-            up_to: peer_pos,
-        });
-        out.push(Command::Apply {
-            peer_db_id: link.peer_db_id.clone(),
-            records,
-            peer_pos,
-        });
+        self.pending_applies.push_back(PendingApply { no: self.applies_issued, gen: link.gen, up_to: peer_pos });
+        out.push(Command::Apply { peer_db_id: link.peer_db_id.clone(), records, peer_pos });
     }
 
     fn on_applied(&mut self, up_to: Option<Seq>, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
         let Some(done) = self.pending_applies.pop_front() else {
-            tracing::error!(
-                ?up_to,
-                "applied reported with no apply outstanding; ignored"
-            );
+            tracing::error!(?up_to, "applied reported with no apply outstanding; ignored");
             return;
         };
         if done.up_to != up_to {
@@ -1238,10 +1135,7 @@ impl Engine {
         }
         if let Some(pos) = done.up_to {
             self.applied_of_peer = pos;
-            let msg = PeerMsg::Ack {
-                db_id: link.peer_db_id.clone(),
-                applied: pos,
-            };
+            let msg = PeerMsg::Ack { db_id: link.peer_db_id.clone(), applied: pos };
             Self::send(link, msg, now, out);
         }
         self.check_inbound_done();

@@ -48,70 +48,35 @@ impl Store {
     }
 
     fn status(&self) -> DbStatus {
-        DbStatus {
-            db_id: self.db_id.clone(),
-            head: self.head,
-            oldest: self.oldest(),
-        }
+        DbStatus { db_id: self.db_id.clone(), head: self.head, oldest: self.oldest() }
     }
 
     /// A local write: new version, one log entry, in one step (one transaction).
     fn write(&mut self, id: SessionId, session: Option<Session>, now: u64) -> Change {
         self.hlc = self.hlc.tick(now);
-        let record = Record {
-            id: id.clone(),
-            version: Version {
-                hlc: self.hlc,
-                node: self.node.clone(),
-            },
-            session,
-        };
+        let record = Record { id: id.clone(), version: Version { hlc: self.hlc, node: self.node.clone() }, session };
         self.records.insert(id, record.clone());
         self.head = self.head.next();
-        let change = Change {
-            seq: self.head,
-            record,
-        };
+        let change = Change { seq: self.head, record };
         self.log.push_back(change.clone());
         change
     }
 
     fn changes_since(&self, after: Seq, limit: usize) -> LogRead {
         if after.next() < self.oldest() && after < self.head {
-            return LogRead::Truncated {
-                oldest: self.oldest(),
-            };
+            return LogRead::Truncated { oldest: self.oldest() };
         }
-        LogRead::Changes(
-            self.log
-                .iter()
-                .filter(|c| c.seq > after)
-                .take(limit)
-                .cloned()
-                .collect(),
-        )
+        LogRead::Changes(self.log.iter().filter(|c| c.seq > after).take(limit).cloned().collect())
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            head: self.head,
-            records: self.records.values().cloned().collect(),
-        }
+        Snapshot { head: self.head, records: self.records.values().cloned().collect() }
     }
 
-    fn apply_remote(
-        &mut self,
-        peer_db: &str,
-        records: Vec<Record>,
-        peer_pos: Option<Seq>,
-        now: u64,
-    ) {
+    fn apply_remote(&mut self, peer_db: &str, records: Vec<Record>, peer_pos: Option<Seq>, now: u64) {
         for r in records {
             self.hlc = self.hlc.observe(r.version.hlc, now);
-            let newer = self
-                .records
-                .get(&r.id)
-                .map_or(true, |old| r.version > old.version);
+            let newer = self.records.get(&r.id).map_or(true, |old| r.version > old.version);
             if newer {
                 self.records.insert(r.id.clone(), r);
             }
@@ -136,16 +101,9 @@ impl Store {
 
 #[derive(Debug)]
 enum DbCmd {
-    ReadLog {
-        after: Seq,
-        limit: usize,
-    },
+    ReadLog { after: Seq, limit: usize },
     ReadSnapshot,
-    Apply {
-        peer_db_id: String,
-        records: Vec<Record>,
-        peer_pos: Option<Seq>,
-    },
+    Apply { peer_db_id: String, records: Vec<Record>, peer_pos: Option<Seq> },
 }
 
 struct Node {
@@ -220,13 +178,7 @@ impl World {
             let store = Store::new(&n[i], format!("db{i}"));
             let mut engine = Engine::new(engine_config(i), store.status(), 0);
             engine.step(Event::Start { now: 0 });
-            Node {
-                store,
-                engine,
-                db_queue: VecDeque::new(),
-                link: None,
-                waiters: BTreeMap::new(),
-            }
+            Node { store, engine, db_queue: VecDeque::new(), link: None, waiters: BTreeMap::new() }
         };
         World {
             now: 0,
@@ -255,34 +207,20 @@ impl World {
                     self.wire[1 - i].push_back((link, msg));
                 }
             }
-            Command::ReadLog { after, limit } => self.nodes[i]
-                .db_queue
-                .push_back(DbCmd::ReadLog { after, limit }),
+            Command::ReadLog { after, limit } => self.nodes[i].db_queue.push_back(DbCmd::ReadLog { after, limit }),
             Command::ReadSnapshot => self.nodes[i].db_queue.push_back(DbCmd::ReadSnapshot),
-            Command::Apply {
-                peer_db_id,
-                records,
-                peer_pos,
-            } => self.nodes[i].db_queue.push_back(DbCmd::Apply {
-                peer_db_id,
-                records,
-                peer_pos,
-            }),
+            Command::Apply { peer_db_id, records, peer_pos } => {
+                self.nodes[i].db_queue.push_back(DbCmd::Apply { peer_db_id, records, peer_pos })
+            }
             Command::ReleaseWaiters { waiters, outcome } => {
                 for w in waiters {
-                    let write = self.nodes[i]
-                        .waiters
-                        .remove(&w)
-                        .expect("released an unknown waiter");
+                    let write = self.nodes[i].waiters.remove(&w).expect("released an unknown waiter");
                     if outcome == AckOutcome::Acked {
                         // Acked means the peer has stored it, unless the peer's database
                         // was wiped after it sent the acknowledgement.
                         let (id, v, peer_db) = write;
                         let peer = &self.nodes[1 - i].store;
-                        assert!(
-                            peer.has(&id, &v) || peer.db_id != peer_db,
-                            "{id} at {v} acked but not on the peer"
-                        );
+                        assert!(peer.has(&id, &v) || peer.db_id != peer_db, "{id} at {v} acked but not on the peer");
                         self.acked.push((id, v));
                     }
                 }
@@ -303,13 +241,7 @@ impl World {
             self.nodes[j].link = None;
             self.wire[j].clear();
             let now = self.now;
-            self.feed(
-                j,
-                Event::PeerDisconnected {
-                    reason: "closed by peer".into(),
-                    now,
-                },
-            );
+            self.feed(j, Event::PeerDisconnected { reason: "closed by peer".into(), now });
         }
     }
 
@@ -340,25 +272,13 @@ impl World {
             let now = self.now;
             let store = &mut self.nodes[i].store;
             let event = match cmd {
-                DbCmd::ReadLog { after, limit } => Event::LogRead {
-                    after,
-                    result: store.changes_since(after, limit),
-                    now,
-                },
-                DbCmd::ReadSnapshot => Event::SnapshotRead {
-                    snapshot: store.snapshot(),
-                    now,
-                },
-                DbCmd::Apply {
-                    peer_db_id,
-                    records,
-                    peer_pos,
-                } => {
+                DbCmd::ReadLog { after, limit } => {
+                    Event::LogRead { after, result: store.changes_since(after, limit), now }
+                }
+                DbCmd::ReadSnapshot => Event::SnapshotRead { snapshot: store.snapshot(), now },
+                DbCmd::Apply { peer_db_id, records, peer_pos } => {
                     store.apply_remote(&peer_db_id, records, peer_pos, now);
-                    Event::Applied {
-                        up_to: peer_pos,
-                        now,
-                    }
+                    Event::Applied { up_to: peer_pos, now }
                 }
             };
             self.feed(i, event);
@@ -400,14 +320,8 @@ impl World {
         let hellos: Vec<Hello> = (0..2)
             .map(|i| {
                 let s = &self.nodes[i].store;
-                let pos = s
-                    .last_peer_db
-                    .as_ref()
-                    .and_then(|d| s.positions.get(d))
-                    .copied();
-                self.nodes[i]
-                    .engine
-                    .hello(s.last_peer_db.clone(), pos.unwrap_or_default(), now)
+                let pos = s.last_peer_db.as_ref().and_then(|d| s.positions.get(d)).copied();
+                self.nodes[i].engine.hello(s.last_peer_db.clone(), pos.unwrap_or_default(), now)
             })
             .collect();
         for i in 0..2 {
@@ -419,20 +333,8 @@ impl World {
                 continue; // the other side refused and closed it
             }
             let hello = hellos[1 - i].clone();
-            let pos = self.nodes[i]
-                .store
-                .positions
-                .get(&hello.db_id)
-                .copied()
-                .unwrap_or_default();
-            self.feed(
-                i,
-                Event::PeerConnected {
-                    hello,
-                    our_position_for_them: pos,
-                    now,
-                },
-            );
+            let pos = self.nodes[i].store.positions.get(&hello.db_id).copied().unwrap_or_default();
+            self.feed(i, Event::PeerConnected { hello, our_position_for_them: pos, now });
         }
     }
 
@@ -515,10 +417,24 @@ impl World {
                 "node {i}: link={:?} wire_in={} dbq={} | ready={} ({}) link={:?} head={} acked={} \
                  peer_head={} applied_of_peer={} degraded={} err={:?} | store db={} head={} oldest={} \
                  positions={:?} last_peer={:?} records={}\n",
-                n.link, self.wire[i].len(), n.db_queue.len(), st.ready, st.ready_reason, st.link,
-                st.local_head, st.peer_acked, st.peer_head, st.applied_of_peer, st.degraded,
-                st.last_link_error, n.store.db_id, n.store.head, n.store.oldest(), n.store.positions,
-                n.store.last_peer_db, n.store.records.len()
+                n.link,
+                self.wire[i].len(),
+                n.db_queue.len(),
+                st.ready,
+                st.ready_reason,
+                st.link,
+                st.local_head,
+                st.peer_acked,
+                st.peer_head,
+                st.applied_of_peer,
+                st.degraded,
+                st.last_link_error,
+                n.store.db_id,
+                n.store.head,
+                n.store.oldest(),
+                n.store.positions,
+                n.store.last_peer_db,
+                n.store.records.len()
             );
         }
         out
@@ -527,57 +443,27 @@ impl World {
     fn check(&self) {
         let (a, b) = (&self.nodes[0].store, &self.nodes[1].store);
         assert_eq!(a.records, b.records, "stores differ after convergence");
-        assert_eq!(
-            a.positions.get(&b.db_id).copied().unwrap_or_default(),
-            b.head
-        );
-        assert_eq!(
-            b.positions.get(&a.db_id).copied().unwrap_or_default(),
-            a.head
-        );
+        assert_eq!(a.positions.get(&b.db_id).copied().unwrap_or_default(), b.head);
+        assert_eq!(b.positions.get(&a.db_id).copied().unwrap_or_default(), a.head);
         for (id, v) in &self.acked {
-            assert!(
-                a.has(id, v) && b.has(id, v),
-                "acknowledged write {id} at {v} lost"
-            );
+            assert!(a.has(id, v) && b.has(id, v), "acknowledged write {id} at {v} lost");
         }
     }
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write {
-        node: usize,
-        key: u8,
-        delete: bool,
-        inline: bool,
-    },
-    Deliver {
-        to: usize,
-        n: usize,
-    },
-    Db {
-        node: usize,
-        n: usize,
-    },
-    Advance {
-        ms: u64,
-    },
+    Write { node: usize, key: u8, delete: bool, inline: bool },
+    Deliver { to: usize, n: usize },
+    Db { node: usize, n: usize },
+    Advance { ms: u64 },
     Pump,
     Partition,
     Heal,
     Connect,
-    Disconnect {
-        node: usize,
-    },
-    Restart {
-        node: usize,
-        wipe: bool,
-    },
-    Truncate {
-        node: usize,
-        keep: usize,
-    },
+    Disconnect { node: usize },
+    Restart { node: usize, wipe: bool },
+    Truncate { node: usize, keep: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -601,12 +487,7 @@ fn run(ops: &[Op]) -> World {
     let mut w = World::new();
     for op in ops {
         match *op {
-            Op::Write {
-                node,
-                key,
-                delete,
-                inline,
-            } => w.write(node, key, delete, inline),
+            Op::Write { node, key, delete, inline } => w.write(node, key, delete, inline),
             Op::Deliver { to, n } => {
                 w.deliver(to, n);
             }
@@ -626,13 +507,7 @@ fn run(ops: &[Op]) -> World {
             Op::Connect => w.connect(),
             Op::Disconnect { node } => {
                 let now = w.now;
-                w.feed(
-                    node,
-                    Event::PeerDisconnected {
-                        reason: "test".into(),
-                        now,
-                    },
-                );
+                w.feed(node, Event::PeerDisconnected { reason: "test".into(), now });
                 w.close(node);
             }
             Op::Restart { node, wipe } => w.restart(node, wipe),
@@ -679,32 +554,12 @@ fn writes_on_both_sides_of_a_partition_converge() {
     use Op::*;
     let w = run(&[
         Connect,
-        Write {
-            node: 0,
-            key: 1,
-            delete: false,
-            inline: true,
-        },
+        Write { node: 0, key: 1, delete: false, inline: true },
         Partition,
-        Write {
-            node: 0,
-            key: 2,
-            delete: false,
-            inline: true,
-        },
+        Write { node: 0, key: 2, delete: false, inline: true },
         Advance { ms: 10 },
-        Write {
-            node: 1,
-            key: 2,
-            delete: false,
-            inline: false,
-        },
-        Write {
-            node: 1,
-            key: 1,
-            delete: true,
-            inline: true,
-        },
+        Write { node: 1, key: 2, delete: false, inline: false },
+        Write { node: 1, key: 1, delete: true, inline: true },
         Advance { ms: 600 },
     ]);
     // The later writes (b's) win everywhere.
@@ -766,10 +621,7 @@ fn a_node_is_not_ready_while_its_peer_has_newer_data() {
         let moved = w.deliver(0, 1) + w.deliver(1, 1) + w.db_step(0, 1) + w.db_step(1, 1);
         steps += moved;
         if w.nodes[0].engine.is_ready() {
-            assert!(w.nodes[0]
-                .store
-                .records
-                .contains_key(&SessionId("s3".into())));
+            assert!(w.nodes[0].store.records.contains_key(&SessionId("s3".into())));
         }
     }
     assert!(steps > 0);
@@ -786,10 +638,7 @@ fn snapshot_interrupted_by_a_restart_is_redone() {
     // a reads its snapshot and sends it; b applies only the first chunk, then restarts.
     w.db_step(0, 1);
     w.deliver(1, usize::MAX);
-    assert!(
-        w.nodes[1].db_queue.len() > 3,
-        "expected several chunk applies"
-    );
+    assert!(w.nodes[1].db_queue.len() > 3, "expected several chunk applies");
     // b's own snapshot read, then the first chunk.
     w.db_step(1, 2);
     assert_eq!(w.nodes[1].store.records.len(), 3);
