@@ -9,6 +9,7 @@
 //! - Every request gets exactly one reply; failures are `ApiReply::Error` with a kind and a
 //!   message meant for a person.
 
+pub mod http;
 pub mod tcp;
 pub mod unix;
 

@@ -150,7 +150,7 @@ impl TestMaster {
         let peer_port = peer.as_ref().map(|p| p.local_addr().unwrap().port()).unwrap_or(0);
         let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).unwrap();
         let ov = Overrides { agent_port: None, peer_addr, no_background_reconcile: true };
-        let server = Server::start(cfg.clone(), Listeners { unix, tcp, peer }, ov).await.unwrap();
+        let server = Server::start(cfg.clone(), Listeners { unix, tcp, peer, http: None }, ov).await.unwrap();
         TestMaster { cfg, server: Some(server), tcp_port, peer_port }
     }
 
