@@ -159,14 +159,7 @@ enum NotifyState {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tlctl: cannot start: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    rt.block_on(run(args))
+    super::block_on("tlctl", run(args))
 }
 
 fn target(args: &Args) -> Result<Target, String> {
