@@ -127,7 +127,7 @@ async fn restarts_at_every_step_of_resync_lose_nothing_acked() {
     // step 0: before the link is up; 1: while catching up; 2: after.
     for (round, victim) in [(0usize, 1usize), (1, 1), (2, 1), (0, 0), (1, 0), (2, 0)] {
         p.stop_node(1).await;
-        bulk(p.a(), &format!("r{round}v{victim}u"), 4000).await;
+        bulk(p.a(), &format!("r{round}v{victim}u"), 2500).await;
         p.start_node(1).await;
         match round {
             0 => {}
@@ -430,4 +430,136 @@ async fn bad_ha_nodes_start_the_server_without_ha() {
     let s = m.put_session("solo", GHOST).await;
     assert!(m.server().db.get(&s.id).await.unwrap().is_some());
     m.stop().await;
+}
+
+mod random_operations {
+    //! Random operations on real nodes: the model tracks which sessions must survive (the
+    //! peer had them when the client was answered, or both nodes had them at a convergence
+    //! point) and on which nodes they are durably stored, so a wiped node only loses what it
+    //! alone held.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(usize),
+        /// Change a session the node holds (a reconnect), picked by index.
+        Update(usize, prop::sample::Index),
+        Terminate(usize, prop::sample::Index),
+        /// Many local writes at once (not acknowledged to anyone): longer catch-ups.
+        Bulk(usize),
+        Cut,
+        Heal,
+        Restart {
+            node: usize,
+            wipe: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..2usize).prop_map(Op::Create),
+            1 => (0..2usize, any::<prop::sample::Index>()).prop_map(|(n, i)| Op::Update(n, i)),
+            2 => (0..2usize, any::<prop::sample::Index>()).prop_map(|(n, i)| Op::Terminate(n, i)),
+            1 => (0..2usize).prop_map(Op::Bulk),
+            1 => Just(Op::Cut),
+            1 => Just(Op::Heal),
+            1 => (0..2usize, any::<bool>()).prop_map(|(node, wipe)| Op::Restart { node, wipe }),
+        ]
+    }
+
+    /// Sessions that must survive, with the nodes that durably hold them.
+    type Required = BTreeMap<SessionId, BTreeSet<usize>>;
+
+    async fn converge_point(p: &TestPair, required: &mut Required) {
+        p.heal();
+        assert!(p.wait_streaming().await, "the link comes back after healing");
+        p.assert_converged().await;
+        for i in 0..2 {
+            if let Err(missing) = has_all(p.node(i), &required.keys().cloned().collect()).await {
+                panic!("{} lost sessions that had to survive: {missing:?}", NODES[i]);
+            }
+        }
+        for holders in required.values_mut() {
+            *holders = [0, 1].into();
+        }
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let d = cluster_dir();
+        let mut p = TestPair::start(d.path(), &[], |_, _| {}).await;
+        assert!(p.wait_streaming().await);
+        let mut required = Required::new();
+        let mut n = 0;
+        for op in ops {
+            match op {
+                Op::Create(i) => {
+                    n += 1;
+                    let s = p.node(i).put_session(&format!("user{n}"), GHOST).await;
+                    // Answered in `ack` mode: either the peer has it, or the node says it went
+                    // on alone (degraded).
+                    let degraded = p.node(i).ha_status().await.degraded;
+                    let on_peer = p.node(1 - i).server().db.get(&s.id).await.unwrap().is_some();
+                    assert!(on_peer || degraded, "answered without the peer's ack and not degraded");
+                    if on_peer {
+                        required.insert(s.id, [0, 1].into());
+                    }
+                }
+                Op::Update(i, idx) => {
+                    let live = p.node(i).server().db.list(&Default::default()).await.unwrap();
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let mut s = live[idx.index(live.len())].clone();
+                    s.last_connect_ms = vsm::model::now_ms();
+                    s.last_client_address = format!("10.0.0.{i}");
+                    let r = p.node(i).call(ApiRequest::SessionPut { session: s }).await;
+                    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+                }
+                Op::Terminate(i, idx) => {
+                    let live = p.node(i).server().db.list(&Default::default()).await.unwrap();
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let s = &live[idx.index(live.len())];
+                    let r = p.node(i).terminate_user(&s.user).await;
+                    assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
+                    required.remove(&s.id);
+                }
+                Op::Bulk(i) => {
+                    n += 1;
+                    bulk(p.node(i), &format!("bulk{n}-"), 500).await;
+                }
+                Op::Cut => p.cut(),
+                Op::Heal => converge_point(&p, &mut required).await,
+                Op::Restart { node, wipe } => {
+                    p.restart(node, wipe).await;
+                    if wipe {
+                        // What only this node held is gone with it: two failures, not one.
+                        required.retain(|_, holders| {
+                            holders.remove(&node);
+                            !holders.is_empty()
+                        });
+                    }
+                }
+            }
+        }
+        converge_point(&p, &mut required).await;
+        p.stop().await;
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 12,
+            max_shrink_iters: 8,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+        #[test]
+        fn random_operations_converge_and_keep_acknowledged_sessions(ops in prop::collection::vec(op(), 6..20)) {
+            init_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(run(ops));
+        }
+    }
 }
