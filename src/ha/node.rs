@@ -7,7 +7,10 @@
 //!
 //! Invariants:
 //! - Nothing received from a connection is handed to the engine before the secure handshake
-//!   proved the shared secret; a peer with the wrong secret is logged with its address.
+//!   proved the shared secret; a peer with the wrong secret is logged with its address and
+//!   shown in the status (`link_error`) until a link comes up.
+//! - The first hello after a start names the peer database applied furthest (from the
+//!   database), so a restart resyncs incrementally instead of by full snapshot.
 //! - Exactly one task owns the engine; database calls the engine asks for are made by that
 //!   task and their results fed back as events, in order.
 //! - With HA off (disabled or fallback) the node is always ready and active, and a write is
