@@ -522,6 +522,9 @@ pub fn show_ha(st: &HaStatusView) -> String {
     s += &format!("Role:             {}\n", st.role);
     s += &format!("Ready:            {}\n", yn(st.ready));
     s += &format!("Peer link:        {}\n", st.link);
+    if let Some(e) = &st.link_error {
+        s += &format!("Link error:       {e}\n");
+    }
     s += &format!("Sync mode:        {}\n", st.sync);
     s += &format!(
         "Positions:        local head {}, peer acknowledged {}, peer head {}, applied of peer {}\n",

@@ -466,6 +466,13 @@ impl DbHandle {
         self.read(move |o| o.peer_position(&peer)).await
     }
 
+    /// The peer database whose change log this node has applied furthest: the best guess of
+    /// the current peer's `db_id` after a restart (`None` when nothing was ever applied).
+    /// A wrong guess only costs a full snapshot instead of an incremental resync.
+    pub async fn last_peer_db_id(&self) -> Result<Option<String>, DbError> {
+        self.read(|o| o.last_peer_db_id()).await
+    }
+
     /// Overwrites the position reached in the change log of `peer_db_id`. Use it after
     /// applying a full snapshot: unlike `apply_remote`, it may move the position back.
     pub async fn set_peer_position(&self, peer_db_id: &str, pos: Seq) -> Result<(), DbError> {

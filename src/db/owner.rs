@@ -569,6 +569,13 @@ impl Owner {
         Ok(LogRead::Changes(out))
     }
 
+    pub(super) fn last_peer_db_id(&mut self) -> Result<Option<String>, DbError> {
+        self.conn
+            .prepare_cached("SELECT peer_db_id FROM peer_positions ORDER BY seq DESC, peer_db_id LIMIT 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .ctx("read the last peer position")
+    }
+
     pub(super) fn peer_position(&mut self, peer: &str) -> Result<Seq, DbError> {
         let seq: Option<i64> = self
             .conn
