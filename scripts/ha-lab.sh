@@ -251,11 +251,11 @@ detect_mode() {
 
 lab_mode() { cat "$LAB/mode" 2>/dev/null || echo network-only; }
 
+# tl-config run inside NODE (its /etc/vsm, its /etc/hosts), as an administrator would there.
 tlconfig() {
     local node=$1
     shift
-    "$LAB/usr-local-bin/tl-config" --config-dir "$(node_dir "$node")/etc-vsm" "$@" ||
-        die "tl-config failed on $node for: $*"
+    node_exec "$node" /usr/local/bin/tl-config "$@" || die "tl-config failed on $node for: $*"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -438,10 +438,10 @@ configure_vsm() {
     chmod 0600 "$LAB/ha.key" "$LAB/cluster.key"
     for node in "${MASTERS[@]}"; do
         install -m 0600 "$LAB/ha.key" "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
-        tlconfig "$node" /HA/enabled=1
-        tlconfig "$node" '/HA/nodes=tlha-primary tlha-secondary'
-        tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
+        # Agents first: with HA on, the built-in default subcluster (127.0.0.1) is refused.
         tlconfig "$node" '/subclusters/default/agents=agent1 agent2'
+        tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
+        tlconfig "$node" /HA/enabled=1 '/HA/nodes=tlha-primary tlha-secondary'
     done
     for node in "${AGENTS[@]}"; do
         install -m 0600 "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
