@@ -32,13 +32,15 @@ TIMEOUT=${VSM_LAB_TIMEOUT:-90}
 KEEPALIVED_DIR=${VSM_KEEPALIVED_DIR:-$REPO/config/keepalived}
 # Children (the daemons' wrappers run this script again) must see the same settings.
 export VSM_LAB_DIR=$LAB VSM_LAB_PREFIX=$PREFIX VSM_LAB_NET=$NET
+# Plain logs (no ANSI colours) from the daemons, so they can be grepped.
+export NO_COLOR=1
 
 MASTERS=(tlha-primary tlha-secondary)
 AGENTS=(agent1 agent2)
 NODES=(tlha-primary tlha-secondary agent1 agent2 client)
 VIP_NAME=tlha
 VIP=$NET.4
-USERS=(testuser testuser2)
+USERS=(testuser testuser2 testuser3)
 VSM_BINARIES=(vsmserver vsmagent vsmclient tlctl tl-config)
 # Directories bind-mounted per node (host path -> lab subdirectory).
 MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm)
@@ -813,7 +815,9 @@ cmd_logs() {
         say "no logs: no lab directory $LAB"
         return 0
     fi
-    for f in "$LAB"/nodes/"${1:-*}"/log/*.log; do
+    local pattern=("$LAB"/nodes/*/log/*.log)
+    if [ -n "${1:-}" ]; then pattern=("$LAB/nodes/$1"/log/*.log); fi
+    for f in "${pattern[@]}"; do
         [ -e "$f" ] || continue
         echo "===== ${f#"$LAB"/nodes/} (last $lines lines)"
         tail -n "$lines" "$f"

@@ -107,6 +107,8 @@ lab_down_checked() {
 on_exit() {
     local rc=$?
     trap - EXIT
+    # A test's own background helpers go first.
+    if declare -F test_cleanup >/dev/null; then test_cleanup || true; fi
     if [ "$LAB_IS_UP" = 1 ]; then
         if [ "$rc" -ne 0 ]; then
             echo "---- $TEST_NAME failed (rc $rc); lab state and logs:" >&2
