@@ -194,7 +194,7 @@ step "3. while the primary is away: testuser2 gets a new session, testuser3's se
 s2=$(login testuser2)
 echo "    testuser2: $(jq -c . <<<"$s2")"
 id2=$(field "$s2" session_id)
-[ "$id2" != "$id1" ] && [ "$id2" != "$id3" ] || fail "testuser2 got an existing session: $s2"
+if [ "$id2" = "$id1" ] || [ "$id2" = "$id3" ]; then fail "testuser2 got an existing session: $s2"; fi
 check_vnc "$s2"
 tlctl_on tlha-secondary session terminate --user testuser3 -y >/dev/null ||
     fail "tlctl session terminate --user testuser3 -y failed on tlha-secondary"
