@@ -59,7 +59,7 @@ elif [ -n "$BIN_DIR" ] && usable "$BIN_DIR"; then
     real_config() {
         local dir=$1 name=$2 port=$3
         shift 3
-        mkdir -m 0700 "$dir"
+        [ -d "$dir" ] || mkdir -m 0700 "$dir"
         head -c 32 /dev/urandom >"$dir/cluster.key"
         head -c 32 /dev/urandom >"$dir/ha.key"
         chmod 0600 "$dir/cluster.key" "$dir/ha.key"
