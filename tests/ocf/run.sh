@@ -38,6 +38,8 @@ for tool in ocf-tester xmllint; do
 done
 
 WORK=$(mktemp -d /run/vsm-ocf.XXXXXX)
+# Replaced by the full cleanup once the agent may have started something.
+trap 'rm -rf "$WORK"' EXIT
 chmod 0755 "$WORK"
 CFG=$WORK/etc
 mkdir -m 0700 "$CFG"
@@ -71,7 +73,6 @@ elif [ -n "$BIN_DIR" ] && usable "$BIN_DIR"; then
     real_config "$CFG" standalone 19000 /HA/enabled=0
 else
     echo "FAIL: ocf: no usable vsm binaries (in '${BIN_DIR:-target/release or target/debug}'); build with cargo build --release, or set VSM_OCF_FAKE=1 for the test doubles" >&2
-    rm -rf "$WORK"
     exit 1
 fi
 
