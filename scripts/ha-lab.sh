@@ -529,7 +529,7 @@ vip_holders() {
 }
 
 ssh_answer() { # prints `uname -n` of the master answering ssh on the VIP, from the client
-    ip netns exec "$(ns client)" ssh -o ConnectTimeout=2 "testuser@$VIP_NAME" uname -n 2>/dev/null
+    ip netns exec "$(ns client)" timeout 10 ssh -o ConnectTimeout=2 "testuser@$VIP_NAME" uname -n 2>/dev/null
 }
 
 vip_is() { [ "$(vip_holders)" = "$1" ]; }

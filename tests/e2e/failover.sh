@@ -34,7 +34,6 @@ export VSM_LAB_DAEMONS=1
 export VSM_BIN_DIR=${VSM_BIN_DIR:-$REPO/target/debug}
 command -v jq >/dev/null || fail "jq is missing (scripts/install-test-deps.sh)"
 trap on_exit EXIT
-trap 'exit 130' INT TERM
 
 NET=${VSM_LAB_NET:-10.213.0}
 CLIENT_ADDR=$NET.20
