@@ -2,23 +2,23 @@
 //!
 //! Table of contents, from the bottom layer up (see `docs/architecture.md`):
 
-/// Domain types: sessions, identities, positions, versions. No I/O.
-pub mod model;
-/// Key table, loading, validation and atomic editing of the configuration.
-pub mod config;
-/// Logging set-up shared by every binary.
-pub mod telemetry;
-/// Frames, the secure channel, and the messages of every link.
-pub mod proto;
-/// The session database: one task owns SQLite, everyone else holds a handle.
-pub mod db;
-/// High availability: which node am I, the sans-IO replication engine, the peer link.
-pub mod ha;
-/// Login, placement and reconciliation with agents.
-pub mod broker;
 /// Master-side client of agents.
 pub mod agent;
 /// The agent daemon's library code.
 pub mod agentd;
 /// Unix-socket and TCP request handlers of the master.
 pub mod api;
+/// Login, placement and reconciliation with agents.
+pub mod broker;
+/// Key table, loading, validation and atomic editing of the configuration.
+pub mod config;
+/// The session database: one task owns SQLite, everyone else holds a handle.
+pub mod db;
+/// High availability: which node am I, the sans-IO replication engine, the peer link.
+pub mod ha;
+/// Domain types: sessions, identities, positions, versions. No I/O.
+pub mod model;
+/// Frames, the secure channel, and the messages of every link.
+pub mod proto;
+/// Logging set-up shared by every binary.
+pub mod telemetry;

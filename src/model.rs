@@ -79,9 +79,15 @@ impl Hlc {
     /// The next local reading after `self`, given the current wall clock.
     pub fn tick(self, now_ms: u64) -> Hlc {
         if now_ms > self.wall_ms {
-            Hlc { wall_ms: now_ms, logical: 0 }
+            Hlc {
+                wall_ms: now_ms,
+                logical: 0,
+            }
         } else {
-            Hlc { wall_ms: self.wall_ms, logical: self.logical.saturating_add(1) }
+            Hlc {
+                wall_ms: self.wall_ms,
+                logical: self.logical.saturating_add(1),
+            }
         }
     }
 
@@ -225,26 +231,50 @@ mod tests {
 
     #[test]
     fn hlc_is_monotonic_when_wall_clock_steps_back() {
-        let a = Hlc { wall_ms: 100, logical: 0 };
+        let a = Hlc {
+            wall_ms: 100,
+            logical: 0,
+        };
         let b = a.tick(50);
         assert!(b > a);
         let c = b.tick(200);
-        assert_eq!(c, Hlc { wall_ms: 200, logical: 0 });
+        assert_eq!(
+            c,
+            Hlc {
+                wall_ms: 200,
+                logical: 0
+            }
+        );
     }
 
     #[test]
     fn hlc_observe_moves_past_remote() {
-        let local = Hlc { wall_ms: 100, logical: 3 };
-        let remote = Hlc { wall_ms: 150, logical: 7 };
+        let local = Hlc {
+            wall_ms: 100,
+            logical: 3,
+        };
+        let remote = Hlc {
+            wall_ms: 150,
+            logical: 7,
+        };
         let r = local.observe(remote, 120);
         assert!(r > remote);
     }
 
     #[test]
     fn version_ties_break_on_node() {
-        let h = Hlc { wall_ms: 1, logical: 0 };
-        let a = Version { hlc: h, node: NodeId("a".into()) };
-        let b = Version { hlc: h, node: NodeId("b".into()) };
+        let h = Hlc {
+            wall_ms: 1,
+            logical: 0,
+        };
+        let a = Version {
+            hlc: h,
+            node: NodeId("a".into()),
+        };
+        let b = Version {
+            hlc: h,
+            node: NodeId("b".into()),
+        };
         assert!(a < b);
     }
 

@@ -202,8 +202,17 @@ impl Default for Config {
                 display_min: 10,
                 display_max: 2000,
                 session_command: [
-                    "Xvnc", ":{display}", "-rfbport", "{port}", "-geometry", "{geometry}",
-                    "-SecurityTypes", "None", "-localhost", "-desktop", "{user}",
+                    "Xvnc",
+                    ":{display}",
+                    "-rfbport",
+                    "{port}",
+                    "-geometry",
+                    "{geometry}",
+                    "-SecurityTypes",
+                    "None",
+                    "-localhost",
+                    "-desktop",
+                    "{user}",
                 ]
                 .iter()
                 .map(|s| s.to_string())

@@ -31,12 +31,26 @@ pub enum AgentRequest {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum AgentReply {
-    Started { session: AgentSession },
-    Verified { alive: bool },
-    Terminated { was_running: bool },
-    Sessions { sessions: Vec<AgentSession>, load: LoadReport },
-    Load { load: LoadReport },
-    Error { kind: AgentErrorKind, message: String },
+    Started {
+        session: AgentSession,
+    },
+    Verified {
+        alive: bool,
+    },
+    Terminated {
+        was_running: bool,
+    },
+    Sessions {
+        sessions: Vec<AgentSession>,
+        load: LoadReport,
+    },
+    Load {
+        load: LoadReport,
+    },
+    Error {
+        kind: AgentErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,5 +103,9 @@ pub struct LoadReport {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AgentReport {
     /// The session's process ended; retried by the agent until acknowledged.
-    SessionExited { session_id: SessionId, display: u32, exit_status: Option<i32> },
+    SessionExited {
+        session_id: SessionId,
+        display: u32,
+        exit_status: Option<i32>,
+    },
 }
