@@ -1,0 +1,336 @@
+#!/usr/bin/env bash
+# Replicated-write comparison on loopback: the same small session row committed on node A and
+# applied on node B before the writer is answered, for vsm (two vsmserver, HA ack mode),
+# PostgreSQL 15 (synchronous standby, synchronous_commit=remote_apply) and Redis 7
+# (SET + WAIT 1 0 pipelined, no persistence), all from benches/replication.rs.
+#
+# Usage: scripts/bench-replication.sh [--only pg,redis,vsm] [--runs 3] [--writers "1 16"]
+#                                     [--duration 10] [--warmup 2] [--vsm-sync "full normal"]
+#                                     [--no-install] [--keep-logs]
+# Needs root (installs Debian packages, runs PostgreSQL as the postgres user).
+# Everything it starts it stops on exit; its temporary directory is removed.
+# Prints every run (JSON + human line), then medians of each figure and vsm's ratio to the others.
+set -euo pipefail
+
+ONLY="pg,redis,vsm"
+RUNS=3
+WRITERS="1 16"
+DURATION=10
+WARMUP=2
+VSM_SYNC="full normal"
+INSTALL=1
+KEEP_LOGS=0
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --only) ONLY="$2"; shift 2 ;;
+        --runs) RUNS="$2"; shift 2 ;;
+        --writers) WRITERS="$2"; shift 2 ;;
+        --duration) DURATION="$2"; shift 2 ;;
+        --warmup) WARMUP="$2"; shift 2 ;;
+        --vsm-sync) VSM_SYNC="$2"; shift 2 ;;
+        --no-install) INSTALL=0; shift ;;
+        --keep-logs) KEEP_LOGS=1; shift ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+want() { case ",$ONLY," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
+
+# Ports below 32768 (the ephemeral range may hold TIME_WAIT sockets from earlier runs).
+PG_PRIMARY_PORT=15432
+PG_STANDBY_PORT=15433
+REDIS_MASTER_PORT=16379
+REDIS_REPLICA_PORT=16380
+VSM_A_API_PORT=19100
+VSM_B_API_PORT=19200
+VSM_A_HA_PORT=19101
+VSM_B_HA_PORT=19201
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+
+if [ "$(id -u)" != 0 ]; then
+    echo "bench-replication: must run as root (apt-get, runuser -u postgres)" >&2
+    exit 1
+fi
+
+TMP="$(mktemp -d /tmp/vsm-bench-repl.XXXXXX)"
+chmod 755 "$TMP"
+RESULTS="$TMP/results.jsonl"
+: >"$RESULTS"
+PIDS=()
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_DIRS=()
+
+log() { printf '== %s\n' "$*" >&2; }
+
+cleanup() {
+    local rc=$?
+    set +e
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        kill "${PIDS[$i]}" 2>/dev/null
+    done
+    for p in "${PIDS[@]}"; do
+        # Wait (bounded) for each one we started, then insist.
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
+    done
+    for ((i = ${#PG_DIRS[@]} - 1; i >= 0; i--)); do
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PG_DIRS[$i]}" -m immediate -w stop >/dev/null 2>&1
+    done
+    if [ "$KEEP_LOGS" = 1 ]; then
+        mkdir -p "$ROOT/target/bench-replication-logs"
+        cp "$TMP"/*.log "$TMP"/pglog/*.log "$RESULTS" "$ROOT/target/bench-replication-logs/" 2>/dev/null
+        echo "logs kept in target/bench-replication-logs" >&2
+    fi
+    rm -rf "$TMP"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# wait_for DESCRIPTION SECONDS COMMAND...: polls COMMAND every 0.1 s until it succeeds.
+wait_for() {
+    local what="$1" secs="$2"
+    shift 2
+    local deadline=$((SECONDS + secs))
+    until "$@" >/dev/null 2>&1; do
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            echo "bench-replication: timed out after ${secs}s waiting for $what" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# quiet LOG COMMAND...: runs COMMAND with its output in LOG; on failure shows LOG and stops.
+quiet() {
+    local logf="$1"
+    shift
+    if ! "$@" >"$logf" 2>&1; then
+        cat "$logf" >&2
+        echo "bench-replication: failed: $*" >&2
+        exit 1
+    fi
+}
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in $PG_PRIMARY_PORT $PG_STANDBY_PORT $REDIS_MASTER_PORT $REDIS_REPLICA_PORT \
+    $VSM_A_API_PORT $VSM_B_API_PORT $VSM_A_HA_PORT $VSM_B_HA_PORT; do
+    if ! port_free "$p"; then
+        echo "bench-replication: port $p on 127.0.0.1 is already in use" >&2
+        exit 1
+    fi
+done
+
+# ---------------------------------------------------------------- packages and binaries
+if [ "$INSTALL" = 1 ] && { want pg || want redis; }; then
+    pkgs=()
+    want pg && [ ! -x "$PG_BIN/postgres" ] && pkgs+=(postgresql-15)
+    want redis && ! command -v redis-server >/dev/null && pkgs+=(redis-server)
+    command -v jq >/dev/null || pkgs+=(jq)
+    if [ ${#pkgs[@]} -gt 0 ]; then
+        log "installing ${pkgs[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >"$TMP/apt.log" 2>&1 ||
+            { cat "$TMP/apt.log" >&2; exit 1; }
+    fi
+fi
+
+FEATURES=()
+want vsm && FEATURES=(--features bench-vsm)
+log "building the bench driver (release)"
+BENCH_EXE="$(cargo bench --bench replication --no-run "${FEATURES[@]}" --message-format=json 2>"$TMP/build.log" |
+    jq -r 'select(.reason == "compiler-artifact" and .target.name == "replication"
+        and (.target.kind | index("bench"))) | .executable // empty' | tail -n 1)"
+if [ -z "$BENCH_EXE" ] || [ ! -x "$BENCH_EXE" ]; then
+    cat "$TMP/build.log" >&2
+    echo "bench-replication: building benches/replication.rs failed" >&2
+    exit 1
+fi
+
+# bench TARGET ADDR LABEL: RUNS runs for every writer count, each appended to $RESULTS.
+bench() {
+    local target="$1" addr="$2" label="$3" w r
+    for w in $WRITERS; do
+        for r in $(seq "$RUNS"); do
+            log "$label: $w writer(s), run $r of $RUNS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+            "$BENCH_EXE" --target "$target" --addr "$addr" --writers "$w" \
+                --duration "$DURATION" --warmup "$WARMUP" --label "$label" >"$TMP/run.out"
+            cat "$TMP/run.out"
+            if ! head -n 1 "$TMP/run.out" | jq -e .writes_per_s >/dev/null 2>&1; then
+                echo "bench-replication: the driver printed no result line" >&2
+                exit 1
+            fi
+            head -n 1 "$TMP/run.out" >>"$RESULTS"
+        done
+    done
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+pg_sync_standby() {
+    [ "$(runuser -u postgres -- "$PG_BIN/psql" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres -Atc \
+        "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'")" -ge 1 ]
+}
+
+run_pg() {
+    local p="$TMP/pg-primary" s="$TMP/pg-standby"
+    log "PostgreSQL: initdb, primary on $PG_PRIMARY_PORT, synchronous standby on $PG_STANDBY_PORT"
+    install -d -m 700 -o postgres -g postgres "$p" "$s" "$TMP/pgsock" "$TMP/pglog"
+    quiet "$TMP/pg-initdb.log" runuser -u postgres -- "$PG_BIN/initdb" -D "$p" -A trust -U postgres
+    cat >>"$p/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PRIMARY_PORT
+unix_socket_directories = '$TMP/pgsock'
+wal_level = replica
+max_wal_senders = 4
+synchronous_commit = remote_apply
+synchronous_standby_names = 'FIRST 1 (standby1)'
+max_connections = 100
+EOF
+    PG_DIRS+=("$p")
+    quiet "$TMP/pg-ctl.log" runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$p" -l "$TMP/pglog/pg-primary.log" -w start
+    quiet "$TMP/pg-basebackup.log" runuser -u postgres -- "$PG_BIN/pg_basebackup" -h 127.0.0.1 \
+        -p $PG_PRIMARY_PORT -U postgres -D "$s" -R -X stream
+    cat >>"$s/postgresql.conf" <<EOF
+port = $PG_STANDBY_PORT
+cluster_name = 'standby1'
+EOF
+    PG_DIRS+=("$s")
+    quiet "$TMP/pg-ctl.log" runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$s" -l "$TMP/pglog/pg-standby.log" -w start
+    wait_for "the PostgreSQL standby to stream synchronously" 30 pg_sync_standby
+    bench pg "127.0.0.1:$PG_PRIMARY_PORT" "pg-remote_apply"
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$s" -m fast -w stop >/dev/null
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$p" -m fast -w stop >/dev/null
+    PG_DIRS=()
+}
+
+# ---------------------------------------------------------------- Redis
+redis_replicated() {
+    redis-cli -h 127.0.0.1 -p $REDIS_MASTER_PORT INFO replication | grep -q '^connected_slaves:1' &&
+        redis-cli -h 127.0.0.1 -p $REDIS_REPLICA_PORT INFO replication | grep -q '^master_link_status:up'
+}
+
+run_redis() {
+    log "Redis: master on $REDIS_MASTER_PORT, replica on $REDIS_REPLICA_PORT, no persistence"
+    mkdir -p "$TMP/redis-master" "$TMP/redis-replica"
+    local common=(--bind 127.0.0.1 --protected-mode no --save '' --appendonly no --daemonize no
+        --repl-diskless-sync yes --repl-diskless-sync-delay 0)
+    redis-server "${common[@]}" --port $REDIS_MASTER_PORT --dir "$TMP/redis-master" \
+        >"$TMP/redis-master.log" 2>&1 &
+    PIDS+=($!)
+    local master_pid=$!
+    wait_for "the Redis master" 10 redis-cli -h 127.0.0.1 -p $REDIS_MASTER_PORT PING
+    redis-server "${common[@]}" --port $REDIS_REPLICA_PORT --dir "$TMP/redis-replica" \
+        --replicaof 127.0.0.1 $REDIS_MASTER_PORT >"$TMP/redis-replica.log" 2>&1 &
+    PIDS+=($!)
+    local replica_pid=$!
+    wait_for "the Redis replica to sync" 30 redis_replicated
+    bench redis "127.0.0.1:$REDIS_MASTER_PORT" "redis-wait"
+    kill "$replica_pid" "$master_pid"
+    wait "$replica_pid" "$master_pid" 2>/dev/null || true
+    PIDS=()
+}
+
+# ---------------------------------------------------------------- vsm
+vsm_ready() {
+    "$ROOT/target/release/tlctl" --socket "$1" ha check
+}
+
+run_vsm() {
+    local sync
+    for b in vsmserver tl-config tlctl; do
+        if [ ! -x "target/release/$b" ]; then
+            log "building target/release/$b"
+        fi
+    done
+    cargo build --release --bin vsmserver --bin tl-config --bin tlctl >"$TMP/vsm-build.log" 2>&1 ||
+        { cat "$TMP/vsm-build.log" >&2; echo "bench-replication: building vsmserver failed" >&2; exit 1; }
+    if ! target/release/vsmserver --help | grep -q -- '--peer-addr'; then
+        echo "bench-replication: vsmserver has no --peer-addr flag; two masters cannot find each other on one host" >&2
+        exit 1
+    fi
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/ha.key"
+    head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/cluster.key"
+    chmod 600 "$TMP/ha.key" "$TMP/cluster.key"
+    for sync in $VSM_SYNC; do
+        local pids=() node
+        for node in a b; do
+            local dir="$TMP/vsm-$sync-$node" api ha
+            if [ "$node" = a ]; then api=$VSM_A_API_PORT ha=$VSM_A_HA_PORT; else api=$VSM_B_API_PORT ha=$VSM_B_HA_PORT; fi
+            mkdir -p "$dir/conf" "$dir/data"
+            # The two masters are "vsm-a" and "vsm-b"; /HA/local_node says which one this is,
+            # --peer-addr where the other one listens (both live on this host).
+            quiet "$TMP/tl-config-$node.log" target/release/tl-config --config-dir "$dir/conf" \
+                /HA/enabled=true "/HA/nodes=vsm-a vsm-b" "/HA/local_node=vsm-$node" \
+                /HA/port=$ha "/HA/secret_file=$TMP/ha.key" /HA/sync=ack \
+                /vsmserver/listen_port=$api "/vsmserver/socket_path=$dir/vsmserver.sock" \
+                "/vsmserver/data_dir=$dir/data" "/vsm/secret_file=$TMP/cluster.key" \
+                "/vsmserver/db_synchronous=$sync" \
+                "/vsmserver/session_startup_dir=$dir/startup.d" \
+                "/vsmserver/session_reconnect_dir=$dir/reconnect.d" \
+                /subclusters/default/agents=agent1.invalid
+        done
+        log "vsm: two masters on loopback, HA sync=ack, db_synchronous=$sync"
+        target/release/vsmserver --config-dir "$TMP/vsm-$sync-a/conf" --peer-addr 127.0.0.1:$VSM_B_HA_PORT \
+            >"$TMP/vsm-$sync-a.log" 2>&1 &
+        pids+=($!)
+        PIDS+=($!)
+        target/release/vsmserver --config-dir "$TMP/vsm-$sync-b/conf" --peer-addr 127.0.0.1:$VSM_A_HA_PORT \
+            >"$TMP/vsm-$sync-b.log" 2>&1 &
+        pids+=($!)
+        PIDS+=($!)
+        local sock="$TMP/vsm-$sync-a/vsmserver.sock"
+        if ! wait_for "vsm master a to be ready" 60 vsm_ready "$sock"; then
+            tail -n 20 "$TMP/vsm-$sync-a.log" "$TMP/vsm-$sync-b.log" >&2
+            exit 1
+        fi
+        bench vsm "$sock" "vsm-sync_$sync"
+        kill "${pids[@]}"
+        wait "${pids[@]}" 2>/dev/null || true
+        PIDS=()
+    done
+}
+
+log "machine load before starting: $(cat /proc/loadavg)"
+want pg && run_pg
+want redis && run_redis
+if want vsm; then
+    run_vsm
+else
+    log "vsm skipped (--only $ONLY); pass --only pg,redis,vsm once vsmserver has HA and SessionPut"
+fi
+
+# ---------------------------------------------------------------- medians and ratios
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+field() { jq -r --arg l "$1" --argjson w "$2" "select(.label == \$l and .writers == \$w) | .$3" "$RESULTS"; }
+
+echo
+echo "Replicated small-row writes on loopback, median of $RUNS runs of ${DURATION}s (after ${WARMUP}s warm-up)"
+printf '%-18s %7s %12s %10s %10s %10s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us"
+LABELS="$(jq -r .label "$RESULTS" | awk '!seen[$0]++')"
+declare -A RATE
+for l in $LABELS; do
+    for w in $WRITERS; do
+        rate="$(field "$l" "$w" writes_per_s | median)"
+        [ "$rate" = nan ] && continue
+        RATE["$l/$w"]="$rate"
+        printf '%-18s %7s %12.0f %10.1f %10.1f %10.1f\n' "$l" "$w" "$rate" \
+            "$(field "$l" "$w" p50_us | median)" "$(field "$l" "$w" p99_us | median)" \
+            "$(field "$l" "$w" p999_us | median)"
+    done
+done
+for v in $LABELS; do
+    case "$v" in vsm*) ;; *) continue ;; esac
+    for o in $LABELS; do
+        case "$o" in vsm*) continue ;; esac
+        for w in $WRITERS; do
+            [ -n "${RATE[$v/$w]:-}" ] && [ -n "${RATE[$o/$w]:-}" ] || continue
+            awk -v a="${RATE[$v/$w]}" -v b="${RATE[$o/$w]}" -v v="$v" -v o="$o" -v w="$w" \
+                'BEGIN { printf "ratio %s / %s, %s writer(s): %.2fx writes/s\n", v, o, w, a / b }'
+        done
+    done
+done
