@@ -8,6 +8,14 @@ pub mod agent;
 pub mod agentd;
 /// Unix-socket and TCP request handlers of the master.
 pub mod api;
+/// Wiring of the master daemon: start-up, background loops, shutdown.
+pub mod server;
+/// Client side of the master's API (`vsmclient`, `tlctl`).
+pub mod client;
+/// Command-line front ends of `vsmserver`, `vsmclient` and `tlctl`.
+pub mod cli;
+/// The self-contained two-master demonstration.
+pub mod demo;
 /// Login, placement and reconciliation with agents.
 pub mod broker;
 /// Key table, loading, validation and atomic editing of the configuration.

@@ -1,1 +1,334 @@
-//! (being built)
+//! The agent daemon (`vsmagent`): starts, verifies, lists and terminates desktop sessions
+//! for the master, answers load queries, and reports session exits to `master_hostname`.
+//!
+//! Layout:
+//! - [`sessions`]: the session processes (display allocation, spawn as the user, watch,
+//!   terminate, persistence and re-adoption across agent restarts).
+//! - [`load`]: load figures from `/proc`.
+//! - [`access`]: which callers may connect.
+//! - [`reporter`]: exit reports to the master, retried until acknowledged.
+//! - `link` (private): the glue to the secure channel of `proto::secure`.
+//! - this file: [`Agent`] (one request in, one reply out, no I/O of its own) and the
+//!   connection loop [`run`].
+//!
+//! Invariants: a caller that is not allowed is dropped before the handshake; a request is
+//! only ever read from an authenticated channel; every error a request can cause becomes an
+//! [`AgentReply::Error`] with an [`AgentErrorKind`], never a dropped connection; stopping the
+//! daemon never ends a session.
+
+pub mod access;
+mod link;
+pub mod load;
+pub mod reporter;
+pub mod sessions;
+
+use crate::config::Config;
+use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, AgentSession};
+use sessions::SessionManager;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Errors of the agent daemon. The first four are failures of one request
+/// (see [`AgentdError::kind`]); the others stop the daemon at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentdError {
+    #[error("no free display in [{min}, {max}]: each is used by a session, an X lock file or socket, or its VNC port is taken")]
+    NoFreeDisplay { min: u32, max: u32 },
+    #[error("unknown user {0:?}: expected a user that exists on this agent")]
+    UnknownUser(String),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("session did not start: {0}")]
+    StartFailed(String),
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("state file {path} is unusable: {message}")]
+    State { path: PathBuf, message: String },
+    #[error("cluster secret: {0}")]
+    Secret(String),
+}
+
+impl AgentdError {
+    /// The protocol error kind sent to the master for a failed request.
+    pub fn kind(&self) -> AgentErrorKind {
+        match self {
+            AgentdError::NoFreeDisplay { .. } => AgentErrorKind::NoFreeDisplay,
+            AgentdError::UnknownUser(_) => AgentErrorKind::UnknownUser,
+            AgentdError::BadRequest(_) => AgentErrorKind::BadRequest,
+            _ => AgentErrorKind::StartFailed,
+        }
+    }
+
+    fn to_reply(&self) -> AgentReply {
+        AgentReply::Error {
+            kind: self.kind(),
+            message: self.to_string(),
+        }
+    }
+}
+
+/// Write `value` as JSON to `path` atomically: a temporary file in the same directory,
+/// flushed to disk, then renamed over the old file.
+pub(crate) fn write_json_atomic<T: serde::Serialize + ?Sized>(
+    path: &Path,
+    value: &T,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    serde_json::to_writer_pretty(&mut tmp, value)?;
+    tmp.write_all(b"\n")?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// What the agent does with one request: cheap to clone, no sockets.
+#[derive(Clone)]
+pub struct Agent {
+    sessions: SessionManager,
+    /// `/vsmagent/agent_hostname`.
+    agent_hostname: Option<String>,
+    hostname: String,
+    proc_root: PathBuf,
+}
+
+impl Agent {
+    pub fn new(sessions: SessionManager, agent_hostname: Option<String>) -> Agent {
+        Agent {
+            sessions,
+            agent_hostname: agent_hostname.filter(|h| !h.trim().is_empty()),
+            hostname: load::hostname(),
+            proc_root: PathBuf::from("/proc"),
+        }
+    }
+
+    pub fn sessions(&self) -> &SessionManager {
+        &self.sessions
+    }
+
+    /// The address clients use to reach this agent: `agent_hostname` when configured, else
+    /// the local address on which the master reached us.
+    pub fn agent_address(&self, local: SocketAddr) -> String {
+        match &self.agent_hostname {
+            Some(h) => h.clone(),
+            None => access::canonical(local.ip()).to_string(),
+        }
+    }
+
+    fn addressed(&self, mut s: AgentSession, local: SocketAddr) -> AgentSession {
+        s.agent_address = self.agent_address(local);
+        s
+    }
+
+    /// Current load of the host.
+    pub fn load(&self) -> crate::proto::agent::LoadReport {
+        load::read_load(&self.proc_root, &self.hostname, self.sessions.count())
+    }
+
+    /// Apply one request; `local` is the local address of the connection it came on.
+    pub async fn handle(&self, req: AgentRequest, local: SocketAddr) -> AgentReply {
+        match req {
+            AgentRequest::Start {
+                session_id,
+                user,
+                geometry,
+            } => match self.sessions.start(session_id, &user, geometry).await {
+                Ok(s) => AgentReply::Started {
+                    session: self.addressed(s, local),
+                },
+                Err(e) => e.to_reply(),
+            },
+            AgentRequest::Verify {
+                session_id,
+                display,
+            } => AgentReply::Verified {
+                alive: self.sessions.verify(&session_id, display),
+            },
+            AgentRequest::Terminate {
+                session_id,
+                display,
+            } => AgentReply::Terminated {
+                was_running: self.sessions.terminate(&session_id, display).await,
+            },
+            AgentRequest::List => {
+                let sessions = self
+                    .sessions
+                    .list()
+                    .into_iter()
+                    .map(|s| self.addressed(s, local))
+                    .collect();
+                AgentReply::Sessions {
+                    sessions,
+                    load: self.load(),
+                }
+            }
+            AgentRequest::Load => AgentReply::Load { load: self.load() },
+        }
+    }
+}
+
+/// Used by tests and the binary to name sessions in logs.
+pub fn session_log_path(state_dir: &Path, user: &str, display: u32) -> PathBuf {
+    state_dir
+        .join("sessions")
+        .join(user)
+        .join(format!("{display}.log"))
+}
+
+/// Tuning of [`run_with`] that tests may change; [`run`] uses [`RunOptions::from_config`].
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub sessions: sessions::SessionOptions,
+    pub reporter: reporter::ReporterConfig,
+    /// At most this many master connections at once.
+    pub max_connections: usize,
+    /// How long shutdown waits for requests in progress.
+    pub shutdown_deadline: std::time::Duration,
+}
+
+impl RunOptions {
+    pub fn from_config(config: &Config) -> RunOptions {
+        RunOptions {
+            sessions: sessions::SessionOptions::from_config(config),
+            reporter: reporter::ReporterConfig {
+                outbox_path: Some(reporter::outbox_path(&config.vsmagent.state_dir)),
+                ..Default::default()
+            },
+            max_connections: 256,
+            shutdown_deadline: std::time::Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serve masters on `listener` until `shutdown` resolves.
+///
+/// Start-up, one log line per step: load the cluster secret, start the exit reporter (so
+/// re-adoption can queue reports), open the session table (re-adopting sessions that
+/// survived a restart), then accept.
+///
+/// Shutdown order: stop accepting; let requests in progress finish (a start interrupted
+/// between spawn and bookkeeping would leave an untracked desktop) up to a deadline; stop the
+/// reporter (its outbox is on disk); detach from the sessions, which keep running.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future,
+) -> Result<(), AgentdError> {
+    let opts = RunOptions::from_config(&config);
+    run_with(config, opts, listener, shutdown).await
+}
+
+/// [`run`] with explicit options.
+pub async fn run_with(
+    config: Config,
+    opts: RunOptions,
+    listener: TcpListener,
+    shutdown: impl Future,
+) -> Result<(), AgentdError> {
+    let secret = link::load_secret(&config.vsm.secret_file)?;
+    tracing::info!(path = %config.vsm.secret_file.display(), "loaded cluster secret");
+
+    let master = (
+        config.vsmagent.master_hostname.clone(),
+        config.vsm.vsm_server_port,
+    );
+    let (report_tx, report_rx) = mpsc::channel(REPORT_QUEUE);
+    let stop_reporter = CancellationToken::new();
+    let sink = {
+        let secret = secret.clone();
+        let master = master.clone();
+        move |report: AgentReport| {
+            let secret = secret.clone();
+            let master = master.clone();
+            async move { link::send_report(&master, &secret, &report).await }
+        }
+    };
+    let reporter_task = tokio::spawn(reporter::run_reporter(
+        sink,
+        report_rx,
+        opts.reporter.clone(),
+        stop_reporter.clone().cancelled_owned(),
+    ));
+    tracing::info!(master = %format!("{}:{}", master.0, master.1), "exit reports go to the master");
+
+    let sessions = SessionManager::open(opts.sessions.clone(), report_tx).await?;
+    tracing::info!(sessions = sessions.count(), state_dir = %opts.sessions.state_dir.display(), "session table open");
+
+    let agent = Agent::new(sessions.clone(), config.vsmagent.agent_hostname.clone());
+    let access = Arc::new(access::AccessList::from_config(&config.vsmagent));
+    let limit = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(listen = %addr, allowed = ?access.names(), "accepting master connections");
+    }
+
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, "too many master connections; dropping this one");
+            continue;
+        };
+        let (agent, access, secret, stop) =
+            (agent.clone(), access.clone(), secret.clone(), stop.clone());
+        tracker.spawn(async move {
+            let _permit = permit;
+            if !access.check(peer.ip()).await {
+                return;
+            }
+            let local = match stream.local_addr() {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(peer = %peer, error = %e, "cannot read the local address");
+                    return;
+                }
+            };
+            if let Err(e) = link::serve(stream, &secret, &agent, local, stop).await {
+                tracing::warn!(peer = %peer, error = %e, "master connection ended with an error");
+            }
+        });
+    }
+
+    tracing::info!("shutting down: no longer accepting");
+    drop(listener);
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(opts.shutdown_deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("requests still in progress at the shutdown deadline");
+    }
+    stop_reporter.cancel();
+    let _ = reporter_task.await;
+    sessions.shutdown().await;
+    tracing::info!("agent stopped; sessions keep running");
+    Ok(())
+}
+
+/// Capacity of the channel between session watchers and the reporter.
+const REPORT_QUEUE: usize = 256;

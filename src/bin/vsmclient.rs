@@ -1,1 +1,6 @@
-fn main() {}
+//! `vsmclient`: ask the master for a desktop session.
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    vsm::cli::vsmclient::main()
+}

@@ -9,10 +9,85 @@
 //! - Loading either returns a fully validated [`Config`] or errors naming file, key, bad value
 //!   and what was expected; a half-valid configuration is never returned.
 //! - Nothing but the editor writes configuration files, and it writes atomically.
+//!
+//! Layout: [`keys`] (the key table), [`value`] (value types), [`load`] (files → `Config`),
+//! [`edit`] (the only writer), [`cli`] (`tl-config`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub mod cli;
+pub mod edit;
+pub mod keys;
+pub mod load;
+pub mod value;
+
+pub use load::{load, ConfigError, ConfigErrors, Location};
+
+/// The configuration directory used when neither flag nor environment names one.
+pub const DEFAULT_CONFIG_DIR: &str = "/etc/vsm";
+/// Environment variable naming the configuration directory.
+pub const CONFIG_DIR_ENV: &str = "VSM_CONFIG_DIR";
+
+/// The configuration directory: the `--config-dir` flag, else `$VSM_CONFIG_DIR` (if not
+/// empty), else `/etc/vsm`.
+pub fn config_dir_from(flag: Option<PathBuf>) -> PathBuf {
+    if let Some(dir) = flag {
+        return dir;
+    }
+    match std::env::var_os(CONFIG_DIR_ENV) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => PathBuf::from(DEFAULT_CONFIG_DIR),
+    }
+}
+
+/// Loads the configuration directory chosen by [`config_dir_from`].
+pub fn load_from(flag: Option<PathBuf>) -> Result<(PathBuf, Config), ConfigErrors> {
+    let dir = config_dir_from(flag);
+    let config = load(&dir)?;
+    Ok((dir, config))
+}
+
+impl Config {
+    /// SHA-256 (hex) of a canonical rendering of the cluster settings (`/subclusters/*` and
+    /// `/agents/*`). Two masters with the same subclusters, agents, draining list and weights
+    /// get the same digest, whatever the order of list items or the file layout.
+    pub fn digest_cluster(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let sorted = |v: &[String]| {
+            let mut v = v.to_vec();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let subclusters: Vec<serde_json::Value> = self
+            .subclusters
+            .values()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name,
+                    "agents": sorted(&s.agents),
+                    "users": sorted(&s.users),
+                    "groups": sorted(&s.groups),
+                    "max_users_per_agent": s.max_users_per_agent,
+                })
+            })
+            .collect();
+        let canonical = serde_json::json!({
+            "subclusters": subclusters,
+            "draining": sorted(&self.agents.draining),
+            "weights": self.agents.weights,
+        });
+        let digest = Sha256::digest(canonical.to_string().as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Loads and validates a configuration directory (same as [`load`]).
+    pub fn load(dir: &Path) -> Result<Config, ConfigErrors> {
+        load(dir)
+    }
+}
 
 /// The validated configuration of a node. Built by the loader or from [`Config::default`]
 /// (the embedded defaults) in tests and the demo.
@@ -227,5 +302,45 @@ impl Default for Config {
                 secret_file: PathBuf::from("/etc/vsm/cluster.key"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_dir_flag_wins_over_env_and_default() {
+        // Only the flag case is deterministic regardless of the test environment.
+        assert_eq!(config_dir_from(Some("/x".into())), PathBuf::from("/x"));
+        if std::env::var_os(CONFIG_DIR_ENV).is_none() {
+            assert_eq!(config_dir_from(None), PathBuf::from(DEFAULT_CONFIG_DIR));
+        }
+    }
+
+    #[test]
+    fn digest_ignores_order_and_non_cluster_settings() {
+        let a = Config::default();
+        let mut b = Config::default();
+        b.vsmserver.listen_port = 1234;
+        b.ha.enabled = true;
+        assert_eq!(a.digest_cluster(), b.digest_cluster());
+        assert_eq!(a.digest_cluster().len(), 64);
+        let mut c = Config::default();
+        c.subclusters.get_mut("default").unwrap().agents = vec!["b".into(), "a".into()];
+        let mut d = c.clone();
+        d.subclusters.get_mut("default").unwrap().agents = vec!["a".into(), "b".into()];
+        assert_eq!(c.digest_cluster(), d.digest_cluster());
+        d.agents.weights.insert("a".into(), 200);
+        assert_ne!(c.digest_cluster(), d.digest_cluster());
+        let mut e = c.clone();
+        e.subclusters
+            .get_mut("default")
+            .unwrap()
+            .max_users_per_agent = 3;
+        assert_ne!(c.digest_cluster(), e.digest_cluster());
+        let mut f = c.clone();
+        f.agents.draining.push("a".into());
+        assert_ne!(c.digest_cluster(), f.digest_cluster());
     }
 }

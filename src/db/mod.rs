@@ -1,1 +1,571 @@
-//! (being built)
+//! The session database: the single owner of SQLite.
+//!
+//! Owns: the sessions table (live sessions and tombstones with their versions), this
+//! node's change log, the hybrid logical clock, the database identity and the positions
+//! reached in each peer's change log. Everything else in the crate holds a [`DbHandle`].
+//!
+//! Must never: let a `rusqlite` type out of this module, append a remote record to the
+//! local change log, or touch a file it refused to open.
+//!
+//! # Shape
+//! One dedicated std thread (see `owner.rs`) owns the `rusqlite::Connection`. A
+//! [`DbHandle`] is a cheap clone around a bounded channel; every call sends a request with
+//! a oneshot reply. When the thread is gone every call returns [`DbError::Closed`].
+//!
+//! The owner drains up to [`GROUP_MAX`] queued requests at a time. Consecutive writes
+//! (`write`, `write_batch`, `apply_remote`, `gc`) commit in ONE transaction (group commit)
+//! and are answered only after that commit. Reads are served in arrival order, after the
+//! writes queued before them have committed, so a read never sees uncommitted data.
+//! If anything in a group fails, the group is rolled back and its requests are redone one
+//! transaction each, so one bad request cannot fail its neighbours.
+//!
+//! # Invariants
+//! - Every local write and its change-log row commit in the same transaction; `seq` is
+//!   dense (1, 2, 3, ...) and never reused, even after `gc` emptied the log (the head is
+//!   kept in `meta`).
+//! - A local write's version is `(hlc.tick(now), local node)`; the clock is persisted in
+//!   the same transaction and merged with every applied remote record, so local versions
+//!   always exceed every version this database has seen.
+//! - Merging is last-writer-wins on [`Version`]; equal versions are skipped, so applying
+//!   the same records twice has no effect. Tombstones are records like any other.
+//!
+//! # Decisions (details beyond the first design, kept here so they stay true)
+//! - `Write::Delete` always writes a tombstone, even for an id this database never saw
+//!   or already deleted: a delete can reach the new active master before the create it
+//!   deletes (exit reported during a failover); the tombstone then wins the merge.
+//!   [`Committed::was_live`] says whether a live session was actually removed.
+//! - A tombstone's `tombstone_at_ms` is the wall time of its version, not of its arrival,
+//!   so both nodes garbage-collect the same tombstones.
+//! - [`DbHandle::changes_since`] also answers `Truncated` when `after > head`: the caller's
+//!   position comes from a history this database does not have (restored from a backup);
+//!   a snapshot is the only safe way on.
+//! - A conflict is reported only when the two versions come from different nodes and carry
+//!   different content; two versions from one node are always an ordinary update.
+//! - A second process on the same file gets [`DbError::Locked`] (an advisory lock on
+//!   `<file>.lock`) instead of interleaving sequence numbers.
+//! - Snapshots and digests run on a reader thread with its own connection (see
+//!   `reader.rs`): WAL gives it one consistent state while the owner keeps committing, and
+//!   [`DbHandle::snapshot_stream`] hands the records out in chunks, so a resync of 100,000
+//!   sessions neither stalls writes nor needs them all in memory at once.
+//! - [`DbHandle::set_peer_position`] overwrites a position (`apply_remote` only moves it
+//!   forward): after a full snapshot from a peer whose log went backwards (restored from a
+//!   backup), the position must go back too.
+
+mod owner;
+mod reader;
+mod schema;
+mod store;
+
+pub mod merge;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::DbSynchronous;
+use crate::model::{Change, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
+
+pub use merge::Winner;
+
+/// Most requests the owner takes from the queue for one round (and one group commit).
+pub const GROUP_MAX: usize = 256;
+/// Capacity of the request channel.
+const QUEUE: usize = 1024;
+
+/// How to open the session database.
+#[derive(Clone, Debug)]
+pub struct DbOptions {
+    /// The SQLite file, e.g. `data_dir/sessions.db`. Created (with its directory) if absent.
+    pub path: PathBuf,
+    /// This node's id: the tie-break of every version written here.
+    pub node: NodeId,
+    pub synchronous: DbSynchronous,
+    /// How many change-log rows `gc` keeps behind the head.
+    pub changelog_retention: u64,
+    /// How long `gc` keeps tombstones (measured from the tombstone's version).
+    pub tombstone_retention: Duration,
+}
+
+/// How [`DbHandle::apply_remote_with`] updates the stored position in the peer's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PositionUpdate {
+    /// Leave it as it is (a snapshot chunk).
+    Keep,
+    /// Move it forward to this seq, never back.
+    Advance(Seq),
+    /// Store exactly this seq (end of a snapshot, which may rewind a restored peer).
+    Set(Seq),
+}
+
+/// A local mutation.
+// A session moves once, into the owner's queue; boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Create or replace the session with `session.id`.
+    Upsert(Session),
+    /// Delete the session (always writes a tombstone; see the module docs).
+    Delete(SessionId),
+}
+
+impl Write {
+    pub fn id(&self) -> &SessionId {
+        match self {
+            Write::Upsert(s) => &s.id,
+            Write::Delete(id) => id,
+        }
+    }
+}
+
+/// A committed local write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    /// Its position in this node's change log.
+    pub seq: Seq,
+    pub version: Version,
+    /// The record as stored (and as the change log holds it).
+    pub record: Record,
+    /// Whether a live session with this id existed just before the write.
+    pub was_live: bool,
+}
+
+impl Committed {
+    /// The change-log entry this write appended.
+    pub fn change(&self) -> Change {
+        Change {
+            seq: self.seq,
+            record: self.record.clone(),
+        }
+    }
+}
+
+/// Which live sessions to list. Set fields combine with AND; `Default` lists everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionFilter {
+    pub user: Option<String>,
+    pub agent: Option<String>,
+    pub display: Option<u32>,
+    pub subcluster: Option<String>,
+    pub status: Option<SessionStatus>,
+    /// Leave out sessions whose status is `unreachable`.
+    pub exclude_unreachable: bool,
+}
+
+/// Replication state of this database.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbStatus {
+    pub db_id: String,
+    /// Last seq written to the change log (`Seq::ZERO` when nothing was ever written).
+    pub head: Seq,
+    /// Oldest seq still in the change log; `head + 1` when the log is empty.
+    pub oldest: Seq,
+    /// Live sessions.
+    pub sessions: u64,
+    pub tombstones: u64,
+    /// The clock's last reading.
+    pub hlc: Hlc,
+}
+
+/// Answer of [`DbHandle::changes_since`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogRead {
+    /// The changes after the requested position, in order (empty when up to date).
+    Changes(Vec<Change>),
+    /// The log does not reach back to the requested position: take a snapshot.
+    Truncated { oldest: Seq },
+}
+
+/// Every record (sessions and tombstones) with the head they are consistent with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub head: Seq,
+    pub db_id: String,
+    /// In storage order (not sorted).
+    pub records: Vec<Record>,
+}
+
+/// A snapshot handed out in chunks, read in one transaction on a thread of its own.
+/// Dropping it ends the read.
+#[derive(Debug)]
+pub struct SnapshotStream {
+    /// The change-log head the records are consistent with.
+    pub head: Seq,
+    pub db_id: String,
+    /// How many records (sessions and tombstones) the chunks hold in total.
+    pub total: u64,
+    chunks: mpsc::Receiver<Result<Vec<Record>, DbError>>,
+}
+
+impl SnapshotStream {
+    /// The next chunk (storage order, not sorted); `None` after the last one.
+    pub async fn next_chunk(&mut self) -> Option<Result<Vec<Record>, DbError>> {
+        self.chunks.recv().await
+    }
+}
+
+/// Both sides of a concurrent change, after last-writer-wins decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub local: Record,
+    pub remote: Record,
+    pub winner: Winner,
+}
+
+/// Result of [`DbHandle::apply_remote`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    /// Records stored (new, or newer than the stored version).
+    pub applied: usize,
+    /// Records equal to or older than the stored version.
+    pub skipped: usize,
+    pub conflicts: Vec<Conflict>,
+}
+
+/// Result of [`DbHandle::gc`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GcStats {
+    pub tombstones: usize,
+    pub changes: usize,
+}
+
+/// Opaque SQLite error (keeps the source chain without exposing `rusqlite`).
+#[derive(Debug)]
+pub struct SqliteError(rusqlite::Error);
+
+impl std::fmt::Display for SqliteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for SqliteError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+/// What went wrong, named for what the caller does next.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The owner thread is gone (shut down or died): stop using this handle.
+    #[error("the session database is closed")]
+    Closed,
+    /// Refuse to start: the file was made by a newer vsmserver.
+    #[error(
+        "database {} has schema version {found}, this vsmserver knows up to {known}; refusing to touch it",
+        path.display()
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    /// Refuse to start: the file is not a readable vsm session database. It is left as is.
+    #[error(
+        "database {} is not a usable vsm session database ({detail}); refusing to touch it: move it away to start empty, or restore a backup",
+        path.display()
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    /// Refuse to start: another process has the file open.
+    #[error("database {} is in use by another process; is another vsmserver running with the same data directory?", path.display())]
+    Locked { path: PathBuf },
+    /// A file-system operation failed.
+    #[error("cannot {context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    /// SQLite failed; the request was not applied (its transaction rolled back).
+    #[error("sqlite failed to {context}: {source}")]
+    Sqlite {
+        context: &'static str,
+        source: SqliteError,
+    },
+    /// A peer sent a record that cannot be stored; nothing of that request was applied.
+    #[error("invalid record {id}: {detail}")]
+    InvalidRecord { id: SessionId, detail: String },
+}
+
+impl DbError {
+    fn sqlite(context: &'static str, e: rusqlite::Error) -> DbError {
+        DbError::Sqlite {
+            context,
+            source: SqliteError(e),
+        }
+    }
+}
+
+/// `rusqlite::Result` → `DbError` with a short "what we were doing".
+trait SqlContext<T> {
+    fn ctx(self, context: &'static str) -> Result<T, DbError>;
+}
+
+impl<T> SqlContext<T> for rusqlite::Result<T> {
+    fn ctx(self, context: &'static str) -> Result<T, DbError> {
+        self.map_err(|e| DbError::sqlite(context, e))
+    }
+}
+
+/// Cloneable handle to the session database's owner thread.
+#[derive(Clone, Debug)]
+pub struct DbHandle {
+    tx: mpsc::Sender<owner::Request>,
+    db_id: Arc<str>,
+    node: NodeId,
+    path: Arc<Path>,
+    head: watch::Receiver<Seq>,
+}
+
+impl DbHandle {
+    /// Opens (creating, checking and migrating) the database and starts its owner thread.
+    ///
+    /// Blocks while the file is opened and checked (`quick_check` reads the whole file);
+    /// call it at start-up or from `spawn_blocking`.
+    pub fn open(opts: DbOptions) -> Result<DbHandle, DbError> {
+        let path: Arc<Path> = Arc::from(opts.path.as_path());
+        let node = opts.node.clone();
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("vsm-db".into())
+            .spawn(move || owner::run(opts, rx, ready_tx))
+            .map_err(|source| DbError::Io {
+                context: "start the database thread".into(),
+                source,
+            })?;
+        let (db_id, head) = ready_rx.recv().map_err(|_| DbError::Closed)??;
+        Ok(DbHandle {
+            tx,
+            db_id: Arc::from(db_id.as_str()),
+            node,
+            path,
+            head,
+        })
+    }
+
+    /// This database's identity (random, made once when the file was created).
+    pub fn db_id(&self) -> &str {
+        &self.db_id
+    }
+
+    /// The local node id versions are written with.
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The change-log head, updated after every commit that appended to it.
+    /// Replication waits on this instead of polling.
+    pub fn watch_head(&self) -> watch::Receiver<Seq> {
+        self.head.clone()
+    }
+
+    /// One local write in its own change-log row, committed (group commit) before answering.
+    pub async fn write(&self, w: Write) -> Result<Committed, DbError> {
+        self.call(|reply| owner::Request::Write(owner::WriteReq::One { write: w, reply }))
+            .await
+    }
+
+    /// Several local writes committed in one transaction, one change-log row each.
+    pub async fn write_batch(&self, ws: Vec<Write>) -> Result<Vec<Committed>, DbError> {
+        self.call(|reply| owner::Request::Write(owner::WriteReq::Batch { writes: ws, reply }))
+            .await
+    }
+
+    /// Merges records from the peer whose database is `peer_db_id` (last writer wins),
+    /// records `peer_pos` as the position reached in its change log (only forward), and
+    /// merges its clock into ours, all in one transaction. Nothing goes to our change log.
+    pub async fn apply_remote(
+        &self,
+        peer_db_id: String,
+        records: Vec<Record>,
+        peer_pos: Seq,
+    ) -> Result<ApplyOutcome, DbError> {
+        self.apply_remote_with(peer_db_id, records, PositionUpdate::Advance(peer_pos))
+            .await
+    }
+
+    /// [`DbHandle::apply_remote`] with an explicit rule for the stored position: the
+    /// replication engine keeps it while a snapshot is being applied and sets it exactly at
+    /// the snapshot's end.
+    pub async fn apply_remote_with(
+        &self,
+        peer_db_id: String,
+        records: Vec<Record>,
+        pos: PositionUpdate,
+    ) -> Result<ApplyOutcome, DbError> {
+        self.call(|reply| {
+            owner::Request::Write(owner::WriteReq::Apply {
+                peer: peer_db_id,
+                records,
+                pos,
+                reply,
+            })
+        })
+        .await
+    }
+
+    /// Forgets tombstones older than the tombstone retention and change-log rows more than
+    /// the change-log retention behind the head.
+    pub async fn gc(&self, now_ms: u64) -> Result<GcStats, DbError> {
+        self.call(|reply| owner::Request::Write(owner::WriteReq::Gc { now_ms, reply }))
+            .await
+    }
+
+    /// A live session.
+    pub async fn get(&self, id: &SessionId) -> Result<Option<Session>, DbError> {
+        let id = id.clone();
+        self.read(move |o| o.get(&id)).await
+    }
+
+    /// The stored record of `id`, tombstones included.
+    pub async fn record(&self, id: &SessionId) -> Result<Option<Record>, DbError> {
+        let id = id.clone();
+        self.read(move |o| o.record(&id)).await
+    }
+
+    /// Live sessions matching every set field of `filter`, oldest first.
+    pub async fn list(&self, filter: &SessionFilter) -> Result<Vec<Session>, DbError> {
+        let filter = filter.clone();
+        self.read(move |o| o.list(&filter)).await
+    }
+
+    /// Per agent, how many distinct users have live sessions on it.
+    pub async fn count_users_per_agent(&self) -> Result<BTreeMap<String, usize>, DbError> {
+        self.read(|o| o.count_users_per_agent()).await
+    }
+
+    pub async fn status(&self) -> Result<DbStatus, DbError> {
+        self.read(|o| o.status()).await
+    }
+
+    /// Up to `limit` changes with `seq > after`, or `Truncated` when the log no longer
+    /// reaches back to `after + 1` (or `after` is beyond the head).
+    pub async fn changes_since(&self, after: Seq, limit: usize) -> Result<LogRead, DbError> {
+        self.read(move |o| o.changes_since(after, limit)).await
+    }
+
+    /// Every record, read in one transaction together with the head.
+    /// Holds everything in memory; prefer [`DbHandle::snapshot_stream`] for big databases.
+    pub async fn snapshot(&self) -> Result<Snapshot, DbError> {
+        let mut stream = self.snapshot_stream(4096).await?;
+        let mut records = Vec::with_capacity(usize::try_from(stream.total).unwrap_or(0));
+        while let Some(chunk) = stream.next_chunk().await {
+            records.extend(chunk?);
+        }
+        if records.len() as u64 != stream.total {
+            return Err(DbError::Closed);
+        }
+        Ok(Snapshot {
+            head: stream.head,
+            db_id: stream.db_id,
+            records,
+        })
+    }
+
+    /// Every record in storage order, in chunks of `chunk_records`, read in one transaction on a
+    /// reader thread while writes go on. The reader stays at most two chunks ahead.
+    pub async fn snapshot_stream(&self, chunk_records: usize) -> Result<SnapshotStream, DbError> {
+        if self.tx.is_closed() {
+            return Err(DbError::Closed);
+        }
+        let (header_tx, header_rx) = oneshot::channel();
+        let (tx, chunks) = mpsc::channel(2);
+        let path = self.path.to_path_buf();
+        let chunk = chunk_records.max(1);
+        std::thread::Builder::new()
+            .name("vsm-db-snapshot".into())
+            .spawn(move || reader::stream(path, chunk, header_tx, tx))
+            .map_err(|source| DbError::Io {
+                context: "start a snapshot reader".into(),
+                source,
+            })?;
+        let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
+        Ok(SnapshotStream {
+            head,
+            db_id,
+            total,
+            chunks,
+        })
+    }
+
+    /// Same records as [`DbHandle::snapshot`].
+    pub async fn export_records(&self) -> Result<Vec<Record>, DbError> {
+        Ok(self.snapshot().await?.records)
+    }
+
+    /// Position reached in the change log of `peer_db_id` (`Seq::ZERO` when unknown).
+    pub async fn peer_position(&self, peer_db_id: &str) -> Result<Seq, DbError> {
+        let peer = peer_db_id.to_string();
+        self.read(move |o| o.peer_position(&peer)).await
+    }
+
+    /// Overwrites the position reached in the change log of `peer_db_id`. Use it after
+    /// applying a full snapshot: unlike `apply_remote`, it may move the position back.
+    pub async fn set_peer_position(&self, peer_db_id: &str, pos: Seq) -> Result<(), DbError> {
+        let peer = peer_db_id.to_string();
+        self.call(|reply| owner::Request::Write(owner::WriteReq::SetPeer { peer, pos, reply }))
+            .await
+    }
+
+    /// SHA-256 (hex) over every record in id order: equal on two nodes iff they hold the
+    /// same sessions, versions and tombstones. Read on a reader thread.
+    pub async fn digest(&self) -> Result<String, DbError> {
+        if self.tx.is_closed() {
+            return Err(DbError::Closed);
+        }
+        let (reply, rx) = oneshot::channel();
+        let path = self.path.to_path_buf();
+        std::thread::Builder::new()
+            .name("vsm-db-digest".into())
+            .spawn(move || drop(reply.send(reader::digest(&path))))
+            .map_err(|source| DbError::Io {
+                context: "start a digest reader".into(),
+                source,
+            })?;
+        rx.await.map_err(|_| DbError::Closed)?
+    }
+
+    /// Finishes every request queued so far, checkpoints the WAL into the main file and
+    /// stops the owner thread. Other clones get [`DbError::Closed`] afterwards.
+    pub async fn close(self) -> Result<(), DbError> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(owner::Request::Shutdown(reply)).await.is_err() {
+            return Ok(());
+        }
+        rx.await.unwrap_or(Ok(()))
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, DbError>>) -> owner::Request,
+    ) -> Result<T, DbError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| DbError::Closed)?;
+        rx.await.map_err(|_| DbError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut owner::Owner) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        self.call(|reply| {
+            owner::Request::Read(Box::new(move |o: &mut owner::Owner| {
+                let _ = reply.send(f(o));
+            }))
+        })
+        .await
+    }
+}

@@ -109,3 +109,9 @@ pub enum AgentReport {
         exit_status: Option<i32>,
     },
 }
+
+/// The master's acknowledgement of one [`AgentReport`]; the agent retries until it gets it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAck {
+    pub ok: bool,
+}

@@ -1,1 +1,191 @@
-//! (being built)
+//! Messages of the master's client and admin API (`vsmclient`, `tlctl`), spoken over the
+//! Unix socket (plain frames; the caller is identified by its peer credentials) and over TCP
+//! from hosts in `/vsmserver/allowed_clients` (secure channel, prologue [`ADMIN_PROLOGUE`]).
+//!
+//! Invariant: one request, one reply; every failure is an [`ApiReply::Error`] with a kind the
+//! client can act on and a message a person can read.
+
+use crate::model::{Session, SessionId};
+use crate::proto::agent::LoadReport;
+use serde::{Deserialize, Serialize};
+
+/// Prologue binding the secure channel to the admin API.
+pub use crate::proto::secure::PROLOGUE_ADMIN as ADMIN_PROLOGUE;
+
+/// Selects sessions; every field that is set must match (AND).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selector {
+    pub user: Option<String>,
+    pub agent: Option<String>,
+    pub display: Option<u32>,
+    pub subcluster: Option<String>,
+}
+
+impl Selector {
+    pub fn is_empty(&self) -> bool {
+        self.user.is_none() && self.agent.is_none() && self.display.is_none() && self.subcluster.is_none()
+    }
+}
+
+/// keepalived's view of this node, passed by its notify hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum VrrpState {
+    Master,
+    Backup,
+    Fault,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ApiRequest {
+    /// Log in: reconnect to the caller's live session or create one.
+    Connect {
+        /// Act for this user (root and admins only).
+        user: Option<String>,
+        /// Ask for an additional session within `max_sessions_per_user`.
+        new: bool,
+        /// End the caller's existing sessions first.
+        terminate_existing: bool,
+        geometry: Option<String>,
+        /// Where the user connects from (from `SSH_CONNECTION`), for the record.
+        client_address: Option<String>,
+    },
+    /// The caller's own sessions.
+    MySessions { user: Option<String> },
+    /// End one of the caller's own sessions.
+    TerminateMine { user: Option<String>, session_id: SessionId },
+    /// Admin: list sessions.
+    SessionList { selector: Selector, refresh: bool },
+    /// Admin: terminate sessions. With `dry_run` only the selection is returned.
+    SessionTerminate { selector: Selector, all: bool, allow_abandon: bool, dry_run: bool },
+    /// Admin: store a session record as given (import from another master, benchmarks).
+    /// Answered once the record is committed and, in HA `ack` mode, stored by the peer.
+    SessionPut { session: Session },
+    /// Admin: load of every agent.
+    LoadList,
+    /// Admin: load of one agent.
+    LoadShow { agent: String },
+    /// HA status of this node.
+    HaStatus,
+    /// Exit 0 only when alive and ready: the keepalived / Pacemaker health check.
+    HaCheck,
+    /// keepalived notify hook.
+    HaNotify { state: VrrpState },
+}
+
+/// Where a session lives, as the client needs it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectInfo {
+    pub session_id: SessionId,
+    pub user: String,
+    pub agent: String,
+    pub agent_address: String,
+    pub display: u32,
+    pub vnc_port: u16,
+    /// True when an existing session was reconnected, false when a new one was created.
+    pub reconnected: bool,
+}
+
+/// One agent's row in `tlctl load list`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentLoad {
+    pub agent: String,
+    pub subclusters: Vec<String>,
+    pub reachable: bool,
+    pub draining: bool,
+    pub weight: u32,
+    /// Distinct users with sessions from this master.
+    pub vsm_users: u32,
+    pub sessions: u32,
+    /// Milliseconds since the last answer, if any.
+    pub updated_ms_ago: Option<u64>,
+    pub load: Option<LoadReport>,
+    /// Penalised after a failed start until this many milliseconds from now.
+    pub penalised_ms: Option<u64>,
+}
+
+/// Outcome of a terminate request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TerminateOutcome {
+    pub terminated: Vec<Session>,
+    pub abandoned: Vec<Session>,
+    /// Sessions that could not be ended, with the reason.
+    pub failed: Vec<(Session, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum ApiReply {
+    Connected { info: ConnectInfo },
+    Sessions { sessions: Vec<Session> },
+    Terminated { outcome: TerminateOutcome },
+    Loads { agents: Vec<AgentLoad> },
+    HaStatus { status: HaStatusView },
+    Ok { message: String },
+    Error { kind: ApiErrorKind, message: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ApiErrorKind {
+    /// The caller may not do this.
+    NotAllowed,
+    /// `max_sessions_per_user` reached.
+    LimitReached,
+    /// No agent can take a session now.
+    NoAgentAvailable,
+    /// An agent failed to start the session.
+    StartFailed,
+    /// The named session, agent or user does not exist.
+    NotFound,
+    /// The request was malformed or incomplete.
+    BadRequest,
+    /// The node is not ready (HA resync in progress).
+    NotReady,
+    /// Something broke on the master; details in its log.
+    Internal,
+}
+
+/// What `tlctl ha status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HaStatusView {
+    /// `/HA/enabled` in the configuration.
+    pub configured: bool,
+    /// HA actually running (configured and node resolution succeeded).
+    pub enabled: bool,
+    /// Why HA is off although configured, and how to fix it.
+    pub reason: Option<String>,
+    pub local_node: Option<String>,
+    pub remote_node: Option<String>,
+    /// How the local node was recognised (hostname, address, override).
+    pub matched_by: Option<String>,
+    pub role: String,
+    pub ready: bool,
+    /// `down`, `handshaking`, `catching_up`, `streaming`.
+    pub link: String,
+    pub sync: String,
+    pub local_head: u64,
+    pub peer_acked: u64,
+    pub peer_head: u64,
+    pub applied_of_peer: u64,
+    pub lag_changes: u64,
+    pub lag_ms: u64,
+    pub last_resync: Option<ResyncView>,
+    pub config_digest_match: Option<bool>,
+    pub degraded: bool,
+    pub degraded_reason: Option<String>,
+    pub sessions: u64,
+    pub db_digest: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResyncView {
+    /// `incremental` or `snapshot`.
+    pub kind: String,
+    /// `received` (we caught up from the peer) or `sent`.
+    pub direction: String,
+    pub records: u64,
+    pub duration_ms: u64,
+    pub at_ms: u64,
+}

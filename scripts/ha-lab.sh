@@ -1,0 +1,878 @@
+#!/bin/bash
+# ha-lab.sh: a private two-master vsm HA lab on one machine, built from network namespaces.
+#
+# Topology (all inside namespaces; nothing is connected to the host's network):
+#
+#   switch namespace with bridge br0
+#     |-- tlha-primary    10.213.0.2   sshd, keepalived, vsmserver
+#     |-- tlha-secondary  10.213.0.3   sshd, keepalived, vsmserver
+#     |   (VIP "tlha"     10.213.0.4   held by the keepalived MASTER)
+#     |-- agent1          10.213.0.11  vsmagent (sessions run Xvnc)
+#     |-- agent2          10.213.0.12  vsmagent
+#     `-- client          10.213.0.20  ssh client, probes
+#
+# Every node process runs under `ip netns exec` (per-node /etc/hosts, /etc/hostname,
+# /etc/resolv.conf and, for masters and the client, /etc/ssh from /etc/netns/<ns>/) and
+# `unshare --uts --mount` (own hostname, private /tmp and its own /etc/vsm, /var/lib/vsm,
+# /var/lib/vsmagent, /run/vsm and /usr/local/bin bind-mounted from the lab directory).
+#
+# See docs/lab.md for the subcommands and environment variables.
+set -euo pipefail
+
+SELF=$(readlink -f "${BASH_SOURCE[0]}")
+REPO=$(dirname "$(dirname "$SELF")")
+
+LAB=${VSM_LAB_DIR:-/run/vsm-lab}
+PREFIX=${VSM_LAB_PREFIX:-vsmlab-}
+NET=${VSM_LAB_NET:-10.213.0}
+BIN_DIR=${VSM_BIN_DIR:-$REPO/target/debug}
+PROFILE_DEFAULT=${VSM_LAB_PROFILE:-fast}
+DAEMONS_WANTED=${VSM_LAB_DAEMONS:-auto}
+TIMEOUT=${VSM_LAB_TIMEOUT:-90}
+KEEPALIVED_DIR=${VSM_KEEPALIVED_DIR:-$REPO/config/keepalived}
+# Children (the daemons' wrappers run this script again) must see the same settings.
+export VSM_LAB_DIR=$LAB VSM_LAB_PREFIX=$PREFIX VSM_LAB_NET=$NET
+
+MASTERS=(tlha-primary tlha-secondary)
+AGENTS=(agent1 agent2)
+NODES=(tlha-primary tlha-secondary agent1 agent2 client)
+VIP_NAME=tlha
+VIP=$NET.4
+USERS=(testuser testuser2)
+VSM_BINARIES=(vsmserver vsmagent vsmclient tlctl tl-config)
+# Directories bind-mounted per node (host path -> lab subdirectory).
+MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm)
+
+declare -A ADDR=(
+    [tlha-primary]=$NET.2 [tlha-secondary]=$NET.3
+    [agent1]=$NET.11 [agent2]=$NET.12 [client]=$NET.20
+)
+# Switch-side veth names (at most 15 characters).
+declare -A PORT=(
+    [tlha-primary]=vl-pri [tlha-secondary]=vl-sec
+    [agent1]=vl-ag1 [agent2]=vl-ag2 [client]=vl-cli
+)
+
+say() { echo "ha-lab: $*"; }
+warn() { echo "ha-lab: $*" >&2; }
+die() {
+    echo "ha-lab: error: $*" >&2
+    exit 1
+}
+
+ns() { echo "${PREFIX}$1"; }
+switch_ns() { echo "${PREFIX}switch"; }
+node_dir() { echo "$LAB/nodes/$1"; }
+is_master() { [ "$1" = tlha-primary ] || [ "$1" = tlha-secondary ]; }
+is_agent() { [ "$1" = agent1 ] || [ "$1" = agent2 ]; }
+
+known_node() {
+    local n
+    for n in "${NODES[@]}"; do [ "$n" = "$1" ] && return 0; done
+    return 1
+}
+
+need_node() {
+    known_node "$1" || die "unknown node '$1' (expected one of: ${NODES[*]})"
+}
+
+need_root() {
+    [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, bridges and mounts need it)"
+}
+
+ns_exists() { [ -e "/run/netns/$1" ]; }
+
+lab_namespaces() {
+    local n
+    for n in "${NODES[@]}"; do ns "$n"; done
+    switch_ns
+}
+
+lab_is_up() { [ -f "$LAB/.vsm-lab" ] && ns_exists "$(ns tlha-primary)"; }
+
+need_up() { lab_is_up || die "the lab is not up (run: $0 up)"; }
+
+now_ms() {
+    local t=$EPOCHREALTIME
+    echo $((${t%.*} * 1000 + 10#${t#*.} / 1000))
+}
+
+# Poll CMD until it succeeds or SECONDS pass; returns 1 on timeout.
+poll() {
+    local seconds=$1
+    shift
+    local deadline=$(($(now_ms) + seconds * 1000))
+    while :; do
+        if "$@"; then return 0; fi
+        [ "$(now_ms)" -lt "$deadline" ] || return 1
+        sleep 0.05
+    done
+}
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+# A pid is alive when it exists and is not a zombie.
+pid_alive() {
+    local pid=$1 stat
+    [ -n "$pid" ] || return 1
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ "${stat%% *}" != Z ]
+}
+
+pidfile() { echo "$LAB/pids/$1.$2.pid"; }
+
+tracked_pid() {
+    local f
+    f=$(pidfile "$1" "$2")
+    [ -s "$f" ] && cat "$f"
+}
+
+# The pid of daemon NAME on NODE if it is alive and still inside the node's namespace.
+daemon_pid() {
+    local pid
+    pid=$(tracked_pid "$1" "$2") || return 1
+    pid_alive "$pid" || return 1
+    [ "$(ip netns identify "$pid" 2>/dev/null)" = "$(ns "$1")" ] || return 1
+    echo "$pid"
+}
+
+# Run CMD inside NODE: its network namespace, its hostname and its private mounts.
+node_exec() {
+    local node=$1
+    shift
+    VSM_LAB_DIR=$LAB ip netns exec "$(ns "$node")" \
+        unshare --uts --mount --propagation private "$SELF" _enter "$node" "$@"
+}
+
+# Internal: runs inside the new UTS and mount namespace, sets them up, then execs CMD.
+cmd_enter() {
+    local node=$1 m dir
+    shift
+    local nd
+    nd=$(node_dir "$node")
+    hostname "$node"
+    for m in "${MOUNTS[@]}"; do
+        dir=${m%%:*}
+        mount --bind "$nd/${m#*:}" "$dir"
+    done
+    mount --bind "$nd/tmp" /tmp
+    if [ -d "$LAB/usr-local-bin" ]; then
+        mount --bind "$LAB/usr-local-bin" /usr/local/bin
+    fi
+    if [ -n "${VSM_LAB_PIDFILE:-}" ]; then
+        echo $$ >"$VSM_LAB_PIDFILE"
+        unset VSM_LAB_PIDFILE
+    fi
+    exec "$@"
+}
+
+# Start CMD as daemon NAME on NODE in the background, detached, logging to the node's log
+# directory; records its pid.
+spawn() {
+    local node=$1 name=$2
+    shift 2
+    local pf log pid
+    pf=$(pidfile "$node" "$name")
+    log=$(node_dir "$node")/log/$name.log
+    if pid=$(daemon_pid "$node" "$name"); then
+        die "$name is already running on $node (pid $pid)"
+    fi
+    rm -f "$pf"
+    VSM_LAB_PIDFILE=$pf setsid "$SELF" _node_exec "$node" "$@" </dev/null >>"$log" 2>&1 &
+    if ! poll 10 test -s "$pf"; then
+        die "$name on $node did not start (see $log)"
+    fi
+}
+
+# Internal: spawn's entry point; becomes the node process (keeps the pid spawn recorded).
+cmd_node_exec_internal() {
+    local node=$1
+    shift
+    exec ip netns exec "$(ns "$node")" \
+        unshare --uts --mount --propagation private "$SELF" _enter "$node" "$@"
+}
+
+# Send SIGNAL to daemon NAME on NODE and, for TERM/KILL, wait until it is gone.
+stop_daemon() {
+    local node=$1 name=$2 sig=${3:-TERM} pid
+    pid=$(daemon_pid "$node" "$name") || return 0
+    kill -s "$sig" "$pid" 2>/dev/null || true
+    case $sig in
+        TERM | KILL | 9 | 15)
+            if ! poll 10 eval "! pid_alive $pid"; then
+                kill -s KILL "$pid" 2>/dev/null || true
+                poll 5 eval "! pid_alive $pid" || warn "$name (pid $pid) on $node does not die"
+            fi
+            ;;
+    esac
+}
+
+# Pids of processes inside a lab namespace whose command name is COMM.
+ns_pids_named() {
+    local n=$1 comm=$2 pid
+    ns_exists "$n" || return 0
+    for pid in $(ip netns pids "$n" 2>/dev/null); do
+        [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$comm" ] && pid_alive "$pid" && echo "$pid"
+    done
+    return 0
+}
+
+# ---------------------------------------------------------------------------------------
+# vsm binaries
+
+# Prints "daemons" when working vsm binaries are in BIN_DIR, else "network-only" and a reason
+# on stderr.
+detect_mode() {
+    local b missing=()
+    case $DAEMONS_WANTED in
+        0 | no) echo network-only; warn "VSM_LAB_DAEMONS=0: not starting vsm daemons"; return ;;
+        auto | 1 | yes) ;;
+        *) die "VSM_LAB_DAEMONS must be auto, 1 or 0 (got '$DAEMONS_WANTED')" ;;
+    esac
+    for b in "${VSM_BINARIES[@]}"; do
+        [ -x "$BIN_DIR/$b" ] || missing+=("$b")
+    done
+    if [ ${#missing[@]} -eq 0 ] && ! "$BIN_DIR/tl-config" --help 2>&1 | grep -qi usage; then
+        missing=("(binaries are placeholders: 'tl-config --help' prints no usage)")
+    fi
+    if [ ${#missing[@]} -gt 0 ]; then
+        if [ "$DAEMONS_WANTED" = auto ]; then
+            warn "vsm binaries not usable in $BIN_DIR: missing ${missing[*]}"
+            warn "starting only the network, sshd, keepalived (and Xvnc on demand); set VSM_BIN_DIR to target/debug or target/release after building"
+            echo network-only
+            return
+        fi
+        die "VSM_LAB_DAEMONS=$DAEMONS_WANTED but vsm binaries are not usable in $BIN_DIR: missing ${missing[*]}"
+    fi
+    echo daemons
+}
+
+lab_mode() { cat "$LAB/mode" 2>/dev/null || echo network-only; }
+
+tlconfig() {
+    local node=$1
+    shift
+    "$LAB/usr-local-bin/tl-config" --config-dir "$(node_dir "$node")/etc-vsm" "$@" ||
+        die "tl-config failed on $node for: $*"
+}
+
+# ---------------------------------------------------------------------------------------
+# Building the lab
+
+write_etc_netns() {
+    local node=$1 n d
+    d=/etc/netns/$(ns "$node")
+    mkdir -p "$d"
+    {
+        echo "127.0.0.1 localhost"
+        for n in "${NODES[@]}"; do echo "${ADDR[$n]} $n"; done
+        echo "$VIP $VIP_NAME"
+    } >"$d/hosts"
+    echo "$node" >"$d/hostname"
+    {
+        echo "# vsm lab: no DNS server; every name is in /etc/hosts"
+        echo "options timeout:1 attempts:1"
+    } >"$d/resolv.conf"
+}
+
+make_mountpoints() {
+    local m dir
+    : >"$LAB/created-mountpoints"
+    for m in "${MOUNTS[@]}"; do
+        dir=${m%%:*}
+        if [ ! -d "$dir" ]; then
+            mkdir -p "$dir"
+            echo "$dir" >>"$LAB/created-mountpoints"
+        fi
+    done
+    if [ ! -d /etc/netns ]; then
+        mkdir -p /etc/netns
+        echo /etc/netns >>"$LAB/created-mountpoints"
+    fi
+    if [ ! -d /run/sshd ]; then
+        mkdir -m 0755 /run/sshd
+        echo /run/sshd >>"$LAB/created-mountpoints"
+    fi
+}
+
+make_node_dirs() {
+    local node=$1 nd m
+    nd=$(node_dir "$node")
+    mkdir -p "$nd/run" "$nd/log"
+    for m in "${MOUNTS[@]}"; do mkdir -p "$nd/${m#*:}"; done
+    mkdir -p "$nd/tmp"
+    chmod 1777 "$nd/tmp"
+    # Readable like a packaged /etc/vsm (users' vsmclient reads it); the keys in it are 0600.
+}
+
+build_network() {
+    local sw node n
+    sw=$(switch_ns)
+    ip netns add "$sw"
+    ip netns exec "$sw" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+    ip -n "$sw" link set lo up
+    ip -n "$sw" link add br0 type bridge
+    ip -n "$sw" link set br0 up
+    for node in "${NODES[@]}"; do
+        n=$(ns "$node")
+        ip netns add "$n"
+        ip netns exec "$n" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1
+        ip -n "$n" link set lo up
+        # Create the pair inside the switch and move the node end straight into the node, so
+        # the host's own network namespace never sees either end.
+        ip -n "$sw" link add "${PORT[$node]}" type veth peer name eth0 netns "$n"
+        ip -n "$sw" link set "${PORT[$node]}" master br0 up
+        ip netns exec "$n" sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1
+        ip -n "$n" addr add "${ADDR[$node]}/24" dev eth0
+        ip -n "$n" link set eth0 up
+    done
+}
+
+setup_users() {
+    local u
+    for u in "${USERS[@]}"; do
+        if ! id "$u" >/dev/null 2>&1; then
+            useradd -m -s /bin/bash "$u"
+            say "created user $u"
+        fi
+        # useradd leaves the password locked ("!"), and with UsePAM no sshd refuses key
+        # logins to locked accounts; "*" means no password but not locked.
+        usermod -p '*' "$u"
+    done
+}
+
+setup_ssh() {
+    local pri sec node d u
+    mkdir -p "$LAB/ssh/authorized_keys" "$LAB/client"
+    chmod 0755 "$LAB/ssh" "$LAB/ssh/authorized_keys"
+    ssh-keygen -q -t ed25519 -N '' -C "vsm-lab-client" -f "$LAB/client/id_ed25519"
+    for u in "${USERS[@]}"; do
+        cp "$LAB/client/id_ed25519.pub" "$LAB/ssh/authorized_keys/$u"
+        chmod 0644 "$LAB/ssh/authorized_keys/$u"
+    done
+
+    pri=/etc/netns/$(ns tlha-primary)/ssh
+    sec=/etc/netns/$(ns tlha-secondary)/ssh
+    mkdir -p "$pri" "$sec"
+    ssh-keygen -q -t ed25519 -N '' -C "root@tlha-primary" -f "$pri/ssh_host_ed25519_key"
+    # Step 2 of the HA setup: both masters present the same host key, so a client that
+    # knows "tlha" keeps trusting it after the VIP moves.
+    cp -p "$pri/ssh_host_ed25519_key" "$pri/ssh_host_ed25519_key.pub" "$sec/"
+    for node in "${MASTERS[@]}"; do
+        d=/etc/netns/$(ns "$node")/ssh
+        cat >"$d/sshd_config" <<EOF
+# sshd for the vsm lab node $node
+Port 22
+ListenAddress 0.0.0.0
+HostKey /etc/ssh/ssh_host_ed25519_key
+PidFile $(node_dir "$node")/run/sshd.pid
+UsePAM no
+PermitRootLogin no
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PubkeyAuthentication yes
+AuthorizedKeysFile $LAB/ssh/authorized_keys/%u
+UseDNS no
+LogLevel VERBOSE
+# Names the node in the SSH banner, so probes can tell the masters apart cheaply.
+VersionAddendum $node
+EOF
+    done
+
+    d=/etc/netns/$(ns client)/ssh
+    mkdir -p "$d"
+    {
+        printf '%s ' "$VIP_NAME,$VIP,tlha-primary,${ADDR[tlha-primary]},tlha-secondary,${ADDR[tlha-secondary]}"
+        cut -d' ' -f1,2 "$pri/ssh_host_ed25519_key.pub"
+    } >"$LAB/client/known_hosts"
+    cat >"$d/ssh_config" <<EOF
+# ssh client of the vsm lab node "client"
+Host *
+    IdentityFile $LAB/client/id_ed25519
+    UserKnownHostsFile $LAB/client/known_hosts
+    GlobalKnownHostsFile /dev/null
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 3
+    LogLevel ERROR
+EOF
+}
+
+write_helpers() {
+    mkdir -p "$LAB/bin"
+    chmod 0755 "$LAB/bin"
+    # keepalived health check while the vsm daemons are absent: the local sshd must live.
+    cat >"$LAB/bin/check-sshd" <<EOF
+#!/bin/sh
+pid=\$(cat "$LAB/nodes/\$(uname -n)/run/sshd.pid" 2>/dev/null) || exit 1
+# A killed sshd waiting to be reaped (a zombie) counts as dead.
+state=\$(sed -n 's/^State:[[:space:]]*\\([A-Z]\\).*/\\1/p' "/proc/\$pid/status" 2>/dev/null)
+[ -n "\$state" ] && [ "\$state" != Z ]
+EOF
+    # keepalived notify hook: records the transition, then hands it to tlctl when present.
+    cat >"$LAB/bin/notify" <<EOF
+#!/bin/sh
+echo "\$(date +%s.%N) \$(uname -n) \$1" >>"$LAB/nodes/\$(uname -n)/log/notify.log"
+if [ -x /usr/local/bin/tlctl ]; then
+    exec /usr/local/bin/tlctl ha notify "\$1"
+fi
+EOF
+    chmod 0755 "$LAB/bin/check-sshd" "$LAB/bin/notify"
+}
+
+link_binaries() {
+    local b
+    mkdir -p "$LAB/usr-local-bin"
+    chmod 0755 "$LAB/usr-local-bin"
+    for b in "${VSM_BINARIES[@]}"; do
+        ln -sf "$(readlink -f "$BIN_DIR/$b")" "$LAB/usr-local-bin/$b"
+    done
+}
+
+configure_vsm() {
+    local node
+    head -c 32 /dev/urandom >"$LAB/ha.key"
+    head -c 32 /dev/urandom >"$LAB/cluster.key"
+    chmod 0600 "$LAB/ha.key" "$LAB/cluster.key"
+    for node in "${MASTERS[@]}"; do
+        install -m 0600 "$LAB/ha.key" "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
+        tlconfig "$node" /HA/enabled=1
+        tlconfig "$node" '/HA/nodes=tlha-primary tlha-secondary'
+        tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
+        tlconfig "$node" '/subclusters/default/agents=agent1 agent2'
+    done
+    for node in "${AGENTS[@]}"; do
+        install -m 0600 "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
+        tlconfig "$node" '/vsmagent/allowed_clients=tlha-primary tlha-secondary'
+        tlconfig "$node" /vsmagent/master_hostname=tlha
+        tlconfig "$node" /vsm/secret_file=/etc/vsm/cluster.key
+        # Sessions must be reachable from the client node, so Xvnc listens on all addresses.
+        tlconfig "$node" '/vsmagent/session_command=Xvnc :{display} -rfbport {port} -geometry {geometry} -SecurityTypes None -desktop {user}'
+    done
+}
+
+# Render the shipped keepalived configuration of PROFILE for NODE with the lab's addresses
+# and hooks.
+render_keepalived() {
+    local node=$1 profile=$2 src out check notify
+    src=$KEEPALIVED_DIR/$profile/keepalived-${node#tlha-}.conf
+    [ -f "$src" ] || die "no keepalived configuration $src (profiles: guide, fast)"
+    out=$(node_dir "$node")/keepalived.conf
+    if [ "$(lab_mode)" = daemons ]; then
+        check=/usr/local/bin/tlctl\ ha\ check
+    else
+        check=$LAB/bin/check-sshd
+    fi
+    notify=$LAB/bin/notify
+    sed -e "s#10\.0\.0\.4/24#$VIP/24#" \
+        -e "s#\"/usr/bin/tlctl ha check\"#\"$check\"#" \
+        -e "s#\"/usr/bin/tlctl ha notify \([A-Z]*\)\"#\"$notify \1\"#" \
+        "$src" >"$out"
+    if grep -q -e 10.0.0.4 -e /usr/bin/tlctl "$out" || ! grep -q "$VIP/24" "$out"; then
+        die "could not render $src: its VIP or tlctl lines do not have the expected form"
+    fi
+}
+
+start_keepalived() {
+    local node=$1 profile=$2 nd
+    nd=$(node_dir "$node")
+    # A keepalived killed with SIGKILL leaves processes until PID 1 reaps them; a new one
+    # refuses to start while they or their pid files exist.
+    poll 10 eval "[ -z \"\$(ns_pids_named $(ns "$node") keepalived)\" ]" ||
+        die "old keepalived processes on $node do not go away"
+    rm -f "$nd"/run/keepalived*.pid
+    render_keepalived "$node" "$profile"
+    spawn "$node" keepalived keepalived -P -n -l -D -G -f "$nd/keepalived.conf" \
+        -p "$nd/run/keepalived.pid" -r "$nd/run/keepalived-vrrp.pid" \
+        -c "$nd/run/keepalived-checkers.pid" -b "$nd/run/keepalived-bfd.pid"
+}
+
+tcp_open() { # NODE ADDRESS PORT: can NODE open a TCP connection to ADDRESS:PORT?
+    ip netns exec "$(ns "$1")" timeout 2 bash -c "exec 3<>/dev/tcp/$2/$3" 2>/dev/null
+}
+
+start_sshd() {
+    local node=$1
+    spawn "$node" sshd /usr/sbin/sshd -D -e -f /etc/ssh/sshd_config
+    poll 10 tcp_open "$node" "${ADDR[$node]}" 22 || die "sshd on $node does not answer on port 22"
+}
+
+start_daemon_named() {
+    local node=$1 name=$2
+    case $name in
+        sshd) is_master "$node" || die "sshd runs on the masters only"; start_sshd "$node" ;;
+        keepalived) is_master "$node" || die "keepalived runs on the masters only"
+            start_keepalived "$node" "$(cat "$LAB/profile")" ;;
+        vsmserver) is_master "$node" || die "vsmserver runs on the masters only"
+            [ "$(lab_mode)" = daemons ] || die "the lab runs without vsm daemons"
+            spawn "$node" vsmserver /usr/local/bin/vsmserver ;;
+        vsmagent) is_agent "$node" || die "vsmagent runs on the agents only"
+            [ "$(lab_mode)" = daemons ] || die "the lab runs without vsm daemons"
+            spawn "$node" vsmagent /usr/local/bin/vsmagent ;;
+        *) die "unknown daemon '$name' (expected sshd, keepalived, vsmserver or vsmagent)" ;;
+    esac
+}
+
+vip_holders() {
+    local node out=()
+    for node in "${MASTERS[@]}"; do
+        if ns_exists "$(ns "$node")" &&
+            ip -n "$(ns "$node")" -4 -o addr show dev eth0 2>/dev/null | grep -q " $VIP/"; then
+            out+=("$node")
+        fi
+    done
+    echo "${out[*]}"
+}
+
+ssh_answer() { # prints `uname -n` of the master answering ssh on the VIP, from the client
+    ip netns exec "$(ns client)" ssh -o ConnectTimeout=2 "testuser@$VIP_NAME" uname -n 2>/dev/null
+}
+
+vip_is() { [ "$(vip_holders)" = "$1" ]; }
+ssh_is() { [ "$(ssh_answer)" = "$1" ]; }
+
+cmd_up() {
+    need_root
+    local node mode profile=$PROFILE_DEFAULT
+    case $LAB in
+        /tmp | /tmp/*) die "VSM_LAB_DIR must not be under /tmp: every node gets a private /tmp" ;;
+        /*) ;;
+        *) die "VSM_LAB_DIR must be an absolute path (got '$LAB')" ;;
+    esac
+    case $profile in guide | fast) ;; *) die "VSM_LAB_PROFILE must be guide or fast" ;; esac
+    for node in $(lab_namespaces); do
+        if ns_exists "$node" || [ -e "/etc/netns/$node" ]; then
+            die "leftovers of a lab exist ($node); run: $0 down"
+        fi
+    done
+    [ ! -e "$LAB" ] || die "$LAB exists; run: $0 down"
+    for node in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc useradd; do
+        command -v "$node" >/dev/null || die "$node is missing; run scripts/install-test-deps.sh"
+    done
+
+    mode=$(detect_mode)
+    trap 'warn "up failed; what was built stays for inspection; remove it with: $0 down"' EXIT
+    mkdir -p "$LAB/pids" "$LAB/nodes"
+    chmod 0755 "$LAB"
+    touch "$LAB/.vsm-lab"
+    echo "$mode" >"$LAB/mode"
+    echo "$profile" >"$LAB/profile"
+    say "building the lab in $LAB (namespaces ${PREFIX}*, subnet $NET.0/24, keepalived profile $profile, $mode)"
+
+    make_mountpoints
+    for node in "${NODES[@]}"; do
+        make_node_dirs "$node"
+        write_etc_netns "$node"
+    done
+    build_network
+    setup_users
+    setup_ssh
+    write_helpers
+    if [ "$mode" = daemons ]; then
+        link_binaries
+        configure_vsm
+    fi
+
+    for node in "${MASTERS[@]}"; do start_sshd "$node"; done
+    if [ "$mode" = daemons ]; then
+        for node in "${MASTERS[@]}"; do start_daemon_named "$node" vsmserver; done
+        for node in "${AGENTS[@]}"; do start_daemon_named "$node" vsmagent; done
+    fi
+    for node in "${MASTERS[@]}"; do start_keepalived "$node" "$profile"; done
+
+    if ! poll "$TIMEOUT" vip_is tlha-primary; then
+        die "the VIP did not come up on tlha-primary within ${TIMEOUT}s (holders: '$(vip_holders)'; see $LAB/nodes/*/log/)"
+    fi
+    if ! poll "$TIMEOUT" ssh_is tlha-primary; then
+        die "ssh to $VIP_NAME from the client does not reach tlha-primary (see $LAB/nodes/*/log/sshd.log)"
+    fi
+    trap - EXIT
+    say "up: VIP $VIP ($VIP_NAME) on tlha-primary; try: $0 exec client ssh testuser@$VIP_NAME uname -n"
+}
+
+# Kill PIDS with TERM, then KILL what remains; wait until they are gone (zombies count as gone).
+kill_pids() {
+    local pid
+    [ $# -gt 0 ] || return 0
+    kill -s TERM "$@" 2>/dev/null || true
+    left() {
+        local p
+        for p in "$@"; do pid_alive "$p" && return 1; done
+        return 0
+    }
+    if ! poll 5 left "$@"; then
+        for pid in "$@"; do
+            if pid_alive "$pid"; then kill -s KILL "$pid" 2>/dev/null || true; fi
+        done
+        poll 5 left "$@" || warn "some processes do not die: $*"
+    fi
+}
+
+# Is a lab with another prefix up (its primary's namespace exists)?
+other_lab_up() {
+    local f
+    for f in /run/netns/*-tlha-primary; do
+        [ -e "$f" ] || continue
+        [ "$(basename "$f")" = "$(ns tlha-primary)" ] || return 0
+    done
+    return 1
+}
+
+cmd_down() {
+    need_root
+    local n f pid pids=() d
+    # Tracked daemons first (only while they are still inside a lab namespace).
+    if [ -d "$LAB/pids" ]; then
+        for f in "$LAB"/pids/*.pid; do
+            [ -e "$f" ] || continue
+            pid=$(cat "$f" 2>/dev/null) || continue
+            case $(ip netns identify "$pid" 2>/dev/null) in
+                "$PREFIX"*) pid_alive "$pid" && pids+=("$pid") ;;
+            esac
+        done
+    fi
+    kill_pids "${pids[@]}"
+    # Then everything else still running in a lab namespace (sessions, probes, shells).
+    for n in $(lab_namespaces); do
+        ns_exists "$n" || continue
+        pids=()
+        for pid in $(ip netns pids "$n" 2>/dev/null); do
+            pid_alive "$pid" && pids+=("$pid")
+        done
+        kill_pids "${pids[@]}"
+    done
+    for n in $(lab_namespaces); do
+        if ns_exists "$n"; then
+            ip netns delete "$n" || warn "could not delete namespace $n"
+        fi
+        if [ -d "/etc/netns/$n" ]; then rm -rf "/etc/netns/$n"; fi
+    done
+    # Mount points this lab created on the host go too, unless another lab still uses them.
+    if [ -f "$LAB/created-mountpoints" ] && ! other_lab_up; then
+        while read -r d; do
+            if [ -n "$d" ]; then rmdir "$d" 2>/dev/null || true; fi
+        done <"$LAB/created-mountpoints"
+    fi
+    if [ -d "$LAB" ]; then
+        if [ -f "$LAB/.vsm-lab" ]; then
+            if [ "${VSM_LAB_KEEP:-0}" = 1 ]; then
+                say "keeping $LAB (VSM_LAB_KEEP=1)"
+                rm -f "$LAB/.vsm-lab"
+            else
+                rm -rf "$LAB"
+            fi
+        else
+            warn "$LAB has no lab marker; not deleting it"
+        fi
+    fi
+    say "down: no lab namespaces left"
+}
+
+cmd_status() {
+    local node n name pid mode
+    if ! lab_is_up; then
+        say "down"
+        for n in $(lab_namespaces); do ns_exists "$n" && warn "leftover namespace $n (run down)"; done
+        return 0
+    fi
+    mode=$(lab_mode)
+    echo "lab:      $LAB ($mode, keepalived profile $(cat "$LAB/profile"))"
+    echo "VIP:      $VIP ($VIP_NAME) held by: $(vip_holders)"
+    for node in "${NODES[@]}"; do
+        n=$(ns "$node")
+        if ! ns_exists "$n"; then
+            printf '%-15s %s\n' "$node" "namespace missing"
+            continue
+        fi
+        local link procs=""
+        link=$(ip -n "$n" -o link show dev eth0 2>/dev/null | grep -q 'state UP' && echo up || echo down)
+        for name in sshd keepalived vsmserver vsmagent xvnc; do
+            [ -e "$(pidfile "$node" "$name")" ] || continue
+            if pid=$(daemon_pid "$node" "$name"); then
+                procs+=" $name=$pid"
+            else
+                procs+=" $name=dead"
+            fi
+        done
+        printf '%-15s %-13s cable %-4s%s\n' "$node" "${ADDR[$node]}" "$link" "$procs"
+    done
+}
+
+cmd_cable() {
+    local action=$1 node=${2:-}
+    need_root
+    need_up
+    [ -n "$node" ] || die "usage: $0 $action-cable NODE"
+    need_node "$node"
+    if [ "$action" = pull ]; then
+        ip -n "$(ns "$node")" link set eth0 down
+        say "cable of $node pulled"
+    else
+        ip -n "$(ns "$node")" link set eth0 up
+        say "cable of $node plugged"
+    fi
+}
+
+cmd_vip_holder() {
+    need_up
+    local h
+    h=$(vip_holders)
+    echo "${h:-none}"
+    case $h in
+        "" | *" "*) return 1 ;;
+    esac
+}
+
+cmd_exec() {
+    need_root
+    need_up
+    [ $# -ge 2 ] || die "usage: $0 exec NODE CMD [ARG...]"
+    need_node "$1"
+    node_exec "$@"
+}
+
+cmd_kill_daemon() {
+    need_root
+    need_up
+    [ $# -ge 2 ] || die "usage: $0 kill-daemon NODE NAME [SIGNAL]  (SIGNAL defaults to KILL)"
+    need_node "$1"
+    local node=$1 name=$2 sig=${3:-KILL} pid pids
+    pid=$(daemon_pid "$node" "$name") || die "$name is not running on $node"
+    pids=$pid
+    if [ "$name" = keepalived ]; then
+        # keepalived is a parent and a VRRP child; a crash takes both (a VRRP child that
+        # outlives its parent hands the VIP over cleanly, which is no crash).
+        pids=$(ns_pids_named "$(ns "$node")" keepalived | tr '\n' ' ')
+    fi
+    # shellcheck disable=SC2086
+    kill -s "$sig" $pids
+    say "sent SIG${sig#SIG} to $name (pids ${pids% }) on $node"
+}
+
+cmd_start_daemon() {
+    need_root
+    need_up
+    [ $# -eq 2 ] || die "usage: $0 start-daemon NODE NAME"
+    need_node "$1"
+    start_daemon_named "$1" "$2"
+    say "started $2 on $1"
+}
+
+cmd_stop_daemon() {
+    need_root
+    need_up
+    [ $# -eq 2 ] || die "usage: $0 stop-daemon NODE NAME"
+    need_node "$1"
+    stop_daemon "$1" "$2" TERM
+    say "stopped $2 on $1"
+}
+
+cmd_spawn() {
+    need_root
+    need_up
+    [ $# -ge 3 ] || die "usage: $0 spawn NODE NAME CMD [ARG...]"
+    need_node "$1"
+    spawn "$@"
+    say "started $2 on $1 (pid $(tracked_pid "$1" "$2"))"
+}
+
+cmd_set_profile() {
+    need_root
+    need_up
+    local profile=${1:-} node
+    case $profile in guide | fast) ;; *) die "usage: $0 set-profile guide|fast" ;; esac
+    for node in "${MASTERS[@]}"; do stop_daemon "$node" keepalived TERM; done
+    echo "$profile" >"$LAB/profile"
+    for node in "${MASTERS[@]}"; do start_keepalived "$node" "$profile"; done
+    poll "$TIMEOUT" vip_is tlha-primary ||
+        die "the VIP did not come back to tlha-primary with profile $profile (holders: '$(vip_holders)')"
+    say "keepalived profile $profile active; VIP on tlha-primary"
+}
+
+cmd_wait_vip() {
+    need_up
+    local node=${1:-} secs=${2:-30}
+    [ -n "$node" ] || die "usage: $0 wait-vip NODE [SECONDS]"
+    need_node "$node"
+    poll "$secs" vip_is "$node" || die "VIP not on $node after ${secs}s (holders: '$(vip_holders)')"
+}
+
+cmd_wait_ssh() {
+    need_up
+    local node=${1:-} secs=${2:-30}
+    [ -n "$node" ] || die "usage: $0 wait-ssh NODE [SECONDS]"
+    need_node "$node"
+    poll "$secs" ssh_is "$node" || die "ssh $VIP_NAME is not answered by $node after ${secs}s (last: '$(ssh_answer)')"
+}
+
+cmd_logs() {
+    local lines=${VSM_LAB_LOG_LINES:-40} f
+    if [ ! -d "$LAB/nodes" ]; then
+        say "no logs: no lab directory $LAB"
+        return 0
+    fi
+    for f in "$LAB"/nodes/"${1:-*}"/log/*.log; do
+        [ -e "$f" ] || continue
+        echo "===== ${f#"$LAB"/nodes/} (last $lines lines)"
+        tail -n "$lines" "$f"
+    done
+}
+
+usage() {
+    cat <<EOF
+usage: $0 COMMAND [ARGS]
+
+  up                        build the lab and start sshd, keepalived (and vsm daemons when
+                            usable binaries are in VSM_BIN_DIR); waits for the VIP
+  down                      stop everything the lab started, remove its namespaces, files
+  status                    nodes, processes, cables, VIP holder
+  pull-cable NODE           take the node's eth0 down
+  plug-cable NODE           bring it up again
+  vip-holder                print the master(s) holding the VIP ("none"); exit 1 unless one
+  exec NODE CMD [ARG...]    run a command inside a node (hostname, /etc, mounts)
+  spawn NODE NAME CMD...    start a tracked background process inside a node
+  kill-daemon NODE NAME [SIG]  signal a tracked daemon (default KILL)
+  start-daemon NODE NAME    (re)start sshd, keepalived, vsmserver or vsmagent
+  stop-daemon NODE NAME     stop a tracked daemon with TERM and wait
+  set-profile guide|fast    restart both keepalived instances with another profile
+  wait-vip NODE [SECONDS]   wait until exactly NODE holds the VIP
+  wait-ssh NODE [SECONDS]   wait until ssh to tlha from the client is answered by NODE
+  logs [NODE]               tail the lab's logs
+
+Nodes: ${NODES[*]}
+Environment: VSM_LAB_DIR ($LAB), VSM_BIN_DIR ($BIN_DIR), VSM_LAB_PROFILE ($PROFILE_DEFAULT),
+  VSM_LAB_DAEMONS (auto|1|0), VSM_LAB_NET ($NET), VSM_LAB_PREFIX ($PREFIX), VSM_LAB_TIMEOUT,
+  VSM_LAB_KEEP=1 (down keeps the lab directory and its logs)
+EOF
+}
+
+main() {
+    local cmd=${1:-}
+    [ $# -gt 0 ] && shift
+    case $cmd in
+        up) cmd_up ;;
+        down) cmd_down ;;
+        status) cmd_status ;;
+        pull-cable) cmd_cable pull "$@" ;;
+        plug-cable) cmd_cable plug "$@" ;;
+        vip-holder) cmd_vip_holder ;;
+        exec) cmd_exec "$@" ;;
+        spawn) cmd_spawn "$@" ;;
+        kill-daemon) cmd_kill_daemon "$@" ;;
+        start-daemon) cmd_start_daemon "$@" ;;
+        stop-daemon) cmd_stop_daemon "$@" ;;
+        set-profile) cmd_set_profile "$@" ;;
+        wait-vip) cmd_wait_vip "$@" ;;
+        wait-ssh) cmd_wait_ssh "$@" ;;
+        logs) cmd_logs "$@" ;;
+        _enter) cmd_enter "$@" ;;
+        _node_exec) cmd_node_exec_internal "$@" ;;
+        -h | --help | help) usage ;;
+        "") usage >&2; exit 2 ;;
+        *) warn "unknown command '$cmd'"; usage >&2; exit 2 ;;
+    esac
+}
+
+main "$@"

@@ -1,0 +1,39 @@
+#!/bin/bash
+# Install what the HA lab (scripts/ha-lab.sh), the end-to-end tests (tests/e2e/) and the
+# OCF agent test (tests/ocf/) need on a fresh Debian 12 machine. Run as root.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-test-deps: must run as root" >&2
+    exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+packages=(
+    iproute2                    # ip netns, veth, bridge
+    util-linux                  # unshare, mount
+    procps                      # ps, pgrep for diagnostics
+    psmisc                      # fuser, killall (diagnostics only; the lab kills by pid)
+    passwd                      # useradd, usermod
+    keepalived                  # VRRP for the resource IP
+    openssh-server              # sshd on both masters
+    openssh-client              # ssh, ssh-keygen on the client node
+    tigervnc-standalone-server  # Xvnc on the agents
+    xfonts-base                 # fonts Xvnc needs to start
+    resource-agents             # ocf-tester, ocf-shellfuncs, IPaddr2
+    libxml2-utils               # xmllint, checks the OCF agent's meta-data
+    jq                          # parses the JSON of vsmclient and tlctl in tests/e2e
+)
+
+apt-get update
+apt-get install -y --no-install-recommends "${packages[@]}"
+
+missing=0
+for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+        echo "install-test-deps: $tool still missing after install" >&2
+        missing=1
+    fi
+done
+exit "$missing"

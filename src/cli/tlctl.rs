@@ -1,0 +1,503 @@
+//! `tlctl`: the administrator's view of the cluster: sessions, agent load and HA state.
+//! It talks to the local `vsmserver` over its Unix socket as root (or a member of the admin
+//! group), or to a remote master over the authenticated TCP link from an allowed host.
+
+use crate::client::{call, socket_path, Target};
+use crate::model::{now_ms, Session};
+use crate::proto::api::{AgentLoad, ApiReply, ApiRequest, HaStatusView, Selector, TerminateOutcome, VrrpState};
+use crate::proto::secure::Secret;
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tlctl",
+    version,
+    about = "Administer the vsm cluster: sessions, agent load and high availability",
+    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)"
+)]
+pub struct Args {
+    /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Configuration directory (socket path, ports, secret file).
+    #[arg(long, global = true, env = "VSM_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// Ask the master on this host over TCP instead of the local socket.
+    #[arg(long, global = true)]
+    host: Option<String>,
+    /// TCP port of the remote master (default /vsmserver/listen_port).
+    #[arg(long, global = true)]
+    port: Option<u16>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Give up after this many seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List or terminate sessions.
+    #[command(subcommand)]
+    Session(SessionCmd),
+    /// Show agent load.
+    #[command(subcommand)]
+    Load(LoadCmd),
+    /// High availability: status, health check, keepalived notify hook.
+    #[command(subcommand)]
+    Ha(HaCmd),
+}
+
+#[derive(ClapArgs, Debug, Default, Clone)]
+struct Filters {
+    /// Only sessions of this user.
+    #[arg(long)]
+    user: Option<String>,
+    /// Only sessions on this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only sessions on this display number.
+    #[arg(long)]
+    display: Option<u32>,
+    /// Only sessions in this subcluster.
+    #[arg(long)]
+    subcluster: Option<String>,
+}
+
+impl Filters {
+    fn selector(&self) -> Selector {
+        Selector { user: self.user.clone(), agent: self.agent.clone(), display: self.display, subcluster: self.subcluster.clone() }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum SessionCmd {
+    /// List sessions; filters combine with AND.
+    List {
+        #[command(flatten)]
+        filters: Filters,
+        /// Ask every agent first instead of showing the last known state.
+        #[arg(long)]
+        refresh: bool,
+    },
+    /// Terminate the selected sessions (asks for confirmation unless -y).
+    Terminate {
+        #[command(flatten)]
+        filters: Filters,
+        /// Select every session.
+        #[arg(long)]
+        all: bool,
+        /// Forget sessions whose agent cannot be reached (their processes may remain).
+        #[arg(long)]
+        allow_abandon: bool,
+        /// Do not ask for confirmation.
+        #[arg(short = 'y', long = "assume-yes")]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LoadCmd {
+    /// Load of every agent.
+    List {
+        /// Sort by this column.
+        #[arg(long, value_enum, default_value_t = SortBy::Agent)]
+        sort: SortBy,
+    },
+    /// Everything known about one agent.
+    Show { agent: String },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum SortBy {
+    Agent,
+    Users,
+    Sessions,
+    Mem,
+    Cpu,
+}
+
+#[derive(Subcommand, Debug)]
+enum HaCmd {
+    /// HA state of this master.
+    Status,
+    /// Exit 0 only when this master answers and is ready (keepalived vrrp_script, Pacemaker monitor).
+    Check {
+        /// Print nothing.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// keepalived notify hook: tell vsmserver its VRRP state.
+    Notify {
+        #[arg(value_enum, ignore_case = true)]
+        state: NotifyState,
+        /// Extra arguments keepalived's generic notify passes (ignored).
+        #[arg(hide = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        rest: Vec<String>,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum NotifyState {
+    Master,
+    Backup,
+    Fault,
+    Stop,
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tlctl: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(run(args))
+}
+
+fn target(args: &Args) -> Result<Target, String> {
+    match &args.host {
+        None => Ok(Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()))),
+        Some(host) => {
+            let dir = crate::config::config_dir_from(args.config_dir.clone());
+            let cfg = crate::config::load(&dir).map_err(|e| format!("cannot load configuration from {}: {e}", dir.display()))?;
+            let secret = Secret::from_file(&cfg.vsm.secret_file).map_err(|e| e.to_string())?;
+            let port = args.port.unwrap_or(cfg.vsmserver.listen_port);
+            Ok(Target::Tcp { addr: format!("{host}:{port}"), secret })
+        }
+    }
+}
+
+async fn run(args: Args) -> ExitCode {
+    let target = match target(&args) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tlctl: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let timeout = Duration::from_secs(args.timeout);
+    let json = args.json;
+    let result = match &args.command {
+        Command::Session(SessionCmd::List { filters, refresh }) => {
+            request(&target, ApiRequest::SessionList { selector: filters.selector(), refresh: *refresh }, timeout)
+                .await
+                .and_then(|r| match r {
+                    ApiReply::Sessions { sessions } => {
+                        print_sessions(&sessions, json);
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    other => unexpected(other),
+                })
+        }
+        Command::Session(SessionCmd::Terminate { filters, all, allow_abandon, yes }) => {
+            terminate(&target, filters.selector(), *all, *allow_abandon, *yes, json, timeout).await
+        }
+        Command::Load(LoadCmd::List { sort }) => request(&target, ApiRequest::LoadList, timeout).await.and_then(|r| match r {
+            ApiReply::Loads { mut agents } => {
+                sort_loads(&mut agents, *sort);
+                print_loads(&agents, json);
+                Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        }),
+        Command::Load(LoadCmd::Show { agent }) => {
+            request(&target, ApiRequest::LoadShow { agent: agent.clone() }, timeout).await.and_then(|r| match r {
+                ApiReply::Loads { agents } => {
+                    for a in &agents {
+                        if json {
+                            println!("{}", serde_json::to_string_pretty(a).unwrap_or_default());
+                        } else {
+                            print!("{}", show_load(a));
+                        }
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            })
+        }
+        Command::Ha(HaCmd::Status) => request(&target, ApiRequest::HaStatus, timeout).await.and_then(|r| match r {
+            ApiReply::HaStatus { status } => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                } else {
+                    print!("{}", show_ha(&status));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            other => unexpected(other),
+        }),
+        Command::Ha(HaCmd::Check { quiet }) => {
+            // A hung daemon must fail the check quickly, whatever --timeout says.
+            let t = timeout.min(Duration::from_secs(3));
+            match call(&target, &ApiRequest::HaCheck, t).await {
+                Ok(ApiReply::Ok { message }) => {
+                    if !quiet {
+                        println!("{message}");
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(ApiReply::Error { message, .. }) => {
+                    if !quiet {
+                        eprintln!("tlctl: {message}");
+                    }
+                    Ok(ExitCode::from(1))
+                }
+                Ok(other) => unexpected(other),
+                Err(e) => {
+                    if !quiet {
+                        eprintln!("tlctl: {e}");
+                    }
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+        Command::Ha(HaCmd::Notify { state, .. }) => {
+            let state = match state {
+                NotifyState::Master => VrrpState::Master,
+                NotifyState::Backup => VrrpState::Backup,
+                NotifyState::Fault | NotifyState::Stop => VrrpState::Fault,
+            };
+            request(&target, ApiRequest::HaNotify { state }, timeout).await.and_then(|r| match r {
+                ApiReply::Ok { message } => {
+                    println!("{message}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => unexpected(other),
+            })
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err((code, msg)) => {
+            eprintln!("tlctl: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+type Outcome = Result<ExitCode, (u8, String)>;
+
+async fn request(target: &Target, req: ApiRequest, timeout: Duration) -> Result<ApiReply, (u8, String)> {
+    match call(target, &req, timeout).await {
+        Ok(ApiReply::Error { message, .. }) => Err((1, message)),
+        Ok(r) => Ok(r),
+        Err(e) => Err((2, e.to_string())),
+    }
+}
+
+fn unexpected(r: ApiReply) -> Outcome {
+    Err((2, format!("unexpected reply from vsmserver: {r:?}")))
+}
+
+async fn terminate(target: &Target, sel: Selector, all: bool, allow_abandon: bool, yes: bool, json: bool, timeout: Duration) -> Outcome {
+    if sel.is_empty() && !all {
+        return Err((1, "terminate needs a selector: --user, --agent, --display, --subcluster, or --all".into()));
+    }
+    if !json {
+        println!("Refreshing session information...");
+    }
+    let preview = request(target, ApiRequest::SessionTerminate { selector: sel.clone(), all, allow_abandon, dry_run: true }, timeout).await?;
+    let selected = match preview {
+        ApiReply::Terminated { outcome } => outcome.terminated,
+        other => return unexpected(other),
+    };
+    if selected.is_empty() {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&TerminateOutcome::default()).unwrap_or_default());
+        } else {
+            println!("No sessions match.");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !yes {
+        print_sessions(&selected, false);
+        print!("Terminate {} session(s)? [y/N] ", selected.len());
+        let _ = std::io::stdout().flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        if !matches!(line.trim(), "y" | "Y" | "yes" | "YES") {
+            println!("Nothing terminated.");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    let done = request(target, ApiRequest::SessionTerminate { selector: sel, all, allow_abandon, dry_run: false }, timeout).await?;
+    let outcome = match done {
+        ApiReply::Terminated { outcome } => outcome,
+        other => return unexpected(other),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+    } else {
+        println!(
+            "Terminated {} session(s), abandoned {}, failed {}.",
+            outcome.terminated.len(),
+            outcome.abandoned.len(),
+            outcome.failed.len()
+        );
+        for (s, why) in &outcome.failed {
+            eprintln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
+        }
+    }
+    Ok(if outcome.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+pub fn session_rows(sessions: &[Session], now: u64) -> Vec<Vec<String>> {
+    sessions
+        .iter()
+        .map(|s| {
+            vec![
+                s.user.clone(),
+                s.display.to_string(),
+                s.agent.clone(),
+                s.status.to_string(),
+                super::age(now.saturating_sub(s.created_ms)),
+            ]
+        })
+        .collect()
+}
+
+fn print_sessions(sessions: &[Session], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(sessions).unwrap_or_default());
+        return;
+    }
+    print!("{}", super::table(&["USER", "DISPLAY", "AGENT", "STATUS", "AGE"], &session_rows(sessions, now_ms())));
+    println!("Listed {} session(s).", sessions.len());
+}
+
+fn mem_used_pct(a: &AgentLoad) -> Option<f64> {
+    let l = a.load.as_ref()?;
+    let total = l.mem_total_kib + l.swap_total_kib;
+    if total == 0 {
+        return None;
+    }
+    let used = l.mem_total_kib.saturating_sub(l.mem_available_kib) + l.swap_total_kib.saturating_sub(l.swap_free_kib);
+    Some(used as f64 * 100.0 / total as f64)
+}
+
+fn cpu_pct(a: &AgentLoad) -> Option<f64> {
+    let l = a.load.as_ref()?;
+    Some(l.load1 * 100.0 / l.cpus.max(1) as f64)
+}
+
+fn sort_loads(agents: &mut [AgentLoad], by: SortBy) {
+    let key = |a: &AgentLoad| -> f64 {
+        match by {
+            SortBy::Agent => 0.0,
+            SortBy::Users => -(a.load.as_ref().map(|l| l.users).unwrap_or(0) as f64),
+            SortBy::Sessions => -(a.sessions as f64),
+            SortBy::Mem => -mem_used_pct(a).unwrap_or(0.0),
+            SortBy::Cpu => -cpu_pct(a).unwrap_or(0.0),
+        }
+    };
+    agents.sort_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(std::cmp::Ordering::Equal).then(a.agent.cmp(&b.agent)));
+}
+
+fn state(a: &AgentLoad) -> String {
+    if !a.reachable {
+        "unreachable".into()
+    } else if a.draining {
+        "draining".into()
+    } else if a.penalised_ms.is_some() {
+        "penalised".into()
+    } else {
+        "ok".into()
+    }
+}
+
+fn print_loads(agents: &[AgentLoad], json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(agents).unwrap_or_default());
+        return;
+    }
+    let pct = |v: Option<f64>| v.map(|v| format!("{v:.0} %")).unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = agents
+        .iter()
+        .map(|a| {
+            vec![
+                a.agent.clone(),
+                a.load.as_ref().map(|l| l.users.to_string()).unwrap_or_else(|| "-".into()),
+                a.sessions.to_string(),
+                pct(mem_used_pct(a)),
+                pct(cpu_pct(a)),
+                a.weight.to_string(),
+                state(a),
+            ]
+        })
+        .collect();
+    print!("{}", super::table(&["AGENT", "USERS", "SESSIONS", "MEM", "CPU", "WEIGHT", "STATE"], &rows));
+    println!("Listed {} agent(s).", agents.len());
+}
+
+fn show_load(a: &AgentLoad) -> String {
+    let mut s = String::new();
+    let mib = |k: u64| format!("{} MiB", k / 1024);
+    s += &format!("Agent:            {}\n", a.agent);
+    s += &format!("Subclusters:      {}\n", if a.subclusters.is_empty() { "-".into() } else { a.subclusters.join(", ") });
+    s += &format!("State:            {}\n", state(a));
+    s += &format!("Weight:           {}\n", a.weight);
+    s += &format!("vsm users:        {}\n", a.vsm_users);
+    s += &format!("vsm sessions:     {}\n", a.sessions);
+    if let Some(l) = &a.load {
+        s += &format!("Total users:      {}\n", l.users);
+        s += &format!("Memory (RAM+swap) used: {}\n", mem_used_pct(a).map(|v| format!("{v:.0} %")).unwrap_or_else(|| "-".into()));
+        s += &format!("RAM:              {} used of {}\n", mib(l.mem_total_kib.saturating_sub(l.mem_available_kib)), mib(l.mem_total_kib));
+        s += &format!("Swap:             {} used of {}\n", mib(l.swap_total_kib.saturating_sub(l.swap_free_kib)), mib(l.swap_total_kib));
+        s += &format!("Load (1/5/15 min): {:.2} {:.2} {:.2}\n", l.load1, l.load5, l.load15);
+        s += &format!("CPUs:             {}\n", l.cpus);
+    }
+    if let Some(p) = a.penalised_ms {
+        s += &format!("Penalised for:    {} more (failed to start a session)\n", super::age(p));
+    }
+    s += &format!("Last updated:     {}\n", a.updated_ms_ago.map(|m| format!("{} ago", super::age(m))).unwrap_or_else(|| "never".into()));
+    s
+}
+
+pub fn show_ha(st: &HaStatusView) -> String {
+    let mut s = String::new();
+    let yn = |b: bool| if b { "yes" } else { "no" };
+    if !st.enabled {
+        s += &format!("HA:               off{}\n", if st.configured { " (configured but not running)" } else { " (/HA/enabled is false)" });
+        if let Some(r) = &st.reason {
+            s += &format!("Reason:           {r}\n");
+        }
+        s += &format!("Ready:            {}\n", yn(st.ready));
+        s += &format!("Role:             {}\n", st.role);
+        s += &format!("Sessions:         {}\n", st.sessions);
+        return s;
+    }
+    s += "HA:               on\n";
+    s += &format!("Local node:       {}{}\n", st.local_node.as_deref().unwrap_or("-"), st.matched_by.as_deref().map(|m| format!(" (matched by {m})")).unwrap_or_default());
+    s += &format!("Remote node:      {}\n", st.remote_node.as_deref().unwrap_or("-"));
+    s += &format!("Role:             {}\n", st.role);
+    s += &format!("Ready:            {}\n", yn(st.ready));
+    s += &format!("Peer link:        {}\n", st.link);
+    s += &format!("Sync mode:        {}\n", st.sync);
+    s += &format!("Positions:        local head {}, peer acknowledged {}, peer head {}, applied of peer {}\n", st.local_head, st.peer_acked, st.peer_head, st.applied_of_peer);
+    s += &format!("Lag:              {} change(s), {} ms\n", st.lag_changes, st.lag_ms);
+    match &st.last_resync {
+        Some(r) => s += &format!("Last resync:      {} ({}), {} record(s) in {} ms, {} ago\n", r.kind, r.direction, r.records, r.duration_ms, super::age(now_ms().saturating_sub(r.at_ms))),
+        None => s += "Last resync:      none yet\n",
+    }
+    s += &format!(
+        "Cluster config:   {}\n",
+        match st.config_digest_match {
+            Some(true) => "identical on both nodes",
+            Some(false) => "DIFFERS from the peer's: both nodes must have the same subclusters and agents",
+            None => "not compared yet",
+        }
+    );
+    s += &format!("Degraded:         {}{}\n", yn(st.degraded), st.degraded_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default());
+    s += &format!("Sessions:         {}\n", st.sessions);
+    s
+}

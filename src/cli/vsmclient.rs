@@ -1,0 +1,170 @@
+//! `vsmclient`: what a user runs on the master (usually as `ssh user@master vsmclient connect`)
+//! to get a desktop session: it asks `vsmserver` over its Unix socket and prints where the
+//! session lives.
+
+use crate::client::{call, socket_path, Target};
+use crate::proto::api::{ApiReply, ApiRequest, ConnectInfo};
+use crate::model::SessionId;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vsmclient",
+    version,
+    about = "Get a remote-desktop session from the vsm master",
+    long_about = "Asks vsmserver on this machine for a desktop session and prints where it lives \
+(agent address, display, VNC port). Your identity is the Unix user running this command, \
+normally the user you logged in as with ssh.",
+    after_help = "Examples:\n  ssh alice@tlha vsmclient connect            reconnect to your session or start one\n  ssh alice@tlha vsmclient connect --json     the same, as JSON for scripts\n  vsmclient connect --new                     an additional session (if allowed)\n  vsmclient connect --terminate-existing      end your session and start a fresh one\n  vsmclient list                              your sessions\n  vsmclient terminate 3f2a9c...               end one of them"
+)]
+pub struct Args {
+    /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// Configuration directory used to find the socket.
+    #[arg(long, global = true, env = "VSM_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Act for this user (root only).
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// Give up after this many seconds.
+    #[arg(long, global = true, default_value_t = 60)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Reconnect to your running session, or create one.
+    Connect {
+        /// Ask for an additional session (within /vsmserver/max_sessions_per_user).
+        #[arg(long)]
+        new: bool,
+        /// End your existing session(s) first, then create a new one.
+        #[arg(long)]
+        terminate_existing: bool,
+        /// Screen size WIDTHxHEIGHT for a new session.
+        #[arg(long)]
+        geometry: Option<String>,
+    },
+    /// List your sessions.
+    List,
+    /// End one of your sessions.
+    Terminate {
+        /// The session id (see `vsmclient list`).
+        id: String,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vsmclient: cannot start: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(run(args))
+}
+
+fn client_address() -> Option<String> {
+    std::env::var("SSH_CONNECTION").ok().and_then(|v| v.split_whitespace().next().map(str::to_string))
+}
+
+pub fn describe(info: &ConnectInfo) -> String {
+    format!(
+        "{} session {} of user {}\n  agent:    {} (address {})\n  display:  :{}\n  VNC port: {}\n",
+        if info.reconnected { "Reconnected to" } else { "Created" },
+        info.session_id,
+        info.user,
+        info.agent,
+        info.agent_address,
+        info.display,
+        info.vnc_port
+    )
+}
+
+async fn run(args: Args) -> ExitCode {
+    let target = Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()));
+    let req = match &args.command {
+        Command::Connect { new, terminate_existing, geometry } => ApiRequest::Connect {
+            user: args.user.clone(),
+            new: *new,
+            terminate_existing: *terminate_existing,
+            geometry: geometry.clone(),
+            client_address: client_address(),
+        },
+        Command::List => ApiRequest::MySessions { user: args.user.clone() },
+        Command::Terminate { id } => ApiRequest::TerminateMine { user: args.user.clone(), session_id: SessionId(id.clone()) },
+    };
+    let reply = match call(&target, &req, Duration::from_secs(args.timeout)).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vsmclient: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match reply {
+        ApiReply::Connected { info } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+            } else {
+                print!("{}", describe(&info));
+            }
+            ExitCode::SUCCESS
+        }
+        ApiReply::Sessions { sessions } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&sessions).unwrap_or_default());
+            } else if sessions.is_empty() {
+                println!("You have no sessions.");
+            } else {
+                let now = crate::model::now_ms();
+                let rows: Vec<Vec<String>> = sessions
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.0.clone(),
+                            s.agent_address.clone(),
+                            format!(":{}", s.display),
+                            s.vnc_port.to_string(),
+                            s.status.to_string(),
+                            super::age(now.saturating_sub(s.created_ms)),
+                        ]
+                    })
+                    .collect();
+                print!("{}", super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE"], &rows));
+            }
+            ExitCode::SUCCESS
+        }
+        ApiReply::Terminated { outcome } => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+            } else {
+                for s in &outcome.terminated {
+                    println!("Terminated session {} on {} (display :{}).", s.id, s.agent, s.display);
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        ApiReply::Error { kind, message } => {
+            if args.json {
+                println!("{}", serde_json::json!({ "error": kind, "message": message }));
+            }
+            eprintln!("vsmclient: {message}");
+            ExitCode::from(1)
+        }
+        other => {
+            eprintln!("vsmclient: unexpected reply from vsmserver: {other:?}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `vsmserver`: flag parsing, configuration, logging and signals around [`crate::server`],
+//! plus the `demo` subcommand.
+
+use crate::server::{self, Overrides};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vsmserver",
+    version,
+    about = "The vsm master: session broker with high availability",
+    long_about = "Runs the vsm master daemon: the session database, the API for vsmclient and tlctl, \
+agent polling and, with /HA/enabled, replication to the other master. Configuration is read from \
+the configuration directory (see tl-config). `vsmserver demo` runs a self-contained demonstration \
+with two masters and two agents on loopback, with no root and no configuration.",
+    after_help = "Examples:\n  vsmserver                          run the daemon with /etc/vsm\n  vsmserver --config-dir ./conf -v   another configuration, more logging\n  vsmserver demo                     the two-master failover demonstration"
+)]
+pub struct Args {
+    /// Configuration directory (default /etc/vsm).
+    #[arg(long, env = "VSM_CONFIG_DIR")]
+    config_dir: Option<PathBuf>,
+    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Log one JSON object per line.
+    #[arg(long)]
+    log_json: bool,
+    /// Reach the HA peer at HOST:PORT instead of its /HA/nodes entry and /HA/port (for two
+    /// masters on one host, such as tests and the lab; combine with /HA/local_node).
+    #[arg(long, value_name = "HOST:PORT")]
+    peer_addr: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Two masters and two agents on loopback: sessions, failover, resync, narrated.
+    Demo(crate::demo::DemoArgs),
+    /// The demo's stand-in desktop: answers the RFB greeting on a port.
+    #[command(hide = true)]
+    DemoSession {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    if matches!(args.command, Some(Command::Demo(_))) && args.verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
+        // The demo narrates on stdout; only problems are logged unless asked for more.
+        std::env::set_var("RUST_LOG", "warn,vsm::ha::node=error,vsm::ha::engine=error");
+    }
+    crate::telemetry::init(args.verbose, args.log_json);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vsmserver: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match args.command {
+        Some(Command::Demo(d)) => rt.block_on(crate::demo::run(d)),
+        Some(Command::DemoSession { port }) => rt.block_on(crate::demo::fake_session(port)),
+        None => rt.block_on(daemon(args.config_dir, args.peer_addr)),
+    }
+}
+
+async fn daemon(config_dir: Option<PathBuf>, peer_addr: Option<String>) -> ExitCode {
+    let dir = crate::config::config_dir_from(config_dir);
+    let cfg = match crate::config::load(&dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vsmserver: invalid configuration in {}:\n{e}", dir.display());
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(config_dir = %dir.display(), "configuration loaded");
+    let listeners = match server::bind(&cfg).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("vsmserver: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let ov = Overrides { peer_addr, ..Overrides::default() };
+    match server::run(cfg, listeners, ov, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vsmserver: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,641 @@
+//! The owner thread: the only code that holds the SQLite connection.
+//!
+//! Owns: the connection, the in-memory copies of the clock, head and row counts, and the
+//! request loop with group commit.
+//! Must never: answer a write before its transaction committed, hold a transaction open
+//! while serving a read, or block on anything but the request queue and SQLite.
+//!
+//! Invariants:
+//! - `head`, `live` and `tombs` equal what the database holds whenever no transaction is
+//!   open; a failed transaction restores them.
+//! - `hlc` is never below any version stored in the database, and it is persisted in the
+//!   same transaction as the writes that advanced it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use rusqlite::{Connection, OptionalExtension, ToSql};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::merge::{self, Action, Winner};
+use super::store::{self, Stored};
+use super::{
+    ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead,
+    SessionFilter, SqlContext, Write, GROUP_MAX,
+};
+use crate::model::{now_ms, Change, Hlc, NodeId, Record, Seq, Session, SessionId, Version};
+
+type Reply<T> = oneshot::Sender<Result<T, DbError>>;
+
+/// A read: runs on the owner thread with no transaction open, answers through its own reply.
+pub(super) type ReadJob = Box<dyn FnOnce(&mut Owner) + Send>;
+
+// Sessions travel by value: boxing them would add an allocation per write.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Request {
+    Write(WriteReq),
+    Read(ReadJob),
+    Shutdown(Reply<()>),
+}
+
+/// A request that changes the database; these are grouped into one transaction.
+pub(super) enum WriteReq {
+    One {
+        write: Write,
+        reply: Reply<Committed>,
+    },
+    Batch {
+        writes: Vec<Write>,
+        reply: Reply<Vec<Committed>>,
+    },
+    Apply {
+        peer: String,
+        records: Vec<Record>,
+        pos: super::PositionUpdate,
+        reply: Reply<ApplyOutcome>,
+    },
+    Gc {
+        now_ms: u64,
+        reply: Reply<GcStats>,
+    },
+    SetPeer {
+        peer: String,
+        pos: Seq,
+        reply: Reply<()>,
+    },
+}
+
+/// The result of a write request, held until its transaction commits.
+#[allow(clippy::large_enum_variant)]
+enum Done {
+    One(Committed),
+    Batch(Vec<Committed>),
+    Apply(ApplyOutcome),
+    Gc(GcStats),
+    Unit,
+}
+
+impl WriteReq {
+    fn deliver(self, res: Result<Done, DbError>) {
+        // A receiver that went away is not our problem: the write is committed regardless.
+        match (self, res) {
+            (WriteReq::One { reply, .. }, Ok(Done::One(c))) => drop(reply.send(Ok(c))),
+            (WriteReq::Batch { reply, .. }, Ok(Done::Batch(c))) => drop(reply.send(Ok(c))),
+            (WriteReq::Apply { reply, .. }, Ok(Done::Apply(o))) => drop(reply.send(Ok(o))),
+            (WriteReq::Gc { reply, .. }, Ok(Done::Gc(g))) => drop(reply.send(Ok(g))),
+            (WriteReq::SetPeer { reply, .. }, Ok(Done::Unit)) => drop(reply.send(Ok(()))),
+            (req, Err(e)) => req.fail(e),
+            // `exec` answers each request in kind; a mismatch would drop the reply, which
+            // the caller sees as `Closed` rather than a wrong answer.
+            (_, Ok(_)) => debug_assert!(false, "write answered with the wrong kind"),
+        }
+    }
+
+    fn fail(self, e: DbError) {
+        match self {
+            WriteReq::One { reply, .. } => drop(reply.send(Err(e))),
+            WriteReq::Batch { reply, .. } => drop(reply.send(Err(e))),
+            WriteReq::Apply { reply, .. } => drop(reply.send(Err(e))),
+            WriteReq::Gc { reply, .. } => drop(reply.send(Err(e))),
+            WriteReq::SetPeer { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
+}
+
+/// What the caller of `open` gets back from the thread.
+pub(super) type Ready = Result<(String, watch::Receiver<Seq>), DbError>;
+
+/// Thread body: open, report readiness, serve until shut down or every handle is gone.
+pub(super) fn run(
+    opts: DbOptions,
+    rx: mpsc::Receiver<Request>,
+    ready: std::sync::mpsc::SyncSender<Ready>,
+) {
+    let owner = match Owner::open(&opts) {
+        Ok(o) => o,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok((owner.db_id.clone(), owner.head_tx.subscribe())));
+    owner.serve(rx);
+}
+
+pub(super) struct Owner {
+    conn: Connection,
+    /// Keeps other processes off the file for as long as this owner lives.
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    path: PathBuf,
+    node: NodeId,
+    db_id: String,
+    hlc: Hlc,
+    head: Seq,
+    live: u64,
+    tombs: u64,
+    changelog_retention: u64,
+    tombstone_retention_ms: u64,
+    head_tx: watch::Sender<Seq>,
+}
+
+/// The in-memory state a failed transaction must put back.
+#[derive(Clone, Copy)]
+struct Saved {
+    head: Seq,
+    live: u64,
+    tombs: u64,
+}
+
+impl Owner {
+    fn open(opts: &DbOptions) -> Result<Owner, DbError> {
+        let super::schema::Opened { conn, lock } =
+            super::schema::open(&opts.path, opts.synchronous)?;
+        let (db_id, wall, logical, head): (String, i64, i64, i64) = conn
+            .query_row(
+                "SELECT db_id, hlc_wall, hlc_logical, head_seq FROM meta WHERE id = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .ctx("read the database metadata")?;
+        let (live, tombs): (i64, i64) = conn
+            .query_row(
+                "SELECT count(*) FILTER (WHERE tombstone = 0), count(*) FILTER (WHERE tombstone = 1)
+                 FROM sessions",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .ctx("count sessions")?;
+        let head = Seq(head as u64);
+        let hlc = Hlc {
+            wall_ms: wall as u64,
+            logical: u32::try_from(logical).unwrap_or(u32::MAX),
+        };
+        tracing::info!(
+            path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
+            tombstones = tombs, "session database open"
+        );
+        Ok(Owner {
+            conn,
+            _lock: lock,
+            path: opts.path.clone(),
+            node: opts.node.clone(),
+            db_id,
+            hlc,
+            head,
+            live: live as u64,
+            tombs: tombs as u64,
+            changelog_retention: opts.changelog_retention,
+            tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis())
+                .unwrap_or(u64::MAX),
+            head_tx: watch::channel(head).0,
+        })
+    }
+
+    fn serve(mut self, mut rx: mpsc::Receiver<Request>) {
+        let mut batch: Vec<Request> = Vec::with_capacity(GROUP_MAX);
+        let mut writes: Vec<WriteReq> = Vec::with_capacity(GROUP_MAX);
+        let mut shutdowns: Vec<Reply<()>> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < GROUP_MAX {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            for req in batch.drain(..) {
+                match req {
+                    Request::Write(w) => writes.push(w),
+                    Request::Read(job) => {
+                        self.commit_group(&mut writes);
+                        job(&mut self);
+                    }
+                    Request::Shutdown(reply) => {
+                        // Refuse new requests; those already queued are still served.
+                        rx.close();
+                        shutdowns.push(reply);
+                    }
+                }
+            }
+            self.commit_group(&mut writes);
+        }
+        let res = self.finish();
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "closing the session database failed");
+        }
+        for reply in shutdowns {
+            let _ = reply.send(res.as_ref().map(|_| ()).map_err(|_| DbError::Closed));
+        }
+    }
+
+    fn finish(self) -> Result<(), DbError> {
+        // A snapshot reader still running keeps part of the log; the checkpoint then
+        // reports "busy" in its result row, which is fine: the next open replays it.
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .ctx("checkpoint the write-ahead log")?;
+        self.conn
+            .close()
+            .map_err(|(_, e)| DbError::sqlite("close the database", e))?;
+        tracing::info!("session database closed");
+        Ok(())
+    }
+
+    // ---- transactions ------------------------------------------------------------------
+
+    fn saved(&self) -> Saved {
+        Saved {
+            head: self.head,
+            live: self.live,
+            tombs: self.tombs,
+        }
+    }
+
+    fn restore(&mut self, s: Saved) {
+        self.head = s.head;
+        self.live = s.live;
+        self.tombs = s.tombs;
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction that also persists the clock and head.
+    /// On error everything is rolled back, in the database and in memory.
+    fn transact<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        let saved = self.saved();
+        let res = (|| {
+            self.conn
+                .prepare_cached("BEGIN IMMEDIATE")
+                .and_then(|mut s| s.execute([]))
+                .ctx("begin a transaction")?;
+            let out = f(self)?;
+            store::save_meta(&self.conn, self.hlc, self.head)?;
+            self.conn
+                .prepare_cached("COMMIT")
+                .and_then(|mut s| s.execute([]))
+                .ctx("commit")?;
+            Ok(out)
+        })();
+        if res.is_err() {
+            // Fails harmlessly when SQLite already rolled back on its own.
+            let _ = self.conn.execute_batch("ROLLBACK");
+            self.restore(saved);
+        } else if self.head != saved.head {
+            self.head_tx.send_replace(self.head);
+        }
+        res
+    }
+
+    /// Commits the queued writes in one transaction and answers them; if that fails,
+    /// redoes them one transaction each so only the failing request sees an error.
+    fn commit_group(&mut self, writes: &mut Vec<WriteReq>) {
+        if writes.is_empty() {
+            return;
+        }
+        let res = self.transact(|o| {
+            writes
+                .iter()
+                .map(|w| o.exec(w))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        match res {
+            Ok(done) => {
+                for (w, d) in writes.drain(..).zip(done) {
+                    w.deliver(Ok(d));
+                }
+            }
+            Err(e) if writes.len() == 1 => {
+                if let Some(w) = writes.pop() {
+                    w.fail(e);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, requests = writes.len(), "group commit failed; retrying one by one");
+                for w in writes.drain(..) {
+                    let res = self.transact(|o| o.exec(&w));
+                    w.deliver(res);
+                }
+            }
+        }
+    }
+
+    fn exec(&mut self, w: &WriteReq) -> Result<Done, DbError> {
+        match w {
+            WriteReq::One { write, .. } => self.local_write(write).map(Done::One),
+            WriteReq::Batch { writes, .. } => writes
+                .iter()
+                .map(|w| self.local_write(w))
+                .collect::<Result<_, _>>()
+                .map(Done::Batch),
+            WriteReq::Apply {
+                peer, records, pos, ..
+            } => self.apply(peer, records, *pos).map(Done::Apply),
+            WriteReq::Gc { now_ms, .. } => self.gc(*now_ms).map(Done::Gc),
+            WriteReq::SetPeer { peer, pos, .. } => {
+                self.set_peer(peer, *pos, false).map(|()| Done::Unit)
+            }
+        }
+    }
+
+    fn count(&mut self, before: Option<&Stored>, after_tombstone: bool) {
+        match before {
+            Some(s) if s.tombstone => self.tombs = self.tombs.saturating_sub(1),
+            Some(_) => self.live = self.live.saturating_sub(1),
+            None => {}
+        }
+        if after_tombstone {
+            self.tombs += 1;
+        } else {
+            self.live += 1;
+        }
+    }
+
+    // ---- writes (inside a transaction) -------------------------------------------------
+
+    fn local_write(&mut self, w: &Write) -> Result<Committed, DbError> {
+        let id = w.id();
+        let prior = store::stored(&self.conn, id)?;
+        // The clock already exceeds every stored version; the max() keeps that true even
+        // if the metadata were ever behind the rows.
+        let base = match &prior {
+            Some(p) if p.version.hlc > self.hlc => p.version.hlc,
+            _ => self.hlc,
+        };
+        self.hlc = base.tick(now_ms());
+        let version = Version {
+            hlc: self.hlc,
+            node: self.node.clone(),
+        };
+        let session = match w {
+            Write::Upsert(s) => Some(s.clone()),
+            Write::Delete(_) => None,
+        };
+        let record = Record {
+            id: id.clone(),
+            version: version.clone(),
+            session,
+        };
+        store::put(&self.conn, &record)?;
+        let seq = self.head.next();
+        store::append_change(&self.conn, seq, &record)?;
+        self.head = seq;
+        self.count(prior.as_ref(), record.is_tombstone());
+        let was_live = matches!(
+            prior,
+            Some(Stored {
+                tombstone: false,
+                ..
+            })
+        );
+        Ok(Committed {
+            seq,
+            version,
+            record,
+            was_live,
+        })
+    }
+
+    fn apply(&mut self, peer: &str, records: &[Record], pos: super::PositionUpdate) -> Result<ApplyOutcome, DbError> {
+        let mut out = ApplyOutcome::default();
+        let mut newest: Option<Hlc> = None;
+        for rec in records {
+            validate(rec)?;
+            if newest.map_or(true, |h| rec.version.hlc > h) {
+                newest = Some(rec.version.hlc);
+            }
+            let prior = store::stored(&self.conn, &rec.id)?;
+            let action = merge::decide(prior.as_ref().map(|p| &p.version), &rec.version);
+            // Only versions from another node can be concurrent; load the body just then.
+            let concurrent = prior
+                .as_ref()
+                .is_some_and(|p| p.version != rec.version && p.version.node != rec.version.node);
+            if concurrent {
+                if let Some(local) = store::load(&self.conn, &self.path, &rec.id)? {
+                    if merge::is_conflict(&local, rec) {
+                        let winner = if action == Action::Store {
+                            Winner::Remote
+                        } else {
+                            Winner::Local
+                        };
+                        debug_assert_eq!(Some(winner), merge::winner(&local, rec));
+                        out.conflicts.push(Conflict {
+                            local,
+                            remote: rec.clone(),
+                            winner,
+                        });
+                    }
+                }
+            }
+            match action {
+                Action::Store => {
+                    store::put(&self.conn, rec)?;
+                    self.count(prior.as_ref(), rec.is_tombstone());
+                    out.applied += 1;
+                }
+                Action::Skip => out.skipped += 1,
+            }
+        }
+        if let Some(h) = newest {
+            self.hlc = self.hlc.observe(h, now_ms());
+        }
+        match pos {
+            super::PositionUpdate::Keep => {}
+            super::PositionUpdate::Advance(p) => self.set_peer(peer, p, true)?,
+            super::PositionUpdate::Set(p) => self.set_peer(peer, p, false)?,
+        }
+        Ok(out)
+    }
+
+    fn set_peer(&mut self, peer: &str, pos: Seq, forward_only: bool) -> Result<(), DbError> {
+        let sql = if forward_only {
+            "INSERT INTO peer_positions (peer_db_id, seq) VALUES (?1, ?2)
+             ON CONFLICT(peer_db_id) DO UPDATE SET seq = max(seq, excluded.seq)"
+        } else {
+            "INSERT INTO peer_positions (peer_db_id, seq) VALUES (?1, ?2)
+             ON CONFLICT(peer_db_id) DO UPDATE SET seq = excluded.seq"
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached(sql)
+            .ctx("prepare a peer position update")?;
+        stmt.execute(rusqlite::params![peer, pos.0 as i64])
+            .ctx("store a peer position")?;
+        Ok(())
+    }
+
+    fn gc(&mut self, now_ms: u64) -> Result<GcStats, DbError> {
+        let cutoff = now_ms.saturating_sub(self.tombstone_retention_ms);
+        let tombstones = self
+            .conn
+            .execute(
+                "DELETE FROM sessions WHERE tombstone = 1 AND tombstone_at_ms < ?1",
+                [i64::try_from(cutoff).unwrap_or(i64::MAX)],
+            )
+            .ctx("forget old tombstones")?;
+        self.tombs = self.tombs.saturating_sub(tombstones as u64);
+        let changes = match self.head.0.checked_sub(self.changelog_retention) {
+            Some(keep_after) if keep_after > 0 => self
+                .conn
+                .execute("DELETE FROM changelog WHERE seq <= ?1", [keep_after as i64])
+                .ctx("trim the change log")?,
+            _ => 0,
+        };
+        if tombstones > 0 || changes > 0 {
+            tracing::debug!(tombstones, changes, "session database gc");
+        }
+        Ok(GcStats {
+            tombstones,
+            changes,
+        })
+    }
+
+    // ---- reads (no transaction open unless stated) -------------------------------------
+
+    pub(super) fn get(&mut self, id: &SessionId) -> Result<Option<Session>, DbError> {
+        Ok(self.record(id)?.and_then(|r| r.session))
+    }
+
+    pub(super) fn record(&mut self, id: &SessionId) -> Result<Option<Record>, DbError> {
+        store::load(&self.conn, &self.path, id)
+    }
+
+    pub(super) fn list(&mut self, f: &SessionFilter) -> Result<Vec<Session>, DbError> {
+        let mut sql = format!(
+            "SELECT {} FROM sessions WHERE tombstone = 0",
+            store::COLUMNS
+        );
+        let display = f.display.map(i64::from);
+        let status = f.status.map(|s| s.as_str());
+        let mut args: Vec<&dyn ToSql> = Vec::new();
+        for (col, val) in [
+            ("user", f.user.as_ref().map(|v| v as &dyn ToSql)),
+            ("agent", f.agent.as_ref().map(|v| v as &dyn ToSql)),
+            ("display", display.as_ref().map(|v| v as &dyn ToSql)),
+            ("subcluster", f.subcluster.as_ref().map(|v| v as &dyn ToSql)),
+            ("status", status.as_ref().map(|v| v as &dyn ToSql)),
+        ] {
+            if let Some(v) = val {
+                sql.push_str(&format!(" AND {col} = ?"));
+                args.push(v);
+            }
+        }
+        if f.exclude_unreachable {
+            sql.push_str(" AND status <> 'unreachable'");
+        }
+        sql.push_str(" ORDER BY created_ms, id");
+        let mut stmt = self
+            .conn
+            .prepare_cached(&sql)
+            .ctx("prepare a session listing")?;
+        let rows = stmt
+            .query_map(args.as_slice(), store::raw_from_row)
+            .ctx("list sessions")?;
+        let mut out = Vec::new();
+        for raw in rows {
+            if let Some(s) = raw.ctx("list sessions")?.into_record(&self.path)?.session {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn count_users_per_agent(&mut self) -> Result<BTreeMap<String, usize>, DbError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT agent, count(DISTINCT user) FROM sessions WHERE tombstone = 0 GROUP BY agent",
+            )
+            .ctx("prepare the users-per-agent count")?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .ctx("count users per agent")?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (agent, n) = row.ctx("count users per agent")?;
+            out.insert(agent, n as usize);
+        }
+        Ok(out)
+    }
+
+    fn oldest(&self) -> Result<Seq, DbError> {
+        let min: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT min(seq) FROM changelog")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .ctx("find the oldest change")?;
+        Ok(min.map_or(self.head.next(), |m| Seq(m as u64)))
+    }
+
+    pub(super) fn status(&mut self) -> Result<DbStatus, DbError> {
+        Ok(DbStatus {
+            db_id: self.db_id.clone(),
+            head: self.head,
+            oldest: self.oldest()?,
+            sessions: self.live,
+            tombstones: self.tombs,
+            hlc: self.hlc,
+        })
+    }
+
+    pub(super) fn changes_since(&mut self, after: Seq, limit: usize) -> Result<LogRead, DbError> {
+        let oldest = self.oldest()?;
+        if after > self.head || after.0 + 1 < oldest.0 {
+            return Ok(LogRead::Truncated { oldest });
+        }
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, record FROM changelog WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .ctx("prepare a change-log read")?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map([after.0 as i64, limit], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
+            .ctx("read the change log")?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, body) = row.ctx("read the change log")?;
+            let record: Record = serde_json::from_str(&body).map_err(|e| DbError::Corrupt {
+                path: self.path.clone(),
+                detail: format!("change {seq} cannot be decoded: {e}"),
+            })?;
+            out.push(Change {
+                seq: Seq(seq as u64),
+                record,
+            });
+        }
+        Ok(LogRead::Changes(out))
+    }
+
+    pub(super) fn peer_position(&mut self, peer: &str) -> Result<Seq, DbError> {
+        let seq: Option<i64> = self
+            .conn
+            .prepare_cached("SELECT seq FROM peer_positions WHERE peer_db_id = ?1")
+            .and_then(|mut s| s.query_row([peer], |r| r.get(0)).optional())
+            .ctx("read a peer position")?;
+        Ok(seq.map_or(Seq::ZERO, |s| Seq(s as u64)))
+    }
+}
+
+/// Rejects records a peer must never send: a body under another id, or a clock reading
+/// that does not fit the database's signed 64-bit integers.
+fn validate(rec: &Record) -> Result<(), DbError> {
+    if let Some(s) = &rec.session {
+        if s.id != rec.id {
+            return Err(DbError::InvalidRecord {
+                id: rec.id.clone(),
+                detail: format!("its session carries another id ({})", s.id),
+            });
+        }
+    }
+    if rec.version.hlc.wall_ms > i64::MAX as u64 {
+        return Err(DbError::InvalidRecord {
+            id: rec.id.clone(),
+            detail: format!("clock reading {} is out of range", rec.version.hlc),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Whole-database reads (snapshots, digests) on a connection of their own.
+//!
+//! Owns: short-lived reader threads, each with a read-only connection and one read
+//! transaction. WAL gives each of them one consistent state while the owner keeps
+//! committing, so a 100,000-session snapshot neither stalls writes nor has to sit in
+//! memory at once: chunks go out through a channel of two, at the pace of the consumer.
+//! Must never: write, or read `meta` and `sessions` in different transactions.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::Connection;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use super::store;
+use super::{DbError, SqlContext};
+use crate::model::{Record, Seq};
+
+/// Head, database id and record count of a snapshot, sent before its chunks.
+pub(super) type Header = Result<(Seq, String, u64), DbError>;
+
+/// Thread body of a snapshot stream.
+pub(super) fn stream(
+    path: PathBuf,
+    chunk: usize,
+    header: oneshot::Sender<Header>,
+    out: mpsc::Sender<Result<Vec<Record>, DbError>>,
+) {
+    let mut header = Some(header);
+    let res = (|| {
+        let mut conn = super::schema::open_reader(&path)?;
+        let tx = conn.transaction().ctx("begin a snapshot")?;
+        let (head, db_id, total) = read_header(&tx)?;
+        let sent = header
+            .take()
+            .map(|h| h.send(Ok((head, db_id, total))).is_ok());
+        if sent != Some(true) {
+            return Ok(());
+        }
+        let mut buf = Vec::with_capacity(chunk);
+        let mut stopped = false;
+        each_record(&tx, &path, Order::Storage, |r| {
+            buf.push(r);
+            if buf.len() >= chunk {
+                let full = std::mem::replace(&mut buf, Vec::with_capacity(chunk));
+                if out.blocking_send(Ok(full)).is_err() {
+                    stopped = true;
+                }
+            }
+            !stopped
+        })?;
+        if !buf.is_empty() && !stopped {
+            let _ = out.blocking_send(Ok(buf));
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        match header.take() {
+            Some(h) => drop(h.send(Err(e))),
+            None => drop(out.blocking_send(Err(e))),
+        }
+    }
+}
+
+/// SHA-256 (hex) over every record in id order, each field length-prefixed.
+pub(super) fn digest(path: &Path) -> Result<String, DbError> {
+    fn field(h: &mut Sha256, b: &[u8]) {
+        h.update((b.len() as u64).to_le_bytes());
+        h.update(b);
+    }
+    let mut conn = super::schema::open_reader(path)?;
+    let tx = conn.transaction().ctx("begin a digest")?;
+    let mut h = Sha256::new();
+    let mut body = Vec::new();
+    each_record(&tx, path, Order::Id, |r| {
+        field(&mut h, r.id.0.as_bytes());
+        h.update(r.version.hlc.wall_ms.to_le_bytes());
+        h.update(r.version.hlc.logical.to_le_bytes());
+        field(&mut h, r.version.node.0.as_bytes());
+        match &r.session {
+            None => h.update([1u8]),
+            Some(s) => {
+                h.update([0u8]);
+                body.clear();
+                // Writing plain data into a Vec cannot fail.
+                let _ = serde_json::to_writer(&mut body, s);
+                field(&mut h, &body);
+            }
+        }
+        true
+    })?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn read_header(conn: &Connection) -> Result<(Seq, String, u64), DbError> {
+    let (db_id, head): (String, i64) = conn
+        .query_row("SELECT db_id, head_seq FROM meta WHERE id = 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .ctx("read the snapshot head")?;
+    let total: i64 = conn
+        .query_row("SELECT count(*) FROM sessions", [], |r| r.get(0))
+        .ctx("count the snapshot")?;
+    Ok((Seq(head as u64), db_id, total as u64))
+}
+
+enum Order {
+    /// Sorted by session id (for digests, which must not depend on storage).
+    Id,
+    /// As stored: a sequential scan, the fastest way through the table.
+    Storage,
+}
+
+/// Calls `f` with every record until it returns false.
+fn each_record(
+    conn: &Connection,
+    path: &Path,
+    order: Order,
+    mut f: impl FnMut(Record) -> bool,
+) -> Result<(), DbError> {
+    let order = match order {
+        Order::Id => " ORDER BY id",
+        Order::Storage => "",
+    };
+    let mut stmt = conn
+        .prepare(&format!("SELECT {} FROM sessions{order}", store::COLUMNS))
+        .ctx("prepare a full read")?;
+    let rows = stmt
+        .query_map([], store::raw_from_row)
+        .ctx("read every session")?;
+    for raw in rows {
+        if !f(raw.ctx("read every session")?.into_record(path)?) {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! Opening the database file safely, and the numbered schema migrations.
+//!
+//! Owns: the checks done before anything is written to a file (is it SQLite, is it ours,
+//! is its schema one we know), the connection pragmas, and the list of migrations.
+//! Must never: modify a file it refused, or run a migration outside a transaction.
+//!
+//! Invariants:
+//! - `PRAGMA user_version` is the number of migrations applied; migration `n` (1-based)
+//!   and the `user_version = n` update commit together, so a crash leaves either the old
+//!   or the new schema, never half of one.
+//! - A file whose `user_version` is above [`KNOWN_VERSION`] is refused before any write,
+//!   so a downgraded binary cannot damage a database made by a newer one.
+//! - `PRAGMA application_id` marks the file as a vsm session database; an SQLite file
+//!   carrying another application's id, or tables but no version, is refused.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, Transaction};
+
+use super::{DbError, SqlContext};
+use crate::config::DbSynchronous;
+
+/// `PRAGMA application_id` of a vsm session database ("vsm1").
+pub(super) const APPLICATION_ID: i64 = 0x7673_6d31;
+
+type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
+
+/// Migration `i + 1` is `MIGRATIONS[i]`. Append only; never edit a released migration.
+const MIGRATIONS: &[Migration] = &[v1_initial];
+
+/// The highest schema version this code knows.
+pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Version 1: sessions (incl. tombstones), change log, metadata, peer positions.
+///
+/// `sessions` is a rowid table: new rows append at the end and only the small id index
+/// takes random inserts (session ids are random), which keeps inserts cache-friendly.
+fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE meta (
+             id          INTEGER PRIMARY KEY CHECK (id = 1),
+             db_id       TEXT    NOT NULL,
+             created_ms  INTEGER NOT NULL,
+             hlc_wall    INTEGER NOT NULL,
+             hlc_logical INTEGER NOT NULL,
+             head_seq    INTEGER NOT NULL
+         );
+         CREATE TABLE sessions (
+             id                  TEXT    PRIMARY KEY NOT NULL,
+             user                TEXT,
+             subcluster          TEXT,
+             agent               TEXT,
+             agent_address       TEXT,
+             display             INTEGER,
+             vnc_port            INTEGER,
+             status              TEXT,
+             created_ms          INTEGER,
+             last_connect_ms     INTEGER,
+             last_client_address TEXT,
+             pid                 INTEGER,
+             command             TEXT,
+             geometry            TEXT,
+             client_params       TEXT,
+             hlc_wall            INTEGER NOT NULL,
+             hlc_logical         INTEGER NOT NULL,
+             origin              TEXT    NOT NULL,
+             tombstone           INTEGER NOT NULL,
+             tombstone_at_ms     INTEGER
+         );
+         CREATE INDEX sessions_by_user ON sessions(user) WHERE tombstone = 0;
+         CREATE INDEX sessions_by_agent_display ON sessions(agent, display) WHERE tombstone = 0;
+         CREATE INDEX sessions_by_subcluster ON sessions(subcluster) WHERE tombstone = 0;
+         CREATE INDEX sessions_by_tombstone ON sessions(tombstone, tombstone_at_ms);
+         CREATE TABLE changelog (
+             seq        INTEGER PRIMARY KEY,
+             session_id TEXT NOT NULL,
+             record     TEXT NOT NULL
+         );
+         CREATE TABLE peer_positions (
+             peer_db_id TEXT PRIMARY KEY NOT NULL,
+             seq        INTEGER NOT NULL
+         ) WITHOUT ROWID;",
+    )?;
+    tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+    tx.execute(
+        "INSERT INTO meta (id, db_id, created_ms, hlc_wall, hlc_logical, head_seq)
+         VALUES (1, ?1, ?2, 0, 0, 0)",
+        rusqlite::params![new_db_id(), crate::model::now_ms() as i64],
+    )?;
+    Ok(())
+}
+
+/// A random 128-bit identity for a freshly created database, as hex.
+fn new_db_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The open database plus the lock that keeps other processes away from it.
+pub(super) struct Opened {
+    pub conn: Connection,
+    /// Held for as long as the owner lives; dropping it releases the lock.
+    pub lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// Takes the exclusive advisory lock on `<path>.lock`, so a second vsmserver on the same
+/// data directory fails instead of interleaving sequence numbers. The lock lives in its
+/// own file (SQLite's own locks stay untouched) and vanishes with the process.
+fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DbError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| DbError::Io {
+            context: format!("open the lock file {}", Path::new(&lock_path).display()),
+            source,
+        })?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| match errno {
+            nix::errno::Errno::EWOULDBLOCK => DbError::Locked {
+                path: path.to_path_buf(),
+            },
+            e => DbError::Io {
+                context: format!("lock {}", Path::new(&lock_path).display()),
+                source: std::io::Error::from(e),
+            },
+        },
+    )
+}
+
+/// Opens (creating if absent) and migrates the database at `path`.
+///
+/// Checks happen in an order that never writes to a file that is then refused:
+/// read the header pragmas, refuse newer or foreign files, run `quick_check` on existing
+/// files, and only then switch to WAL and migrate.
+pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, DbError> {
+    if path.is_dir() {
+        return Err(corrupt(path, "it is a directory, expected an sqlite file"));
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| DbError::Io {
+            context: format!("create the database directory {}", parent.display()),
+            source,
+        })?;
+    }
+    let lock = lock(path)?;
+    let existed = std::fs::metadata(path)
+        .map(|m| m.len() > 0)
+        .unwrap_or(false);
+
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let mut conn =
+        Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;
+    conn.busy_timeout(Duration::from_secs(2))
+        .ctx("set the busy timeout")?;
+
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| classify(path, e, "read the schema version"))?;
+    if version > KNOWN_VERSION {
+        return Err(DbError::NewerSchema {
+            path: path.to_path_buf(),
+            found: version,
+            known: KNOWN_VERSION,
+        });
+    }
+    if existed {
+        let app_id: i64 = conn
+            .query_row("PRAGMA application_id", [], |r| r.get(0))
+            .map_err(|e| classify(path, e, "read the application id"))?;
+        if app_id != 0 && app_id != APPLICATION_ID {
+            return Err(corrupt(
+                path,
+                &format!(
+                    "it is an sqlite database of another application (application_id {app_id:#x})"
+                ),
+            ));
+        }
+        if version == 0 {
+            let objects: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(|e| classify(path, e, "list the schema"))?;
+            if objects > 0 {
+                return Err(corrupt(
+                    path,
+                    "it is an sqlite database with tables but no vsm schema version",
+                ));
+            }
+        }
+        quick_check(&conn, path)?;
+    }
+
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(|e| classify(path, e, "switch to WAL mode"))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(corrupt(
+            path,
+            &format!("cannot use WAL mode (journal mode stays {mode})"),
+        ));
+    }
+    let sync = match synchronous {
+        DbSynchronous::Full => "FULL",
+        DbSynchronous::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .ctx("set synchronous")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .ctx("set temp_store")?;
+    conn.set_prepared_statement_cache_capacity(64);
+
+    migrate(&mut conn, path, version)?;
+    Ok(Opened { conn, lock })
+}
+
+/// A second, read-only connection to a database the owner already opened and migrated;
+/// WAL lets it read one consistent state while the owner keeps committing.
+pub(super) fn open_reader(path: &Path) -> Result<Connection, DbError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let conn =
+        Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a reader"))?;
+    conn.busy_timeout(Duration::from_secs(2))
+        .ctx("set the busy timeout")?;
+    conn.pragma_update(None, "query_only", true)
+        .ctx("make a reader read-only")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path, from: i64) -> Result<(), DbError> {
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(from.max(0) as usize) {
+        let to = i as i64 + 1;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| classify(path, e, "begin a migration"))?;
+        step(&tx).map_err(|e| classify(path, e, "migrate the schema"))?;
+        tx.pragma_update(None, "user_version", to)
+            .ctx("record the schema version")?;
+        tx.commit()
+            .map_err(|e| classify(path, e, "commit a migration"))?;
+        tracing::info!(path = %path.display(), version = to, "session database schema migrated");
+    }
+    Ok(())
+}
+
+fn quick_check(conn: &Connection, path: &Path) -> Result<(), DbError> {
+    let mut stmt = conn
+        .prepare("PRAGMA quick_check(5)")
+        .map_err(|e| classify(path, e, "check the database"))?;
+    let lines: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| classify(path, e, "check the database"))?;
+    if lines.len() == 1 && lines[0] == "ok" {
+        Ok(())
+    } else {
+        Err(corrupt(
+            path,
+            &format!("integrity check failed: {}", lines.join("; ")),
+        ))
+    }
+}
+
+fn corrupt(path: &Path, detail: &str) -> DbError {
+    DbError::Corrupt {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
+}
+
+/// Maps an error met while opening to what the caller must do about it.
+fn classify(path: &Path, e: rusqlite::Error, doing: &'static str) -> DbError {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => corrupt(path, "it is not an sqlite database"),
+        Some(ErrorCode::DatabaseCorrupt) => {
+            corrupt(path, &format!("sqlite reports corruption: {e}"))
+        }
+        Some(ErrorCode::DatabaseBusy) | Some(ErrorCode::DatabaseLocked) => DbError::Locked {
+            path: path.to_path_buf(),
+        },
+        _ => DbError::sqlite(doing, e),
+    }
+}

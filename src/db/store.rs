@@ -1,0 +1,290 @@
+//! Rows and statements: how a [`Record`] maps to the `sessions` table and back.
+//!
+//! Owns: the column order, the encoding of each field, and the SQL text of every
+//! statement the owner runs. Must never: start or end a transaction (the owner decides
+//! where transactions begin and end).
+//!
+//! Encoding: `u64` values (times, clock) are stored as the same 64 bits in an INTEGER, so
+//! no value is lost; SQL never orders by them except `tombstone_at_ms` in `gc`.
+//! `command` and `client_params` are JSON text. Tombstones keep every body column NULL.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{DbError, SqlContext};
+use crate::model::{Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
+
+/// Every column of `sessions`, in the order [`record_from_row`] reads them.
+pub(super) const COLUMNS: &str = "id, user, subcluster, agent, agent_address, display, vnc_port, \
+     status, created_ms, last_connect_ms, last_client_address, pid, command, geometry, \
+     client_params, hlc_wall, hlc_logical, origin, tombstone";
+
+/// Previous state of a row, as far as a write needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Stored {
+    pub version: Version,
+    pub tombstone: bool,
+}
+
+pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>, DbError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT hlc_wall, hlc_logical, origin, tombstone FROM sessions WHERE id = ?1",
+        )
+        .ctx("prepare a version lookup")?;
+    stmt.query_row([&id.0], |r| {
+        Ok(Stored {
+            version: Version {
+                hlc: Hlc {
+                    wall_ms: r.get::<_, i64>(0)? as u64,
+                    logical: r.get::<_, i64>(1)? as u32,
+                },
+                node: NodeId(r.get(2)?),
+            },
+            tombstone: r.get::<_, i64>(3)? != 0,
+        })
+    })
+    .optional()
+    .ctx("look up a version")
+}
+
+pub(super) fn load(
+    conn: &Connection,
+    path: &Path,
+    id: &SessionId,
+) -> Result<Option<Record>, DbError> {
+    let mut stmt = conn
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM sessions WHERE id = ?1"))
+        .ctx("prepare a record lookup")?;
+    let row = stmt
+        .query_row([&id.0], raw_from_row)
+        .optional()
+        .ctx("read a record")?;
+    row.map(|r| r.into_record(path)).transpose()
+}
+
+/// Inserts or replaces the row of `rec.id` with `rec`.
+pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT INTO sessions (id, user, subcluster, agent, agent_address, display, vnc_port,
+                 status, created_ms, last_connect_ms, last_client_address, pid, command, geometry,
+                 client_params, hlc_wall, hlc_logical, origin, tombstone, tombstone_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                 ?18, ?19, ?20)
+             ON CONFLICT(id) DO UPDATE SET
+                 user = excluded.user, subcluster = excluded.subcluster, agent = excluded.agent,
+                 agent_address = excluded.agent_address, display = excluded.display,
+                 vnc_port = excluded.vnc_port, status = excluded.status,
+                 created_ms = excluded.created_ms, last_connect_ms = excluded.last_connect_ms,
+                 last_client_address = excluded.last_client_address, pid = excluded.pid,
+                 command = excluded.command, geometry = excluded.geometry,
+                 client_params = excluded.client_params, hlc_wall = excluded.hlc_wall,
+                 hlc_logical = excluded.hlc_logical, origin = excluded.origin,
+                 tombstone = excluded.tombstone, tombstone_at_ms = excluded.tombstone_at_ms",
+        )
+        .ctx("prepare a session upsert")?;
+    let v = &rec.version;
+    let (wall, logical, origin) = (v.hlc.wall_ms as i64, v.hlc.logical as i64, &v.node.0);
+    match &rec.session {
+        Some(s) => {
+            let command = json(&s.command)?;
+            let client_params = json(&s.client_params)?;
+            stmt.execute(params![
+                rec.id.0,
+                s.user,
+                s.subcluster,
+                s.agent,
+                s.agent_address,
+                s.display as i64,
+                s.vnc_port as i64,
+                s.status.as_str(),
+                s.created_ms as i64,
+                s.last_connect_ms as i64,
+                s.last_client_address,
+                s.pid as i64,
+                command,
+                s.geometry,
+                client_params,
+                wall,
+                logical,
+                origin,
+                0i64,
+                None::<i64>,
+            ])
+        }
+        None => {
+            let null: Option<&str> = None;
+            stmt.execute(params![
+                rec.id.0, null, null, null, null, null, null, null, null, null, null, null, null,
+                null, null, wall, logical, origin, 1i64, wall,
+            ])
+        }
+    }
+    .ctx("store a session")?;
+    Ok(())
+}
+
+pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result<(), DbError> {
+    let body = json(rec)?;
+    let mut stmt = conn
+        .prepare_cached("INSERT INTO changelog (seq, session_id, record) VALUES (?1, ?2, ?3)")
+        .ctx("prepare a change-log append")?;
+    stmt.execute(params![seq.0 as i64, rec.id.0, body])
+        .ctx("append to the change log")?;
+    Ok(())
+}
+
+pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), DbError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "UPDATE meta SET hlc_wall = ?1, hlc_logical = ?2, head_seq = ?3 WHERE id = 1",
+        )
+        .ctx("prepare a metadata update")?;
+    stmt.execute(params![
+        hlc.wall_ms as i64,
+        hlc.logical as i64,
+        head.0 as i64
+    ])
+    .ctx("update the metadata")?;
+    Ok(())
+}
+
+pub(super) fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, DbError> {
+    // Serialising plain data to a string cannot fail; keep the error path anyway.
+    serde_json::to_string(v).map_err(|e| DbError::InvalidRecord {
+        id: SessionId(String::new()),
+        detail: format!("cannot encode as json: {e}"),
+    })
+}
+
+/// A `sessions` row as read, before validation (so decoding errors are ours, not sqlite's).
+pub(super) struct RawRow {
+    id: String,
+    user: Option<String>,
+    subcluster: Option<String>,
+    agent: Option<String>,
+    agent_address: Option<String>,
+    display: Option<i64>,
+    vnc_port: Option<i64>,
+    status: Option<String>,
+    created_ms: Option<i64>,
+    last_connect_ms: Option<i64>,
+    last_client_address: Option<String>,
+    pid: Option<i64>,
+    command: Option<String>,
+    geometry: Option<String>,
+    client_params: Option<String>,
+    hlc_wall: i64,
+    hlc_logical: i64,
+    origin: String,
+    tombstone: bool,
+}
+
+pub(super) fn raw_from_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok(RawRow {
+        id: r.get(0)?,
+        user: r.get(1)?,
+        subcluster: r.get(2)?,
+        agent: r.get(3)?,
+        agent_address: r.get(4)?,
+        display: r.get(5)?,
+        vnc_port: r.get(6)?,
+        status: r.get(7)?,
+        created_ms: r.get(8)?,
+        last_connect_ms: r.get(9)?,
+        last_client_address: r.get(10)?,
+        pid: r.get(11)?,
+        command: r.get(12)?,
+        geometry: r.get(13)?,
+        client_params: r.get(14)?,
+        hlc_wall: r.get(15)?,
+        hlc_logical: r.get(16)?,
+        origin: r.get(17)?,
+        tombstone: r.get::<_, i64>(18)? != 0,
+    })
+}
+
+impl RawRow {
+    pub(super) fn into_record(self, path: &Path) -> Result<Record, DbError> {
+        let id = SessionId(self.id.clone());
+        let logical = u32::try_from(self.hlc_logical)
+            .map_err(|_| bad(path, &id, "hlc_logical out of range"))?;
+        let version = Version {
+            hlc: Hlc {
+                wall_ms: self.hlc_wall as u64,
+                logical,
+            },
+            node: NodeId(self.origin.clone()),
+        };
+        let session = if self.tombstone {
+            None
+        } else {
+            Some(self.into_session(path, &id)?)
+        };
+        Ok(Record {
+            id,
+            version,
+            session,
+        })
+    }
+
+    fn into_session(self, path: &Path, id: &SessionId) -> Result<Session, DbError> {
+        let need = |col: &str| bad(path, id, &format!("live session without {col}"));
+        fn int<T: TryFrom<i64>>(
+            v: Option<i64>,
+            path: &Path,
+            id: &SessionId,
+            col: &str,
+        ) -> Result<T, DbError> {
+            let v = v.ok_or_else(|| bad(path, id, &format!("live session without {col}")))?;
+            T::try_from(v).map_err(|_| bad(path, id, &format!("{col} out of range")))
+        }
+        let status = self.status.ok_or_else(|| need("status"))?;
+        let command = self.command.ok_or_else(|| need("command"))?;
+        let params = self.client_params.ok_or_else(|| need("client_params"))?;
+        Ok(Session {
+            id: id.clone(),
+            user: self.user.ok_or_else(|| need("user"))?,
+            subcluster: self.subcluster.ok_or_else(|| need("subcluster"))?,
+            agent: self.agent.ok_or_else(|| need("agent"))?,
+            agent_address: self.agent_address.ok_or_else(|| need("agent_address"))?,
+            display: int(self.display, path, id, "display")?,
+            vnc_port: int(self.vnc_port, path, id, "vnc_port")?,
+            status: SessionStatus::parse(&status)
+                .ok_or_else(|| bad(path, id, &format!("unknown status {status:?}")))?,
+            created_ms: self.created_ms.ok_or_else(|| need("created_ms"))? as u64,
+            last_connect_ms: self
+                .last_connect_ms
+                .ok_or_else(|| need("last_connect_ms"))? as u64,
+            last_client_address: self
+                .last_client_address
+                .ok_or_else(|| need("last_client_address"))?,
+            pid: int(self.pid, path, id, "pid")?,
+            command: serde_json::from_str(&command).map_err(|e| {
+                bad(
+                    path,
+                    id,
+                    &format!("command is not a json list of strings: {e}"),
+                )
+            })?,
+            geometry: self.geometry.ok_or_else(|| need("geometry"))?,
+            client_params: serde_json::from_str(&params).map_err(|e| {
+                bad(
+                    path,
+                    id,
+                    &format!("client_params is not a json list of pairs: {e}"),
+                )
+            })?,
+        })
+    }
+}
+
+/// A stored row that cannot be decoded.
+fn bad(path: &Path, id: &SessionId, detail: &str) -> DbError {
+    DbError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("session {id}: {detail}"),
+    }
+}

@@ -1,0 +1,1274 @@
+//! The replication engine: the sans-IO heart of HA.
+//!
+//! The engine owns every replication decision of one master and nothing else: what to send
+//! the peer, what to read from or apply to the local database, when a waiting client may be
+//! answered, whether this node is ready. It takes [`Event`]s (with the time as Unix
+//! milliseconds) and returns [`Command`]s; the peer-link task carries them out. It must never
+//! do I/O, read a clock, sleep or spawn; the same events always give the same commands.
+//!
+//! # Data model
+//! Each node's database has a `db_id` (random, fixed at creation) and a change log of its own
+//! local writes with dense sequence numbers 1, 2, 3, ... Remote changes are merged by
+//! last-writer-wins on [`Version`](crate::model::Version) and are not appended to the
+//! receiver's log; instead the receiver stores, per peer `db_id`, the highest peer sequence
+//! number it has applied (its *position*), in the same transaction as the merge.
+//! The database layer offers what the commands need: a status, `changes_since(after, limit)`
+//! (or "truncated"), a consistent snapshot, and `apply_remote(peer_db_id, records, peer_pos)`,
+//! an idempotent merge that, when `peer_pos` is given, stores it **verbatim** (not the
+//! maximum) in the same transaction.
+//!
+//! Why incremental resync is enough, and when it is not: a node's own writes never leave its
+//! database, so what it lacks of the peer is exactly the peer's log after its position. That
+//! fails for a node that lost its own writes (a new, empty database; a database restored from
+//! a backup): the peer holds those writes merged, outside its log. Hence a new `db_id` gets a
+//! full snapshot; snapshot chunks never move the position (so an interrupted snapshot is
+//! redone in full, not "continued" from position 0); and a peer whose log ends before the
+//! position we applied of it (restored backup) gets a full snapshot too.
+//!
+//! # Each direction of the link
+//! Both directions are symmetric: each node streams its own log to the other.
+//! - *Sending:* at connect, if the peer's `Hello` holds a position in my current log that my
+//!   log still covers (`oldest - 1 <= pos <= head`), stream from there (incremental);
+//!   otherwise send a snapshot. Batches of at most `batch_limit` records, at most
+//!   `max_inflight` unacknowledged messages. When everything up to my head at connect is
+//!   sent, send `CaughtUp`, then stream live changes. A `LocalCommitted` carrying its change
+//!   goes straight out when nothing is queued before it; otherwise the log is read. A log that
+//!   turns out truncated switches to a snapshot.
+//! - *Receiving:* `Changes` must continue exactly where my position is (duplicates are
+//!   trimmed, a gap disconnects; the next connect resyncs from the stored position). Each batch
+//!   becomes one `Apply`; each `Applied` is acknowledged with `Ack`. A snapshot is applied
+//!   chunk by chunk without a position, and its end with position = its head.
+//!
+//! # Readiness
+//! - Connected: ready only once this connection's catch-up is complete (the peer's
+//!   `CaughtUp` received and every `Apply` issued before it durably done). So on every
+//!   (re)connect a node becomes not ready until it has the peer's data (invariant 4 of the
+//!   spec), and a reinstalled node with an empty database is not ready before the snapshot.
+//! - Not connected: ready if it was ever ready since start (a standby that lost its peer must
+//!   be able to take over; its data only grew), or once the peer has stayed unreachable for
+//!   `startup_grace` (counted from start, and again from each disconnect).
+//!
+//! # Acknowledged writes (`/HA/sync = ack`)
+//! `AwaitAck { seq }` is released `Acked` once the peer has acknowledged `seq` of my log,
+//! `TimedOut` after `sync_timeout`, and at once as `Degraded` when the link is down (there is
+//! no point waiting). Timeouts and link losses with waiters mark the node *degraded*; that
+//! clears when the link is streaming again and the peer has acknowledged everything up to
+//! the last write answered without it. In `async` mode every waiter is released at once
+//! `NotReplicated`.
+//!
+//! # Refinements of the original plan
+//! - `Hello::your_db_id` names the log `your_position` refers to, because both sides send
+//!   `Hello` before reading the other's.
+//! - `Apply` carries `peer_db_id`, and `peer_pos` is an `Option` (`None` for snapshot chunks)
+//!   rather than position 0: storing 0 made an interrupted snapshot look like a valid
+//!   position, and a reinstalled node then never got back its own writes held by the peer
+//!   (found by the simulation in `sim.rs`). `Applied::up_to` echoes it.
+//! - A database restored from a backup *and written to* before reconnecting reuses sequence
+//!   numbers the peer already applied; the engine cannot see that. Restoring a backup must
+//!   therefore give the database a new `db_id` (the database layer's job).
+//! - Every `Apply` is answered by exactly one `Applied`, in order (one database task). The
+//!   engine matches them first-in first-out, so an `Applied` from an earlier connection is
+//!   recognised and ignored. `our_position_for_them` must be read after earlier `Apply`s.
+//! - `LocalCommitted` may carry the committed change, which saves a log read on the hot path.
+//! - A peer announcing our own `db_id` (a database file copied between the masters) is
+//!   rejected: positions would be meaningless.
+//! - Snapshots are sent in one go (the snapshot is in memory already); only change batches
+//!   are flow-controlled. A snapshot counts as one in-flight message until acknowledged.
+
+use crate::config::{Config, HaConfig, SyncLevel};
+use crate::model::{Change, NodeId, Record, Role, Seq};
+use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
+use serde::Serialize;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+#[cfg(test)]
+mod sim;
+#[cfg(test)]
+mod tests;
+
+/// Default number of records per `Changes` or `SnapshotChunk` message.
+pub const DEFAULT_BATCH_LIMIT: usize = 1000;
+/// Default number of unacknowledged messages on the link.
+pub const DEFAULT_MAX_INFLIGHT: usize = 8;
+/// Clock skew from which a warning is shown in status (last-writer-wins uses clocks).
+pub const CLOCK_SKEW_WARN_MS: u64 = 2_000;
+/// Commit times tracked for the lag figure; beyond this, entries are coalesced.
+const COMMIT_TIMES_CAP: usize = 4096;
+
+/// Identity of a client waiting for its write to reach the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct WaiterId(pub u64);
+
+/// The local database as the engine starts with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbStatus {
+    pub db_id: String,
+    /// Last sequence number of the local change log.
+    pub head: Seq,
+    /// Oldest retained sequence number (`head + 1` when the log is empty).
+    pub oldest: Seq,
+}
+
+/// Result of a [`Command::ReadLog`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogRead {
+    /// Entries after the requested position, ascending and contiguous (possibly empty).
+    Changes(Vec<Change>),
+    /// The log no longer holds the entry after the requested position.
+    Truncated { oldest: Seq },
+}
+
+/// Result of a [`Command::ReadSnapshot`]: every record, consistent at `head` of the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub head: Seq,
+    pub records: Vec<Record>,
+}
+
+/// Engine settings; [`EngineConfig::new`] fills them from the configuration.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    pub local: NodeId,
+    pub peer: NodeId,
+    pub sync: SyncLevel,
+    pub sync_timeout: Duration,
+    pub startup_grace: Duration,
+    pub heartbeat_interval: Duration,
+    pub peer_timeout: Duration,
+    /// Digest of this node's cluster configuration, see [`config_digest`].
+    pub config_digest: String,
+    /// Records per message.
+    pub batch_limit: usize,
+    /// Unacknowledged messages allowed on the link.
+    pub max_inflight: usize,
+    /// Role at start (usually standby until the VIP manager says otherwise).
+    pub role: Role,
+}
+
+impl EngineConfig {
+    pub fn new(local: NodeId, peer: NodeId, ha: &HaConfig, config_digest: String) -> Self {
+        EngineConfig {
+            local,
+            peer,
+            sync: ha.sync,
+            sync_timeout: ha.sync_timeout,
+            startup_grace: ha.startup_grace,
+            heartbeat_interval: ha.heartbeat_interval,
+            peer_timeout: ha.peer_timeout,
+            config_digest,
+            batch_limit: DEFAULT_BATCH_LIMIT,
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            role: Role::Standby,
+        }
+    }
+}
+
+/// Digest of the part of the configuration both masters must share: subclusters and
+/// agent settings (draining, weights). Hex SHA-256 of a canonical rendering.
+pub fn config_digest(cfg: &Config) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |s: &str| {
+        h.update((s.len() as u64).to_le_bytes());
+        h.update(s.as_bytes());
+    };
+    for (name, sc) in &cfg.subclusters {
+        field("subcluster");
+        field(name);
+        for list in [&sc.agents, &sc.users, &sc.groups] {
+            field(&list.len().to_string());
+            list.iter().for_each(|s| field(s));
+        }
+        field(&sc.max_users_per_agent.to_string());
+    }
+    field("draining");
+    let mut draining = cfg.agents.draining.clone();
+    draining.sort();
+    draining.iter().for_each(|s| field(s));
+    field("weights");
+    for (host, w) in &cfg.agents.weights {
+        field(host);
+        field(&w.to_string());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Something that happened; fed to [`Engine::step`]. `now` is Unix milliseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// The daemon started (after [`Engine::new`]).
+    Start { now: u64 },
+    /// Periodic timer; drives heartbeats, timeouts and the start-up grace.
+    Tick { now: u64 },
+    /// A connection attempt to the peer is under way (secure handshake, `Hello` exchange).
+    PeerConnecting { now: u64 },
+    /// The link is up: the peer's `Hello`, and how far we have applied the peer's log of
+    /// `hello.db_id` (read from the database after every earlier `Apply` completed).
+    PeerConnected {
+        hello: Hello,
+        our_position_for_them: Seq,
+        now: u64,
+    },
+    /// The link is gone (closed, failed, or a connection attempt failed).
+    PeerDisconnected { reason: String, now: u64 },
+    /// A message from the peer, after the `Hello`.
+    PeerMessage { msg: PeerMsg, now: u64 },
+    /// A local write committed at `seq` of the local log; `change` is that entry when the
+    /// caller has it at hand.
+    LocalCommitted {
+        seq: Seq,
+        change: Option<Change>,
+        now: u64,
+    },
+    /// A client wants an answer once the peer has stored `seq` of the local log.
+    AwaitAck {
+        waiter: WaiterId,
+        seq: Seq,
+        now: u64,
+    },
+    /// Answer to [`Command::ReadLog`] with the same `after`.
+    LogRead {
+        after: Seq,
+        result: LogRead,
+        now: u64,
+    },
+    /// Answer to [`Command::ReadSnapshot`].
+    SnapshotRead { snapshot: Snapshot, now: u64 },
+    /// The oldest outstanding [`Command::Apply`] is durably done; `up_to` is its `peer_pos`.
+    Applied { up_to: Option<Seq>, now: u64 },
+    /// The VIP manager changed this node's role.
+    RoleChanged { role: Role, now: u64 },
+}
+
+/// Something the peer-link task must do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    /// Send this message to the peer.
+    Send(PeerMsg),
+    /// Read local change-log entries after `after`, at most `limit`; answer with
+    /// [`Event::LogRead`].
+    ReadLog { after: Seq, limit: usize },
+    /// Take a consistent snapshot of the local database; answer with [`Event::SnapshotRead`].
+    ReadSnapshot,
+    /// Merge these peer records and, when `peer_pos` is set, store it as the position in the
+    /// peer's log `peer_db_id` (verbatim, not the maximum), in one transaction. Snapshot chunks
+    /// carry `None`: they merge records but must not move the position. Answer with
+    /// [`Event::Applied`].
+    Apply {
+        peer_db_id: String,
+        records: Vec<Record>,
+        peer_pos: Option<Seq>,
+    },
+    /// Answer these waiting clients.
+    ReleaseWaiters {
+        waiters: Vec<WaiterId>,
+        outcome: AckOutcome,
+    },
+    /// Close the peer link; `reason` is logged. The engine already counts the link as down.
+    Disconnect { reason: String },
+    /// Reconcile the database with every agent (this node just became active).
+    ReconcileAgents,
+}
+
+/// How a waiting client's write ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckOutcome {
+    /// The peer has stored it.
+    Acked,
+    /// The peer did not confirm within `sync_timeout`; the node continues alone.
+    TimedOut,
+    /// The peer link is down; not waited for.
+    Degraded,
+    /// Replication is asynchronous; not waited for.
+    NotReplicated,
+}
+
+/// State of the peer link as `tlctl ha status` shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    Down,
+    Handshaking,
+    CatchingUp,
+    Streaming,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResyncKind {
+    Incremental,
+    Snapshot,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// This node caught up with the peer's data.
+    Received,
+    /// The peer caught up with this node's data.
+    Sent,
+}
+
+/// A completed resync in one direction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ResyncInfo {
+    pub kind: ResyncKind,
+    pub records: u64,
+    pub duration_ms: u64,
+    /// When it completed (Unix ms).
+    pub at_ms: u64,
+    pub direction: Direction,
+}
+
+/// Everything `tlctl ha status` and the metrics show about replication.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EngineStatus {
+    pub local: NodeId,
+    pub peer: NodeId,
+    pub role: Role,
+    pub ready: bool,
+    /// Why the node is (not) ready, in a few words.
+    pub ready_reason: String,
+    pub link: LinkState,
+    /// `ack` or `async`.
+    pub sync: &'static str,
+    pub db_id: String,
+    pub peer_db_id: Option<String>,
+    /// Last sequence number of the local log.
+    pub local_head: Seq,
+    /// How far the peer has acknowledged the local log.
+    pub peer_acked: Seq,
+    /// Last sequence number of the peer's log, as last heard.
+    pub peer_head: Seq,
+    /// How far this node has durably applied the peer's log.
+    pub applied_of_peer: Seq,
+    /// Local changes the peer has not acknowledged.
+    pub lag_changes: u64,
+    /// Age of the oldest local change the peer has not acknowledged.
+    pub lag_ms: u64,
+    /// The most recent completed resync, either direction.
+    pub last_resync: Option<ResyncInfo>,
+    /// The most recent resync through which this node caught up with the peer.
+    pub last_resync_received: Option<ResyncInfo>,
+    /// Completed resyncs since start, both directions.
+    pub resyncs: u64,
+    /// `Some(false)`: the peer's subcluster/agent configuration differs (loud warning).
+    pub config_digest_match: Option<bool>,
+    /// Peer clock minus local clock at handshake.
+    pub clock_skew_ms: Option<i64>,
+    pub degraded: bool,
+    pub degraded_reason: Option<String>,
+    /// Why the link last went down or was refused.
+    pub last_link_error: Option<String>,
+    /// Clients waiting for the peer's acknowledgement.
+    pub waiters: usize,
+    pub connected_since_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reading {
+    Idle,
+    Log { after: Seq },
+    Snapshot,
+}
+
+/// My log towards the peer, for one connection.
+#[derive(Debug)]
+struct Outbound {
+    kind: ResyncKind,
+    /// My head at connect: `CaughtUp` is sent once everything up to here is sent.
+    target: Seq,
+    /// Last seq of my log the peer will have once it applies everything sent.
+    sent: Seq,
+    /// A snapshot must be sent before anything else.
+    need_snapshot: bool,
+    reading: Reading,
+    /// The last log read returned nothing new; wait for a commit before reading again.
+    stalled: bool,
+    /// Last seq of each unacknowledged message.
+    inflight: VecDeque<Seq>,
+    caught_up_sent: bool,
+    /// `CaughtUp` sent and acknowledged up to `target`.
+    done: bool,
+    records: u64,
+}
+
+/// The peer's log towards me, for one connection.
+#[derive(Debug)]
+struct Inbound {
+    kind: ResyncKind,
+    /// Highest peer seq handed to `Apply` in this connection.
+    recv_pos: Seq,
+    /// Head of the snapshot being received.
+    snapshot: Option<Seq>,
+    /// `CaughtUp` received: done once the apply numbered `barrier` has completed.
+    caught_up_barrier: Option<u64>,
+    done: bool,
+    records: u64,
+}
+
+#[derive(Debug)]
+struct Link {
+    gen: u64,
+    peer_db_id: String,
+    connected_at: u64,
+    last_heard: u64,
+    last_sent: u64,
+    out: Outbound,
+    inb: Inbound,
+}
+
+#[derive(Debug)]
+struct PendingApply {
+    no: u64,
+    gen: u64,
+    /// The position stored with it; acknowledged once durable. `None` for snapshot chunks.
+    up_to: Option<Seq>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: WaiterId,
+    seq: Seq,
+    since: u64,
+}
+
+/// The replication engine of one master; see the module doc.
+#[derive(Debug)]
+pub struct Engine {
+    cfg: EngineConfig,
+    db_id: String,
+    local_head: Seq,
+    oldest: Seq,
+    now: u64,
+    started_at: u64,
+    role: Role,
+
+    connecting: bool,
+    link: Option<Link>,
+    gen: u64,
+    /// When the link last went down (or start): the grace counts from here.
+    down_since: u64,
+    ever_ready: bool,
+    ready_by_grace: bool,
+    last_link_error: Option<String>,
+    config_digest_match: Option<bool>,
+    clock_skew_ms: Option<i64>,
+    peer_db_id: Option<String>,
+    peer_head: Seq,
+
+    peer_acked: Seq,
+    /// (last seq of a run of commits, time of its first commit), ascending.
+    commit_times: VecDeque<(Seq, u64)>,
+    waiters: Vec<Waiter>,
+    degraded: bool,
+    degraded_reason: Option<String>,
+    /// Highest local seq answered without the peer: degraded clears once the peer has it.
+    degraded_mark: Seq,
+
+    applied_of_peer: Seq,
+    pending_applies: VecDeque<PendingApply>,
+    applies_issued: u64,
+    applies_completed: u64,
+
+    last_resync: Option<ResyncInfo>,
+    last_resync_received: Option<ResyncInfo>,
+    resyncs: u64,
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig, db: DbStatus, now: u64) -> Engine {
+        Engine {
+            role: cfg.role,
+            cfg,
+            db_id: db.db_id,
+            local_head: db.head,
+            oldest: db.oldest,
+            now,
+            started_at: now,
+            connecting: false,
+            link: None,
+            gen: 0,
+            down_since: now,
+            ever_ready: false,
+            ready_by_grace: false,
+            last_link_error: None,
+            config_digest_match: None,
+            clock_skew_ms: None,
+            peer_db_id: None,
+            peer_head: Seq::ZERO,
+            peer_acked: Seq::ZERO,
+            commit_times: VecDeque::new(),
+            waiters: Vec::new(),
+            degraded: false,
+            degraded_reason: None,
+            degraded_mark: Seq::ZERO,
+            applied_of_peer: Seq::ZERO,
+            pending_applies: VecDeque::new(),
+            applies_issued: 0,
+            applies_completed: 0,
+            last_resync: None,
+            last_resync_received: None,
+            resyncs: 0,
+        }
+    }
+
+    /// The `Hello` this node sends on a new connection. `your_db_id` and `your_position`:
+    /// the peer database this node last applied from, and its stored position in it.
+    pub fn hello(&self, your_db_id: Option<String>, your_position: Seq, now: u64) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            node: self.cfg.local.clone(),
+            db_id: self.db_id.clone(),
+            head: self.local_head,
+            oldest: self.oldest,
+            your_db_id,
+            your_position,
+            config_digest: self.cfg.config_digest.clone(),
+            now_ms: now,
+        }
+    }
+
+    /// Whether this node may serve as the active master; see the module doc.
+    pub fn is_ready(&self) -> bool {
+        match &self.link {
+            Some(link) => link.inb.done,
+            None => self.ever_ready,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Feeds one event; returns what must be done, in order.
+    pub fn step(&mut self, event: Event) -> Vec<Command> {
+        let mut out = Vec::new();
+        let was_ready = self.is_ready();
+        match event {
+            Event::Start { now } => {
+                self.observe(now);
+                if self.role == Role::Active {
+                    out.push(Command::ReconcileAgents);
+                }
+            }
+            Event::Tick { now } => self.on_tick(now, &mut out),
+            Event::PeerConnecting { now } => {
+                self.observe(now);
+                if self.link.is_none() {
+                    self.connecting = true;
+                }
+            }
+            Event::PeerConnected {
+                hello,
+                our_position_for_them,
+                now,
+            } => self.on_connected(hello, our_position_for_them, now, &mut out),
+            Event::PeerDisconnected { reason, now } => {
+                self.observe(now);
+                self.connecting = false;
+                if self.link.is_some() {
+                    self.link_down(reason, &mut out);
+                }
+            }
+            Event::PeerMessage { msg, now } => self.on_message(msg, now, &mut out),
+            Event::LocalCommitted { seq, change, now } => {
+                self.on_local_commit(seq, change, now, &mut out)
+            }
+            Event::AwaitAck { waiter, seq, now } => self.on_await(waiter, seq, now, &mut out),
+            Event::LogRead { after, result, now } => self.on_log_read(after, result, now, &mut out),
+            Event::SnapshotRead { snapshot, now } => self.on_snapshot_read(snapshot, now, &mut out),
+            Event::Applied { up_to, now } => self.on_applied(up_to, now, &mut out),
+            Event::RoleChanged { role, now } => {
+                self.observe(now);
+                if role != self.role {
+                    tracing::info!(role = %role, "role changed");
+                    self.role = role;
+                    if role == Role::Active {
+                        out.push(Command::ReconcileAgents);
+                    }
+                }
+            }
+        }
+        let ready = self.is_ready();
+        if ready != was_ready {
+            tracing::info!(peer = %self.cfg.peer, ready, reason = %self.ready_reason(), "readiness changed");
+        }
+        out
+    }
+
+    fn observe(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
+    fn ready_reason(&self) -> String {
+        match &self.link {
+            Some(link) if link.inb.done => "caught up with the peer".into(),
+            Some(link) if link.inb.snapshot.is_some() => {
+                "receiving a snapshot from the peer".into()
+            }
+            Some(_) => "catching up with the peer".into(),
+            None if self.ready_by_grace && self.last_resync_received.is_none() => {
+                "the peer stayed unreachable for the start-up grace period".into()
+            }
+            None if self.ever_ready => "peer unreachable; data as of the last resync".into(),
+            None => {
+                let left = self
+                    .grace_ms()
+                    .saturating_sub(self.now.saturating_sub(self.down_since));
+                format!("waiting for the peer (start-up grace, {left} ms left)")
+            }
+        }
+    }
+
+    fn grace_ms(&self) -> u64 {
+        self.cfg.startup_grace.as_millis() as u64
+    }
+
+    /// Current status, as of the latest time seen in an event.
+    pub fn status(&self) -> EngineStatus {
+        let lag_changes = self.local_head.0.saturating_sub(self.peer_acked.0);
+        let lag_ms = if lag_changes == 0 {
+            0
+        } else {
+            let since = self
+                .commit_times
+                .iter()
+                .find(|(seq, _)| *seq > self.peer_acked)
+                .map(|(_, t)| *t)
+                .unwrap_or(self.started_at);
+            self.now.saturating_sub(since)
+        };
+        let link = match &self.link {
+            None if self.connecting => LinkState::Handshaking,
+            None => LinkState::Down,
+            Some(l) if l.inb.done && l.out.done => LinkState::Streaming,
+            Some(_) => LinkState::CatchingUp,
+        };
+        EngineStatus {
+            local: self.cfg.local.clone(),
+            peer: self.cfg.peer.clone(),
+            role: self.role,
+            ready: self.is_ready(),
+            ready_reason: self.ready_reason(),
+            link,
+            sync: match self.cfg.sync {
+                SyncLevel::Ack => "ack",
+                SyncLevel::Async => "async",
+            },
+            db_id: self.db_id.clone(),
+            peer_db_id: self.peer_db_id.clone(),
+            local_head: self.local_head,
+            peer_acked: self.peer_acked,
+            peer_head: self.peer_head,
+            applied_of_peer: self.applied_of_peer,
+            lag_changes,
+            lag_ms,
+            last_resync: self.last_resync.clone(),
+            last_resync_received: self.last_resync_received.clone(),
+            resyncs: self.resyncs,
+            config_digest_match: self.config_digest_match,
+            clock_skew_ms: self.clock_skew_ms,
+            degraded: self.degraded,
+            degraded_reason: self.degraded_reason.clone(),
+            last_link_error: self.last_link_error.clone(),
+            waiters: self.waiters.len(),
+            connected_since_ms: self.link.as_ref().map(|l| l.connected_at),
+        }
+    }
+
+    // ----- link lifecycle -------------------------------------------------------------
+
+    fn refuse(&mut self, reason: String, out: &mut Vec<Command>) {
+        tracing::error!(peer = %self.cfg.peer, "refusing peer: {reason}");
+        self.last_link_error = Some(reason.clone());
+        out.push(Command::Send(PeerMsg::Reject {
+            reason: reason.clone(),
+        }));
+        out.push(Command::Disconnect { reason });
+    }
+
+    fn on_connected(&mut self, hello: Hello, our_pos: Seq, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        self.connecting = false;
+        if self.link.is_some() {
+            // The old connection is gone already; no Disconnect for it.
+            self.link_down("replaced by a new connection".into(), out);
+        }
+        if hello.protocol != PROTOCOL_VERSION {
+            return self.refuse(
+                format!(
+                    "protocol version mismatch: peer speaks {}, this node speaks {}; \
+                     run the same vsm version on both masters",
+                    hello.protocol, PROTOCOL_VERSION
+                ),
+                out,
+            );
+        }
+        if hello.node != self.cfg.peer {
+            return self.refuse(
+                format!(
+                    "peer announced itself as '{}' but '{}' was expected; check /HA/nodes on both masters",
+                    hello.node, self.cfg.peer
+                ),
+                out,
+            );
+        }
+        if hello.db_id == self.db_id {
+            return self.refuse(
+                format!(
+                    "peer has the same database id {} as this node (a database file copied \
+                     between the masters?); remove the database on the node that should \
+                     receive a full copy and restart it",
+                    self.db_id
+                ),
+                out,
+            );
+        }
+        let digest_match = hello.config_digest == self.cfg.config_digest;
+        if !digest_match {
+            tracing::warn!(
+                peer = %self.cfg.peer,
+                "the peer's subcluster and agent configuration differs from this node's; \
+                 both masters must have the same configuration"
+            );
+        }
+        self.config_digest_match = Some(digest_match);
+        let skew = hello.now_ms as i64 - now as i64;
+        if skew.unsigned_abs() >= CLOCK_SKEW_WARN_MS {
+            tracing::warn!(peer = %self.cfg.peer, skew_ms = skew, "clocks of the masters differ");
+        }
+        self.clock_skew_ms = Some(skew);
+        self.gen += 1;
+        self.peer_db_id = Some(hello.db_id.clone());
+        self.peer_head = hello.head;
+        self.applied_of_peer = our_pos;
+
+        let mine = hello.your_db_id.as_deref() == Some(self.db_id.as_str());
+        let pos = hello.your_position;
+        // The peer's log ends before what we applied of it: its database went back in time
+        // (restored from a backup) and lost its own later writes, which only a full copy of
+        // ours gives back.
+        let peer_rewound = hello.head < our_pos;
+        if peer_rewound {
+            tracing::warn!(peer = %self.cfg.peer, peer_head = %hello.head, applied = %our_pos,
+                "the peer's database is older than what this node applied of it; sending a snapshot");
+        }
+        let incremental =
+            mine && !peer_rewound && pos.0 + 1 >= self.oldest.0 && pos <= self.local_head;
+        let kind = if incremental {
+            ResyncKind::Incremental
+        } else {
+            ResyncKind::Snapshot
+        };
+        self.peer_acked = if incremental { pos } else { Seq::ZERO };
+        tracing::info!(
+            peer = %self.cfg.peer, peer_db = %hello.db_id, ?kind, from = %pos,
+            head = %self.local_head, "peer connected; resync starts"
+        );
+        self.link = Some(Link {
+            gen: self.gen,
+            peer_db_id: hello.db_id,
+            connected_at: now,
+            last_heard: now,
+            last_sent: now,
+            out: Outbound {
+                kind,
+                target: self.local_head,
+                sent: if incremental { pos } else { Seq::ZERO },
+                need_snapshot: !incremental,
+                reading: Reading::Idle,
+                stalled: false,
+                inflight: VecDeque::new(),
+                caught_up_sent: false,
+                done: false,
+                records: 0,
+            },
+            inb: Inbound {
+                kind: ResyncKind::Incremental,
+                recv_pos: our_pos,
+                snapshot: None,
+                caught_up_barrier: None,
+                done: false,
+                records: 0,
+            },
+        });
+        self.pump(out);
+    }
+
+    fn link_down(&mut self, reason: String, out: &mut Vec<Command>) {
+        if self.link.take().is_some() {
+            tracing::warn!(peer = %self.cfg.peer, "peer link down: {reason}");
+        }
+        self.down_since = self.now;
+        self.last_link_error = Some(reason.clone());
+        if !self.waiters.is_empty() {
+            let ids = self.waiters.drain(..).map(|w| w.id).collect();
+            out.push(Command::ReleaseWaiters {
+                waiters: ids,
+                outcome: AckOutcome::Degraded,
+            });
+            self.set_degraded(format!("peer link down ({reason}); continuing alone"));
+        }
+    }
+
+    /// The link must close: tell the io layer and count it as down now.
+    fn disconnect(&mut self, reason: String, out: &mut Vec<Command>) {
+        out.push(Command::Disconnect {
+            reason: reason.clone(),
+        });
+        self.link_down(reason, out);
+    }
+
+    fn on_tick(&mut self, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        if self.link.is_none()
+            && !self.ever_ready
+            && now.saturating_sub(self.down_since) >= self.grace_ms()
+        {
+            tracing::warn!(
+                peer = %self.cfg.peer,
+                "peer unreachable for the start-up grace period; ready without it"
+            );
+            self.ever_ready = true;
+            self.ready_by_grace = true;
+        }
+        let timeout = self.cfg.peer_timeout.as_millis() as u64;
+        let heartbeat = self.cfg.heartbeat_interval.as_millis() as u64;
+        if let Some(link) = &mut self.link {
+            let silent = now.saturating_sub(link.last_heard);
+            if silent >= timeout {
+                self.disconnect(format!("peer silent for {silent} ms"), out);
+            } else if now.saturating_sub(link.last_sent) >= heartbeat {
+                let msg = PeerMsg::Heartbeat {
+                    head: self.local_head,
+                    now_ms: now,
+                };
+                Self::send(link, msg, now, out);
+            }
+        }
+        let sync_timeout = self.cfg.sync_timeout.as_millis() as u64;
+        let (expired, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| now.saturating_sub(w.since) >= sync_timeout);
+        self.waiters = kept;
+        if !expired.is_empty() {
+            let max_seq = expired.iter().map(|w| w.seq).max().unwrap_or_default();
+            out.push(Command::ReleaseWaiters {
+                waiters: expired.into_iter().map(|w| w.id).collect(),
+                outcome: AckOutcome::TimedOut,
+            });
+            self.set_degraded(format!(
+                "peer did not acknowledge seq {max_seq} within {sync_timeout} ms; continuing alone"
+            ));
+        }
+        self.pump(out);
+    }
+
+    fn set_degraded(&mut self, reason: String) {
+        if !self.degraded {
+            tracing::warn!(peer = %self.cfg.peer, "replication degraded: {reason}");
+        }
+        self.degraded = true;
+        self.degraded_reason = Some(reason);
+        self.degraded_mark = self.degraded_mark.max(self.local_head);
+    }
+
+    fn maybe_clear_degraded(&mut self) {
+        let streaming = self.link.as_ref().is_some_and(|l| l.out.done);
+        if self.degraded && streaming && self.peer_acked >= self.degraded_mark {
+            tracing::info!(peer = %self.cfg.peer, "replication no longer degraded");
+            self.degraded = false;
+            self.degraded_reason = None;
+        }
+    }
+
+    fn send(link: &mut Link, msg: PeerMsg, now: u64, out: &mut Vec<Command>) {
+        link.last_sent = now;
+        out.push(Command::Send(msg));
+    }
+
+    // ----- sending my log -------------------------------------------------------------
+
+    fn on_local_commit(
+        &mut self,
+        seq: Seq,
+        change: Option<Change>,
+        now: u64,
+        out: &mut Vec<Command>,
+    ) {
+        self.observe(now);
+        if seq <= self.local_head {
+            return;
+        }
+        self.local_head = seq;
+        let full = self.commit_times.len() >= COMMIT_TIMES_CAP;
+        match self.commit_times.back_mut() {
+            Some(back) if back.1 == now || full => back.0 = seq,
+            _ => self.commit_times.push_back((seq, now)),
+        }
+        let max_inflight = self.cfg.max_inflight;
+        if let Some(link) = &mut self.link {
+            let o = &mut link.out;
+            o.stalled = false;
+            let next_in_line = !o.need_snapshot
+                && o.reading == Reading::Idle
+                && o.sent.next() == seq
+                && o.inflight.len() < max_inflight;
+            if let Some(change) = change.filter(|c| c.seq == seq && next_in_line) {
+                o.sent = seq;
+                o.inflight.push_back(seq);
+                o.records += 1;
+                Self::send(
+                    link,
+                    PeerMsg::Changes {
+                        records: vec![change],
+                    },
+                    now,
+                    out,
+                );
+            }
+        }
+        self.pump(out);
+    }
+
+    /// Issues the next read or `CaughtUp` for the outbound direction, if any is due.
+    fn pump(&mut self, out: &mut Vec<Command>) {
+        let now = self.now;
+        let (limit, max_inflight, head) = (
+            self.cfg.batch_limit.max(1),
+            self.cfg.max_inflight.max(1),
+            self.local_head,
+        );
+        let Some(link) = &mut self.link else { return };
+        let o = &mut link.out;
+        if o.reading != Reading::Idle {
+            return;
+        }
+        if o.need_snapshot {
+            o.reading = Reading::Snapshot;
+            out.push(Command::ReadSnapshot);
+            return;
+        }
+        if !o.caught_up_sent && (o.sent >= o.target || o.stalled) {
+            o.caught_up_sent = true;
+            let msg = PeerMsg::CaughtUp {
+                head: o.target.min(o.sent),
+            };
+            Self::send(link, msg, now, out);
+        }
+        let o = &mut link.out;
+        if head > o.sent && !o.stalled && o.inflight.len() < max_inflight {
+            o.reading = Reading::Log { after: o.sent };
+            out.push(Command::ReadLog {
+                after: o.sent,
+                limit,
+            });
+        }
+        // Nothing to send may also mean nothing will be acknowledged.
+        self.check_outbound_done();
+    }
+
+    fn on_log_read(&mut self, after: Seq, result: LogRead, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        let Some(link) = &mut self.link else { return };
+        if link.out.reading != (Reading::Log { after }) || link.out.sent != after {
+            return; // an answer for an earlier connection
+        }
+        link.out.reading = Reading::Idle;
+        match result {
+            LogRead::Truncated { oldest } => {
+                tracing::info!(peer = %self.cfg.peer, %after, %oldest, "change log truncated; sending a snapshot");
+                self.oldest = oldest;
+                link.out.need_snapshot = true;
+                link.out.kind = ResyncKind::Snapshot;
+            }
+            LogRead::Changes(changes) => {
+                let contiguous = changes.first().map_or(true, |c| c.seq == after.next())
+                    && changes.windows(2).all(|w| w[1].seq == w[0].seq.next());
+                if !contiguous {
+                    tracing::error!(peer = %self.cfg.peer, %after, "change log read is not contiguous; sending a snapshot");
+                    link.out.need_snapshot = true;
+                    link.out.kind = ResyncKind::Snapshot;
+                } else if let Some(last) = changes.last().map(|c| c.seq) {
+                    link.out.sent = last;
+                    link.out.inflight.push_back(last);
+                    link.out.records += changes.len() as u64;
+                    if last > self.local_head {
+                        self.local_head = last;
+                    }
+                    Self::send(link, PeerMsg::Changes { records: changes }, now, out);
+                } else {
+                    link.out.stalled = true;
+                }
+            }
+        }
+        self.pump(out);
+    }
+
+    fn on_snapshot_read(&mut self, snapshot: Snapshot, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        let limit = self.cfg.batch_limit.max(1);
+        let Some(link) = &mut self.link else { return };
+        if link.out.reading != Reading::Snapshot {
+            return;
+        }
+        link.out.reading = Reading::Idle;
+        link.out.need_snapshot = false;
+        let Snapshot { head, records } = snapshot;
+        let total = records.len() as u64;
+        Self::send(link, PeerMsg::SnapshotBegin { head, total }, now, out);
+        let mut records = records.into_iter().peekable();
+        while records.peek().is_some() {
+            let chunk: Vec<Record> = records.by_ref().take(limit).collect();
+            Self::send(link, PeerMsg::SnapshotChunk { records: chunk }, now, out);
+        }
+        Self::send(link, PeerMsg::SnapshotEnd { head }, now, out);
+        link.out.sent = head;
+        link.out.inflight.push_back(head);
+        link.out.records += total;
+        link.out.stalled = false;
+        if head > self.local_head {
+            self.local_head = head;
+        }
+        self.pump(out);
+    }
+
+    fn on_ack(&mut self, db_id: String, applied: Seq, out: &mut Vec<Command>) {
+        if db_id != self.db_id {
+            return;
+        }
+        self.peer_acked = applied;
+        while self
+            .commit_times
+            .front()
+            .is_some_and(|(seq, _)| *seq <= applied)
+        {
+            self.commit_times.pop_front();
+        }
+        let (acked, kept): (Vec<Waiter>, Vec<Waiter>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|w| w.seq <= applied);
+        self.waiters = kept;
+        if !acked.is_empty() {
+            out.push(Command::ReleaseWaiters {
+                waiters: acked.into_iter().map(|w| w.id).collect(),
+                outcome: AckOutcome::Acked,
+            });
+        }
+        if let Some(link) = &mut self.link {
+            let o = &mut link.out;
+            while o.inflight.front().is_some_and(|s| *s <= applied) {
+                o.inflight.pop_front();
+            }
+        }
+        self.check_outbound_done();
+        self.maybe_clear_degraded();
+        self.pump(out);
+    }
+
+    /// The peer has everything up to my head at connect: record the completed resync.
+    fn check_outbound_done(&mut self) {
+        let now = self.now;
+        let Some(link) = &mut self.link else { return };
+        let o = &mut link.out;
+        if o.done || !o.caught_up_sent || self.peer_acked < o.target {
+            return;
+        }
+        o.done = true;
+        let info = ResyncInfo {
+            kind: o.kind,
+            records: o.records,
+            duration_ms: now.saturating_sub(link.connected_at),
+            at_ms: now,
+            direction: Direction::Sent,
+        };
+        tracing::info!(peer = %self.cfg.peer, kind = ?info.kind, records = info.records,
+            duration_ms = info.duration_ms, "peer caught up with this node");
+        self.last_resync = Some(info);
+        self.resyncs += 1;
+        self.maybe_clear_degraded();
+    }
+
+    fn on_await(&mut self, waiter: WaiterId, seq: Seq, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        let release = |outcome| Command::ReleaseWaiters {
+            waiters: vec![waiter],
+            outcome,
+        };
+        if self.cfg.sync == SyncLevel::Async {
+            out.push(release(AckOutcome::NotReplicated));
+        } else if self.peer_acked >= seq {
+            out.push(release(AckOutcome::Acked));
+        } else if self.link.is_none() {
+            out.push(release(AckOutcome::Degraded));
+            self.set_degraded("peer link down; continuing alone".into());
+        } else {
+            self.waiters.push(Waiter {
+                id: waiter,
+                seq,
+                since: now,
+            });
+        }
+    }
+
+    // ----- receiving the peer's log ---------------------------------------------------
+
+    fn on_message(&mut self, msg: PeerMsg, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        let Some(link) = &mut self.link else { return };
+        link.last_heard = now;
+        let violation = |what: String| format!("protocol violation by peer: {what}");
+        match msg {
+            PeerMsg::Hello(_) => self.disconnect(violation("second hello".into()), out),
+            PeerMsg::Reject { reason } => {
+                let reason = format!("peer refused the connection: {reason}");
+                tracing::error!(peer = %self.cfg.peer, "{reason}");
+                self.disconnect(reason, out);
+            }
+            PeerMsg::Heartbeat { head, .. } => self.peer_head = self.peer_head.max(head),
+            PeerMsg::Ack { db_id, applied } => self.on_ack(db_id, applied, out),
+            PeerMsg::Changes { records } => {
+                if link.inb.snapshot.is_some() {
+                    return self.disconnect(violation("changes inside a snapshot".into()), out);
+                }
+                if !records.windows(2).all(|w| w[1].seq == w[0].seq.next()) {
+                    return self.disconnect(violation("changes not contiguous".into()), out);
+                }
+                let pos = link.inb.recv_pos;
+                let fresh: Vec<Change> = records.into_iter().filter(|c| c.seq > pos).collect();
+                let Some(first) = fresh.first().map(|c| c.seq) else {
+                    // Everything was applied already; still acknowledge, once durable, so
+                    // the sender's window and catch-up move on.
+                    return self.apply(vec![], Some(pos), out);
+                };
+                if first != pos.next() {
+                    let reason = format!(
+                        "gap in the peer's changes: expected seq {}, got {first}",
+                        pos.next()
+                    );
+                    return self.disconnect(reason, out);
+                }
+                let last = fresh.last().map(|c| c.seq).unwrap_or(first);
+                link.inb.recv_pos = last;
+                link.inb.records += fresh.len() as u64;
+                self.peer_head = self.peer_head.max(last);
+                let records = fresh.into_iter().map(|c| c.record).collect();
+                self.apply(records, Some(last), out);
+            }
+            PeerMsg::SnapshotBegin { head, total } => {
+                if link.inb.snapshot.is_some() {
+                    return self.disconnect(violation("snapshot inside a snapshot".into()), out);
+                }
+                tracing::info!(peer = %self.cfg.peer, %head, total, "receiving a snapshot");
+                link.inb.snapshot = Some(head);
+                link.inb.recv_pos = Seq::ZERO;
+                if !link.inb.done {
+                    link.inb.kind = ResyncKind::Snapshot;
+                }
+            }
+            PeerMsg::SnapshotChunk { records } => {
+                if link.inb.snapshot.is_none() {
+                    return self
+                        .disconnect(violation("snapshot chunk outside a snapshot".into()), out);
+                }
+                link.inb.records += records.len() as u64;
+                self.apply(records, None, out);
+            }
+            PeerMsg::SnapshotEnd { head } => {
+                if link.inb.snapshot != Some(head) {
+                    return self
+                        .disconnect(violation(format!("unexpected snapshot end at {head}")), out);
+                }
+                link.inb.snapshot = None;
+                link.inb.recv_pos = head;
+                self.peer_head = self.peer_head.max(head);
+                self.apply(vec![], Some(head), out);
+            }
+            PeerMsg::CaughtUp { head } => {
+                if link.inb.snapshot.is_some() || link.inb.caught_up_barrier.is_some() {
+                    return self.disconnect(violation("unexpected caught-up".into()), out);
+                }
+                if link.inb.recv_pos < head {
+                    let what = format!(
+                        "caught up at {head} but sent only up to {}",
+                        link.inb.recv_pos
+                    );
+                    return self.disconnect(violation(what), out);
+                }
+                link.inb.caught_up_barrier = Some(self.applies_issued);
+                self.check_inbound_done();
+            }
+        }
+    }
+
+    fn apply(&mut self, records: Vec<Record>, peer_pos: Option<Seq>, out: &mut Vec<Command>) {
+        let Some(link) = &self.link else { return };
+        self.applies_issued += 1;
+        self.pending_applies.push_back(PendingApply {
+            no: self.applies_issued,
+            gen: link.gen,
+            up_to: peer_pos,
+        });
+        out.push(Command::Apply {
+            peer_db_id: link.peer_db_id.clone(),
+            records,
+            peer_pos,
+        });
+    }
+
+    fn on_applied(&mut self, up_to: Option<Seq>, now: u64, out: &mut Vec<Command>) {
+        self.observe(now);
+        let Some(done) = self.pending_applies.pop_front() else {
+            tracing::error!(
+                ?up_to,
+                "applied reported with no apply outstanding; ignored"
+            );
+            return;
+        };
+        if done.up_to != up_to {
+            tracing::error!(expected = ?done.up_to, got = ?up_to, "applied reported out of order");
+        }
+        self.applies_completed = done.no;
+        let Some(link) = &mut self.link else { return };
+        if link.gen != done.gen {
+            return;
+        }
+        if let Some(pos) = done.up_to {
+            self.applied_of_peer = pos;
+            let msg = PeerMsg::Ack {
+                db_id: link.peer_db_id.clone(),
+                applied: pos,
+            };
+            Self::send(link, msg, now, out);
+        }
+        self.check_inbound_done();
+    }
+
+    fn check_inbound_done(&mut self) {
+        let now = self.now;
+        let completed = self.applies_completed;
+        let Some(link) = &mut self.link else { return };
+        let inb = &mut link.inb;
+        if inb.done || inb.caught_up_barrier.map_or(true, |b| completed < b) {
+            return;
+        }
+        inb.done = true;
+        self.ever_ready = true;
+        let info = ResyncInfo {
+            kind: inb.kind,
+            records: inb.records,
+            duration_ms: now.saturating_sub(link.connected_at),
+            at_ms: now,
+            direction: Direction::Received,
+        };
+        tracing::info!(peer = %self.cfg.peer, kind = ?info.kind, records = info.records,
+            duration_ms = info.duration_ms, "caught up with the peer");
+        self.last_resync = Some(info.clone());
+        self.last_resync_received = Some(info);
+        self.resyncs += 1;
+        self.maybe_clear_degraded();
+    }
+}

@@ -1,0 +1,822 @@
+//! Simulation of two masters: two engines, two in-memory last-writer-wins stores with their
+//! own change logs, and a network the test controls (deliver, partition, heal, restart a
+//! node keeping or losing its store). The network behaves like TCP: a connection delivers
+//! everything in order or breaks; a partition holds messages back (and usually ends in a
+//! timeout on both sides), it never drops single messages of a live connection. A property test runs random operation sequences, heals
+//! everything, runs to quiescence and checks the replication invariants:
+//! - both stores hold identical records (same versions, same tombstones);
+//! - each store has applied the other's whole log;
+//! - every write whose waiter was released `Acked` is on both nodes (unless both copies were
+//!   lost by wiping the two nodes one after the other, which is two failures);
+//! - both nodes are ready and streaming.
+
+use super::*;
+use crate::model::{Hlc, Session, SessionId, SessionStatus, Version};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
+
+/// The test's database: records by id (LWW on version), own change log, peer positions.
+#[derive(Clone, Debug)]
+struct Store {
+    node: NodeId,
+    db_id: String,
+    hlc: Hlc,
+    records: BTreeMap<SessionId, Record>,
+    log: VecDeque<Change>,
+    head: Seq,
+    positions: BTreeMap<String, Seq>,
+    last_peer_db: Option<String>,
+}
+
+impl Store {
+    fn new(node: &NodeId, db_id: String) -> Store {
+        Store {
+            node: node.clone(),
+            db_id,
+            hlc: Hlc::default(),
+            records: BTreeMap::new(),
+            log: VecDeque::new(),
+            head: Seq::ZERO,
+            positions: BTreeMap::new(),
+            last_peer_db: None,
+        }
+    }
+
+    fn oldest(&self) -> Seq {
+        self.log.front().map(|c| c.seq).unwrap_or(self.head.next())
+    }
+
+    fn status(&self) -> DbStatus {
+        DbStatus {
+            db_id: self.db_id.clone(),
+            head: self.head,
+            oldest: self.oldest(),
+        }
+    }
+
+    /// A local write: new version, one log entry, in one step (one transaction).
+    fn write(&mut self, id: SessionId, session: Option<Session>, now: u64) -> Change {
+        self.hlc = self.hlc.tick(now);
+        let record = Record {
+            id: id.clone(),
+            version: Version {
+                hlc: self.hlc,
+                node: self.node.clone(),
+            },
+            session,
+        };
+        self.records.insert(id, record.clone());
+        self.head = self.head.next();
+        let change = Change {
+            seq: self.head,
+            record,
+        };
+        self.log.push_back(change.clone());
+        change
+    }
+
+    fn changes_since(&self, after: Seq, limit: usize) -> LogRead {
+        if after.next() < self.oldest() && after < self.head {
+            return LogRead::Truncated {
+                oldest: self.oldest(),
+            };
+        }
+        LogRead::Changes(
+            self.log
+                .iter()
+                .filter(|c| c.seq > after)
+                .take(limit)
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            head: self.head,
+            records: self.records.values().cloned().collect(),
+        }
+    }
+
+    fn apply_remote(
+        &mut self,
+        peer_db: &str,
+        records: Vec<Record>,
+        peer_pos: Option<Seq>,
+        now: u64,
+    ) {
+        for r in records {
+            self.hlc = self.hlc.observe(r.version.hlc, now);
+            let newer = self
+                .records
+                .get(&r.id)
+                .map_or(true, |old| r.version > old.version);
+            if newer {
+                self.records.insert(r.id.clone(), r);
+            }
+        }
+        if let Some(pos) = peer_pos {
+            self.positions.insert(peer_db.to_string(), pos);
+            self.last_peer_db = Some(peer_db.to_string());
+        }
+    }
+
+    fn truncate(&mut self, keep: usize) {
+        while self.log.len() > keep {
+            self.log.pop_front();
+        }
+    }
+
+    /// Whether this store has `id` at `version` or newer.
+    fn has(&self, id: &SessionId, version: &Version) -> bool {
+        self.records.get(id).is_some_and(|r| r.version >= *version)
+    }
+}
+
+#[derive(Debug)]
+enum DbCmd {
+    ReadLog {
+        after: Seq,
+        limit: usize,
+    },
+    ReadSnapshot,
+    Apply {
+        peer_db_id: String,
+        records: Vec<Record>,
+        peer_pos: Option<Seq>,
+    },
+}
+
+struct Node {
+    store: Store,
+    engine: Engine,
+    db_queue: VecDeque<DbCmd>,
+    /// The connection this node believes it is on.
+    link: Option<u64>,
+    /// Outstanding waiters: the write each one waits for, and the peer's database then.
+    waiters: BTreeMap<WaiterId, (SessionId, Version, String)>,
+}
+
+fn names() -> [NodeId; 2] {
+    [NodeId("a".into()), NodeId("b".into())]
+}
+
+fn engine_config(i: usize) -> EngineConfig {
+    let n = names();
+    EngineConfig {
+        local: n[i].clone(),
+        peer: n[1 - i].clone(),
+        sync: SyncLevel::Ack,
+        sync_timeout: Duration::from_millis(1000),
+        startup_grace: Duration::from_millis(3000),
+        heartbeat_interval: Duration::from_millis(100),
+        peer_timeout: Duration::from_millis(500),
+        config_digest: "same".into(),
+        batch_limit: 3,
+        max_inflight: 2,
+        role: Role::Standby,
+    }
+}
+
+fn session(id: &SessionId, n: u64) -> Session {
+    Session {
+        id: id.clone(),
+        user: format!("user{n}"),
+        subcluster: "default".into(),
+        agent: "agent1".into(),
+        agent_address: "10.0.0.5".into(),
+        display: n as u32,
+        vnc_port: 5900,
+        status: SessionStatus::Running,
+        created_ms: n,
+        last_connect_ms: n,
+        last_client_address: String::new(),
+        pid: n as u32,
+        command: vec![],
+        geometry: "1024x768".into(),
+        client_params: vec![],
+    }
+}
+
+struct World {
+    now: u64,
+    nodes: [Node; 2],
+    /// `wire[i]`: messages travelling towards node `i`, tagged with their connection.
+    wire: [VecDeque<(u64, PeerMsg)>; 2],
+    partitioned: bool,
+    next_link: u64,
+    next_db: u64,
+    next_waiter: u64,
+    writes: u64,
+    /// Writes a client was told are on both nodes.
+    acked: Vec<(SessionId, Version)>,
+}
+
+impl World {
+    fn new() -> World {
+        let n = names();
+        let node = |i: usize| {
+            let store = Store::new(&n[i], format!("db{i}"));
+            let mut engine = Engine::new(engine_config(i), store.status(), 0);
+            engine.step(Event::Start { now: 0 });
+            Node {
+                store,
+                engine,
+                db_queue: VecDeque::new(),
+                link: None,
+                waiters: BTreeMap::new(),
+            }
+        };
+        World {
+            now: 0,
+            nodes: [node(0), node(1)],
+            wire: [VecDeque::new(), VecDeque::new()],
+            partitioned: false,
+            next_link: 1,
+            next_db: 2,
+            next_waiter: 1,
+            writes: 0,
+            acked: vec![],
+        }
+    }
+
+    fn feed(&mut self, i: usize, event: Event) {
+        let cmds = self.nodes[i].engine.step(event);
+        for cmd in cmds {
+            self.exec(i, cmd);
+        }
+    }
+
+    fn exec(&mut self, i: usize, cmd: Command) {
+        match cmd {
+            Command::Send(msg) => {
+                if let Some(link) = self.nodes[i].link {
+                    self.wire[1 - i].push_back((link, msg));
+                }
+            }
+            Command::ReadLog { after, limit } => self.nodes[i]
+                .db_queue
+                .push_back(DbCmd::ReadLog { after, limit }),
+            Command::ReadSnapshot => self.nodes[i].db_queue.push_back(DbCmd::ReadSnapshot),
+            Command::Apply {
+                peer_db_id,
+                records,
+                peer_pos,
+            } => self.nodes[i].db_queue.push_back(DbCmd::Apply {
+                peer_db_id,
+                records,
+                peer_pos,
+            }),
+            Command::ReleaseWaiters { waiters, outcome } => {
+                for w in waiters {
+                    let write = self.nodes[i]
+                        .waiters
+                        .remove(&w)
+                        .expect("released an unknown waiter");
+                    if outcome == AckOutcome::Acked {
+                        // Acked means the peer has stored it, unless the peer's database
+                        // was wiped after it sent the acknowledgement.
+                        let (id, v, peer_db) = write;
+                        let peer = &self.nodes[1 - i].store;
+                        assert!(
+                            peer.has(&id, &v) || peer.db_id != peer_db,
+                            "{id} at {v} acked but not on the peer"
+                        );
+                        self.acked.push((id, v));
+                    }
+                }
+            }
+            Command::Disconnect { .. } => self.close(i),
+            Command::ReconcileAgents => {}
+        }
+    }
+
+    /// Node `i` closes its connection; the other side notices unless partitioned.
+    fn close(&mut self, i: usize) {
+        let Some(link) = self.nodes[i].link.take() else {
+            return;
+        };
+        self.wire[i].clear();
+        let j = 1 - i;
+        if !self.partitioned && self.nodes[j].link == Some(link) {
+            self.nodes[j].link = None;
+            self.wire[j].clear();
+            let now = self.now;
+            self.feed(
+                j,
+                Event::PeerDisconnected {
+                    reason: "closed by peer".into(),
+                    now,
+                },
+            );
+        }
+    }
+
+    fn write(&mut self, i: usize, key: u8, delete: bool, inline: bool) {
+        self.writes += 1;
+        let id = SessionId(format!("s{key}"));
+        let session = (!delete).then(|| session(&id, self.writes));
+        let now = self.now;
+        let change = self.nodes[i].store.write(id.clone(), session, now);
+        let (seq, version) = (change.seq, change.record.version.clone());
+        let change = inline.then_some(change);
+        self.feed(i, Event::LocalCommitted { seq, change, now });
+        let waiter = WaiterId(self.next_waiter);
+        self.next_waiter += 1;
+        let peer_db = self.nodes[1 - i].store.db_id.clone();
+        self.nodes[i].waiters.insert(waiter, (id, version, peer_db));
+        self.feed(i, Event::AwaitAck { waiter, seq, now });
+    }
+
+    /// Runs up to `n` queued database commands of node `i`; returns how many ran.
+    fn db_step(&mut self, i: usize, n: usize) -> usize {
+        let mut ran = 0;
+        while ran < n {
+            let Some(cmd) = self.nodes[i].db_queue.pop_front() else {
+                break;
+            };
+            ran += 1;
+            let now = self.now;
+            let store = &mut self.nodes[i].store;
+            let event = match cmd {
+                DbCmd::ReadLog { after, limit } => Event::LogRead {
+                    after,
+                    result: store.changes_since(after, limit),
+                    now,
+                },
+                DbCmd::ReadSnapshot => Event::SnapshotRead {
+                    snapshot: store.snapshot(),
+                    now,
+                },
+                DbCmd::Apply {
+                    peer_db_id,
+                    records,
+                    peer_pos,
+                } => {
+                    store.apply_remote(&peer_db_id, records, peer_pos, now);
+                    Event::Applied {
+                        up_to: peer_pos,
+                        now,
+                    }
+                }
+            };
+            self.feed(i, event);
+        }
+        ran
+    }
+
+    /// Delivers up to `n` messages towards node `i`; returns how many were taken off the wire.
+    fn deliver(&mut self, i: usize, n: usize) -> usize {
+        if self.partitioned {
+            return 0;
+        }
+        let mut moved = 0;
+        while moved < n {
+            let Some((link, msg)) = self.wire[i].pop_front() else {
+                break;
+            };
+            moved += 1;
+            if self.nodes[i].link == Some(link) {
+                let now = self.now;
+                self.feed(i, Event::PeerMessage { msg, now });
+            }
+        }
+        moved
+    }
+
+    /// A new connection (replacing any the nodes still believe in), as the peer-link task
+    /// does it: finish earlier database work, exchange hellos, look up positions.
+    fn connect(&mut self) {
+        if self.partitioned {
+            return;
+        }
+        for i in 0..2 {
+            while self.db_step(i, usize::MAX) > 0 {}
+        }
+        let now = self.now;
+        let link = self.next_link;
+        self.next_link += 1;
+        let hellos: Vec<Hello> = (0..2)
+            .map(|i| {
+                let s = &self.nodes[i].store;
+                let pos = s
+                    .last_peer_db
+                    .as_ref()
+                    .and_then(|d| s.positions.get(d))
+                    .copied();
+                self.nodes[i]
+                    .engine
+                    .hello(s.last_peer_db.clone(), pos.unwrap_or_default(), now)
+            })
+            .collect();
+        for i in 0..2 {
+            self.nodes[i].link = Some(link);
+            self.wire[i].clear();
+        }
+        for i in 0..2 {
+            if self.nodes[i].link != Some(link) {
+                continue; // the other side refused and closed it
+            }
+            let hello = hellos[1 - i].clone();
+            let pos = self.nodes[i]
+                .store
+                .positions
+                .get(&hello.db_id)
+                .copied()
+                .unwrap_or_default();
+            self.feed(
+                i,
+                Event::PeerConnected {
+                    hello,
+                    our_position_for_them: pos,
+                    now,
+                },
+            );
+        }
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        let now = self.now;
+        for i in 0..2 {
+            self.feed(i, Event::Tick { now });
+        }
+    }
+
+    /// Delivers messages and runs database work until nothing moves (no time passes).
+    fn pump(&mut self) {
+        loop {
+            let moved = self.db_step(0, usize::MAX)
+                + self.db_step(1, usize::MAX)
+                + self.deliver(0, usize::MAX)
+                + self.deliver(1, usize::MAX);
+            if moved == 0 {
+                break;
+            }
+        }
+    }
+
+    fn restart(&mut self, i: usize, wipe: bool) {
+        self.close(i);
+        self.wire[i].clear();
+        self.nodes[i].db_queue.clear();
+        self.nodes[i].waiters.clear();
+        self.now += 1;
+        if wipe {
+            // Losing this store is a failure; an acked write whose only other copy is gone
+            // already was lost to two failures and is not checked.
+            let other = &self.nodes[1 - i].store;
+            self.acked.retain(|(id, v)| other.has(id, v));
+            let db = format!("db{}", self.next_db);
+            self.next_db += 1;
+            self.nodes[i].store = Store::new(&names()[i], db);
+        }
+        let store = &self.nodes[i].store;
+        self.nodes[i].engine = Engine::new(engine_config(i), store.status(), self.now);
+        let now = self.now;
+        self.feed(i, Event::Start { now });
+    }
+
+    fn quiet(&self) -> bool {
+        self.wire.iter().all(|w| w.is_empty()) && self.nodes.iter().all(|n| n.db_queue.is_empty())
+    }
+
+    fn converged(&self) -> bool {
+        self.quiet()
+            && self.nodes.iter().all(|n| {
+                let st = n.engine.status();
+                st.ready && st.link == LinkState::Streaming && st.peer_acked == st.local_head
+            })
+    }
+
+    /// Heals the network and runs until both nodes are streaming with nothing in flight.
+    fn settle(&mut self) {
+        self.partitioned = false;
+        for _round in 0..500 {
+            self.pump();
+            if self.converged() {
+                return;
+            }
+            if self.nodes[0].link.is_none() && self.nodes[1].link.is_none() {
+                self.connect();
+            } else {
+                self.advance(100);
+            }
+        }
+        panic!("no convergence:\n{}", self.summary());
+    }
+
+    fn summary(&self) -> String {
+        let mut out = format!("now={} partitioned={}\n", self.now, self.partitioned);
+        for (i, n) in self.nodes.iter().enumerate() {
+            let st = n.engine.status();
+            out += &format!(
+                "node {i}: link={:?} wire_in={} dbq={} | ready={} ({}) link={:?} head={} acked={} \
+                 peer_head={} applied_of_peer={} degraded={} err={:?} | store db={} head={} oldest={} \
+                 positions={:?} last_peer={:?} records={}\n",
+                n.link, self.wire[i].len(), n.db_queue.len(), st.ready, st.ready_reason, st.link,
+                st.local_head, st.peer_acked, st.peer_head, st.applied_of_peer, st.degraded,
+                st.last_link_error, n.store.db_id, n.store.head, n.store.oldest(), n.store.positions,
+                n.store.last_peer_db, n.store.records.len()
+            );
+        }
+        out
+    }
+
+    fn check(&self) {
+        let (a, b) = (&self.nodes[0].store, &self.nodes[1].store);
+        assert_eq!(a.records, b.records, "stores differ after convergence");
+        assert_eq!(
+            a.positions.get(&b.db_id).copied().unwrap_or_default(),
+            b.head
+        );
+        assert_eq!(
+            b.positions.get(&a.db_id).copied().unwrap_or_default(),
+            a.head
+        );
+        for (id, v) in &self.acked {
+            assert!(
+                a.has(id, v) && b.has(id, v),
+                "acknowledged write {id} at {v} lost"
+            );
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write {
+        node: usize,
+        key: u8,
+        delete: bool,
+        inline: bool,
+    },
+    Deliver {
+        to: usize,
+        n: usize,
+    },
+    Db {
+        node: usize,
+        n: usize,
+    },
+    Advance {
+        ms: u64,
+    },
+    Pump,
+    Partition,
+    Heal,
+    Connect,
+    Disconnect {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+        wipe: bool,
+    },
+    Truncate {
+        node: usize,
+        keep: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => (0..2usize, 0..6u8, prop::bool::weighted(0.2), any::<bool>())
+            .prop_map(|(node, key, delete, inline)| Op::Write { node, key, delete, inline }),
+        8 => (0..2usize, 1..6usize).prop_map(|(to, n)| Op::Deliver { to, n }),
+        6 => (0..2usize, 1..4usize).prop_map(|(node, n)| Op::Db { node, n }),
+        3 => (1..700u64).prop_map(|ms| Op::Advance { ms }),
+        4 => Just(Op::Pump),
+        1 => Just(Op::Partition),
+        2 => Just(Op::Heal),
+        3 => Just(Op::Connect),
+        1 => (0..2usize).prop_map(|node| Op::Disconnect { node }),
+        1 => (0..2usize, prop::bool::weighted(0.4)).prop_map(|(node, wipe)| Op::Restart { node, wipe }),
+        1 => (0..2usize, 0..3usize).prop_map(|(node, keep)| Op::Truncate { node, keep }),
+    ]
+}
+
+fn run(ops: &[Op]) -> World {
+    let mut w = World::new();
+    for op in ops {
+        match *op {
+            Op::Write {
+                node,
+                key,
+                delete,
+                inline,
+            } => w.write(node, key, delete, inline),
+            Op::Deliver { to, n } => {
+                w.deliver(to, n);
+            }
+            Op::Db { node, n } => {
+                w.db_step(node, n);
+            }
+            Op::Advance { ms } => {
+                w.advance(ms);
+                // The peer-link task reconnects on its own once the network allows.
+                if w.nodes.iter().all(|n| n.link.is_none()) {
+                    w.connect();
+                }
+            }
+            Op::Pump => w.pump(),
+            Op::Partition => w.partitioned = true,
+            Op::Heal => w.partitioned = false,
+            Op::Connect => w.connect(),
+            Op::Disconnect { node } => {
+                let now = w.now;
+                w.feed(
+                    node,
+                    Event::PeerDisconnected {
+                        reason: "test".into(),
+                        now,
+                    },
+                );
+                w.close(node);
+            }
+            Op::Restart { node, wipe } => w.restart(node, wipe),
+            Op::Truncate { node, keep } => w.nodes[node].store.truncate(keep),
+        }
+    }
+    w.settle();
+    w.check();
+    if std::env::var("SIM_STATS").is_ok() {
+        let st: Vec<_> = w.nodes.iter().map(|n| n.engine.status()).collect();
+        eprintln!(
+            "ops={} links={} writes={} acked={} resyncs={}/{} last={:?}/{:?} records={}",
+            ops.len(),
+            w.next_link - 1,
+            w.writes,
+            w.acked.len(),
+            st[0].resyncs,
+            st[1].resyncs,
+            st[0].last_resync_received.as_ref().map(|r| r.kind),
+            st[1].last_resync_received.as_ref().map(|r| r.kind),
+            w.nodes[0].store.records.len()
+        );
+    }
+    w
+}
+
+proptest! {
+    // 64 cases by default; PROPTEST_CASES=5000 for a deeper search.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64),
+        ..ProptestConfig::default()
+    })]
+
+    #[test]
+    fn random_histories_converge_and_keep_acknowledged_writes(
+        ops in prop::collection::vec(op(), 1..120)
+    ) {
+        run(&ops);
+    }
+}
+
+#[test]
+fn writes_on_both_sides_of_a_partition_converge() {
+    use Op::*;
+    let w = run(&[
+        Connect,
+        Write {
+            node: 0,
+            key: 1,
+            delete: false,
+            inline: true,
+        },
+        Partition,
+        Write {
+            node: 0,
+            key: 2,
+            delete: false,
+            inline: true,
+        },
+        Advance { ms: 10 },
+        Write {
+            node: 1,
+            key: 2,
+            delete: false,
+            inline: false,
+        },
+        Write {
+            node: 1,
+            key: 1,
+            delete: true,
+            inline: true,
+        },
+        Advance { ms: 600 },
+    ]);
+    // The later writes (b's) win everywhere.
+    let rec = &w.nodes[0].store.records[&SessionId("s2".into())];
+    assert_eq!(rec.version.node, NodeId("b".into()));
+    assert!(w.nodes[0].store.records[&SessionId("s1".into())].is_tombstone());
+}
+
+#[test]
+fn acknowledged_write_survives_a_wiped_primary() {
+    let mut w = World::new();
+    w.connect();
+    w.settle();
+    w.write(0, 1, false, true);
+    // Replicate and acknowledge.
+    w.settle();
+    assert_eq!(w.acked.len(), 1);
+    // Primary reinstalled with an empty database; it must fetch everything back.
+    w.restart(0, true);
+    assert!(w.nodes[0].store.records.is_empty());
+    w.settle();
+    w.check();
+    assert_eq!(w.nodes[0].store.records.len(), 1);
+    let info = w.nodes[0].engine.status().last_resync_received.unwrap();
+    assert_eq!(info.kind, ResyncKind::Snapshot);
+}
+
+#[test]
+fn truncated_log_resyncs_by_snapshot() {
+    let mut w = World::new();
+    w.connect();
+    w.settle();
+    w.partitioned = true;
+    w.advance(600);
+    for k in 0..5 {
+        w.write(1, k, false, true);
+    }
+    w.nodes[1].store.truncate(1);
+    w.settle();
+    w.check();
+    let info = w.nodes[0].engine.status().last_resync_received.unwrap();
+    assert_eq!((info.kind, info.records), (ResyncKind::Snapshot, 5));
+}
+
+#[test]
+fn a_node_is_not_ready_while_its_peer_has_newer_data() {
+    let mut w = World::new();
+    w.connect();
+    w.settle();
+    w.partitioned = true;
+    w.advance(600); // both notice the silence
+    w.write(1, 3, false, true);
+    w.partitioned = false;
+    w.connect();
+    // Connected, the peer has a change this node lacks: not ready until it is applied.
+    assert!(!w.nodes[0].engine.is_ready());
+    let mut steps = 0;
+    while !w.quiet() {
+        let moved = w.deliver(0, 1) + w.deliver(1, 1) + w.db_step(0, 1) + w.db_step(1, 1);
+        steps += moved;
+        if w.nodes[0].engine.is_ready() {
+            assert!(w.nodes[0]
+                .store
+                .records
+                .contains_key(&SessionId("s3".into())));
+        }
+    }
+    assert!(steps > 0);
+    assert!(w.nodes[0].engine.is_ready());
+}
+
+#[test]
+fn snapshot_interrupted_by_a_restart_is_redone() {
+    let mut w = World::new();
+    for k in 0..7 {
+        w.write(0, k, false, true);
+    }
+    w.connect();
+    // a reads its snapshot and sends it; b applies only the first chunk, then restarts.
+    w.db_step(0, 1);
+    w.deliver(1, usize::MAX);
+    assert!(
+        w.nodes[1].db_queue.len() > 3,
+        "expected several chunk applies"
+    );
+    // b's own snapshot read, then the first chunk.
+    w.db_step(1, 2);
+    assert_eq!(w.nodes[1].store.records.len(), 3);
+    w.restart(1, false);
+    w.settle();
+    w.check();
+    assert_eq!(w.nodes[1].store.records.len(), 7);
+}
+
+#[test]
+fn wiped_node_whose_snapshot_is_interrupted_gets_a_full_snapshot_again() {
+    let mut w = World::new();
+    for k in 0..7 {
+        w.write(0, k, false, true);
+    }
+    w.connect();
+    w.settle();
+    // a is reinstalled; its own old writes now live only on b, outside b's change log.
+    w.restart(0, true);
+    w.connect();
+    w.db_step(1, usize::MAX); // b reads its snapshot for a
+    w.deliver(0, usize::MAX);
+    w.db_step(0, 2); // a's own snapshot read, then b's first chunk
+    assert_eq!(w.nodes[0].store.records.len(), 3);
+    // a restarts (keeping its store): the rest of the snapshot is lost.
+    w.restart(0, false);
+    w.settle();
+    w.check();
+    assert_eq!(w.nodes[0].store.records.len(), 7);
+}

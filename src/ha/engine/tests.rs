@@ -1,0 +1,1162 @@
+//! Decision tests: feed events, assert on commands. Time is plain milliseconds.
+
+use super::*;
+use crate::model::{Hlc, SessionId, Version};
+use std::time::Duration;
+
+const A_DB: &str = "db-a";
+const B_DB: &str = "db-b";
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        local: NodeId("a".into()),
+        peer: NodeId("b".into()),
+        sync: SyncLevel::Ack,
+        sync_timeout: Duration::from_millis(1000),
+        startup_grace: Duration::from_millis(5000),
+        heartbeat_interval: Duration::from_millis(100),
+        peer_timeout: Duration::from_millis(500),
+        config_digest: "digest".into(),
+        batch_limit: 2,
+        max_inflight: 2,
+        role: Role::Standby,
+    }
+}
+
+fn engine_with(cfg: EngineConfig, head: u64, oldest: u64) -> Engine {
+    let mut e = Engine::new(
+        cfg,
+        DbStatus {
+            db_id: A_DB.into(),
+            head: Seq(head),
+            oldest: Seq(oldest),
+        },
+        0,
+    );
+    assert_eq!(e.step(Event::Start { now: 0 }), vec![]);
+    e
+}
+
+fn engine(head: u64, oldest: u64) -> Engine {
+    engine_with(config(), head, oldest)
+}
+
+fn record(id: &str, wall_ms: u64) -> Record {
+    Record {
+        id: SessionId(id.into()),
+        version: Version {
+            hlc: Hlc {
+                wall_ms,
+                logical: 0,
+            },
+            node: NodeId("a".into()),
+        },
+        session: None,
+    }
+}
+
+fn change(seq: u64) -> Change {
+    Change {
+        seq: Seq(seq),
+        record: record(&format!("s{seq}"), seq),
+    }
+}
+
+fn changes(range: std::ops::RangeInclusive<u64>) -> Vec<Change> {
+    range.map(change).collect()
+}
+
+/// B's hello: B's log has `head`; B has applied A's log `your_db_id` up to `your_position`.
+fn hello_b(your_db_id: Option<&str>, your_position: u64, head: u64) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        node: NodeId("b".into()),
+        db_id: B_DB.into(),
+        head: Seq(head),
+        oldest: Seq(1),
+        your_db_id: your_db_id.map(str::to_string),
+        your_position: Seq(your_position),
+        config_digest: "digest".into(),
+        now_ms: 0,
+    }
+}
+
+fn connect(e: &mut Engine, hello: Hello, our_pos: u64, now: u64) -> Vec<Command> {
+    e.step(Event::PeerConnected {
+        hello,
+        our_position_for_them: Seq(our_pos),
+        now,
+    })
+}
+
+fn msg(e: &mut Engine, msg: PeerMsg, now: u64) -> Vec<Command> {
+    e.step(Event::PeerMessage { msg, now })
+}
+
+fn send(m: PeerMsg) -> Command {
+    Command::Send(m)
+}
+
+fn ack(applied: u64) -> PeerMsg {
+    PeerMsg::Ack {
+        db_id: A_DB.into(),
+        applied: Seq(applied),
+    }
+}
+
+fn release(ids: &[u64], outcome: AckOutcome) -> Command {
+    Command::ReleaseWaiters {
+        waiters: ids.iter().map(|i| WaiterId(*i)).collect(),
+        outcome,
+    }
+}
+
+fn is_disconnect(cmds: &[Command], needle: &str) -> bool {
+    cmds.iter()
+        .any(|c| matches!(c, Command::Disconnect { reason } if reason.contains(needle)))
+}
+
+/// A connected to B, both logs in sync, both directions caught up: streaming.
+fn streaming(head: u64) -> Engine {
+    let mut e = engine(head, 1);
+    let cmds = connect(&mut e, hello_b(Some(A_DB), head, 0), 0, 10);
+    assert_eq!(cmds, vec![send(PeerMsg::CaughtUp { head: Seq(head) })]);
+    assert_eq!(msg(&mut e, PeerMsg::CaughtUp { head: Seq(0) }, 10), vec![]);
+    assert_eq!(msg(&mut e, ack(head), 10), vec![]);
+    assert_eq!(e.status().link, LinkState::Streaming);
+    assert!(e.is_ready());
+    e
+}
+
+#[test]
+fn incremental_catch_up_streams_the_missing_tail_in_batches() {
+    let mut e = engine(5, 1);
+    let cmds = connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10);
+    assert_eq!(
+        cmds,
+        vec![Command::ReadLog {
+            after: Seq(2),
+            limit: 2
+        }]
+    );
+    assert_eq!(e.status().link, LinkState::CatchingUp);
+    assert_eq!(e.status().peer_acked, Seq(2));
+
+    let cmds = e.step(Event::LogRead {
+        after: Seq(2),
+        result: LogRead::Changes(changes(3..=4)),
+        now: 11,
+    });
+    assert_eq!(
+        cmds,
+        vec![
+            send(PeerMsg::Changes {
+                records: changes(3..=4)
+            }),
+            Command::ReadLog {
+                after: Seq(4),
+                limit: 2
+            },
+        ]
+    );
+    let cmds = e.step(Event::LogRead {
+        after: Seq(4),
+        result: LogRead::Changes(changes(5..=5)),
+        now: 12,
+    });
+    assert_eq!(
+        cmds,
+        vec![
+            send(PeerMsg::Changes {
+                records: changes(5..=5)
+            }),
+            send(PeerMsg::CaughtUp { head: Seq(5) })
+        ]
+    );
+    // The peer acknowledges; our half of the resync is complete.
+    assert_eq!(msg(&mut e, ack(4), 13), vec![]);
+    assert_eq!(e.status().last_resync, None);
+    assert_eq!(msg(&mut e, ack(5), 14), vec![]);
+    let info = e.status().last_resync.unwrap();
+    assert_eq!(
+        info,
+        ResyncInfo {
+            kind: ResyncKind::Incremental,
+            records: 3,
+            duration_ms: 4,
+            at_ms: 14,
+            direction: Direction::Sent
+        }
+    );
+    // B had nothing for us: not ready until B says so.
+    assert!(!e.is_ready());
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(0) }, 15);
+    assert!(e.is_ready());
+    assert_eq!(e.status().link, LinkState::Streaming);
+}
+
+#[test]
+fn stale_log_reads_are_ignored() {
+    let mut e = engine(5, 1);
+    connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10);
+    let cmds = e.step(Event::LogRead {
+        after: Seq(0),
+        result: LogRead::Changes(changes(1..=2)),
+        now: 11,
+    });
+    assert_eq!(cmds, vec![]);
+}
+
+#[test]
+fn position_outside_the_log_or_for_another_database_means_snapshot() {
+    // Truncated: the peer is at 2, the log starts at 4.
+    let mut e = engine(5, 4);
+    assert_eq!(
+        connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10),
+        vec![Command::ReadSnapshot]
+    );
+    // Exactly at the edge (oldest - 1) is still incremental.
+    let mut e = engine(5, 4);
+    assert_eq!(
+        connect(&mut e, hello_b(Some(A_DB), 3, 0), 0, 10),
+        vec![Command::ReadLog {
+            after: Seq(3),
+            limit: 2
+        }]
+    );
+    // Ahead of my head (my database went back in time).
+    let mut e = engine(5, 1);
+    assert_eq!(
+        connect(&mut e, hello_b(Some(A_DB), 9, 0), 0, 10),
+        vec![Command::ReadSnapshot]
+    );
+    // A position in another database of mine, or none at all.
+    let mut e = engine(5, 1);
+    assert_eq!(
+        connect(&mut e, hello_b(Some("db-old"), 2, 0), 0, 10),
+        vec![Command::ReadSnapshot]
+    );
+    let mut e = engine(5, 1);
+    assert_eq!(
+        connect(&mut e, hello_b(None, 0, 0), 0, 10),
+        vec![Command::ReadSnapshot]
+    );
+}
+
+#[test]
+fn truncated_log_read_switches_to_a_snapshot() {
+    let mut e = engine(5, 1);
+    connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10);
+    let cmds = e.step(Event::LogRead {
+        after: Seq(2),
+        result: LogRead::Truncated { oldest: Seq(4) },
+        now: 11,
+    });
+    assert_eq!(cmds, vec![Command::ReadSnapshot]);
+    let records = vec![record("x", 1), record("y", 2), record("z", 3)];
+    let cmds = e.step(Event::SnapshotRead {
+        snapshot: Snapshot {
+            head: Seq(5),
+            records: records.clone(),
+        },
+        now: 12,
+    });
+    assert_eq!(
+        cmds,
+        vec![
+            send(PeerMsg::SnapshotBegin {
+                head: Seq(5),
+                total: 3
+            }),
+            send(PeerMsg::SnapshotChunk {
+                records: records[..2].to_vec()
+            }),
+            send(PeerMsg::SnapshotChunk {
+                records: records[2..].to_vec()
+            }),
+            send(PeerMsg::SnapshotEnd { head: Seq(5) }),
+            send(PeerMsg::CaughtUp { head: Seq(5) }),
+        ]
+    );
+    // What the peer acknowledged before stays true.
+    assert_eq!(e.status().peer_acked, Seq(2));
+    msg(&mut e, ack(5), 13);
+    let info = e.status().last_resync.unwrap();
+    assert_eq!(
+        (info.kind, info.records, info.direction),
+        (ResyncKind::Snapshot, 3, Direction::Sent)
+    );
+}
+
+#[test]
+fn snapshot_older_than_the_connect_head_is_followed_by_the_log() {
+    let mut e = engine(5, 1);
+    connect(&mut e, hello_b(None, 0, 0), 0, 10);
+    let cmds = e.step(Event::SnapshotRead {
+        snapshot: Snapshot {
+            head: Seq(3),
+            records: vec![],
+        },
+        now: 11,
+    });
+    assert_eq!(
+        cmds,
+        vec![
+            send(PeerMsg::SnapshotBegin {
+                head: Seq(3),
+                total: 0
+            }),
+            send(PeerMsg::SnapshotEnd { head: Seq(3) }),
+            Command::ReadLog {
+                after: Seq(3),
+                limit: 2
+            },
+        ]
+    );
+}
+
+#[test]
+fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
+    // A was reinstalled: empty database with a new id. B has 10 changes and remembers
+    // A's old database.
+    let mut e = Engine::new(
+        config(),
+        DbStatus {
+            db_id: "db-new".into(),
+            head: Seq(0),
+            oldest: Seq(1),
+        },
+        0,
+    );
+    e.step(Event::Start { now: 0 });
+    let cmds = connect(&mut e, hello_b(Some("db-old"), 7, 10), 0, 10);
+    assert_eq!(cmds, vec![Command::ReadSnapshot]);
+    assert!(!e.is_ready());
+
+    let recs = [record("x", 1), record("y", 2), record("z", 3)];
+    assert_eq!(
+        msg(
+            &mut e,
+            PeerMsg::SnapshotBegin {
+                head: Seq(10),
+                total: 3
+            },
+            11
+        ),
+        vec![]
+    );
+    let apply = |records: Vec<Record>, pos: Option<u64>| Command::Apply {
+        peer_db_id: B_DB.into(),
+        records,
+        peer_pos: pos.map(Seq),
+    };
+    assert_eq!(
+        msg(
+            &mut e,
+            PeerMsg::SnapshotChunk {
+                records: recs[..2].to_vec()
+            },
+            12
+        ),
+        vec![apply(recs[..2].to_vec(), None)]
+    );
+    assert_eq!(
+        msg(
+            &mut e,
+            PeerMsg::SnapshotChunk {
+                records: recs[2..].to_vec()
+            },
+            12
+        ),
+        vec![apply(recs[2..].to_vec(), None)]
+    );
+    assert_eq!(
+        msg(&mut e, PeerMsg::SnapshotEnd { head: Seq(10) }, 13),
+        vec![apply(vec![], Some(10))]
+    );
+    assert_eq!(msg(&mut e, PeerMsg::CaughtUp { head: Seq(10) }, 13), vec![]);
+    // Not ready while the snapshot is not durable, even past the start-up grace.
+    msg(
+        &mut e,
+        PeerMsg::Heartbeat {
+            head: Seq(10),
+            now_ms: 6000,
+        },
+        6000,
+    );
+    e.step(Event::Tick { now: 6000 });
+    assert!(!e.is_ready());
+    assert_eq!(
+        e.step(Event::Applied {
+            up_to: None,
+            now: 6001
+        }),
+        vec![]
+    );
+    assert_eq!(
+        e.step(Event::Applied {
+            up_to: None,
+            now: 6002
+        }),
+        vec![]
+    );
+    assert!(!e.is_ready());
+    assert_eq!(
+        e.step(Event::Applied {
+            up_to: Some(Seq(10)),
+            now: 6003
+        }),
+        vec![send(PeerMsg::Ack {
+            db_id: B_DB.into(),
+            applied: Seq(10)
+        })]
+    );
+    assert!(e.is_ready());
+    let st = e.status();
+    assert_eq!(st.applied_of_peer, Seq(10));
+    let info = st.last_resync_received.unwrap();
+    assert_eq!(
+        (info.kind, info.records, info.direction),
+        (ResyncKind::Snapshot, 3, Direction::Received)
+    );
+}
+
+#[test]
+fn protocol_mismatch_is_rejected() {
+    let mut e = engine(0, 1);
+    let mut hello = hello_b(None, 0, 0);
+    hello.protocol = PROTOCOL_VERSION + 1;
+    let cmds = connect(&mut e, hello, 0, 10);
+    assert_eq!(cmds.len(), 2);
+    assert!(
+        matches!(&cmds[0], Command::Send(PeerMsg::Reject { reason }) if reason.contains("protocol version mismatch"))
+    );
+    assert!(is_disconnect(&cmds, "protocol version mismatch"));
+    let st = e.status();
+    assert_eq!(st.link, LinkState::Down);
+    assert!(st.last_link_error.unwrap().contains("protocol"));
+    // Nothing it sends afterwards is applied.
+    assert_eq!(
+        msg(
+            &mut e,
+            PeerMsg::Changes {
+                records: changes(1..=1)
+            },
+            11
+        ),
+        vec![]
+    );
+}
+
+#[test]
+fn wrong_node_or_same_database_is_rejected() {
+    let mut e = engine(0, 1);
+    let mut hello = hello_b(None, 0, 0);
+    hello.node = NodeId("c".into());
+    assert!(is_disconnect(
+        &connect(&mut e, hello, 0, 10),
+        "'c' but 'b' was expected"
+    ));
+    let mut e = engine(0, 1);
+    let mut hello = hello_b(None, 0, 0);
+    hello.db_id = A_DB.into();
+    assert!(is_disconnect(
+        &connect(&mut e, hello, 0, 10),
+        "same database id"
+    ));
+}
+
+#[test]
+fn config_digest_mismatch_is_flagged_not_fatal() {
+    let mut e = engine(0, 1);
+    assert_eq!(e.status().config_digest_match, None);
+    let mut hello = hello_b(Some(A_DB), 0, 0);
+    hello.config_digest = "other".into();
+    hello.now_ms = 3010;
+    let cmds = connect(&mut e, hello, 0, 10);
+    assert!(!is_disconnect(&cmds, ""));
+    let st = e.status();
+    assert_eq!(st.config_digest_match, Some(false));
+    assert_eq!(st.clock_skew_ms, Some(3000));
+    assert_eq!(st.link, LinkState::CatchingUp);
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(Some(A_DB), 0, 0), 0, 10);
+    assert_eq!(e.status().config_digest_match, Some(true));
+}
+
+#[test]
+fn gap_in_changes_disconnects_and_duplicates_are_trimmed() {
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(Some(A_DB), 0, 9), 2, 10);
+    let apply = |from: u64, to: u64| Command::Apply {
+        peer_db_id: B_DB.into(),
+        records: changes(from..=to).into_iter().map(|c| c.record).collect(),
+        peer_pos: Some(Seq(to)),
+    };
+    // 1..=2 were applied before; 3 is new.
+    assert_eq!(
+        msg(
+            &mut e,
+            PeerMsg::Changes {
+                records: changes(1..=3)
+            },
+            11
+        ),
+        vec![apply(3, 3)]
+    );
+    // All duplicates: an empty apply, acknowledged once durable.
+    assert_eq!(
+        msg(
+            &mut e,
+            PeerMsg::Changes {
+                records: changes(2..=3)
+            },
+            11
+        ),
+        vec![apply(4, 3)]
+    );
+    // Internally non-contiguous.
+    let mut bad = changes(4..=4);
+    bad.push(change(6));
+    let mut e2 = engine(0, 1);
+    connect(&mut e2, hello_b(Some(A_DB), 0, 9), 3, 10);
+    assert!(is_disconnect(
+        &msg(&mut e2, PeerMsg::Changes { records: bad }, 12),
+        "not contiguous"
+    ));
+    // A gap after what was applied.
+    let cmds = msg(
+        &mut e,
+        PeerMsg::Changes {
+            records: changes(5..=6),
+        },
+        12,
+    );
+    assert_eq!(cmds.len(), 1);
+    assert!(is_disconnect(
+        &cmds,
+        "gap in the peer's changes: expected seq 4, got 5"
+    ));
+    assert_eq!(e.status().link, LinkState::Down);
+}
+
+#[test]
+fn applied_batches_are_acknowledged_and_stale_ones_ignored() {
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(Some(A_DB), 0, 9), 0, 10);
+    msg(
+        &mut e,
+        PeerMsg::Changes {
+            records: changes(1..=2),
+        },
+        11,
+    );
+    assert_eq!(
+        e.step(Event::Applied {
+            up_to: Some(Seq(2)),
+            now: 12
+        }),
+        vec![send(PeerMsg::Ack {
+            db_id: B_DB.into(),
+            applied: Seq(2)
+        })]
+    );
+    msg(
+        &mut e,
+        PeerMsg::Changes {
+            records: changes(3..=3),
+        },
+        13,
+    );
+    // The link drops and comes back before that apply is done.
+    e.step(Event::PeerDisconnected {
+        reason: "reset".into(),
+        now: 14,
+    });
+    connect(&mut e, hello_b(Some(A_DB), 0, 9), 3, 15);
+    assert_eq!(
+        e.step(Event::Applied {
+            up_to: Some(Seq(3)),
+            now: 16
+        }),
+        vec![]
+    );
+    assert_eq!(e.status().applied_of_peer, Seq(3));
+    // A CaughtUp only counts once the applies issued before it are done.
+    msg(
+        &mut e,
+        PeerMsg::Changes {
+            records: changes(4..=4),
+        },
+        17,
+    );
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(4) }, 17);
+    assert!(!e.is_ready());
+    e.step(Event::Applied {
+        up_to: Some(Seq(4)),
+        now: 18,
+    });
+    assert!(e.is_ready());
+}
+
+#[test]
+fn snapshot_protocol_violations_disconnect() {
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(None, 0, 0), 0, 10);
+    assert!(is_disconnect(
+        &msg(&mut e, PeerMsg::SnapshotChunk { records: vec![] }, 11),
+        "outside a snapshot"
+    ));
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(None, 0, 0), 0, 10);
+    msg(
+        &mut e,
+        PeerMsg::SnapshotBegin {
+            head: Seq(3),
+            total: 0,
+        },
+        11,
+    );
+    assert!(is_disconnect(
+        &msg(
+            &mut e,
+            PeerMsg::Changes {
+                records: changes(1..=1)
+            },
+            12
+        ),
+        "inside a snapshot"
+    ));
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(None, 0, 0), 0, 10);
+    msg(
+        &mut e,
+        PeerMsg::SnapshotBegin {
+            head: Seq(3),
+            total: 0,
+        },
+        11,
+    );
+    assert!(is_disconnect(
+        &msg(&mut e, PeerMsg::SnapshotEnd { head: Seq(4) }, 12),
+        "snapshot end"
+    ));
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(None, 0, 0), 0, 10);
+    assert!(is_disconnect(
+        &msg(&mut e, PeerMsg::CaughtUp { head: Seq(2) }, 12),
+        "sent only up to 0"
+    ));
+}
+
+#[test]
+fn ack_releases_waiters_and_local_commits_stream_live() {
+    let mut e = streaming(5);
+    let cmds = e.step(Event::LocalCommitted {
+        seq: Seq(6),
+        change: Some(change(6)),
+        now: 20,
+    });
+    assert_eq!(
+        cmds,
+        vec![send(PeerMsg::Changes {
+            records: changes(6..=6)
+        })]
+    );
+    assert_eq!(
+        e.step(Event::AwaitAck {
+            waiter: WaiterId(1),
+            seq: Seq(6),
+            now: 20
+        }),
+        vec![]
+    );
+    assert_eq!(e.status().waiters, 1);
+    assert_eq!(
+        msg(&mut e, ack(6), 21),
+        vec![release(&[1], AckOutcome::Acked)]
+    );
+    // Already acknowledged: released at once.
+    assert_eq!(
+        e.step(Event::AwaitAck {
+            waiter: WaiterId(2),
+            seq: Seq(6),
+            now: 22
+        }),
+        vec![release(&[2], AckOutcome::Acked)]
+    );
+    // Without the change at hand, the engine reads the log.
+    let cmds = e.step(Event::LocalCommitted {
+        seq: Seq(7),
+        change: None,
+        now: 23,
+    });
+    assert_eq!(
+        cmds,
+        vec![Command::ReadLog {
+            after: Seq(6),
+            limit: 2
+        }]
+    );
+}
+
+#[test]
+fn flow_control_bounds_unacknowledged_messages() {
+    let mut e = streaming(0);
+    for s in 1..=2 {
+        let cmds = e.step(Event::LocalCommitted {
+            seq: Seq(s),
+            change: Some(change(s)),
+            now: 20,
+        });
+        assert_eq!(
+            cmds,
+            vec![send(PeerMsg::Changes {
+                records: changes(s..=s)
+            })]
+        );
+    }
+    // Window of 2 full: commits 3 and 4 wait.
+    assert_eq!(
+        e.step(Event::LocalCommitted {
+            seq: Seq(3),
+            change: Some(change(3)),
+            now: 21
+        }),
+        vec![]
+    );
+    assert_eq!(
+        e.step(Event::LocalCommitted {
+            seq: Seq(4),
+            change: Some(change(4)),
+            now: 21
+        }),
+        vec![]
+    );
+    // One ack opens the window: read the backlog in one batch.
+    assert_eq!(
+        msg(&mut e, ack(1), 22),
+        vec![Command::ReadLog {
+            after: Seq(2),
+            limit: 2
+        }]
+    );
+    // While the read is outstanding, a new commit is not sent out of order.
+    assert_eq!(
+        e.step(Event::LocalCommitted {
+            seq: Seq(5),
+            change: Some(change(5)),
+            now: 23
+        }),
+        vec![]
+    );
+    let cmds = e.step(Event::LogRead {
+        after: Seq(2),
+        result: LogRead::Changes(changes(3..=4)),
+        now: 24,
+    });
+    assert_eq!(
+        cmds,
+        vec![send(PeerMsg::Changes {
+            records: changes(3..=4)
+        })]
+    );
+    let cmds = msg(&mut e, ack(4), 25);
+    assert_eq!(
+        cmds,
+        vec![Command::ReadLog {
+            after: Seq(4),
+            limit: 2
+        }]
+    );
+}
+
+#[test]
+fn ack_timeout_degrades_until_the_peer_catches_up() {
+    let mut e = streaming(5);
+    e.step(Event::LocalCommitted {
+        seq: Seq(6),
+        change: Some(change(6)),
+        now: 100,
+    });
+    e.step(Event::AwaitAck {
+        waiter: WaiterId(1),
+        seq: Seq(6),
+        now: 100,
+    });
+    e.step(Event::LocalCommitted {
+        seq: Seq(7),
+        change: Some(change(7)),
+        now: 500,
+    });
+    e.step(Event::AwaitAck {
+        waiter: WaiterId(2),
+        seq: Seq(7),
+        now: 500,
+    });
+    msg(
+        &mut e,
+        PeerMsg::Heartbeat {
+            head: Seq(0),
+            now_ms: 1099,
+        },
+        1099,
+    );
+    let cmds = e.step(Event::Tick { now: 1099 });
+    assert!(!cmds
+        .iter()
+        .any(|c| matches!(c, Command::ReleaseWaiters { .. })));
+    let cmds = e.step(Event::Tick { now: 1100 });
+    assert!(
+        cmds.contains(&release(&[1], AckOutcome::TimedOut)),
+        "{cmds:?}"
+    );
+    let st = e.status();
+    assert!(st.degraded);
+    assert!(st
+        .degraded_reason
+        .unwrap()
+        .contains("did not acknowledge seq 6 within 1000 ms"));
+    assert_eq!(st.waiters, 1);
+    // The late ack of 6 releases the other waiter only when it covers it.
+    msg(
+        &mut e,
+        PeerMsg::Heartbeat {
+            head: Seq(0),
+            now_ms: 1150,
+        },
+        1150,
+    );
+    assert_eq!(msg(&mut e, ack(6), 1150), vec![]);
+    assert!(e.status().degraded);
+    assert_eq!(
+        msg(&mut e, ack(7), 1160),
+        vec![release(&[2], AckOutcome::Acked)]
+    );
+    assert!(!e.status().degraded);
+}
+
+#[test]
+fn link_down_releases_waiters_at_once_as_degraded() {
+    let mut e = streaming(5);
+    e.step(Event::LocalCommitted {
+        seq: Seq(6),
+        change: Some(change(6)),
+        now: 100,
+    });
+    e.step(Event::AwaitAck {
+        waiter: WaiterId(1),
+        seq: Seq(6),
+        now: 100,
+    });
+    let cmds = e.step(Event::PeerDisconnected {
+        reason: "connection reset".into(),
+        now: 150,
+    });
+    assert_eq!(cmds, vec![release(&[1], AckOutcome::Degraded)]);
+    assert!(e.status().degraded);
+    e.step(Event::LocalCommitted {
+        seq: Seq(7),
+        change: Some(change(7)),
+        now: 160,
+    });
+    assert_eq!(
+        e.step(Event::AwaitAck {
+            waiter: WaiterId(2),
+            seq: Seq(7),
+            now: 160
+        }),
+        vec![release(&[2], AckOutcome::Degraded)]
+    );
+    // Reconnect: B had 5; it catches up to 7 and degraded clears.
+    let cmds = connect(&mut e, hello_b(Some(A_DB), 5, 0), 0, 200);
+    assert_eq!(
+        cmds,
+        vec![Command::ReadLog {
+            after: Seq(5),
+            limit: 2
+        }]
+    );
+    e.step(Event::LogRead {
+        after: Seq(5),
+        result: LogRead::Changes(changes(6..=7)),
+        now: 201,
+    });
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(0) }, 202);
+    assert!(e.status().degraded);
+    msg(&mut e, ack(7), 203);
+    let st = e.status();
+    assert!(!st.degraded, "{st:?}");
+    assert_eq!(st.link, LinkState::Streaming);
+}
+
+#[test]
+fn async_mode_releases_at_once() {
+    let mut cfg = config();
+    cfg.sync = SyncLevel::Async;
+    let mut e = engine_with(cfg, 0, 1);
+    assert_eq!(
+        e.step(Event::AwaitAck {
+            waiter: WaiterId(9),
+            seq: Seq(1),
+            now: 1
+        }),
+        vec![release(&[9], AckOutcome::NotReplicated)]
+    );
+    assert!(!e.status().degraded);
+    assert_eq!(e.status().sync, "async");
+}
+
+#[test]
+fn heartbeats_and_peer_timeout() {
+    let mut e = streaming(0);
+    // Last send at 10.
+    assert_eq!(e.step(Event::Tick { now: 109 }), vec![]);
+    assert_eq!(
+        e.step(Event::Tick { now: 110 }),
+        vec![send(PeerMsg::Heartbeat {
+            head: Seq(0),
+            now_ms: 110
+        })]
+    );
+    assert_eq!(e.step(Event::Tick { now: 150 }), vec![]);
+    // The peer spoke last at 10; silence of 500 ms ends the link.
+    msg(
+        &mut e,
+        PeerMsg::Heartbeat {
+            head: Seq(3),
+            now_ms: 400,
+        },
+        400,
+    );
+    assert_eq!(e.status().peer_head, Seq(3));
+    let cmds = e.step(Event::Tick { now: 899 });
+    assert!(!is_disconnect(&cmds, ""));
+    let cmds = e.step(Event::Tick { now: 900 });
+    assert_eq!(
+        cmds,
+        vec![Command::Disconnect {
+            reason: "peer silent for 500 ms".into()
+        }]
+    );
+    assert_eq!(e.status().link, LinkState::Down);
+    // Nothing more is sent on a dead link.
+    assert_eq!(e.step(Event::Tick { now: 2000 }), vec![]);
+}
+
+#[test]
+fn ready_after_the_startup_grace_without_a_peer() {
+    let mut e = engine(0, 1);
+    e.step(Event::PeerConnecting { now: 10 });
+    assert_eq!(e.status().link, LinkState::Handshaking);
+    e.step(Event::PeerDisconnected {
+        reason: "connection refused".into(),
+        now: 20,
+    });
+    e.step(Event::Tick { now: 4999 });
+    assert!(!e.is_ready());
+    assert!(e.status().ready_reason.contains("start-up grace"));
+    e.step(Event::Tick { now: 5000 });
+    assert!(e.is_ready());
+    // It connects later: not ready until caught up.
+    connect(&mut e, hello_b(Some(A_DB), 0, 0), 0, 6000);
+    assert!(!e.is_ready());
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(0) }, 6001);
+    assert!(e.is_ready());
+}
+
+#[test]
+fn grace_counts_again_from_a_disconnect_during_catch_up() {
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(Some(A_DB), 0, 3), 0, 1000);
+    e.step(Event::PeerDisconnected {
+        reason: "reset".into(),
+        now: 2000,
+    });
+    e.step(Event::Tick { now: 6999 });
+    assert!(!e.is_ready());
+    e.step(Event::Tick { now: 7000 });
+    assert!(e.is_ready());
+}
+
+#[test]
+fn not_ready_on_reconnect_until_caught_up_but_ready_while_apart() {
+    let mut e = streaming(0);
+    e.step(Event::PeerDisconnected {
+        reason: "cable".into(),
+        now: 100,
+    });
+    assert!(
+        e.is_ready(),
+        "a standby that lost its peer must stay able to take over"
+    );
+    connect(&mut e, hello_b(Some(A_DB), 0, 4), 0, 200);
+    assert!(!e.is_ready());
+    assert!(e.status().ready_reason.contains("catching up"));
+    // Lost again mid-catch-up: back to the data it had.
+    e.step(Event::PeerDisconnected {
+        reason: "cable".into(),
+        now: 250,
+    });
+    assert!(e.is_ready());
+    connect(&mut e, hello_b(Some(A_DB), 0, 4), 0, 300);
+    msg(
+        &mut e,
+        PeerMsg::Changes {
+            records: changes(1..=4),
+        },
+        301,
+    );
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(4) }, 301);
+    assert!(!e.is_ready());
+    e.step(Event::Applied {
+        up_to: Some(Seq(4)),
+        now: 302,
+    });
+    assert!(e.is_ready());
+    // Both directions of three connections, the last one complete.
+    assert_eq!(e.status().resyncs, 5);
+}
+
+#[test]
+fn becoming_active_reconciles_agents() {
+    let mut e = engine(0, 1);
+    assert_eq!(
+        e.step(Event::RoleChanged {
+            role: Role::Active,
+            now: 1
+        }),
+        vec![Command::ReconcileAgents]
+    );
+    assert_eq!(
+        e.step(Event::RoleChanged {
+            role: Role::Active,
+            now: 2
+        }),
+        vec![]
+    );
+    assert_eq!(
+        e.step(Event::RoleChanged {
+            role: Role::Standby,
+            now: 3
+        }),
+        vec![]
+    );
+    assert_eq!(e.status().role, Role::Standby);
+    assert_eq!(
+        e.step(Event::RoleChanged {
+            role: Role::Active,
+            now: 4
+        }),
+        vec![Command::ReconcileAgents]
+    );
+    let mut cfg = config();
+    cfg.role = Role::Active;
+    let mut e = Engine::new(
+        cfg,
+        DbStatus {
+            db_id: A_DB.into(),
+            head: Seq(0),
+            oldest: Seq(1),
+        },
+        0,
+    );
+    assert_eq!(
+        e.step(Event::Start { now: 0 }),
+        vec![Command::ReconcileAgents]
+    );
+}
+
+#[test]
+fn lag_counts_unacknowledged_changes_and_their_age() {
+    let mut e = streaming(5);
+    e.step(Event::LocalCommitted {
+        seq: Seq(6),
+        change: None,
+        now: 100,
+    });
+    e.step(Event::LocalCommitted {
+        seq: Seq(7),
+        change: None,
+        now: 150,
+    });
+    e.step(Event::LocalCommitted {
+        seq: Seq(8),
+        change: None,
+        now: 150,
+    });
+    e.step(Event::Tick { now: 400 });
+    let st = e.status();
+    assert_eq!((st.lag_changes, st.lag_ms), (3, 300));
+    msg(&mut e, ack(6), 400);
+    let st = e.status();
+    assert_eq!((st.lag_changes, st.lag_ms), (2, 250));
+    msg(&mut e, ack(8), 400);
+    let st = e.status();
+    assert_eq!((st.lag_changes, st.lag_ms), (0, 0));
+}
+
+#[test]
+fn hello_describes_this_node() {
+    let mut e = engine(5, 2);
+    e.step(Event::LocalCommitted {
+        seq: Seq(6),
+        change: None,
+        now: 1,
+    });
+    let h = e.hello(Some(B_DB.into()), Seq(4), 7);
+    assert_eq!(
+        h,
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            node: NodeId("a".into()),
+            db_id: A_DB.into(),
+            head: Seq(6),
+            oldest: Seq(2),
+            your_db_id: Some(B_DB.into()),
+            your_position: Seq(4),
+            config_digest: "digest".into(),
+            now_ms: 7,
+        }
+    );
+}
+
+#[test]
+fn status_serializes() {
+    let e = streaming(3);
+    let v = serde_json::to_value(e.status()).unwrap();
+    assert_eq!(v["link"], "streaming");
+    assert_eq!(v["role"], "standby");
+    assert_eq!(v["local_head"], 3);
+    assert_eq!(v["last_resync_received"]["direction"], "received");
+}
+
+#[test]
+fn config_digest_covers_subclusters_and_agents() {
+    let a = Config::default();
+    let mut b = Config::default();
+    assert_eq!(config_digest(&a), config_digest(&b));
+    b.vsmserver.listen_port += 1;
+    assert_eq!(
+        config_digest(&a),
+        config_digest(&b),
+        "server settings are local"
+    );
+    b.agents.weights.insert("x".into(), 50);
+    assert_ne!(config_digest(&a), config_digest(&b));
+    let mut c = Config::default();
+    c.subclusters
+        .get_mut("default")
+        .unwrap()
+        .agents
+        .push("agent2".into());
+    assert_ne!(config_digest(&a), config_digest(&c));
+}
+
+#[test]
+fn peer_database_older_than_what_we_applied_gets_a_snapshot() {
+    // B restored an old backup: its log ends at 3, but we applied 5 of it.
+    let mut e = engine(5, 1);
+    let cmds = connect(&mut e, hello_b(Some(A_DB), 2, 3), 5, 10);
+    assert_eq!(cmds, vec![Command::ReadSnapshot]);
+}

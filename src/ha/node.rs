@@ -1,0 +1,649 @@
+//! The HA node: the only HA code with sockets and the database. It owns the peer link (one
+//! TCP connection, Noise PSK with `/HA/secret_file`), drives the sans-IO [`Engine`] with
+//! events, and carries out the commands it returns.
+//!
+//! Which side dials: the node whose id sorts first connects, the other accepts, so there is
+//! never more than one link; a second connection replaces the first.
+//!
+//! Invariants:
+//! - Nothing received from a connection is handed to the engine before the secure handshake
+//!   proved the shared secret; a peer with the wrong secret is logged with its address.
+//! - Exactly one task owns the engine; database calls the engine asks for are made by that
+//!   task and their results fed back as events, in order.
+//! - With HA off (disabled or fallback) the node is always ready and active, and a write is
+//!   safe to report as soon as it is committed locally.
+
+use super::engine::{self, Command, Engine, EngineConfig, Event};
+use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
+use crate::api::HaControl;
+use crate::broker::service::{Broker, Replication};
+use crate::config::{Config, SyncLevel};
+use crate::db::{DbHandle, LogRead};
+use crate::model::{now_ms, NodeId, Role, Seq};
+use crate::proto::api::{HaStatusView, ResyncView, VrrpState};
+use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
+use crate::proto::secure::{accept, connect, Secret};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::proto::secure::PROLOGUE_PEER as PEER_PROLOGUE;
+
+/// The outcome of node resolution plus how to reach the peer.
+#[derive(Clone, Debug)]
+pub struct HaSetup {
+    pub mode: HaMode,
+    /// `host:port` of the peer's HA port.
+    pub peer_addr: Option<String>,
+}
+
+impl HaSetup {
+    /// Decides the HA mode from the configuration and this host; `peer_addr` overrides where
+    /// the peer is reached (tests and the demo run both nodes on one host).
+    pub fn resolve(cfg: &Config, peer_addr: Option<String>) -> HaSetup {
+        let mode = resolve_nodes(&cfg.ha, &SystemHostEnv);
+        let peer_addr = match (&mode, peer_addr) {
+            (HaMode::Enabled { .. }, Some(a)) => Some(a),
+            (HaMode::Enabled { remote_host, .. }, None) => Some(format!("{remote_host}:{}", cfg.ha.port)),
+            _ => None,
+        };
+        HaSetup { mode, peer_addr }
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.mode {
+            HaMode::Disabled => "off (/HA/enabled is false)".into(),
+            HaMode::Fallback { reason } => format!("off: {reason}"),
+            HaMode::Enabled { local, remote, via, .. } => {
+                format!("on: this node is {local}, peer {remote} at {} (matched by {})", self.peer_addr.as_deref().unwrap_or("?"), matched_by(via))
+            }
+        }
+    }
+
+    /// This node's id: its `/HA/nodes` entry, or the host name when HA is off.
+    pub fn local_node_id(&self) -> NodeId {
+        match &self.mode {
+            HaMode::Enabled { local, .. } => local.clone(),
+            _ => NodeId(
+                nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "standalone".into()),
+            ),
+        }
+    }
+}
+
+fn link_name(l: engine::LinkState) -> &'static str {
+    match l {
+        engine::LinkState::Down => "down",
+        engine::LinkState::Handshaking => "handshaking",
+        engine::LinkState::CatchingUp => "catching_up",
+        engine::LinkState::Streaming => "streaming",
+    }
+}
+
+fn matched_by(m: &MatchedBy) -> String {
+    match m {
+        MatchedBy::Hostname => "host name".into(),
+        MatchedBy::Address(a) => format!("address {a}"),
+        MatchedBy::Override => "/HA/local_node".into(),
+    }
+}
+
+/// Requests from handles to the engine task.
+enum Req {
+    AwaitAck { seq: Seq, done: oneshot::Sender<()> },
+    Role(Role),
+}
+
+/// Messages from connection tasks to the engine task.
+enum Link {
+    Up { conn: u64, hello: Hello, addr: String, writer: mpsc::Sender<PeerMsg> },
+    Msg { conn: u64, msg: PeerMsg },
+    Down { conn: u64, reason: String },
+}
+
+pub struct HaNode {
+    setup: HaSetup,
+    cfg: Arc<Config>,
+    db: DbHandle,
+    role: watch::Sender<Role>,
+    reconcile: watch::Sender<u64>,
+    broker: OnceLock<Broker>,
+    /// `None` with HA off.
+    engine_tx: Option<mpsc::Sender<Req>>,
+    status: Arc<Mutex<Option<engine::EngineStatus>>>,
+    done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl HaNode {
+    /// Starts the HA side of the node: with HA on, the engine task and the peer link tasks.
+    pub async fn start(
+        setup: HaSetup,
+        cfg: Arc<Config>,
+        db: DbHandle,
+        peer_listener: Option<TcpListener>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Arc<HaNode>, String> {
+        let standalone = !matches!(setup.mode, HaMode::Enabled { .. });
+        let role = watch::channel(if standalone { Role::Active } else { Role::Standby }).0;
+        let reconcile = watch::channel(0u64).0;
+        let status = Arc::new(Mutex::new(None));
+        if standalone {
+            return Ok(Arc::new(HaNode {
+                setup,
+                cfg,
+                db,
+                role,
+                reconcile,
+                broker: OnceLock::new(),
+                engine_tx: None,
+                status,
+                done: Mutex::new(None),
+            }));
+        }
+        let HaMode::Enabled { local, remote, .. } = setup.mode.clone() else { unreachable!("checked above") };
+        let secret = Secret::from_file(&cfg.ha.secret_file).map_err(|e| format!("/HA/secret_file: {e}"))?;
+        let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
+        let st = db.status().await.map_err(|e| e.to_string())?;
+        let ecfg = EngineConfig::new(local.clone(), remote.clone(), &cfg.ha, cfg.digest_cluster());
+        let engine = Engine::new(ecfg, engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest }, now_ms());
+        let (req_tx, req_rx) = mpsc::channel(4096);
+        let (link_tx, link_rx) = mpsc::channel(4096);
+        let node = Arc::new(HaNode {
+            setup: setup.clone(),
+            cfg: cfg.clone(),
+            db: db.clone(),
+            role,
+            reconcile,
+            broker: OnceLock::new(),
+            engine_tx: Some(req_tx),
+            status: status.clone(),
+            done: Mutex::new(None),
+        });
+        let hello_src = HelloSource { db: db.clone(), local: local.clone(), digest: cfg.digest_cluster(), last_peer: Arc::new(Mutex::new(None)) };
+        let conns = ConnCounter::default();
+        tracker.spawn(accept_loop(peer_listener, secret.clone(), hello_src.clone(), link_tx.clone(), conns.clone(), cancel.clone()));
+        if local < remote {
+            let addr = setup.peer_addr.clone().unwrap_or_default();
+            tracker.spawn(dial_loop(addr, secret, hello_src, link_tx.clone(), conns, cancel.clone()));
+        }
+        let driver = Driver {
+            engine,
+            db,
+            node: node.clone(),
+            writer: None,
+            conn: None,
+            waiters: Default::default(),
+            next_waiter: 0,
+        };
+        let h = tokio::spawn(driver.run(req_rx, link_rx, cancel));
+        *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
+        Ok(node)
+    }
+
+    pub fn set_broker(&self, b: Broker) {
+        let _ = self.broker.set(b);
+    }
+
+    /// Does this node serve clients (and so reconcile with agents)?
+    pub fn serves_clients(&self) -> bool {
+        *self.role.borrow() == Role::Active
+    }
+
+    /// Changes whenever the node wants an immediate reconciliation with every agent.
+    pub fn reconcile_requests(&self) -> watch::Receiver<u64> {
+        self.reconcile.subscribe()
+    }
+
+    fn request_reconcile(&self) {
+        self.reconcile.send_modify(|n| *n += 1);
+    }
+
+    fn set_role(&self, role: Role) {
+        let old = *self.role.borrow();
+        if old == role {
+            return;
+        }
+        self.role.send_replace(role);
+        tracing::info!(%role, "role changed");
+        if let Some(tx) = &self.engine_tx {
+            let _ = tx.try_send(Req::Role(role));
+        }
+        if role == Role::Active {
+            self.request_reconcile();
+        }
+    }
+
+    /// Waits for the engine task to end (after the cancel token fired).
+    pub async fn stopped(&self) {
+        let h = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+    }
+
+    /// The status `tlctl ha status` shows.
+    pub async fn status_view(&self) -> HaStatusView {
+        let role = self.role.borrow().to_string();
+        let db = self.db.status().await.ok();
+        let db_digest = self.db.digest().await.ok();
+        let mut v = HaStatusView {
+            configured: self.cfg.ha.enabled,
+            role,
+            sync: match self.cfg.ha.sync {
+                SyncLevel::Async => "async".into(),
+                SyncLevel::Ack => "ack".into(),
+            },
+            sessions: db.as_ref().map(|d| d.sessions).unwrap_or(0),
+            local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
+            db_digest,
+            link: "down".into(),
+            ..Default::default()
+        };
+        match &self.setup.mode {
+            HaMode::Disabled => {
+                v.ready = true;
+            }
+            HaMode::Fallback { reason } => {
+                v.ready = true;
+                v.reason = Some(reason.clone());
+            }
+            HaMode::Enabled { local, remote, via, .. } => {
+                v.enabled = true;
+                v.local_node = Some(local.0.clone());
+                v.remote_node = Some(remote.0.clone());
+                v.matched_by = Some(matched_by(via));
+                let st = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(st) = st {
+                    v.ready = st.ready;
+                    v.link = link_name(st.link).to_string();
+                    v.peer_acked = st.peer_acked.0;
+                    v.peer_head = st.peer_head.0;
+                    v.applied_of_peer = st.applied_of_peer.0;
+                    v.lag_changes = st.lag_changes;
+                    v.lag_ms = st.lag_ms;
+                    v.config_digest_match = st.config_digest_match;
+                    v.degraded = st.degraded;
+                    v.degraded_reason = st.degraded_reason.clone();
+                    v.last_resync = st.last_resync.as_ref().map(|r| ResyncView {
+                        kind: match r.kind {
+                            engine::ResyncKind::Incremental => "incremental".into(),
+                            engine::ResyncKind::Snapshot => "snapshot".into(),
+                        },
+                        direction: match r.direction {
+                            engine::Direction::Received => "received".into(),
+                            engine::Direction::Sent => "sent".into(),
+                        },
+                        records: r.records,
+                        duration_ms: r.duration_ms,
+                        at_ms: r.at_ms,
+                    });
+                }
+            }
+        }
+        v
+    }
+}
+
+impl Replication for HaNode {
+    fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let Some(tx) = self.engine_tx.clone() else { return Box::pin(async {}) };
+        if self.cfg.ha.sync == SyncLevel::Async {
+            return Box::pin(async {});
+        }
+        Box::pin(async move {
+            let (done, rx) = oneshot::channel();
+            if tx.send(Req::AwaitAck { seq, done }).await.is_ok() {
+                let _ = rx.await;
+            }
+        })
+    }
+}
+
+impl HaControl for HaNode {
+    fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>> {
+        Box::pin(self.status_view())
+    }
+
+    fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>> {
+        Box::pin(async move {
+            let role = match state {
+                VrrpState::Master => Role::Active,
+                VrrpState::Backup | VrrpState::Fault => Role::Standby,
+            };
+            tracing::info!(?state, %role, "notified by the VRRP manager");
+            self.set_role(role);
+            format!("role is now {role}")
+        })
+    }
+}
+
+/// Builds our Hello for a new connection.
+#[derive(Clone)]
+struct HelloSource {
+    db: DbHandle,
+    local: NodeId,
+    digest: String,
+    /// The peer's database id as last announced to us, so our hello can say how far we
+    /// applied that log.
+    last_peer: Arc<Mutex<Option<String>>>,
+}
+
+impl HelloSource {
+    async fn hello(&self) -> Result<Hello, String> {
+        let st = self.db.status().await.map_err(|e| e.to_string())?;
+        let last = self.last_peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let your_position = match &last {
+            Some(id) => self.db.peer_position(id).await.map_err(|e| e.to_string())?,
+            None => Seq::ZERO,
+        };
+        Ok(Hello {
+            protocol: PROTOCOL_VERSION,
+            node: self.local.clone(),
+            db_id: st.db_id,
+            head: st.head,
+            oldest: st.oldest,
+            your_db_id: last,
+            your_position,
+            config_digest: self.digest.clone(),
+            now_ms: now_ms(),
+        })
+    }
+}
+
+#[derive(Clone, Default)]
+struct ConnCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl ConnCounter {
+    fn next(&self) -> u64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn accept_loop(l: TcpListener, secret: Secret, hs: HelloSource, tx: mpsc::Sender<Link>, conns: ConnCounter, cancel: CancellationToken) {
+    loop {
+        let (stream, addr) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept on the HA port failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (secret, hs, tx, conns, cancel) = (secret.clone(), hs.clone(), tx.clone(), conns.clone(), cancel.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &secret, PEER_PROLOGUE)).await {
+                Ok(Ok(conn)) => run_conn(conn, addr.to_string(), hs, tx, conns.next(), cancel).await,
+                Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "rejected a peer connection: nothing it sent was applied"),
+                Err(_) => tracing::warn!(peer = %addr, "peer handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn dial_loop(addr: String, secret: Secret, hs: HelloSource, tx: mpsc::Sender<Link>, conns: ConnCounter, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let attempt = async {
+            let s = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+            let _ = s.set_nodelay(true);
+            connect(s, &secret, PEER_PROLOGUE).await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+            Ok(Ok(conn)) => {
+                backoff = Duration::from_millis(100);
+                run_conn(conn, addr.clone(), hs.clone(), tx.clone(), conns.next(), cancel.clone()).await;
+            }
+            Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "cannot reach the peer"),
+            Err(_) => tracing::debug!(peer = %addr, "connecting to the peer timed out"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs one authenticated connection: exchange Hellos, then pump messages both ways until
+/// it breaks or the engine drops the writer.
+async fn run_conn<S>(conn: crate::proto::secure::SecureConn<S>, addr: String, hs: HelloSource, tx: mpsc::Sender<Link>, id: u64, cancel: CancellationToken)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = conn.into_split();
+    let ours = match hs.hello().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the HA hello");
+            return;
+        }
+    };
+    if let Err(e) = writer.send(&PeerMsg::Hello(ours)).await {
+        tracing::debug!(peer = %addr, error = %e, "peer link broke during hello");
+        return;
+    }
+    let theirs = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<PeerMsg>()).await {
+        Ok(Ok(Some(PeerMsg::Hello(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            tracing::warn!(peer = %addr, "peer sent {other:?} before its hello; closing");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %addr, error = %e, "peer link broke during hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer = %addr, "no hello from the peer within 5 s");
+            return;
+        }
+    };
+    *hs.last_peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(theirs.db_id.clone());
+    let (wtx, mut wrx) = mpsc::channel::<PeerMsg>(1024);
+    if tx.send(Link::Up { conn: id, hello: theirs, addr: addr.clone(), writer: wtx }).await.is_err() {
+        return;
+    }
+    let write_task = tokio::spawn(async move {
+        while let Some(m) = wrx.recv().await {
+            if writer.feed(&m).is_err() {
+                break;
+            }
+            // Coalesce whatever else is queued into one flush.
+            while let Ok(m) = wrx.try_recv() {
+                if writer.feed(&m).is_err() {
+                    return;
+                }
+            }
+            if writer.flush().await.is_err() {
+                break;
+            }
+        }
+        let _ = writer.shutdown().await;
+    });
+    let reason = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break "shutting down".to_string(),
+            r = reader.recv::<PeerMsg>() => match r {
+                Ok(Some(msg)) => {
+                    if tx.send(Link::Msg { conn: id, msg }).await.is_err() {
+                        break "engine stopped".into();
+                    }
+                }
+                Ok(None) => break "the peer closed the link".into(),
+                Err(e) => break format!("peer link error: {e}"),
+            },
+        }
+    };
+    write_task.abort();
+    let _ = tx.send(Link::Down { conn: id, reason }).await;
+}
+
+/// The task that owns the engine.
+struct Driver {
+    engine: Engine,
+    db: DbHandle,
+    node: Arc<HaNode>,
+    writer: Option<mpsc::Sender<PeerMsg>>,
+    conn: Option<u64>,
+    waiters: std::collections::HashMap<engine::WaiterId, oneshot::Sender<()>>,
+    next_waiter: u64,
+}
+
+impl Driver {
+    async fn run(mut self, mut reqs: mpsc::Receiver<Req>, mut links: mpsc::Receiver<Link>, cancel: CancellationToken) {
+        let mut head = self.db.watch_head();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = std::collections::VecDeque::new();
+        events.push_back(Event::Start { now: now_ms() });
+        loop {
+            while let Some(ev) = events.pop_front() {
+                let cmds = self.engine.step(ev);
+                for c in cmds {
+                    self.execute(c, &mut events).await;
+                }
+            }
+            self.publish();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => events.push_back(Event::Tick { now: now_ms() }),
+                r = head.changed() => {
+                    if r.is_err() { break; }
+                    let seq = *head.borrow_and_update();
+                    events.push_back(Event::LocalCommitted { seq, change: None, now: now_ms() });
+                }
+                Some(r) = reqs.recv() => match r {
+                    Req::AwaitAck { seq, done } => {
+                        self.next_waiter += 1;
+                        let w = engine::WaiterId(self.next_waiter);
+                        self.waiters.insert(w, done);
+                        events.push_back(Event::AwaitAck { waiter: w, seq, now: now_ms() });
+                    }
+                    Req::Role(role) => events.push_back(Event::RoleChanged { role, now: now_ms() }),
+                },
+                Some(l) = links.recv() => self.on_link(l, &mut events).await,
+            }
+        }
+        // Release every waiting client: the node is going away.
+        for (_, w) in self.waiters.drain() {
+            let _ = w.send(());
+        }
+    }
+
+    async fn on_link(&mut self, l: Link, events: &mut std::collections::VecDeque<Event>) {
+        match l {
+            Link::Up { conn, hello, addr, writer } => {
+                if self.conn.is_some() {
+                    events.push_back(Event::PeerDisconnected { now: now_ms(), reason: "replaced by a new connection".into() });
+                }
+                tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
+                let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
+                self.writer = Some(writer);
+                self.conn = Some(conn);
+                events.push_back(Event::PeerConnected { hello, our_position_for_them: pos, now: now_ms() });
+            }
+            Link::Msg { conn, msg } if Some(conn) == self.conn => {
+                events.push_back(Event::PeerMessage { msg, now: now_ms() });
+            }
+            Link::Msg { .. } => {}
+            Link::Down { conn, reason } if Some(conn) == self.conn => {
+                tracing::warn!(%reason, "peer link down");
+                self.writer = None;
+                self.conn = None;
+                events.push_back(Event::PeerDisconnected { now: now_ms(), reason });
+            }
+            Link::Down { .. } => {}
+        }
+    }
+
+    async fn execute(&mut self, c: Command, events: &mut std::collections::VecDeque<Event>) {
+        match c {
+            Command::Send(m) => {
+                if let Some(w) = &self.writer {
+                    if w.send(m).await.is_err() {
+                        self.writer = None;
+                    }
+                }
+            }
+            Command::ReadLog { after, limit } => match self.db.changes_since(after, limit).await {
+                Ok(r) => {
+                    let result = match r {
+                        LogRead::Changes(c) => engine::LogRead::Changes(c),
+                        LogRead::Truncated { oldest } => engine::LogRead::Truncated { oldest },
+                    };
+                    events.push_back(Event::LogRead { after, result, now: now_ms() })
+                }
+                Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
+            },
+            Command::ReadSnapshot => match self.db.snapshot().await {
+                Ok(s) => events.push_back(Event::SnapshotRead {
+                    snapshot: engine::Snapshot { head: s.head, records: s.records },
+                    now: now_ms(),
+                }),
+                Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
+            },
+            Command::Apply { peer_db_id: peer_db, records, peer_pos } => {
+                let n = records.len();
+                let pos = match peer_pos {
+                    Some(p) => crate::db::PositionUpdate::Set(p),
+                    None => crate::db::PositionUpdate::Keep,
+                };
+                match self.db.apply_remote_with(peer_db, records, pos).await {
+                    Ok(out) => {
+                        for c in &out.conflicts {
+                            tracing::warn!(
+                                session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version, winner = ?c.winner,
+                                "conflicting changes to one session while the masters were apart; the newer version wins"
+                            );
+                        }
+                        tracing::trace!(records = n, seq = ?peer_pos, "applied peer changes");
+                        events.push_back(Event::Applied { up_to: peer_pos, now: now_ms() });
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
+                        events.push_back(Event::PeerDisconnected { now: now_ms(), reason: format!("apply failed: {e}") });
+                        self.writer = None;
+                        self.conn = None;
+                    }
+                }
+            }
+            Command::ReleaseWaiters { waiters, outcome } => {
+                for w in waiters {
+                    if let Some(tx) = self.waiters.remove(&w) {
+                        let _ = tx.send(());
+                    }
+                }
+                match outcome {
+                    engine::AckOutcome::TimedOut => tracing::warn!("the peer did not acknowledge in time; continuing alone (degraded)"),
+                    engine::AckOutcome::Degraded => tracing::debug!("peer link down; answering without its acknowledgement (degraded)"),
+                    _ => {}
+                }
+            }
+            Command::Disconnect { reason } => {
+                tracing::warn!(%reason, "dropping the peer link");
+                self.writer = None;
+                self.conn = None;
+            }
+            Command::ReconcileAgents => self.node.request_reconcile(),
+        }
+    }
+
+    fn publish(&self) {
+        *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.engine.status());
+    }
+}

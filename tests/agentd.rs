@@ -1,0 +1,560 @@
+//! Process-level tests of the agent daemon: real session processes, real signals, real
+//! `/proc`, persisted state across a simulated agent restart.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use vsm::agentd::sessions::{SessionManager, SessionOptions};
+use vsm::agentd::{Agent, AgentdError};
+use vsm::model::SessionId;
+use vsm::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest};
+
+struct TestAgent {
+    _dir: tempfile::TempDir,
+    opts: SessionOptions,
+}
+
+impl TestAgent {
+    /// Four displays starting at 100, on VNC ports that were free a moment ago.
+    fn new(command: &[&str]) -> TestAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let x_dir = dir.path().join("x");
+        std::fs::create_dir_all(x_dir.join(".X11-unix")).unwrap();
+        let probe = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let base = probe.local_addr().unwrap().port() - 100;
+        drop(probe);
+        let opts = SessionOptions {
+            display_min: 100,
+            display_max: 103,
+            vnc_port_base: base,
+            session_command: command.iter().map(|s| s.to_string()).collect(),
+            default_geometry: "1024x768".into(),
+            state_dir: dir.path().join("state"),
+            x_dir,
+            start_check: Duration::from_millis(100),
+            terminate_grace: Duration::from_secs(3),
+            adopted_poll: Duration::from_millis(50),
+            run_as_self: false,
+        };
+        TestAgent { _dir: dir, opts }
+    }
+
+    async fn open(&self) -> (SessionManager, mpsc::Receiver<AgentReport>) {
+        let (tx, rx) = mpsc::channel(16);
+        (
+            SessionManager::open(self.opts.clone(), tx).await.unwrap(),
+            rx,
+        )
+    }
+}
+
+fn sid(s: &str) -> SessionId {
+    SessionId(s.to_string())
+}
+
+fn me() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn next_report(rx: &mut mpsc::Receiver<AgentReport>) -> AgentReport {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv())
+        .await
+        .expect("an exit report within the deadline")
+        .expect("report channel open")
+}
+
+fn status_field(pid: u32, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_string())
+}
+
+/// Gone, or a zombie nobody reaped yet (the latter only for processes that are not ours).
+fn gone(pid: u32) -> bool {
+    match status_field(pid, "State:") {
+        None => true,
+        Some(s) => s.starts_with('Z'),
+    }
+}
+
+fn environ(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let mut v: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn persisted_pids(state_dir: &Path) -> Vec<u32> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state_dir.join("sessions.json")).unwrap()).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["session"]["pid"].as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[tokio::test]
+async fn session_is_our_child_with_a_clean_environment_and_dies_on_terminate() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, mut rx) = t.open().await;
+    let s = mgr
+        .start(sid("s1"), &me(), Some("800x600".into()))
+        .await
+        .unwrap();
+    assert_eq!(s.display, 100);
+    assert_eq!(s.vnc_port, t.opts.vnc_port_base + 100);
+    assert_eq!(s.command, vec!["sleep".to_string(), "600".to_string()]);
+    assert_eq!(
+        status_field(s.pid, "PPid:"),
+        Some(std::process::id().to_string())
+    );
+    // Its own Unix session, so terminate reaches the whole tree.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).unwrap();
+    let sess = vsm::agentd::sessions::parse_stat(&stat).unwrap().session;
+    assert_eq!(sess as u32, s.pid);
+    let keys: Vec<String> = environ(s.pid)
+        .iter()
+        .map(|kv| kv.split('=').next().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "DISPLAY",
+            "HOME",
+            "LOGNAME",
+            "PATH",
+            "SHELL",
+            "USER",
+            "VSM_SESSION_ID"
+        ]
+    );
+    assert!(environ(s.pid).contains(&"DISPLAY=:100".to_string()));
+    assert!(environ(s.pid).contains(&"VSM_SESSION_ID=s1".to_string()));
+    assert_eq!(persisted_pids(&t.opts.state_dir), vec![s.pid]);
+
+    assert!(mgr.verify(&sid("s1"), 100));
+    assert!(!mgr.verify(&sid("s1"), 101), "display must match too");
+    assert!(!mgr.verify(&sid("other"), 100));
+    assert_eq!(mgr.list(), vec![s.clone()]);
+
+    assert!(mgr.terminate(&sid("s1"), 100).await);
+    assert!(gone(s.pid));
+    assert!(!mgr.verify(&sid("s1"), 100));
+    assert!(mgr.list().is_empty());
+    assert_eq!(
+        next_report(&mut rx).await,
+        AgentReport::SessionExited {
+            session_id: sid("s1"),
+            display: 100,
+            exit_status: Some(143)
+        }
+    );
+    assert!(
+        !mgr.terminate(&sid("s1"), 100).await,
+        "a second terminate finds nothing"
+    );
+    let state = t.opts.state_dir.clone();
+    wait_until("the session to leave sessions.json", || {
+        persisted_pids(&state).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn display_allocation_skips_lock_files_sockets_busy_ports_and_own_sessions() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    std::fs::write(t.opts.x_dir.join(".X100-lock"), "  4242\n").unwrap();
+    std::fs::write(t.opts.x_dir.join(".X11-unix/X101"), "").unwrap();
+    let _busy = std::net::TcpListener::bind(("127.0.0.1", t.opts.vnc_port_base + 102)).unwrap();
+    let (mgr, _rx) = t.open().await;
+    let a = mgr.start(sid("a"), &me(), None).await.unwrap();
+    assert_eq!((a.display, a.geometry.as_str()), (103, "1024x768"));
+    let err = mgr.start(sid("b"), &me(), None).await.unwrap_err();
+    assert!(
+        matches!(err, AgentdError::NoFreeDisplay { min: 100, max: 103 }),
+        "{err}"
+    );
+    assert_eq!(err.kind(), AgentErrorKind::NoFreeDisplay);
+    // Asking again for a running session id returns it instead of starting another.
+    assert_eq!(mgr.start(sid("a"), &me(), None).await.unwrap(), a);
+    std::fs::remove_file(t.opts.x_dir.join(".X100-lock")).unwrap();
+    let b = mgr.start(sid("b"), &me(), None).await.unwrap();
+    assert_eq!(b.display, 100);
+    assert!(mgr.terminate(&sid("a"), 103).await);
+    assert!(mgr.terminate(&sid("b"), 100).await);
+}
+
+#[tokio::test]
+async fn a_command_that_exits_at_once_is_start_failed_with_its_log() {
+    let mut t = TestAgent::new(&["ls", "/nonexistent-vsm-{user}"]);
+    t.opts.start_check = Duration::from_secs(30);
+    let (mgr, _rx) = t.open().await;
+    let err = mgr.start(sid("x"), &me(), None).await.unwrap_err();
+    assert_eq!(err.kind(), AgentErrorKind::StartFailed);
+    let msg = err.to_string();
+    assert!(msg.contains("exit status 2"), "{msg}");
+    assert!(
+        msg.contains(&format!("nonexistent-vsm-{}", me())),
+        "the log tail is quoted: {msg}"
+    );
+    assert!(mgr.list().is_empty());
+    // The display was released: the same failure happens on the same display again.
+    let again = mgr
+        .start(sid("y"), &me(), None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("100.log"), "{again}");
+}
+
+#[tokio::test]
+async fn a_missing_program_is_start_failed() {
+    let t = TestAgent::new(&["/nonexistent/vsm-session"]);
+    let (mgr, _rx) = t.open().await;
+    let err = mgr.start(sid("x"), &me(), None).await.unwrap_err();
+    assert_eq!(err.kind(), AgentErrorKind::StartFailed);
+    assert!(err.to_string().contains("cannot run"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_before_anything_runs() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    for (id, user, geom) in [
+        ("ok", "../etc", None),
+        ("ok", "alice", Some("1024 768")),
+        ("bad id/with slash", "alice", None),
+    ] {
+        let e = mgr
+            .start(sid(id), user, geom.map(String::from))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), AgentErrorKind::BadRequest, "{e}");
+    }
+    assert!(mgr.list().is_empty());
+}
+
+#[tokio::test]
+async fn an_exit_by_itself_is_reported_and_forgotten() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, mut rx) = t.open().await;
+    let s = mgr.start(sid("s1"), &me(), None).await.unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(
+        next_report(&mut rx).await,
+        AgentReport::SessionExited {
+            session_id: sid("s1"),
+            display: 100,
+            exit_status: Some(137)
+        }
+    );
+    let m = mgr.clone();
+    wait_until("the session to leave the table", || m.list().is_empty()).await;
+    assert!(!mgr.verify(&sid("s1"), 100));
+    let state = t.opts.state_dir.clone();
+    wait_until("the session to leave sessions.json", || {
+        persisted_pids(&state).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_session_ignoring_sigterm_is_killed_after_the_grace() {
+    let mut t = TestAgent::new(&["sh", "-c", "trap '' TERM; sleep 600"]);
+    t.opts.terminate_grace = Duration::from_millis(200);
+    let (mgr, mut rx) = t.open().await;
+    let s = mgr.start(sid("stubborn"), &me(), None).await.unwrap();
+    assert!(mgr.terminate(&sid("stubborn"), s.display).await);
+    assert!(gone(s.pid));
+    assert_eq!(
+        next_report(&mut rx).await,
+        AgentReport::SessionExited {
+            session_id: sid("stubborn"),
+            display: s.display,
+            exit_status: Some(137)
+        }
+    );
+}
+
+#[tokio::test]
+async fn sessions_survive_an_agent_restart_and_are_re_adopted() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (first, _rx1) = t.open().await;
+    let s = first.start(sid("keep"), &me(), None).await.unwrap();
+    first.shutdown().await;
+    assert!(!gone(s.pid), "stopping the agent must not end the session");
+
+    let (second, mut rx2) = t.open().await;
+    assert_eq!(second.list(), vec![s.clone()]);
+    assert!(second.verify(&sid("keep"), s.display));
+    // The display stays taken by the re-adopted session.
+    let other = second.start(sid("new"), &me(), None).await.unwrap();
+    assert_ne!(other.display, s.display);
+
+    assert!(second.terminate(&sid("keep"), s.display).await);
+    assert!(gone(s.pid));
+    assert_eq!(
+        next_report(&mut rx2).await,
+        AgentReport::SessionExited {
+            session_id: sid("keep"),
+            display: s.display,
+            exit_status: None
+        }
+    );
+    assert!(second.terminate(&sid("new"), other.display).await);
+}
+
+#[tokio::test]
+async fn a_session_that_ended_while_the_agent_was_down_is_reported_at_start() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (first, _rx1) = t.open().await;
+    let s = first.start(sid("lost"), &me(), None).await.unwrap();
+    first.shutdown().await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(s.pid as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the process to die", || gone(s.pid)).await;
+
+    let (second, mut rx2) = t.open().await;
+    assert!(second.list().is_empty());
+    assert_eq!(
+        next_report(&mut rx2).await,
+        AgentReport::SessionExited {
+            session_id: sid("lost"),
+            display: s.display,
+            exit_status: None
+        }
+    );
+    assert!(persisted_pids(&t.opts.state_dir).is_empty());
+}
+
+#[tokio::test]
+async fn as_root_the_session_runs_as_the_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to switch to user nobody");
+        return;
+    }
+    let Ok(Some(nobody)) = nix::unistd::User::from_name("nobody") else {
+        eprintln!("skipped: no user nobody on this host");
+        return;
+    };
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    let s = mgr.start(sid("n1"), "nobody", None).await.unwrap();
+    let uid = status_field(s.pid, "Uid:").unwrap();
+    let gid = status_field(s.pid, "Gid:").unwrap();
+    let want_uid = nobody.uid.to_string();
+    let want_gid = nobody.gid.to_string();
+    assert!(
+        uid.split_whitespace().all(|u| u == want_uid),
+        "uid line {uid:?}"
+    );
+    assert!(
+        gid.split_whitespace().all(|g| g == want_gid),
+        "gid line {gid:?}"
+    );
+    let groups = status_field(s.pid, "Groups:").unwrap_or_default();
+    assert!(
+        !groups.split_whitespace().any(|g| g == "0"),
+        "root's groups leaked: {groups:?}"
+    );
+    let env = environ(s.pid);
+    assert!(env.contains(&"USER=nobody".to_string()), "{env:?}");
+    assert!(
+        env.contains(&format!("HOME={}", nobody.dir.display())),
+        "{env:?}"
+    );
+
+    let unknown = mgr
+        .start(sid("u1"), "no-such-user-vsm", None)
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.kind(), AgentErrorKind::UnknownUser);
+    assert!(mgr.terminate(&sid("n1"), s.display).await);
+}
+
+#[tokio::test]
+async fn requests_map_to_replies_with_the_agent_address() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    let local: std::net::SocketAddr = "192.0.2.10:904".parse().unwrap();
+    let agent = Agent::new(mgr.clone(), None);
+    let req = AgentRequest::Start {
+        session_id: sid("r1"),
+        user: me(),
+        geometry: None,
+    };
+    let AgentReply::Started { session } = agent.handle(req, local).await else {
+        panic!("expected Started")
+    };
+    assert_eq!(session.agent_address, "192.0.2.10");
+    let named = Agent::new(mgr.clone(), Some("agent1.example.org".into()));
+    let AgentReply::Sessions { sessions, load } = named.handle(AgentRequest::List, local).await
+    else {
+        panic!("expected Sessions")
+    };
+    assert_eq!(sessions.len(), 1);
+    assert_eq!(sessions[0].agent_address, "agent1.example.org");
+    assert_eq!(load.sessions, 1);
+    assert!(load.cpus >= 1 && load.mem_total_kib > 0);
+
+    let bad = AgentRequest::Start {
+        session_id: sid("r2"),
+        user: me(),
+        geometry: Some("big".into()),
+    };
+    assert!(matches!(
+        agent.handle(bad, local).await,
+        AgentReply::Error {
+            kind: AgentErrorKind::BadRequest,
+            ..
+        }
+    ));
+    let v = AgentRequest::Verify {
+        session_id: sid("r1"),
+        display: session.display,
+    };
+    assert_eq!(
+        agent.handle(v, local).await,
+        AgentReply::Verified { alive: true }
+    );
+    let term = AgentRequest::Terminate {
+        session_id: sid("r1"),
+        display: session.display,
+    };
+    assert_eq!(
+        agent.handle(term, local).await,
+        AgentReply::Terminated { was_running: true }
+    );
+    let v = AgentRequest::Verify {
+        session_id: sid("r1"),
+        display: session.display,
+    };
+    assert_eq!(
+        agent.handle(v, local).await,
+        AgentReply::Verified { alive: false }
+    );
+}
+
+/// A configuration directory for the `vsmagent` binary.
+fn agent_config_dir(dir: &Path, extra_agent: &str) -> std::path::PathBuf {
+    let cfg = dir.join("etc");
+    std::fs::create_dir_all(&cfg).unwrap();
+    std::fs::write(
+        cfg.join("cluster.key"),
+        "0123456789abcdef0123456789abcdef\n",
+    )
+    .unwrap();
+    std::fs::write(
+        cfg.join("vsmagent.toml"),
+        format!(
+            "[vsmagent]\nstate_dir = {:?}\nsession_command = [\"sleep\", \"600\"]\n{extra_agent}",
+            dir.join("state").display().to_string()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn the_binary_starts_and_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = agent_config_dir(dir.path(), "");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vsmagent"))
+        .arg("--config-dir")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0"])
+        .env_remove("NOTIFY_SOCKET")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    loop {
+        let line = lines
+            .next()
+            .expect("vsmagent ended before accepting")
+            .unwrap();
+        let ready = line.contains("accepting master connections");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    )
+    .unwrap();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}; log: {seen:?} {rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("sessions keep running")),
+        "{rest:?}"
+    );
+    assert!(dir.path().join("state/sessions.json").exists());
+}
+
+#[test]
+fn the_binary_refuses_an_invalid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = agent_config_dir(dir.path(), "display_min = \"many\"\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vsmagent"))
+        .arg("--config-dir")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("display_min"), "{err}");
+}
+
+#[tokio::test]
+async fn concurrent_starts_get_distinct_displays_and_one_session_per_id() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    let user = me();
+    let (a, b, c) = tokio::join!(
+        mgr.start(sid("a"), &user, None),
+        mgr.start(sid("b"), &user, None),
+        mgr.start(sid("a"), &user, None),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_ne!(a.display, b.display);
+    match c {
+        Ok(c) => assert_eq!(c, a),
+        Err(e) => assert_eq!(e.kind(), AgentErrorKind::BadRequest, "{e}"),
+    }
+    assert_eq!(mgr.list().len(), 2);
+    for s in mgr.list() {
+        assert!(mgr.terminate(&s.session_id, s.display).await);
+    }
+}

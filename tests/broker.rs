@@ -1,0 +1,356 @@
+//! The single-master cluster, in process: masters and agents on 127.0.0.1:0.
+mod common;
+
+use common::*;
+use std::time::Duration;
+use vsm::api::{Api, Caller};
+use vsm::model::SessionStatus;
+use vsm::proto::api::{ApiErrorKind, ApiReply, ApiRequest, Selector};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn one_agent_cluster() -> (tempfile::TempDir, TestAgent, TestMaster) {
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let master_port = tcp.local_addr().unwrap().port();
+    let agent = TestAgent::start(dir.path(), 0, master_port, sleep_command()).await;
+    let cfg = master_config(dir.path(), "master", &[agent.name.clone()]);
+    let master = TestMaster::start(cfg, tcp, None, None).await;
+    (dir, agent, master)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_creates_then_reconnects_to_the_same_session() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    assert!(!a.reconnected);
+    assert_eq!(a.agent, agent.name);
+    assert_eq!(a.agent_address, "127.0.0.1");
+    assert!(a.display >= 10 && a.display <= 99);
+    let b = m.connect("alice", false).await.unwrap();
+    assert!(b.reconnected);
+    assert_eq!(a.session_id, b.session_id);
+    assert_eq!(a.display, b.display);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_session_is_replaced_by_a_new_one() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    let s = m.server().db.get(&a.session_id).await.unwrap().unwrap();
+    // Kill the session behind the master's back; the exit report may or may not arrive first.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(wait_until(T, || async { !alive(s.pid) }).await);
+    let b = m.connect("alice", false).await.unwrap();
+    assert!(!b.reconnected);
+    assert_ne!(a.session_id, b.session_id);
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_none());
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_runs_as_child_of_the_agent_and_dies_on_terminate() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    let s = m.server().db.get(&a.session_id).await.unwrap().unwrap();
+    assert!(alive(s.pid));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).unwrap();
+    let ppid: u32 = stat.rsplit(')').next().unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(ppid, std::process::id(), "the session's parent is the agent (this test process)");
+    let r = m.call(ApiRequest::TerminateMine { user: Some("alice".into()), session_id: a.session_id.clone() }).await;
+    assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
+    assert!(wait_until(T, || async { !alive(s.pid) }).await, "session process ended");
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_none());
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_report_reaches_the_master() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    let s = m.server().db.get(&a.session_id).await.unwrap().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(s.pid as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let db = m.server().db.clone();
+    let id = a.session_id.clone();
+    assert!(wait_until(T, || { let db = db.clone(); let id = id.clone(); async move { db.get(&id).await.unwrap().is_none() } }).await);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_and_groups() {
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = TestAgent::start(dir.path(), 0, tcp.local_addr().unwrap().port(), sleep_command()).await;
+    let mut cfg = master_config(dir.path(), "master", &[agent.name.clone()]);
+    cfg.vsmserver.max_sessions_per_user = 2;
+    let mut m = TestMaster::start(cfg, tcp, None, None).await;
+    let a = m.connect("alice", false).await.unwrap();
+    let b = m.connect("alice", true).await.unwrap();
+    assert_ne!(a.session_id, b.session_id);
+    assert_eq!(a.agent, b.agent, "a user's sessions stay on one agent");
+    let (kind, msg) = m.connect("alice", true).await.unwrap_err();
+    assert_eq!(kind, ApiErrorKind::LimitReached);
+    assert!(msg.contains("at most 2"), "{msg}");
+    m.stop().await;
+
+    // allowed_groups: a user in none of them is refused.
+    let mut cfg = master_config(dir.path(), "master2", &[agent.name.clone()]);
+    cfg.vsmserver.allowed_groups = vec!["no-such-group-vsm-test".into()];
+    let mut m = TestMaster::standalone(cfg).await;
+    let (kind, msg) = m.connect("alice", false).await.unwrap_err();
+    assert_eq!(kind, ApiErrorKind::NotAllowed);
+    assert!(msg.contains("allowed_groups"), "{msg}");
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_spread_over_agents_and_a_draining_agent_gets_none() {
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let a1 = TestAgent::start(dir.path(), 0, port, sleep_command()).await;
+    let a2 = TestAgent::start(dir.path(), 1, port, sleep_command()).await;
+    let mut cfg = master_config(dir.path(), "master", &[a1.name.clone(), a2.name.clone()]);
+    let mut m = TestMaster::start(cfg.clone(), tcp, None, None).await;
+    let mut per_agent = std::collections::BTreeMap::<String, usize>::new();
+    for u in ["u1", "u2", "u3", "u4"] {
+        *per_agent.entry(m.connect(u, false).await.unwrap().agent).or_default() += 1;
+    }
+    assert_eq!(per_agent.get(&a1.name), Some(&2));
+    assert_eq!(per_agent.get(&a2.name), Some(&2));
+    m.stop().await;
+
+    cfg.agents.draining = vec![a1.name.clone()];
+    let mut m = TestMaster::standalone(cfg).await;
+    for u in ["u5", "u6"] {
+        assert_eq!(m.connect(u, false).await.unwrap().agent, a2.name);
+    }
+    // Existing sessions on the draining agent can still be reconnected.
+    let r = m.call(ApiRequest::SessionList { selector: Selector { agent: Some(a1.name.clone()), ..Default::default() }, refresh: false }).await;
+    let ApiReply::Sessions { sessions } = r else { panic!("{r:?}") };
+    let u = sessions[0].user.clone();
+    let again = m.connect(&u, false).await.unwrap();
+    assert!(again.reconnected);
+    assert_eq!(again.agent, a1.name);
+    m.stop().await;
+    a1.stop().await;
+    a2.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_cannot_start_sessions_is_skipped() {
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let broken = TestAgent::start(dir.path(), 0, port, vec!["/nonexistent/vsm-session".into()]).await;
+    let good = TestAgent::start(dir.path(), 1, port, sleep_command()).await;
+    let cfg = master_config(dir.path(), "master", &[broken.name.clone(), good.name.clone()]);
+    let mut m = TestMaster::start(cfg, tcp, None, None).await;
+    for u in ["u1", "u2", "u3"] {
+        assert_eq!(m.connect(u, false).await.unwrap().agent, good.name, "{u} lands on the working agent");
+    }
+    let r = m.call(ApiRequest::LoadList).await;
+    let ApiReply::Loads { agents } = r else { panic!("{r:?}") };
+    let b = agents.iter().find(|a| a.agent == broken.name).unwrap();
+    assert!(b.penalised_ms.is_some(), "the failing agent is penalised: {b:?}");
+    m.stop().await;
+    broken.stop().await;
+    good.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_available_is_a_clear_refusal() {
+    init_logging();
+    let dir = cluster_dir();
+    // An agent name nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let cfg = master_config(dir.path(), "master", &[dead]);
+    let mut m = TestMaster::standalone(cfg).await;
+    let (kind, msg) = m.connect("alice", false).await.unwrap_err();
+    assert!(matches!(kind, ApiErrorKind::StartFailed | ApiErrorKind::NoAgentAvailable), "{kind:?}");
+    assert!(!msg.is_empty());
+    assert!(m.server().db.list(&Default::default()).await.unwrap().is_empty(), "nothing half-created");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_recovers_and_marks_sessions() {
+    let (d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    // A session the master never heard of: started on the agent directly.
+    let client = vsm::agent::AgentClient::new(
+        vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
+        904,
+        Duration::from_secs(3),
+    );
+    let extra = client.start(&agent.name, vsm::model::SessionId::random(), "bob".into(), None).await.unwrap();
+    let sum = m.server().broker.reconcile_all().await.unwrap();
+    assert_eq!(sum.recovered, 1, "{sum:?}");
+    let got = m.server().db.get(&extra.session_id).await.unwrap().expect("recovered session stored");
+    assert_eq!(got.user, "bob");
+
+    // The agent goes away: its sessions become unreachable but are kept.
+    let port = agent.port;
+    agent.stop().await;
+    let sum = m.server().broker.reconcile_all().await.unwrap();
+    assert_eq!(sum.unreachable, 1, "{sum:?}");
+    let s = m.server().db.get(&a.session_id).await.unwrap().unwrap();
+    assert_eq!(s.status, SessionStatus::Unreachable);
+
+    // It comes back (same port) and still runs the sessions: they are no longer unreachable.
+    let l = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let agent = TestAgent::start_on(d.path(), 0, m.tcp_port, sleep_command(), l).await;
+    let sum = m.server().broker.reconcile_all().await.unwrap();
+    assert_eq!(sum.back, 2, "{sum:?}");
+    assert_eq!(m.server().db.get(&a.session_id).await.unwrap().unwrap().status, SessionStatus::Disconnected);
+
+    // A session that vanished from the agent is removed.
+    let r = client.terminate(&agent.name, extra.session_id.clone(), extra.display).await;
+    assert!(r.is_ok(), "{r:?}");
+    let db = m.server().db.clone();
+    let id = extra.session_id.clone();
+    let gone = wait_until(T, || {
+        let (db, id, b) = (db.clone(), id.clone(), m.server().broker.clone());
+        async move {
+            let _ = b.reconcile_all().await;
+            db.get(&id).await.unwrap().is_none()
+        }
+    })
+    .await;
+    assert!(gone);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_cannot_see_or_end_another_users_session() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    let api = Api { broker: m.server().broker.clone(), ha: m.server().ha.clone() };
+    let bob = Caller::Local { uid: 4242, user: "bob".into(), admin: false };
+    match api.handle(&bob, ApiRequest::MySessions { user: None }).await {
+        ApiReply::Sessions { sessions } => assert!(sessions.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    match api.handle(&bob, ApiRequest::TerminateMine { user: None, session_id: a.session_id.clone() }).await {
+        ApiReply::Error { kind, .. } => assert_eq!(kind, ApiErrorKind::NotFound),
+        other => panic!("{other:?}"),
+    }
+    match api.handle(&bob, ApiRequest::MySessions { user: Some("alice".into()) }).await {
+        ApiReply::Error { kind, .. } => assert_eq!(kind, ApiErrorKind::NotAllowed),
+        other => panic!("{other:?}"),
+    }
+    match api.handle(&bob, ApiRequest::SessionList { selector: Selector::default(), refresh: false }).await {
+        ApiReply::Error { kind, .. } => assert_eq!(kind, ApiErrorKind::NotAllowed),
+        other => panic!("{other:?}"),
+    }
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_some(), "alice's session untouched");
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_of_the_master_keeps_every_session() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let mut ids = vec![];
+    for u in ["alice", "bob", "carol"] {
+        ids.push(m.connect(u, false).await.unwrap().session_id);
+    }
+    let cfg = m.cfg.clone();
+    m.stop().await;
+    let mut m = TestMaster::standalone(cfg).await;
+    for (u, id) in ["alice", "bob", "carol"].iter().zip(&ids) {
+        let i = m.connect(u, false).await.unwrap();
+        assert!(i.reconnected);
+        assert_eq!(&i.session_id, id);
+    }
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_terminate_needs_a_selector_and_abandons_only_when_asked() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    m.connect("alice", false).await.unwrap();
+    m.connect("bob", false).await.unwrap();
+    let r = m.call(ApiRequest::SessionTerminate { selector: Selector::default(), all: false, allow_abandon: false, dry_run: false }).await;
+    assert!(matches!(r, ApiReply::Error { kind: ApiErrorKind::BadRequest, .. }), "{r:?}");
+    agent.stop().await;
+    let sel = Selector { user: Some("alice".into()), ..Default::default() };
+    let r = m.call(ApiRequest::SessionTerminate { selector: sel.clone(), all: false, allow_abandon: false, dry_run: false }).await;
+    let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
+    assert_eq!(outcome.failed.len(), 1);
+    assert!(outcome.failed[0].1.contains("--allow-abandon"), "{:?}", outcome.failed);
+    let r = m.call(ApiRequest::SessionTerminate { selector: sel, all: false, allow_abandon: true, dry_run: false }).await;
+    let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
+    assert_eq!(outcome.abandoned.len(), 1);
+    let left = m.server().db.list(&Default::default()).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].user, "bob");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_on_the_socket_changes_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    m.connect("alice", false).await.unwrap();
+    let before = m.server().db.digest().await.unwrap();
+    // A frame whose body is not a request.
+    let mut s = tokio::net::UnixStream::connect(&m.cfg.vsmserver.socket_path).await.unwrap();
+    let body = b"{\"op\":\"connect\",\"new\":";
+    s.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+    s.write_all(body).await.unwrap();
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).await.unwrap();
+    let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut reply).await.unwrap();
+    let reply: ApiReply = serde_json::from_slice(&reply).unwrap();
+    assert!(matches!(reply, ApiReply::Error { kind: ApiErrorKind::BadRequest, .. }), "{reply:?}");
+    // A truncated frame, then close.
+    let mut s = tokio::net::UnixStream::connect(&m.cfg.vsmserver.socket_path).await.unwrap();
+    s.write_all(&100u32.to_be_bytes()).await.unwrap();
+    s.write_all(b"{\"op\"").await.unwrap();
+    drop(s);
+    // An absurd length.
+    let mut s = tokio::net::UnixStream::connect(&m.cfg.vsmserver.socket_path).await.unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let _ = s.read(&mut [0u8; 16]).await;
+    assert_eq!(m.server().db.digest().await.unwrap(), before);
+    // The master still serves.
+    assert!(m.connect("alice", false).await.unwrap().reconnected);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_with_the_wrong_secret_is_refused_on_tcp() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let target = vsm::client::Target::Tcp {
+        addr: format!("127.0.0.1:{}", m.tcp_port),
+        secret: vsm::proto::secure::Secret::from_bytes(b"not the cluster secret"),
+    };
+    let r = vsm::client::call(&target, &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, T).await;
+    assert!(r.is_err(), "{r:?}");
+    let good = vsm::client::Target::Tcp {
+        addr: format!("127.0.0.1:{}", m.tcp_port),
+        secret: vsm::proto::secure::Secret::from_file(&m.cfg.vsm.secret_file).unwrap(),
+    };
+    let r = vsm::client::call(&good, &ApiRequest::SessionList { selector: Selector::default(), refresh: false }, T).await.unwrap();
+    assert!(matches!(r, ApiReply::Sessions { .. }), "{r:?}");
+    m.stop().await;
+    agent.stop().await;
+}
