@@ -14,7 +14,7 @@ use std::time::Duration;
 use vsm::client::Target;
 use vsm::model::Session;
 use vsm::proto::api::{ApiReply, ApiRequest};
-use vsm::proto::secure::PlainConn;
+use vsm::proto::PlainConn;
 
 #[derive(Clone, Copy)]
 enum Mode {
