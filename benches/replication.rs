@@ -22,11 +22,12 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use vsm::model::{Session, SessionId, SessionStatus};
 
+#[path = "replication/echo.rs"]
+mod echo;
 #[path = "replication/pg.rs"]
 mod pg;
 #[path = "replication/redis.rs"]
 mod redis;
-#[cfg(feature = "bench-vsm")]
 #[path = "replication/vsm.rs"]
 mod vsm_backend;
 
@@ -35,6 +36,8 @@ enum TargetKind {
     Pg,
     Redis,
     Vsm,
+    /// No replication: a 64-byte loopback TCP round trip, the floor under every other figure.
+    Echo,
 }
 
 impl TargetKind {
@@ -43,6 +46,7 @@ impl TargetKind {
             TargetKind::Pg => "pg",
             TargetKind::Redis => "redis",
             TargetKind::Vsm => "vsm",
+            TargetKind::Echo => "echo",
         }
     }
 }
@@ -57,8 +61,8 @@ struct Args {
     #[arg(long, value_enum)]
     target: TargetKind,
     /// pg: `HOST:PORT` (user postgres, database postgres) or a full conninfo string;
-    /// redis: `HOST:PORT`; vsm: the master's Unix socket path.
-    #[arg(long)]
+    /// redis: `HOST:PORT`; vsm: the master's Unix socket path; echo: ignored.
+    #[arg(long, default_value = "")]
     addr: String,
     /// Concurrent writers, each with its own connection and one write in flight.
     #[arg(long, default_value_t = 1)]
@@ -178,6 +182,16 @@ fn run_writer(
     }
 }
 
+/// The 1-minute load average (the machine is shared: every figure carries it).
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn percentile_us(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -190,17 +204,12 @@ fn backend(args: &Args) -> Result<Box<dyn Backend>> {
     Ok(match args.target {
         TargetKind::Pg => Box::new(pg::Pg::new(&args.addr)),
         TargetKind::Redis => Box::new(redis::Redis::new(&args.addr)),
-        #[cfg(feature = "bench-vsm")]
+        TargetKind::Echo => Box::new(echo::Echo::start()?),
         TargetKind::Vsm => Box::new(vsm_backend::Vsm::new(
             &args.addr,
             &args.vsm_mode,
             Duration::from_secs_f64(args.timeout),
         )?),
-        #[cfg(not(feature = "bench-vsm"))]
-        TargetKind::Vsm => {
-            let _ = (&args.vsm_mode, args.timeout);
-            bail!("the vsm backend is not compiled in: build with `--features bench-vsm`")
-        }
     })
 }
 
@@ -250,6 +259,7 @@ fn run(args: Args) -> Result<()> {
                 .context("spawning a writer thread")?,
         );
     }
+    let load_start = loadavg();
     let t_start = Instant::now();
     let measure_from = t_start + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
@@ -272,6 +282,7 @@ fn run(args: Args) -> Result<()> {
     if let Some(e) = first_error {
         return Err(e);
     }
+    let load_end = loadavg();
     samples.sort_unstable();
     let n = samples.len();
     let secs = args.duration;
@@ -303,10 +314,12 @@ fn run(args: Args) -> Result<()> {
         "row_json_bytes": row_bytes,
         "ids_per_writer": args.ids,
         "setup": setup,
+        "loadavg_start": load_start,
+        "loadavg_end": load_end,
     });
     println!("{json}");
     println!(
-        "{:<5} writers={:<3} {:>9.0} writes/s  p50 {:>8.1} us  p99 {:>8.1} us  p999 {:>8.1} us  n={} [{}]",
+        "{:<5} writers={:<3} {:>9.0} writes/s  p50 {:>8.1} us  p99 {:>8.1} us  p999 {:>8.1} us  n={} load {:.2}->{:.2} [{}]",
         args.target.name(),
         args.writers,
         rate,
@@ -314,6 +327,8 @@ fn run(args: Args) -> Result<()> {
         p99,
         p999,
         n,
+        load_start.unwrap_or(f64::NAN),
+        load_end.unwrap_or(f64::NAN),
         setup
     );
     Ok(())

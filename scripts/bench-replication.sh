@@ -4,15 +4,19 @@
 # PostgreSQL 15 (synchronous standby, synchronous_commit=remote_apply) and Redis 7
 # (SET + WAIT 1 0 pipelined, no persistence), all from benches/replication.rs.
 #
-# Usage: scripts/bench-replication.sh [--only pg,redis,vsm] [--runs 3] [--writers "1 16"]
+# Also measured, for reading the figures: "echo", a 64-byte loopback TCP round trip through the
+# same driver (the floor on this machine at this moment), and "pgbench", the same PostgreSQL
+# upsert driven by pgbench -M prepared (libpq), to show what the driver itself costs.
+#
+# Usage: scripts/bench-replication.sh [--only echo,pg,redis,vsm] [--runs 3] [--writers "1 16"]
 #                                     [--duration 10] [--warmup 2] [--vsm-sync "full normal"]
-#                                     [--no-install] [--keep-logs]
+#                                     [--no-pgbench] [--no-install] [--keep-logs]
 # Needs root (installs Debian packages, runs PostgreSQL as the postgres user).
 # Everything it starts it stops on exit; its temporary directory is removed.
 # Prints every run (JSON + human line), then medians of each figure and vsm's ratio to the others.
 set -euo pipefail
 
-ONLY="pg,redis,vsm"
+ONLY="echo,pg,redis,vsm"
 RUNS=3
 WRITERS="1 16"
 DURATION=10
@@ -20,6 +24,7 @@ WARMUP=2
 VSM_SYNC="full normal"
 INSTALL=1
 KEEP_LOGS=0
+PGBENCH=1
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -30,8 +35,9 @@ while [ $# -gt 0 ]; do
         --warmup) WARMUP="$2"; shift 2 ;;
         --vsm-sync) VSM_SYNC="$2"; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
+        --no-pgbench) PGBENCH=0; shift ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -140,10 +146,8 @@ if [ "$INSTALL" = 1 ] && { want pg || want redis; }; then
     fi
 fi
 
-FEATURES=()
-want vsm && FEATURES=(--features bench-vsm)
 log "building the bench driver (release)"
-BENCH_EXE="$(cargo bench --bench replication --no-run "${FEATURES[@]}" --message-format=json 2>"$TMP/build.log" |
+BENCH_EXE="$(cargo bench --bench replication --no-run --message-format=json 2>"$TMP/build.log" |
     jq -r 'select(.reason == "compiler-artifact" and .target.name == "replication"
         and (.target.kind | index("bench"))) | .executable // empty' | tail -n 1)"
 if [ -z "$BENCH_EXE" ] || [ ! -x "$BENCH_EXE" ]; then
@@ -171,6 +175,51 @@ bench() {
 }
 
 # ---------------------------------------------------------------- PostgreSQL
+# The driver's upsert, for pgbench; ids rotate over 1000 per client like the driver's.
+PGBENCH_SQL="\\set id :client_id * 1000 + random(0, 999)
+INSERT INTO sessions (id, username, subcluster, agent, agent_address, display, vnc_port, status,
+  created_ms, last_connect_ms, last_client_address, pid, geometry)
+VALUES ('pgbench' || :id, 'user0001', 'default', 'agent2.example.org', '10.0.0.12', 42, 5942,
+  'running', 1763780000000, 1763780000000, '192.0.2.17', 4042, '1920x1080')
+ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username, subcluster = EXCLUDED.subcluster,
+  agent = EXCLUDED.agent, agent_address = EXCLUDED.agent_address, display = EXCLUDED.display,
+  vnc_port = EXCLUDED.vnc_port, status = EXCLUDED.status, created_ms = EXCLUDED.created_ms,
+  last_connect_ms = EXCLUDED.last_connect_ms, last_client_address = EXCLUDED.last_client_address,
+  pid = EXCLUDED.pid, geometry = EXCLUDED.geometry;"
+
+# pgbench_runs: the same upsert through pgbench (libpq, -M prepared), RUNS runs per writer count;
+# latencies from its per-transaction log, warm-up transactions dropped.
+pgbench_runs() {
+    local w r dir total
+    printf '%s\n' "$PGBENCH_SQL" >"$TMP/upsert.sql"
+    total="$(awk -v a="$WARMUP" -v b="$DURATION" 'BEGIN { printf "%d", a + b + 0.999 }')"
+    for w in $WRITERS; do
+        for r in $(seq "$RUNS"); do
+            log "pgbench-libpq: $w writer(s), run $r of $RUNS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+            dir="$TMP/pgbench-$w-$r"
+            mkdir -p "$dir"
+            local load_start
+            load_start="$(cut -d' ' -f1 /proc/loadavg)"
+            quiet "$TMP/pgbench.log" "$PG_BIN/pgbench" -n -M prepared -f "$TMP/upsert.sql" -c "$w" -j "$w" \
+                -T "$total" -l --log-prefix "$dir/tx" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres postgres
+            # Log columns: client, tx, latency_us, script, epoch_s, epoch_us (completion time).
+            cat "$dir"/tx.* | awk '{ print $5 + $6 / 1e6, $3 }' | sort -g >"$dir/lat"
+            awk -v warm="$WARMUP" 'NR == 1 { t0 = $1 - $2 / 1e6 } $1 - $2 / 1e6 >= t0 + warm { print $2 }' \
+                "$dir/lat" | sort -n >"$dir/kept"
+            local n
+            n="$(wc -l <"$dir/kept")"
+            pct() { awk -v q="$1" -v n="$n" 'BEGIN { k = int(q * n); if (k < q * n) k++; if (k < 1) k = 1 } NR == k { print $1; exit }' "$dir/kept"; }
+            jq -cn --argjson n "$n" --argjson w "$w" --argjson d "$DURATION" --argjson warm "$WARMUP" \
+                --argjson p50 "$(pct 0.5)" --argjson p99 "$(pct 0.99)" --argjson p999 "$(pct 0.999)" \
+                --argjson l0 "$load_start" --argjson l1 "$(cut -d' ' -f1 /proc/loadavg)" \
+                '{target: "pgbench", label: "pgbench-libpq", writers: $w, duration_s: $d, warmup_s: $warm,
+                  n: $n, writes_per_s: (($n / $d) * 10 | round / 10), p50_us: $p50, p99_us: $p99,
+                  p999_us: $p999, loadavg_start: $l0, loadavg_end: $l1,
+                  setup: "pgbench -M prepared (libpq), same upsert, same server"}' | tee -a "$RESULTS"
+            rm -rf "$dir"
+        done
+    done
+}
 pg_sync_standby() {
     [ "$(runuser -u postgres -- "$PG_BIN/psql" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres -Atc \
         "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'")" -ge 1 ]
@@ -203,6 +252,7 @@ EOF
     quiet "$TMP/pg-ctl.log" runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$s" -l "$TMP/pglog/pg-standby.log" -w start
     wait_for "the PostgreSQL standby to stream synchronously" 30 pg_sync_standby
     bench pg "127.0.0.1:$PG_PRIMARY_PORT" "pg-remote_apply"
+    [ "$PGBENCH" = 1 ] && pgbench_runs
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$s" -m fast -w stop >/dev/null
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$p" -m fast -w stop >/dev/null
     PG_DIRS=()
@@ -296,6 +346,7 @@ run_vsm() {
 }
 
 log "machine load before starting: $(cat /proc/loadavg)"
+want echo && bench echo "" "loopback-echo"
 want pg && run_pg
 want redis && run_redis
 if want vsm; then
@@ -326,7 +377,7 @@ done
 for v in $LABELS; do
     case "$v" in vsm*) ;; *) continue ;; esac
     for o in $LABELS; do
-        case "$o" in vsm*) continue ;; esac
+        case "$o" in vsm* | loopback-echo) continue ;; esac
         for w in $WRITERS; do
             [ -n "${RATE[$v/$w]:-}" ] && [ -n "${RATE[$o/$w]:-}" ] || continue
             awk -v a="${RATE[$v/$w]}" -v b="${RATE[$o/$w]}" -v v="$v" -v o="$o" -v w="$w" \
