@@ -227,7 +227,11 @@ fn run(args: Args) -> Result<()> {
     if args.writers == 0 || args.writers > 1024 {
         bail!("--writers must be between 1 and 1024, got {}", args.writers);
     }
-    if !(args.duration > 0.0) || !(args.warmup >= 0.0) {
+    if !args.duration.is_finite()
+        || args.duration <= 0.0
+        || !args.warmup.is_finite()
+        || args.warmup < 0.0
+    {
         bail!("--duration must be > 0 and --warmup >= 0 seconds");
     }
     let b = backend(&args)?;

@@ -203,11 +203,15 @@ pgbench_runs() {
             quiet "$TMP/pgbench.log" "$PG_BIN/pgbench" -n -M prepared -f "$TMP/upsert.sql" -c "$w" -j "$w" \
                 -T "$total" -l --log-prefix "$dir/tx" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres postgres
             # Log columns: client, tx, latency_us, script, epoch_s, epoch_us (completion time).
-            cat "$dir"/tx.* | awk '{ print $5 + $6 / 1e6, $3 }' | sort -g >"$dir/lat"
+            cat "$dir"/tx.* | awk '{ printf "%d.%06d %d\n", $5, $6, $3 }' | sort -g >"$dir/lat"
             awk -v warm="$WARMUP" 'NR == 1 { t0 = $1 - $2 / 1e6 } $1 - $2 / 1e6 >= t0 + warm { print $2 }' \
                 "$dir/lat" | sort -n >"$dir/kept"
             local n
             n="$(wc -l <"$dir/kept")"
+            if [ "$n" -eq 0 ]; then
+                echo "bench-replication: pgbench logged no transaction after the warm-up" >&2
+                exit 1
+            fi
             pct() { awk -v q="$1" -v n="$n" 'BEGIN { k = int(q * n); if (k < q * n) k++; if (k < 1) k = 1 } NR == k { print $1; exit }' "$dir/kept"; }
             jq -cn --argjson n "$n" --argjson w "$w" --argjson d "$DURATION" --argjson warm "$WARMUP" \
                 --argjson p50 "$(pct 0.5)" --argjson p99 "$(pct 0.99)" --argjson p999 "$(pct 0.999)" \
@@ -215,7 +219,8 @@ pgbench_runs() {
                 '{target: "pgbench", label: "pgbench-libpq", writers: $w, duration_s: $d, warmup_s: $warm,
                   n: $n, writes_per_s: (($n / $d) * 10 | round / 10), p50_us: $p50, p99_us: $p99,
                   p999_us: $p999, loadavg_start: $l0, loadavg_end: $l1,
-                  setup: "pgbench -M prepared (libpq), same upsert, same server"}' | tee -a "$RESULTS"
+                  setup: "pgbench -M prepared (libpq), same upsert, same server"}' | tee -a "$RESULTS" |
+                jq -r '"pgbench writers=\(.writers)  \(.writes_per_s) writes/s  p50 \(.p50_us) us  p99 \(.p99_us) us  p999 \(.p999_us) us  n=\(.n) load \(.loadavg_start)->\(.loadavg_end)"'
             rm -rf "$dir"
         done
     done
@@ -352,7 +357,7 @@ want redis && run_redis
 if want vsm; then
     run_vsm
 else
-    log "vsm skipped (--only $ONLY); pass --only pg,redis,vsm once vsmserver has HA and SessionPut"
+    log "vsm skipped (--only $ONLY)"
 fi
 
 # ---------------------------------------------------------------- medians and ratios
