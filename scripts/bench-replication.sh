@@ -8,6 +8,9 @@
 # same driver (the floor on this machine at this moment), and "pgbench", the same PostgreSQL
 # upsert driven by pgbench -M prepared (libpq), to show what the driver itself costs.
 #
+# All systems run at the same time and the runs are interleaved (round 1: every system, every
+# writer count; round 2: ...), so load from other users of the machine hits all of them alike.
+#
 # Usage: scripts/bench-replication.sh [--only echo,pg,redis,vsm] [--runs 3] [--writers "1 16"]
 #                                     [--duration 10] [--warmup 2] [--vsm-sync "full normal"]
 #                                     [--no-pgbench] [--no-install] [--keep-logs]
@@ -37,7 +40,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --no-pgbench) PGBENCH=0; shift ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -49,10 +52,9 @@ PG_PRIMARY_PORT=15432
 PG_STANDBY_PORT=15433
 REDIS_MASTER_PORT=16379
 REDIS_REPLICA_PORT=16380
-VSM_A_API_PORT=19100
-VSM_B_API_PORT=19200
-VSM_A_HA_PORT=19101
-VSM_B_HA_PORT=19201
+# vsm pair number i (one per --vsm-sync value): node a API 19100+20i, HA 19101+20i;
+# node b API 19110+20i, HA 19111+20i.
+VSM_PORT_BASE=19100
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -69,6 +71,7 @@ RESULTS="$TMP/results.jsonl"
 PIDS=()
 PG_BIN=/usr/lib/postgresql/15/bin
 PG_DIRS=()
+SYSTEMS=() # "target|addr|label", in run order
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -85,7 +88,8 @@ cleanup() {
         wait "$p" 2>/dev/null
     done
     for ((i = ${#PG_DIRS[@]} - 1; i >= 0; i--)); do
-        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PG_DIRS[$i]}" -m immediate -w stop >/dev/null 2>&1
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PG_DIRS[$i]}" -m fast -w -t 20 stop >/dev/null 2>&1 ||
+            runuser -u postgres -- "$PG_BIN/pg_ctl" -D "${PG_DIRS[$i]}" -m immediate -w stop >/dev/null 2>&1
     done
     if [ "$KEEP_LOGS" = 1 ]; then
         mkdir -p "$ROOT/target/bench-replication-logs"
@@ -123,9 +127,21 @@ quiet() {
     fi
 }
 
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
 port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $PG_PRIMARY_PORT $PG_STANDBY_PORT $REDIS_MASTER_PORT $REDIS_REPLICA_PORT \
-    $VSM_A_API_PORT $VSM_B_API_PORT $VSM_A_HA_PORT $VSM_B_HA_PORT; do
+ports=()
+want pg && ports+=($PG_PRIMARY_PORT $PG_STANDBY_PORT)
+want redis && ports+=($REDIS_MASTER_PORT $REDIS_REPLICA_PORT)
+if want vsm; then
+    i=0
+    for _ in $VSM_SYNC; do
+        b=$((VSM_PORT_BASE + 20 * i))
+        ports+=($b $((b + 1)) $((b + 10)) $((b + 11)))
+        i=$((i + 1))
+    done
+fi
+for p in "${ports[@]}"; do
     if ! port_free "$p"; then
         echo "bench-replication: port $p on 127.0.0.1 is already in use" >&2
         exit 1
@@ -133,11 +149,11 @@ for p in $PG_PRIMARY_PORT $PG_STANDBY_PORT $REDIS_MASTER_PORT $REDIS_REPLICA_POR
 done
 
 # ---------------------------------------------------------------- packages and binaries
-if [ "$INSTALL" = 1 ] && { want pg || want redis; }; then
+if [ "$INSTALL" = 1 ]; then
     pkgs=()
-    want pg && [ ! -x "$PG_BIN/postgres" ] && pkgs+=(postgresql-15)
-    want redis && ! command -v redis-server >/dev/null && pkgs+=(redis-server)
-    command -v jq >/dev/null || pkgs+=(jq)
+    if want pg && [ ! -x "$PG_BIN/postgres" ]; then pkgs+=(postgresql-15); fi
+    if want redis && ! command -v redis-server >/dev/null; then pkgs+=(redis-server); fi
+    if ! command -v jq >/dev/null; then pkgs+=(jq); fi
     if [ ${#pkgs[@]} -gt 0 ]; then
         log "installing ${pkgs[*]}"
         apt-get update -qq
@@ -155,82 +171,22 @@ if [ -z "$BENCH_EXE" ] || [ ! -x "$BENCH_EXE" ]; then
     echo "bench-replication: building benches/replication.rs failed" >&2
     exit 1
 fi
-
-# bench TARGET ADDR LABEL: RUNS runs for every writer count, each appended to $RESULTS.
-bench() {
-    local target="$1" addr="$2" label="$3" w r
-    for w in $WRITERS; do
-        for r in $(seq "$RUNS"); do
-            log "$label: $w writer(s), run $r of $RUNS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-            "$BENCH_EXE" --target "$target" --addr "$addr" --writers "$w" \
-                --duration "$DURATION" --warmup "$WARMUP" --label "$label" >"$TMP/run.out"
-            cat "$TMP/run.out"
-            if ! head -n 1 "$TMP/run.out" | jq -e .writes_per_s >/dev/null 2>&1; then
-                echo "bench-replication: the driver printed no result line" >&2
-                exit 1
-            fi
-            head -n 1 "$TMP/run.out" >>"$RESULTS"
-        done
-    done
-}
+if want vsm; then
+    log "building vsmserver, tl-config, tlctl (release)"
+    quiet "$TMP/vsm-build.log" cargo build --release --bin vsmserver --bin tl-config --bin tlctl
+    if ! target/release/vsmserver --help | grep -q -- '--peer-addr'; then
+        echo "bench-replication: vsmserver has no --peer-addr flag; two masters cannot find each other on one host" >&2
+        exit 1
+    fi
+fi
 
 # ---------------------------------------------------------------- PostgreSQL
-# The driver's upsert, for pgbench; ids rotate over 1000 per client like the driver's.
-PGBENCH_SQL="\\set id :client_id * 1000 + random(0, 999)
-INSERT INTO sessions (id, username, subcluster, agent, agent_address, display, vnc_port, status,
-  created_ms, last_connect_ms, last_client_address, pid, geometry)
-VALUES ('pgbench' || :id, 'user0001', 'default', 'agent2.example.org', '10.0.0.12', 42, 5942,
-  'running', 1763780000000, 1763780000000, '192.0.2.17', 4042, '1920x1080')
-ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username, subcluster = EXCLUDED.subcluster,
-  agent = EXCLUDED.agent, agent_address = EXCLUDED.agent_address, display = EXCLUDED.display,
-  vnc_port = EXCLUDED.vnc_port, status = EXCLUDED.status, created_ms = EXCLUDED.created_ms,
-  last_connect_ms = EXCLUDED.last_connect_ms, last_client_address = EXCLUDED.last_client_address,
-  pid = EXCLUDED.pid, geometry = EXCLUDED.geometry;"
-
-# pgbench_runs: the same upsert through pgbench (libpq, -M prepared), RUNS runs per writer count;
-# latencies from its per-transaction log, warm-up transactions dropped.
-pgbench_runs() {
-    local w r dir total
-    printf '%s\n' "$PGBENCH_SQL" >"$TMP/upsert.sql"
-    total="$(awk -v a="$WARMUP" -v b="$DURATION" 'BEGIN { printf "%d", a + b + 0.999 }')"
-    for w in $WRITERS; do
-        for r in $(seq "$RUNS"); do
-            log "pgbench-libpq: $w writer(s), run $r of $RUNS (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-            dir="$TMP/pgbench-$w-$r"
-            mkdir -p "$dir"
-            local load_start
-            load_start="$(cut -d' ' -f1 /proc/loadavg)"
-            quiet "$TMP/pgbench.log" "$PG_BIN/pgbench" -n -M prepared -f "$TMP/upsert.sql" -c "$w" -j "$w" \
-                -T "$total" -l --log-prefix "$dir/tx" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres postgres
-            # Log columns: client, tx, latency_us, script, epoch_s, epoch_us (completion time).
-            cat "$dir"/tx.* | awk '{ printf "%d.%06d %d\n", $5, $6, $3 }' | sort -g >"$dir/lat"
-            awk -v warm="$WARMUP" 'NR == 1 { t0 = $1 - $2 / 1e6 } $1 - $2 / 1e6 >= t0 + warm { print $2 }' \
-                "$dir/lat" | sort -n >"$dir/kept"
-            local n
-            n="$(wc -l <"$dir/kept")"
-            if [ "$n" -eq 0 ]; then
-                echo "bench-replication: pgbench logged no transaction after the warm-up" >&2
-                exit 1
-            fi
-            pct() { awk -v q="$1" -v n="$n" 'BEGIN { k = int(q * n); if (k < q * n) k++; if (k < 1) k = 1 } NR == k { print $1; exit }' "$dir/kept"; }
-            jq -cn --argjson n "$n" --argjson w "$w" --argjson d "$DURATION" --argjson warm "$WARMUP" \
-                --argjson p50 "$(pct 0.5)" --argjson p99 "$(pct 0.99)" --argjson p999 "$(pct 0.999)" \
-                --argjson l0 "$load_start" --argjson l1 "$(cut -d' ' -f1 /proc/loadavg)" \
-                '{target: "pgbench", label: "pgbench-libpq", writers: $w, duration_s: $d, warmup_s: $warm,
-                  n: $n, writes_per_s: (($n / $d) * 10 | round / 10), p50_us: $p50, p99_us: $p99,
-                  p999_us: $p999, loadavg_start: $l0, loadavg_end: $l1,
-                  setup: "pgbench -M prepared (libpq), same upsert, same server"}' | tee -a "$RESULTS" |
-                jq -r '"pgbench writers=\(.writers)  \(.writes_per_s) writes/s  p50 \(.p50_us) us  p99 \(.p99_us) us  p999 \(.p999_us) us  n=\(.n) load \(.loadavg_start)->\(.loadavg_end)"'
-            rm -rf "$dir"
-        done
-    done
-}
 pg_sync_standby() {
     [ "$(runuser -u postgres -- "$PG_BIN/psql" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres -Atc \
         "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'")" -ge 1 ]
 }
 
-run_pg() {
+setup_pg() {
     local p="$TMP/pg-primary" s="$TMP/pg-standby"
     log "PostgreSQL: initdb, primary on $PG_PRIMARY_PORT, synchronous standby on $PG_STANDBY_PORT"
     install -d -m 700 -o postgres -g postgres "$p" "$s" "$TMP/pgsock" "$TMP/pglog"
@@ -256,11 +212,55 @@ EOF
     PG_DIRS+=("$s")
     quiet "$TMP/pg-ctl.log" runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$s" -l "$TMP/pglog/pg-standby.log" -w start
     wait_for "the PostgreSQL standby to stream synchronously" 30 pg_sync_standby
-    bench pg "127.0.0.1:$PG_PRIMARY_PORT" "pg-remote_apply"
-    [ "$PGBENCH" = 1 ] && pgbench_runs
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$s" -m fast -w stop >/dev/null
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$p" -m fast -w stop >/dev/null
-    PG_DIRS=()
+    SYSTEMS+=("pg|127.0.0.1:$PG_PRIMARY_PORT|pg-remote_apply")
+    [ "$PGBENCH" = 1 ] && SYSTEMS+=("pgbench|127.0.0.1:$PG_PRIMARY_PORT|pgbench-libpq")
+    return 0
+}
+
+# The driver's upsert, for pgbench; ids rotate over 1000 per client like the driver's.
+PGBENCH_SQL="\\set id :client_id * 1000 + random(0, 999)
+INSERT INTO sessions (id, username, subcluster, agent, agent_address, display, vnc_port, status,
+  created_ms, last_connect_ms, last_client_address, pid, geometry)
+VALUES ('pgbench' || :id, 'user0001', 'default', 'agent2.example.org', '10.0.0.12', 42, 5942,
+  'running', 1763780000000, 1763780000000, '192.0.2.17', 4042, '1920x1080')
+ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username, subcluster = EXCLUDED.subcluster,
+  agent = EXCLUDED.agent, agent_address = EXCLUDED.agent_address, display = EXCLUDED.display,
+  vnc_port = EXCLUDED.vnc_port, status = EXCLUDED.status, created_ms = EXCLUDED.created_ms,
+  last_connect_ms = EXCLUDED.last_connect_ms, last_client_address = EXCLUDED.last_client_address,
+  pid = EXCLUDED.pid, geometry = EXCLUDED.geometry;"
+
+# run_pgbench WRITERS: the same upsert through pgbench (libpq, -M prepared); latencies from its
+# per-transaction log, warm-up transactions dropped. The sessions table exists: the driver's pg
+# run creates it first.
+run_pgbench() {
+    local w="$1" dir="$TMP/pgbench" total n l0
+    printf '%s\n' "$PGBENCH_SQL" >"$TMP/upsert.sql"
+    total="$(awk -v a="$WARMUP" -v b="$DURATION" 'BEGIN { printf "%d", a + b + 0.999 }')"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    l0="$(load1)"
+    quiet "$TMP/pgbench.log" "$PG_BIN/pgbench" -n -M prepared -f "$TMP/upsert.sql" -c "$w" -j "$w" \
+        -T "$total" -l --log-prefix "$dir/tx" -h 127.0.0.1 -p $PG_PRIMARY_PORT -U postgres postgres
+    # Log columns: client, tx, latency_us, script, epoch_s, epoch_us (completion time).
+    cat "$dir"/tx.* | awk '{ printf "%d.%06d %d\n", $5, $6, $3 }' | sort -g >"$dir/lat"
+    awk -v warm="$WARMUP" 'NR == 1 { t0 = $1 - $2 / 1e6 } $1 - $2 / 1e6 >= t0 + warm { print $2 }' \
+        "$dir/lat" | sort -n >"$dir/kept"
+    n="$(wc -l <"$dir/kept")"
+    if [ "$n" -eq 0 ]; then
+        echo "bench-replication: pgbench logged no transaction after the warm-up" >&2
+        exit 1
+    fi
+    pct() { awk -v q="$1" -v n="$n" 'BEGIN { k = int(q * n); if (k < q * n) k++; if (k < 1) k = 1 } NR == k { print $1; exit }' "$dir/kept"; }
+    jq -cn --argjson n "$n" --argjson w "$w" --argjson d "$DURATION" --argjson warm "$WARMUP" \
+        --argjson p50 "$(pct 0.5)" --argjson p99 "$(pct 0.99)" --argjson p999 "$(pct 0.999)" \
+        --argjson l0 "$l0" --argjson l1 "$(load1)" \
+        '{target: "pgbench", label: "pgbench-libpq", writers: $w, duration_s: $d, warmup_s: $warm,
+          n: $n, writes_per_s: (($n / $d) * 10 | round / 10), p50_us: $p50, p99_us: $p99,
+          p999_us: $p999, loadavg_start: $l0, loadavg_end: $l1,
+          setup: "pgbench -M prepared (libpq), same upsert, same server"}' >"$TMP/run.out"
+    jq -r '"pgbench writers=\(.writers)  \(.writes_per_s) writes/s  p50 \(.p50_us) us  p99 \(.p99_us) us  p999 \(.p999_us) us  n=\(.n) load \(.loadavg_start)->\(.loadavg_end)"' \
+        "$TMP/run.out" >>"$TMP/run.out"
+    rm -rf "$dir"
 }
 
 # ---------------------------------------------------------------- Redis
@@ -269,7 +269,7 @@ redis_replicated() {
         redis-cli -h 127.0.0.1 -p $REDIS_REPLICA_PORT INFO replication | grep -q '^master_link_status:up'
 }
 
-run_redis() {
+setup_redis() {
     log "Redis: master on $REDIS_MASTER_PORT, replica on $REDIS_REPLICA_PORT, no persistence"
     mkdir -p "$TMP/redis-master" "$TMP/redis-replica"
     local common=(--bind 127.0.0.1 --protected-mode no --save '' --appendonly no --daemonize no
@@ -277,17 +277,12 @@ run_redis() {
     redis-server "${common[@]}" --port $REDIS_MASTER_PORT --dir "$TMP/redis-master" \
         >"$TMP/redis-master.log" 2>&1 &
     PIDS+=($!)
-    local master_pid=$!
     wait_for "the Redis master" 10 redis-cli -h 127.0.0.1 -p $REDIS_MASTER_PORT PING
     redis-server "${common[@]}" --port $REDIS_REPLICA_PORT --dir "$TMP/redis-replica" \
         --replicaof 127.0.0.1 $REDIS_MASTER_PORT >"$TMP/redis-replica.log" 2>&1 &
     PIDS+=($!)
-    local replica_pid=$!
     wait_for "the Redis replica to sync" 30 redis_replicated
-    bench redis "127.0.0.1:$REDIS_MASTER_PORT" "redis-wait"
-    kill "$replica_pid" "$master_pid"
-    wait "$replica_pid" "$master_pid" 2>/dev/null || true
-    PIDS=()
+    SYSTEMS+=("redis|127.0.0.1:$REDIS_MASTER_PORT|redis-wait")
 }
 
 # ---------------------------------------------------------------- vsm
@@ -295,70 +290,77 @@ vsm_ready() {
     "$ROOT/target/release/tlctl" --socket "$1" ha check
 }
 
-run_vsm() {
-    local sync
-    for b in vsmserver tl-config tlctl; do
-        if [ ! -x "target/release/$b" ]; then
-            log "building target/release/$b"
-        fi
-    done
-    cargo build --release --bin vsmserver --bin tl-config --bin tlctl >"$TMP/vsm-build.log" 2>&1 ||
-        { cat "$TMP/vsm-build.log" >&2; echo "bench-replication: building vsmserver failed" >&2; exit 1; }
-    if ! target/release/vsmserver --help | grep -q -- '--peer-addr'; then
-        echo "bench-replication: vsmserver has no --peer-addr flag; two masters cannot find each other on one host" >&2
-        exit 1
-    fi
+# setup_vsm: one pair of masters per --vsm-sync value, HA in ack mode, both on this host.
+setup_vsm() {
+    local sync i=0 node
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/ha.key"
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/cluster.key"
     chmod 600 "$TMP/ha.key" "$TMP/cluster.key"
     for sync in $VSM_SYNC; do
-        local pids=() node
+        local base=$((VSM_PORT_BASE + 20 * i))
+        i=$((i + 1))
         for node in a b; do
-            local dir="$TMP/vsm-$sync-$node" api ha
-            if [ "$node" = a ]; then api=$VSM_A_API_PORT ha=$VSM_A_HA_PORT; else api=$VSM_B_API_PORT ha=$VSM_B_HA_PORT; fi
+            local dir="$TMP/vsm-$sync-$node" api=$base peer=$((base + 11))
+            if [ "$node" = b ]; then api=$((base + 10)) peer=$((base + 1)); fi
             mkdir -p "$dir/conf" "$dir/data"
             # The two masters are "vsm-a" and "vsm-b"; /HA/local_node says which one this is,
             # --peer-addr where the other one listens (both live on this host).
-            quiet "$TMP/tl-config-$node.log" target/release/tl-config --config-dir "$dir/conf" \
+            quiet "$TMP/tl-config-$sync-$node.log" target/release/tl-config --config-dir "$dir/conf" \
                 /HA/enabled=true "/HA/nodes=vsm-a vsm-b" "/HA/local_node=vsm-$node" \
-                /HA/port=$ha "/HA/secret_file=$TMP/ha.key" /HA/sync=ack \
+                /HA/port=$((api + 1)) "/HA/secret_file=$TMP/ha.key" /HA/sync=ack \
                 /vsmserver/listen_port=$api "/vsmserver/socket_path=$dir/vsmserver.sock" \
                 "/vsmserver/data_dir=$dir/data" "/vsm/secret_file=$TMP/cluster.key" \
                 "/vsmserver/db_synchronous=$sync" \
                 "/vsmserver/session_startup_dir=$dir/startup.d" \
                 "/vsmserver/session_reconnect_dir=$dir/reconnect.d" \
                 /subclusters/default/agents=agent1.invalid
+            target/release/vsmserver --config-dir "$dir/conf" --peer-addr "127.0.0.1:$peer" \
+                >"$TMP/vsm-$sync-$node.log" 2>&1 &
+            PIDS+=($!)
         done
-        log "vsm: two masters on loopback, HA sync=ack, db_synchronous=$sync"
-        target/release/vsmserver --config-dir "$TMP/vsm-$sync-a/conf" --peer-addr 127.0.0.1:$VSM_B_HA_PORT \
-            >"$TMP/vsm-$sync-a.log" 2>&1 &
-        pids+=($!)
-        PIDS+=($!)
-        target/release/vsmserver --config-dir "$TMP/vsm-$sync-b/conf" --peer-addr 127.0.0.1:$VSM_A_HA_PORT \
-            >"$TMP/vsm-$sync-b.log" 2>&1 &
-        pids+=($!)
-        PIDS+=($!)
+        log "vsm: two masters on loopback (ports $base..$((base + 11))), HA sync=ack, db_synchronous=$sync"
         local sock="$TMP/vsm-$sync-a/vsmserver.sock"
-        if ! wait_for "vsm master a to be ready" 60 vsm_ready "$sock"; then
+        if ! wait_for "vsm master a (db_synchronous=$sync) to be ready" 60 vsm_ready "$sock"; then
             tail -n 20 "$TMP/vsm-$sync-a.log" "$TMP/vsm-$sync-b.log" >&2
             exit 1
         fi
-        bench vsm "$sock" "vsm-sync_$sync"
-        kill "${pids[@]}"
-        wait "${pids[@]}" 2>/dev/null || true
-        PIDS=()
+        SYSTEMS+=("vsm|$sock|vsm-sync_$sync")
     done
 }
 
+# ---------------------------------------------------------------- runs
+# run_one TARGET ADDR LABEL WRITERS: one measured run, its JSON line appended to $RESULTS.
+run_one() {
+    local target="$1" addr="$2" label="$3" w="$4"
+    if [ "$target" = pgbench ]; then
+        run_pgbench "$w"
+    else
+        "$BENCH_EXE" --target "$target" --addr "$addr" --writers "$w" \
+            --duration "$DURATION" --warmup "$WARMUP" --label "$label" >"$TMP/run.out"
+    fi
+    cat "$TMP/run.out"
+    if ! head -n 1 "$TMP/run.out" | jq -e .writes_per_s >/dev/null 2>&1; then
+        echo "bench-replication: $label printed no result line" >&2
+        exit 1
+    fi
+    head -n 1 "$TMP/run.out" >>"$RESULTS"
+}
+
 log "machine load before starting: $(cat /proc/loadavg)"
-want echo && bench echo "" "loopback-echo"
-want pg && run_pg
-want redis && run_redis
-if want vsm; then
-    run_vsm
-else
-    log "vsm skipped (--only $ONLY)"
-fi
+want echo && SYSTEMS+=("echo||loopback-echo")
+want pg && setup_pg
+want redis && setup_redis
+if want vsm; then setup_vsm; else log "vsm skipped (--only $ONLY)"; fi
+
+for r in $(seq "$RUNS"); do
+    for w in $WRITERS; do
+        for s in "${SYSTEMS[@]}"; do
+            IFS='|' read -r target addr label <<<"$s"
+            log "round $r of $RUNS: $label, $w writer(s) (load: $(cut -d' ' -f1-3 /proc/loadavg))"
+            run_one "$target" "$addr" "$label" "$w"
+        done
+    done
+done
 
 # ---------------------------------------------------------------- medians and ratios
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -366,27 +368,31 @@ field() { jq -r --arg l "$1" --argjson w "$2" "select(.label == \$l and .writers
 
 echo
 echo "Replicated small-row writes on loopback, median of $RUNS runs of ${DURATION}s (after ${WARMUP}s warm-up)"
-printf '%-18s %7s %12s %10s %10s %10s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us"
+printf '%-18s %7s %12s %10s %10s %10s %14s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us" "load (min-max)"
 LABELS="$(jq -r .label "$RESULTS" | awk '!seen[$0]++')"
-declare -A RATE
+declare -A RATE P99
 for l in $LABELS; do
     for w in $WRITERS; do
         rate="$(field "$l" "$w" writes_per_s | median)"
         [ "$rate" = nan ] && continue
         RATE["$l/$w"]="$rate"
-        printf '%-18s %7s %12.0f %10.1f %10.1f %10.1f\n' "$l" "$w" "$rate" \
-            "$(field "$l" "$w" p50_us | median)" "$(field "$l" "$w" p99_us | median)" \
-            "$(field "$l" "$w" p999_us | median)"
+        P99["$l/$w"]="$(field "$l" "$w" p99_us | median)"
+        loads="$(jq -r --arg l "$l" --argjson w "$w" 'select(.label == $l and .writers == $w) | .loadavg_start, .loadavg_end' "$RESULTS" |
+            sort -g | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%.1f-%.1f", a, b }')"
+        printf '%-18s %7s %12.0f %10.1f %10.1f %10.1f %14s\n' "$l" "$w" "$rate" \
+            "$(field "$l" "$w" p50_us | median)" "${P99[$l/$w]}" "$(field "$l" "$w" p999_us | median)" "$loads"
     done
 done
+echo
 for v in $LABELS; do
     case "$v" in vsm*) ;; *) continue ;; esac
     for o in $LABELS; do
         case "$o" in vsm* | loopback-echo) continue ;; esac
         for w in $WRITERS; do
             [ -n "${RATE[$v/$w]:-}" ] && [ -n "${RATE[$o/$w]:-}" ] || continue
-            awk -v a="${RATE[$v/$w]}" -v b="${RATE[$o/$w]}" -v v="$v" -v o="$o" -v w="$w" \
-                'BEGIN { printf "ratio %s / %s, %s writer(s): %.2fx writes/s\n", v, o, w, a / b }'
+            awk -v a="${RATE[$v/$w]}" -v b="${RATE[$o/$w]}" -v pa="${P99[$v/$w]}" -v pb="${P99[$o/$w]}" \
+                -v v="$v" -v o="$o" -v w="$w" \
+                'BEGIN { printf "ratio %s / %s, %s writer(s): %.2fx writes/s, %.2fx p99\n", v, o, w, a / b, pa / pb }'
         done
     done
 done
