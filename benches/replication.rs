@@ -83,6 +83,10 @@ struct Args {
     /// (a new connection per write).
     #[arg(long, default_value = "conn")]
     vsm_mode: String,
+    /// vsm only: also measure a master with `/HA/sync=async` (answered before the peer has the
+    /// write: not a replicated write, only for finding where the time goes).
+    #[arg(long)]
+    vsm_allow_async: bool,
     /// Per-write timeout in seconds (vsm; pg and redis block, as their clients do).
     #[arg(long, default_value_t = 10.0)]
     timeout: f64,
@@ -209,6 +213,7 @@ fn backend(args: &Args) -> Result<Box<dyn Backend>> {
             &args.addr,
             &args.vsm_mode,
             Duration::from_secs_f64(args.timeout),
+            args.vsm_allow_async,
         )?),
     })
 }

@@ -14,6 +14,9 @@
 # Usage: scripts/bench-replication.sh [--only echo,pg,redis,vsm] [--runs 3] [--writers "1 16"]
 #                                     [--duration 10] [--warmup 2] [--vsm-sync "full normal"]
 #                                     [--no-pgbench] [--no-install] [--keep-logs]
+# --vsm-sync lists /vsmserver/db_synchronous values, one pair of masters each; an entry DB:async
+# runs that pair with /HA/sync=async (answered before the peer has the write: not a replicated
+# write, only for finding where the time goes; it gets no ratio).
 # Needs root (installs Debian packages, runs PostgreSQL as the postgres user).
 # Everything it starts it stops on exit; its temporary directory is removed.
 # Prints every run (JSON + human line), then medians of each figure and vsm's ratio to the others.
@@ -40,7 +43,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --no-pgbench) PGBENCH=0; shift ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -71,7 +74,7 @@ RESULTS="$TMP/results.jsonl"
 PIDS=()
 PG_BIN=/usr/lib/postgresql/15/bin
 PG_DIRS=()
-SYSTEMS=() # "target|addr|label", in run order
+SYSTEMS=() # "target|addr|label|extra driver flag", in run order
 
 log() { printf '== %s\n' "$*" >&2; }
 
@@ -292,22 +295,23 @@ vsm_ready() {
 
 # setup_vsm: one pair of masters per --vsm-sync value, HA in ack mode, both on this host.
 setup_vsm() {
-    local sync i=0 node
+    local entry sync ha label i=0 node
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/ha.key"
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/cluster.key"
     chmod 600 "$TMP/ha.key" "$TMP/cluster.key"
-    for sync in $VSM_SYNC; do
+    for entry in $VSM_SYNC; do
+        sync="${entry%%:*}" ha=ack label="vsm-sync_${entry%%:*}"
+        case "$entry" in *:*) ha="${entry#*:}" label="$label-ha_$ha" ;; esac
         local base=$((VSM_PORT_BASE + 20 * i))
-        i=$((i + 1))
         for node in a b; do
-            local dir="$TMP/vsm-$sync-$node" api=$base peer=$((base + 11))
+            local dir="$TMP/vsm-$i-$node" api=$base peer=$((base + 11))
             if [ "$node" = b ]; then api=$((base + 10)) peer=$((base + 1)); fi
             mkdir -p "$dir/conf" "$dir/data"
             # The two masters are "vsm-a" and "vsm-b"; /HA/local_node says which one this is,
             # --peer-addr where the other one listens (both live on this host).
-            quiet "$TMP/tl-config-$sync-$node.log" target/release/tl-config --config-dir "$dir/conf" \
+            quiet "$TMP/tl-config-$i-$node.log" target/release/tl-config --config-dir "$dir/conf" \
                 /HA/enabled=true "/HA/nodes=vsm-a vsm-b" "/HA/local_node=vsm-$node" \
-                /HA/port=$((api + 1)) "/HA/secret_file=$TMP/ha.key" /HA/sync=ack \
+                /HA/port=$((api + 1)) "/HA/secret_file=$TMP/ha.key" "/HA/sync=$ha" \
                 /vsmserver/listen_port=$api "/vsmserver/socket_path=$dir/vsmserver.sock" \
                 "/vsmserver/data_dir=$dir/data" "/vsm/secret_file=$TMP/cluster.key" \
                 "/vsmserver/db_synchronous=$sync" \
@@ -315,28 +319,31 @@ setup_vsm() {
                 "/vsmserver/session_reconnect_dir=$dir/reconnect.d" \
                 /subclusters/default/agents=agent1.invalid
             target/release/vsmserver --config-dir "$dir/conf" --peer-addr "127.0.0.1:$peer" \
-                >"$TMP/vsm-$sync-$node.log" 2>&1 &
+                >"$TMP/vsm-$i-$node.log" 2>&1 &
             PIDS+=($!)
         done
-        log "vsm: two masters on loopback (ports $base..$((base + 11))), HA sync=ack, db_synchronous=$sync"
-        local sock="$TMP/vsm-$sync-a/vsmserver.sock"
-        if ! wait_for "vsm master a (db_synchronous=$sync) to be ready" 60 vsm_ready "$sock"; then
-            tail -n 20 "$TMP/vsm-$sync-a.log" "$TMP/vsm-$sync-b.log" >&2
+        log "vsm: two masters on loopback (ports $base..$((base + 11))), HA sync=$ha, db_synchronous=$sync"
+        local sock="$TMP/vsm-$i-a/vsmserver.sock"
+        if ! wait_for "vsm master a ($label) to be ready" 60 vsm_ready "$sock"; then
+            tail -n 20 "$TMP/vsm-$i-a.log" "$TMP/vsm-$i-b.log" >&2
             exit 1
         fi
-        SYSTEMS+=("vsm|$sock|vsm-sync_$sync")
+        local extra=""
+        [ "$ha" = ack ] || extra=--vsm-allow-async
+        SYSTEMS+=("vsm|$sock|$label|$extra")
+        i=$((i + 1))
     done
 }
 
 # ---------------------------------------------------------------- runs
-# run_one TARGET ADDR LABEL WRITERS: one measured run, its JSON line appended to $RESULTS.
+# run_one TARGET ADDR LABEL EXTRA WRITERS: one measured run, its JSON line appended to $RESULTS.
 run_one() {
-    local target="$1" addr="$2" label="$3" w="$4"
+    local target="$1" addr="$2" label="$3" extra="$4" w="$5"
     if [ "$target" = pgbench ]; then
         run_pgbench "$w"
     else
         "$BENCH_EXE" --target "$target" --addr "$addr" --writers "$w" \
-            --duration "$DURATION" --warmup "$WARMUP" --label "$label" >"$TMP/run.out"
+            --duration "$DURATION" --warmup "$WARMUP" --label "$label" ${extra:+"$extra"} >"$TMP/run.out"
     fi
     cat "$TMP/run.out"
     if ! head -n 1 "$TMP/run.out" | jq -e .writes_per_s >/dev/null 2>&1; then
@@ -355,9 +362,9 @@ if want vsm; then setup_vsm; else log "vsm skipped (--only $ONLY)"; fi
 for r in $(seq "$RUNS"); do
     for w in $WRITERS; do
         for s in "${SYSTEMS[@]}"; do
-            IFS='|' read -r target addr label <<<"$s"
+            IFS='|' read -r target addr label extra <<<"$s"
             log "round $r of $RUNS: $label, $w writer(s) (load: $(cut -d' ' -f1-3 /proc/loadavg))"
-            run_one "$target" "$addr" "$label" "$w"
+            run_one "$target" "$addr" "$label" "$extra" "$w"
         done
     done
 done
@@ -368,7 +375,7 @@ field() { jq -r --arg l "$1" --argjson w "$2" "select(.label == \$l and .writers
 
 echo
 echo "Replicated small-row writes on loopback, median of $RUNS runs of ${DURATION}s (after ${WARMUP}s warm-up)"
-printf '%-18s %7s %12s %10s %10s %10s %14s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us" "load (min-max)"
+printf '%-26s %7s %12s %10s %10s %10s %14s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us" "load (min-max)"
 LABELS="$(jq -r .label "$RESULTS" | awk '!seen[$0]++')"
 declare -A RATE P99
 for l in $LABELS; do
@@ -379,13 +386,13 @@ for l in $LABELS; do
         P99["$l/$w"]="$(field "$l" "$w" p99_us | median)"
         loads="$(jq -r --arg l "$l" --argjson w "$w" 'select(.label == $l and .writers == $w) | .loadavg_start, .loadavg_end' "$RESULTS" |
             sort -g | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%.1f-%.1f", a, b }')"
-        printf '%-18s %7s %12.0f %10.1f %10.1f %10.1f %14s\n' "$l" "$w" "$rate" \
+        printf '%-26s %7s %12.0f %10.1f %10.1f %10.1f %14s\n' "$l" "$w" "$rate" \
             "$(field "$l" "$w" p50_us | median)" "${P99[$l/$w]}" "$(field "$l" "$w" p999_us | median)" "$loads"
     done
 done
 echo
 for v in $LABELS; do
-    case "$v" in vsm*) ;; *) continue ;; esac
+    case "$v" in *async*) continue ;; vsm*) ;; *) continue ;; esac
     for o in $LABELS; do
         case "$o" in vsm* | loopback-echo) continue ;; esac
         for w in $WRITERS; do

@@ -26,10 +26,11 @@ pub struct Vsm {
     path: PathBuf,
     mode: Mode,
     timeout: Duration,
+    allow_async: bool,
 }
 
 impl Vsm {
-    pub fn new(addr: &str, mode: &str, timeout: Duration) -> Result<Vsm> {
+    pub fn new(addr: &str, mode: &str, timeout: Duration, allow_async: bool) -> Result<Vsm> {
         let mode = match mode {
             "conn" => Mode::Conn,
             "call" => Mode::Call,
@@ -39,6 +40,7 @@ impl Vsm {
             path: PathBuf::from(addr),
             mode,
             timeout,
+            allow_async,
         })
     }
 
@@ -88,7 +90,7 @@ impl Backend for Vsm {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        if status.sync != "ack" {
+        if status.sync != "ack" && !(self.allow_async && status.sync == "async") {
             bail!(
                 "/HA/sync is {}, expected ack (answer after the peer stored the change)",
                 status.sync
