@@ -13,10 +13,12 @@
 #
 # Usage: scripts/bench-replication.sh [--only echo,pg,redis,vsm] [--runs 3] [--writers "1 16"]
 #                                     [--duration 10] [--warmup 2] [--vsm-sync "full normal"]
-#                                     [--no-pgbench] [--no-install] [--keep-logs]
+#                                     [--tmpdir /tmp] [--no-pgbench] [--no-install] [--keep-logs]
 # --vsm-sync lists /vsmserver/db_synchronous values, one pair of masters each; an entry DB:async
 # runs that pair with /HA/sync=async (answered before the peer has the write: not a replicated
 # write, only for finding where the time goes; it gets no ratio).
+# --tmpdir holds every data directory (default /tmp); on a tmpfs such as /dev/shm no fsync
+# reaches a disk, which takes disk noise out of the comparison (and durability with it).
 # Needs root (installs Debian packages, runs PostgreSQL as the postgres user).
 # Everything it starts it stops on exit; its temporary directory is removed.
 # Prints every run (JSON + human line), then medians of each figure and vsm's ratio to the others.
@@ -31,6 +33,7 @@ VSM_SYNC="full normal"
 INSTALL=1
 KEEP_LOGS=0
 PGBENCH=1
+TMPBASE=/tmp
 
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -43,7 +46,8 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --no-pgbench) PGBENCH=0; shift ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        --tmpdir) TMPBASE="$2"; shift 2 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -67,7 +71,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-TMP="$(mktemp -d /tmp/vsm-bench-repl.XXXXXX)"
+TMP="$(mktemp -d "$TMPBASE/vsm-bench-repl.XXXXXX")"
 chmod 755 "$TMP"
 RESULTS="$TMP/results.jsonl"
 : >"$RESULTS"
@@ -353,7 +357,7 @@ run_one() {
     head -n 1 "$TMP/run.out" >>"$RESULTS"
 }
 
-log "machine load before starting: $(cat /proc/loadavg)"
+log "machine load before starting: $(cat /proc/loadavg); data in $TMP ($(stat -f -c %T "$TMP"))"
 want echo && SYSTEMS+=("echo||loopback-echo")
 want pg && setup_pg
 want redis && setup_redis
