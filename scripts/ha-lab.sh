@@ -32,13 +32,15 @@ TIMEOUT=${VSM_LAB_TIMEOUT:-90}
 KEEPALIVED_DIR=${VSM_KEEPALIVED_DIR:-$REPO/config/keepalived}
 # Children (the daemons' wrappers run this script again) must see the same settings.
 export VSM_LAB_DIR=$LAB VSM_LAB_PREFIX=$PREFIX VSM_LAB_NET=$NET
+# Plain logs (no ANSI colours) from the daemons, so they can be grepped.
+export NO_COLOR=1
 
 MASTERS=(tlha-primary tlha-secondary)
 AGENTS=(agent1 agent2)
 NODES=(tlha-primary tlha-secondary agent1 agent2 client)
 VIP_NAME=tlha
 VIP=$NET.4
-USERS=(testuser testuser2)
+USERS=(testuser testuser2 testuser3)
 VSM_BINARIES=(vsmserver vsmagent vsmclient tlctl tl-config)
 # Directories bind-mounted per node (host path -> lab subdirectory).
 MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm)
@@ -251,11 +253,11 @@ detect_mode() {
 
 lab_mode() { cat "$LAB/mode" 2>/dev/null || echo network-only; }
 
+# tl-config run inside NODE (its /etc/vsm, its /etc/hosts), as an administrator would there.
 tlconfig() {
     local node=$1
     shift
-    "$LAB/usr-local-bin/tl-config" --config-dir "$(node_dir "$node")/etc-vsm" "$@" ||
-        die "tl-config failed on $node for: $*"
+    node_exec "$node" /usr/local/bin/tl-config "$@" || die "tl-config failed on $node for: $*"
 }
 
 # ---------------------------------------------------------------------------------------
@@ -438,10 +440,10 @@ configure_vsm() {
     chmod 0600 "$LAB/ha.key" "$LAB/cluster.key"
     for node in "${MASTERS[@]}"; do
         install -m 0600 "$LAB/ha.key" "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
-        tlconfig "$node" /HA/enabled=1
-        tlconfig "$node" '/HA/nodes=tlha-primary tlha-secondary'
-        tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
+        # Agents first: with HA on, the built-in default subcluster (127.0.0.1) is refused.
         tlconfig "$node" '/subclusters/default/agents=agent1 agent2'
+        tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
+        tlconfig "$node" /HA/enabled=1 '/HA/nodes=tlha-primary tlha-secondary'
     done
     for node in "${AGENTS[@]}"; do
         install -m 0600 "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
@@ -527,7 +529,7 @@ vip_holders() {
 }
 
 ssh_answer() { # prints `uname -n` of the master answering ssh on the VIP, from the client
-    ip netns exec "$(ns client)" ssh -o ConnectTimeout=2 "testuser@$VIP_NAME" uname -n 2>/dev/null
+    ip netns exec "$(ns client)" timeout 10 ssh -o ConnectTimeout=2 "testuser@$VIP_NAME" uname -n 2>/dev/null
 }
 
 vip_is() { [ "$(vip_holders)" = "$1" ]; }
@@ -813,7 +815,9 @@ cmd_logs() {
         say "no logs: no lab directory $LAB"
         return 0
     fi
-    for f in "$LAB"/nodes/"${1:-*}"/log/*.log; do
+    local pattern=("$LAB"/nodes/*/log/*.log)
+    if [ -n "${1:-}" ]; then pattern=("$LAB/nodes/$1"/log/*.log); fi
+    for f in "${pattern[@]}"; do
         [ -e "$f" ] || continue
         echo "===== ${f#"$LAB"/nodes/} (last $lines lines)"
         tail -n "$lines" "$f"

@@ -22,8 +22,10 @@ use tokio::net::TcpStream;
 
 /// How long an idle pooled connection may be reused.
 pub const POOL_IDLE: Duration = Duration::from_secs(10);
-/// Idle connections kept per agent.
-pub const POOL_PER_AGENT: usize = 8;
+/// Idle connections kept per agent: as many as concurrent calls to one agent a busy master
+/// makes (logins arriving together), so that calls do not pay a handshake each; connections
+/// beyond it are closed after their call.
+pub const POOL_PER_AGENT: usize = 64;
 
 /// What the broker needs to build an [`AgentClient`].
 #[derive(Clone, Debug)]

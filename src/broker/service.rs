@@ -148,6 +148,9 @@ impl Broker {
         self.check_allowed(&req.user, &req.groups)?;
         let _guard = self.lock_user(&req.user).await;
         let mut sessions = self.user_sessions(&req.user).await?;
+        // Existing sessions may be ended, removed or marked below: then read them again
+        // before checking the limit. With none, the second read is skipped.
+        let reread = !sessions.is_empty();
         sessions.sort_by(|a, b| b.last_connect_ms.cmp(&a.last_connect_ms));
 
         if req.terminate_existing {
@@ -187,7 +190,7 @@ impl Broker {
             }
         }
 
-        let live = self.user_sessions(&req.user).await?;
+        let live = if reread { self.user_sessions(&req.user).await? } else { sessions };
         let max = self.inner.cfg.vsmserver.max_sessions_per_user;
         if max > 0 && live.len() >= max as usize {
             let hint = if unreachable.is_empty() {

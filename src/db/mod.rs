@@ -14,8 +14,10 @@
 //!
 //! The owner drains up to [`GROUP_MAX`] queued requests at a time. Consecutive writes
 //! (`write`, `write_batch`, `apply_remote`, `gc`) commit in ONE transaction (group commit)
-//! and are answered only after that commit. Reads are served in arrival order, after the
-//! writes queued before them have committed, so a read never sees uncommitted data.
+//! and are answered only after that commit. Reads taken in the same round run after that
+//! commit, in arrival order: a read sees every write queued before it (and possibly writes
+//! queued after it, which were concurrent with it) and never uncommitted data, and reads
+//! between writes do not split the group into one transaction (one fsync) each.
 //! If anything in a group fails, the group is rolled back and its requests are redone one
 //! transaction each, so one bad request cannot fail its neighbours.
 //!
@@ -72,7 +74,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::DbSynchronous;
 use crate::model::{Change, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
@@ -310,7 +312,11 @@ pub struct DbHandle {
     node: NodeId,
     path: Arc<Path>,
     head: watch::Receiver<Seq>,
+    changes: broadcast::Sender<owner::ChangeBatch>,
 }
+
+/// Committed local changes of one transaction, in seq order; see [`DbHandle::subscribe_changes`].
+pub type ChangeBatch = Arc<Vec<Change>>;
 
 impl DbHandle {
     /// Opens (creating, checking and migrating) the database and starts its owner thread.
@@ -326,8 +332,8 @@ impl DbHandle {
             .name("vsm-db".into())
             .spawn(move || owner::run(opts, rx, ready_tx))
             .map_err(|source| DbError::Io { context: "start the database thread".into(), source })?;
-        let (db_id, head) = ready_rx.recv().map_err(|_| DbError::Closed)??;
-        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head })
+        let (db_id, head, changes) = ready_rx.recv().map_err(|_| DbError::Closed)??;
+        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head, changes })
     }
 
     /// This database's identity (random, made once when the file was created).
@@ -348,6 +354,14 @@ impl DbHandle {
     /// Replication waits on this instead of polling.
     pub fn watch_head(&self) -> watch::Receiver<Seq> {
         self.head.clone()
+    }
+
+    /// The local changes of every transaction committed from now on, one message per
+    /// transaction, after its commit and in commit order; replication sends them without
+    /// reading the change log back. A receiver that falls more than 1024 transactions behind
+    /// gets `Lagged` and must read the log instead ([`DbHandle::changes_since`]).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<ChangeBatch> {
+        self.changes.subscribe()
     }
 
     /// One local write in its own change-log row, committed (group commit) before answering.

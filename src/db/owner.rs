@@ -1,21 +1,27 @@
 //! The owner thread: the only code that holds the SQLite connection.
 //!
-//! Owns: the connection, the in-memory copies of the clock, head and row counts, and the
-//! request loop with group commit.
+//! Owns: the connection, the in-memory copies of the clock, head, row counts and the
+//! users-per-agent count, the request loop with group commit, and the publication of
+//! committed local changes.
 //! Must never: answer a write before its transaction committed, hold a transaction open
 //! while serving a read, or block on anything but the request queue and SQLite.
 //!
 //! Invariants:
-//! - `head`, `live` and `tombs` equal what the database holds whenever no transaction is
-//!   open; a failed transaction restores them.
+//! - `head`, `live`, `tombs` and `per_agent` equal what the database holds whenever no
+//!   transaction is open; a failed transaction restores them (`per_agent` by a recount).
+//! - Reads of one round run after the round's writes committed: a read sees every write
+//!   queued before it (and maybe writes queued after it, which were concurrent with it), and
+//!   never uncommitted data. Reads do not split a group commit.
+//! - Committed local changes are published (in commit order) only after their commit.
 //! - `hlc` is never below any version stored in the database, and it is persisted in the
 //!   same transaction as the writes that advanced it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, ToSql};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::merge::{self, Action, Winner};
 use super::store::{self, Stored};
@@ -84,8 +90,14 @@ impl WriteReq {
     }
 }
 
+/// Committed local changes of one transaction, in seq order.
+pub(super) type ChangeBatch = Arc<Vec<Change>>;
+
+/// Transactions' change batches buffered for a slow subscriber before it is told it lagged.
+const CHANGE_BUFFER: usize = 1024;
+
 /// What the caller of `open` gets back from the thread.
-pub(super) type Ready = Result<(String, watch::Receiver<Seq>), DbError>;
+pub(super) type Ready = Result<(String, watch::Receiver<Seq>, broadcast::Sender<ChangeBatch>), DbError>;
 
 /// Thread body: open, report readiness, serve until shut down or every handle is gone.
 pub(super) fn run(opts: DbOptions, rx: mpsc::Receiver<Request>, ready: std::sync::mpsc::SyncSender<Ready>) {
@@ -96,7 +108,7 @@ pub(super) fn run(opts: DbOptions, rx: mpsc::Receiver<Request>, ready: std::sync
             return;
         }
     };
-    let _ = ready.send(Ok((owner.db_id.clone(), owner.head_tx.subscribe())));
+    let _ = ready.send(Ok((owner.db_id.clone(), owner.head_tx.subscribe(), owner.changes_tx.clone())));
     owner.serve(rx);
 }
 
@@ -114,6 +126,12 @@ pub(super) struct Owner {
     changelog_retention: u64,
     tombstone_retention_ms: u64,
     head_tx: watch::Sender<Seq>,
+    /// Committed local changes, one message per transaction that wrote any.
+    changes_tx: broadcast::Sender<ChangeBatch>,
+    /// Changes of the open transaction, kept only while someone subscribes.
+    pending_changes: Vec<Change>,
+    /// Agent → user → live sessions; answers placement without scanning the table.
+    per_agent: store::UsersPerAgent,
     /// Pokes the checkpointer thread (see [`spawn_checkpointer`]).
     checkpointer: std::sync::mpsc::SyncSender<()>,
     checkpointer_thread: Option<std::thread::JoinHandle<()>>,
@@ -184,6 +202,7 @@ impl Owner {
             )
             .ctx("count sessions")?;
         let head = Seq(head as u64);
+        let per_agent = store::users_per_agent(&conn)?;
         let hlc = Hlc { wall_ms: wall as u64, logical: u32::try_from(logical).unwrap_or(u32::MAX) };
         tracing::info!(
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
@@ -203,6 +222,9 @@ impl Owner {
             changelog_retention: opts.changelog_retention,
             tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis()).unwrap_or(u64::MAX),
             head_tx: watch::channel(head).0,
+            changes_tx: broadcast::channel(CHANGE_BUFFER).0,
+            pending_changes: Vec::new(),
+            per_agent,
             checkpointer,
             checkpointer_thread,
             since_poke: (0, 0),
@@ -212,6 +234,7 @@ impl Owner {
     fn serve(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch: Vec<Request> = Vec::with_capacity(GROUP_MAX);
         let mut writes: Vec<WriteReq> = Vec::with_capacity(GROUP_MAX);
+        let mut reads: Vec<ReadJob> = Vec::new();
         let mut shutdowns: Vec<Reply<()>> = Vec::new();
         while let Some(first) = rx.blocking_recv() {
             batch.push(first);
@@ -224,10 +247,9 @@ impl Owner {
             for req in batch.drain(..) {
                 match req {
                     Request::Write(w) => writes.push(w),
-                    Request::Read(job) => {
-                        self.commit_group(&mut writes);
-                        job(&mut self);
-                    }
+                    // After the group commit below: a read sees every write queued before it,
+                    // and reads no longer split the group into one transaction each.
+                    Request::Read(job) => reads.push(job),
                     Request::Shutdown(reply) => {
                         // Refuse new requests; those already queued are still served.
                         rx.close();
@@ -236,6 +258,9 @@ impl Owner {
                 }
             }
             self.commit_group(&mut writes);
+            for job in reads.drain(..) {
+                job(&mut self);
+            }
         }
         let res = self.finish();
         if let Err(e) = &res {
@@ -288,9 +313,18 @@ impl Owner {
             // Fails harmlessly when SQLite already rolled back on its own.
             let _ = self.conn.execute_batch("ROLLBACK");
             self.restore(saved);
+            self.pending_changes.clear();
+            match store::users_per_agent(&self.conn) {
+                Ok(m) => self.per_agent = m,
+                Err(e) => tracing::error!(error = %e, "cannot recount users per agent after a rollback"),
+            }
         } else {
             if self.head != saved.head {
                 self.head_tx.send_replace(self.head);
+            }
+            if !self.pending_changes.is_empty() {
+                // No subscriber is fine: nobody waits for these.
+                let _ = self.changes_tx.send(Arc::new(std::mem::take(&mut self.pending_changes)));
             }
             self.since_poke.0 += 1;
             if self.since_poke.0 >= CHECKPOINT_COMMITS || self.since_poke.1 >= CHECKPOINT_ROWS {
@@ -343,16 +377,40 @@ impl Owner {
         }
     }
 
-    fn count(&mut self, before: Option<&Stored>, after_tombstone: bool) {
+    fn count(&mut self, before: Option<&Stored>, after: Option<&Session>) {
         match before {
             Some(s) if s.tombstone => self.tombs = self.tombs.saturating_sub(1),
             Some(_) => self.live = self.live.saturating_sub(1),
             None => {}
         }
-        if after_tombstone {
-            self.tombs += 1;
-        } else {
-            self.live += 1;
+        if let Some((agent, user)) = before.and_then(|s| s.placed.as_ref()) {
+            if let Some(users) = self.per_agent.get_mut(agent) {
+                if let Some(n) = users.get_mut(user) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        users.remove(user);
+                    }
+                }
+                if users.is_empty() {
+                    self.per_agent.remove(agent);
+                }
+            }
+        }
+        match after {
+            None => self.tombs += 1,
+            Some(s) => {
+                self.live += 1;
+                let users = match self.per_agent.get_mut(&s.agent) {
+                    Some(u) => u,
+                    None => self.per_agent.entry(s.agent.clone()).or_default(),
+                };
+                match users.get_mut(&s.user) {
+                    Some(n) => *n += 1,
+                    None => {
+                        users.insert(s.user.clone(), 1);
+                    }
+                }
+            }
         }
     }
 
@@ -379,7 +437,10 @@ impl Owner {
         store::append_change(&self.conn, seq, &record)?;
         self.head = seq;
         self.since_poke.1 += 1;
-        self.count(prior.as_ref(), record.is_tombstone());
+        self.count(prior.as_ref(), record.session.as_ref());
+        if self.changes_tx.receiver_count() > 0 {
+            self.pending_changes.push(Change { seq, record: record.clone() });
+        }
         let was_live = matches!(prior, Some(Stored { tombstone: false, .. }));
         Ok(Committed { seq, version, record, was_live })
     }
@@ -414,7 +475,7 @@ impl Owner {
                 Action::Store => {
                     store::put(&self.conn, rec)?;
                     self.since_poke.1 += 1;
-                    self.count(prior.as_ref(), rec.is_tombstone());
+                    self.count(prior.as_ref(), rec.session.as_ref());
                     out.applied += 1;
                 }
                 Action::Skip => out.skipped += 1,
@@ -509,7 +570,14 @@ impl Owner {
         Ok(out)
     }
 
+    /// From the in-memory count: no table scan per placement.
     pub(super) fn count_users_per_agent(&mut self) -> Result<BTreeMap<String, usize>, DbError> {
+        Ok(self.per_agent.iter().map(|(agent, users)| (agent.clone(), users.len())).collect())
+    }
+
+    /// The same figure computed by SQL, to check the in-memory count against.
+    #[cfg(test)]
+    pub(super) fn count_users_per_agent_sql(&mut self) -> Result<BTreeMap<String, usize>, DbError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT agent, count(DISTINCT user) FROM sessions WHERE tombstone = 0 GROUP BY agent")

@@ -25,19 +25,28 @@ pub(super) const COLUMNS: &str = "id, user, subcluster, agent, agent_address, di
 pub(super) struct Stored {
     pub version: Version,
     pub tombstone: bool,
+    /// `(agent, user)` of a live session (`None` for a tombstone or an incomplete row):
+    /// what the in-memory users-per-agent count must forget when the row changes.
+    pub placed: Option<(String, String)>,
 }
 
 pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>, DbError> {
     let mut stmt = conn
-        .prepare_cached("SELECT hlc_wall, hlc_logical, origin, tombstone FROM sessions WHERE id = ?1")
+        .prepare_cached("SELECT hlc_wall, hlc_logical, origin, tombstone, agent, user FROM sessions WHERE id = ?1")
         .ctx("prepare a version lookup")?;
     stmt.query_row([&id.0], |r| {
+        let tombstone = r.get::<_, i64>(3)? != 0;
+        let placed = match (tombstone, r.get::<_, Option<String>>(4)?, r.get::<_, Option<String>>(5)?) {
+            (false, Some(agent), Some(user)) => Some((agent, user)),
+            _ => None,
+        };
         Ok(Stored {
             version: Version {
                 hlc: Hlc { wall_ms: r.get::<_, i64>(0)? as u64, logical: r.get::<_, i64>(1)? as u32 },
                 node: NodeId(r.get(2)?),
             },
-            tombstone: r.get::<_, i64>(3)? != 0,
+            tombstone,
+            placed,
         })
     })
     .optional()
@@ -129,6 +138,29 @@ pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), Db
     stmt.execute(params![hlc.wall_ms as i64, hlc.logical as i64, head.0 as i64]).ctx("update the metadata")?;
     Ok(())
 }
+
+/// Per agent, per user, how many live sessions: the source of the in-memory count the
+/// owner keeps up to date (read once at open, and again after a failed transaction).
+pub(super) fn users_per_agent(conn: &Connection) -> Result<UsersPerAgent, DbError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT agent, user, count(*) FROM sessions
+             WHERE tombstone = 0 AND agent IS NOT NULL AND user IS NOT NULL GROUP BY agent, user",
+        )
+        .ctx("prepare the users-per-agent count")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+        .ctx("count users per agent")?;
+    let mut out = UsersPerAgent::default();
+    for row in rows {
+        let (agent, user, n) = row.ctx("count users per agent")?;
+        out.entry(agent).or_default().insert(user, u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    Ok(out)
+}
+
+/// Agent → user → live sessions of that user on that agent (never a zero entry).
+pub(super) type UsersPerAgent = std::collections::HashMap<String, std::collections::HashMap<String, u32>>;
 
 pub(super) fn json<T: serde::Serialize + ?Sized>(v: &T) -> Result<String, DbError> {
     // Serialising plain data to a string cannot fail; keep the error path anyway.

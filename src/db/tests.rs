@@ -502,6 +502,92 @@ async fn users_per_agent_counts_distinct_users_of_live_sessions() {
 }
 
 #[tokio::test]
+async fn users_per_agent_in_memory_matches_the_table_after_moves_applies_and_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let sql = |db: &DbHandle| {
+        let db = db.clone();
+        async move { db.read(|o| o.count_users_per_agent_sql()).await.unwrap() }
+    };
+    for i in 0..30u32 {
+        let s = session(&format!("s{i}"), &format!("u{}", i % 7), &format!("ag{}", i % 4), i);
+        db.write(Write::Upsert(s)).await.unwrap();
+    }
+    // Move sessions to other agents and users, delete some, write tombstones for unknown ids.
+    for i in (0..30u32).step_by(3) {
+        let s = session(&format!("s{i}"), &format!("u{}", i % 5), &format!("ag{}", (i + 1) % 4), i);
+        db.write(Write::Upsert(s)).await.unwrap();
+    }
+    for i in (1..30u32).step_by(4) {
+        db.write(Write::Delete(id(&format!("s{i}")))).await.unwrap();
+    }
+    db.write(Write::Delete(id("never-seen"))).await.unwrap();
+    // Remote records: a newer version moves a session, an older one is skipped, a tombstone
+    // removes one, a new one adds an agent.
+    let mut moved = session("s2", "u9", "ag9", 2);
+    moved.agent = "ag9".into();
+    let far = now_ms() + 60_000;
+    let records = vec![
+        Record { id: id("s2"), version: version(far, "b"), session: Some(moved) },
+        Record { id: id("s3"), version: version(1, "b"), session: Some(session("s3", "old", "old", 3)) },
+        Record { id: id("s4"), version: version(far, "b"), session: None },
+        Record { id: id("r1"), version: version(far, "b"), session: Some(session("r1", "u1", "ag7", 1)) },
+    ];
+    db.apply_remote("peer".into(), records, Seq(4)).await.unwrap();
+    let mem = db.count_users_per_agent().await.unwrap();
+    assert_eq!(mem, sql(&db).await);
+    assert!(mem.contains_key("ag9") && mem.contains_key("ag7") && !mem.contains_key("old"));
+    // A group where one request fails is rolled back and redone one by one: still exact.
+    let bad = Record { id: id("x"), version: version(far, "b"), session: Some(session("y", "u", "agx", 1)) };
+    let (r1, r2) = tokio::join!(
+        db.apply_remote("peer".into(), vec![bad], Seq(5)),
+        db.write(Write::Upsert(session("s40", "u40", "ag40", 40)))
+    );
+    assert!(r1.is_err() && r2.is_ok());
+    assert_eq!(db.count_users_per_agent().await.unwrap(), sql(&db).await);
+    db.close().await.unwrap();
+    let db = open(&dir, "a");
+    assert_eq!(db.count_users_per_agent().await.unwrap(), mem_with(&mem, "ag40", 1));
+    db.close().await.unwrap();
+}
+
+fn mem_with(m: &BTreeMap<String, usize>, agent: &str, n: usize) -> BTreeMap<String, usize> {
+    let mut m = m.clone();
+    m.insert(agent.into(), n);
+    m
+}
+
+#[tokio::test]
+async fn committed_changes_are_published_in_order_after_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let mut rx = db.subscribe_changes();
+    let one = db.write(Write::Upsert(session("s1", "u", "ag", 1))).await.unwrap();
+    let batch =
+        db.write_batch(vec![Write::Upsert(session("s2", "u", "ag", 2)), Write::Delete(id("s1"))]).await.unwrap();
+    // Remote records are not local changes: nothing is published for them.
+    let far = now_ms() + 60_000;
+    let rec = Record { id: id("r"), version: version(far, "b"), session: Some(session("r", "u", "ag", 3)) };
+    db.apply_remote("peer".into(), vec![rec], Seq(1)).await.unwrap();
+    let last = db.write(Write::Delete(id("s2"))).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let b = rx.recv().await.unwrap();
+        got.extend(b.iter().cloned());
+    }
+    let want: Vec<Change> =
+        std::iter::once(&one).chain(batch.iter()).chain(std::iter::once(&last)).map(|c| c.change()).collect();
+    assert_eq!(got, want);
+    assert!(rx.try_recv().is_err(), "nothing else was published");
+    // Every published change is what the log holds.
+    match db.changes_since(Seq::ZERO, 10).await.unwrap() {
+        LogRead::Changes(log) => assert_eq!(log, want),
+        other => panic!("unexpected {other:?}"),
+    }
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn snapshot_streams_come_in_chunks_and_positions_can_be_reset() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");

@@ -15,6 +15,14 @@
 //!   task and their results fed back as events, in order.
 //! - With HA off (disabled or fallback) the node is always ready and active, and a write is
 //!   safe to report as soon as it is committed locally.
+//! - Commands run in the order the engine gives them, with one exception: consecutive
+//!   `Apply` commands (several peer messages that arrived together) are merged into one
+//!   database call, one transaction, whose position is the last one given; their `Applied`
+//!   events follow, one each and in order, only after that transaction committed. A merged
+//!   apply runs before any other command except `Send` and `ReleaseWaiters`, which never
+//!   depend on it.
+//! - Local commits reach the engine with their change (published by the database after the
+//!   commit), so the hot path does not read the change log back.
 
 use super::engine::{self, Command, Engine, EngineConfig, Event};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
@@ -31,7 +39,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -234,6 +242,8 @@ impl HaNode {
             conn: None,
             waiters: Default::default(),
             next_waiter: 0,
+            merged: None,
+            held: None,
         };
         let h = tokio::spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
@@ -271,6 +281,12 @@ impl HaNode {
         if role == Role::Active {
             self.request_reconcile();
         }
+    }
+
+    /// The replication engine's latest status, cheap to read (no database call); `None` with
+    /// HA off or before the engine ran once.
+    pub fn replication_status(&self) -> Option<engine::EngineStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Waits for the engine task to end (after the cancel token fired).
@@ -572,6 +588,19 @@ async fn run_conn<S>(
     let _ = tx.send(Link::Down { conn: id, reason }).await;
 }
 
+/// Peer messages taken from the link queue at once (their applies may merge).
+const LINK_DRAIN: usize = 64;
+/// Most records in one merged apply (one transaction).
+const MERGE_RECORDS: usize = 20_000;
+
+/// Consecutive `Apply` commands waiting to run as one database call.
+struct MergedApply {
+    peer_db_id: String,
+    records: Vec<crate::model::Record>,
+    /// `peer_pos` of each merged command, in order: one `Applied` each.
+    positions: Vec<Option<Seq>>,
+}
+
 /// The task that owns the engine.
 struct Driver {
     engine: Engine,
@@ -581,31 +610,55 @@ struct Driver {
     conn: Option<u64>,
     waiters: std::collections::HashMap<engine::WaiterId, oneshot::Sender<()>>,
     next_waiter: u64,
+    merged: Option<MergedApply>,
+    /// A new connection met while draining the link queue: handled once every event before
+    /// it is done, because it reads the position those events' applies store.
+    held: Option<Link>,
 }
 
 impl Driver {
     async fn run(mut self, mut reqs: mpsc::Receiver<Req>, mut links: mpsc::Receiver<Link>, cancel: CancellationToken) {
-        let mut head = self.db.watch_head();
+        let head = self.db.watch_head();
+        let mut changes = self.db.subscribe_changes();
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut events = std::collections::VecDeque::new();
         events.push_back(Event::Start { now: now_ms() });
+        // Commits between the engine's start and the subscription: the engine reads them.
+        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: now_ms() });
         loop {
-            while let Some(ev) = events.pop_front() {
-                let cmds = self.engine.step(ev);
-                for c in cmds {
-                    self.execute(c, &mut events).await;
+            loop {
+                while let Some(ev) = events.pop_front() {
+                    let cmds = self.engine.step(ev);
+                    for c in cmds {
+                        self.execute(c, &mut events).await;
+                    }
+                }
+                if self.merged.is_some() {
+                    self.flush_applies(&mut events).await;
+                } else if let Some(l) = self.held.take() {
+                    self.on_link(l, &mut events).await;
+                } else {
+                    break;
                 }
             }
             self.publish();
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => events.push_back(Event::Tick { now: now_ms() }),
-                r = head.changed() => {
-                    if r.is_err() { break; }
-                    let seq = *head.borrow_and_update();
-                    events.push_back(Event::LocalCommitted { seq, change: None, now: now_ms() });
-                }
+                r = changes.recv() => match r {
+                    Ok(batch) => {
+                        let now = now_ms();
+                        for c in batch.iter() {
+                            events.push_back(Event::LocalCommitted { seq: c.seq, change: Some(c.clone()), now });
+                        }
+                    }
+                    // Fell behind: the engine reads the log up to the head instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: now_ms() });
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
                 Some(r) = reqs.recv() => match r {
                     Req::AwaitAck { seq, done } => {
                         self.next_waiter += 1;
@@ -615,7 +668,20 @@ impl Driver {
                     }
                     Req::Role(role) => events.push_back(Event::RoleChanged { role, now: now_ms() }),
                 },
-                Some(l) = links.recv() => self.on_link(l, &mut events).await,
+                Some(l) = links.recv() => {
+                    self.on_link(l, &mut events).await;
+                    // Take what else arrived, so that consecutive changes apply together.
+                    for _ in 1..LINK_DRAIN {
+                        match links.try_recv() {
+                            Ok(l @ Link::Up { .. }) => {
+                                self.held = Some(l);
+                                break;
+                            }
+                            Ok(l) => self.on_link(l, &mut events).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
             }
         }
         // Release every waiting client: the node is going away.
@@ -655,6 +721,10 @@ impl Driver {
     }
 
     async fn execute(&mut self, c: Command, events: &mut std::collections::VecDeque<Event>) {
+        match &c {
+            Command::Apply { .. } | Command::Send(_) | Command::ReleaseWaiters { .. } => {}
+            _ => self.flush_applies(events).await,
+        }
         match c {
             Command::Send(m) => {
                 if let Some(w) = &self.writer {
@@ -680,30 +750,20 @@ impl Driver {
                 }),
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
-            Command::Apply { peer_db_id: peer_db, records, peer_pos } => {
-                let n = records.len();
-                let pos = match peer_pos {
-                    Some(p) => crate::db::PositionUpdate::Set(p),
-                    None => crate::db::PositionUpdate::Keep,
-                };
-                match self.db.apply_remote_with(peer_db, records, pos).await {
-                    Ok(out) => {
-                        for c in &out.conflicts {
-                            tracing::warn!(
-                                session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version, winner = ?c.winner,
-                                "conflicting changes to one session while the masters were apart; the newer version wins"
-                            );
-                        }
-                        tracing::trace!(records = n, seq = ?peer_pos, "applied peer changes");
-                        events.push_back(Event::Applied { up_to: peer_pos, now: now_ms() });
+            Command::Apply { peer_db_id, records, peer_pos } => {
+                let fits = self
+                    .merged
+                    .as_ref()
+                    .is_some_and(|m| m.peer_db_id == peer_db_id && m.records.len() + records.len() <= MERGE_RECORDS);
+                if !fits {
+                    self.flush_applies(events).await;
+                }
+                match &mut self.merged {
+                    Some(m) => {
+                        m.records.extend(records);
+                        m.positions.push(peer_pos);
                     }
-                    Err(e) => {
-                        tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
-                        events
-                            .push_back(Event::PeerDisconnected { now: now_ms(), reason: format!("apply failed: {e}") });
-                        self.writer = None;
-                        self.conn = None;
-                    }
+                    None => self.merged = Some(MergedApply { peer_db_id, records, positions: vec![peer_pos] }),
                 }
             }
             Command::ReleaseWaiters { waiters, outcome } => {
@@ -728,6 +788,44 @@ impl Driver {
                 self.conn = None;
             }
             Command::ReconcileAgents => self.node.request_reconcile(),
+        }
+    }
+
+    /// Runs the merged applies as one transaction; then one `Applied` per merged command.
+    async fn flush_applies(&mut self, events: &mut std::collections::VecDeque<Event>) {
+        let Some(MergedApply { peer_db_id, records, positions }) = self.merged.take() else { return };
+        let n = records.len();
+        // Storing the last position is what applying them one by one would leave behind.
+        let pos = match positions.iter().rev().flatten().next() {
+            Some(p) => crate::db::PositionUpdate::Set(*p),
+            None => crate::db::PositionUpdate::Keep,
+        };
+        match self.db.apply_remote_with(peer_db_id, records, pos).await {
+            Ok(out) => {
+                for c in &out.conflicts {
+                    tracing::warn!(
+                        session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version, winner = ?c.winner,
+                        "conflicting changes to one session while the masters were apart; the newer version wins"
+                    );
+                }
+                tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");
+                let now = now_ms();
+                for up_to in positions {
+                    events.push_back(Event::Applied { up_to, now });
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
+                let now = now_ms();
+                events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
+                // Nothing was stored. The engine counts the link as down first, so these
+                // only keep its apply queue in step; no position is acknowledged.
+                for up_to in positions {
+                    events.push_back(Event::Applied { up_to, now });
+                }
+                self.writer = None;
+                self.conn = None;
+            }
         }
     }
 

@@ -11,6 +11,9 @@ export VSM_LAB_DIR=${VSM_LAB_DIR:-/run/vsm-lab-test}
 KNOWN_HOSTS=$VSM_LAB_DIR/client/known_hosts
 TEST_NAME=$(basename "$0" .sh)
 LAB_IS_UP=0
+# Interrupted or stopped: exit non-zero, so the EXIT trap cleans up and reports a failure.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 lab() { "$LAB_SH" "$@"; }
 
@@ -51,8 +54,11 @@ wait_for() {
 ssh_tlha() {
     local user=$1
     shift
-    lab exec client ssh -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$KNOWN_HOSTS" \
-        -o BatchMode=yes -o ConnectTimeout=2 "$user@tlha" "$@"
+    # A connection caught by the VIP moving can hang in the middle of its handshake, where
+    # ssh has no timeout of its own: give up after 20 s, like a user would.
+    lab exec client timeout 20 ssh -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$KNOWN_HOSTS" \
+        -o BatchMode=yes -o ConnectTimeout=2 -o ServerAliveInterval=2 -o ServerAliveCountMax=2 \
+        "$user@tlha" "$@"
 }
 
 answered_by() { [ "$(ssh_tlha testuser uname -n 2>/dev/null)" = "$1" ]; }
@@ -107,6 +113,8 @@ lab_down_checked() {
 on_exit() {
     local rc=$?
     trap - EXIT
+    # A test's own background helpers go first.
+    if declare -F test_cleanup >/dev/null; then test_cleanup || true; fi
     if [ "$LAB_IS_UP" = 1 ]; then
         if [ "$rc" -ne 0 ]; then
             echo "---- $TEST_NAME failed (rc $rc); lab state and logs:" >&2

@@ -1,20 +1,28 @@
 #!/bin/bash
 # run.sh: checks the Pacemaker resource agent config/pacemaker/vsmserver with ocf-tester and
 # with the cases ocf-tester does not cover (not ready, hung, crashed, recycled pid, bad
-# parameters).
+# parameters), against the real vsmserver.
 #
 #   tests/ocf/run.sh [BIN_DIR]
 #
-# BIN_DIR (or VSM_BIN_DIR) holds vsmserver, tlctl and tl-config. Without it, or while those
-# binaries are placeholders, the agent drives the test doubles in tests/ocf/fake/. With real
-# binaries the daemon runs standalone (HA off) on a temporary configuration; that mode assumes
-# `vsmserver --config-dir DIR` and `tlctl --config-dir DIR ha check`.
+# BIN_DIR (else VSM_BIN_DIR, else target/release or target/debug of this repository, the first
+# with usable binaries) holds vsmserver, tlctl and tl-config. The daemon runs on a temporary
+# configuration: standalone (HA off) for ocf-tester; with HA on and an unreachable peer for
+# "running but not ready"; stopped with SIGSTOP for "hung". VSM_OCF_FAKE=1 drives the test
+# doubles in tests/ocf/fake/ instead (no build needed); without usable binaries and without
+# it the test fails.
 set -euo pipefail
 
 HERE=$(dirname "$(readlink -f "$0")")
 REPO=$(dirname "$(dirname "$HERE")")
 AGENT=$REPO/config/pacemaker/vsmserver
 BIN_DIR=${1:-${VSM_BIN_DIR:-}}
+usable() { [ -x "$1/vsmserver" ] && [ -x "$1/tlctl" ] && "$1/tl-config" --help 2>&1 | grep -qi usage; }
+if [ -z "$BIN_DIR" ]; then
+    for d in "$REPO/target/release" "$REPO/target/debug"; do
+        if usable "$d"; then BIN_DIR=$d; break; fi
+    done
+fi
 export OCF_ROOT=${OCF_ROOT:-/usr/lib/ocf}
 export OCF_RESOURCE_INSTANCE=vsmserver-test
 
@@ -30,26 +38,42 @@ for tool in ocf-tester xmllint; do
 done
 
 WORK=$(mktemp -d /run/vsm-ocf.XXXXXX)
+# Replaced by the full cleanup once the agent may have started something.
+trap 'rm -rf "$WORK"' EXIT
 chmod 0755 "$WORK"
 CFG=$WORK/etc
 mkdir -m 0700 "$CFG"
 PIDFILE=$WORK/vsmserver.pid
 LOGFILE=$WORK/vsmserver.log
 
-mode=fake
-if [ -n "$BIN_DIR" ] && [ -x "$BIN_DIR/vsmserver" ] && [ -x "$BIN_DIR/tlctl" ] &&
-    "$BIN_DIR/tl-config" --help 2>&1 | grep -qi usage; then
+# Plain daemon logs.
+export NO_COLOR=1
+if [ "${VSM_OCF_FAKE:-0}" = 1 ]; then
+    mode=fake
+    SERVER=$HERE/fake/vsmserver
+    TLCTL=$HERE/fake/tlctl
+elif [ -n "$BIN_DIR" ] && usable "$BIN_DIR"; then
     mode=real
     BIN_DIR=$(readlink -f "$BIN_DIR")
     SERVER=$BIN_DIR/vsmserver
     TLCTL=$BIN_DIR/tlctl
-    "$BIN_DIR/tl-config" --config-dir "$CFG" /HA/enabled=0 \
-        "/vsmserver/socket_path=$WORK/vsmserver.sock" "/vsmserver/data_dir=$WORK/data" \
-        /vsmserver/listen_port=19000
+    # real_config DIR NAME HA...: a configuration of its own (socket, database, ports) in DIR.
+    real_config() {
+        local dir=$1 name=$2 port=$3
+        shift 3
+        [ -d "$dir" ] || mkdir -m 0700 "$dir"
+        head -c 32 /dev/urandom >"$dir/cluster.key"
+        head -c 32 /dev/urandom >"$dir/ha.key"
+        chmod 0600 "$dir/cluster.key" "$dir/ha.key"
+        "$BIN_DIR/tl-config" --config-dir "$dir" '/subclusters/default/agents=192.0.2.11' \
+            "/vsmserver/socket_path=$WORK/$name.sock" "/vsmserver/data_dir=$WORK/$name-data" \
+            "/vsmserver/listen_port=$port" "/HA/port=$((port + 1))" "$@" >/dev/null ||
+            { echo "FAIL: ocf: tl-config could not write the test configuration" >&2; exit 1; }
+    }
+    real_config "$CFG" standalone 19000 /HA/enabled=0
 else
-    [ -z "$BIN_DIR" ] || echo "note: no usable vsm binaries in $BIN_DIR; using the test doubles"
-    SERVER=$HERE/fake/vsmserver
-    TLCTL=$HERE/fake/tlctl
+    echo "FAIL: ocf: no usable vsm binaries (in '${BIN_DIR:-target/release or target/debug}'); build with cargo build --release, or set VSM_OCF_FAKE=1 for the test doubles" >&2
+    exit 1
 fi
 
 failures=0
@@ -76,6 +100,9 @@ expect() { # RC ACTION [NAME=VALUE...]
 
 cleanup() {
     agent stop || true
+    if [ -d "$WORK/etc-not-ready" ]; then
+        agent stop OCF_RESKEY_config_dir="$WORK/etc-not-ready" OCF_RESKEY_pidfile="$WORK/not-ready.pid" || true
+    fi
     # A test double the agent lost track of (only after a failed check) goes too.
     if [ -s "$CFG/fake-server.pid" ]; then
         kill "$(cat "$CFG/fake-server.pid")" 2>/dev/null || true
@@ -151,7 +178,29 @@ if [ "$mode" = fake ]; then
     expect 0 monitor
     expect 0 stop
 else
-    echo "==> ocf: not-ready and hung cases need the test doubles; run without BIN_DIR for them"
+    echo "==> ocf: running but not ready (HA on, peer unreachable): monitor 1, start fails in time, stop works"
+    NR_CFG=$WORK/etc-not-ready
+    # A peer that never answers and a start-up grace longer than the test: never ready.
+    real_config "$NR_CFG" not-ready 19010 /HA/enabled=1 '/HA/nodes=ocf-self ocf-peer' \
+        /HA/local_node=ocf-self /HA/startup_grace=1h
+    nr=(OCF_RESKEY_config_dir="$NR_CFG" OCF_RESKEY_pidfile="$WORK/not-ready.pid"
+        OCF_RESKEY_options="--peer-addr 127.0.0.1:19019")
+    expect 1 start OCF_RESKEY_CRM_meta_timeout=5000 "${nr[@]}"
+    expect 1 monitor "${nr[@]}"
+    "$TLCTL" --config-dir "$NR_CFG" ha check >/dev/null 2>&1 && fail "tlctl ha check says ready with an unreachable peer"
+    expect 0 stop "${nr[@]}"
+    expect 7 monitor "${nr[@]}"
+
+    echo "==> ocf: hung daemon (SIGSTOP): monitor 1 after check_timeout, 0 again when it runs on"
+    expect 0 start
+    pid=$(cat "$PIDFILE")
+    kill -STOP "$pid"
+    expect 1 monitor OCF_RESKEY_check_timeout=1
+    kill -CONT "$pid"
+    expect 0 monitor
+    expect 0 stop
+    proc_gone() { ! kill -0 "$1" 2>/dev/null || wait_gone "$1"; }
+    proc_gone "$pid" || fail "stop left vsmserver $pid running"
 fi
 
 echo "==> ocf: alert agent vsm-alert turns IP start/stop on this node into tlctl ha notify"

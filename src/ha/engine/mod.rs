@@ -47,6 +47,13 @@
 //! - Not connected: ready if it was ever ready since start (a standby that lost its peer must
 //!   be able to take over; its data only grew), or once the peer has stayed unreachable for
 //!   `startup_grace` (counted from start, and again from each disconnect).
+//! - Except a *stale* node: one that lost the active role (`RoleChanged` to standby) while cut
+//!   off from the peer, or heard nothing from the peer between losing it and the link going
+//!   down (a pulled cable: the VRRP manager demotes the node at once, the link is declared
+//!   dead only `peer_timeout` later). The peer may have taken over and written since, so such
+//!   a node is not ready until its next catch-up completes; otherwise a returning primary
+//!   would take the VIP back with old data before it has even reconnected. Only a restart
+//!   (and then the start-up grace) lets it serve alone.
 //!
 //! # Acknowledged writes (`/HA/sync = ack`)
 //! `AwaitAck { seq }` is released `Acked` once the peer has acknowledged `seq` of my log,
@@ -430,6 +437,10 @@ pub struct Engine {
     down_since: u64,
     ever_ready: bool,
     ready_by_grace: bool,
+    /// When this node last went from active to standby.
+    demoted_at: Option<u64>,
+    /// Lost the active role while cut off from the peer; see the module doc.
+    stale: bool,
     last_link_error: Option<String>,
     config_digest_match: Option<bool>,
     clock_skew_ms: Option<i64>,
@@ -471,6 +482,8 @@ impl Engine {
             down_since: now,
             ever_ready: false,
             ready_by_grace: false,
+            demoted_at: None,
+            stale: false,
             last_link_error: None,
             config_digest_match: None,
             clock_skew_ms: None,
@@ -512,7 +525,7 @@ impl Engine {
     pub fn is_ready(&self) -> bool {
         match &self.link {
             Some(link) => link.inb.done,
-            None => self.ever_ready,
+            None => self.ever_ready && !self.stale,
         }
     }
 
@@ -558,6 +571,12 @@ impl Engine {
                 self.observe(now);
                 if role != self.role {
                     tracing::info!(role = %role, "role changed");
+                    if self.role == Role::Active && role == Role::Standby {
+                        self.demoted_at = Some(now);
+                        if self.link.is_none() {
+                            self.mark_stale("lost the active role while the peer link is down");
+                        }
+                    }
                     self.role = role;
                     if role == Role::Active {
                         out.push(Command::ReconcileAgents);
@@ -581,6 +600,9 @@ impl Engine {
             Some(link) if link.inb.done => "caught up with the peer".into(),
             Some(link) if link.inb.snapshot.is_some() => "receiving a snapshot from the peer".into(),
             Some(_) => "catching up with the peer".into(),
+            None if self.stale => "lost the active role while cut off from the peer; \
+                 not ready before resynchronising with it"
+                .into(),
             None if self.ready_by_grace && self.last_resync_received.is_none() => {
                 "the peer stayed unreachable for the start-up grace period".into()
             }
@@ -761,8 +783,13 @@ impl Engine {
     }
 
     fn link_down(&mut self, reason: String, out: &mut Vec<Command>) {
-        if self.link.take().is_some() {
+        if let Some(link) = self.link.take() {
             tracing::warn!(peer = %self.cfg.peer, "peer link down: {reason}");
+            // Demoted, and the peer was not heard from since: the link was most likely dead
+            // already when the role was lost (cut off), so the peer may be writing without us.
+            if self.role == Role::Standby && self.demoted_at.is_some_and(|d| d >= link.last_heard) {
+                self.mark_stale("the peer link died around the time this node lost the active role");
+            }
         }
         self.down_since = self.now;
         self.last_link_error = Some(reason.clone());
@@ -771,6 +798,13 @@ impl Engine {
             out.push(Command::ReleaseWaiters { waiters: ids, outcome: AckOutcome::Degraded });
             self.set_degraded(format!("peer link down ({reason}); continuing alone"));
         }
+    }
+
+    fn mark_stale(&mut self, why: &str) {
+        if !self.stale {
+            tracing::warn!(peer = %self.cfg.peer, "{why}: the peer may have taken over; not ready until resynchronised");
+        }
+        self.stale = true;
     }
 
     /// The link must close: tell the io layer and count it as down now.
@@ -1151,6 +1185,7 @@ impl Engine {
         }
         inb.done = true;
         self.ever_ready = true;
+        self.stale = false;
         let info = ResyncInfo {
             kind: inb.kind,
             records: inb.records,

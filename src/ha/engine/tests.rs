@@ -530,6 +530,53 @@ fn not_ready_on_reconnect_until_caught_up_but_ready_while_apart() {
 }
 
 #[test]
+fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
+    // A pulled cable on the active node: the VRRP manager demotes it at once, the link is
+    // declared dead only after the peer timeout.
+    let mut e = streaming(0);
+    e.step(Event::RoleChanged { role: Role::Active, now: 50 });
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 100 }, 100);
+    e.step(Event::RoleChanged { role: Role::Standby, now: 120 });
+    assert!(e.is_ready(), "the link still counts as up");
+    e.step(Event::Tick { now: 620 });
+    assert!(e.status().link == LinkState::Down);
+    assert!(!e.is_ready(), "the peer may have taken over: not ready with old data");
+    assert!(e.status().ready_reason.contains("lost the active role"));
+    // Not even after the start-up grace.
+    e.step(Event::Tick { now: 10_000 });
+    assert!(!e.is_ready());
+    // Back: ready only once caught up.
+    connect(&mut e, hello_b(Some(A_DB), 0, 2), 0, 11_000);
+    assert!(!e.is_ready());
+    msg(&mut e, PeerMsg::Changes { records: changes(1..=2) }, 11_001);
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(2) }, 11_001);
+    e.step(Event::Applied { up_to: Some(Seq(2)), now: 11_002 });
+    assert!(e.is_ready());
+    // And a later loss of the peer leaves it ready (it is a caught-up standby).
+    e.step(Event::PeerDisconnected { reason: "cable".into(), now: 12_000 });
+    assert!(e.is_ready());
+}
+
+#[test]
+fn demoted_with_the_link_down_is_stale_but_a_demotion_the_peer_outlived_is_not() {
+    let mut e = streaming(0);
+    e.step(Event::RoleChanged { role: Role::Active, now: 10 });
+    e.step(Event::PeerDisconnected { reason: "cable".into(), now: 20 });
+    assert!(e.is_ready(), "the active node keeps serving alone");
+    e.step(Event::RoleChanged { role: Role::Standby, now: 30 });
+    assert!(!e.is_ready());
+
+    // Demoted while the peer is alive (a normal failback), the peer dies later: a standby
+    // with every change of the peer; it must be able to take over.
+    let mut e = streaming(0);
+    e.step(Event::RoleChanged { role: Role::Active, now: 10 });
+    e.step(Event::RoleChanged { role: Role::Standby, now: 20 });
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 30 }, 30);
+    e.step(Event::PeerDisconnected { reason: "peer died".into(), now: 40 });
+    assert!(e.is_ready());
+}
+
+#[test]
 fn becoming_active_reconciles_agents() {
     let mut e = engine(0, 1);
     assert_eq!(e.step(Event::RoleChanged { role: Role::Active, now: 1 }), vec![Command::ReconcileAgents]);

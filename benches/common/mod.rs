@@ -1,0 +1,317 @@
+//! Shared pieces of the benchmarks: a no-op agent, master configurations, in-process
+//! masters (one, or two with HA), latency statistics and machine notes.
+//!
+//! Benchmarks print figures; they never assert on timing.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, UnixStream};
+use vsm::config::{Config, DbSynchronous, Subcluster, SyncLevel};
+use vsm::model::{now_ms, Session, SessionId, SessionStatus};
+use vsm::proto::agent::{AgentReply, AgentRequest, AgentSession, LoadReport};
+use vsm::proto::agent_link::serve_agent_conn;
+use vsm::proto::api::{ApiReply, ApiRequest};
+use vsm::proto::{PlainConn, Secret};
+use vsm::server::{Listeners, Overrides, Server};
+
+pub const CLUSTER_SECRET: &[u8] = b"cluster secret for benchmarks";
+pub const HA_SECRET: &[u8] = b"ha secret for the benchmarks, 32b";
+
+/// Words after `--` on the command line (cargo passes `--bench` itself, which is skipped).
+pub fn selected(name: &str) -> bool {
+    let words: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    words.is_empty() || words.iter().any(|w| w == name)
+}
+
+/// A directory with both secrets written.
+pub fn bench_dir() -> tempfile::TempDir {
+    let d = tempfile::Builder::new().prefix("vsm-bench-").tempdir().expect("temporary directory");
+    std::fs::write(d.path().join("cluster.key"), CLUSTER_SECRET).expect("write the cluster secret");
+    std::fs::write(d.path().join("ha.key"), HA_SECRET).expect("write the ha secret");
+    d
+}
+
+/// An agent that does nothing: `Start` answers at once with a made-up session, `Verify` says
+/// alive, `Terminate` says it was running, `List` is empty. Returns its `host:port` name.
+pub async fn noop_agent() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind the no-op agent");
+    let port = l.local_addr().expect("agent address").port();
+    let secret = Secret::from_bytes(CLUSTER_SECRET);
+    let display = Arc::new(AtomicU32::new(10));
+    tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = l.accept().await else { return };
+            let _ = sock.set_nodelay(true);
+            let secret = secret.clone();
+            let display = display.clone();
+            tokio::spawn(async move {
+                let _ = serve_agent_conn(sock, &secret, |req| {
+                    let reply = match req {
+                        AgentRequest::Start { session_id, user, geometry } => {
+                            let d = display.fetch_add(1, Ordering::Relaxed);
+                            AgentReply::Started {
+                                session: AgentSession {
+                                    session_id,
+                                    user,
+                                    display: d,
+                                    vnc_port: 5900u16.wrapping_add(d as u16),
+                                    pid: 1000 + d,
+                                    command: vec!["Xvnc".into(), format!(":{d}")],
+                                    geometry: geometry.unwrap_or_else(|| "1024x768".into()),
+                                    started_ms: now_ms(),
+                                    agent_address: "127.0.0.1".into(),
+                                },
+                            }
+                        }
+                        AgentRequest::Verify { .. } => AgentReply::Verified { alive: true },
+                        AgentRequest::Terminate { .. } => AgentReply::Terminated { was_running: true },
+                        AgentRequest::List => AgentReply::Sessions { sessions: vec![], load: LoadReport::default() },
+                        AgentRequest::Load => AgentReply::Load { load: LoadReport::default() },
+                    };
+                    async move { reply }
+                })
+                .await;
+            });
+        }
+    });
+    format!("127.0.0.1:{port}")
+}
+
+/// A master's configuration under `base/name`; SQLite `synchronous` stays at its default
+/// (FULL) unless the caller changes it.
+pub fn master_config(base: &Path, name: &str, agents: &[String]) -> Config {
+    let dir = base.join(name);
+    let mut cfg = Config::default();
+    cfg.vsm.secret_file = base.join("cluster.key");
+    cfg.ha.secret_file = base.join("ha.key");
+    cfg.vsmserver.socket_path = dir.join("vsmserver.sock");
+    cfg.vsmserver.data_dir = dir.join("data");
+    cfg.vsmserver.session_startup_dir = dir.join("startup.d");
+    cfg.vsmserver.session_reconnect_dir = dir.join("reconnect.d");
+    cfg.vsmserver.reconcile_interval = Duration::from_secs(3600);
+    cfg.vsmserver.agent_timeout = Duration::from_secs(5);
+    cfg.vsmserver.max_sessions_per_user = 0;
+    cfg.vsmserver.db_synchronous = DbSynchronous::Full;
+    let mut subs = BTreeMap::new();
+    subs.insert(
+        "default".to_string(),
+        Subcluster {
+            name: "default".into(),
+            agents: agents.to_vec(),
+            users: vec![],
+            groups: vec![],
+            max_users_per_agent: 0,
+        },
+    );
+    cfg.subclusters = subs;
+    cfg
+}
+
+/// Turns `cfg` into one of two HA nodes `bench-a` / `bench-b`.
+pub fn with_ha(mut cfg: Config, local: &str, sync: SyncLevel) -> Config {
+    cfg.ha.enabled = true;
+    cfg.ha.nodes = vec!["bench-a".into(), "bench-b".into()];
+    cfg.ha.local_node = Some(local.into());
+    cfg.ha.sync = sync;
+    cfg.ha.sync_timeout = Duration::from_secs(2);
+    cfg.ha.startup_grace = Duration::from_secs(60);
+    cfg.ha.heartbeat_interval = Duration::from_millis(200);
+    cfg.ha.peer_timeout = Duration::from_secs(3);
+    cfg
+}
+
+/// Starts a master in this process with already bound listeners.
+pub async fn start_master(cfg: Config, peer: Option<TcpListener>, peer_addr: Option<String>) -> Server {
+    let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).expect("bind the unix socket");
+    let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind the tcp port");
+    let ov = Overrides { agent_port: None, peer_addr, no_background_reconcile: true };
+    Server::start(cfg, Listeners { unix, tcp, peer }, ov).await.expect("master starts")
+}
+
+/// Two HA masters `bench-a` and `bench-b`, both started, with their configurations.
+pub struct Pair {
+    pub a: Option<Server>,
+    pub b: Option<Server>,
+    pub cfg_a: Config,
+    pub cfg_b: Config,
+    pub port_a: u16,
+    pub port_b: u16,
+}
+
+impl Pair {
+    pub fn configs(base: &Path, agents: &[String], sync: SyncLevel) -> (Config, Config) {
+        (
+            with_ha(master_config(base, "a", agents), "bench-a", sync),
+            with_ha(master_config(base, "b", agents), "bench-b", sync),
+        )
+    }
+
+    /// Binds both peer ports, then starts `a` and (if `start_b`) `b`.
+    pub async fn start(cfg_a: Config, cfg_b: Config, start_b: bool) -> Pair {
+        let la = TcpListener::bind("127.0.0.1:0").await.expect("bind peer port a");
+        let lb = TcpListener::bind("127.0.0.1:0").await.expect("bind peer port b");
+        let (port_a, port_b) = (la.local_addr().unwrap().port(), lb.local_addr().unwrap().port());
+        drop(lb);
+        let a = start_master(cfg_a.clone(), Some(la), Some(format!("127.0.0.1:{port_b}"))).await;
+        let mut p = Pair { a: Some(a), b: None, cfg_a, cfg_b, port_a, port_b };
+        if start_b {
+            p.start_b().await;
+        }
+        p
+    }
+
+    /// (Re)starts `b` on its peer port.
+    pub async fn start_b(&mut self) {
+        let lb = TcpListener::bind(("127.0.0.1", self.port_b)).await.expect("bind peer port b again");
+        let b = start_master(self.cfg_b.clone(), Some(lb), Some(format!("127.0.0.1:{}", self.port_a))).await;
+        self.b = Some(b);
+    }
+
+    pub fn a(&self) -> &Server {
+        self.a.as_ref().expect("a runs")
+    }
+
+    pub fn b(&self) -> &Server {
+        self.b.as_ref().expect("b runs")
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(b) = self.b.take() {
+            b.stop().await;
+        }
+        if let Some(a) = self.a.take() {
+            a.stop().await;
+        }
+    }
+}
+
+/// Is the node's replication streaming (both directions caught up)?
+pub fn streaming(s: &Server) -> bool {
+    s.ha.replication_status().is_some_and(|st| st.ready && st.link == vsm::ha::engine::LinkState::Streaming)
+}
+
+/// Polls `f` every `every` until it is true or `deadline` passed; returns whether it became true.
+pub async fn wait_for(deadline: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + deadline;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// A session record as an admin import would store it.
+pub fn session(n: u64, users: u64, agents: u64) -> Session {
+    Session {
+        id: SessionId::random(),
+        user: format!("user{}", n % users),
+        subcluster: "default".into(),
+        agent: format!("agent{}.example.com", n % agents),
+        agent_address: format!("10.0.{}.{}", (n % agents) / 250, (n % agents) % 250 + 1),
+        display: 10 + (n / agents) as u32 % 1000,
+        vnc_port: 5910,
+        status: SessionStatus::Running,
+        created_ms: now_ms(),
+        last_connect_ms: now_ms(),
+        last_client_address: "192.0.2.7".into(),
+        pid: 4242,
+        command: vec!["Xvnc".into(), ":10".into(), "-rfbport".into(), "5910".into()],
+        geometry: "1280x800".into(),
+        client_params: vec![],
+    }
+}
+
+/// One persistent API connection over the Unix socket.
+pub struct ApiConn(PlainConn<UnixStream>);
+
+impl ApiConn {
+    pub async fn open(path: &Path) -> ApiConn {
+        ApiConn(PlainConn::new(UnixStream::connect(path).await.expect("connect to the unix socket")))
+    }
+
+    pub async fn call(&mut self, req: &ApiRequest) -> ApiReply {
+        self.0.send(req).await.expect("send a request");
+        self.0.recv::<ApiReply>().await.expect("read a reply").expect("a reply before close")
+    }
+}
+
+/// Latency figures of one run.
+pub struct Stats {
+    pub count: usize,
+    pub elapsed: Duration,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+}
+
+impl Stats {
+    pub fn new(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
+        lat.sort();
+        let pick = |q: f64| {
+            if lat.is_empty() {
+                Duration::ZERO
+            } else {
+                lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1]
+            }
+        };
+        Stats { count: lat.len(), elapsed, p50: pick(0.50), p99: pick(0.99), max: pick(1.0) }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.count as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "{} ops in {:.3} s = {:.0}/s, p50 {}, p99 {}, max {}",
+            self.count,
+            self.elapsed.as_secs_f64(),
+            self.rate(),
+            us(self.p50),
+            us(self.p99),
+            us(self.max)
+        )
+    }
+}
+
+pub fn us(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Median of a few runs' figures.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// `uptime` and the core count, printed before the figures.
+pub fn machine_note() {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    println!(
+        "# machine: {cores} cores, load average {}",
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+}
+
+/// How many runs: `VSM_BENCH_RUNS`, default 3.
+pub fn runs() -> usize {
+    std::env::var("VSM_BENCH_RUNS").ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(3)
+}
+
+/// Path of the release `vsmserver` built alongside the benchmark.
+pub fn vsmserver_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_vsmserver"))
+}

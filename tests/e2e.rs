@@ -1,0 +1,148 @@
+//! The network-namespace end-to-end tests (`tests/e2e/*.sh`, `tests/ocf/run.sh`) as part of
+//! `cargo test`, against the binaries cargo built for this test run.
+//!
+//! Runs only as root with the tools of `scripts/install-test-deps.sh` installed; otherwise it
+//! prints why it skips and passes (`VSM_E2E_REQUIRE=1` turns a skip into a failure, for CI
+//! machines that must run them). The scripts share namespace names and lab directories, so
+//! they run one after another inside this one test, and an exclusive lock on
+//! `/run/vsm-e2e.lock` keeps test runs of other checkouts on the same machine from running
+//! theirs at the same time. Each script streams its output, must exit 0, and is stopped (TERM
+//! to its process group, so its cleanup runs, then KILL) if it overruns its time limit.
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// Tools the scripts need (see scripts/install-test-deps.sh).
+const TOOLS: &[&str] =
+    &["ip", "unshare", "keepalived", "sshd", "ssh", "ssh-keygen", "Xvnc", "ocf-tester", "xmllint", "jq", "useradd"];
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The directory of the binaries cargo built for this run (target/release or target/debug).
+fn bin_dir() -> PathBuf {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_vsmserver"));
+    server.parent().map(Path::to_path_buf).unwrap_or_else(|| repo().join("target/debug"))
+}
+
+fn on_path(tool: &str) -> bool {
+    let sbin = ["/usr/sbin", "/sbin"].iter().map(PathBuf::from);
+    let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    path.into_iter().chain(sbin).any(|d| d.join(tool).is_file())
+}
+
+fn skip(why: &str) {
+    if std::env::var("VSM_E2E_REQUIRE").as_deref() == Ok("1") {
+        panic!("e2e: cannot run the namespace tests ({why}) but VSM_E2E_REQUIRE=1");
+    }
+    eprintln!("e2e: SKIPPED the network-namespace tests: {why}");
+}
+
+/// Runs one script to completion within `limit`; its output goes straight to ours.
+fn run(name: &str, script: &Path, args: &[&str], env: &[(&str, String)], limit: Duration) -> Result<(), String> {
+    eprintln!("e2e: ===== {name}: {} {}", script.display(), args.join(" "));
+    let started = Instant::now();
+    let mut cmd = Command::new("bash");
+    cmd.arg(script).args(args).current_dir(repo()).process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("{name}: cannot start {}: {e}", script.display()))?;
+    let pgid = Pid::from_raw(child.id() as i32);
+    let status: ExitStatus = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) => {}
+            Err(e) => return Err(format!("{name}: waiting for it failed: {e}")),
+        }
+        if started.elapsed() > limit {
+            eprintln!("e2e: {name} overran {} s; stopping it", limit.as_secs());
+            let _ = killpg(pgid, Signal::SIGTERM);
+            let grace = Instant::now();
+            let s = loop {
+                if let Ok(Some(s)) = child.try_wait() {
+                    break Some(s);
+                }
+                if grace.elapsed() > Duration::from_secs(60) {
+                    break None;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            };
+            if s.is_none() {
+                let _ = killpg(pgid, Signal::SIGKILL);
+                let _ = child.wait();
+            }
+            return Err(format!("{name}: timed out after {} s", limit.as_secs()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("e2e: ===== {name}: {status} after {:.1} s", started.elapsed().as_secs_f64());
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{name}: {status}"))
+    }
+}
+
+#[test]
+fn namespace_end_to_end_tests() {
+    if !nix::unistd::geteuid().is_root() {
+        skip("not root (they need network namespaces, bridges and mounts; run `cargo test --release` as root)");
+        return;
+    }
+    let missing: Vec<&str> = TOOLS.iter().copied().filter(|t| !on_path(t)).collect();
+    if !missing.is_empty() {
+        skip(&format!("missing {} (run scripts/install-test-deps.sh)", missing.join(", ")));
+        return;
+    }
+    let bins = bin_dir();
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/run/vsm-e2e.lock")
+        .expect("open /run/vsm-e2e.lock");
+    eprintln!("e2e: waiting for /run/vsm-e2e.lock (one namespace test run per machine)");
+    let _lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e).expect("lock /run/vsm-e2e.lock");
+
+    let e2e = repo().join("tests/e2e");
+    let bin = ("VSM_BIN_DIR", bins.display().to_string());
+    let min = |m: u64| Duration::from_secs(60 * m);
+    let bins_arg = bins.display().to_string();
+    let steps: Vec<(&str, PathBuf, Vec<&str>, Vec<(&str, String)>, Duration)> = vec![
+        ("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
+        ("ocf", repo().join("tests/ocf/run.sh"), vec![bins_arg.as_str()], vec![], min(3)),
+        ("lab-smoke", e2e.join("lab-smoke.sh"), vec![], vec![], min(3)),
+        ("lab-daemons", e2e.join("lab-daemons.sh"), vec![], vec![], min(2)),
+        (
+            "failover (fast profile)",
+            e2e.join("failover.sh"),
+            vec![],
+            vec![bin.clone(), ("VSM_LAB_PROFILE", "fast".into())],
+            min(4),
+        ),
+        (
+            "failover (guide profile)",
+            e2e.join("failover.sh"),
+            vec![],
+            vec![bin, ("VSM_LAB_PROFILE", "guide".into())],
+            min(4),
+        ),
+    ];
+    let started = Instant::now();
+    let mut failures = Vec::new();
+    for (name, script, args, env, limit) in &steps {
+        if let Err(e) = run(name, script, args, env, *limit) {
+            eprintln!("e2e: FAILED {e}");
+            failures.push(e);
+        }
+    }
+    eprintln!("e2e: {} script(s) in {:.0} s, {} failed", steps.len(), started.elapsed().as_secs_f64(), failures.len());
+    assert!(failures.is_empty(), "e2e scripts failed: {}", failures.join("; "));
+}
