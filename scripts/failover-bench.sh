@@ -7,8 +7,7 @@
 # Profiles: guide and fast are the keepalived profiles of config/keepalived/ with vsm's default
 # HA timers; fast-tuned is the fast profile with the masters' peer link timers shortened to
 # match it ($TUNED_KEYS below). For each profile it builds the lab once, logs testuser in
-# through tlha (one
-# session), then RUNS times per trigger: fails tlha-primary, and measures the time from the
+# through tlha (one session), then RUNS times per trigger: fails tlha-primary, and measures the time from the
 # trigger to the first `ssh testuser@tlha vsmclient connect --json` (strict host-key checking,
 # the lab's known_hosts) that returns the SAME session ("reconnect"), served by
 # tlha-secondary; then restores the primary and measures the same until tlha-primary serves
