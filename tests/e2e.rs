@@ -22,6 +22,15 @@ use std::time::{Duration, Instant};
 const TOOLS: &[&str] =
     &["ip", "unshare", "keepalived", "sshd", "ssh", "ssh-keygen", "Xvnc", "ocf-tester", "xmllint", "jq", "useradd"];
 
+/// One script to run, with its arguments, extra environment and time limit.
+struct Step {
+    name: &'static str,
+    script: PathBuf,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    limit: Duration,
+}
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -121,20 +130,26 @@ fn namespace_end_to_end_tests() {
     let e2e = repo().join("tests/e2e");
     let bin = ("VSM_BIN_DIR", bins.display().to_string());
     let min = |m: u64| Duration::from_secs(60 * m);
-    let bins_arg = bins.display().to_string();
-    let steps: Vec<(&str, PathBuf, Vec<&str>, Vec<(&str, String)>, Duration)> = vec![
-        ("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
-        ("ocf", repo().join("tests/ocf/run.sh"), vec![bins_arg.as_str()], vec![], min(3)),
-        ("lab-smoke", e2e.join("lab-smoke.sh"), vec![], vec![], min(3)),
-        ("lab-daemons", e2e.join("lab-daemons.sh"), vec![], vec![], min(2)),
-        (
+    let step = |name, script: PathBuf, args: Vec<String>, env: Vec<(&'static str, String)>, limit| Step {
+        name,
+        script,
+        args,
+        env,
+        limit,
+    };
+    let steps = vec![
+        step("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
+        step("ocf", repo().join("tests/ocf/run.sh"), vec![bins.display().to_string()], vec![], min(3)),
+        step("lab-smoke", e2e.join("lab-smoke.sh"), vec![], vec![], min(3)),
+        step("lab-daemons", e2e.join("lab-daemons.sh"), vec![], vec![], min(2)),
+        step(
             "failover (fast profile)",
             e2e.join("failover.sh"),
             vec![],
             vec![bin.clone(), ("VSM_LAB_PROFILE", "fast".into())],
             min(4),
         ),
-        (
+        step(
             "failover (guide profile)",
             e2e.join("failover.sh"),
             vec![],
@@ -144,8 +159,9 @@ fn namespace_end_to_end_tests() {
     ];
     let started = Instant::now();
     let mut failures = Vec::new();
-    for (name, script, args, env, limit) in &steps {
-        if let Err(e) = run(name, script, args, env, *limit) {
+    for st in &steps {
+        let args: Vec<&str> = st.args.iter().map(String::as_str).collect();
+        if let Err(e) = run(st.name, &st.script, &args, &st.env, st.limit) {
             note(&format!("e2e: FAILED {e}"));
             failures.push(e);
         }
