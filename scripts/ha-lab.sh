@@ -444,6 +444,10 @@ configure_vsm() {
         tlconfig "$node" '/subclusters/default/agents=agent1 agent2'
         tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
         tlconfig "$node" /HA/enabled=1 '/HA/nodes=tlha-primary tlha-secondary'
+        if [ -n "${VSM_LAB_HA_KEYS:-}" ]; then
+            # shellcheck disable=SC2086  # space-separated assignments
+            tlconfig "$node" $VSM_LAB_HA_KEYS
+        fi
     done
     for node in "${AGENTS[@]}"; do
         install -m 0600 "$LAB/cluster.key" "$(node_dir "$node")/etc-vsm/"
@@ -848,7 +852,8 @@ usage: $0 COMMAND [ARGS]
 Nodes: ${NODES[*]}
 Environment: VSM_LAB_DIR ($LAB), VSM_BIN_DIR ($BIN_DIR), VSM_LAB_PROFILE ($PROFILE_DEFAULT),
   VSM_LAB_DAEMONS (auto|1|0), VSM_LAB_NET ($NET), VSM_LAB_PREFIX ($PREFIX), VSM_LAB_TIMEOUT,
-  VSM_LAB_KEEP=1 (down keeps the lab directory and its logs)
+  VSM_LAB_KEEP=1 (down keeps the lab directory and its logs),
+  VSM_LAB_HA_KEYS (extra tl-config assignments for both masters, e.g. "/HA/peer_timeout=1s")
 EOF
 }
 

@@ -12,6 +12,7 @@
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
@@ -20,6 +21,15 @@ use std::time::{Duration, Instant};
 /// Tools the scripts need (see scripts/install-test-deps.sh).
 const TOOLS: &[&str] =
     &["ip", "unshare", "keepalived", "sshd", "ssh", "ssh-keygen", "Xvnc", "ocf-tester", "xmllint", "jq", "useradd"];
+
+/// One script to run, with its arguments, extra environment and time limit.
+struct Step {
+    name: &'static str,
+    script: PathBuf,
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+    limit: Duration,
+}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -37,16 +47,22 @@ fn on_path(tool: &str) -> bool {
     path.into_iter().chain(sbin).any(|d| d.join(tool).is_file())
 }
 
+/// A line on our stderr that the test harness does not capture, so progress and skip notes
+/// show without `--nocapture`, in order with the scripts' own output.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 fn skip(why: &str) {
     if std::env::var("VSM_E2E_REQUIRE").as_deref() == Ok("1") {
         panic!("e2e: cannot run the namespace tests ({why}) but VSM_E2E_REQUIRE=1");
     }
-    eprintln!("e2e: SKIPPED the network-namespace tests: {why}");
+    note(&format!("e2e: SKIPPED the network-namespace tests: {why}"));
 }
 
 /// Runs one script to completion within `limit`; its output goes straight to ours.
 fn run(name: &str, script: &Path, args: &[&str], env: &[(&str, String)], limit: Duration) -> Result<(), String> {
-    eprintln!("e2e: ===== {name}: {} {}", script.display(), args.join(" "));
+    note(&format!("e2e: ===== {name}: {} {}", script.display(), args.join(" ")));
     let started = Instant::now();
     let mut cmd = Command::new("bash");
     cmd.arg(script).args(args).current_dir(repo()).process_group(0);
@@ -62,7 +78,7 @@ fn run(name: &str, script: &Path, args: &[&str], env: &[(&str, String)], limit: 
             Err(e) => return Err(format!("{name}: waiting for it failed: {e}")),
         }
         if started.elapsed() > limit {
-            eprintln!("e2e: {name} overran {} s; stopping it", limit.as_secs());
+            note(&format!("e2e: {name} overran {} s; stopping it", limit.as_secs()));
             let _ = killpg(pgid, Signal::SIGTERM);
             let grace = Instant::now();
             let s = loop {
@@ -82,7 +98,7 @@ fn run(name: &str, script: &Path, args: &[&str], env: &[(&str, String)], limit: 
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    eprintln!("e2e: ===== {name}: {status} after {:.1} s", started.elapsed().as_secs_f64());
+    note(&format!("e2e: ===== {name}: {status} after {:.1} s", started.elapsed().as_secs_f64()));
     if status.success() {
         Ok(())
     } else {
@@ -108,26 +124,32 @@ fn namespace_end_to_end_tests() {
         .write(true)
         .open("/run/vsm-e2e.lock")
         .expect("open /run/vsm-e2e.lock");
-    eprintln!("e2e: waiting for /run/vsm-e2e.lock (one namespace test run per machine)");
+    note("e2e: waiting for /run/vsm-e2e.lock (one namespace test run per machine)");
     let _lock = Flock::lock(lock, FlockArg::LockExclusive).map_err(|(_, e)| e).expect("lock /run/vsm-e2e.lock");
 
     let e2e = repo().join("tests/e2e");
     let bin = ("VSM_BIN_DIR", bins.display().to_string());
     let min = |m: u64| Duration::from_secs(60 * m);
-    let bins_arg = bins.display().to_string();
-    let steps: Vec<(&str, PathBuf, Vec<&str>, Vec<(&str, String)>, Duration)> = vec![
-        ("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
-        ("ocf", repo().join("tests/ocf/run.sh"), vec![bins_arg.as_str()], vec![], min(3)),
-        ("lab-smoke", e2e.join("lab-smoke.sh"), vec![], vec![], min(3)),
-        ("lab-daemons", e2e.join("lab-daemons.sh"), vec![], vec![], min(2)),
-        (
+    let step = |name, script: PathBuf, args: Vec<String>, env: Vec<(&'static str, String)>, limit| Step {
+        name,
+        script,
+        args,
+        env,
+        limit,
+    };
+    let steps = vec![
+        step("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
+        step("ocf", repo().join("tests/ocf/run.sh"), vec![bins.display().to_string()], vec![], min(3)),
+        step("lab-smoke", e2e.join("lab-smoke.sh"), vec![], vec![], min(3)),
+        step("lab-daemons", e2e.join("lab-daemons.sh"), vec![], vec![], min(2)),
+        step(
             "failover (fast profile)",
             e2e.join("failover.sh"),
             vec![],
             vec![bin.clone(), ("VSM_LAB_PROFILE", "fast".into())],
             min(4),
         ),
-        (
+        step(
             "failover (guide profile)",
             e2e.join("failover.sh"),
             vec![],
@@ -137,12 +159,18 @@ fn namespace_end_to_end_tests() {
     ];
     let started = Instant::now();
     let mut failures = Vec::new();
-    for (name, script, args, env, limit) in &steps {
-        if let Err(e) = run(name, script, args, env, *limit) {
-            eprintln!("e2e: FAILED {e}");
+    for st in &steps {
+        let args: Vec<&str> = st.args.iter().map(String::as_str).collect();
+        if let Err(e) = run(st.name, &st.script, &args, &st.env, st.limit) {
+            note(&format!("e2e: FAILED {e}"));
             failures.push(e);
         }
     }
-    eprintln!("e2e: {} script(s) in {:.0} s, {} failed", steps.len(), started.elapsed().as_secs_f64(), failures.len());
+    note(&format!(
+        "e2e: {} script(s) in {:.0} s, {} failed",
+        steps.len(),
+        started.elapsed().as_secs_f64(),
+        failures.len()
+    ));
     assert!(failures.is_empty(), "e2e scripts failed: {}", failures.join("; "));
 }
