@@ -52,10 +52,7 @@ impl TargetKind {
 }
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "replication",
-    about = "Replicated small-row writes: vsm vs PostgreSQL vs Redis"
-)]
+#[command(name = "replication", about = "Replicated small-row writes: vsm vs PostgreSQL vs Redis")]
 struct Args {
     /// System under test.
     #[arg(long, value_enum)]
@@ -147,21 +144,14 @@ fn run_writer(
     let mut samples = Vec::with_capacity(1 << 16);
     start.wait();
     let Some(&(measure_from, end)) = warm_end.get() else {
-        return Outcome {
-            samples_ns: samples,
-            error: Some(anyhow::anyhow!("start time was not set")),
-        };
+        return Outcome { samples_ns: samples, error: Some(anyhow::anyhow!("start time was not set")) };
     };
     let mut n: u64 = 0;
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let id = if ids == 0 {
-            SessionId::random()
-        } else {
-            pool[(n as usize) % ids].clone()
-        };
+        let id = if ids == 0 { SessionId::random() } else { pool[(n as usize) % ids].clone() };
         let s = make_session(id, writer, n);
         let t0 = Instant::now();
         if t0 >= end {
@@ -169,10 +159,7 @@ fn run_writer(
         }
         if let Err(e) = w.write(&s) {
             stop.store(true, Ordering::Relaxed);
-            return Outcome {
-                samples_ns: samples,
-                error: Some(e.context(format!("writer {writer}, write {n}"))),
-            };
+            return Outcome { samples_ns: samples, error: Some(e.context(format!("writer {writer}, write {n}"))) };
         }
         let t1 = Instant::now();
         if t0 >= measure_from {
@@ -180,20 +167,12 @@ fn run_writer(
         }
         n += 1;
     }
-    Outcome {
-        samples_ns: samples,
-        error: None,
-    }
+    Outcome { samples_ns: samples, error: None }
 }
 
 /// The 1-minute load average (the machine is shared: every figure carries it).
 fn loadavg() -> Option<f64> {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
 fn percentile_us(sorted: &[u64], q: f64) -> f64 {
@@ -232,27 +211,16 @@ fn run(args: Args) -> Result<()> {
     if args.writers == 0 || args.writers > 1024 {
         bail!("--writers must be between 1 and 1024, got {}", args.writers);
     }
-    if !args.duration.is_finite()
-        || args.duration <= 0.0
-        || !args.warmup.is_finite()
-        || args.warmup < 0.0
-    {
+    if !args.duration.is_finite() || args.duration <= 0.0 || !args.warmup.is_finite() || args.warmup < 0.0 {
         bail!("--duration must be > 0 and --warmup >= 0 seconds");
     }
     let b = backend(&args)?;
-    let setup = b
-        .check()
-        .context("checking the server's replication set-up")?;
+    let setup = b.check().context("checking the server's replication set-up")?;
     let mut conns = Vec::with_capacity(args.writers);
     for i in 0..args.writers {
-        conns.push(
-            b.connect()
-                .with_context(|| format!("connecting writer {i} to {}", args.addr))?,
-        );
+        conns.push(b.connect().with_context(|| format!("connecting writer {i} to {}", args.addr))?);
     }
-    let row_bytes = serde_json::to_vec(&make_session(SessionId::random(), 0, 0))
-        .map(|v| v.len())
-        .unwrap_or(0);
+    let row_bytes = serde_json::to_vec(&make_session(SessionId::random(), 0, 0)).map(|v| v.len()).unwrap_or(0);
 
     let start = Arc::new(Barrier::new(args.writers + 1));
     let stop = Arc::new(AtomicBool::new(false));
@@ -296,17 +264,10 @@ fn run(args: Args) -> Result<()> {
     let n = samples.len();
     let secs = args.duration;
     let rate = n as f64 / secs;
-    let (p50, p99, p999) = (
-        percentile_us(&samples, 0.50),
-        percentile_us(&samples, 0.99),
-        percentile_us(&samples, 0.999),
-    );
+    let (p50, p99, p999) =
+        (percentile_us(&samples, 0.50), percentile_us(&samples, 0.99), percentile_us(&samples, 0.999));
     let max = samples.last().map(|&v| v as f64 / 1000.0).unwrap_or(0.0);
-    let mean = if n == 0 {
-        0.0
-    } else {
-        samples.iter().sum::<u64>() as f64 / n as f64 / 1000.0
-    };
+    let mean = if n == 0 { 0.0 } else { samples.iter().sum::<u64>() as f64 / n as f64 / 1000.0 };
     let json = serde_json::json!({
         "target": args.target.name(),
         "label": args.label,

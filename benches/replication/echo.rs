@@ -19,15 +19,11 @@ impl Echo {
     pub fn start() -> Result<Echo> {
         let l = TcpListener::bind("127.0.0.1:0").context("binding the echo listener")?;
         let addr = l.local_addr()?;
-        std::thread::Builder::new()
-            .name("echo-accept".into())
-            .spawn(move || {
-                for s in l.incoming().flatten() {
-                    let _ = std::thread::Builder::new()
-                        .name("echo".into())
-                        .spawn(move || serve(s));
-                }
-            })?;
+        std::thread::Builder::new().name("echo-accept".into()).spawn(move || {
+            for s in l.incoming().flatten() {
+                let _ = std::thread::Builder::new().name("echo".into()).spawn(move || serve(s));
+            }
+        })?;
         Ok(Echo { addr })
     }
 }
@@ -44,10 +40,7 @@ fn serve(mut s: TcpStream) {
 
 impl Backend for Echo {
     fn check(&self) -> Result<String> {
-        Ok(format!(
-            "in-process TCP echo on {}, {MSG}-byte messages, no replication",
-            self.addr
-        ))
+        Ok(format!("in-process TCP echo on {}, {MSG}-byte messages, no replication", self.addr))
     }
 
     fn connect(&self) -> Result<Box<dyn Writer>> {

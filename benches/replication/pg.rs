@@ -24,8 +24,7 @@ const CREATE: &str = "CREATE TABLE IF NOT EXISTS sessions (
     pid integer NOT NULL,
     geometry text NOT NULL)";
 
-const UPSERT: &str =
-    "INSERT INTO sessions (id, username, subcluster, agent, agent_address, display, \
+const UPSERT: &str = "INSERT INTO sessions (id, username, subcluster, agent, agent_address, display, \
 vnc_port, status, created_ms, last_connect_ms, last_client_address, pid, geometry) \
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
 ON CONFLICT (id) DO UPDATE SET username = EXCLUDED.username, subcluster = EXCLUDED.subcluster, \
@@ -51,8 +50,7 @@ impl Pg {
     }
 
     fn client(&self) -> Result<Client> {
-        Client::connect(&self.conninfo, NoTls)
-            .with_context(|| format!("connecting to postgres ({})", self.conninfo))
+        Client::connect(&self.conninfo, NoTls).with_context(|| format!("connecting to postgres ({})", self.conninfo))
     }
 }
 
@@ -67,7 +65,10 @@ impl Backend for Pg {
         let names = show(&mut c, "synchronous_standby_names")?;
         let version = show(&mut c, "server_version")?;
         let sync: i64 = c
-            .query_one("SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'", &[])?
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync' AND state = 'streaming'",
+                &[],
+            )?
             .try_get(0)?;
         if commit != "remote_apply" {
             bail!("synchronous_commit is {commit:?}, expected \"remote_apply\"");
@@ -75,11 +76,8 @@ impl Backend for Pg {
         if sync < 1 {
             bail!("no synchronous standby is streaming (synchronous_standby_names = {names:?})");
         }
-        c.batch_execute(CREATE)
-            .context("creating the sessions table")?;
-        Ok(format!(
-            "postgres {version}, synchronous_commit={commit}, {sync} sync standby ({names})"
-        ))
+        c.batch_execute(CREATE).context("creating the sessions table")?;
+        Ok(format!("postgres {version}, synchronous_commit={commit}, {sync} sync standby ({names})"))
     }
 
     fn connect(&self) -> Result<Box<dyn Writer>> {

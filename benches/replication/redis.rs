@@ -16,21 +16,14 @@ pub struct Redis {
 
 impl Redis {
     pub fn new(addr: &str) -> Redis {
-        Redis {
-            addr: addr.to_string(),
-        }
+        Redis { addr: addr.to_string() }
     }
 
     fn conn(&self) -> Result<Conn> {
-        let s = TcpStream::connect(&self.addr)
-            .with_context(|| format!("connecting to redis at {}", self.addr))?;
+        let s = TcpStream::connect(&self.addr).with_context(|| format!("connecting to redis at {}", self.addr))?;
         s.set_nodelay(true)?;
         let r = BufReader::with_capacity(1 << 16, s.try_clone()?);
-        Ok(Conn {
-            w: s,
-            r,
-            buf: Vec::with_capacity(1024),
-        })
+        Ok(Conn { w: s, r, buf: Vec::with_capacity(1024) })
     }
 }
 
@@ -74,10 +67,7 @@ impl Conn {
     fn reply(&mut self) -> Result<Reply> {
         let l = self.line()?;
         let (t, rest) = l.split_at(l.chars().next().map(char::len_utf8).unwrap_or(0));
-        let num = |s: &str| {
-            s.parse::<i64>()
-                .map_err(|_| anyhow!("redis sent a bad number {s:?}"))
-        };
+        let num = |s: &str| s.parse::<i64>().map_err(|_| anyhow!("redis sent a bad number {s:?}"));
         Ok(match t {
             "+" => Reply::Simple(rest.to_string()),
             "-" => Reply::Error(rest.to_string()),
@@ -126,17 +116,10 @@ impl Backend for Redis {
             other => bail!("INFO replication answered {other:?}"),
         };
         let field = |k: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))
-                .unwrap_or("?")
-                .to_string()
+            info.lines().find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':'))).unwrap_or("?").to_string()
         };
         if field("role") != "master" {
-            bail!(
-                "redis at {} has role {}, expected master",
-                self.addr,
-                field("role")
-            );
+            bail!("redis at {} has role {}, expected master", self.addr, field("role"));
         }
         let replicas: u32 = field("connected_slaves").parse().unwrap_or(0);
         if replicas < 1 {
@@ -169,10 +152,7 @@ impl Backend for Redis {
             Reply::Simple(s) if s == "PONG" => {}
             other => bail!("PING answered {other:?}"),
         }
-        Ok(Box::new(RedisWriter {
-            c,
-            key: Vec::with_capacity(64),
-        }))
+        Ok(Box::new(RedisWriter { c, key: Vec::with_capacity(64) }))
     }
 }
 

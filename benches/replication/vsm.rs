@@ -36,19 +36,11 @@ impl Vsm {
             "call" => Mode::Call,
             other => bail!("--vsm-mode must be conn or call, got {other:?}"),
         };
-        Ok(Vsm {
-            path: PathBuf::from(addr),
-            mode,
-            timeout,
-            allow_async,
-        })
+        Ok(Vsm { path: PathBuf::from(addr), mode, timeout, allow_async })
     }
 
     fn runtime() -> Result<tokio::runtime::Runtime> {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("building a runtime")
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("building a runtime")
     }
 }
 
@@ -60,11 +52,7 @@ impl Backend for Vsm {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let status = loop {
             let reply = rt
-                .block_on(vsm::client::call(
-                    &target,
-                    &ApiRequest::HaStatus,
-                    self.timeout,
-                ))
+                .block_on(vsm::client::call(&target, &ApiRequest::HaStatus, self.timeout))
                 .map_err(|e| anyhow!("{e}"))?;
             let status = match reply {
                 ApiReply::HaStatus { status } => status,
@@ -72,10 +60,7 @@ impl Backend for Vsm {
             };
             if !status.enabled {
                 // Refuse to measure a master that does not replicate: the figure would not compare.
-                bail!(
-                    "HA is not running on this master: {}",
-                    status.reason.as_deref().unwrap_or("no reason given")
-                );
+                bail!("HA is not running on this master: {}", status.reason.as_deref().unwrap_or("no reason given"));
             }
             if status.link == "streaming" && status.ready && !status.degraded {
                 break status;
@@ -91,10 +76,7 @@ impl Backend for Vsm {
             std::thread::sleep(Duration::from_millis(100));
         };
         if status.sync != "ack" && !(self.allow_async && status.sync == "async") {
-            bail!(
-                "/HA/sync is {}, expected ack (answer after the peer stored the change)",
-                status.sync
-            );
+            bail!("/HA/sync is {}, expected ack (answer after the peer stored the change)", status.sync);
         }
         let mode = match self.mode {
             Mode::Conn => "one connection per writer",
@@ -121,12 +103,7 @@ impl Backend for Vsm {
                 Some(PlainConn::new(s))
             }
         };
-        Ok(Box::new(VsmWriter {
-            rt,
-            target,
-            conn,
-            timeout: self.timeout,
-        }))
+        Ok(Box::new(VsmWriter { rt, target, conn, timeout: self.timeout }))
     }
 }
 
@@ -142,18 +119,13 @@ impl Writer for VsmWriter {
         let req = ApiRequest::SessionPut { session: s.clone() };
         let timeout = self.timeout;
         let reply = match self.conn.as_mut() {
-            None => self
-                .rt
-                .block_on(vsm::client::call(&self.target, &req, timeout))
-                .map_err(|e| anyhow!("{e}"))?,
+            None => self.rt.block_on(vsm::client::call(&self.target, &req, timeout)).map_err(|e| anyhow!("{e}"))?,
             Some(c) => self
                 .rt
                 .block_on(async {
                     tokio::time::timeout(timeout, async {
                         c.send(&req).await.map_err(|e| anyhow!("sending: {e}"))?;
-                        c.recv::<ApiReply>()
-                            .await
-                            .map_err(|e| anyhow!("receiving: {e}"))
+                        c.recv::<ApiReply>().await.map_err(|e| anyhow!("receiving: {e}"))
                     })
                     .await
                     .map_err(|_| anyhow!("no reply within {timeout:?}"))?
