@@ -480,6 +480,11 @@ impl DbHandle {
         self.read(move |o| o.peer_position(&peer)).await
     }
 
+    /// Every peer database this one has applied changes from, with the position reached.
+    pub async fn peer_positions(&self) -> Result<Vec<(String, Seq)>, DbError> {
+        self.read(|o| o.peer_positions()).await
+    }
+
     /// Overwrites the position reached in the change log of `peer_db_id`. Use it after
     /// applying a full snapshot: unlike `apply_remote`, it may move the position back.
     pub async fn set_peer_position(&self, peer_db_id: &str, pos: Seq) -> Result<(), DbError> {

@@ -181,11 +181,22 @@ impl HaNode {
             status: status.clone(),
             done: Mutex::new(None),
         });
+        // The peer database we applied from before a restart: naming it in our first hello
+        // lets the peer resume from our stored position instead of sending a full snapshot.
+        // Several (the peer was reinstalled): the furthest; a wrong guess only means a
+        // snapshot, as with no guess at all.
+        let last_peer = db
+            .peer_positions()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .max_by_key(|(_, seq)| *seq)
+            .map(|(id, _)| id);
         let hello_src = HelloSource {
             db: db.clone(),
             local: local.clone(),
             digest: cfg.digest_cluster(),
-            last_peer: Arc::new(Mutex::new(None)),
+            last_peer: Arc::new(Mutex::new(last_peer)),
         };
         let conns = ConnCounter::default();
         tracker.spawn(accept_loop(
@@ -402,6 +413,8 @@ impl ConnCounter {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most peer messages encoded into one write.
+const WRITE_COALESCE: usize = 16;
 
 async fn accept_loop(
     l: TcpListener,
@@ -521,8 +534,10 @@ async fn run_conn<S>(
             if writer.feed(&m).is_err() {
                 break;
             }
-            // Coalesce whatever else is queued into one flush.
-            while let Ok(m) = wrx.try_recv() {
+            // Coalesce what else is queued into one flush, but not a whole snapshot: the
+            // peer starts on the first chunks while later ones are still being encoded.
+            for _ in 1..WRITE_COALESCE {
+                let Ok(m) = wrx.try_recv() else { break };
                 if writer.feed(&m).is_err() {
                     return;
                 }
