@@ -151,7 +151,9 @@ async fn start_master(m: &mut Master, cfg: Config, peer_port: u16) -> Result<(),
         peer_addr: Some(format!("127.0.0.1:{peer_port}")),
         no_background_reconcile: false,
     };
-    let server = Server::start(cfg, Listeners { unix, tcp, peer: Some(peer) }, ov).await.map_err(|e| e.to_string())?;
+    let server = Server::start(cfg, Listeners { unix, tcp, peer: Some(peer), http: None }, ov)
+        .await
+        .map_err(|e| e.to_string())?;
     m.server = Some(server);
     Ok(())
 }

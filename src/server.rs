@@ -53,6 +53,8 @@ pub struct Listeners {
     pub tcp: TcpListener,
     /// The HA peer port; `None` when HA is off.
     pub peer: Option<TcpListener>,
+    /// The health and metrics endpoint; `None` when `/vsmserver/http_port` is 0.
+    pub http: Option<TcpListener>,
 }
 
 /// Options that are not configuration keys (command-line and test overrides).
@@ -71,7 +73,14 @@ pub async fn bind(cfg: &Config) -> Result<Listeners, ServerError> {
     let unix = bind_unix(&cfg.vsmserver.socket_path)?;
     let tcp = bind_tcp(cfg.vsmserver.listen_port, "the client/admin port (/vsmserver/listen_port)").await?;
     let peer = if cfg.ha.enabled { Some(bind_tcp(cfg.ha.port, "the HA peer port (/HA/port)").await?) } else { None };
-    Ok(Listeners { unix, tcp, peer })
+    let http = if cfg.vsmserver.http_port == 0 {
+        None
+    } else {
+        let addr = format!("{}:{}", cfg.vsmserver.http_address, cfg.vsmserver.http_port);
+        let what = || format!("the HTTP endpoint (/vsmserver/http_address, /vsmserver/http_port) {addr}");
+        Some(TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { what: what(), source })?)
+    };
+    Ok(Listeners { unix, tcp, peer, http })
 }
 
 async fn bind_tcp(port: u16, what: &str) -> Result<TcpListener, ServerError> {
@@ -164,6 +173,9 @@ impl Server {
         let tracker = TaskTracker::new();
         let api = Api { broker: broker.clone(), ha: ha.clone() as Arc<dyn HaControl> };
         tracker.spawn(crate::api::unix::serve(listeners.unix, api.clone(), shutdown.clone(), tracker.clone()));
+        if let Some(http) = listeners.http {
+            tracker.spawn(crate::api::http::serve(http, api.clone(), shutdown.clone(), tracker.clone()));
+        }
         tracker.spawn(crate::api::tcp::serve(listeners.tcp, api, secret, shutdown.clone(), tracker.clone()));
         tracing::info!(socket = %cfg.vsmserver.socket_path.display(), port = cfg.vsmserver.listen_port, "listening");
 

@@ -387,3 +387,47 @@ async fn a_caller_with_the_wrong_secret_is_refused_on_tcp() {
     m.stop().await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_metrics_over_http() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = TestAgent::start(dir.path(), 0, tcp.local_addr().unwrap().port(), sleep_command()).await;
+    let cfg = master_config(dir.path(), "master", &[agent.name.clone()]);
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).unwrap();
+    let server = vsm::server::Server::start(
+        cfg.clone(),
+        vsm::server::Listeners { unix, tcp, peer: None, http: Some(http) },
+        vsm::server::Overrides { no_background_reconcile: true, ..Default::default() },
+    )
+    .await
+    .unwrap();
+    let m = TestMaster { cfg, server: Some(server), tcp_port: 0, peer_port: 0 };
+    m.connect("alice", false).await.unwrap();
+    async fn get(port: u16, req: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+    let r = get(http_port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = get(http_port, "GET /readyz HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    let r = get(http_port, "GET /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(r.contains("\nvsm_sessions 1\n"), "{r}");
+    assert!(r.contains("vsm_ready 1"), "{r}");
+    assert!(r.contains(&format!("vsm_agent_sessions{{agent=\"{}\"}} 1", agent.name)), "{r}");
+    let r = get(http_port, "GET /nope HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    let r = get(http_port, "POST /metrics HTTP/1.1\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    let mut m = m;
+    m.stop().await;
+    agent.stop().await;
+}

@@ -129,7 +129,7 @@ pub async fn start_master(cfg: Config, peer: Option<TcpListener>, peer_addr: Opt
     let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).expect("bind the unix socket");
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind the tcp port");
     let ov = Overrides { agent_port: None, peer_addr, no_background_reconcile: true };
-    Server::start(cfg, Listeners { unix, tcp, peer }, ov).await.expect("master starts")
+    Server::start(cfg, Listeners { unix, tcp, peer, http: None }, ov).await.expect("master starts")
 }
 
 /// Two HA masters `bench-a` and `bench-b`, both started, with their configurations.

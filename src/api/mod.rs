@@ -9,11 +9,13 @@
 //! - Every request gets exactly one reply; failures are `ApiReply::Error` with a kind and a
 //!   message meant for a person.
 
+pub mod http;
 pub mod tcp;
 pub mod unix;
 
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
+use crate::proto::ProtoError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -184,6 +186,60 @@ impl Api {
                 ApiReply::Ok { message: self.ha.notify(state).await }
             }
         })
+    }
+}
+
+/// A connection carrying API requests and replies: plain frames on the Unix socket, the
+/// secure channel on TCP.
+pub(crate) trait RequestConn: Send {
+    fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send;
+    fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a;
+}
+
+impl RequestConn for crate::proto::PlainConn<tokio::net::UnixStream> {
+    fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send {
+        self.recv::<ApiRequest>()
+    }
+    fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a {
+        self.send(r)
+    }
+}
+
+impl RequestConn for crate::proto::SecureConn<tokio::net::TcpStream> {
+    fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send {
+        self.recv::<ApiRequest>()
+    }
+    fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a {
+        self.send(r)
+    }
+}
+
+impl Api {
+    /// Answers requests on `conn` until the caller closes it or the server shuts down. A
+    /// malformed request gets a `BadRequest` reply and ends the connection.
+    pub(crate) async fn serve_requests<C: RequestConn>(
+        &self,
+        conn: &mut C,
+        caller: &Caller,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), ProtoError> {
+        loop {
+            let req = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = conn.recv_request() => r,
+            };
+            let reply = match req {
+                Ok(Some(req)) => self.handle(caller, req).await,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    let r =
+                        ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
+                    let _ = conn.send_reply(&r).await;
+                    return Err(e);
+                }
+            };
+            conn.send_reply(&reply).await?;
+        }
     }
 }
 

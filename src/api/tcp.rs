@@ -10,7 +10,7 @@
 
 use super::{Api, Caller};
 use crate::proto::agent::{AgentReport, ReportAck};
-use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
+use crate::proto::api::{ApiErrorKind, ApiReply};
 use crate::proto::secure::{accept_any, Secret, PROLOGUE_ADMIN, PROLOGUE_REPORT};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -81,23 +81,7 @@ async fn serve_conn(
             return Err(msg);
         }
         let caller = Caller::RemoteAdmin { addr };
-        loop {
-            let req = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = conn.recv::<ApiRequest>() => r,
-            };
-            let reply = match req {
-                Ok(Some(req)) => api.handle(&caller, req).await,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    let r =
-                        ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
-                    let _ = conn.send(&r).await;
-                    return Err(e.to_string());
-                }
-            };
-            conn.send(&reply).await.map_err(|e| e.to_string())?;
-        }
+        return api.serve_requests(&mut conn, &caller, &shutdown).await.map_err(|e| e.to_string());
     }
     while let Some(report) = conn.recv::<AgentReport>().await.map_err(|e| e.to_string())? {
         let ack = match report {

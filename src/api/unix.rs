@@ -4,7 +4,7 @@
 //! credentials cannot be read, or whose uid has no user name, is closed without serving it.
 
 use super::{Api, Caller};
-use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
+use crate::proto::api::{ApiErrorKind, ApiReply};
 use crate::proto::PlainConn;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -57,21 +57,5 @@ async fn serve_conn(stream: UnixStream, api: Api, shutdown: CancellationToken) -
             return Ok(());
         }
     };
-    loop {
-        let req = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = conn.recv::<ApiRequest>() => r,
-        };
-        let reply = match req {
-            Ok(Some(req)) => api.handle(&caller, req).await,
-            Ok(None) => return Ok(()),
-            Err(e) => {
-                let reply =
-                    ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
-                let _ = conn.send(&reply).await;
-                return Err(e);
-            }
-        };
-        conn.send(&reply).await?;
-    }
+    api.serve_requests(&mut conn, &caller, &shutdown).await
 }

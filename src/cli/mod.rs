@@ -8,6 +8,17 @@ pub mod tlctl;
 pub mod vsmclient;
 pub mod vsmserver;
 
+/// Runs a client's main future on a single-threaded runtime; exit status 2 if none can start.
+pub fn block_on(program: &str, f: impl std::future::Future<Output = std::process::ExitCode>) -> std::process::ExitCode {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("{program}: cannot start: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// Renders rows as left-aligned columns separated by two spaces.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

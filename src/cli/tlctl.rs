@@ -159,14 +159,7 @@ enum NotifyState {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tlctl: cannot start: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    rt.block_on(run(args))
+    super::block_on("tlctl", run(args))
 }
 
 fn target(args: &Args) -> Result<Target, String> {
@@ -529,6 +522,9 @@ pub fn show_ha(st: &HaStatusView) -> String {
     s += &format!("Role:             {}\n", st.role);
     s += &format!("Ready:            {}\n", yn(st.ready));
     s += &format!("Peer link:        {}\n", st.link);
+    if let Some(e) = &st.link_error {
+        s += &format!("Link error:       {e}\n");
+    }
     s += &format!("Sync mode:        {}\n", st.sync);
     s += &format!(
         "Positions:        local head {}, peer acknowledged {}, peer head {}, applied of peer {}\n",

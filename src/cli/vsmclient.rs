@@ -65,14 +65,7 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("vsmclient: cannot start: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    rt.block_on(run(args))
+    super::block_on("vsmclient", run(args))
 }
 
 fn client_address() -> Option<String> {

@@ -294,6 +294,22 @@ pub static KEYS: &[KeyDef] = &[
         apply: |c, _, v| c.vsmserver.data_dir = v.as_path(),
     },
     KeyDef {
+        path: "/vsmserver/http_port",
+        ty: ValueType::Int { min: 0, max: 65535 },
+        default: "9002",
+        doc: "Port of the HTTP endpoint for health checks and Prometheus metrics (`/healthz`, `/readyz`, `/metrics`); 0 turns it off.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.http_port = v.as_u16(),
+    },
+    KeyDef {
+        path: "/vsmserver/http_address",
+        ty: ValueType::Host,
+        default: "127.0.0.1",
+        doc: "Address the HTTP endpoint listens on; use `0.0.0.0` to let a remote Prometheus scrape it.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.http_address = v.as_str(),
+    },
+    KeyDef {
         path: "/vsmserver/reconcile_interval",
         ty: dur(SEC, DAY),
         default: "40s",

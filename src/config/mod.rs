@@ -177,6 +177,10 @@ pub struct ServerConfig {
     pub admin_email: Vec<String>,
     pub socket_path: PathBuf,
     pub data_dir: PathBuf,
+    /// `/vsmserver/http_port`: health and metrics endpoint; 0 = off.
+    pub http_port: u16,
+    /// `/vsmserver/http_address`
+    pub http_address: String,
     /// `/vsmserver/reconcile_interval`: how often agents are polled.
     pub reconcile_interval: Duration,
     /// `/vsmserver/agent_timeout`: how long one call to an agent may take.
@@ -262,6 +266,8 @@ impl Default for Config {
                 admin_email: vec!["root@localhost".into()],
                 socket_path: PathBuf::from("/run/vsm/vsmserver.sock"),
                 data_dir: PathBuf::from("/var/lib/vsm"),
+                http_port: 9002,
+                http_address: "127.0.0.1".into(),
                 reconcile_interval: Duration::from_secs(40),
                 agent_timeout: Duration::from_secs(5),
                 session_startup_dir: PathBuf::from("/etc/vsm/sessionstartup.d"),

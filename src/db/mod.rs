@@ -480,9 +480,11 @@ impl DbHandle {
         self.read(move |o| o.peer_position(&peer)).await
     }
 
-    /// Every peer database this one has applied changes from, with the position reached.
-    pub async fn peer_positions(&self) -> Result<Vec<(String, Seq)>, DbError> {
-        self.read(|o| o.peer_positions()).await
+    /// The peer database whose change log this node has applied furthest: the best guess of
+    /// the current peer's `db_id` after a restart (`None` when nothing was ever applied).
+    /// A wrong guess only costs a full snapshot instead of an incremental resync.
+    pub async fn last_peer_db_id(&self) -> Result<Option<String>, DbError> {
+        self.read(|o| o.last_peer_db_id()).await
     }
 
     /// Overwrites the position reached in the change log of `peer_db_id`. Use it after

@@ -637,19 +637,11 @@ impl Owner {
         Ok(LogRead::Changes(out))
     }
 
-    pub(super) fn peer_positions(&mut self) -> Result<Vec<(String, Seq)>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT peer_db_id, seq FROM peer_positions ORDER BY peer_db_id")
-            .ctx("prepare a peer position listing")?;
-        let rows =
-            stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).ctx("list peer positions")?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (peer, seq) = row.ctx("list peer positions")?;
-            out.push((peer, Seq(seq as u64)));
-        }
-        Ok(out)
+    pub(super) fn last_peer_db_id(&mut self) -> Result<Option<String>, DbError> {
+        self.conn
+            .prepare_cached("SELECT peer_db_id FROM peer_positions ORDER BY seq DESC, peer_db_id LIMIT 1")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
+            .ctx("read the last peer position")
     }
 
     pub(super) fn peer_position(&mut self, peer: &str) -> Result<Seq, DbError> {

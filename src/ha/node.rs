@@ -7,7 +7,10 @@
 //!
 //! Invariants:
 //! - Nothing received from a connection is handed to the engine before the secure handshake
-//!   proved the shared secret; a peer with the wrong secret is logged with its address.
+//!   proved the shared secret; a peer with the wrong secret is logged with its address and
+//!   shown in the status (`link_error`) until a link comes up.
+//! - The first hello after a start names the peer database applied furthest (from the
+//!   database), so a restart resyncs incrementally instead of by full snapshot.
 //! - Exactly one task owns the engine; database calls the engine asks for are made by that
 //!   task and their results fed back as events, in order.
 //! - With HA off (disabled or fallback) the node is always ready and active, and a write is
@@ -100,6 +103,22 @@ fn link_name(l: engine::LinkState) -> &'static str {
     }
 }
 
+fn resync_view(r: &engine::ResyncInfo) -> ResyncView {
+    ResyncView {
+        kind: match r.kind {
+            engine::ResyncKind::Incremental => "incremental".into(),
+            engine::ResyncKind::Snapshot => "snapshot".into(),
+        },
+        direction: match r.direction {
+            engine::Direction::Received => "received".into(),
+            engine::Direction::Sent => "sent".into(),
+        },
+        records: r.records,
+        duration_ms: r.duration_ms,
+        at_ms: r.at_ms,
+    }
+}
+
 fn matched_by(m: &MatchedBy) -> String {
     match m {
         MatchedBy::Hostname => "host name".into(),
@@ -131,7 +150,16 @@ pub struct HaNode {
     /// `None` with HA off.
     engine_tx: Option<mpsc::Sender<Req>>,
     status: Arc<Mutex<Option<engine::EngineStatus>>>,
+    /// The last failed secure handshake with the peer (wrong secret, wrong link kind); such a
+    /// connection never reaches the engine, so status shows it from here. Cleared on link up.
+    handshake_error: HandshakeError,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+type HandshakeError = Arc<Mutex<Option<String>>>;
+
+fn note_handshake_error(slot: &HandshakeError, peer: &str, e: &crate::proto::ProtoError) {
+    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("peer {peer}: {e}"));
 }
 
 impl HaNode {
@@ -158,6 +186,7 @@ impl HaNode {
                 broker: OnceLock::new(),
                 engine_tx: None,
                 status,
+                handshake_error: Default::default(),
                 done: Mutex::new(None),
             }));
         }
@@ -179,24 +208,16 @@ impl HaNode {
             broker: OnceLock::new(),
             engine_tx: Some(req_tx),
             status: status.clone(),
+            handshake_error: Default::default(),
             done: Mutex::new(None),
         });
-        // The peer database we applied from before a restart: naming it in our first hello
-        // lets the peer resume from our stored position instead of sending a full snapshot.
-        // Several (the peer was reinstalled): the furthest; a wrong guess only means a
-        // snapshot, as with no guess at all.
-        let last_peer = db
-            .peer_positions()
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .max_by_key(|(_, seq)| *seq)
-            .map(|(id, _)| id);
         let hello_src = HelloSource {
             db: db.clone(),
             local: local.clone(),
             digest: cfg.digest_cluster(),
-            last_peer: Arc::new(Mutex::new(last_peer)),
+            // After a restart, the peer log we applied last is only known from the database;
+            // without it our first hello would ask for a full snapshot on every restart.
+            last_peer: Arc::new(Mutex::new(db.last_peer_db_id().await.map_err(|e| e.to_string())?)),
         };
         let conns = ConnCounter::default();
         tracker.spawn(accept_loop(
@@ -205,11 +226,13 @@ impl HaNode {
             hello_src.clone(),
             link_tx.clone(),
             conns.clone(),
+            node.handshake_error.clone(),
             cancel.clone(),
         ));
         if local < remote {
             let addr = setup.peer_addr.clone().unwrap_or_default();
-            tracker.spawn(dial_loop(addr, secret, hello_src, link_tx.clone(), conns, cancel.clone()));
+            let herr = node.handshake_error.clone();
+            tracker.spawn(dial_loop(addr, secret, hello_src, link_tx.clone(), conns, herr, cancel.clone()));
         }
         let driver = Driver {
             engine,
@@ -317,19 +340,12 @@ impl HaNode {
                     v.config_digest_match = st.config_digest_match;
                     v.degraded = st.degraded;
                     v.degraded_reason = st.degraded_reason.clone();
-                    v.last_resync = st.last_resync.as_ref().map(|r| ResyncView {
-                        kind: match r.kind {
-                            engine::ResyncKind::Incremental => "incremental".into(),
-                            engine::ResyncKind::Snapshot => "snapshot".into(),
-                        },
-                        direction: match r.direction {
-                            engine::Direction::Received => "received".into(),
-                            engine::Direction::Sent => "sent".into(),
-                        },
-                        records: r.records,
-                        duration_ms: r.duration_ms,
-                        at_ms: r.at_ms,
-                    });
+                    if matches!(st.link, engine::LinkState::Down | engine::LinkState::Handshaking) {
+                        let hs = self.handshake_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                        v.link_error = hs.or_else(|| st.last_link_error.clone());
+                    }
+                    v.last_resync = st.last_resync.as_ref().map(resync_view);
+                    v.last_resync_received = st.last_resync_received.as_ref().map(resync_view);
                 }
             }
         }
@@ -422,6 +438,7 @@ async fn accept_loop(
     hs: HelloSource,
     tx: mpsc::Sender<Link>,
     conns: ConnCounter,
+    herr: HandshakeError,
     cancel: CancellationToken,
 ) {
     loop {
@@ -437,11 +454,13 @@ async fn accept_loop(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (secret, hs, tx, conns, cancel) = (secret.clone(), hs.clone(), tx.clone(), conns.clone(), cancel.clone());
+        let (secret, hs, tx, conns, cancel, herr) =
+            (secret.clone(), hs.clone(), tx.clone(), conns.clone(), cancel.clone(), herr.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &secret, PEER_PROLOGUE)).await {
                 Ok(Ok(conn)) => run_conn(conn, addr.to_string(), hs, tx, conns.next(), cancel).await,
                 Ok(Err(e)) => {
+                    note_handshake_error(&herr, &addr.to_string(), &e);
                     tracing::warn!(peer = %addr, error = %e, "rejected a peer connection: nothing it sent was applied")
                 }
                 Err(_) => tracing::warn!(peer = %addr, "peer handshake timed out"),
@@ -456,6 +475,7 @@ async fn dial_loop(
     hs: HelloSource,
     tx: mpsc::Sender<Link>,
     conns: ConnCounter,
+    herr: HandshakeError,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -466,7 +486,13 @@ async fn dial_loop(
         let attempt = async {
             let s = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
             let _ = s.set_nodelay(true);
-            connect(s, &secret, PEER_PROLOGUE).await.map_err(|e| e.to_string())
+            connect(s, &secret, PEER_PROLOGUE).await.map_err(|e| {
+                if e.is_auth_failure() {
+                    note_handshake_error(&herr, &addr, &e);
+                    tracing::warn!(peer = %addr, error = %e, "the peer refused this node's secure handshake");
+                }
+                e.to_string()
+            })
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
             Ok(Ok(conn)) => {
@@ -678,6 +704,7 @@ impl Driver {
                     });
                 }
                 tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
+                *self.node.handshake_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
                 self.writer = Some(writer);
                 self.conn = Some(conn);

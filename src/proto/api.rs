@@ -172,9 +172,15 @@ pub struct HaStatusView {
     pub lag_changes: u64,
     pub lag_ms: u64,
     pub last_resync: Option<ResyncView>,
+    /// The most recent resync through which this node caught up with the peer.
+    #[serde(default)]
+    pub last_resync_received: Option<ResyncView>,
     pub config_digest_match: Option<bool>,
     pub degraded: bool,
     pub degraded_reason: Option<String>,
+    /// While the link is not up: why it last failed or was refused (e.g. a wrong secret).
+    #[serde(default)]
+    pub link_error: Option<String>,
     pub sessions: u64,
     pub db_digest: Option<String>,
 }

@@ -150,7 +150,7 @@ impl TestMaster {
         let peer_port = peer.as_ref().map(|p| p.local_addr().unwrap().port()).unwrap_or(0);
         let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).unwrap();
         let ov = Overrides { agent_port: None, peer_addr, no_background_reconcile: true };
-        let server = Server::start(cfg.clone(), Listeners { unix, tcp, peer }, ov).await.unwrap();
+        let server = Server::start(cfg.clone(), Listeners { unix, tcp, peer, http: None }, ov).await.unwrap();
         TestMaster { cfg, server: Some(server), tcp_port, peer_port }
     }
 
@@ -212,5 +212,332 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
+    }
+}
+
+// ----- HA: two masters, a cuttable link between them, convergence checks -----
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use vsm::model::{Session, SessionId, SessionStatus};
+use vsm::proto::api::{ApiErrorKind, HaStatusView, Selector};
+
+/// How long two masters may take to converge once nothing keeps them apart.
+pub const CONVERGE: Duration = Duration::from_secs(30);
+
+struct ProxyState {
+    target: u16,
+    cut: bool,
+    /// Cancelled on `cut`: ends every connection proxied so far.
+    conns: CancellationToken,
+}
+
+/// A TCP relay between the two masters' peer ports: `cut` closes every relayed connection and
+/// turns new ones away until `heal`, without touching either node.
+pub struct Proxy {
+    pub port: u16,
+    state: Arc<Mutex<ProxyState>>,
+    accepted: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(ProxyState { target, cut: false, conns: CancellationToken::new() }));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (st, acc) = (state.clone(), accepted.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = l.accept().await else { continue };
+                acc.fetch_add(1, Ordering::SeqCst);
+                let (cut, target, token) = {
+                    let s = st.lock().unwrap();
+                    (s.cut, s.target, s.conns.clone())
+                };
+                if cut {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, state, accepted, task }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn set_target(&self, port: u16) {
+        self.state.lock().unwrap().target = port;
+    }
+
+    /// Closes every relayed connection and refuses new ones until [`Proxy::heal`].
+    pub fn cut(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.cut = true;
+        s.conns.cancel();
+        s.conns = CancellationToken::new();
+    }
+
+    pub fn heal(&self) {
+        self.state.lock().unwrap().cut = false;
+    }
+
+    pub fn is_cut(&self) -> bool {
+        self.state.lock().unwrap().cut
+    }
+
+    /// Connections accepted so far, relayed or turned away.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.lock().unwrap().conns.cancel();
+    }
+}
+
+/// Node ids of a pair; the first sorts lower, so it dials (through the proxy).
+pub const NODES: [&str; 2] = ["a", "b"];
+
+/// HA settings shared by the pair tests: `ack`, generous timeouts so a loaded machine does not
+/// turn an acknowledged write into a timed-out one.
+pub fn ha_config(base: &Path, node: usize, agents: &[String]) -> Config {
+    let mut cfg = master_config(base, NODES[node], agents);
+    cfg.ha.enabled = true;
+    cfg.ha.nodes = NODES.iter().map(|s| s.to_string()).collect();
+    cfg.ha.local_node = Some(NODES[node].into());
+    cfg.ha.sync = vsm::config::SyncLevel::Ack;
+    cfg.ha.sync_timeout = Duration::from_secs(15);
+    cfg.ha.startup_grace = Duration::from_secs(60);
+    cfg.ha.heartbeat_interval = Duration::from_millis(100);
+    cfg.ha.peer_timeout = Duration::from_secs(5);
+    cfg
+}
+
+/// Two masters `a` and `b` with HA on, `a` dialing `b` through a [`Proxy`].
+pub struct TestPair {
+    pub cfg: [Config; 2],
+    nodes: [Option<TestMaster>; 2],
+    pub proxy: Proxy,
+}
+
+impl TestPair {
+    /// Configures both nodes (`tweak` may change each config) without starting them.
+    pub async fn new(base: &Path, agents: &[String], tweak: impl Fn(usize, &mut Config)) -> TestPair {
+        let cfg = [0, 1].map(|i| {
+            let mut c = ha_config(base, i, agents);
+            tweak(i, &mut c);
+            c
+        });
+        TestPair { cfg, nodes: [None, None], proxy: Proxy::start(1).await }
+    }
+
+    /// Configures and starts both nodes.
+    pub async fn start(base: &Path, agents: &[String], tweak: impl Fn(usize, &mut Config)) -> TestPair {
+        let mut p = TestPair::new(base, agents, tweak).await;
+        p.start_node(1).await;
+        p.start_node(0).await;
+        p
+    }
+
+    pub fn node(&self, i: usize) -> &TestMaster {
+        self.nodes[i].as_ref().unwrap_or_else(|| panic!("node {} is running", NODES[i]))
+    }
+
+    pub fn a(&self) -> &TestMaster {
+        self.node(0)
+    }
+
+    pub fn b(&self) -> &TestMaster {
+        self.node(1)
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].is_some()
+    }
+
+    pub async fn start_node(&mut self, i: usize) {
+        assert!(self.nodes[i].is_none(), "node {} already runs", NODES[i]);
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = if i == 0 {
+            self.proxy.addr()
+        } else {
+            self.proxy.set_target(peer.local_addr().unwrap().port());
+            // b never dials (its id sorts after a's).
+            "127.0.0.1:9".to_string()
+        };
+        self.nodes[i] = Some(TestMaster::start(self.cfg[i].clone(), tcp, Some(peer), Some(peer_addr)).await);
+    }
+
+    /// Stops a node in the orderly way.
+    pub async fn stop_node(&mut self, i: usize) {
+        if let Some(mut m) = self.nodes[i].take() {
+            m.stop().await;
+        }
+    }
+
+    /// Stops a node abruptly (see `Server::kill`).
+    pub async fn kill_node(&mut self, i: usize) {
+        if let Some(mut m) = self.nodes[i].take() {
+            m.kill().await;
+        }
+    }
+
+    /// Removes a stopped node's data directory (a reinstalled machine).
+    pub fn wipe(&self, i: usize) {
+        assert!(self.nodes[i].is_none(), "wipe only a stopped node");
+        let _ = std::fs::remove_dir_all(&self.cfg[i].vsmserver.data_dir);
+    }
+
+    /// Kills and starts a node again, with an empty database when `wipe` is set.
+    pub async fn restart(&mut self, i: usize, wipe: bool) {
+        self.kill_node(i).await;
+        if wipe {
+            self.wipe(i);
+        }
+        self.start_node(i).await;
+    }
+
+    pub fn cut(&self) {
+        self.proxy.cut();
+    }
+
+    pub fn heal(&self) {
+        self.proxy.heal();
+    }
+
+    /// Waits until both nodes are ready and the link streams both ways.
+    pub async fn wait_streaming(&self) -> bool {
+        wait_until(CONVERGE, || async {
+            let (a, b) = (self.a().ha_status().await, self.b().ha_status().await);
+            a.ready && b.ready && a.link == "streaming" && b.link == "streaming"
+        })
+        .await
+    }
+
+    pub async fn assert_converged(&self) {
+        assert_converged(self.a(), self.b()).await;
+    }
+
+    pub async fn stop(mut self) {
+        self.stop_node(0).await;
+        self.stop_node(1).await;
+    }
+}
+
+/// Waits (bounded by [`CONVERGE`]) until both databases have the same digest, then checks that
+/// the live session sets are identical. Panics with the differences otherwise.
+pub async fn assert_converged(a: &TestMaster, b: &TestMaster) {
+    let (da, db) = (a.server().db.clone(), b.server().db.clone());
+    let same = wait_until(CONVERGE, || {
+        let (da, db) = (da.clone(), db.clone());
+        async move {
+            match (da.digest().await, db.digest().await) {
+                (Ok(x), Ok(y)) => x == y,
+                _ => false,
+            }
+        }
+    })
+    .await;
+    let la = da.list(&Default::default()).await.unwrap();
+    let lb = db.list(&Default::default()).await.unwrap();
+    if !same {
+        let ids = |l: &[Session]| l.iter().map(|s| s.id.clone()).collect::<std::collections::BTreeSet<_>>();
+        let (ia, ib) = (ids(&la), ids(&lb));
+        panic!(
+            "the masters did not converge within {CONVERGE:?}:\n a: {} live, status {:?}\n b: {} live, status {:?}\n only on a: {:?}\n only on b: {:?}",
+            la.len(),
+            a.ha_status().await,
+            lb.len(),
+            b.ha_status().await,
+            ia.difference(&ib).collect::<Vec<_>>(),
+            ib.difference(&ia).collect::<Vec<_>>(),
+        );
+    }
+    let sort = |mut l: Vec<Session>| {
+        l.sort_by(|x, y| x.id.cmp(&y.id));
+        l
+    };
+    assert_eq!(sort(la), sort(lb), "same digest but different live sessions");
+}
+
+impl TestMaster {
+    /// Stops abruptly, as a crash would.
+    pub async fn kill(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.kill().await;
+        }
+    }
+
+    pub async fn ha_status(&self) -> HaStatusView {
+        match self.call(ApiRequest::HaStatus).await {
+            ApiReply::HaStatus { status } => status,
+            other => panic!("unexpected reply to ha status: {other:?}"),
+        }
+    }
+
+    /// `tlctl ha check`: `Ok` when ready.
+    pub async fn ha_check(&self) -> Result<(), (ApiErrorKind, String)> {
+        match self.call(ApiRequest::HaCheck).await {
+            ApiReply::Ok { .. } => Ok(()),
+            ApiReply::Error { kind, message } => Err((kind, message)),
+            other => panic!("unexpected reply to ha check: {other:?}"),
+        }
+    }
+
+    /// Stores a made-up session for `user` through the admin API (answered after replication
+    /// in `ack` mode); its agent is `agent`.
+    pub async fn put_session(&self, user: &str, agent: &str) -> Session {
+        let now = vsm::model::now_ms();
+        let s = Session {
+            id: SessionId::random(),
+            user: user.into(),
+            subcluster: "default".into(),
+            agent: agent.into(),
+            agent_address: "127.0.0.1".into(),
+            display: 10,
+            vnc_port: 5910,
+            status: SessionStatus::Disconnected,
+            created_ms: now,
+            last_connect_ms: now,
+            last_client_address: String::new(),
+            pid: 1,
+            command: vec!["true".into()],
+            geometry: "1024x768".into(),
+            client_params: vec![],
+        };
+        let r = self.call(ApiRequest::SessionPut { session: s.clone() }).await;
+        assert!(matches!(r, ApiReply::Ok { .. }), "session put: {r:?}");
+        s
+    }
+
+    /// Ends every session of `user` through the admin API, forgetting those whose agent
+    /// cannot be reached.
+    pub async fn terminate_user(&self, user: &str) -> ApiReply {
+        self.call(ApiRequest::SessionTerminate {
+            selector: Selector { user: Some(user.into()), ..Default::default() },
+            all: false,
+            allow_abandon: true,
+            dry_run: false,
+        })
+        .await
+    }
+
+    pub async fn session_ids(&self) -> std::collections::BTreeSet<SessionId> {
+        self.server().db.list(&Default::default()).await.unwrap().into_iter().map(|s| s.id).collect()
     }
 }

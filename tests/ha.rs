@@ -1,0 +1,563 @@
+//! Two masters with HA in this process: a real peer link (Noise over TCP through a cuttable
+//! proxy), real databases in temporary directories, agents on 127.0.0.1:0.
+//!
+//! Every multi-node test ends with `assert_converged`. Nothing sleeps to synchronise: every
+//! wait polls with a deadline, and no test asserts on timing.
+// `i` names a node: it indexes both the pair and `NODES`.
+#![allow(clippy::needless_range_loop)]
+
+mod common;
+
+use common::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use vsm::db::Write;
+use vsm::model::{Session, SessionId};
+use vsm::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
+
+const T: Duration = Duration::from_secs(20);
+
+/// An agent name nobody answers on: sessions "on" it are stored through the admin API and
+/// forgotten on termination.
+const GHOST: &str = "127.0.0.1:1";
+
+/// Bulk local writes straight into a node's database (volume for resync tests).
+async fn bulk(m: &TestMaster, user: &str, n: usize) -> Vec<SessionId> {
+    let mut ids = vec![];
+    for chunk in 0..n.div_ceil(500) {
+        let mut ws = vec![];
+        for i in 0..500.min(n - chunk * 500) {
+            let mut s = template(&format!("{user}{}", chunk * 500 + i));
+            s.id = SessionId::random();
+            ids.push(s.id.clone());
+            ws.push(Write::Upsert(s));
+        }
+        m.server().db.write_batch(ws).await.unwrap();
+    }
+    ids
+}
+
+fn template(user: &str) -> Session {
+    Session {
+        id: SessionId::random(),
+        user: user.into(),
+        subcluster: "default".into(),
+        agent: GHOST.into(),
+        agent_address: "127.0.0.1".into(),
+        display: 10,
+        vnc_port: 5910,
+        status: vsm::model::SessionStatus::Disconnected,
+        created_ms: 1,
+        last_connect_ms: 1,
+        last_client_address: String::new(),
+        pid: 1,
+        command: vec![],
+        geometry: "1024x768".into(),
+        client_params: vec![],
+    }
+}
+
+/// Every id in `ids` is a live session on `m`.
+async fn has_all(m: &TestMaster, ids: &BTreeSet<SessionId>) -> Result<(), Vec<SessionId>> {
+    let have = m.session_ids().await;
+    let missing: Vec<SessionId> = ids.difference(&have).cloned().collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(missing)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acked_session_is_on_the_peer_when_the_client_is_answered() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
+    assert!(p.wait_streaming().await, "the pair comes up");
+
+    // Through a: no waiting before looking at b.
+    let alice = p.a().connect("alice", false).await.unwrap();
+    let on_b = p.b().server().db.get(&alice.session_id).await.unwrap();
+    let on_a = p.a().server().db.get(&alice.session_id).await.unwrap();
+    assert!(on_b.is_some(), "b has alice's session as soon as a answered");
+    assert_eq!(on_a, on_b);
+
+    // Through b, and a reconnect through b is on a at once too.
+    let bob = p.b().connect("bob", false).await.unwrap();
+    assert!(p.a().server().db.get(&bob.session_id).await.unwrap().is_some(), "a has bob's session");
+    let again = p.b().connect("alice", false).await.unwrap();
+    assert!(again.reconnected);
+    assert_eq!(again.session_id, alice.session_id);
+    let ra = p.a().server().db.record(&alice.session_id).await.unwrap().unwrap();
+    let rb = p.b().server().db.record(&alice.session_id).await.unwrap().unwrap();
+    assert_eq!(ra, rb, "a has b's reconnect (same version) as soon as b answered");
+    assert_eq!(ra.version.node.0, "b");
+
+    // The admin put path, both ways.
+    let s = p.a().put_session("carol", GHOST).await;
+    assert_eq!(p.b().server().db.get(&s.id).await.unwrap().as_ref(), Some(&s));
+    let s = p.b().put_session("dave", GHOST).await;
+    assert_eq!(p.a().server().db.get(&s.id).await.unwrap().as_ref(), Some(&s));
+
+    p.assert_converged().await;
+    p.stop().await;
+    agent.stop().await;
+}
+
+/// Waits until `m` has a link again; with a large backlog it is then catching up.
+async fn link_up(m: &TestMaster) -> bool {
+    wait_until(T, || async { m.ha_status().await.link != "down" }).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_at_every_step_of_resync_lose_nothing_acked() {
+    init_logging();
+    let d = cluster_dir();
+    let mut p = TestPair::start(d.path(), &[], |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    let mut acked = BTreeSet::new();
+    for i in 0..4 {
+        acked.insert(p.node(i % 2).put_session(&format!("acked{i}"), GHOST).await.id);
+    }
+
+    // Restart the receiver and the sender at each step of b's catch-up of a large backlog.
+    // step 0: before the link is up; 1: while catching up; 2: after.
+    for (round, victim) in [(0usize, 1usize), (1, 1), (2, 1), (0, 0), (1, 0), (2, 0)] {
+        p.stop_node(1).await;
+        bulk(p.a(), &format!("r{round}v{victim}u"), 2500).await;
+        p.start_node(1).await;
+        match round {
+            0 => {}
+            1 => {
+                // Usually in the middle of the catch-up; if it was quicker, this is one more
+                // restart right after it.
+                assert!(link_up(p.b()).await, "b links up");
+            }
+            _ => assert!(p.wait_streaming().await, "caught up before the restart"),
+        }
+        p.restart(victim, false).await;
+        assert!(p.wait_streaming().await, "resync completes after restarting {}", NODES[victim]);
+        // Its own database survived, so it catches up from the peer's change log.
+        let r = p.node(victim).ha_status().await.last_resync_received.expect("a resync was received");
+        assert_eq!(r.kind, "incremental", "{} restarted with its data: {r:?}", NODES[victim]);
+        // New acknowledged writes on both sides once streaming again.
+        for i in 0..2 {
+            let s = p.node(i).put_session(&format!("acked-{round}-{victim}-{i}"), GHOST).await;
+            assert!(p.node(1 - i).server().db.get(&s.id).await.unwrap().is_some(), "acked write on the peer");
+            acked.insert(s.id);
+        }
+        for i in 0..2 {
+            if let Err(missing) = has_all(p.node(i), &acked).await {
+                panic!("{} lost acknowledged sessions: {missing:?}", NODES[i]);
+            }
+        }
+    }
+    p.assert_converged().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_back_with_an_empty_database_is_ready_only_with_everything() {
+    init_logging();
+    let d = cluster_dir();
+    let mut p = TestPair::start(d.path(), &[], |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    let mut acked = BTreeSet::new();
+    for i in 0..6 {
+        acked.insert(p.node(i % 2).put_session(&format!("u{i}"), GHOST).await.id);
+    }
+    // The primary dies; the secondary goes on alone with a large backlog.
+    p.kill_node(0).await;
+    acked.insert(p.b().put_session("while-away", GHOST).await.id);
+    bulk(p.b(), "bulk", 6000).await;
+    let on_b = p.b().session_ids().await;
+    assert!(on_b.is_superset(&acked));
+
+    // Reinstalled: empty database.
+    p.wipe(0);
+    p.start_node(0).await;
+    let first = p.a().ha_check().await;
+    assert!(matches!(first, Err((ApiErrorKind::NotReady, _))), "not ready right after start: {first:?}");
+    let done = wait_until(CONVERGE, || async {
+        let ready = p.a().ha_check().await.is_ok();
+        if ready {
+            let st = p.a().ha_status().await;
+            let have = p.a().session_ids().await;
+            let missing = on_b.difference(&have).count();
+            assert_eq!(missing, 0, "a reports ready while {missing} of the peer's sessions are missing ({st:?})");
+            st.link == "streaming"
+        } else {
+            false
+        }
+    })
+    .await;
+    assert!(done, "a became ready and streaming");
+    let st = p.a().ha_status().await;
+    let r = st.last_resync_received.expect("a resync was received");
+    assert_eq!(r.kind, "snapshot", "an empty database gets a full snapshot: {r:?}");
+    p.assert_converged().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_secondary_gets_everything_a_lone_master_has() {
+    init_logging();
+    let d = cluster_dir();
+    let mut p = TestPair::new(d.path(), &[], |_, c| c.ha.startup_grace = Duration::from_millis(300)).await;
+    // First the primary runs without HA at all...
+    let ha = p.cfg[0].ha.clone();
+    p.cfg[0].ha.enabled = false;
+    p.start_node(0).await;
+    let mut before = BTreeSet::new();
+    for i in 0..3 {
+        before.insert(p.a().put_session(&format!("noha{i}"), GHOST).await.id);
+    }
+    p.stop_node(0).await;
+    // ...then with HA, the peer not there: ready after the start-up grace.
+    p.cfg[0].ha = ha;
+    p.start_node(0).await;
+    assert!(wait_until(T, || async { p.a().ha_check().await.is_ok() }).await, "ready by start-up grace");
+    for i in 0..3 {
+        before.insert(p.a().put_session(&format!("alone{i}"), GHOST).await.id);
+    }
+    bulk(p.a(), "bulk", 3000).await;
+    let all = p.a().session_ids().await;
+    assert!(all.is_superset(&before));
+
+    // The secondary joins, fresh. Whenever it says ready, it has everything.
+    p.start_node(1).await;
+    let ok = wait_until(CONVERGE, || async {
+        let st = p.b().ha_status().await;
+        if st.ready && st.link != "down" {
+            let missing = all.difference(&p.b().session_ids().await).count();
+            assert_eq!(missing, 0, "b ready while missing {missing} sessions");
+        }
+        st.ready && st.link == "streaming"
+    })
+    .await;
+    assert!(ok, "b caught up");
+    assert!(has_all(p.b(), &all).await.is_ok());
+    p.assert_converged().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_both_sides_of_a_partition_converge_to_one_winner() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    let mut first = BTreeMap::new();
+    for u in ["alice", "bob", "carol", "dave"] {
+        first.insert(u, p.a().connect(u, false).await.unwrap());
+    }
+    let ghost = p.a().put_session("ghost", GHOST).await;
+
+    p.cut();
+    for i in 0..2 {
+        assert!(wait_until(T, || async { p.node(i).ha_status().await.link == "down" }).await);
+    }
+    // a: ends alice's session, reconnects bob, creates erin.
+    let r = p
+        .a()
+        .call(ApiRequest::TerminateMine { user: Some("alice".into()), session_id: first["alice"].session_id.clone() })
+        .await;
+    assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
+    assert!(p.a().connect("bob", false).await.unwrap().reconnected);
+    let erin = p.a().connect("erin", false).await.unwrap();
+    // b: reconnects bob too (same session changed on both sides), reconnects carol, creates
+    // frank, forgets the ghost session; a changes the ghost session concurrently.
+    assert!(p.b().connect("bob", false).await.unwrap().reconnected);
+    assert!(p.b().connect("carol", false).await.unwrap().reconnected);
+    let frank = p.b().connect("frank", false).await.unwrap();
+    let mut g = ghost.clone();
+    g.last_client_address = "10.0.0.1".into();
+    let r = p.a().call(ApiRequest::SessionPut { session: g }).await;
+    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+    assert!(matches!(p.b().terminate_user("ghost").await, ApiReply::Terminated { .. }));
+    // dave: ended on b, reconnected on a before (the agent still ran it then).
+    assert!(p.a().connect("dave", false).await.unwrap().reconnected);
+    let r = p
+        .b()
+        .call(ApiRequest::TerminateMine { user: Some("dave".into()), session_id: first["dave"].session_id.clone() })
+        .await;
+    assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
+
+    // Expected winners: the higher version of each side's record.
+    let mut expect = BTreeMap::new();
+    for id in [&first["bob"].session_id, &ghost.id, &first["dave"].session_id, &first["alice"].session_id] {
+        let ra = p.a().server().db.record(id).await.unwrap().unwrap();
+        let rb = p.b().server().db.record(id).await.unwrap().unwrap();
+        assert_ne!(ra.version, rb.version, "both sides changed {id}");
+        expect.insert(id.clone(), if ra.version > rb.version { ra } else { rb });
+    }
+
+    p.heal();
+    assert!(p.wait_streaming().await, "the link comes back");
+    p.assert_converged().await;
+    for (id, want) in &expect {
+        for i in 0..2 {
+            let got = p.node(i).server().db.record(id).await.unwrap().unwrap();
+            assert_eq!(&got, want, "{} holds the winner for {id}", NODES[i]);
+        }
+    }
+    let live = p.a().session_ids().await;
+    assert!(live.contains(&erin.session_id) && live.contains(&frank.session_id));
+    assert!(live.contains(&first["carol"].session_id));
+    assert!(!live.contains(&first["alice"].session_id), "alice's session was only ended, never changed elsewhere");
+    p.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_with_the_wrong_secret_is_rejected_and_nothing_it_sent_is_applied() {
+    init_logging();
+    let d = cluster_dir();
+    let other = d.path().join("other-ha.key");
+    write_secret(&other, b"another secret");
+    let mut p = TestPair::new(d.path(), &[], |i, c| {
+        c.ha.startup_grace = Duration::from_millis(200);
+        if i == 1 {
+            c.ha.secret_file = other.clone();
+        }
+    })
+    .await;
+    p.start_node(1).await;
+    assert!(wait_until(T, || async { p.b().ha_check().await.is_ok() }).await);
+    let theirs = p.b().put_session("intruder", GHOST).await;
+    p.start_node(0).await;
+    let mine = p.a().put_session("local", GHOST).await;
+    // a keeps dialing and is turned away each time; both stay apart meanwhile.
+    let seen = p.proxy.accepted();
+    let tried = wait_until(T, || async {
+        for i in 0..2 {
+            let st = p.node(i).ha_status().await;
+            assert_eq!(st.link, "down", "{} never gets a link: {st:?}", NODES[i]);
+        }
+        assert!(p.a().server().db.record(&theirs.id).await.unwrap().is_none(), "nothing of b reaches a");
+        assert!(p.b().server().db.record(&mine.id).await.unwrap().is_none(), "nothing of a reaches b");
+        p.proxy.accepted() >= seen + 3
+    })
+    .await;
+    assert!(tried, "a tried to connect several times");
+    for i in 0..2 {
+        let st = p.node(i).ha_status().await;
+        let why = st.link_error.clone().unwrap_or_default();
+        assert!(why.contains("secret"), "{}'s status says why the link is down: {st:?}", NODES[i]);
+    }
+    // With the right secret they converge.
+    p.stop_node(1).await;
+    p.cfg[1].ha.secret_file = p.cfg[0].ha.secret_file.clone();
+    p.start_node(1).await;
+    assert!(p.wait_streaming().await);
+    p.assert_converged().await;
+    for i in 0..2 {
+        assert!(p.node(i).ha_status().await.link_error.is_none(), "the error clears once linked");
+    }
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_different_subcluster_configuration_is_flagged_on_both_nodes() {
+    init_logging();
+    let d = cluster_dir();
+    let p = TestPair::start(d.path(), &[], |i, c| {
+        if i == 1 {
+            let mut extra = c.subclusters["default"].clone();
+            extra.name = "extra".into();
+            extra.users = vec!["someone".into()];
+            c.subclusters.insert("extra".into(), extra);
+        }
+    })
+    .await;
+    let flagged = wait_until(T, || async {
+        p.a().ha_status().await.config_digest_match == Some(false)
+            && p.b().ha_status().await.config_digest_match == Some(false)
+    })
+    .await;
+    assert!(flagged, "both nodes show the mismatch");
+    // Replication itself goes on.
+    p.a().put_session("x", GHOST).await;
+    p.assert_converged().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_peer_down_ack_answers_degraded_until_the_peer_is_back() {
+    init_logging();
+    let d = cluster_dir();
+    let mut p = TestPair::start(d.path(), &[], |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    let before = p.a().put_session("before", GHOST).await;
+    assert!(!p.a().ha_status().await.degraded);
+    p.stop_node(1).await;
+    assert!(wait_until(T, || async { p.a().ha_status().await.link == "down" }).await);
+    let during = p.a().put_session("during", GHOST).await;
+    let st = p.a().ha_status().await;
+    assert!(st.degraded, "answered without the peer: degraded ({st:?})");
+    assert!(st.degraded_reason.is_some());
+    p.start_node(1).await;
+    let cleared = wait_until(CONVERGE, || async {
+        let st = p.a().ha_status().await;
+        !st.degraded && st.link == "streaming"
+    })
+    .await;
+    assert!(cleared, "degraded clears once the peer caught up: {:?}", p.a().ha_status().await);
+    assert!(has_all(p.b(), &[before.id, during.id].into_iter().collect()).await.is_ok());
+    p.assert_converged().await;
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_ha_nodes_start_the_server_without_ha() {
+    init_logging();
+    let d = cluster_dir();
+    let mut cfg = ha_config(d.path(), 0, &[]);
+    cfg.ha.nodes = vec!["a".into(), "b".into(), "c".into()];
+    let mut m = TestMaster::standalone(cfg).await;
+    let st = m.ha_status().await;
+    assert!(st.configured);
+    assert!(!st.enabled, "{st:?}");
+    let reason = st.reason.clone().unwrap_or_default();
+    assert!(reason.contains("exactly two") && reason.contains("'c'"), "reason explains: {reason}");
+    assert!(st.ready);
+    assert_eq!(m.ha_check().await, Ok(()));
+    // It works as a single master: writes are answered without waiting for anyone.
+    let s = m.put_session("solo", GHOST).await;
+    assert!(m.server().db.get(&s.id).await.unwrap().is_some());
+    m.stop().await;
+}
+
+mod random_operations {
+    //! Random operations on real nodes: the model tracks which sessions must survive (the
+    //! peer had them when the client was answered, or both nodes had them at a convergence
+    //! point) and on which nodes they are durably stored, so a wiped node only loses what it
+    //! alone held.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Create(usize),
+        /// Change a session the node holds (a reconnect), picked by index.
+        Update(usize, prop::sample::Index),
+        Terminate(usize, prop::sample::Index),
+        /// Many local writes at once (not acknowledged to anyone): longer catch-ups.
+        Bulk(usize),
+        Cut,
+        Heal,
+        Restart {
+            node: usize,
+            wipe: bool,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..2usize).prop_map(Op::Create),
+            1 => (0..2usize, any::<prop::sample::Index>()).prop_map(|(n, i)| Op::Update(n, i)),
+            2 => (0..2usize, any::<prop::sample::Index>()).prop_map(|(n, i)| Op::Terminate(n, i)),
+            1 => (0..2usize).prop_map(Op::Bulk),
+            1 => Just(Op::Cut),
+            1 => Just(Op::Heal),
+            1 => (0..2usize, any::<bool>()).prop_map(|(node, wipe)| Op::Restart { node, wipe }),
+        ]
+    }
+
+    /// Sessions that must survive, with the nodes that durably hold them.
+    type Required = BTreeMap<SessionId, BTreeSet<usize>>;
+
+    async fn converge_point(p: &TestPair, required: &mut Required) {
+        p.heal();
+        assert!(p.wait_streaming().await, "the link comes back after healing");
+        p.assert_converged().await;
+        for i in 0..2 {
+            if let Err(missing) = has_all(p.node(i), &required.keys().cloned().collect()).await {
+                panic!("{} lost sessions that had to survive: {missing:?}", NODES[i]);
+            }
+        }
+        for holders in required.values_mut() {
+            *holders = [0, 1].into();
+        }
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let d = cluster_dir();
+        let mut p = TestPair::start(d.path(), &[], |_, _| {}).await;
+        assert!(p.wait_streaming().await);
+        let mut required = Required::new();
+        let mut n = 0;
+        for op in ops {
+            match op {
+                Op::Create(i) => {
+                    n += 1;
+                    let s = p.node(i).put_session(&format!("user{n}"), GHOST).await;
+                    // Answered in `ack` mode: either the peer has it, or the node says it went
+                    // on alone (degraded).
+                    let degraded = p.node(i).ha_status().await.degraded;
+                    let on_peer = p.node(1 - i).server().db.get(&s.id).await.unwrap().is_some();
+                    assert!(on_peer || degraded, "answered without the peer's ack and not degraded");
+                    if on_peer {
+                        required.insert(s.id, [0, 1].into());
+                    }
+                }
+                Op::Update(i, idx) => {
+                    let live = p.node(i).server().db.list(&Default::default()).await.unwrap();
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let mut s = live[idx.index(live.len())].clone();
+                    s.last_connect_ms = vsm::model::now_ms();
+                    s.last_client_address = format!("10.0.0.{i}");
+                    let r = p.node(i).call(ApiRequest::SessionPut { session: s }).await;
+                    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+                }
+                Op::Terminate(i, idx) => {
+                    let live = p.node(i).server().db.list(&Default::default()).await.unwrap();
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let s = &live[idx.index(live.len())];
+                    let r = p.node(i).terminate_user(&s.user).await;
+                    assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
+                    required.remove(&s.id);
+                }
+                Op::Bulk(i) => {
+                    n += 1;
+                    bulk(p.node(i), &format!("bulk{n}-"), 500).await;
+                }
+                Op::Cut => p.cut(),
+                Op::Heal => converge_point(&p, &mut required).await,
+                Op::Restart { node, wipe } => {
+                    p.restart(node, wipe).await;
+                    if wipe {
+                        // What only this node held is gone with it: two failures, not one.
+                        required.retain(|_, holders| {
+                            holders.remove(&node);
+                            !holders.is_empty()
+                        });
+                    }
+                }
+            }
+        }
+        converge_point(&p, &mut required).await;
+        p.stop().await;
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 12,
+            max_shrink_iters: 8,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+        #[test]
+        fn random_operations_converge_and_keep_acknowledged_sessions(ops in prop::collection::vec(op(), 6..20)) {
+            init_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(run(ops));
+        }
+    }
+}
