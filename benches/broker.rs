@@ -202,7 +202,7 @@ async fn memory(n: u64, clients: usize) -> Memory {
     std::fs::write(
         conf.join("vsmserver.toml"),
         format!(
-            "[vsmserver]\nsocket_path = \"{}\"\ndata_dir = \"{}\"\nlisten_port = {port}\nreconcile_interval = \"1h\"\n\
+            "[vsmserver]\nsocket_path = \"{}\"\ndata_dir = \"{}\"\nlisten_port = {port}\nhttp_port = 0\nreconcile_interval = \"1h\"\n\
              session_startup_dir = \"{}\"\nsession_reconnect_dir = \"{}\"\n",
             socket.display(),
             dir.path().join("data").display(),

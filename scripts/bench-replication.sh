@@ -59,8 +59,8 @@ PG_PRIMARY_PORT=15432
 PG_STANDBY_PORT=15433
 REDIS_MASTER_PORT=16379
 REDIS_REPLICA_PORT=16380
-# vsm pair number i (one per --vsm-sync value): node a API 19100+20i, HA 19101+20i;
-# node b API 19110+20i, HA 19111+20i.
+# vsm pair number i (one per --vsm-sync value): node a API 19100+20i, HA 19101+20i, HTTP
+# 19102+20i; node b API 19110+20i, HA 19111+20i, HTTP 19112+20i.
 VSM_PORT_BASE=19100
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -144,7 +144,7 @@ if want vsm; then
     i=0
     for _ in $VSM_SYNC; do
         b=$((VSM_PORT_BASE + 20 * i))
-        ports+=($b $((b + 1)) $((b + 10)) $((b + 11)))
+        ports+=($b $((b + 1)) $((b + 2)) $((b + 10)) $((b + 11)) $((b + 12)))
         i=$((i + 1))
     done
 fi
@@ -316,7 +316,8 @@ setup_vsm() {
             quiet "$TMP/tl-config-$i-$node.log" target/release/tl-config --config-dir "$dir/conf" \
                 /HA/enabled=true "/HA/nodes=vsm-a vsm-b" "/HA/local_node=vsm-$node" \
                 /HA/port=$((api + 1)) "/HA/secret_file=$TMP/ha.key" "/HA/sync=$ha" \
-                /vsmserver/listen_port=$api "/vsmserver/socket_path=$dir/vsmserver.sock" \
+                /vsmserver/listen_port=$api /vsmserver/http_port=$((api + 2)) \
+                "/vsmserver/socket_path=$dir/vsmserver.sock" \
                 "/vsmserver/data_dir=$dir/data" "/vsm/secret_file=$TMP/cluster.key" \
                 "/vsmserver/db_synchronous=$sync" \
                 "/vsmserver/session_startup_dir=$dir/startup.d" \
@@ -326,7 +327,7 @@ setup_vsm() {
                 >"$TMP/vsm-$i-$node.log" 2>&1 &
             PIDS+=($!)
         done
-        log "vsm: two masters on loopback (ports $base..$((base + 11))), HA sync=$ha, db_synchronous=$sync"
+        log "vsm: two masters on loopback (ports $base..$((base + 12))), HA sync=$ha, db_synchronous=$sync"
         local sock="$TMP/vsm-$i-a/vsmserver.sock"
         if ! wait_for "vsm master a ($label) to be ready" 60 vsm_ready "$sock"; then
             tail -n 20 "$TMP/vsm-$i-a.log" "$TMP/vsm-$i-b.log" >&2

@@ -296,8 +296,15 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `uptime` and the core count, printed before the figures.
+/// `uptime` and the core count, printed before the figures. Also turns on logging to
+/// stderr when `RUST_LOG` is set (to see what the masters do during a run).
 pub fn machine_note() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     println!(

@@ -429,6 +429,8 @@ impl ConnCounter {
 }
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most peer messages encoded into one write.
+const WRITE_COALESCE: usize = 16;
 
 async fn accept_loop(
     l: TcpListener,
@@ -558,8 +560,10 @@ async fn run_conn<S>(
             if writer.feed(&m).is_err() {
                 break;
             }
-            // Coalesce whatever else is queued into one flush.
-            while let Ok(m) = wrx.try_recv() {
+            // Coalesce what else is queued into one flush, but not a whole snapshot: the
+            // peer starts on the first chunks while later ones are still being encoded.
+            for _ in 1..WRITE_COALESCE {
+                let Ok(m) = wrx.try_recv() else { break };
                 if writer.feed(&m).is_err() {
                     return;
                 }
