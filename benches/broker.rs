@@ -214,7 +214,7 @@ async fn memory(n: u64, clients: usize) -> Memory {
     let mut child = tokio::process::Command::new(vsmserver_bin())
         .arg("--config-dir")
         .arg(&conf)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "error")
         .kill_on_drop(true)
         .spawn()
         .expect("spawn vsmserver");

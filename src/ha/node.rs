@@ -594,8 +594,10 @@ async fn run_conn<S>(
 
 /// Peer messages taken from the link queue at once (their applies may merge).
 const LINK_DRAIN: usize = 64;
-/// Most records in one merged apply (one transaction).
-const MERGE_RECORDS: usize = 20_000;
+/// Most records in one merged apply (one transaction). Small enough that the engine task,
+/// which waits for the apply, still answers heartbeats well within the peer timeout on a
+/// loaded machine (a snapshot comes in chunks of 1,000).
+const MERGE_RECORDS: usize = 4_000;
 
 /// Consecutive `Apply` commands waiting to run as one database call.
 struct MergedApply {
