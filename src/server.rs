@@ -189,6 +189,7 @@ impl Server {
                 bg_cancel.clone(),
             ));
         }
+        background.spawn(probe_loop(broker.clone(), ha.clone(), !ov.no_background_reconcile, bg_cancel.clone()));
         background.spawn(housekeeping_loop(db.clone(), ha.clone(), bg_cancel.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!("vsmserver ready");
@@ -260,6 +261,43 @@ async fn reconcile_loop(broker: Broker, ha: Arc<HaNode>, every: Duration, cancel
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
             _ = wake.changed() => {}
+        }
+    }
+}
+
+/// How often agents counted as unreachable are asked whether they answer again, so that an
+/// agent that was down or stalled is placeable again well within a second of its first answer.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Probes unreachable agents (one call in flight per agent, so a stalled agent does not delay
+/// the others); an agent that answers again is reconciled at once when this node serves
+/// clients and `reconcile` is set.
+async fn probe_loop(broker: Broker, ha: Arc<HaNode>, reconcile: bool, cancel: CancellationToken) {
+    let mut probes = tokio::task::JoinSet::new();
+    let mut in_flight = std::collections::BTreeSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_EVERY) => {
+                for agent in broker.unreachable_agents() {
+                    if in_flight.insert(agent.clone()) {
+                        let b = broker.clone();
+                        probes.spawn(async move {
+                            let back = b.probe(&agent).await;
+                            (agent, back)
+                        });
+                    }
+                }
+            }
+            Some(done) = probes.join_next(), if !probes.is_empty() => {
+                let Ok((agent, back)) = done else { continue };
+                in_flight.remove(&agent);
+                if back && reconcile && ha.serves_clients() {
+                    if let Err(e) = broker.reconcile_agents([agent].into()).await {
+                        tracing::warn!(error = %e, "reconciliation with an agent that answers again failed");
+                    }
+                }
+            }
         }
     }
 }

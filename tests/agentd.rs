@@ -314,7 +314,7 @@ async fn requests_map_to_replies_with_the_agent_address() {
     let (mgr, _rx) = t.open().await;
     let local: std::net::SocketAddr = "192.0.2.10:904".parse().unwrap();
     let agent = Agent::new(mgr.clone(), None);
-    let req = AgentRequest::Start { session_id: sid("r1"), user: me(), geometry: None };
+    let req = AgentRequest::Start { session_id: sid("r1"), user: me(), geometry: None, wait_ms: None };
     let AgentReply::Started { session } = agent.handle(req, local).await else { panic!("expected Started") };
     assert_eq!(session.agent_address, "192.0.2.10");
     let named = Agent::new(mgr.clone(), Some("agent1.example.org".into()));
@@ -326,14 +326,47 @@ async fn requests_map_to_replies_with_the_agent_address() {
     assert_eq!(load.sessions, 1);
     assert!(load.cpus >= 1 && load.mem_total_kib > 0);
 
-    let bad = AgentRequest::Start { session_id: sid("r2"), user: me(), geometry: Some("big".into()) };
+    let bad = AgentRequest::Start { session_id: sid("r2"), user: me(), geometry: Some("big".into()), wait_ms: None };
     assert!(matches!(agent.handle(bad, local).await, AgentReply::Error { kind: AgentErrorKind::BadRequest, .. }));
     let v = AgentRequest::Verify { session_id: sid("r1"), display: session.display };
     assert_eq!(agent.handle(v, local).await, AgentReply::Verified { alive: true });
-    let term = AgentRequest::Terminate { session_id: sid("r1"), display: session.display };
+    let term = AgentRequest::Terminate { session_id: sid("r1"), display: session.display, wait_ms: None };
     assert_eq!(agent.handle(term, local).await, AgentReply::Terminated { was_running: true });
     let v = AgentRequest::Verify { session_id: sid("r1"), display: session.display };
     assert_eq!(agent.handle(v, local).await, AgentReply::Verified { alive: false });
+}
+
+#[tokio::test]
+async fn requests_the_master_no_longer_waits_for_are_not_carried_out() {
+    let t = TestAgent::new(&["sleep", "600"]);
+    let (mgr, _rx) = t.open().await;
+    let local: std::net::SocketAddr = "192.0.2.10:904".parse().unwrap();
+    let agent = Agent::new(mgr.clone(), None);
+    let abandoned = |r: &AgentReply| matches!(r, AgentReply::Error { kind: AgentErrorKind::Abandoned, .. });
+
+    // The master's connection is gone: nothing is started.
+    let gone = || false;
+    let fence = vsm::agentd::Fence::new(Instant::now(), &gone);
+    let req = AgentRequest::Start { session_id: sid("f1"), user: me(), geometry: None, wait_ms: Some(60_000) };
+    assert!(abandoned(&agent.handle_fenced(req, local, &fence).await));
+    assert!(mgr.list().is_empty());
+
+    // The master stops waiting while the session starts (start_check is 100 ms): it is ended.
+    let req = AgentRequest::Start { session_id: sid("f2"), user: me(), geometry: None, wait_ms: Some(20) };
+    assert!(abandoned(&agent.handle(req, local).await));
+    assert!(mgr.list().is_empty(), "the late session was ended again");
+
+    // A terminate on a connection that is gone leaves the session running.
+    let req = AgentRequest::Start { session_id: sid("f3"), user: me(), geometry: None, wait_ms: Some(60_000) };
+    let AgentReply::Started { session } = agent.handle(req, local).await else { panic!("expected Started") };
+    let term = AgentRequest::Terminate { session_id: sid("f3"), display: session.display, wait_ms: Some(60_000) };
+    assert!(abandoned(&agent.handle_fenced(term.clone(), local, &fence).await));
+    assert!(mgr.verify(&sid("f3"), session.display));
+    // With no time left it is not carried out either; in time, it is.
+    let late = AgentRequest::Terminate { session_id: sid("f3"), display: session.display, wait_ms: Some(0) };
+    assert!(abandoned(&agent.handle(late, local).await));
+    assert!(mgr.verify(&sid("f3"), session.display));
+    assert_eq!(agent.handle(term, local).await, AgentReply::Terminated { was_running: true });
 }
 
 /// A configuration directory for the `vsmagent` binary.
@@ -487,7 +520,7 @@ impl TestDaemon {
 async fn masters_start_list_and_terminate_over_the_secure_channel() {
     let d = TestDaemon::start(1).await;
     let AgentReply::Started { session } =
-        d.call(AgentRequest::Start { session_id: sid("net1"), user: me(), geometry: None }).await
+        d.call(AgentRequest::Start { session_id: sid("net1"), user: me(), geometry: None, wait_ms: None }).await
     else {
         panic!("expected Started")
     };
@@ -501,7 +534,7 @@ async fn masters_start_list_and_terminate_over_the_secure_channel() {
     let Some(AgentReply::Sessions { sessions, load }) = c.recv().await.unwrap() else { panic!("expected Sessions") };
     assert_eq!(sessions, vec![session.clone()]);
     assert_eq!(load.sessions, 1);
-    c.send(&AgentRequest::Terminate { session_id: sid("net1"), display: 100 }).await.unwrap();
+    c.send(&AgentRequest::Terminate { session_id: sid("net1"), display: 100, wait_ms: None }).await.unwrap();
     assert_eq!(c.recv().await.unwrap(), Some(AgentReply::Terminated { was_running: true }));
     assert!(gone(session.pid));
     d.stop().await;
@@ -543,7 +576,7 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
     });
 
     let AgentReply::Started { session } =
-        d.call(AgentRequest::Start { session_id: sid("rep1"), user: me(), geometry: None }).await
+        d.call(AgentRequest::Start { session_id: sid("rep1"), user: me(), geometry: None, wait_ms: None }).await
     else {
         panic!("expected Started")
     };
@@ -565,7 +598,7 @@ async fn exit_reports_reach_the_master_after_it_comes_back() {
 async fn stopping_the_daemon_leaves_sessions_running_for_the_next_one() {
     let d = TestDaemon::start_with(1, false).await;
     let AgentReply::Started { session } =
-        d.call(AgentRequest::Start { session_id: sid("stay"), user: me(), geometry: None }).await
+        d.call(AgentRequest::Start { session_id: sid("stay"), user: me(), geometry: None, wait_ms: None }).await
     else {
         panic!("expected Started")
     };

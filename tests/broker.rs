@@ -171,7 +171,7 @@ async fn an_agent_that_cannot_start_sessions_is_skipped() {
     for u in ["u1", "u2", "u3"] {
         assert_eq!(m.connect(u, false).await.unwrap().agent, good.name, "{u} lands on the working agent");
     }
-    let r = m.call(ApiRequest::LoadList).await;
+    let r = m.call(ApiRequest::LoadList { refresh: false }).await;
     let ApiReply::Loads { agents } = r else { panic!("{r:?}") };
     let b = agents.iter().find(|a| a.agent == broken.name).unwrap();
     assert!(b.penalised_ms.is_some(), "the failing agent is penalised: {b:?}");
@@ -455,6 +455,191 @@ async fn health_and_metrics_over_http() {
     let r = get(http_port, "POST /metrics HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 405"), "{r}");
     let mut m = m;
+    m.stop().await;
+    agent.stop().await;
+}
+
+// ----- Agents that stall or answer late: fenced actions and reachability -----
+
+/// A master whose only agent sits behind a [`Relay`], with a short agent timeout.
+async fn relayed_cluster(
+    tweak: impl Fn(&mut vsm::config::Config),
+) -> (tempfile::TempDir, TestAgent, Relay, TestMaster) {
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = TestAgent::start(dir.path(), 0, tcp.local_addr().unwrap().port(), sleep_command()).await;
+    let relay = Relay::start(agent.port).await;
+    let mut cfg = master_config(dir.path(), "master", &[relay.name()]);
+    cfg.vsmserver.agent_timeout = Duration::from_secs(1);
+    tweak(&mut cfg);
+    let m = TestMaster::start(cfg, tcp, None, None).await;
+    (dir, agent, relay, m)
+}
+
+fn sessions_of(list: &[vsm::proto::agent::AgentSession], user: &str) -> usize {
+    list.iter().filter(|s| s.user == user).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_the_master_gave_up_on_is_never_carried_out() {
+    let (d, agent, relay, mut m) = relayed_cluster(|c| c.vsmserver.max_sessions_per_user = 1).await;
+    m.connect("warm", false).await.unwrap();
+    // The agent stops reading (as under SIGSTOP): the request waits in the network.
+    let held = relay.open_connections();
+    relay.hold_requests();
+    let (kind, msg) = m.connect("alice", false).await.unwrap_err();
+    assert_eq!(kind, ApiErrorKind::StartFailed, "{msg}");
+    // It resumes and reads the request the master gave up on.
+    relay.release();
+    assert!(wait_until(T, || async { relay.closed(&held) }).await, "the held request was delivered");
+    assert_eq!(sessions_of(&agent_sessions(d.path(), agent.port).await, "alice"), 0, "no ghost desktop");
+    let sum = m.server().broker.reconcile_all().await.unwrap();
+    assert_eq!(sum.recovered, 0, "{sum:?}");
+    // The user gets exactly one session afterwards.
+    m.connect("alice", false).await.unwrap();
+    assert_eq!(sessions_of(&agent_sessions(d.path(), agent.port).await, "alice"), 1);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_answered_too_late_is_ended_and_never_adopted() {
+    let (d, agent, relay, mut m) = relayed_cluster(|c| c.vsmserver.max_sessions_per_user = 1).await;
+    m.connect("warm", false).await.unwrap();
+    // The agent acts at once but its answer arrives after the master gave up.
+    relay.hold_answers();
+    let (kind, msg) = m.connect("alice", false).await.unwrap_err();
+    assert_eq!(kind, ApiErrorKind::StartFailed, "{msg}");
+    relay.release();
+    let (db, broker) = (m.server().db.clone(), m.server().broker.clone());
+    let base = d.path().to_path_buf();
+    let ended = wait_until(T, || {
+        let (broker, base) = (broker.clone(), base.clone());
+        async move {
+            let sum = broker.reconcile_all().await.unwrap();
+            assert_eq!(sum.recovered, 0, "a desktop nobody was told about is never adopted: {sum:?}");
+            sessions_of(&agent_sessions(&base, agent.port).await, "alice") == 0
+        }
+    })
+    .await;
+    assert!(ended, "the late desktop is ended");
+    let alice = vsm::db::SessionFilter { user: Some("alice".into()), ..Default::default() };
+    assert!(db.list(&alice).await.unwrap().is_empty());
+    m.connect("alice", false).await.unwrap();
+    assert_eq!(sessions_of(&agent_sessions(d.path(), agent.port).await, "alice"), 1, "the limit holds");
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_without_answer_is_pending_and_carried_out() {
+    let (d, agent, relay, mut m) = relayed_cluster(|_| {}).await;
+    let a = m.connect("alice", false).await.unwrap();
+    let held = relay.open_connections();
+    relay.hold_requests();
+    let r = m.call(ApiRequest::TerminateMine { user: Some("alice".into()), session_id: a.session_id.clone() }).await;
+    let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
+    assert!(outcome.terminated.is_empty() && outcome.failed.is_empty(), "{outcome:?}");
+    let (s, why) = &outcome.pending[0];
+    assert_eq!(s.id, a.session_id);
+    assert!(why.contains("pending") && !why.contains("could not start"), "{why}");
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_none(), "no longer listed");
+    relay.release();
+    assert!(wait_until(T, || async { relay.closed(&held) }).await, "the held request was delivered");
+    // Whether or not the agent saw the master's close before the late request (the relay
+    // cannot deliver both at once as a stopped agent's kernel would; `tests/agentd.rs` checks
+    // the agent's side), the master carries the termination out once the agent answers.
+    let sum = m.server().broker.reconcile_all().await.unwrap();
+    assert_eq!(sum.recovered, 0, "{sum:?}");
+    let base = d.path().to_path_buf();
+    assert!(wait_until(T, || async { sessions_of(&agent_sessions(&base, agent.port).await, "alice") == 0 }).await);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_that_cannot_reach_the_agent_fails_with_the_right_words() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    agent.stop().await;
+    let r = m.call(ApiRequest::TerminateMine { user: Some("alice".into()), session_id: a.session_id.clone() }).await;
+    let ApiReply::Error { kind, message } = r else { panic!("{r:?}") };
+    assert_eq!(kind, ApiErrorKind::TerminateFailed);
+    assert!(message.contains("could not end") && !message.contains("could not start"), "{message}");
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_some(), "still listed");
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_that_answers_again_is_placeable_at_once() {
+    let (_d, agent, relay, mut m) = relayed_cluster(|_| {}).await;
+    m.connect("alice", false).await.unwrap();
+    relay.hold_requests();
+    m.connect("bob", false).await.unwrap_err();
+    relay.release();
+    // One successful call is enough: alice's verify marks the agent reachable again.
+    assert!(m.connect("alice", false).await.unwrap().reconnected);
+    let c = m.connect("carol", false).await;
+    assert!(c.is_ok(), "{c:?}");
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newly_started_agent_becomes_placeable_without_a_reconciliation() {
+    init_logging();
+    let dir = cluster_dir();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let master_port = tcp.local_addr().unwrap().port();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let name = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
+    let mut m = TestMaster::start(master_config(dir.path(), "master", &[name.clone()]), tcp, None, None).await;
+    // Not started yet: the first login fails and the agent counts as unreachable.
+    m.connect("alice", false).await.unwrap_err();
+    let reachable = |refresh: bool| {
+        let target = m.target();
+        async move {
+            match vsm::client::call(&target, &ApiRequest::LoadList { refresh }, T).await.unwrap() {
+                ApiReply::Loads { agents } => agents.iter().all(|a| a.reachable && a.load.is_some()),
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    assert!(!reachable(false).await);
+    let agent = TestAgent::start_on(dir.path(), 0, master_port, sleep_command(), l).await;
+    // Reconciliation runs hourly here: only the probe of unreachable agents can see it.
+    assert!(wait_until(T, || reachable(false)).await, "the new agent is seen without a reconciliation");
+    m.connect("alice", false).await.unwrap();
+    // `tlctl load list --refresh` asks every agent now.
+    assert!(reachable(true).await);
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_reports_only_end_sessions_of_the_reporting_agent() {
+    use vsm::proto::agent::{AgentReport, ReportAck};
+    let (d, agent, mut m) = one_agent_cluster().await;
+    let a = m.connect("alice", false).await.unwrap();
+    let secret = vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap();
+    let report = |from: &'static str, display: u32| {
+        let (secret, id, port) = (secret.clone(), a.session_id.clone(), m.tcp_port);
+        async move {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.bind(format!("{from}:0").parse().unwrap()).unwrap();
+            let s = sock.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+            let mut c = vsm::proto::secure::connect(s, &secret, vsm::proto::secure::PROLOGUE_REPORT).await.unwrap();
+            c.send(&AgentReport::SessionExited { session_id: id, display, exit_status: Some(0) }).await.unwrap();
+            c.recv::<ReportAck>().await.unwrap()
+        }
+    };
+    // Another host holding the cluster key, and the right host naming another display.
+    assert_eq!(report("127.0.0.2", a.display).await, Some(ReportAck::Accepted));
+    assert_eq!(report("127.0.0.1", a.display + 1).await, Some(ReportAck::Accepted));
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_some(), "forged reports change nothing");
+    assert_eq!(report("127.0.0.1", a.display).await, Some(ReportAck::Accepted));
+    assert!(m.server().db.get(&a.session_id).await.unwrap().is_none());
     m.stop().await;
     agent.stop().await;
 }

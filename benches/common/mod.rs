@@ -51,7 +51,7 @@ pub async fn noop_agent() -> String {
             tokio::spawn(async move {
                 let _ = serve_agent_conn(sock, &secret, |req| {
                     let reply = match req {
-                        AgentRequest::Start { session_id, user, geometry } => {
+                        AgentRequest::Start { session_id, user, geometry, .. } => {
                             let d = display.fetch_add(1, Ordering::Relaxed);
                             AgentReply::Started {
                                 session: AgentSession {

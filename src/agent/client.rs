@@ -8,6 +8,10 @@
 //!   the agent's idle timeout; a call on a reused connection that finds it closed before any
 //!   reply is retried once on a fresh connection. A fresh connection is never retried.
 //! - No `std::sync::Mutex` is held across an `.await`.
+//! - Fencing: every `Start` and `Terminate` says how long the master still waits for it; a
+//!   call given up after its request went out is [`AgentCallError::NoAnswer`] (the agent may
+//!   or may not have acted), and its connection is reset rather than closed, so the kernel
+//!   drops whatever it had not yet delivered instead of retransmitting it later.
 
 use crate::config::Config;
 use crate::model::SessionId;
@@ -45,6 +49,10 @@ pub enum AgentCallError {
     /// mark the agent unreachable.
     #[error("agent {agent} is unreachable: {reason}")]
     Unreachable { agent: String, reason: String },
+    /// The request went out but no answer came in time, or the link dropped before one:
+    /// the agent may or may not have acted on it. Counts as unreachable.
+    #[error("agent {agent} did not answer in time: {reason}")]
+    NoAnswer { agent: String, reason: String },
     /// The agent rejected us (wrong secret, not in its allowed clients, another link kind):
     /// a configuration problem to report loudly.
     #[error("agent {agent} refused the link: {reason}")]
@@ -62,18 +70,25 @@ impl AgentCallError {
     pub fn agent(&self) -> &str {
         match self {
             AgentCallError::Unreachable { agent, .. }
+            | AgentCallError::NoAnswer { agent, .. }
             | AgentCallError::Refused { agent, .. }
             | AgentCallError::Protocol { agent, .. }
             | AgentCallError::AgentError { agent, .. } => agent,
         }
     }
 
-    /// True for [`AgentCallError::Unreachable`].
+    /// True for [`AgentCallError::Unreachable`] and [`AgentCallError::NoAnswer`].
     pub fn is_unreachable(&self) -> bool {
-        matches!(self, AgentCallError::Unreachable { .. })
+        matches!(self, AgentCallError::Unreachable { .. } | AgentCallError::NoAnswer { .. })
     }
 
-    fn from_proto(agent: &str, e: ProtoError) -> AgentCallError {
+    /// True when the request may have reached the agent although no answer came back.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, AgentCallError::NoAnswer { .. })
+    }
+
+    /// `sent`: the request had (at least partly) gone out when `e` happened.
+    fn from_proto(agent: &str, e: ProtoError, sent: bool) -> AgentCallError {
         let agent = agent.to_string();
         let reason = e.to_string();
         if e.is_auth_failure() {
@@ -83,7 +98,13 @@ impl AgentCallError {
             ProtoError::Io(_)
             | ProtoError::Truncated { .. }
             | ProtoError::Handshake(_)
-            | ProtoError::Timeout { .. } => AgentCallError::Unreachable { agent, reason },
+            | ProtoError::Timeout { .. } => {
+                if sent {
+                    AgentCallError::NoAnswer { agent, reason }
+                } else {
+                    AgentCallError::Unreachable { agent, reason }
+                }
+            }
             _ => AgentCallError::Protocol { agent, reason },
         }
     }
@@ -121,7 +142,18 @@ enum ExchangeError {
     Other(ProtoError),
 }
 
-async fn exchange(conn: &mut SecureConn<TcpStream>, req: &AgentRequest) -> Result<AgentReply, ExchangeError> {
+/// One request and its reply; `sent` is set before the first byte may go out.
+async fn exchange(
+    conn: &mut SecureConn<TcpStream>,
+    req: &mut AgentRequest,
+    deadline: Instant,
+    sent: &mut bool,
+) -> Result<AgentReply, ExchangeError> {
+    // What is left of the call's budget, less a tenth for the way there; the agent counts it
+    // from when it reads the request.
+    let left = deadline.saturating_duration_since(Instant::now());
+    req.set_wait(left - left / 10);
+    *sent = true;
     if let Err(e) = conn.send(req).await {
         return Err(match e {
             ProtoError::Io(_) => ExchangeError::Closed(e),
@@ -166,37 +198,76 @@ impl AgentClient {
     /// Send `req` to `agent` (a subcluster `agents` entry: host name or address, optionally
     /// with `:port`) and return its reply. `AgentReply::Error` becomes
     /// [`AgentCallError::AgentError`].
-    pub async fn call(&self, agent: &str, req: AgentRequest) -> Result<AgentReply, AgentCallError> {
+    pub async fn call(&self, agent: &str, mut req: AgentRequest) -> Result<AgentReply, AgentCallError> {
         let timeout = self.inner.cfg.timeout;
-        match tokio::time::timeout(timeout, self.call_inner(agent, &req)).await {
+        let deadline = Instant::now() + timeout;
+        let mut sent = false;
+        // The connection of the exchange in progress lives here, outside the timed future,
+        // so that a call given up can reset it.
+        let mut slot = None;
+        match tokio::time::timeout(timeout, self.call_inner(agent, &mut req, deadline, &mut sent, &mut slot)).await {
             Ok(r) => r,
-            Err(_) => Err(AgentCallError::Unreachable {
-                agent: agent.to_string(),
-                reason: format!("no answer within {timeout:?}"),
-            }),
+            Err(_) => {
+                if let Some(conn) = slot.take() {
+                    reset(conn);
+                }
+                let agent = agent.to_string();
+                let reason = format!("no answer within {timeout:?}");
+                Err(if sent {
+                    AgentCallError::NoAnswer { agent, reason }
+                } else {
+                    AgentCallError::Unreachable { agent, reason }
+                })
+            }
         }
     }
 
-    async fn call_inner(&self, agent: &str, req: &AgentRequest) -> Result<AgentReply, AgentCallError> {
-        if let Some(mut conn) = self.take_idle(agent) {
-            match exchange(&mut conn, req).await {
+    async fn call_inner(
+        &self,
+        agent: &str,
+        req: &mut AgentRequest,
+        deadline: Instant,
+        sent: &mut bool,
+        slot: &mut Option<SecureConn<TcpStream>>,
+    ) -> Result<AgentReply, AgentCallError> {
+        if let Some(conn) = self.take_idle(agent) {
+            let conn = slot.insert(conn);
+            match exchange(conn, req, deadline, sent).await {
                 Ok(reply) => {
-                    self.put_idle(agent, conn);
+                    if let Some(conn) = slot.take() {
+                        self.put_idle(agent, conn);
+                    }
                     return classify(agent, reply);
                 }
                 // Most likely the agent restarted since, closing every pooled connection:
                 // forget them and try once on a fresh connection.
-                Err(ExchangeError::Closed(_)) => self.drop_idle(agent),
-                Err(ExchangeError::Other(e)) => return Err(AgentCallError::from_proto(agent, e)),
+                Err(ExchangeError::Closed(_)) => {
+                    *slot = None;
+                    self.drop_idle(agent)
+                }
+                Err(ExchangeError::Other(e)) => {
+                    *slot = None;
+                    return Err(AgentCallError::from_proto(agent, e, *sent));
+                }
             }
         }
-        let mut conn = self.open(agent).await?;
-        match exchange(&mut conn, req).await {
+        let conn = self.open(agent).await.map_err(|e| match e {
+            // A stale pooled connection took the request: it may have been read.
+            AgentCallError::Unreachable { agent, reason } if *sent => AgentCallError::NoAnswer { agent, reason },
+            e => e,
+        })?;
+        let conn = slot.insert(conn);
+        match exchange(conn, req, deadline, sent).await {
             Ok(reply) => {
-                self.put_idle(agent, conn);
+                if let Some(conn) = slot.take() {
+                    self.put_idle(agent, conn);
+                }
                 classify(agent, reply)
             }
-            Err(ExchangeError::Closed(e) | ExchangeError::Other(e)) => Err(AgentCallError::from_proto(agent, e)),
+            Err(ExchangeError::Closed(e) | ExchangeError::Other(e)) => {
+                *slot = None;
+                Err(AgentCallError::from_proto(agent, e, *sent))
+            }
         }
     }
 
@@ -204,7 +275,9 @@ impl AgentClient {
         let unreachable = |reason: String| AgentCallError::Unreachable { agent: agent.to_string(), reason };
         let target = Target::parse(agent, self.inner.cfg.port).map_err(|e| unreachable(e.to_string()))?;
         let stream = connect_tcp(&target).await.map_err(|e| unreachable(e.to_string()))?;
-        connect(stream, &self.inner.cfg.secret, PROLOGUE_AGENT).await.map_err(|e| AgentCallError::from_proto(agent, e))
+        connect(stream, &self.inner.cfg.secret, PROLOGUE_AGENT)
+            .await
+            .map_err(|e| AgentCallError::from_proto(agent, e, false))
     }
 
     fn take_idle(&self, agent: &str) -> Option<SecureConn<TcpStream>> {
@@ -212,7 +285,9 @@ impl AgentClient {
         let idle = pool.get_mut(agent)?;
         let now = Instant::now();
         while let Some(c) = idle.pop() {
-            if now.duration_since(c.since) < POOL_IDLE {
+            // One the agent closed meanwhile (it restarted) is dropped before it could take
+            // a request, so that a request is only ever sent where it can be answered.
+            if now.duration_since(c.since) < POOL_IDLE && c.conn.peer_open() {
                 return Some(c.conn);
             }
         }
@@ -246,7 +321,7 @@ impl AgentClient {
         user: &str,
         geometry: Option<String>,
     ) -> Result<AgentSession, AgentCallError> {
-        let req = AgentRequest::Start { session_id, user: user.to_string(), geometry };
+        let req = AgentRequest::Start { session_id, user: user.to_string(), geometry, wait_ms: None };
         match self.call(agent, req).await? {
             AgentReply::Started { session } => Ok(session),
             other => Err(unexpected(agent, "started", &other)),
@@ -263,7 +338,7 @@ impl AgentClient {
 
     /// End a session; `Ok(was_running)`.
     pub async fn terminate(&self, agent: &str, session_id: SessionId, display: u32) -> Result<bool, AgentCallError> {
-        match self.call(agent, AgentRequest::Terminate { session_id, display }).await? {
+        match self.call(agent, AgentRequest::Terminate { session_id, display, wait_ms: None }).await? {
             AgentReply::Terminated { was_running } => Ok(was_running),
             other => Err(unexpected(agent, "terminated", &other)),
         }
@@ -284,6 +359,14 @@ impl AgentClient {
             other => Err(unexpected(agent, "load", &other)),
         }
     }
+}
+
+/// Closes a connection whose call was given up with a reset: the kernel then drops the
+/// request if it has not yet been delivered (an agent behind a pulled cable) instead of
+/// retransmitting it when the path heals, and an agent that reads it late finds the link gone.
+fn reset(conn: SecureConn<TcpStream>) {
+    let _ = socket2::SockRef::from(conn.get_ref()).set_linger(Some(Duration::ZERO));
+    drop(conn);
 }
 
 fn classify(agent: &str, reply: AgentReply) -> Result<AgentReply, AgentCallError> {

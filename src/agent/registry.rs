@@ -144,7 +144,7 @@ impl AgentRegistry {
                 s.reachable = true;
                 s.consecutive_failures = 0;
             }
-            AgentCallError::Unreachable { .. } | AgentCallError::Refused { .. } => {
+            AgentCallError::Unreachable { .. } | AgentCallError::NoAnswer { .. } | AgentCallError::Refused { .. } => {
                 s.reachable = false;
                 s.consecutive_failures = s.consecutive_failures.saturating_add(1);
             }

@@ -53,7 +53,11 @@ pub async fn serve(
             },
         };
         let reply = match req {
-            Ok(Some(req)) => agent.handle(req, local).await,
+            Ok(Some(req)) => {
+                let received = std::time::Instant::now();
+                let link_open = || conn.peer_open();
+                agent.handle_fenced(req, local, &super::Fence::new(received, &link_open)).await
+            }
             Ok(None) => return Ok(()),
             // Authenticated but not a request we know: answer, the link stays usable.
             Err(ProtoError::Malformed(m)) => {

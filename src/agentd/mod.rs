@@ -15,6 +15,9 @@
 //! only ever read from an authenticated channel; every error a request can cause becomes an
 //! [`AgentReply::Error`] with an [`AgentErrorKind`], never a dropped connection; stopping the
 //! daemon never ends a session.
+//! Fencing: a start or terminate is carried out only while the master that sent it still
+//! waits ([`Fence`]: its connection is open and the time it said it waits has not run out);
+//! a session whose start finished after the master stopped waiting is ended again at once.
 
 pub mod access;
 mod link;
@@ -23,12 +26,14 @@ pub mod reporter;
 pub mod sessions;
 
 use crate::config::Config;
+use crate::model::SessionId;
 use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, AgentSession};
 use sessions::SessionManager;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -87,6 +92,35 @@ pub(crate) fn write_json_atomic<T: serde::Serialize + ?Sized>(path: &Path, value
     Ok(())
 }
 
+/// Whether the master that sent a request still waits for the answer.
+pub struct Fence<'a> {
+    /// When the request was read, on this agent's monotonic clock.
+    received: Instant,
+    /// Whether the connection the request came on is still open.
+    link_open: &'a (dyn Fn() -> bool + Send + Sync),
+}
+
+impl<'a> Fence<'a> {
+    /// A request read at `received` on a connection that `link_open` looks at.
+    pub fn new(received: Instant, link_open: &'a (dyn Fn() -> bool + Send + Sync)) -> Fence<'a> {
+        Fence { received, link_open }
+    }
+
+    /// Does the master still wait, given the `wait_ms` it sent?
+    fn waits(&self, wait_ms: Option<u64>) -> bool {
+        let in_time = wait_ms.is_none_or(|ms| self.received.elapsed() < Duration::from_millis(ms));
+        in_time && (self.link_open)()
+    }
+}
+
+fn abandoned(session_id: &SessionId, what: &str) -> AgentReply {
+    tracing::warn!(session_id = %session_id, "the master no longer waits for this {what}; not carried out");
+    AgentReply::Error {
+        kind: AgentErrorKind::Abandoned,
+        message: format!("the master stopped waiting for the {what} of session {session_id}; nothing was done"),
+    }
+}
+
 /// What the agent does with one request: cheap to clone, no sockets.
 #[derive(Clone)]
 pub struct Agent {
@@ -133,11 +167,26 @@ impl Agent {
         report
     }
 
-    /// Apply one request; `local` is the local address of the connection it came on.
+    /// Apply one request; `local` is the local address of the connection it came on. No
+    /// fencing beyond the request's own `wait_ms`, counted from now.
     pub async fn handle(&self, req: AgentRequest, local: SocketAddr) -> AgentReply {
+        self.handle_fenced(req, local, &Fence::new(Instant::now(), &|| true)).await
+    }
+
+    /// Apply one request as long as `fence` says the master still waits for it.
+    pub async fn handle_fenced(&self, req: AgentRequest, local: SocketAddr, fence: &Fence<'_>) -> AgentReply {
         match req {
-            AgentRequest::Start { session_id, user, geometry } => {
-                match self.sessions.start(session_id, &user, geometry).await {
+            AgentRequest::Start { session_id, user, geometry, wait_ms } => {
+                if !fence.waits(wait_ms) {
+                    return abandoned(&session_id, "start");
+                }
+                match self.sessions.start(session_id.clone(), &user, geometry).await {
+                    Ok(s) if !fence.waits(wait_ms) => {
+                        // Nobody will be told about this desktop: end it rather than leave it.
+                        tracing::warn!(session_id = %session_id, display = s.display, "the master stopped waiting while the session started; ending it");
+                        self.sessions.terminate(&session_id, s.display).await;
+                        abandoned(&session_id, "start")
+                    }
                     Ok(s) => AgentReply::Started { session: self.addressed(s, local) },
                     Err(e) => e.to_reply(),
                 }
@@ -145,7 +194,10 @@ impl Agent {
             AgentRequest::Verify { session_id, display } => {
                 AgentReply::Verified { alive: self.sessions.verify(&session_id, display) }
             }
-            AgentRequest::Terminate { session_id, display } => {
+            AgentRequest::Terminate { session_id, display, wait_ms } => {
+                if !fence.waits(wait_ms) {
+                    return abandoned(&session_id, "termination");
+                }
                 AgentReply::Terminated { was_running: self.sessions.terminate(&session_id, display).await }
             }
             AgentRequest::List => {

@@ -61,6 +61,7 @@ fn broker_err(e: BrokerError) -> ApiReply {
         BrokerError::LimitReached { .. } => ApiErrorKind::LimitReached,
         BrokerError::NoAgentAvailable(_) => ApiErrorKind::NoAgentAvailable,
         BrokerError::StartFailed(_) => ApiErrorKind::StartFailed,
+        BrokerError::TerminateFailed(_) => ApiErrorKind::TerminateFailed,
         BrokerError::NotFound(_) => ApiErrorKind::NotFound,
         BrokerError::BadRequest(_) => ApiErrorKind::BadRequest,
         BrokerError::Db(e) => {
@@ -131,10 +132,7 @@ impl Api {
             }
             ApiRequest::TerminateMine { user, session_id } => {
                 let user = self.acting_user(caller, user)?;
-                let s = b.terminate_mine(&user, &session_id).await.map_err(broker_err)?;
-                ApiReply::Terminated {
-                    outcome: crate::proto::api::TerminateOutcome { terminated: vec![s], ..Default::default() },
-                }
+                ApiReply::Terminated { outcome: b.terminate_mine(&user, &session_id).await.map_err(broker_err)? }
             }
             ApiRequest::SessionList { selector, refresh } => {
                 self.need_admin(caller, "listing all sessions")?;
@@ -156,8 +154,11 @@ impl Api {
                 b.put(session).await.map_err(broker_err)?;
                 ApiReply::Ok { message: "stored".into() }
             }
-            ApiRequest::LoadList => {
+            ApiRequest::LoadList { refresh } => {
                 self.need_admin(caller, "showing agent load")?;
+                if refresh {
+                    b.refresh_loads().await.map_err(broker_err)?;
+                }
                 ApiReply::Loads { agents: b.loads().await.map_err(broker_err)? }
             }
             ApiRequest::LoadShow { agent } => {

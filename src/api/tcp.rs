@@ -6,7 +6,8 @@
 //!
 //! Invariants: nothing is read from a connection before the handshake proved the cluster
 //! secret; admin calls from a host not in `allowed_clients` (loopback is always allowed) are
-//! refused and logged with the caller's address, and nothing they sent is acted on.
+//! refused and logged with the caller's address, and nothing they sent is acted on; an exit
+//! report only ends a session hosted by the agent at the reporting address.
 
 use super::{Api, Caller};
 use crate::proto::agent::{AgentReport, ReportAck};
@@ -85,8 +86,8 @@ async fn serve_conn(
     }
     while let Some(report) = conn.recv::<AgentReport>().await.map_err(|e| e.to_string())? {
         let ack = match report {
-            AgentReport::SessionExited { session_id, exit_status, .. } => {
-                match api.broker.session_exited(&session_id, exit_status).await {
+            AgentReport::SessionExited { session_id, display, exit_status } => {
+                match api.broker.session_exited(&session_id, display, addr.ip(), exit_status).await {
                     Ok(()) => ReportAck::Accepted,
                     Err(e) => ReportAck::Retry { reason: e.to_string() },
                 }

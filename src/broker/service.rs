@@ -11,6 +11,12 @@
 //! - Agents are the ground truth: reconciliation adds sessions the database lacks, removes
 //!   sessions the agent no longer runs, and marks sessions of unreachable agents as
 //!   unreachable without ever deleting them.
+//! - What a user or admin is told is what happens: a start given up after its request went
+//!   out is recorded as abandoned (a replicated tombstone) and its desktop ended; a
+//!   terminate without an answer is reported as pending and carried out by reconciliation; a
+//!   terminate that never reached the agent is reported as failed and has no effect.
+//!   Reconciliation never adopts a desktop whose id has a tombstone: it ends it.
+//! - Every answer from an agent marks it reachable; every failure is counted.
 
 use crate::agent::registry::DEFAULT_PENALTY;
 use crate::agent::{AgentCallError, AgentClient, AgentRegistry};
@@ -21,7 +27,7 @@ use crate::db::{DbError, DbHandle, SessionFilter, Write};
 use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
 use crate::proto::agent::AgentSession;
 use crate::proto::api::{AgentLoad, ConnectInfo, Selector, TerminateOutcome};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -39,6 +45,8 @@ pub enum BrokerError {
     NoAgentAvailable(String),
     #[error("could not start your session: {0}")]
     StartFailed(String),
+    #[error("could not end the session: {0}")]
+    TerminateFailed(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -90,6 +98,7 @@ struct Inner {
     /// Agents whose clock offset is beyond `/HA/max_clock_offset` (logged once per crossing).
     clock_alarms: Mutex<HashSet<String>>,
     hook_timeout: Duration,
+    abandoned: Mutex<VecDeque<SessionId>>,
 }
 
 /// Removes a session from the broker's starts under way when the start ends, however it ends.
@@ -117,6 +126,7 @@ impl Broker {
                 starting: Mutex::new(HashSet::new()),
                 clock_alarms: Mutex::new(HashSet::new()),
                 hook_timeout: Duration::from_secs(30),
+                abandoned: Mutex::new(VecDeque::new()),
             }),
         }
     }
@@ -179,10 +189,12 @@ impl Broker {
         if req.terminate_existing {
             for s in std::mem::take(&mut sessions) {
                 match self.end_session(&s, false).await {
+                    // A pending end is no longer listed and is carried out when the agent
+                    // answers again, so it no longer counts against the limit.
                     Ok(_) => {}
                     Err(reason) => {
-                        return Err(BrokerError::StartFailed(format!(
-                            "could not end your existing session {} on {}: {reason}",
+                        return Err(BrokerError::TerminateFailed(format!(
+                            "your existing session {} on {}: {reason}",
                             s.id, s.agent
                         )))
                     }
@@ -193,7 +205,9 @@ impl Broker {
         let mut unreachable = Vec::new();
         if !req.new {
             for s in &sessions {
-                match self.inner.agents.verify(&s.agent, s.id.clone(), s.display).await {
+                let verified = self.inner.agents.verify(&s.agent, s.id.clone(), s.display).await;
+                self.note_outcome(&s.agent, &verified);
+                match verified {
                     Ok(true) => return self.reconnect(s.clone(), &req).await,
                     Ok(false) => {
                         tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, "session no longer alive on its agent, removing it");
@@ -201,7 +215,6 @@ impl Broker {
                     }
                     Err(e) => {
                         tracing::warn!(session_id = %s.id, agent = %s.agent, error = %e, "cannot verify session");
-                        self.note_agent_failure(&s.agent, &e);
                         if s.status != SessionStatus::Unreachable {
                             let mut u = s.clone();
                             u.status = SessionStatus::Unreachable;
@@ -304,8 +317,13 @@ impl Broker {
             match self.inner.agents.start(&agent, id.clone(), &req.user, req.geometry.clone()).await {
                 Ok(started) => {
                     self.registry().record_success(&agent, Instant::now());
-                    let s = session_from_agent(&started, &agent, &sub.name, asked, req.client_address.as_deref());
-                    self.commit(Write::Upsert(s.clone())).await?;
+                                        let s = session_from_agent(&started, &agent, &sub.name, asked, req.client_address.as_deref());
+                    if let Err(e) = self.commit(Write::Upsert(s.clone())).await {
+                        // The desktop runs but the user is told it failed: end it at once.
+                        tracing::warn!(session_id = %id, user = %req.user, agent = %agent, error = %e, "could not record a started session; ending it");
+                        self.abandon_start(&agent, &id, Some(started.display)).await;
+                        return Err(e);
+                    }
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "session created");
                     run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout)
                         .await;
@@ -315,6 +333,9 @@ impl Broker {
                     tracing::warn!(user = %req.user, agent = %agent, error = %e, "agent failed to start a session; moving it to the back of the queue");
                     self.note_agent_failure(&agent, &e);
                     self.registry().penalise(&agent, Instant::now());
+                    if e.outcome_unknown() {
+                        self.abandon_start(&agent, &id, None).await;
+                    }
                     last_error = Some(format!("agent {agent}: {e}"));
                 }
             }
@@ -322,8 +343,60 @@ impl Broker {
         Err(BrokerError::StartFailed(last_error.unwrap_or_else(|| "no agent could start it".into())))
     }
 
+    /// A start the user is told failed, although the agent may have carried it out: record
+    /// the session id as abandoned (a tombstone, replicated like any delete, so neither master
+    /// ever adopts the desktop) and end the desktop now if its display is known, else by
+    /// reconciling with the agent in the background (which ends desktops with tombstones).
+    async fn abandon_start(&self, agent: &str, id: &SessionId, display: Option<u32>) {
+        self.note_abandoned(id);
+        if let Err(e) = self.commit(Write::Delete(id.clone())).await {
+            tracing::warn!(session_id = %id, agent = %agent, error = %e, "could not record an abandoned start; only this master knows it");
+        }
+        match display {
+            Some(d) => {
+                let ended = self.inner.agents.terminate(agent, id.clone(), d).await;
+                self.note_outcome(agent, &ended);
+                if let Err(e) = ended {
+                    tracing::warn!(session_id = %id, agent = %agent, error = %e, "could not end the desktop of an abandoned start now; reconciliation will");
+                }
+            }
+            None => {
+                let b = self.clone();
+                let agent = agent.to_string();
+                tokio::spawn(async move {
+                    if let Err(e) = b.reconcile_agents([agent].into()).await {
+                        tracing::warn!(error = %e, "reconciliation after an abandoned start failed");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Remembers an abandoned start in memory too, for when even the tombstone cannot be
+    /// written; bounded, the oldest forgotten first.
+    fn note_abandoned(&self, id: &SessionId) {
+        let mut a = self.inner.abandoned.lock().unwrap_or_else(|p| p.into_inner());
+        if a.len() >= ABANDONED_KEPT {
+            a.pop_front();
+        }
+        a.push_back(id.clone());
+    }
+
+    fn is_abandoned(&self, id: &SessionId) -> bool {
+        self.inner.abandoned.lock().unwrap_or_else(|p| p.into_inner()).contains(id)
+    }
+
     fn note_agent_failure(&self, agent: &str, e: &AgentCallError) {
         self.registry().record_failure(agent, e, Instant::now());
+    }
+
+    /// Feeds the outcome of any agent call to the registry: every answer marks the agent
+    /// reachable, every failure counts against it.
+    fn note_outcome<T>(&self, agent: &str, r: &Result<T, AgentCallError>) {
+        match r {
+            Ok(_) => self.registry().record_success(agent, Instant::now()),
+            Err(e) => self.note_agent_failure(agent, e),
+        }
     }
 
     async fn user_sessions(&self, user: &str) -> Result<Vec<Session>, BrokerError> {
@@ -337,39 +410,55 @@ impl Broker {
 
     /// Ends one of `user`'s sessions. Another user's session is reported as not found, so
     /// nobody learns which ids exist.
-    pub async fn terminate_mine(&self, user: &str, id: &SessionId) -> Result<Session, BrokerError> {
+    pub async fn terminate_mine(&self, user: &str, id: &SessionId) -> Result<TerminateOutcome, BrokerError> {
         let _guard = self.lock_user(user).await;
         let s = match self.inner.db.get(id).await? {
             Some(s) if s.user == user => s,
             _ => return Err(BrokerError::NotFound(format!("you have no session with id {id}"))),
         };
-        self.end_session(&s, false).await.map_err(BrokerError::StartFailed)?;
-        Ok(s)
+        let mut out = TerminateOutcome::default();
+        match self.end_session(&s, false).await.map_err(BrokerError::TerminateFailed)? {
+            Ended::Terminated => out.terminated.push(s),
+            Ended::Abandoned => out.abandoned.push(s),
+            Ended::Pending(why) => out.pending.push((s, why)),
+        }
+        Ok(out)
     }
 
-    /// Asks the agent to end a session and removes it. An unreachable agent fails the call
-    /// unless `abandon` is set, in which case the master forgets the session.
-    /// Returns `Ok(true)` if terminated, `Ok(false)` if abandoned.
-    async fn end_session(&self, s: &Session, abandon: bool) -> Result<bool, String> {
-        match self.inner.agents.terminate(&s.agent, s.id.clone(), s.display).await {
+    /// Asks the agent to end a session and removes it.
+    /// - The agent answered: terminated.
+    /// - The request went out but no answer came: the agent may have ended it or may not;
+    ///   the session is removed and its desktop ended by reconciliation as soon as the agent
+    ///   answers again (pending), so what the caller is told always happens.
+    /// - The agent could not be reached at all: nothing was done and nothing will be
+    ///   (failed), unless `abandon` is set, in which case the master forgets the session and
+    ///   reconciliation ends its desktop if the agent ever answers again.
+    async fn end_session(&self, s: &Session, abandon: bool) -> Result<Ended, String> {
+        let ended = self.inner.agents.terminate(&s.agent, s.id.clone(), s.display).await;
+        self.note_outcome(&s.agent, &ended);
+        match ended {
             Ok(_) => {
                 self.commit(Write::Delete(s.id.clone())).await.map_err(|e| e.to_string())?;
                 tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, "session terminated");
-                Ok(true)
+                Ok(Ended::Terminated)
             }
-            Err(e) if abandon && matches!(e, AgentCallError::Unreachable { .. }) => {
+            Err(e) if e.outcome_unknown() => {
                 self.commit(Write::Delete(s.id.clone())).await.map_err(|e| e.to_string())?;
-                tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, "unreachable session abandoned; processes may remain on the agent");
-                Ok(false)
+                tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, error = %e, "termination pending: the session is removed and its desktop ended when the agent answers again");
+                Ok(Ended::Pending(format!(
+                    "termination pending: {e}; the session is no longer listed and will be ended as soon as agent {} answers again",
+                    s.agent
+                )))
             }
-            Err(e) => {
-                self.note_agent_failure(&s.agent, &e);
-                if matches!(e, AgentCallError::Unreachable { .. }) {
-                    Err(format!("agent {} is unreachable ({e}); use --allow-abandon to forget the session", s.agent))
-                } else {
-                    Err(e.to_string())
-                }
+            Err(e) if abandon && e.is_unreachable() => {
+                self.commit(Write::Delete(s.id.clone())).await.map_err(|e| e.to_string())?;
+                tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, "unreachable session abandoned; its desktop is ended if the agent answers again");
+                Ok(Ended::Abandoned)
             }
+            Err(e) if e.is_unreachable() => Err(format!(
+                "{e}; the session was not ended and stays listed (an admin can forget it with --allow-abandon)"
+            )),
+            Err(e) => Err(e.to_string()),
         }
     }
 
@@ -408,21 +497,35 @@ impl Broker {
         for s in selected {
             let _guard = self.lock_user(&s.user).await;
             match self.end_session(&s, allow_abandon).await {
-                Ok(true) => out.terminated.push(s),
-                Ok(false) => out.abandoned.push(s),
+                Ok(Ended::Terminated) => out.terminated.push(s),
+                Ok(Ended::Abandoned) => out.abandoned.push(s),
+                Ok(Ended::Pending(why)) => out.pending.push((s, why)),
                 Err(reason) => out.failed.push((s, reason)),
             }
         }
         Ok(out)
     }
 
-    /// An agent says a session's process ended.
-    pub async fn session_exited(&self, id: &SessionId, exit_status: Option<i32>) -> Result<(), BrokerError> {
-        if let Some(s) = self.inner.db.get(id).await? {
-            let _guard = self.lock_user(&s.user).await;
-            tracing::info!(session_id = %id, user = %s.user, agent = %s.agent, ?exit_status, "session ended on its agent");
-            self.commit(Write::Delete(id.clone())).await?;
+    /// An agent at `from` says a session's process ended. Only the agent hosting the session
+    /// (its name resolves to `from`, or it reported `from` as its address) on the session's
+    /// display may end it; any other report is logged and ignored, so that a holder of the
+    /// cluster key cannot delete other agents' sessions.
+    pub async fn session_exited(
+        &self,
+        id: &SessionId,
+        display: u32,
+        from: std::net::IpAddr,
+        exit_status: Option<i32>,
+    ) -> Result<(), BrokerError> {
+        let Some(s) = self.inner.db.get(id).await? else { return Ok(()) };
+        if s.display != display || !reported_by_host(&s, from, self.inner.agents.port()).await {
+            let reported = display;
+            tracing::warn!(session_id = %id, agent = %s.agent, display = reported, from = %from, "ignoring an exit report that does not come from the session's agent and display");
+            return Ok(());
         }
+        let _guard = self.lock_user(&s.user).await;
+        tracing::info!(session_id = %id, user = %s.user, agent = %s.agent, ?exit_status, "session ended on its agent");
+        self.commit(Write::Delete(id.clone())).await?;
         Ok(())
     }
 
@@ -445,6 +548,40 @@ impl Broker {
         Ok((set, ids))
     }
 
+    /// Agents the registry counts as unreachable: the ones to probe until they answer again.
+    pub fn unreachable_agents(&self) -> Vec<String> {
+        self.registry().iter().filter(|(_, s)| !s.reachable).map(|(a, _)| a.to_string()).collect()
+    }
+
+    /// Asks `agent` for its load and records the outcome; true when it answered.
+    pub async fn probe(&self, agent: &str) -> bool {
+        match self.inner.agents.load(agent).await {
+            Ok(load) => {
+                if self.registry().get(agent).is_some_and(|s| !s.reachable) {
+                    tracing::info!(agent = %agent, "agent answers again");
+                }
+                let offset = self.registry().record_load(agent, load, Instant::now(), now_ms());
+                self.check_agent_clock(agent, offset);
+                true
+            }
+            Err(e) => {
+                self.note_agent_failure(agent, &e);
+                false
+            }
+        }
+    }
+
+    /// Asks every known agent for its load at once (`tlctl load list --refresh`).
+    pub async fn refresh_loads(&self) -> Result<(), BrokerError> {
+        let mut set = tokio::task::JoinSet::new();
+        for agent in self.known_agents().await? {
+            let b = self.clone();
+            set.spawn(async move { b.probe(&agent).await });
+        }
+        while set.join_next().await.is_some() {}
+        Ok(())
+    }
+
     /// Polls every agent at once and brings the database in line with what they run.
     ///
     /// Whether a session missing from an agent's answer is gone or merely younger than the
@@ -453,6 +590,21 @@ impl Broker {
     /// this master is not still waiting for, are removed.
     pub async fn reconcile_all(&self) -> Result<ReconcileSummary, BrokerError> {
         let (agents, before) = self.known_before_poll().await?;
+        self.reconcile_with(agents, &before).await
+    }
+
+    /// Polls `agents` at once and brings the database in line with what they run.
+    pub async fn reconcile_agents(&self, agents: BTreeSet<String>) -> Result<ReconcileSummary, BrokerError> {
+        let before = self.known_before_poll().await?.1;
+        self.reconcile_with(agents, &before).await
+    }
+
+    /// Polls `agents` at once; `before` holds the ids of the sessions stored before any poll left.
+    async fn reconcile_with(
+        &self,
+        agents: BTreeSet<String>,
+        before: &HashSet<SessionId>,
+    ) -> Result<ReconcileSummary, BrokerError> {
         let mut set = tokio::task::JoinSet::new();
         for agent in agents {
             let client = self.inner.agents.clone();
@@ -469,13 +621,13 @@ impl Broker {
                     let offset = self.registry().record_load(&agent, load, Instant::now(), now_ms());
                     self.check_agent_clock(&agent, offset);
                     summary.reachable += 1;
-                    self.reconcile_agent(&agent, &sessions, &before, &mut summary).await?;
+                    self.reconcile_agent(&agent, &sessions, before, &mut summary).await?;
                 }
                 Err(e) => {
                     summary.unreachable += 1;
                     self.note_agent_failure(&agent, &e);
                     tracing::warn!(agent = %agent, error = %e, "agent did not answer the session poll");
-                    if matches!(e, AgentCallError::Unreachable { .. }) {
+                    if e.is_unreachable() {
                         for mut s in self
                             .inner
                             .db
@@ -531,8 +683,20 @@ impl Broker {
             if known_ids.contains(&a.session_id) {
                 continue;
             }
-            if self.inner.db.get(&a.session_id).await?.is_some() {
-                continue; // known under another agent name; leave it
+            match self.inner.db.record(&a.session_id).await? {
+                Some(r) if r.session.is_some() => continue, // known under another agent name; leave it
+                // Ended, pending termination, or a start nobody was told about: never adopt.
+                Some(_) => {
+                    self.end_unlisted(agent, a, "the database records it as ended").await;
+                    summary.ended += 1;
+                    continue;
+                }
+                None if self.is_abandoned(&a.session_id) => {
+                    self.end_unlisted(agent, a, "its start was abandoned").await;
+                    summary.ended += 1;
+                    continue;
+                }
+                None => {}
             }
             let groups = user_groups(&a.user);
             let sub = placement::resolve_subcluster(&a.user, &groups, &self.inner.cfg.subclusters)
@@ -597,6 +761,16 @@ impl Broker {
             .collect()
     }
 
+    /// Ends a desktop an agent runs that must not run: no client holds it.
+    async fn end_unlisted(&self, agent: &str, a: &AgentSession, why: &str) {
+        tracing::info!(session_id = %a.session_id, user = %a.user, agent = %agent, display = a.display, "ending a desktop nobody holds: {why}");
+        let ended = self.inner.agents.terminate(agent, a.session_id.clone(), a.display).await;
+        self.note_outcome(agent, &ended);
+        if let Err(e) = ended {
+            tracing::warn!(session_id = %a.session_id, agent = %agent, error = %e, "could not end the desktop; the next reconciliation tries again");
+        }
+    }
+
     /// Rows of `tlctl load list`.
     pub async fn loads(&self) -> Result<Vec<AgentLoad>, BrokerError> {
         let cfg = &self.inner.cfg;
@@ -647,7 +821,20 @@ pub struct ReconcileSummary {
     pub vanished: usize,
     pub marked_unreachable: usize,
     pub back: usize,
+    /// Desktops ended because no client holds them (ended, pending or abandoned sessions).
+    pub ended: usize,
 }
+
+/// How [`Broker::end_session`] ended a session.
+enum Ended {
+    Terminated,
+    Abandoned,
+    /// With what the caller is told.
+    Pending(String),
+}
+
+/// Abandoned start ids kept in memory (for when the tombstone cannot be written).
+const ABANDONED_KEPT: usize = 4096;
 
 fn filter(sel: &Selector) -> SessionFilter {
     SessionFilter {
@@ -691,6 +878,25 @@ fn session_from_agent(a: &AgentSession, agent: &str, subcluster: &str, now: u64,
         geometry: a.geometry.clone(),
         client_params: vec![],
     }
+}
+
+/// Does `from` belong to the agent hosting `s`: the address the agent reported for clients,
+/// or an address its name (as the master reaches it) resolves to?
+async fn reported_by_host(s: &Session, from: std::net::IpAddr, port: u16) -> bool {
+    let canon = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(std::net::IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    let from = canon(from);
+    if s.agent_address.parse::<std::net::IpAddr>().is_ok_and(|a| canon(a) == from) {
+        return true;
+    }
+    let Ok(target) = crate::proto::addr::Target::parse(&s.agent, port) else { return false };
+    let found = match tokio::net::lookup_host((target.host.as_str(), target.port)).await {
+        Ok(mut addrs) => addrs.any(|a| canon(a.ip()) == from),
+        Err(_) => false,
+    };
+    found
 }
 
 /// Names of the groups `user` belongs to on this machine (primary and supplementary).

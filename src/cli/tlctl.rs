@@ -115,6 +115,9 @@ enum LoadCmd {
         /// Sort by this column.
         #[arg(long, value_enum, default_value_t = SortBy::Agent)]
         sort: SortBy,
+        /// Ask every agent for its load now instead of showing the last known figures.
+        #[arg(long)]
+        refresh: bool,
     },
     /// Everything known about one agent.
     Show { agent: String },
@@ -201,8 +204,8 @@ async fn run(args: Args) -> ExitCode {
         Command::Session(SessionCmd::Terminate { filters, all, allow_abandon, yes }) => {
             terminate(&target, filters.selector(), *all, *allow_abandon, *yes, json, timeout).await
         }
-        Command::Load(LoadCmd::List { sort }) => {
-            request(&target, ApiRequest::LoadList, timeout).await.and_then(|r| match r {
+        Command::Load(LoadCmd::List { sort, refresh }) => {
+            request(&target, ApiRequest::LoadList { refresh: *refresh }, timeout).await.and_then(|r| match r {
                 ApiReply::Loads { mut agents } => {
                     sort_loads(&mut agents, *sort);
                     print_loads(&agents, json);
@@ -355,11 +358,15 @@ async fn terminate(
         println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
     } else {
         println!(
-            "Terminated {} session(s), abandoned {}, failed {}.",
+            "Terminated {} session(s), pending {}, abandoned {}, failed {}.",
             outcome.terminated.len(),
+            outcome.pending.len(),
             outcome.abandoned.len(),
             outcome.failed.len()
         );
+        for (s, why) in &outcome.pending {
+            println!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
+        }
         for (s, why) in &outcome.failed {
             eprintln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
         }

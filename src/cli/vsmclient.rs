@@ -147,6 +147,9 @@ async fn run(args: Args) -> ExitCode {
                 for s in &outcome.terminated {
                     println!("Terminated session {} on {} (display :{}).", s.id, s.agent, s.display);
                 }
+                for (s, why) in &outcome.pending {
+                    println!("Session {} on {} (display :{}): {why}.", s.id, s.agent, s.display);
+                }
             }
             ExitCode::SUCCESS
         }

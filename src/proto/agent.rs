@@ -7,6 +7,12 @@ use crate::model::SessionId;
 use serde::{Deserialize, Serialize};
 
 /// A call from a master to an agent.
+///
+/// Fencing: `Start` and `Terminate` are carried out only while the master still waits for the
+/// answer. `wait_ms` is how much longer the master waits, counted by the agent from the moment
+/// it reads the request (its own monotonic clock, so the two clocks never meet); and a master
+/// that gave up closes the connection, which the agent checks before acting (see
+/// `docs/architecture.md`, "Fenced agent actions"). The session id names the request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AgentRequest {
@@ -16,15 +22,35 @@ pub enum AgentRequest {
         user: String,
         /// `WIDTHxHEIGHT`; the agent's `default_geometry` when absent.
         geometry: Option<String>,
+        /// Milliseconds the master still waits; `None` from masters that do not say.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
     },
     /// Is this session still alive?
     Verify { session_id: SessionId, display: u32 },
     /// End this session (SIGTERM, then SIGKILL after a grace period).
-    Terminate { session_id: SessionId, display: u32 },
+    Terminate {
+        session_id: SessionId,
+        display: u32,
+        /// Milliseconds the master still waits; `None` from masters that do not say.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wait_ms: Option<u64>,
+    },
     /// Every session the agent runs.
     List,
     /// Current load figures.
     Load,
+}
+
+impl AgentRequest {
+    /// Sets how much longer the master waits, on the requests that are fenced.
+    pub fn set_wait(&mut self, wait: std::time::Duration) {
+        let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        match self {
+            AgentRequest::Start { wait_ms, .. } | AgentRequest::Terminate { wait_ms, .. } => *wait_ms = Some(ms),
+            AgentRequest::Verify { .. } | AgentRequest::List | AgentRequest::Load => {}
+        }
+    }
 }
 
 /// The agent's answer to one [`AgentRequest`].
@@ -50,6 +76,9 @@ pub enum AgentErrorKind {
     StartFailed,
     /// The request was malformed.
     BadRequest,
+    /// The master no longer waited for the answer, so the request was not carried out (or
+    /// what it started was undone).
+    Abandoned,
 }
 
 /// A session as the agent sees it.

@@ -62,8 +62,11 @@ pub enum ApiRequest {
     /// Admin: store a session record as given (import from another master, benchmarks).
     /// Answered once the record is committed and, in HA `ack` mode, stored by the peer.
     SessionPut { session: Session },
-    /// Admin: load of every agent.
-    LoadList,
+    /// Admin: load of every agent; with `refresh` every agent is asked first.
+    LoadList {
+        #[serde(default)]
+        refresh: bool,
+    },
     /// Admin: load of one agent.
     LoadShow { agent: String },
     /// HA status of this node.
@@ -112,7 +115,12 @@ pub struct AgentLoad {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TerminateOutcome {
     pub terminated: Vec<Session>,
+    /// Forgotten with `--allow-abandon`: no longer listed; ended if their agent answers again.
     pub abandoned: Vec<Session>,
+    /// The agent did not answer in time: no longer listed, and ended as soon as the agent
+    /// answers again, with the reason.
+    #[serde(default)]
+    pub pending: Vec<(Session, String)>,
     /// Sessions that could not be ended, with the reason.
     pub failed: Vec<(Session, String)>,
 }
@@ -140,6 +148,8 @@ pub enum ApiErrorKind {
     NoAgentAvailable,
     /// An agent failed to start the session.
     StartFailed,
+    /// A session could not be ended (and will not be).
+    TerminateFailed,
     /// The named session, agent or user does not exist.
     NotFound,
     /// The request was malformed or incomplete.

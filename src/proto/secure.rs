@@ -579,6 +579,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SecureConn<S> {
 }
 
 impl SecureConn<TcpStream> {
+    /// Whether the peer has neither closed nor reset the connection, looked at without
+    /// reading: nothing pending or more data means open; end of stream or an error means the
+    /// peer is gone (a master that gave up on a call closes or resets its connection).
+    pub fn peer_open(&self) -> bool {
+        use nix::errno::Errno;
+        use nix::sys::socket::{recv, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut probe = [0u8; 1];
+        match recv(self.stream.as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(Errno::EAGAIN | Errno::EINTR) => true,
+            Err(_) => false,
+        }
+    }
+
     /// Split a TCP link into owned halves (no lock between the directions).
     pub fn into_tcp_split(self) -> (SecureReader<OwnedReadHalf>, SecureWriter<OwnedWriteHalf>) {
         self.split_with(TcpStream::into_split)

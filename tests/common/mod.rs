@@ -541,3 +541,114 @@ impl TestMaster {
         self.server().db.list(&Default::default()).await.unwrap().into_iter().map(|s| s.id).collect()
     }
 }
+
+// ----- Agents that stall or answer late -----
+
+/// A TCP relay in front of an agent that can hold back what either side sends, as a stopped
+/// (SIGSTOP) or cut-off agent would: held bytes and closes are delivered, in order, on release.
+pub struct Relay {
+    pub port: u16,
+    to_agent: tokio::sync::watch::Sender<bool>,
+    to_master: tokio::sync::watch::Sender<bool>,
+    open: Arc<Mutex<std::collections::BTreeSet<u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(agent_port: u16) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (to_agent, held_in) = tokio::sync::watch::channel(false);
+        let (to_master, held_out) = tokio::sync::watch::channel(false);
+        let open = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let open2 = open.clone();
+        let task = tokio::spawn(async move {
+            for id in 0u64.. {
+                let Ok((inbound, _)) = l.accept().await else { continue };
+                let Ok(outbound) = tokio::net::TcpStream::connect(("127.0.0.1", agent_port)).await else { continue };
+                let (mr, mw) = inbound.into_split();
+                let (ar, aw) = outbound.into_split();
+                let (held_in, held_out, open) = (held_in.clone(), held_out.clone(), open2.clone());
+                open.lock().unwrap().insert(id);
+                tokio::spawn(async move {
+                    tokio::join!(pump(mr, aw, held_in), pump(ar, mw, held_out));
+                    open.lock().unwrap().remove(&id);
+                });
+            }
+        });
+        Relay { port, to_agent, to_master, open, task }
+    }
+
+    /// The agent name masters use to reach the agent through the relay.
+    pub fn name(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Hold what masters send (requests and closes) until [`Relay::release`].
+    pub fn hold_requests(&self) {
+        self.to_agent.send_replace(true);
+    }
+
+    /// Hold what the agent sends (answers) until [`Relay::release`].
+    pub fn hold_answers(&self) {
+        self.to_master.send_replace(true);
+    }
+
+    pub fn release(&self) {
+        self.to_agent.send_replace(false);
+        self.to_master.send_replace(false);
+    }
+
+    /// Ids of the relayed connections not yet closed on both sides.
+    pub fn open_connections(&self) -> std::collections::BTreeSet<u64> {
+        self.open.lock().unwrap().clone()
+    }
+
+    /// Are all of `ids` closed on both sides (everything held on them delivered)?
+    pub fn closed(&self, ids: &std::collections::BTreeSet<u64>) -> bool {
+        self.open.lock().unwrap().is_disjoint(ids)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to`, waiting while `held`; an end or error of `from` becomes a close of
+/// `to` after everything read before it.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = from.read(&mut buf).await;
+        let _ = held.wait_for(|h| !*h).await;
+        match n {
+            Ok(n) if n > 0 => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            _ => {
+                let _ = to.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Sessions an agent runs, asked directly (not through any relay).
+pub async fn agent_sessions(base: &Path, agent_port: u16) -> Vec<vsm::proto::agent::AgentSession> {
+    let secret = vsm::proto::secure::Secret::from_file(base.join("cluster.key")).unwrap();
+    let c = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
+        secret,
+        port: agent_port,
+        timeout: Duration::from_secs(10),
+    });
+    c.list("127.0.0.1").await.expect("the agent answers").0
+}
