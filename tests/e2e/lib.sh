@@ -74,6 +74,17 @@ rfb_banner() {
 
 rfb_answers() { [ "$(rfb_banner "$1" "$2")" = "RFB 003.008" ]; }
 
+# rfb_socket_banner USER AGENT SOCKET: the first line the private desktop SOCKET on AGENT sends
+# to USER, read from the client node through USER's ssh to the agent (stream-local, as
+# vsmconnect forwards it).
+rfb_socket_banner() {
+    { sleep 3; } | lab exec client timeout 5 ssh -o StrictHostKeyChecking=yes \
+        -o UserKnownHostsFile="$KNOWN_HOSTS" -o BatchMode=yes -o ConnectTimeout=2 \
+        -W "$3" "$1@$2" 2>/dev/null | head -c 12 | tr -d '\r\n'
+}
+
+rfb_socket_answers() { [ "$(rfb_socket_banner "$1" "$2" "$3")" = "RFB 003.008" ]; }
+
 lab_up() {
     lab down >/dev/null 2>&1 || true
     LAB_IS_UP=1
