@@ -53,7 +53,12 @@ struct PamConv {
 }
 
 /// Nobody answers questions here: the user authenticated with SSH before.
-extern "C" fn no_conversation(_n: c_int, _msg: *mut *const c_void, _resp: *mut *mut c_void, _data: *mut c_void) -> c_int {
+extern "C" fn no_conversation(
+    _n: c_int,
+    _msg: *mut *const c_void,
+    _resp: *mut *mut c_void,
+    _data: *mut c_void,
+) -> c_int {
     PAM_CONV_ERR
 }
 
@@ -332,7 +337,8 @@ mod tests {
         assert_eq!(helper_main(&[OsString::from("vsm")]), 2);
         let args: Vec<OsString> = ["vsm", "alice", "x", "true"].iter().map(OsString::from).collect();
         assert_eq!(helper_main(&args), 2);
-        let args: Vec<OsString> = ["no-such-service-for-vsm-tests", "alice", "--", "true"].iter().map(OsString::from).collect();
+        let args: Vec<OsString> =
+            ["no-such-service-for-vsm-tests", "alice", "--", "true"].iter().map(OsString::from).collect();
         assert_eq!(helper_main(&args), 1);
     }
 }

@@ -33,11 +33,11 @@
 //! returned sessions is left empty here and filled in by the connection layer, because it
 //! depends on which local address the master reached.
 
+use super::viewers::{Tables, ViewerTracker};
 use super::{write_json_atomic, AgentdError};
 use crate::config::Config;
 use crate::model::{now_ms, SessionId};
 use crate::proto::agent::{vnc_socket_path, AgentReport, AgentSession};
-use super::viewers::{Tables, ViewerTracker};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};

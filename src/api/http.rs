@@ -120,7 +120,11 @@ pub async fn metrics(api: &Api) -> String {
         "Sessions running with no viewer attached.",
         count(crate::model::SessionStatus::Disconnected),
     );
-    gauge("vsm_sessions_unreachable", "Sessions whose agent does not answer.", count(crate::model::SessionStatus::Unreachable));
+    gauge(
+        "vsm_sessions_unreachable",
+        "Sessions whose agent does not answer.",
+        count(crate::model::SessionStatus::Unreachable),
+    );
     let reachable = loads.iter().filter(|a| a.reachable).count();
     gauge("vsm_agents", "Agents known to this master.", loads.len().to_string());
     gauge("vsm_agents_reachable", "Agents that answered the last call.", reachable.to_string());

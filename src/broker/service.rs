@@ -572,9 +572,8 @@ fn info(s: &Session, reconnected: bool, cfg: &Config) -> ConnectInfo {
     ConnectInfo {
         // A private desktop has no port; its socket follows from the display (the agents and
         // masters share `/vsm/vnc_socket_dir`).
-        vnc_socket: (s.vnc_port == 0).then(|| {
-            crate::proto::agent::vnc_socket_path(&cfg.vsm.vnc_socket_dir, s.display).display().to_string()
-        }),
+        vnc_socket: (s.vnc_port == 0)
+            .then(|| crate::proto::agent::vnc_socket_path(&cfg.vsm.vnc_socket_dir, s.display).display().to_string()),
         session_id: s.id.clone(),
         user: s.user.clone(),
         agent: s.agent.clone(),

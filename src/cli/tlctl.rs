@@ -401,7 +401,10 @@ fn print_sessions(sessions: &[Session], json: bool) {
         println!("{}", serde_json::to_string_pretty(sessions).unwrap_or_default());
         return;
     }
-    print!("{}", super::table(&["USER", "DISPLAY", "AGENT", "STATUS", "AGE", "LAST CONNECT"], &session_rows(sessions, now_ms())));
+    print!(
+        "{}",
+        super::table(&["USER", "DISPLAY", "AGENT", "STATUS", "AGE", "LAST CONNECT"], &session_rows(sessions, now_ms()))
+    );
     println!("Listed {} session(s).", sessions.len());
 }
 

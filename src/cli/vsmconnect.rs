@@ -42,7 +42,9 @@ pub enum SeatError {
     Limit(String),
     #[error("{0}")]
     ViewerMissing(String),
-    #[error("the local tunnel port {0} is busy: choose another with --local-port, or leave it out to use a private socket")]
+    #[error(
+        "the local tunnel port {0} is busy: choose another with --local-port, or leave it out to use a private socket"
+    )]
     PortBusy(u16),
     #[error("the master is not ready yet (it is catching up with its peer): {0}; try again in a moment")]
     NotReady(String),
@@ -435,11 +437,13 @@ pub fn tunnel_argv(args: &Args, target: &Target, agent: &str, remote: &Remote, l
     v.push(format!("{}:{remote_spec}", local.forward_spec()).into());
     if args.via_master {
         v.push("-J".into());
-        v.push(match &target.user {
-            Some(u) => format!("{u}@{}", target.host),
-            None => target.host.clone(),
-        }
-        .into());
+        v.push(
+            match &target.user {
+                Some(u) => format!("{u}@{}", target.host),
+                None => target.host.clone(),
+            }
+            .into(),
+        );
     }
     if let Some(u) = &target.user {
         v.push("-l".into());
@@ -579,7 +583,11 @@ fn run(args: &Args) -> Result<(), SeatError> {
     let info = match out.status.code() {
         Some(255) => return Err(classify_ssh(&target.host, &stderr)),
         Some(127) => {
-            return Err(SeatError::Master(format!("vsmclient is not installed on {} ({})", target.host, last_line(&stderr))))
+            return Err(SeatError::Master(format!(
+                "vsmclient is not installed on {} ({})",
+                target.host,
+                last_line(&stderr)
+            )))
         }
         Some(0) | Some(1) => parse_answer(&stdout)?,
         _ if stdout.trim().starts_with('{') => parse_answer(&stdout)?,
@@ -662,7 +670,9 @@ fn run(args: &Args) -> Result<(), SeatError> {
             }
             return Err(match status.code() {
                 Some(255) if !stderr.contains("forward") => classify_ssh(&info.agent_address, &stderr),
-                _ => SeatError::Tunnel(format!("ssh to {} ended ({status}): {}", info.agent_address, last_line(&stderr))),
+                _ => {
+                    SeatError::Tunnel(format!("ssh to {} ended ({status}): {}", info.agent_address, last_line(&stderr)))
+                }
             });
         }
         if local_ready(&local) {
@@ -772,7 +782,8 @@ mod tests {
         assert_eq!(parse_target("alice@tlha").unwrap(), Target { user: Some("alice".into()), host: "tlha".into() });
         assert!(parse_target("alice@10.0.0.4").is_ok());
         assert!(parse_target("[fe80::1]").is_ok());
-        for bad in ["", "a;b@tlha", "$(id)@tlha", "alice@-oProxyCommand=x", "-l@tlha", "alice@tl ha", "a`b`@h", "@tlha"] {
+        for bad in ["", "a;b@tlha", "$(id)@tlha", "alice@-oProxyCommand=x", "-l@tlha", "alice@tl ha", "a`b`@h", "@tlha"]
+        {
             let e = parse_target(bad).unwrap_err();
             assert_eq!(e.exit_code(), 2, "{bad}: {e}");
         }
@@ -784,13 +795,37 @@ mod tests {
         let t = parse_target(&a.target).unwrap();
         assert_eq!(
             strs(&login_argv(&a, &t, Some("800x600"))),
-            ["ssh", "-T", "-l", "alice", "--", "tlha", "vsmclient", "connect", "--json", "--new", "--geometry", "800x600"]
+            [
+                "ssh",
+                "-T",
+                "-l",
+                "alice",
+                "--",
+                "tlha",
+                "vsmclient",
+                "connect",
+                "--json",
+                "--new",
+                "--geometry",
+                "800x600"
+            ]
         );
         let a = args(&["-o", "ConnectTimeout=3", "--terminate-existing", "tlha"]);
         let t = parse_target(&a.target).unwrap();
         assert_eq!(
             strs(&login_argv(&a, &t, None)),
-            ["ssh", "-o", "ConnectTimeout=3", "-T", "--", "tlha", "vsmclient", "connect", "--json", "--terminate-existing"]
+            [
+                "ssh",
+                "-o",
+                "ConnectTimeout=3",
+                "-T",
+                "--",
+                "tlha",
+                "vsmclient",
+                "connect",
+                "--json",
+                "--terminate-existing"
+            ]
         );
     }
 
@@ -802,8 +837,11 @@ mod tests {
         let local = Local::Socket(PathBuf::from("/run/user/1000/vsmconnect-x/vnc.sock"));
         let v = strs(&tunnel_argv(&a, &t, "agent1", &remote, &local));
         assert!(v.contains(&"ExitOnForwardFailure=yes".to_string()));
-        assert!(v.windows(2).any(|w| w[0] == "-L"
-            && w[1] == "/run/user/1000/vsmconnect-x/vnc.sock:/run/vsmagent/sessions/10/vnc.sock"));
+        assert!(
+            v.windows(2)
+                .any(|w| w[0] == "-L"
+                    && w[1] == "/run/user/1000/vsmconnect-x/vnc.sock:/run/vsmagent/sessions/10/vnc.sock")
+        );
         assert_eq!(&v[v.len() - 4..], ["-l", "alice", "--", "agent1"]);
         assert!(!v.contains(&"-J".to_string()));
         assert!(!v.iter().any(|x| x.contains("StrictHostKeyChecking")));
