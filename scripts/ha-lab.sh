@@ -7,8 +7,8 @@
 #     |-- tlha-primary    10.213.0.2   sshd, keepalived, vsmserver
 #     |-- tlha-secondary  10.213.0.3   sshd, keepalived, vsmserver
 #     |   (VIP "tlha"     10.213.0.4   held by the keepalived MASTER)
-#     |-- agent1          10.213.0.11  vsmagent (sessions run Xvnc)
-#     |-- agent2          10.213.0.12  vsmagent
+#     |-- agent1          10.213.0.11  sshd, vsmagent (private desktops: Xvnc on a Unix socket)
+#     |-- agent2          10.213.0.12  sshd, vsmagent
 #     `-- client          10.213.0.20  ssh client, probes
 #
 # Every node process runs under `ip netns exec` (per-node /etc/hosts, /etc/hostname,
@@ -41,9 +41,10 @@ NODES=(tlha-primary tlha-secondary agent1 agent2 client)
 VIP_NAME=tlha
 VIP=$NET.4
 USERS=(testuser testuser2 testuser3)
-VSM_BINARIES=(vsmserver vsmagent vsmclient tlctl tl-config)
+VSM_BINARIES=(vsmserver vsmagent vsmclient vsmconnect tlctl tl-config)
 # Directories bind-mounted per node (host path -> lab subdirectory).
-MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm)
+MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm
+    /run/vsmagent:run-vsmagent)
 
 declare -A ADDR=(
     [tlha-primary]=$NET.2 [tlha-secondary]=$NET.3
@@ -362,7 +363,13 @@ setup_ssh() {
     # Step 2 of the HA setup: both masters present the same host key, so a client that
     # knows "tlha" keeps trusting it after the VIP moves.
     cp -p "$pri/ssh_host_ed25519_key" "$pri/ssh_host_ed25519_key.pub" "$sec/"
-    for node in "${MASTERS[@]}"; do
+    for node in "${AGENTS[@]}"; do
+        # Agents have host keys of their own; users reach their desktops' sockets through them.
+        d=/etc/netns/$(ns "$node")/ssh
+        mkdir -p "$d"
+        ssh-keygen -q -t ed25519 -N '' -C "root@$node" -f "$d/ssh_host_ed25519_key"
+    done
+    for node in "${MASTERS[@]}" "${AGENTS[@]}"; do
         d=/etc/netns/$(ns "$node")/ssh
         cat >"$d/sshd_config" <<EOF
 # sshd for the vsm lab node $node
@@ -380,6 +387,9 @@ UseDNS no
 LogLevel VERBOSE
 # Names the node in the SSH banner, so probes can tell the masters apart cheaply.
 VersionAddendum $node
+# Desktops are reached with stream-local forwarding (ssh -L local:/run/vsmagent/...).
+AllowStreamLocalForwarding yes
+AllowTcpForwarding yes
 EOF
     done
 
@@ -388,6 +398,10 @@ EOF
     {
         printf '%s ' "$VIP_NAME,$VIP,tlha-primary,${ADDR[tlha-primary]},tlha-secondary,${ADDR[tlha-secondary]}"
         cut -d' ' -f1,2 "$pri/ssh_host_ed25519_key.pub"
+        for node in "${AGENTS[@]}"; do
+            printf '%s ' "$node,${ADDR[$node]}"
+            cut -d' ' -f1,2 "/etc/netns/$(ns "$node")/ssh/ssh_host_ed25519_key.pub"
+        done
     } >"$LAB/client/known_hosts"
     cat >"$d/ssh_config" <<EOF
 # ssh client of the vsm lab node "client"
@@ -431,6 +445,8 @@ link_binaries() {
     for b in "${VSM_BINARIES[@]}"; do
         ln -sf "$(readlink -f "$BIN_DIR/$b")" "$LAB/usr-local-bin/$b"
     done
+    # The session script, where every user can run it (the checkout may be private).
+    install -m 0755 "$REPO/data/vsm-session" "$LAB/usr-local-bin/vsm-session"
 }
 
 configure_vsm() {
@@ -454,9 +470,14 @@ configure_vsm() {
         tlconfig "$node" '/vsmagent/allowed_clients=tlha-primary tlha-secondary'
         tlconfig "$node" /vsmagent/master_hostname=tlha
         tlconfig "$node" /vsm/secret_file=/etc/vsm/cluster.key
-        # Sessions must be reachable from the client node, so Xvnc listens on all addresses.
-        tlconfig "$node" '/vsmagent/session_command=Xvnc :{display} -rfbport {port} -geometry {geometry} -SecurityTypes None -desktop {user}'
+        # The default private desktop, with the session script of this checkout.
+        tlconfig "$node" "/vsmagent/session_command=/usr/local/bin/vsm-session Xvnc :{display} -rfbunixpath {socket} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {geometry} -desktop {user}"
     done
+    # The PAM service of the sessions, as the package installs it.
+    if [ ! -e /etc/pam.d/vsm ]; then
+        install -m 0644 "$REPO/data/pam.d/vsm" /etc/pam.d/vsm
+        echo /etc/pam.d/vsm >>"$LAB/created-files"
+    fi
 }
 
 # Render the shipped keepalived configuration of PROFILE for NODE with the lab's addresses
@@ -508,7 +529,7 @@ start_sshd() {
 start_daemon_named() {
     local node=$1 name=$2
     case $name in
-        sshd) is_master "$node" || die "sshd runs on the masters only"; start_sshd "$node" ;;
+        sshd) start_sshd "$node" ;;
         keepalived) is_master "$node" || die "keepalived runs on the masters only"
             start_keepalived "$node" "$(cat "$LAB/profile")" ;;
         vsmserver) is_master "$node" || die "vsmserver runs on the masters only"
@@ -581,7 +602,7 @@ cmd_up() {
         configure_vsm
     fi
 
-    for node in "${MASTERS[@]}"; do start_sshd "$node"; done
+    for node in "${MASTERS[@]}" "${AGENTS[@]}"; do start_sshd "$node"; done
     if [ "$mode" = daemons ]; then
         for node in "${MASTERS[@]}"; do start_daemon_named "$node" vsmserver; done
         for node in "${AGENTS[@]}"; do start_daemon_named "$node" vsmagent; done
@@ -655,6 +676,12 @@ cmd_down() {
         fi
         if [ -d "/etc/netns/$n" ]; then rm -rf "/etc/netns/$n"; fi
     done
+    # Files this lab installed on the host go too, unless another lab still uses them.
+    if [ -f "$LAB/created-files" ] && ! other_lab_up; then
+        while read -r f; do
+            if [ -n "$f" ]; then rm -f "$f"; fi
+        done <"$LAB/created-files"
+    fi
     # Mount points this lab created on the host go too, unless another lab still uses them.
     if [ -f "$LAB/created-mountpoints" ] && ! other_lab_up; then
         while read -r d; do

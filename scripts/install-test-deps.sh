@@ -24,13 +24,20 @@ packages=(
     resource-agents             # ocf-tester, ocf-shellfuncs, IPaddr2
     libxml2-utils               # xmllint, checks the OCF agent's meta-data
     jq                          # parses the JSON of vsmclient and tlctl in tests/e2e
+    tigervnc-viewer             # the viewer vsmconnect starts (tests/e2e/seat.sh)
+    xvfb                        # the client node's screen
+    x11-apps                    # xwd: screenshots of the viewer
+    x11-utils                   # xwininfo, xdpyinfo
+    xauth                       # X cookies of the session script (data/vsm-session)
+    x11-xserver-utils           # xsetroot: the test desktop's colour
 )
 
 apt-get update
 apt-get install -y --no-install-recommends "${packages[@]}"
 
 missing=0
-for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd; do
+for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd \
+    xtigervncviewer Xvfb xwd xwininfo xdpyinfo xauth xsetroot; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         echo "install-test-deps: $tool still missing after install" >&2
         missing=1

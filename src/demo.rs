@@ -315,6 +315,7 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         cfg.vsmagent.display_min = 10 + 100 * i as u32;
         cfg.vsmagent.display_max = 99 + 100 * i as u32;
         cfg.vsm.vnc_port_base = 24000;
+        cfg.vsm.vnc_socket_dir = base.join(format!("{name}-run"));
         cfg.vsmagent.session_command =
             vec![exe.display().to_string(), "demo-session".into(), "--port".into(), "{port}".into()];
         let mut opts = crate::agentd::RunOptions::from_config(&cfg);

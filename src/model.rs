@@ -147,9 +147,10 @@ impl fmt::Display for Version {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SessionStatus {
-    /// Alive on its agent, and a client connected to it recently.
+    /// Alive on its agent with a viewer attached (or a client was just told where it is):
+    /// shown as `connected`.
     Running,
-    /// Alive on its agent, no client known to be connected.
+    /// Alive on its agent, no viewer attached.
     Disconnected,
     /// Its agent does not answer; kept until the agent is back or an admin abandons it.
     Unreachable,
@@ -159,6 +160,15 @@ impl SessionStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             SessionStatus::Running => "running",
+            SessionStatus::Disconnected => "disconnected",
+            SessionStatus::Unreachable => "unreachable",
+        }
+    }
+    /// How listings show the state to people: `connected` while a viewer is attached (or
+    /// the client was just told where the session is), `disconnected`, `unreachable`.
+    pub fn label(self) -> &'static str {
+        match self {
+            SessionStatus::Running => "connected",
             SessionStatus::Disconnected => "disconnected",
             SessionStatus::Unreachable => "unreachable",
         }

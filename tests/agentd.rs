@@ -30,6 +30,10 @@ impl TestAgent {
             session_command: command.iter().map(|s| s.to_string()).collect(),
             default_geometry: "1024x768".into(),
             state_dir: dir.path().join("state"),
+            vnc_socket_dir: dir.path().join("run"),
+            viewer_poll: Duration::from_millis(50),
+            pam_service: None,
+            pam_helper: None,
             x_dir,
             start_check: Duration::from_millis(100),
             terminate_grace: Duration::from_secs(3),
@@ -129,7 +133,12 @@ async fn session_is_our_child_with_a_clean_environment_and_dies_on_terminate() {
     let sess = vsm::agentd::sessions::parse_stat(&stat).unwrap().session;
     assert_eq!(sess as u32, s.pid);
     let keys: Vec<String> = environ(s.pid).iter().map(|kv| kv.split('=').next().unwrap().to_string()).collect();
-    assert_eq!(keys, ["DISPLAY", "HOME", "LOGNAME", "PATH", "SHELL", "USER", "VSM_SESSION_ID"]);
+    assert_eq!(keys, ["DISPLAY", "HOME", "LOGNAME", "PATH", "SHELL", "USER", "VSM_SESSION_DIR", "VSM_SESSION_ID"]);
+    // The session's private directory: fresh, 0700, the user's.
+    let dir = t.opts.vnc_socket_dir.join("100");
+    assert!(environ(s.pid).contains(&format!("VSM_SESSION_DIR={}", dir.display())));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
     assert!(environ(s.pid).contains(&"DISPLAY=:100".to_string()));
     assert!(environ(s.pid).contains(&"VSM_SESSION_ID=s1".to_string()));
     assert_eq!(persisted_pids(&t.opts.state_dir), vec![s.pid]);

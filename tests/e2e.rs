@@ -19,8 +19,26 @@ use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 /// Tools the scripts need (see scripts/install-test-deps.sh).
-const TOOLS: &[&str] =
-    &["ip", "unshare", "keepalived", "sshd", "ssh", "ssh-keygen", "Xvnc", "ocf-tester", "xmllint", "jq", "useradd"];
+const TOOLS: &[&str] = &[
+    "ip",
+    "unshare",
+    "keepalived",
+    "sshd",
+    "ssh",
+    "ssh-keygen",
+    "Xvnc",
+    "ocf-tester",
+    "xmllint",
+    "jq",
+    "useradd",
+    "Xvfb",
+    "xtigervncviewer",
+    "xwd",
+    "xwininfo",
+    "xdpyinfo",
+    "xauth",
+    "xsetroot",
+];
 
 /// One script to run, with its arguments, extra environment and time limit.
 struct Step {
@@ -141,6 +159,13 @@ fn namespace_end_to_end_tests() {
             e2e.join("failover.sh"),
             vec![],
             vec![bin.clone(), ("VSM_LAB_PROFILE", "fast".into())],
+            min(4),
+        ),
+        step(
+            "seat (vsmconnect, private desktop, failover)",
+            e2e.join("seat.sh"),
+            vec![],
+            vec![bin.clone(), ("VSM_E2E_ARTIFACTS", repo().join("target/e2e-artifacts/seat").display().to_string())],
             min(4),
         ),
         step(

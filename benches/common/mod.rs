@@ -64,6 +64,10 @@ pub async fn noop_agent() -> String {
                                     geometry: geometry.unwrap_or_else(|| "1024x768".into()),
                                     started_ms: now_ms(),
                                     agent_address: "127.0.0.1".into(),
+                                    vnc_socket: String::new(),
+                                    viewers: 0,
+                                    last_viewer_ms: 0,
+                                    viewer_address: String::new(),
                                 },
                             }
                         }

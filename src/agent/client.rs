@@ -417,6 +417,10 @@ mod tests {
             geometry: "1024x768".into(),
             started_ms: 1,
             agent_address: "127.0.0.1".into(),
+            vnc_socket: String::new(),
+            viewers: 0,
+            last_viewer_ms: 0,
+            viewer_address: String::new(),
         }
     }
 

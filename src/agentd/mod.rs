@@ -5,8 +5,10 @@
 //! - [`sessions`]: the session processes (display allocation, spawn as the user, watch,
 //!   terminate, persistence and re-adoption across agent restarts).
 //! - [`load`]: load figures from `/proc`.
+//! - [`pam`]: the root helper that opens a desktop's PAM session and runs it as the user.
 //! - [`access`]: which callers may connect.
 //! - [`reporter`]: exit reports to the master, retried until acknowledged.
+//! - [`viewers`]: which desktops have a VNC viewer attached, from the kernel's socket tables.
 //! - `link` (private): the glue to the secure channel of `proto::secure`.
 //! - this file: [`Agent`] (one request in, one reply out, no I/O of its own) and the
 //!   connection loop [`run`].
@@ -22,8 +24,10 @@
 pub mod access;
 mod link;
 pub mod load;
+pub mod pam;
 pub mod reporter;
 pub mod sessions;
+pub mod viewers;
 
 use crate::config::Config;
 use crate::model::SessionId;

@@ -33,10 +33,11 @@
 //! returned sessions is left empty here and filled in by the connection layer, because it
 //! depends on which local address the master reached.
 
+use super::viewers::{Tables, ViewerTracker};
 use super::{write_json_atomic, AgentdError};
 use crate::config::Config;
 use crate::model::{now_ms, SessionId};
-use crate::proto::agent::{AgentReport, AgentSession};
+use crate::proto::agent::{vnc_socket_path, AgentReport, AgentSession};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Pid, Uid};
 use serde::{Deserialize, Serialize};
@@ -66,6 +67,17 @@ pub struct SessionOptions {
     pub default_geometry: String,
     /// Holds `sessions.json` and `sessions/<user>/<display>.log`.
     pub state_dir: PathBuf,
+    /// Holds one directory per session, `<display>/`, owned by the session's user with mode
+    /// `0700`; a private desktop's socket is `<display>/vnc.sock` in it (`{socket}`).
+    pub vnc_socket_dir: PathBuf,
+    /// How often the viewers attached to each desktop are sampled.
+    pub viewer_poll: Duration,
+    /// PAM service of the sessions (`/vsmagent/pam_service`).
+    pub pam_service: Option<String>,
+    /// The program that opens the PAM session and then runs the session command as the user
+    /// (`vsmagent` itself, see [`super::pam`]); `None` runs sessions without PAM. Set by the
+    /// `vsmagent` binary, never by the configuration.
+    pub pam_helper: Option<PathBuf>,
     /// Where X servers put `.X<n>-lock` and `.X11-unix/X<n>`: `/tmp` outside tests.
     pub x_dir: PathBuf,
     /// A session that exits within this window failed to start.
@@ -93,6 +105,10 @@ impl SessionOptions {
             session_command: a.session_command.clone(),
             default_geometry: a.default_geometry.clone(),
             state_dir: a.state_dir.clone(),
+            vnc_socket_dir: config.vsm.vnc_socket_dir.clone(),
+            viewer_poll: Duration::from_secs(1),
+            pam_service: a.pam_service.clone(),
+            pam_helper: None,
             x_dir: PathBuf::from("/tmp"),
             start_check: Duration::from_millis(200),
             terminate_grace: Duration::from_secs(3),
@@ -110,9 +126,11 @@ pub struct Placeholders {
     pub port: u16,
     pub geometry: String,
     pub user: String,
+    /// The private desktop's Unix socket.
+    pub socket: String,
 }
 
-/// Expand `{display}`, `{port}`, `{geometry}` and `{user}` inside each argument of
+/// Expand `{display}`, `{port}`, `{geometry}`, `{user}` and `{socket}` inside each argument of
 /// `template`. Other text, including unknown `{…}`, is kept as is; one argument stays one
 /// argument whatever the values contain.
 pub fn expand_command(template: &[String], p: &Placeholders) -> Vec<String> {
@@ -132,6 +150,7 @@ pub fn expand_command(template: &[String], p: &Placeholders) -> Vec<String> {
                     ("{port}", port.as_str()),
                     ("{geometry}", p.geometry.as_str()),
                     ("{user}", p.user.as_str()),
+                    ("{socket}", p.socket.as_str()),
                 ]
                 .iter()
                 .find(|(k, _)| tail.starts_with(k))
@@ -167,6 +186,12 @@ pub fn valid_user_name(u: &str) -> bool {
 fn valid_session_id(id: &SessionId) -> bool {
     let s = &id.0;
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// Does the command template reach its desktop only through `{socket}` (no `{port}`)? Such a
+/// session is reported with VNC port 0: it has no TCP port.
+pub fn socket_only(template: &[String]) -> bool {
+    template.iter().any(|a| a.contains("{socket}")) && !template.iter().any(|a| a.contains("{port}"))
 }
 
 /// Is display `n` free of X servers (lock file, socket) in `x_dir`, with `port` bindable?
@@ -259,6 +284,7 @@ type ExitState = Option<Option<i32>>;
 
 struct Entry {
     session: AgentSession,
+    viewers: ViewerTracker,
     start_time: u64,
     exited: watch::Receiver<ExitState>,
     watcher: AbortHandle,
@@ -370,6 +396,7 @@ impl SessionManager {
             }
         }
         mgr.persist().await;
+        mgr.start_viewer_sampler();
         Ok(mgr)
     }
 
@@ -406,7 +433,13 @@ impl SessionManager {
         });
         self.table().insert(
             display,
-            Slot::Running(Entry { session: p.session, start_time, exited: rx, watcher: task.abort_handle() }),
+            Slot::Running(Entry {
+                session: p.session,
+                viewers: ViewerTracker::default(),
+                start_time,
+                exited: rx,
+                watcher: task.abort_handle(),
+            }),
         );
     }
 
@@ -528,10 +561,19 @@ impl SessionManager {
         let o = &self.inner.opts;
         let port = vnc_port(o.vnc_port_base, dpy)
             .ok_or(AgentdError::NoFreeDisplay { min: o.display_min, max: o.display_max })?;
+        let socket = vnc_socket_path(&o.vnc_socket_dir, dpy);
+        let session_dir = self.prepare_session_dir(dpy, ident.switch.as_ref().map(|(u, g, _)| (*u, *g)))?;
         let argv = expand_command(
             &o.session_command,
-            &Placeholders { display: dpy, port, geometry: geometry.to_string(), user: user.to_string() },
+            &Placeholders {
+                display: dpy,
+                port,
+                geometry: geometry.to_string(),
+                user: user.to_string(),
+                socket: socket.display().to_string(),
+            },
         );
+        let private = socket_only(&o.session_command);
         let log_dir = o.state_dir.join("sessions").join(user);
         let log_path = log_dir.join(format!("{dpy}.log"));
         let io = |what: String| move |e| AgentdError::Io { what, source: e };
@@ -546,8 +588,14 @@ impl SessionManager {
         let log = std::fs::File::create(&log_path).map_err(io(format!("create session log {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("duplicate the log file handle".into()))?;
 
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
+        // As root with PAM, the helper opens the PAM session and drops to the user itself.
+        let pam = match (&ident.switch, &o.pam_helper, &o.pam_service) {
+            (Some(_), Some(helper), Some(service)) => Some(super::pam::helper_argv(helper, service, user, &argv)),
+            _ => None,
+        };
+        let exec = pam.as_ref().unwrap_or(&argv);
+        let mut cmd = tokio::process::Command::new(&exec[0]);
+        cmd.args(&exec[1..])
             .env_clear()
             .env("HOME", &ident.home)
             .env("USER", &ident.name)
@@ -556,13 +604,14 @@ impl SessionManager {
             .env("PATH", SESSION_PATH)
             .env("DISPLAY", format!(":{dpy}"))
             .env("VSM_SESSION_ID", &session_id.0)
+            .env("VSM_SESSION_DIR", &session_dir)
             .current_dir("/")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .kill_on_drop(false);
         let home_c = CString::new(ident.home.as_os_str().as_encoded_bytes()).unwrap_or_else(|_| CString::from(c"/"));
-        let switch = ident.switch;
+        let switch = if pam.is_some() { None } else { ident.switch };
         // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
         // system calls on data prepared before the fork; it allocates nothing.
         unsafe {
@@ -579,8 +628,15 @@ impl SessionManager {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| AgentdError::StartFailed(format!("cannot run {:?}: {e}", argv[0])))?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                self.remove_session_dir(dpy);
+                return Err(AgentdError::StartFailed(format!("cannot run {:?}: {e}", argv[0])));
+            }
+        };
         let Some(pid) = child.id() else {
+            self.remove_session_dir(dpy);
             return Err(AgentdError::StartFailed("the session process vanished at once".into()));
         };
         let start_time = proc_stat(pid as i32).map(|s| s.start_time).unwrap_or(0);
@@ -592,6 +648,7 @@ impl SessionManager {
             });
             let status = status.unwrap_or_else(|e| format!("unknown status ({e})"));
             let tail = log_tail(&log_path);
+            self.remove_session_dir(dpy);
             return Err(AgentdError::StartFailed(format!(
                 "{:?} exited at once with {status}; log {}: {}",
                 argv[0],
@@ -604,12 +661,16 @@ impl SessionManager {
             session_id: session_id.clone(),
             user: user.to_string(),
             display: dpy,
-            vnc_port: port,
+            vnc_port: if private { 0 } else { port },
             pid,
             command: argv,
             geometry: geometry.to_string(),
             started_ms: now_ms(),
             agent_address: String::new(),
+            vnc_socket: if private { socket.display().to_string() } else { String::new() },
+            viewers: 0,
+            last_viewer_ms: 0,
+            viewer_address: String::new(),
         };
         let (tx, rx) = watch::channel(None);
         let mgr = self.clone();
@@ -621,7 +682,13 @@ impl SessionManager {
         });
         self.table().insert(
             dpy,
-            Slot::Running(Entry { session: session.clone(), start_time, exited: rx, watcher: task.abort_handle() }),
+            Slot::Running(Entry {
+                session: session.clone(),
+                viewers: ViewerTracker::default(),
+                start_time,
+                exited: rx,
+                watcher: task.abort_handle(),
+            }),
         );
         self.persist().await;
         tracing::info!(session_id = %session_id, user = user, display = dpy, pid, "session started");
@@ -643,9 +710,85 @@ impl SessionManager {
             if matches!(table.get(&dpy), Some(Slot::Running(e)) if e.session.session_id == session_id && e.session.pid as i32 == pid)
             {
                 table.remove(&dpy);
+                // The display is free again: its private directory (and socket) goes too.
+                drop(table);
+                self.remove_session_dir(dpy);
             }
         }
         self.persist().await;
+    }
+
+    fn session_dir(&self, dpy: u32) -> PathBuf {
+        self.inner.opts.vnc_socket_dir.join(dpy.to_string())
+    }
+
+    /// A fresh `<vnc_socket_dir>/<display>/`, mode `0700`, owned by `owner` (the session's
+    /// user) when the agent switches users. The parent stays the agent's (`0755`), so a user
+    /// can neither rename their directory nor reach another's.
+    fn prepare_session_dir(&self, dpy: u32, owner: Option<(Uid, Gid)>) -> Result<PathBuf, AgentdError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        let parent = &self.inner.opts.vnc_socket_dir;
+        let io = |what: String| move |e| AgentdError::Io { what, source: e };
+        std::fs::create_dir_all(parent).map_err(io(format!("create {}", parent.display())))?;
+        std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o755))
+            .map_err(io(format!("set the mode of {}", parent.display())))?;
+        let dir = self.session_dir(dpy);
+        // Whatever an earlier session on this display left is not trusted.
+        self.remove_session_dir(dpy);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(io(format!("create {}", dir.display())))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(format!("set the mode of {}", dir.display())))?;
+        if let Some((uid, gid)) = owner {
+            nix::unistd::chown(&dir, Some(uid), Some(gid)).map_err(|e| AgentdError::Io {
+                what: format!("give {} to the session's user", dir.display()),
+                source: e.into(),
+            })?;
+        }
+        Ok(dir)
+    }
+
+    fn remove_session_dir(&self, dpy: u32) {
+        let dir = self.session_dir(dpy);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %dir.display(), error = %e, "cannot remove a session directory"),
+        }
+    }
+
+    /// Sample the viewers of every desktop once.
+    pub fn sample_viewers(&self) {
+        let tables = Tables::read(Path::new("/proc/net"));
+        let now = now_ms();
+        for slot in self.table().values_mut() {
+            if let Slot::Running(e) = slot {
+                let socket = (!e.session.vnc_socket.is_empty()).then(|| PathBuf::from(&e.session.vnc_socket));
+                let conns = tables.connections(socket.as_deref(), e.session.vnc_port);
+                if e.viewers.observe(&conns, now) {
+                    let st = e.viewers.state();
+                    tracing::info!(
+                        session_id = %e.session.session_id, user = %e.session.user, display = e.session.display,
+                        viewers = st.viewers, "viewers changed"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sample viewers every `viewer_poll` until the manager shuts down.
+    fn start_viewer_sampler(&self) {
+        let weak = Arc::downgrade(&self.inner);
+        let every = self.inner.opts.viewer_poll;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(inner) = weak.upgrade() else { break };
+                if inner.closed.load(Ordering::SeqCst) {
+                    break;
+                }
+                SessionManager { inner }.sample_viewers();
+            }
+        });
     }
 
     async fn persist(&self) {
@@ -709,7 +852,14 @@ impl SessionManager {
         self.table()
             .values()
             .filter_map(|s| match s {
-                Slot::Running(e) if e.exited.borrow().is_none() => Some(e.session.clone()),
+                Slot::Running(e) if e.exited.borrow().is_none() => {
+                    let mut s = e.session.clone();
+                    let v = e.viewers.state();
+                    s.viewers = v.viewers;
+                    s.last_viewer_ms = v.last_attach_ms;
+                    s.viewer_address = v.last_address.clone();
+                    Some(s)
+                }
                 _ => None,
             })
             .collect()
@@ -749,7 +899,13 @@ mod tests {
     use super::*;
 
     fn ph() -> Placeholders {
-        Placeholders { display: 12, port: 5912, geometry: "800x600".into(), user: "alice".into() }
+        Placeholders {
+            display: 12,
+            port: 5912,
+            geometry: "800x600".into(),
+            user: "alice".into(),
+            socket: "/run/s/12/vnc.sock".into(),
+        }
     }
 
     fn strs(v: &[&str]) -> Vec<String> {

@@ -130,6 +130,23 @@ pub async fn metrics(api: &Api) -> String {
         "/HA/max_clock_offset.",
         format!("{:.3}", st.max_clock_offset_ms as f64 / 1000.0),
     );
+    let sessions = api.broker.list(&crate::proto::api::Selector::default()).await.unwrap_or_default();
+    let count = |st: crate::model::SessionStatus| sessions.iter().filter(|s| s.status == st).count().to_string();
+    gauge(
+        "vsm_sessions_connected",
+        "Sessions with a viewer attached (as last reported by their agents).",
+        count(crate::model::SessionStatus::Running),
+    );
+    gauge(
+        "vsm_sessions_disconnected",
+        "Sessions running with no viewer attached.",
+        count(crate::model::SessionStatus::Disconnected),
+    );
+    gauge(
+        "vsm_sessions_unreachable",
+        "Sessions whose agent does not answer.",
+        count(crate::model::SessionStatus::Unreachable),
+    );
     let reachable = loads.iter().filter(|a| a.reachable).count();
     gauge("vsm_agents", "Agents known to this master.", loads.len().to_string());
     gauge("vsm_agents_reachable", "Agents that answered the last call.", reachable.to_string());

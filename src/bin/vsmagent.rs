@@ -53,8 +53,16 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The PAM session helper (see vsm::agentd::pam) runs before any runtime or thread exists.
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw.get(1).is_some_and(|a| a == vsm::agentd::pam::HELPER_FLAG) {
+        std::process::exit(vsm::agentd::pam::helper_main(&raw[2..]));
+    }
+    tokio::runtime::Runtime::new().context("cannot start the async runtime")?.block_on(agent_main())
+}
+
+async fn agent_main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(&args);
     let dir = vsm::config::config_dir_from(args.config_dir.clone());
@@ -69,7 +77,10 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %bound, "bound agent port");
     // Not under systemd is fine: then there is nobody to tell.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    vsm::agentd::run(config, listener, shutdown).await?;
+    let mut opts = vsm::agentd::RunOptions::from_config(&config);
+    // Sessions open their PAM session through this very binary.
+    opts.sessions.pam_helper = std::env::current_exe().ok();
+    vsm::agentd::run_with(config, opts, listener, shutdown).await?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     Ok(())
 }

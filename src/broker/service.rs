@@ -252,7 +252,7 @@ impl Broker {
         tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, display = s.display, "reconnected");
         run_hooks(&self.inner.cfg.vsmserver.session_reconnect_dir, HookEvent::Reconnect, &s, self.inner.hook_timeout)
             .await;
-        Ok(info(&s, true))
+        Ok(info(&s, true, &self.inner.cfg))
     }
 
     async fn create(&self, req: &ConnectRequest, live: &[Session]) -> Result<ConnectInfo, BrokerError> {
@@ -327,7 +327,7 @@ impl Broker {
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "session created");
                     run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout)
                         .await;
-                    return Ok(info(&s, false));
+                    return Ok(info(&s, false, cfg));
                 }
                 Err(e) => {
                     tracing::warn!(user = %req.user, agent = %agent, error = %e, "agent failed to start a session; moving it to the back of the queue");
@@ -658,13 +658,15 @@ impl Broker {
         let by_id: HashMap<&SessionId, &AgentSession> = running.iter().map(|a| (&a.session_id, a)).collect();
         for s in &known {
             match by_id.get(&s.id) {
-                Some(_) if s.status == SessionStatus::Unreachable => {
-                    let mut u = s.clone();
-                    u.status = SessionStatus::Disconnected;
-                    self.commit(Write::Upsert(u)).await?;
-                    summary.back += 1;
+                Some(a) => {
+                    let u = with_viewer_state(s, a);
+                    if s.status == SessionStatus::Unreachable {
+                        summary.back += 1;
+                    }
+                    if &u != s {
+                        self.commit(Write::Upsert(u)).await?;
+                    }
                 }
-                Some(_) => {}
                 None => {
                     // A session stored after the poll was sent (created here or by the peer)
                     // may be missing from an answer given before it existed, and a start still
@@ -846,8 +848,12 @@ fn filter(sel: &Selector) -> SessionFilter {
     }
 }
 
-fn info(s: &Session, reconnected: bool) -> ConnectInfo {
+fn info(s: &Session, reconnected: bool, cfg: &Config) -> ConnectInfo {
     ConnectInfo {
+        // A private desktop has no port; its socket follows from the display (the agents and
+        // masters share `/vsm/vnc_socket_dir`).
+        vnc_socket: (s.vnc_port == 0)
+            .then(|| crate::proto::agent::vnc_socket_path(&cfg.vsm.vnc_socket_dir, s.display).display().to_string()),
         session_id: s.id.clone(),
         user: s.user.clone(),
         agent: s.agent.clone(),
@@ -856,6 +862,20 @@ fn info(s: &Session, reconnected: bool) -> ConnectInfo {
         vnc_port: s.vnc_port,
         reconnected,
     }
+}
+
+/// `s` as its agent reports it now: connected while a viewer is attached, else disconnected;
+/// the latest attach time and address when the agent saw a viewer the master did not.
+fn with_viewer_state(s: &Session, a: &AgentSession) -> Session {
+    let mut u = s.clone();
+    u.status = if a.viewers > 0 { SessionStatus::Running } else { SessionStatus::Disconnected };
+    if a.last_viewer_ms > u.last_connect_ms {
+        u.last_connect_ms = a.last_viewer_ms;
+        if !a.viewer_address.is_empty() {
+            u.last_client_address = a.viewer_address.clone();
+        }
+    }
+    u
 }
 
 /// The session an agent reports, created at `now` on this master's clock (never the agent's

@@ -1,11 +1,12 @@
-//! Command-line front ends of `vsmclient` and `tlctl`: flag parsing, calling the master, and
-//! turning replies into tables or JSON.
+//! Command-line front ends of `vsmclient`, `tlctl` and `vsmconnect`: flag parsing, calling the
+//! master (`vsmconnect` through the user's ssh), and turning replies into tables or JSON.
 //!
 //! Invariant: output for people goes to stdout, problems to stderr with a non-zero exit; the
 //! `--json` forms print exactly one JSON document on stdout so scripts can parse them.
 
 pub mod tlctl;
 pub mod vsmclient;
+pub mod vsmconnect;
 pub mod vsmserver;
 
 /// Runs a client's main future on a single-threaded runtime; exit status 2 if none can start.

@@ -382,11 +382,25 @@ pub fn session_rows(sessions: &[Session], now: u64) -> Vec<Vec<String>> {
                 s.user.clone(),
                 s.display.to_string(),
                 s.agent.clone(),
-                s.status.to_string(),
+                s.status.label().to_string(),
                 super::age(now.saturating_sub(s.created_ms)),
+                last_connect(s, now),
             ]
         })
         .collect()
+}
+
+/// "5m ago from 10.0.0.7", or "never".
+pub fn last_connect(s: &Session, now: u64) -> String {
+    if s.last_connect_ms == 0 {
+        return "never".into();
+    }
+    let ago = super::age(now.saturating_sub(s.last_connect_ms));
+    if s.last_client_address.is_empty() {
+        format!("{ago} ago")
+    } else {
+        format!("{ago} ago from {}", s.last_client_address)
+    }
 }
 
 fn print_sessions(sessions: &[Session], json: bool) {
@@ -394,7 +408,10 @@ fn print_sessions(sessions: &[Session], json: bool) {
         println!("{}", serde_json::to_string_pretty(sessions).unwrap_or_default());
         return;
     }
-    print!("{}", super::table(&["USER", "DISPLAY", "AGENT", "STATUS", "AGE"], &session_rows(sessions, now_ms())));
+    print!(
+        "{}",
+        super::table(&["USER", "DISPLAY", "AGENT", "STATUS", "AGE", "LAST CONNECT"], &session_rows(sessions, now_ms()))
+    );
     println!("Listed {} session(s).", sessions.len());
 }
 

@@ -131,12 +131,13 @@ async fn run(args: Args) -> ExitCode {
                             s.agent_address.clone(),
                             format!(":{}", s.display),
                             s.vnc_port.to_string(),
-                            s.status.to_string(),
+                            s.status.label().to_string(),
                             super::age(now.saturating_sub(s.created_ms)),
+                            super::tlctl::last_connect(s, now),
                         ]
                     })
                     .collect();
-                print!("{}", super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE"], &rows));
+                print!("{}", super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE", "LAST CONNECT"], &rows));
             }
             ExitCode::SUCCESS
         }

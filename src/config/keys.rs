@@ -420,10 +420,18 @@ pub static KEYS: &[KeyDef] = &[
     KeyDef {
         path: "/vsmagent/session_command",
         ty: ValueType::Command,
-        default: "Xvnc :{display} -rfbport {port} -geometry {geometry} -SecurityTypes None -localhost -desktop {user}",
-        doc: "Command started for a new session (no shell); placeholders `{display}`, `{port}`, `{geometry}`, `{user}`.",
+        default: "/usr/libexec/vsm/vsm-session Xvnc :{display} -rfbunixpath {socket} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {geometry} -desktop {user}",
+        doc: "Command started for a new session (no shell); placeholders `{display}`, `{port}`, `{geometry}`, `{user}`, `{socket}`. The default is a private desktop: Xvnc listens only on `{socket}`, a `0600` Unix socket in a directory of the user's own, reached through SSH (see docs/connecting.md); a command that uses `{socket}` and not `{port}` is reported with VNC port 0.",
         restart: true,
         apply: |c, _, v| c.vsmagent.session_command = v.as_list(),
+    },
+    KeyDef {
+        path: "/vsmagent/pam_service",
+        ty: ValueType::OptWord,
+        default: "vsm",
+        doc: "PAM service with which the agent (as root) opens each desktop's session for its user (`/etc/pam.d/vsm`, shipped with vsm); empty starts sessions without PAM.",
+        restart: true,
+        apply: |c, _, v| c.vsmagent.pam_service = v.as_opt(),
     },
     KeyDef {
         path: "/vsmagent/default_geometry",
@@ -465,6 +473,14 @@ pub static KEYS: &[KeyDef] = &[
         doc: "A session's VNC port is this plus its display number.",
         restart: true,
         apply: |c, _, v| c.vsm.vnc_port_base = v.as_u16(),
+    },
+    KeyDef {
+        path: "/vsm/vnc_socket_dir",
+        ty: ValueType::Path,
+        default: "/run/vsmagent/sessions",
+        doc: "Directory of the private desktops' sockets on the agents: a session on display N listens on `<dir>/N/vnc.sock`, in a directory only its user can enter; must be the same on masters and agents.",
+        restart: true,
+        apply: |c, _, v| c.vsm.vnc_socket_dir = v.as_path(),
     },
     KeyDef {
         path: "/vsm/secret_file",

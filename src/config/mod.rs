@@ -213,9 +213,11 @@ pub struct AgentConfig {
     pub listen_port: u16,
     pub display_min: u32,
     pub display_max: u32,
-    /// argv template; placeholders `{display}`, `{port}`, `{geometry}`, `{user}`.
+    /// argv template; placeholders `{display}`, `{port}`, `{geometry}`, `{user}`, `{socket}`.
     pub session_command: Vec<String>,
     pub default_geometry: String,
+    /// PAM service of desktop sessions; `None` runs them without PAM.
+    pub pam_service: Option<String>,
     /// `/vsmagent/state_dir`: where the agent keeps per-session files.
     pub state_dir: PathBuf,
 }
@@ -226,6 +228,8 @@ pub struct VsmConfig {
     pub vsm_server_port: u16,
     pub vsm_agent_port: u16,
     pub vnc_port_base: u16,
+    /// `<dir>/<display>/vnc.sock` is a private desktop's socket on its agent.
+    pub vnc_socket_dir: PathBuf,
     /// Cluster secret shared by masters and agents.
     pub secret_file: PathBuf,
 }
@@ -286,15 +290,21 @@ impl Default for Config {
                 display_min: 10,
                 display_max: 2000,
                 session_command: [
+                    "/usr/libexec/vsm/vsm-session",
                     "Xvnc",
                     ":{display}",
+                    "-rfbunixpath",
+                    "{socket}",
+                    "-rfbunixmode",
+                    "0600",
                     "-rfbport",
-                    "{port}",
-                    "-geometry",
-                    "{geometry}",
+                    "-1",
+                    "-nolisten",
+                    "tcp",
                     "-SecurityTypes",
                     "None",
-                    "-localhost",
+                    "-geometry",
+                    "{geometry}",
                     "-desktop",
                     "{user}",
                 ]
@@ -302,12 +312,14 @@ impl Default for Config {
                 .map(|s| s.to_string())
                 .collect(),
                 default_geometry: "1024x768".into(),
+                pam_service: Some("vsm".into()),
                 state_dir: PathBuf::from("/var/lib/vsmagent"),
             },
             vsm: VsmConfig {
                 vsm_server_port: 9000,
                 vsm_agent_port: 904,
                 vnc_port_base: 5900,
+                vnc_socket_dir: PathBuf::from("/run/vsmagent/sessions"),
                 secret_file: PathBuf::from("/etc/vsm/cluster.key"),
             },
         }

@@ -50,12 +50,12 @@ pub enum ValueType {
     Enum(&'static [&'static str]),
     /// `WIDTHxHEIGHT`.
     Geometry,
-    /// An argv template with placeholders `{display}`, `{port}`, `{geometry}`, `{user}`.
+    /// An argv template with placeholders `{display}`, `{port}`, `{geometry}`, `{user}`, `{socket}`.
     Command,
 }
 
 /// Placeholders allowed in a session command template.
-pub const PLACEHOLDERS: &[&str] = &["display", "port", "geometry", "user"];
+pub const PLACEHOLDERS: &[&str] = &["display", "port", "geometry", "user", "socket"];
 
 /// A parsed, type-checked value.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -5,6 +5,13 @@
 
 use crate::model::SessionId;
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The socket of a private desktop on display `display`, under `/vsm/vnc_socket_dir`: the
+/// agent creates it there and the master tells the client, so both derive it the same way.
+pub fn vnc_socket_path(vnc_socket_dir: &Path, display: u32) -> PathBuf {
+    vnc_socket_dir.join(display.to_string()).join("vnc.sock")
+}
 
 /// A call from a master to an agent.
 ///
@@ -94,6 +101,18 @@ pub struct AgentSession {
     pub started_ms: u64,
     /// The address clients should use to reach this agent.
     pub agent_address: String,
+    /// The private desktop's Unix socket on the agent; empty when it listens on `vnc_port`.
+    #[serde(default)]
+    pub vnc_socket: String,
+    /// VNC viewers attached right now.
+    #[serde(default)]
+    pub viewers: u32,
+    /// Unix time in milliseconds at which the latest viewer attached (0: none seen).
+    #[serde(default)]
+    pub last_viewer_ms: u64,
+    /// That viewer's address when the desktop knows it (TCP); empty otherwise.
+    #[serde(default)]
+    pub viewer_address: String,
 }
 
 /// Load figures reported by an agent.

@@ -85,7 +85,11 @@ pub struct ConnectInfo {
     pub agent: String,
     pub agent_address: String,
     pub display: u32,
+    /// 0 for a private desktop, which has no TCP port: see `vnc_socket`.
     pub vnc_port: u16,
+    /// A private desktop's Unix socket on the agent, to be forwarded over SSH by its owner.
+    #[serde(default)]
+    pub vnc_socket: Option<String>,
     /// True when an existing session was reconnected, false when a new one was created.
     pub reconnected: bool,
 }

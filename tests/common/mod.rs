@@ -83,6 +83,7 @@ impl TestAgent {
         cfg.vsmagent.display_min = 10 + 100 * idx;
         cfg.vsmagent.display_max = 99 + 100 * idx;
         cfg.vsm.vnc_port_base = 21000;
+        cfg.vsm.vnc_socket_dir = base.join(format!("run{idx}"));
         cfg.vsmagent.session_command = command;
         let mut opts = vsm::agentd::RunOptions::from_config(&cfg);
         opts.sessions.run_as_self = true;

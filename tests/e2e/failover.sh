@@ -64,11 +64,17 @@ login() {
 
 field() { jq -r ".$2" <<<"$1"; }
 
-# check_vnc JSON: the session's VNC port answers RFB from the client node.
+# check_vnc JSON: the session's desktop answers RFB from the client node: a private desktop
+# through its user's ssh to the agent, one on a TCP port directly.
 check_vnc() {
-    local addr port
+    local addr port sock
     addr=$(field "$1" agent_address)
     port=$(field "$1" vnc_port)
+    sock=$(field "$1" vnc_socket)
+    if [ "$sock" != null ]; then
+        wait_for 30 "RFB banner from $sock on $addr" rfb_socket_answers "$(field "$1" user)" "$addr" "$sock"
+        return
+    fi
     [[ $port =~ ^[0-9]+$ ]] || fail "vnc_port is not a port number: $1"
     wait_for 30 "RFB banner from $addr:$port" rfb_answers "$addr" "$port"
 }
@@ -83,10 +89,11 @@ tlctl_on() {
 ha_status() { tlctl_on "$1" ha status --json; }
 is_ready() { ha_status "$1" 2>/dev/null | jq -e '.ready == true' >/dev/null; }
 
-# Sessions of a master, reduced to what must be identical on both, sorted by id.
+# Sessions of a master, reduced to what must be identical on both, sorted by id. The status
+# (connected or not) follows the viewers the agents see and is left out.
 sessions_of() {
     tlctl_on "$1" session list --json |
-        jq -S 'map({id, user, subcluster, agent, agent_address, display, vnc_port, status, created_ms})
+        jq -S 'map({id, user, subcluster, agent, agent_address, display, vnc_port, created_ms})
                | sort_by(.id)'
 }
 

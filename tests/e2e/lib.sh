@@ -74,6 +74,29 @@ rfb_banner() {
 
 rfb_answers() { [ "$(rfb_banner "$1" "$2")" = "RFB 003.008" ]; }
 
+# rfb_socket_banner USER AGENT SOCKET: the first line the private desktop SOCKET on AGENT sends
+# to USER, read on the client node through USER's ssh to the agent with stream-local
+# forwarding (as vsmconnect does), to a loopback port of the client node.
+rfb_socket_banner() {
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    lab exec client timeout 15 bash -c '
+        ssh -N -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$4" -o BatchMode=yes \
+            -o ConnectTimeout=2 -o ExitOnForwardFailure=yes -L "127.0.0.1:15999:$3" "$1@$2" &
+        p=$!
+        for _ in $(seq 100); do
+            if exec 3<>/dev/tcp/127.0.0.1/15999; then break; fi
+            kill -0 "$p" || break
+            sleep 0.1
+        done 2>/dev/null
+        banner=
+        read -r -t 3 banner <&3 2>/dev/null
+        kill "$p" 2>/dev/null
+        wait "$p" 2>/dev/null
+        printf "%s\n" "${banner%$'"'"'\r'"'"'}"' _ "$1" "$2" "$3" "$KNOWN_HOSTS" 2>/dev/null
+}
+
+rfb_socket_answers() { [ "$(rfb_socket_banner "$1" "$2" "$3")" = "RFB 003.008" ]; }
+
 lab_up() {
     lab down >/dev/null 2>&1 || true
     LAB_IS_UP=1
