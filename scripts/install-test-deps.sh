@@ -24,10 +24,20 @@ packages=(
     resource-agents             # ocf-tester, ocf-shellfuncs, IPaddr2
     libxml2-utils               # xmllint, checks the OCF agent's meta-data
     jq                          # parses the JSON of vsmclient and tlctl in tests/e2e
+    dpkg-dev                    # dpkg-shlibdeps, which cargo-deb uses for Depends (tests/package.rs)
+    binutils                    # strip, for cargo deb --strip
+    systemd                     # systemd-analyze verify of the installed units (tests/package.rs)
+    lintian                     # checks the Debian package (tests/package.rs)
 )
 
 apt-get update
 apt-get install -y --no-install-recommends "${packages[@]}"
+
+# cargo-deb builds the Debian package in tests/package.rs. Not packaged by Debian 12; building
+# it takes about two minutes on two cores, once per machine.
+if ! cargo deb --version >/dev/null 2>&1; then
+    cargo install cargo-deb --locked --version 3.8.0
+fi
 
 missing=0
 for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd; do

@@ -156,8 +156,13 @@ impl Api {
                 b.put(session).await.map_err(broker_err)?;
                 ApiReply::Ok { message: "stored".into() }
             }
-            ApiRequest::LoadList => {
+            ApiRequest::LoadList { refresh } => {
                 self.need_admin(caller, "showing agent load")?;
+                if refresh {
+                    if let Err(e) = b.reconcile_all().await {
+                        tracing::warn!(error = %e, "refresh before listing agent load failed");
+                    }
+                }
                 ApiReply::Loads { agents: b.loads().await.map_err(broker_err)? }
             }
             ApiRequest::LoadShow { agent } => {
