@@ -30,10 +30,20 @@ packages=(
     x11-utils                   # xwininfo, xdpyinfo
     xauth                       # X cookies of the session script (data/vsm-session)
     x11-xserver-utils           # xsetroot: the test desktop's colour
+    dpkg-dev                    # dpkg-shlibdeps, which cargo-deb uses for Depends (tests/package.rs)
+    binutils                    # strip, for cargo deb --strip
+    systemd                     # systemd-analyze verify of the installed units (tests/package.rs)
+    lintian                     # checks the Debian package (tests/package.rs)
 )
 
 apt-get update
 apt-get install -y --no-install-recommends "${packages[@]}"
+
+# cargo-deb builds the Debian package in tests/package.rs. Not packaged by Debian 12; building
+# it takes about two minutes on two cores, once per machine.
+if ! cargo deb --version >/dev/null 2>&1; then
+    cargo install cargo-deb --locked --version 3.8.0
+fi
 
 missing=0
 for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd \

@@ -40,7 +40,7 @@ pub async fn fake_session(port: u16) -> ExitCode {
     let l = match TcpListener::bind(("127.0.0.1", port)).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("demo session: cannot listen on 127.0.0.1:{port}: {e}");
+            crate::errln!("demo session: cannot listen on 127.0.0.1:{port}: {e}");
             return ExitCode::from(1);
         }
     };
@@ -65,17 +65,17 @@ struct Step {
 impl Step {
     fn title(&mut self, t: &str) {
         self.n += 1;
-        println!("\n[{}/{}] {t}", self.n, self.total);
+        crate::outln!("\n[{}/{}] {t}", self.n, self.total);
     }
     fn say(&self, t: &str) {
-        println!("      {t}");
+        crate::outln!("      {t}");
     }
     fn check(&mut self, ok: bool, what: &str) -> bool {
         let ms = self.started.elapsed().as_millis();
         if ok {
-            println!("      ok    {what}  (t={ms} ms)");
+            crate::outln!("      ok    {what}  (t={ms} ms)");
         } else {
-            println!("      FAIL  {what}  (t={ms} ms)");
+            crate::outln!("      FAIL  {what}  (t={ms} ms)");
             self.failed += 1;
         }
         ok
@@ -256,15 +256,15 @@ async fn digest(m: &Master) -> Option<String> {
 pub async fn run(args: DemoArgs) -> ExitCode {
     match run_inner(args).await {
         Ok(0) => {
-            println!("\nDemo finished: every check passed.");
+            crate::outln!("\nDemo finished: every check passed.");
             ExitCode::SUCCESS
         }
         Ok(n) => {
-            println!("\nDemo finished: {n} check(s) FAILED.");
+            crate::outln!("\nDemo finished: {n} check(s) FAILED.");
             ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("\ndemo: {e}");
+            crate::errln!("\ndemo: {e}");
             ExitCode::from(2)
         }
     }
@@ -288,8 +288,8 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         }
     };
     let mut st = Step { n: 0, total: 9, failed: 0, started: Instant::now() };
-    println!("vsm demo: two masters, two agents, one resource address, all on 127.0.0.1.");
-    println!("Work directory: {}", base.display());
+    crate::outln!("vsm demo: two masters, two agents, one resource address, all on 127.0.0.1.");
+    crate::outln!("Work directory: {}", base.display());
 
     for (f, bytes) in [("ha.key", 32usize), ("cluster.key", 32)] {
         let mut key = vec![0u8; bytes];
@@ -324,7 +324,7 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         let c = cancel.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::agentd::run_with(cfg, opts, l, c.cancelled_owned()).await {
-                eprintln!("demo: agent stopped: {e}");
+                crate::errln!("demo: agent stopped: {e}");
             }
         });
         agents.push(format!("127.0.0.1:{port}"));
@@ -503,18 +503,18 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     st.check(p_ids.len() == 3, "exactly three live sessions remain");
 
     if args.keep_running {
-        println!("\nEverything keeps running. Try, in another terminal:");
-        println!("  VSM_SOCKET={} cargo run --bin vsmclient -- connect", prim.socket.display());
-        println!("  VSM_SOCKET={} cargo run --bin tlctl -- session list", prim.socket.display());
-        println!("  VSM_SOCKET={} cargo run --bin tlctl -- ha status", sec.socket.display());
-        println!("Press Ctrl-C to stop.");
+        crate::outln!("\nEverything keeps running. Try, in another terminal:");
+        crate::outln!("  VSM_SOCKET={} cargo run --bin vsmclient -- connect", prim.socket.display());
+        crate::outln!("  VSM_SOCKET={} cargo run --bin tlctl -- session list", prim.socket.display());
+        crate::outln!("  VSM_SOCKET={} cargo run --bin tlctl -- ha status", sec.socket.display());
+        crate::outln!("Press Ctrl-C to stop.");
         crate::cli::vsmserver::shutdown_signal().await;
     }
     // End every desktop the demo started, then stop the masters.
     let all =
         ApiRequest::SessionTerminate { selector: Selector::default(), all: true, allow_abandon: true, dry_run: false };
     if let Err(e) = call(&prim.target(), &all, Duration::from_secs(20)).await {
-        eprintln!("demo: could not end the demo sessions: {e}");
+        crate::errln!("demo: could not end the demo sessions: {e}");
     }
     for m in [&mut prim, &mut sec] {
         if let Some(s) = m.server.take() {

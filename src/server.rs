@@ -71,21 +71,36 @@ pub struct Overrides {
 /// Binds the Unix socket, the TCP port and (with HA on) the peer port as configured.
 pub async fn bind(cfg: &Config) -> Result<Listeners, ServerError> {
     let unix = bind_unix(&cfg.vsmserver.socket_path)?;
-    let tcp = bind_tcp(cfg.vsmserver.listen_port, "the client/admin port (/vsmserver/listen_port)").await?;
-    let peer = if cfg.ha.enabled { Some(bind_tcp(cfg.ha.port, "the HA peer port (/HA/port)").await?) } else { None };
-    let http = if cfg.vsmserver.http_port == 0 {
+    let s = &cfg.vsmserver;
+    let tcp = bind_tcp(
+        &s.listen_address,
+        s.listen_port,
+        "the client/admin port (/vsmserver/listen_address, /vsmserver/listen_port)",
+    )
+    .await?;
+    let peer = if cfg.ha.enabled {
+        Some(bind_tcp(&cfg.ha.listen_address, cfg.ha.port, "the HA peer port (/HA/listen_address, /HA/port)").await?)
+    } else {
+        None
+    };
+    let http = if s.http_port == 0 {
         None
     } else {
-        let addr = format!("{}:{}", cfg.vsmserver.http_address, cfg.vsmserver.http_port);
-        let what = || format!("the HTTP endpoint (/vsmserver/http_address, /vsmserver/http_port) {addr}");
-        Some(TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { what: what(), source })?)
+        let what = "the HTTP endpoint (/vsmserver/http_address, /vsmserver/http_port)";
+        Some(bind_tcp(&s.http_address, s.http_port, what).await?)
     };
     Ok(Listeners { unix, tcp, peer, http })
 }
 
-async fn bind_tcp(port: u16, what: &str) -> Result<TcpListener, ServerError> {
-    let addr = format!("0.0.0.0:{port}");
-    TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { what: format!("{what} {addr}"), source })
+/// Binds `address`:`port`; `address` is an IP address (v4 or v6) or a host name.
+pub async fn bind_tcp(address: &str, port: u16, what: &str) -> Result<TcpListener, ServerError> {
+    let shown = match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(a)) => format!("[{a}]:{port}"),
+        _ => format!("{address}:{port}"),
+    };
+    TcpListener::bind((address, port))
+        .await
+        .map_err(|source| ServerError::Bind { what: format!("{what} {shown}"), source })
 }
 
 /// Binds the Unix socket, replacing a stale socket file left by a crashed daemon but never a
@@ -172,13 +187,14 @@ impl Server {
 
         // 5. Listeners.
         let tracker = TaskTracker::new();
+        let tcp_addr = listeners.tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
         let api = Api { broker: broker.clone(), ha: ha.clone() as Arc<dyn HaControl> };
         tracker.spawn(crate::api::unix::serve(listeners.unix, api.clone(), shutdown.clone(), tracker.clone()));
         if let Some(http) = listeners.http {
             tracker.spawn(crate::api::http::serve(http, api.clone(), shutdown.clone(), tracker.clone()));
         }
         tracker.spawn(crate::api::tcp::serve(listeners.tcp, api, secret, shutdown.clone(), tracker.clone()));
-        tracing::info!(socket = %cfg.vsmserver.socket_path.display(), port = cfg.vsmserver.listen_port, "listening");
+        tracing::info!(socket = %cfg.vsmserver.socket_path.display(), tcp = %tcp_addr, "listening");
 
         // 6. Background loops.
         if !ov.no_background_reconcile {

@@ -582,6 +582,23 @@ async fn an_agent_that_answers_again_is_placeable_at_once() {
     assert!(m.connect("alice", false).await.unwrap().reconnected);
     let c = m.connect("carol", false).await;
     assert!(c.is_ok(), "{c:?}");
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_list_refresh_asks_the_agents_first() {
+    // The master polls no agent on its own here, so only the refresh can bring the load.
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let loads = |r: ApiReply| match r {
+        ApiReply::Loads { agents } => agents,
+        other => panic!("{other:?}"),
+    };
+    let before = loads(m.call(ApiRequest::LoadList { refresh: false }).await);
+    let a = before.iter().find(|a| a.agent == agent.name).unwrap();
+    assert!(a.load.is_none() && a.updated_ms_ago.is_none(), "not polled yet: {a:?}");
+    let after = loads(m.call(ApiRequest::LoadList { refresh: true }).await);
+    let a = after.iter().find(|a| a.agent == agent.name).unwrap();
+    assert!(a.reachable, "{a:?}");
+    assert!(a.load.as_ref().is_some_and(|l| l.cpus >= 1), "the agent's load after a refresh: {a:?}");
+    assert!(a.updated_ms_ago.is_some(), "{a:?}");
     m.stop().await;
     agent.stop().await;
 }
@@ -642,4 +659,44 @@ async fn exit_reports_only_end_sessions_of_the_reporting_agent() {
     assert!(m.server().db.get(&a.session_id).await.unwrap().is_none());
     m.stop().await;
     agent.stop().await;
+
+async fn listeners_bind_the_configured_addresses() {
+    init_logging();
+    let dir = cluster_dir();
+    let mut cfg = master_config(dir.path(), "master", &[]);
+    // Port 0 is refused by the key table; the struct takes it, so the test needs no free port.
+    cfg.vsmserver.listen_address = "127.0.0.1".into();
+    cfg.vsmserver.listen_port = 0;
+    cfg.ha.enabled = true;
+    cfg.ha.listen_address = "127.0.0.1".into();
+    cfg.ha.port = 0;
+    cfg.vsmserver.http_address = "127.0.0.1".into();
+    cfg.vsmserver.http_port = 0;
+    let l = vsm::server::bind(&cfg).await.unwrap();
+    assert_eq!(l.tcp.local_addr().unwrap().ip().to_string(), "127.0.0.1");
+    assert_eq!(l.peer.as_ref().unwrap().local_addr().unwrap().ip().to_string(), "127.0.0.1");
+    assert!(l.http.is_none(), "http_port 0 turns the endpoint off");
+
+    // An IPv6 address works too where the machine has IPv6 loopback.
+    let mut v6 = master_config(dir.path(), "v6", &[]);
+    v6.vsmserver.listen_address = "::1".into();
+    v6.vsmserver.listen_port = 0;
+    v6.vsmserver.http_port = 0;
+    match vsm::server::bind(&v6).await {
+        Ok(l) => assert_eq!(l.tcp.local_addr().unwrap().ip().to_string(), "::1"),
+        Err(e) => {
+            let e = e.to_string();
+            assert!(e.contains("[::1]:0"), "the error shows the address as configured: {e}");
+            eprintln!("no IPv6 loopback here: {e}");
+        }
+    }
+
+    // A busy port names the keys to change.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut clash = master_config(dir.path(), "clash", &[]);
+    clash.vsmserver.listen_address = "127.0.0.1".into();
+    clash.vsmserver.listen_port = busy.local_addr().unwrap().port();
+    clash.vsmserver.http_port = 0;
+    let e = vsm::server::bind(&clash).await.err().expect("the port is taken").to_string();
+    assert!(e.contains("/vsmserver/listen_address, /vsmserver/listen_port"), "{e}");
 }

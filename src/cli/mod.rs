@@ -4,17 +4,78 @@
 //! Invariant: output for people goes to stdout, problems to stderr with a non-zero exit; the
 //! `--json` forms print exactly one JSON document on stdout so scripts can parse them.
 
+pub mod dist;
 pub mod tlctl;
+pub mod vsmagent;
 pub mod vsmclient;
 pub mod vsmconnect;
 pub mod vsmserver;
+
+/// Prints to standard output like `print!`, but a reader that went away (`tlctl session list |
+/// head -1`) ends the program as SIGPIPE ends a C program: silently, killed by the signal.
+#[macro_export]
+macro_rules! out {
+    ($($t:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($t)*))
+    };
+}
+
+/// `println!` with the broken-pipe behaviour of [`out!`](crate::out).
+#[macro_export]
+macro_rules! outln {
+    () => {
+        $crate::cli::write_stdout(format_args!("\n"))
+    };
+    ($($t:tt)*) => {
+        $crate::cli::write_stdout(format_args!("{}\n", format_args!($($t)*)))
+    };
+}
+
+/// `eprintln!` that never panics: a closed standard error loses the message, nothing else.
+#[macro_export]
+macro_rules! errln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($t)*);
+    }};
+}
+
+/// The body of [`out!`]: writes, and on a broken pipe dies of SIGPIPE (exit status 141 in a
+/// shell) without a message; any other write error is reported once and ends with status 1.
+pub fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // Flushing at once (as line-buffered stdout does at each newline anyway) makes a vanished
+    // reader show here, and shows a prompt before input is read.
+    let res = out.write_fmt(args).and_then(|()| out.flush());
+    if let Err(e) = res {
+        drop(out);
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            die_of_sigpipe();
+        }
+        crate::errln!("cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Ends the process the way an unhandled SIGPIPE does, so shells and `set -o pipefail` see
+/// what they see for any other program whose reader went away.
+pub fn die_of_sigpipe() -> ! {
+    // SAFETY: restoring the default action of SIGPIPE and raising it in a single-purpose
+    // final step; no Rust state is touched.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        libc::raise(libc::SIGPIPE);
+    }
+    std::process::exit(141)
+}
 
 /// Runs a client's main future on a single-threaded runtime; exit status 2 if none can start.
 pub fn block_on(program: &str, f: impl std::future::Future<Output = std::process::ExitCode>) -> std::process::ExitCode {
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
-            eprintln!("{program}: cannot start: {e}");
+            crate::errln!("{program}: cannot start: {e}");
             std::process::ExitCode::from(2)
         }
     }

@@ -45,13 +45,16 @@ pub struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// List or terminate sessions.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  tlctl session list --agent agent1\n  tlctl session terminate --user alice -y"
+    )]
     Session(SessionCmd),
     /// Show agent load.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  tlctl load list --sort cpu\n  tlctl load show agent1")]
     Load(LoadCmd),
     /// High availability: status, health check, keepalived notify hook.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Examples:\n  tlctl ha status\n  tlctl ha check --quiet")]
     Ha(HaCmd),
 }
 
@@ -85,6 +88,9 @@ impl Filters {
 #[derive(Subcommand, Debug)]
 enum SessionCmd {
     /// List sessions; filters combine with AND.
+    #[command(
+        after_help = "Examples:\n  tlctl session list                              every session\n  tlctl session list --user alice --agent agent1  alice's sessions on agent1\n  tlctl session list --refresh --json             ask the agents first; JSON for scripts"
+    )]
     List {
         #[command(flatten)]
         filters: Filters,
@@ -92,7 +98,10 @@ enum SessionCmd {
         #[arg(long)]
         refresh: bool,
     },
-    /// Terminate the selected sessions (asks for confirmation unless -y).
+    /// Terminate the selected sessions (asks for confirmation unless -y; --json needs -y).
+    #[command(
+        after_help = "Examples:\n  tlctl session terminate --user alice           list alice's sessions, ask, end them\n  tlctl session terminate --agent agent1 -y      end every session on agent1 without asking\n  tlctl session terminate --all -y --json        end everything; the outcome as JSON\n  tlctl session terminate --agent dead1 -y --allow-abandon\n                                                 forget sessions of an unreachable agent"
+    )]
     Terminate {
         #[command(flatten)]
         filters: Filters,
@@ -111,6 +120,9 @@ enum SessionCmd {
 #[derive(Subcommand, Debug)]
 enum LoadCmd {
     /// Load of every agent.
+    #[command(
+        after_help = "Examples:\n  tlctl load list                    the last reported load of every agent\n  tlctl load list --refresh          ask every agent now (a new agent shows at once)\n  tlctl load list --sort mem --json"
+    )]
     List {
         /// Sort by this column.
         #[arg(long, value_enum, default_value_t = SortBy::Agent)]
@@ -120,7 +132,13 @@ enum LoadCmd {
         refresh: bool,
     },
     /// Everything known about one agent.
-    Show { agent: String },
+    #[command(
+        after_help = "Examples:\n  tlctl load show agent1.example.com\n  tlctl load show agent1.example.com --json"
+    )]
+    Show {
+        /// The agent's name as listed by `tlctl load list`.
+        agent: String,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -135,14 +153,23 @@ enum SortBy {
 #[derive(Subcommand, Debug)]
 enum HaCmd {
     /// HA state of this master.
+    #[command(
+        after_help = "Examples:\n  tlctl ha status\n  tlctl ha status --json\n  tlctl --host tlha-secondary ha status   the other master, over TCP"
+    )]
     Status,
     /// Exit 0 only when this master answers and is ready (keepalived vrrp_script, Pacemaker monitor).
+    #[command(
+        after_help = "Examples:\n  tlctl ha check            prints ready, or why not, and sets the exit status\n  tlctl ha check --quiet    exit status only (1 not ready, 2 no answer)"
+    )]
     Check {
         /// Print nothing.
         #[arg(short, long)]
         quiet: bool,
     },
     /// keepalived notify hook: tell vsmserver its VRRP state.
+    #[command(
+        after_help = "Examples:\n  tlctl ha notify MASTER    this node now holds the resource IP\n  tlctl ha notify BACKUP\n\nIn keepalived.conf: notify_master \"/usr/bin/tlctl ha notify MASTER\""
+    )]
     Notify {
         #[arg(value_enum, ignore_case = true)]
         state: NotifyState,
@@ -162,7 +189,24 @@ enum NotifyState {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(msg) = args.refusal() {
+        crate::errln!("tlctl: {msg}");
+        return ExitCode::from(2);
+    }
     super::block_on("tlctl", run(args))
+}
+
+impl Args {
+    /// Flag combinations refused before anything is asked of the master.
+    fn refusal(&self) -> Option<&'static str> {
+        match &self.command {
+            Command::Session(SessionCmd::Terminate { yes: false, .. }) if self.json => Some(
+                "--json cannot ask for confirmation: add -y (--assume-yes) to terminate without asking, \
+                 or leave out --json to review the sessions first",
+            ),
+            _ => None,
+        }
+    }
 }
 
 fn target(args: &Args) -> Result<Target, String> {
@@ -183,7 +227,7 @@ async fn run(args: Args) -> ExitCode {
     let target = match target(&args) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("tlctl: {e}");
+            crate::errln!("tlctl: {e}");
             return ExitCode::from(2);
         }
     };
@@ -219,9 +263,9 @@ async fn run(args: Args) -> ExitCode {
                 ApiReply::Loads { agents } => {
                     for a in &agents {
                         if json {
-                            println!("{}", serde_json::to_string_pretty(a).unwrap_or_default());
+                            crate::outln!("{}", serde_json::to_string_pretty(a).unwrap_or_default());
                         } else {
-                            print!("{}", show_load(a));
+                            crate::out!("{}", show_load(a));
                         }
                     }
                     Ok(ExitCode::SUCCESS)
@@ -232,9 +276,9 @@ async fn run(args: Args) -> ExitCode {
         Command::Ha(HaCmd::Status) => request(&target, ApiRequest::HaStatus, timeout).await.and_then(|r| match r {
             ApiReply::HaStatus { status } => {
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
+                    crate::outln!("{}", serde_json::to_string_pretty(&status).unwrap_or_default());
                 } else {
-                    print!("{}", show_ha(&status));
+                    crate::out!("{}", show_ha(&status));
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -246,20 +290,20 @@ async fn run(args: Args) -> ExitCode {
             match call(&target, &ApiRequest::HaCheck, t).await {
                 Ok(ApiReply::Ok { message }) => {
                     if !quiet {
-                        println!("{message}");
+                        crate::outln!("{message}");
                     }
                     Ok(ExitCode::SUCCESS)
                 }
                 Ok(ApiReply::Error { message, .. }) => {
                     if !quiet {
-                        eprintln!("tlctl: {message}");
+                        crate::errln!("tlctl: {message}");
                     }
                     Ok(ExitCode::from(1))
                 }
                 Ok(other) => unexpected(other),
                 Err(e) => {
                     if !quiet {
-                        eprintln!("tlctl: {e}");
+                        crate::errln!("tlctl: {e}");
                     }
                     Ok(ExitCode::from(2))
                 }
@@ -273,7 +317,7 @@ async fn run(args: Args) -> ExitCode {
             };
             request(&target, ApiRequest::HaNotify { state }, timeout).await.and_then(|r| match r {
                 ApiReply::Ok { message } => {
-                    println!("{message}");
+                    crate::outln!("{message}");
                     Ok(ExitCode::SUCCESS)
                 }
                 other => unexpected(other),
@@ -283,7 +327,7 @@ async fn run(args: Args) -> ExitCode {
     match result {
         Ok(code) => code,
         Err((code, msg)) => {
-            eprintln!("tlctl: {msg}");
+            crate::errln!("tlctl: {msg}");
             ExitCode::from(code)
         }
     }
@@ -316,7 +360,7 @@ async fn terminate(
         return Err((1, "terminate needs a selector: --user, --agent, --display, --subcluster, or --all".into()));
     }
     if !json {
-        println!("Refreshing session information...");
+        crate::outln!("Refreshing session information...");
     }
     let preview = request(
         target,
@@ -330,20 +374,21 @@ async fn terminate(
     };
     if selected.is_empty() {
         if json {
-            println!("{}", serde_json::to_string_pretty(&TerminateOutcome::default()).unwrap_or_default());
+            crate::outln!("{}", serde_json::to_string_pretty(&TerminateOutcome::default()).unwrap_or_default());
         } else {
-            println!("No sessions match.");
+            crate::outln!("No sessions match.");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if !yes {
+    // A JSON caller cannot answer a prompt (refused earlier, checked again here).
+    if !yes && !json {
         print_sessions(&selected, false);
-        print!("Terminate {} session(s)? [y/N] ", selected.len());
+        crate::out!("Terminate {} session(s)? [y/N] ", selected.len());
         let _ = std::io::stdout().flush();
         let mut line = String::new();
         let _ = std::io::stdin().lock().read_line(&mut line);
         if !matches!(line.trim(), "y" | "Y" | "yes" | "YES") {
-            println!("Nothing terminated.");
+            crate::outln!("Nothing terminated.");
             return Ok(ExitCode::from(1));
         }
     }
@@ -355,9 +400,9 @@ async fn terminate(
         other => return unexpected(other),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
     } else {
-        println!(
+        crate::outln!(
             "Terminated {} session(s), pending {}, abandoned {}, failed {}.",
             outcome.terminated.len(),
             outcome.pending.len(),
@@ -365,10 +410,10 @@ async fn terminate(
             outcome.failed.len()
         );
         for (s, why) in &outcome.pending {
-            println!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
+            crate::outln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
         }
         for (s, why) in &outcome.failed {
-            eprintln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
+            crate::errln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
         }
     }
     Ok(if outcome.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -405,14 +450,14 @@ pub fn last_connect(s: &Session, now: u64) -> String {
 
 fn print_sessions(sessions: &[Session], json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(sessions).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(sessions).unwrap_or_default());
         return;
     }
-    print!(
+    crate::out!(
         "{}",
         super::table(&["USER", "DISPLAY", "AGENT", "STATUS", "AGE", "LAST CONNECT"], &session_rows(sessions, now_ms()))
     );
-    println!("Listed {} session(s).", sessions.len());
+    crate::outln!("Listed {} session(s).", sessions.len());
 }
 
 fn mem_used_pct(a: &AgentLoad) -> Option<f64> {
@@ -457,7 +502,7 @@ fn state(a: &AgentLoad) -> String {
 
 fn print_loads(agents: &[AgentLoad], json: bool) {
     if json {
-        println!("{}", serde_json::to_string_pretty(agents).unwrap_or_default());
+        crate::outln!("{}", serde_json::to_string_pretty(agents).unwrap_or_default());
         return;
     }
     let pct = |v: Option<f64>| v.map(|v| format!("{v:.0} %")).unwrap_or_else(|| "-".into());
@@ -475,8 +520,8 @@ fn print_loads(agents: &[AgentLoad], json: bool) {
             ]
         })
         .collect();
-    print!("{}", super::table(&["AGENT", "USERS", "SESSIONS", "MEM", "CPU", "WEIGHT", "STATE"], &rows));
-    println!("Listed {} agent(s).", agents.len());
+    crate::out!("{}", super::table(&["AGENT", "USERS", "SESSIONS", "MEM", "CPU", "WEIGHT", "STATE"], &rows));
+    crate::outln!("Listed {} agent(s).", agents.len());
 }
 
 fn show_load(a: &AgentLoad) -> String {

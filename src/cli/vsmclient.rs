@@ -43,6 +43,9 @@ pub struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Reconnect to your running session, or create one.
+    #[command(
+        after_help = "Examples:\n  vsmclient connect                         your running session, or a new one\n  vsmclient connect --geometry 1920x1080    size of a new session\n  vsmclient connect --new --json            an additional session, as JSON"
+    )]
     Connect {
         /// Ask for an additional session (within /vsmserver/max_sessions_per_user).
         #[arg(long)]
@@ -55,8 +58,12 @@ enum Command {
         geometry: Option<String>,
     },
     /// List your sessions.
+    #[command(after_help = "Examples:\n  vsmclient list\n  vsmclient list --json")]
     List,
     /// End one of your sessions.
+    #[command(
+        after_help = "Examples:\n  vsmclient list                  find the session id\n  vsmclient terminate 3f2a9c...    end that session"
+    )]
     Terminate {
         /// The session id (see `vsmclient list`).
         id: String,
@@ -103,24 +110,24 @@ async fn run(args: Args) -> ExitCode {
     let reply = match call(&target, &req, Duration::from_secs(args.timeout)).await {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("vsmclient: {e}");
+            crate::errln!("vsmclient: {e}");
             return ExitCode::from(2);
         }
     };
     match reply {
         ApiReply::Connected { info } => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&info).unwrap_or_default());
             } else {
-                print!("{}", describe(&info));
+                crate::out!("{}", describe(&info));
             }
             ExitCode::SUCCESS
         }
         ApiReply::Sessions { sessions } => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&sessions).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&sessions).unwrap_or_default());
             } else if sessions.is_empty() {
-                println!("You have no sessions.");
+                crate::outln!("You have no sessions.");
             } else {
                 let now = crate::model::now_ms();
                 let rows: Vec<Vec<String>> = sessions
@@ -137,32 +144,32 @@ async fn run(args: Args) -> ExitCode {
                         ]
                     })
                     .collect();
-                print!("{}", super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE", "LAST CONNECT"], &rows));
+                crate::out!("{}", super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE", "LAST CONNECT"], &rows));
             }
             ExitCode::SUCCESS
         }
         ApiReply::Terminated { outcome } => {
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
             } else {
                 for s in &outcome.terminated {
-                    println!("Terminated session {} on {} (display :{}).", s.id, s.agent, s.display);
+                    crate::outln!("Terminated session {} on {} (display :{}).", s.id, s.agent, s.display);
                 }
                 for (s, why) in &outcome.pending {
-                    println!("Session {} on {} (display :{}): {why}.", s.id, s.agent, s.display);
+                    crate::outln!("Session {} on {} (display :{}): {why}.", s.id, s.agent, s.display);
                 }
             }
             ExitCode::SUCCESS
         }
         ApiReply::Error { kind, message } => {
             if args.json {
-                println!("{}", serde_json::json!({ "error": kind, "message": message }));
+                crate::outln!("{}", serde_json::json!({ "error": kind, "message": message }));
             }
-            eprintln!("vsmclient: {message}");
+            crate::errln!("vsmclient: {message}");
             ExitCode::from(1)
         }
         other => {
-            eprintln!("vsmclient: unexpected reply from vsmserver: {other:?}");
+            crate::errln!("vsmclient: unexpected reply from vsmserver: {other:?}");
             ExitCode::from(2)
         }
     }

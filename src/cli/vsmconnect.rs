@@ -561,7 +561,7 @@ fn run(args: &Args) -> Result<(), SeatError> {
     // 1. Log in and get the session.
     let login = login_argv(args, &target, geometry.as_deref());
     if args.verbose {
-        eprintln!("vsmconnect: running {}", show(&login));
+        crate::errln!("vsmconnect: running {}", show(&login));
     }
     let out = Command::new(&login[0])
         .args(&login[1..])
@@ -578,7 +578,7 @@ fn run(args: &Args) -> Result<(), SeatError> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if args.verbose && !stderr.trim().is_empty() {
-        eprintln!("vsmconnect: ssh said: {}", stderr.trim());
+        crate::errln!("vsmconnect: ssh said: {}", stderr.trim());
     }
     let info = match out.status.code() {
         Some(255) => return Err(classify_ssh(&target.host, &stderr)),
@@ -602,7 +602,7 @@ fn run(args: &Args) -> Result<(), SeatError> {
     };
     let remote = check_endpoint(&info)?;
     if args.verbose || !args.json {
-        eprintln!(
+        crate::errln!(
             "vsmconnect: {} session {} on {} (display :{})",
             if info.reconnected { "reconnecting to" } else { "created" },
             info.session_id,
@@ -633,21 +633,21 @@ fn run(args: &Args) -> Result<(), SeatError> {
                 tunnel: tunnel.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
                 viewer: viewer_argv.iter().map(|a| a.to_string_lossy().into_owned()).collect(),
             };
-            println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
+            crate::outln!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
         } else {
-            println!("session:  {} (display :{}) on {}", info.session_id, info.display, info.agent_address);
+            crate::outln!("session:  {} (display :{}) on {}", info.session_id, info.display, info.agent_address);
             match &remote {
-                Remote::Socket(p) => println!("desktop:  {}:{p}", info.agent_address),
-                Remote::Port(port) => println!("desktop:  {}:{port}", info.agent_address),
+                Remote::Socket(p) => crate::outln!("desktop:  {}:{p}", info.agent_address),
+                Remote::Port(port) => crate::outln!("desktop:  {}:{port}", info.agent_address),
             }
-            println!("tunnel:   {}", show(&tunnel));
-            println!("viewer:   {}", show(&viewer_argv));
+            crate::outln!("tunnel:   {}", show(&tunnel));
+            crate::outln!("viewer:   {}", show(&viewer_argv));
         }
         // Nothing was started: the private directory goes with `dir`.
         return Ok(());
     }
     if args.verbose {
-        eprintln!("vsmconnect: running {}", show(&tunnel));
+        crate::errln!("vsmconnect: running {}", show(&tunnel));
     }
     let child = Command::new(&tunnel[0])
         .args(&tunnel[1..])
@@ -692,7 +692,7 @@ fn run(args: &Args) -> Result<(), SeatError> {
 
     // 3. The viewer, until it is closed.
     if args.verbose {
-        eprintln!("vsmconnect: running {}", show(&viewer_argv));
+        crate::errln!("vsmconnect: running {}", show(&viewer_argv));
     }
     let started = Instant::now();
     let v = Command::new(&viewer_argv[0])
@@ -738,12 +738,12 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if args.json {
-                println!(
+                crate::outln!(
                     "{}",
                     serde_json::json!({ "error": e.class(), "message": e.to_string(), "exit_status": e.exit_code() })
                 );
             }
-            eprintln!("vsmconnect: {e}");
+            crate::errln!("vsmconnect: {e}");
             ExitCode::from(e.exit_code())
         }
     }

@@ -2,6 +2,7 @@
 //! plus the `demo` subcommand.
 
 use crate::server::{self, Overrides};
+use crate::telemetry::{level_for_key, LogOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,16 +16,19 @@ use std::process::ExitCode;
 agent polling and, with /HA/enabled, replication to the other master. Configuration is read from \
 the configuration directory (see tl-config). `vsmserver demo` runs a self-contained demonstration \
 with two masters and two agents on loopback, with no root and no configuration.",
-    after_help = "Examples:\n  vsmserver                          run the daemon with /etc/vsm\n  vsmserver --config-dir ./conf -v   another configuration, more logging\n  vsmserver demo                     the two-master failover demonstration"
+    after_help = "Examples:\n  vsmserver                          run the daemon with /etc/vsm\n  vsmserver --config-dir ./conf -v   another configuration, more logging\n  vsmserver --log-level vsm::ha=debug,info --log-json\n  vsmserver demo                     the two-master failover demonstration"
 )]
 pub struct Args {
     /// Configuration directory (default /etc/vsm).
     #[arg(long, env = "VSM_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
-    /// More logging (-v debug, -vv trace); RUST_LOG overrides.
+    /// More logging (-v debug, -vv trace); wins over RUST_LOG and /vsmserver/logging/defaultlevel.
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
-    /// Log one JSON object per line.
+    /// Log filter, e.g. `info` or `vsm::ha=debug,info`; wins over everything else.
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+    /// Log one JSON object per line (also /vsmserver/logging/json).
     #[arg(long)]
     log_json: bool,
     /// Reach the HA peer at HOST:PORT instead of its /HA/nodes entry and /HA/port (for two
@@ -38,6 +42,9 @@ pub struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Two masters and two agents on loopback: sessions, failover, resync, narrated.
+    #[command(
+        after_help = "Examples:\n  vsmserver demo                                   run it and exit\n  vsmserver demo --keep-running --dir /tmp/vsm-demo   leave it up to try vsmclient and tlctl by hand"
+    )]
     Demo(crate::demo::DemoArgs),
     /// The demo's stand-in desktop: answers the RFB greeting on a port.
     #[command(hide = true)]
@@ -49,39 +56,58 @@ enum Command {
 
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    if matches!(args.command, Some(Command::Demo(_))) && args.verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
+    let demo = matches!(args.command, Some(Command::Demo(_)));
+    let mut log =
+        LogOptions { level: args.log_level.clone(), verbosity: args.verbose, json: args.log_json, config_level: None };
+    if demo && log.level.is_none() && args.verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
         // The demo narrates on stdout; only problems are logged unless asked for more.
-        std::env::set_var("RUST_LOG", "warn,vsm::ha::node=error,vsm::ha::engine=error");
+        log.level = Some("warn,vsm::ha::node=error,vsm::ha::engine=error".into());
     }
-    crate::telemetry::init(args.verbose, args.log_json);
+    let config = match args.command {
+        Some(_) => None,
+        None => {
+            let dir = crate::config::config_dir_from(args.config_dir.clone());
+            match crate::config::load(&dir) {
+                Ok(c) => {
+                    log.json |= c.vsmserver.logging.json;
+                    log.config_level = Some(level_for_key(&c.vsmserver.logging.defaultlevel).to_string());
+                    Some((dir, c))
+                }
+                Err(e) => {
+                    crate::telemetry::fatal(
+                        "vsmserver",
+                        format_args!("invalid configuration in {}:\n{e}", dir.display()),
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+        }
+    };
+    if let Err(e) = crate::telemetry::init_with(&log) {
+        crate::telemetry::fatal("vsmserver", format_args!("{e}"));
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("vsmserver: cannot start the runtime: {e}");
+            crate::telemetry::fatal("vsmserver", format_args!("cannot start the runtime: {e}"));
             return ExitCode::from(1);
         }
     };
-    match args.command {
-        Some(Command::Demo(d)) => rt.block_on(crate::demo::run(d)),
-        Some(Command::DemoSession { port }) => rt.block_on(crate::demo::fake_session(port)),
-        None => rt.block_on(daemon(args.config_dir, args.peer_addr)),
+    match (args.command, config) {
+        (Some(Command::Demo(d)), _) => rt.block_on(crate::demo::run(d)),
+        (Some(Command::DemoSession { port }), _) => rt.block_on(crate::demo::fake_session(port)),
+        (None, Some((dir, cfg))) => rt.block_on(daemon(dir, cfg, args.peer_addr)),
+        (None, None) => ExitCode::from(1),
     }
 }
 
-async fn daemon(config_dir: Option<PathBuf>, peer_addr: Option<String>) -> ExitCode {
-    let dir = crate::config::config_dir_from(config_dir);
-    let cfg = match crate::config::load(&dir) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("vsmserver: invalid configuration in {}:\n{e}", dir.display());
-            return ExitCode::from(1);
-        }
-    };
+async fn daemon(dir: PathBuf, cfg: crate::config::Config, peer_addr: Option<String>) -> ExitCode {
     tracing::info!(config_dir = %dir.display(), "configuration loaded");
     let listeners = match server::bind(&cfg).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("vsmserver: {e}");
+            crate::telemetry::fatal("vsmserver", format_args!("{e}"));
             return ExitCode::from(1);
         }
     };
@@ -89,7 +115,7 @@ async fn daemon(config_dir: Option<PathBuf>, peer_addr: Option<String>) -> ExitC
     match server::run(cfg, listeners, ov, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("vsmserver: {e}");
+            crate::telemetry::fatal("vsmserver", format_args!("{e}"));
             ExitCode::from(1)
         }
     }

@@ -119,6 +119,14 @@ pub static KEYS: &[KeyDef] = &[
         apply: |c, _, v| c.ha.port = v.as_u16(),
     },
     KeyDef {
+        path: "/HA/listen_address",
+        ty: ValueType::Host,
+        default: "0.0.0.0",
+        doc: "Address the replication link listens on (with `/HA/port`); `0.0.0.0` means every IPv4 address, `::` every address.",
+        restart: true,
+        apply: |c, _, v| c.ha.listen_address = v.as_str(),
+    },
+    KeyDef {
         path: "/HA/sync",
         ty: ValueType::Enum(&["async", "ack"]),
         default: "ack",
@@ -254,6 +262,14 @@ pub static KEYS: &[KeyDef] = &[
         apply: |c, _, v| c.vsmserver.listen_port = v.as_u16(),
     },
     KeyDef {
+        path: "/vsmserver/listen_address",
+        ty: ValueType::Host,
+        default: "0.0.0.0",
+        doc: "Address the master listens on for clients and agents (with `/vsmserver/listen_port`); `0.0.0.0` means every IPv4 address, `::` every address.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.listen_address = v.as_str(),
+    },
+    KeyDef {
         path: "/vsmserver/allowed_clients",
         ty: HOSTS,
         default: "",
@@ -368,6 +384,22 @@ pub static KEYS: &[KeyDef] = &[
         restart: true,
         apply: |c, _, v| c.vsmserver.admin_group = v.as_opt(),
     },
+    KeyDef {
+        path: "/vsmserver/logging/defaultlevel",
+        ty: ValueType::Enum(&["error", "warning", "info", "debug", "debug2"]),
+        default: "info",
+        doc: "Least severe messages `vsmserver` logs (case does not matter); `--log-level`, `-v` and `RUST_LOG` override it.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.logging.defaultlevel = v.as_str(),
+    },
+    KeyDef {
+        path: "/vsmserver/logging/json",
+        ty: ValueType::Bool,
+        default: "false",
+        doc: "Log one JSON object per line instead of text (as `--log-json` does).",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.logging.json = v.as_bool(),
+    },
     // ---- /vsmagent ----
     KeyDef {
         path: "/vsmagent/master_hostname",
@@ -400,6 +432,14 @@ pub static KEYS: &[KeyDef] = &[
         doc: "TCP port the agent listens on; should equal `/vsm/vsm_agent_port`.",
         restart: true,
         apply: |c, _, v| c.vsmagent.listen_port = v.as_u16(),
+    },
+    KeyDef {
+        path: "/vsmagent/listen_address",
+        ty: ValueType::Host,
+        default: "0.0.0.0",
+        doc: "Address the agent listens on (with `/vsmagent/listen_port`); `0.0.0.0` means every IPv4 address, `::` every address.",
+        restart: true,
+        apply: |c, _, v| c.vsmagent.listen_address = v.as_str(),
     },
     KeyDef {
         path: "/vsmagent/display_min",
@@ -448,6 +488,22 @@ pub static KEYS: &[KeyDef] = &[
         doc: "Directory where the agent keeps per-session files.",
         restart: true,
         apply: |c, _, v| c.vsmagent.state_dir = v.as_path(),
+    },
+    KeyDef {
+        path: "/vsmagent/logging/defaultlevel",
+        ty: ValueType::Enum(&["error", "warning", "info", "debug", "debug2"]),
+        default: "info",
+        doc: "Least severe messages `vsmagent` logs (case does not matter); `--log-level`, `-v` and `RUST_LOG` override it.",
+        restart: true,
+        apply: |c, _, v| c.vsmagent.logging.defaultlevel = v.as_str(),
+    },
+    KeyDef {
+        path: "/vsmagent/logging/json",
+        ty: ValueType::Bool,
+        default: "false",
+        doc: "Log one JSON object per line instead of text (as `--log-json` does).",
+        restart: true,
+        apply: |c, _, v| c.vsmagent.logging.json = v.as_bool(),
     },
     // ---- /vsm ----
     KeyDef {

@@ -113,6 +113,8 @@ pub struct HaConfig {
     pub secret_file: PathBuf,
     /// `/HA/port`: TCP port of the peer link.
     pub port: u16,
+    /// `/HA/listen_address`: where the peer port is bound.
+    pub listen_address: String,
     /// `/HA/sync`: when a client is answered.
     pub sync: SyncLevel,
     /// `/HA/sync_timeout`: how long a write waits for the peer before continuing alone.
@@ -172,6 +174,8 @@ pub struct AgentsConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServerConfig {
     pub listen_port: u16,
+    /// `/vsmserver/listen_address`: where the client/agent port is bound.
+    pub listen_address: String,
     pub allowed_clients: Vec<String>,
     pub allowed_groups: Vec<String>,
     /// 0 means unlimited.
@@ -195,6 +199,23 @@ pub struct ServerConfig {
     pub db_synchronous: DbSynchronous,
     /// `/vsmserver/admin_group`: members may act as admins over the Unix socket.
     pub admin_group: Option<String>,
+    /// `/vsmserver/logging/*`
+    pub logging: LoggingConfig,
+}
+
+/// `/vsmserver/logging/*` and `/vsmagent/logging/*`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoggingConfig {
+    /// `…/logging/defaultlevel`: `error`, `warning`, `info`, `debug` or `debug2`.
+    pub defaultlevel: String,
+    /// `…/logging/json`: one JSON object per line.
+    pub json: bool,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { defaultlevel: "info".into(), json: false }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +232,8 @@ pub struct AgentConfig {
     /// Address given to clients; when unset the agent reports its own address.
     pub agent_hostname: Option<String>,
     pub listen_port: u16,
+    /// `/vsmagent/listen_address`: where the agent port is bound.
+    pub listen_address: String,
     pub display_min: u32,
     pub display_max: u32,
     /// argv template; placeholders `{display}`, `{port}`, `{geometry}`, `{user}`, `{socket}`.
@@ -220,6 +243,8 @@ pub struct AgentConfig {
     pub pam_service: Option<String>,
     /// `/vsmagent/state_dir`: where the agent keeps per-session files.
     pub state_dir: PathBuf,
+    /// `/vsmagent/logging/*`
+    pub logging: LoggingConfig,
 }
 
 /// `/vsm/*`.
@@ -253,6 +278,7 @@ impl Default for Config {
                 nodes: vec![],
                 secret_file: PathBuf::from("/etc/vsm/ha.key"),
                 port: 9001,
+                listen_address: "0.0.0.0".into(),
                 sync: SyncLevel::Ack,
                 sync_timeout: Duration::from_secs(2),
                 startup_grace: Duration::from_secs(30),
@@ -267,6 +293,7 @@ impl Default for Config {
             agents: AgentsConfig::default(),
             vsmserver: ServerConfig {
                 listen_port: 9000,
+                listen_address: "0.0.0.0".into(),
                 allowed_clients: vec![],
                 allowed_groups: vec![],
                 max_sessions_per_user: 1,
@@ -281,12 +308,14 @@ impl Default for Config {
                 session_reconnect_dir: PathBuf::from("/etc/vsm/sessionreconnect.d"),
                 db_synchronous: DbSynchronous::Full,
                 admin_group: None,
+                logging: LoggingConfig::default(),
             },
             vsmagent: AgentConfig {
                 master_hostname: "localhost".into(),
                 allowed_clients: vec![],
                 agent_hostname: None,
                 listen_port: 904,
+                listen_address: "0.0.0.0".into(),
                 display_min: 10,
                 display_max: 2000,
                 session_command: [
@@ -314,6 +343,7 @@ impl Default for Config {
                 default_geometry: "1024x768".into(),
                 pam_service: Some("vsm".into()),
                 state_dir: PathBuf::from("/var/lib/vsmagent"),
+                logging: LoggingConfig::default(),
             },
             vsm: VsmConfig {
                 vsm_server_port: 9000,

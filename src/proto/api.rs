@@ -62,8 +62,9 @@ pub enum ApiRequest {
     /// Admin: store a session record as given (import from another master, benchmarks).
     /// Answered once the record is committed and, in HA `ack` mode, stored by the peer.
     SessionPut { session: Session },
-    /// Admin: load of every agent; with `refresh` every agent is asked first.
+    /// Admin: load of every agent; with `refresh`, every agent is asked first.
     LoadList {
+        /// Ask every agent for its sessions and load before answering (older callers omit it).
         #[serde(default)]
         refresh: bool,
     },
