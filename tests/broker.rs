@@ -659,7 +659,9 @@ async fn exit_reports_only_end_sessions_of_the_reporting_agent() {
     assert!(m.server().db.get(&a.session_id).await.unwrap().is_none());
     m.stop().await;
     agent.stop().await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_bind_the_configured_addresses() {
     init_logging();
     let dir = cluster_dir();

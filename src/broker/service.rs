@@ -317,7 +317,7 @@ impl Broker {
             match self.inner.agents.start(&agent, id.clone(), &req.user, req.geometry.clone()).await {
                 Ok(started) => {
                     self.registry().record_success(&agent, Instant::now());
-                                        let s = session_from_agent(&started, &agent, &sub.name, asked, req.client_address.as_deref());
+                    let s = session_from_agent(&started, &agent, &sub.name, asked, req.client_address.as_deref());
                     if let Err(e) = self.commit(Write::Upsert(s.clone())).await {
                         // The desktop runs but the user is told it failed: end it at once.
                         tracing::warn!(session_id = %id, user = %req.user, agent = %agent, error = %e, "could not record a started session; ending it");

@@ -144,7 +144,10 @@ async fn run(args: Args) -> ExitCode {
                         ]
                     })
                     .collect();
-                crate::out!("{}", super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE", "LAST CONNECT"], &rows));
+                crate::out!(
+                    "{}",
+                    super::table(&["ID", "AGENT", "DISPLAY", "VNC", "STATUS", "AGE", "LAST CONNECT"], &rows)
+                );
             }
             ExitCode::SUCCESS
         }
