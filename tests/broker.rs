@@ -582,23 +582,6 @@ async fn an_agent_that_answers_again_is_placeable_at_once() {
     assert!(m.connect("alice", false).await.unwrap().reconnected);
     let c = m.connect("carol", false).await;
     assert!(c.is_ok(), "{c:?}");
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_list_refresh_asks_the_agents_first() {
-    // The master polls no agent on its own here, so only the refresh can bring the load.
-    let (_d, agent, mut m) = one_agent_cluster().await;
-    let loads = |r: ApiReply| match r {
-        ApiReply::Loads { agents } => agents,
-        other => panic!("{other:?}"),
-    };
-    let before = loads(m.call(ApiRequest::LoadList { refresh: false }).await);
-    let a = before.iter().find(|a| a.agent == agent.name).unwrap();
-    assert!(a.load.is_none() && a.updated_ms_ago.is_none(), "not polled yet: {a:?}");
-    let after = loads(m.call(ApiRequest::LoadList { refresh: true }).await);
-    let a = after.iter().find(|a| a.agent == agent.name).unwrap();
-    assert!(a.reachable, "{a:?}");
-    assert!(a.load.as_ref().is_some_and(|l| l.cpus >= 1), "the agent's load after a refresh: {a:?}");
-    assert!(a.updated_ms_ago.is_some(), "{a:?}");
     m.stop().await;
     agent.stop().await;
 }
@@ -657,6 +640,26 @@ async fn exit_reports_only_end_sessions_of_the_reporting_agent() {
     assert!(m.server().db.get(&a.session_id).await.unwrap().is_some(), "forged reports change nothing");
     assert_eq!(report("127.0.0.1", a.display).await, Some(ReportAck::Accepted));
     assert!(m.server().db.get(&a.session_id).await.unwrap().is_none());
+    m.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_list_refresh_asks_the_agents_first() {
+    // The master polls no agent on its own here, so only the refresh can bring the load.
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let loads = |r: ApiReply| match r {
+        ApiReply::Loads { agents } => agents,
+        other => panic!("{other:?}"),
+    };
+    let before = loads(m.call(ApiRequest::LoadList { refresh: false }).await);
+    let a = before.iter().find(|a| a.agent == agent.name).unwrap();
+    assert!(a.load.is_none() && a.updated_ms_ago.is_none(), "not polled yet: {a:?}");
+    let after = loads(m.call(ApiRequest::LoadList { refresh: true }).await);
+    let a = after.iter().find(|a| a.agent == agent.name).unwrap();
+    assert!(a.reachable, "{a:?}");
+    assert!(a.load.as_ref().is_some_and(|l| l.cpus >= 1), "the agent's load after a refresh: {a:?}");
+    assert!(a.updated_ms_ago.is_some(), "{a:?}");
     m.stop().await;
     agent.stop().await;
 }
