@@ -193,6 +193,12 @@ pub struct ServerConfig {
     pub db_synchronous: DbSynchronous,
     /// `/vsmserver/admin_group`: members may act as admins over the Unix socket.
     pub admin_group: Option<String>,
+    /// `/vsmserver/max_connections`: connections each listener serves at once.
+    pub max_connections: usize,
+    /// `/vsmserver/max_connections_per_user`: Unix-socket connections of one user at once.
+    pub max_connections_per_user: usize,
+    /// `/vsmserver/idle_timeout`: a connection that sends no request for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -216,6 +222,10 @@ pub struct AgentConfig {
     pub default_geometry: String,
     /// `/vsmagent/state_dir`: where the agent keeps per-session files.
     pub state_dir: PathBuf,
+    /// `/vsmagent/max_connections`: master connections served at once.
+    pub max_connections: usize,
+    /// `/vsmagent/idle_timeout`: a master connection with no request for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// `/vsm/*`.
@@ -274,6 +284,9 @@ impl Default for Config {
                 session_reconnect_dir: PathBuf::from("/etc/vsm/sessionreconnect.d"),
                 db_synchronous: DbSynchronous::Full,
                 admin_group: None,
+                max_connections: 1024,
+                max_connections_per_user: 16,
+                idle_timeout: Duration::from_secs(60),
             },
             vsmagent: AgentConfig {
                 master_hostname: "localhost".into(),
@@ -300,6 +313,8 @@ impl Default for Config {
                 .collect(),
                 default_geometry: "1024x768".into(),
                 state_dir: PathBuf::from("/var/lib/vsmagent"),
+                max_connections: 256,
+                idle_timeout: Duration::from_secs(120),
             },
             vsm: VsmConfig {
                 vsm_server_port: 9000,

@@ -6,6 +6,13 @@
 use crate::model::SessionId;
 use serde::{Deserialize, Serialize};
 
+/// Largest call an agent reads from a master (a few short fields).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Largest answer a master reads from an agent: the list of every session it runs.
+pub const MAX_REPLY: usize = 16 * 1024 * 1024;
+/// Largest report (or acknowledgement) on the report link.
+pub const MAX_REPORT: usize = 64 * 1024;
+
 /// A call from a master to an agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
