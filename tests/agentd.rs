@@ -463,6 +463,7 @@ impl TestDaemon {
                 outbox_path: Some(t.opts.state_dir.join("outbox.json")),
             },
             max_connections: 16,
+            idle_timeout: Duration::from_secs(120),
             shutdown_deadline: Duration::from_secs(10),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
