@@ -86,6 +86,42 @@ impl Hlc {
         let base = if remote > self { remote } else { self };
         base.tick(now_ms)
     }
+
+    /// This reading, or, when it lies more than `max_ahead_ms` ahead of the wall clock
+    /// `now_ms`, the reading at exactly that bound: a clock that ran into the future and was
+    /// set back (or a peer's) is followed no further than the bound.
+    pub fn capped(self, now_ms: u64, max_ahead_ms: u64) -> Hlc {
+        let limit = now_ms.saturating_add(max_ahead_ms);
+        if self.wall_ms > limit {
+            Hlc { wall_ms: limit, logical: 0 }
+        } else {
+            self
+        }
+    }
+
+    /// How far this reading lies beyond `now_ms + max_ahead_ms`, if it does.
+    pub fn beyond(self, now_ms: u64, max_ahead_ms: u64) -> Option<u64> {
+        let limit = now_ms.saturating_add(max_ahead_ms);
+        (self.wall_ms > limit).then(|| self.wall_ms - now_ms)
+    }
+
+    /// The next local reading with the clock bounded: never more than `max_ahead_ms` ahead
+    /// of `now_ms`, except to pass `floor` (the stored version of the record being
+    /// replaced, which a write must always exceed).
+    pub fn tick_bounded(self, floor: Option<Hlc>, now_ms: u64, max_ahead_ms: u64) -> Hlc {
+        let own = self.capped(now_ms, max_ahead_ms);
+        let base = match floor {
+            Some(f) if f > own => f,
+            _ => own,
+        };
+        base.tick(now_ms)
+    }
+
+    /// [`Hlc::observe`] with the remote reading capped at `max_ahead_ms` ahead of `now_ms`,
+    /// so a record from a clock in the future does not drag this clock along.
+    pub fn observe_bounded(self, remote: Hlc, now_ms: u64, max_ahead_ms: u64) -> Hlc {
+        self.capped(now_ms, max_ahead_ms).observe(remote.capped(now_ms, max_ahead_ms), now_ms)
+    }
 }
 
 impl fmt::Display for Hlc {
@@ -393,6 +429,26 @@ mod tests {
         let remote = Hlc { wall_ms: 150, logical: 7 };
         let r = local.observe(remote, 120);
         assert!(r > remote);
+    }
+
+    #[test]
+    fn a_bounded_clock_never_runs_further_ahead_than_the_bound() {
+        // Written while the wall clock was ten days ahead, then the clock was set right.
+        let future = Hlc { wall_ms: 10 * 86_400_000, logical: 4 };
+        let now = 1_000;
+        let next = future.tick_bounded(None, now, 500);
+        assert_eq!(next, Hlc { wall_ms: 1_500, logical: 1 });
+        // The record being replaced still wins over the bound: a write follows what it replaces.
+        let next = future.tick_bounded(Some(future), now, 500);
+        assert!(next > future);
+        // Within the bound nothing changes.
+        let near = Hlc { wall_ms: 1_200, logical: 0 };
+        assert_eq!(near.tick_bounded(None, now, 500), near.tick(now));
+        // A remote reading beyond the bound is followed only up to it.
+        let seen = Hlc { wall_ms: 900, logical: 0 }.observe_bounded(future, now, 500);
+        assert_eq!(seen, Hlc { wall_ms: 1_500, logical: 1 });
+        assert_eq!(future.beyond(now, 500), Some(future.wall_ms - now));
+        assert_eq!(near.beyond(now, 500), None);
     }
 
     #[test]

@@ -146,6 +146,7 @@ impl Server {
             synchronous: cfg.vsmserver.db_synchronous,
             changelog_retention: cfg.ha.changelog_retention,
             tombstone_retention: cfg.ha.tombstone_retention,
+            max_clock_offset: cfg.ha.max_clock_offset,
         })?;
         let st = db.status().await?;
         tracing::info!(path = %db_path.display(), sessions = st.sessions, head = st.head.0, "session database open");
@@ -188,7 +189,7 @@ impl Server {
                 bg_cancel.clone(),
             ));
         }
-        background.spawn(housekeeping_loop(db.clone(), bg_cancel.clone()));
+        background.spawn(housekeeping_loop(db.clone(), ha.clone(), bg_cancel.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!("vsmserver ready");
         Ok(Server { broker, db, ha, shutdown, tracker, background, bg_cancel })
@@ -263,13 +264,14 @@ async fn reconcile_loop(broker: Broker, ha: Arc<HaNode>, every: Duration, cancel
     }
 }
 
-async fn housekeeping_loop(db: DbHandle, cancel: CancellationToken) {
+async fn housekeeping_loop(db: DbHandle, ha: Arc<HaNode>, cancel: CancellationToken) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        if let Err(e) = db.gc(crate::model::now_ms()).await {
+        // Tombstones age on a clock both masters agree on, so both forget the same ones.
+        if let Err(e) = db.gc(ha.tombstone_clock_ms(crate::model::now_ms())).await {
             tracing::warn!(error = %e, "database housekeeping failed");
         }
     }

@@ -255,6 +255,33 @@ async fn reconciliation_recovers_and_marks_sessions() {
     agent.stop().await;
 }
 
+/// "Just created" is decided by order on the master, never by the clock that stamped the
+/// record: sessions stamped an hour ahead, an hour behind or just now, none of them running
+/// on the agent, all leave the list in one reconciliation; the live one stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciliation_removes_vanished_sessions_whatever_clock_stamped_them() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    let live = m.connect("alice", false).await.unwrap();
+    let now = vsm::model::now_ms();
+    let mut gone = Vec::new();
+    for created_ms in [now + 3_600_000, now - 3_600_000, now] {
+        let s = m.put_session("bob", &agent.name).await;
+        let mut s = m.server().db.get(&s.id).await.unwrap().unwrap();
+        s.created_ms = created_ms;
+        s.last_connect_ms = created_ms;
+        m.server().broker.put(s.clone()).await.unwrap();
+        gone.push(s.id);
+    }
+    let sum = m.server().broker.reconcile_all().await.unwrap();
+    assert_eq!(sum.vanished, 3, "{sum:?}");
+    for id in &gone {
+        assert!(m.server().db.get(id).await.unwrap().is_none(), "{id} still listed");
+    }
+    assert!(m.server().db.get(&live.session_id).await.unwrap().is_some());
+    m.stop().await;
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_cannot_see_or_end_another_users_session() {
     let (_d, agent, mut m) = one_agent_cluster().await;

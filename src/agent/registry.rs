@@ -31,6 +31,8 @@ pub struct AgentState {
     pub penalised_until: Option<Instant>,
     /// The last failure, for operators.
     pub last_error: Option<String>,
+    /// The agent's clock minus the master's, from its last load report that carried one.
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl Default for AgentState {
@@ -43,6 +45,7 @@ impl Default for AgentState {
             consecutive_failures: 0,
             penalised_until: None,
             last_error: None,
+            clock_offset_ms: None,
         }
     }
 }
@@ -116,10 +119,18 @@ impl AgentRegistry {
         s.consecutive_failures = 0;
     }
 
-    /// A call returned load figures (`load` or `list`); counts as a success.
-    pub fn record_load(&mut self, agent: &str, load: LoadReport, now: Instant) {
+    /// A call returned load figures (`load` or `list`), received when this master's wall
+    /// clock read `received_ms`; counts as a success. Returns the agent's clock offset (its
+    /// clock minus ours) when the report carried its clock.
+    pub fn record_load(&mut self, agent: &str, load: LoadReport, now: Instant, received_ms: u64) -> Option<i64> {
         self.record_success(agent, now);
-        self.entry(agent).load = Some(load);
+        let e = self.entry(agent);
+        if load.now_ms > 0 {
+            e.clock_offset_ms =
+                Some((load.now_ms as i128 - received_ms as i128).clamp(i64::MIN.into(), i64::MAX.into()) as i64);
+        }
+        e.load = Some(load);
+        e.clock_offset_ms
     }
 
     /// A call to `agent` failed with `err`. Unreachable and refused agents become
@@ -206,12 +217,19 @@ mod tests {
         assert!(!s.reachable);
         assert_eq!(s.consecutive_failures, 2);
         assert!(s.last_error.as_deref().unwrap().contains("connection refused"));
-        r.record_load("a", LoadReport { cpus: 4, ..LoadReport::default() }, now);
+        r.record_load("a", LoadReport { cpus: 4, ..LoadReport::default() }, now, 0);
         let s = r.get("a").unwrap();
         assert!(s.reachable);
         assert_eq!(s.consecutive_failures, 0);
         assert_eq!(s.load.as_ref().unwrap().cpus, 4);
         assert_eq!(s.last_contact, Some(now));
+        assert_eq!(s.clock_offset_ms, None, "a report without a clock says nothing about it");
+        // An agent one hour behind, then five seconds ahead.
+        let behind = LoadReport { now_ms: 10_000_000 - 3_600_000, ..LoadReport::default() };
+        assert_eq!(r.record_load("a", behind, now, 10_000_000), Some(-3_600_000));
+        let ahead = LoadReport { now_ms: 10_005_000, ..LoadReport::default() };
+        assert_eq!(r.record_load("a", ahead, now, 10_000_000), Some(5_000));
+        assert_eq!(r.record_load("a", LoadReport::default(), now, 10_000_000), Some(5_000), "kept");
     }
 
     #[test]

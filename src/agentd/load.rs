@@ -125,6 +125,7 @@ pub fn read_load(proc_root: &Path, hostname: &str, sessions: u32) -> LoadReport 
         swap_free_kib: mem.swap_free_kib,
         users: count_human_users(process_uids(proc_root)),
         sessions,
+        now_ms: 0,
     }
 }
 

@@ -126,9 +126,12 @@ impl Agent {
         s
     }
 
-    /// Current load of the host.
+    /// Current load of the host, stamped with this machine's clock (the master measures
+    /// the clock offset from it).
     pub fn load(&self) -> crate::proto::agent::LoadReport {
-        load::read_load(&self.proc_root, &self.hostname, self.sessions.count())
+        let mut report = load::read_load(&self.proc_root, &self.hostname, self.sessions.count());
+        report.now_ms = crate::model::now_ms();
+        report
     }
 
     /// Apply one request; `local` is the local address of the connection it came on.

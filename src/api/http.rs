@@ -55,7 +55,14 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
             "/healthz" => ("200 OK", "text/plain", "alive\n".to_string()),
             "/readyz" => {
                 let st = api.ha.status().await;
-                if st.ready {
+                if st.ready && st.clock_offset_exceeded {
+                    let o = st.clock_offset_ms.unwrap_or_default();
+                    let body = format!(
+                        "ready; warning: clock offset to the peer {o:+} ms is beyond /HA/max_clock_offset ({} ms)\n",
+                        st.max_clock_offset_ms
+                    );
+                    ("200 OK", "text/plain", body)
+                } else if st.ready {
                     ("200 OK", "text/plain", "ready\n".to_string())
                 } else {
                     ("503 Service Unavailable", "text/plain", "not ready: resynchronising with the peer\n".to_string())
@@ -106,12 +113,40 @@ pub async fn metrics(api: &Api) -> String {
         "1 when both masters have the same cluster configuration (absent until compared).",
         st.config_digest_match.map(b).unwrap_or_else(|| "NaN".into()),
     );
+    gauge(
+        "vsm_ha_clock_offset_seconds",
+        "The peer's clock minus this node's, as last measured (absent until measured).",
+        st.clock_offset_ms.map(|o| format!("{:.3}", o as f64 / 1000.0)).unwrap_or_else(|| "NaN".into()),
+    );
+    gauge(
+        "vsm_ha_clock_offset_exceeded",
+        "1 when the clock offset to the peer is beyond /HA/max_clock_offset.",
+        b(st.clock_offset_exceeded),
+    );
+    gauge(
+        "vsm_ha_max_clock_offset_seconds",
+        "/HA/max_clock_offset.",
+        format!("{:.3}", st.max_clock_offset_ms as f64 / 1000.0),
+    );
     let reachable = loads.iter().filter(|a| a.reachable).count();
     gauge("vsm_agents", "Agents known to this master.", loads.len().to_string());
     gauge("vsm_agents_reachable", "Agents that answered the last call.", reachable.to_string());
     let _ = writeln!(m, "# HELP vsm_agent_sessions Sessions per agent.\n# TYPE vsm_agent_sessions gauge");
     for a in &loads {
         let _ = writeln!(m, "vsm_agent_sessions{{agent=\"{}\"}} {}", a.agent.replace('"', "'"), a.sessions);
+    }
+    let _ = writeln!(
+        m,
+        "# HELP vsm_agent_clock_offset_seconds Each agent's clock minus this master's, from its last load report.\n\
+         # TYPE vsm_agent_clock_offset_seconds gauge"
+    );
+    for a in &st.agent_clock_offsets {
+        let _ = writeln!(
+            m,
+            "vsm_agent_clock_offset_seconds{{agent=\"{}\"}} {:.3}",
+            a.agent.replace('"', "'"),
+            a.offset_ms as f64 / 1000.0
+        );
     }
     m
 }

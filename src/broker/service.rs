@@ -21,7 +21,7 @@ use crate::db::{DbError, DbHandle, SessionFilter, Write};
 use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
 use crate::proto::agent::AgentSession;
 use crate::proto::api::{AgentLoad, ConnectInfo, Selector, TerminateOutcome};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -84,7 +84,24 @@ struct Inner {
     registry: Mutex<AgentRegistry>,
     replication: Arc<dyn Replication>,
     user_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sessions this master asked an agent to start and has not stored yet: reconciliation
+    /// leaves them alone. Entries leave when the start ends, however it ends.
+    starting: Mutex<HashSet<SessionId>>,
+    /// Agents whose clock offset is beyond `/HA/max_clock_offset` (logged once per crossing).
+    clock_alarms: Mutex<HashSet<String>>,
     hook_timeout: Duration,
+}
+
+/// Removes a session from the broker's starts under way when the start ends, however it ends.
+struct StartGuard<'a> {
+    broker: &'a Broker,
+    id: SessionId,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        self.broker.starting().remove(&self.id);
+    }
 }
 
 impl Broker {
@@ -97,6 +114,8 @@ impl Broker {
                 registry: Mutex::new(AgentRegistry::new(DEFAULT_PENALTY)),
                 replication,
                 user_locks: Mutex::new(HashMap::new()),
+                starting: Mutex::new(HashSet::new()),
+                clock_alarms: Mutex::new(HashSet::new()),
                 hook_timeout: Duration::from_secs(30),
             }),
         }
@@ -113,6 +132,10 @@ impl Broker {
     fn registry(&self) -> std::sync::MutexGuard<'_, AgentRegistry> {
         // A poisoned registry only means a panic elsewhere; its data is still usable.
         self.inner.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn starting(&self) -> std::sync::MutexGuard<'_, HashSet<SessionId>> {
+        self.inner.starting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn lock_user(&self, user: &str) -> tokio::sync::OwnedMutexGuard<()> {
@@ -274,11 +297,14 @@ impl Broker {
             };
             tried.insert(agent.clone());
             let id = SessionId::random();
+            // The creation time is this master's clock when it asked, not the agent's.
+            let asked = now_ms();
+            self.starting().insert(id.clone());
+            let _start = StartGuard { broker: self, id: id.clone() };
             match self.inner.agents.start(&agent, id.clone(), &req.user, req.geometry.clone()).await {
                 Ok(started) => {
                     self.registry().record_success(&agent, Instant::now());
-                    let now = now_ms();
-                    let s = session_from_agent(&started, &agent, &sub.name, now, req.client_address.as_deref());
+                    let s = session_from_agent(&started, &agent, &sub.name, asked, req.client_address.as_deref());
                     self.commit(Write::Upsert(s.clone())).await?;
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "session created");
                     run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout)
@@ -402,17 +428,31 @@ impl Broker {
 
     /// Every agent the broker knows: configured ones and those hosting known sessions.
     async fn known_agents(&self) -> Result<BTreeSet<String>, BrokerError> {
+        Ok(self.known_before_poll().await?.0)
+    }
+
+    /// The agents to poll and the ids of every session stored now, read before any poll
+    /// is sent: a session stored by then was running on its agent before the poll left,
+    /// so an answer without it means the desktop is gone.
+    async fn known_before_poll(&self) -> Result<(BTreeSet<String>, HashSet<SessionId>), BrokerError> {
         let mut set: BTreeSet<String> =
             self.inner.cfg.subclusters.values().flat_map(|s| s.agents.iter().cloned()).collect();
+        let mut ids = HashSet::new();
         for s in self.inner.db.list(&SessionFilter::default()).await? {
             set.insert(s.agent);
+            ids.insert(s.id);
         }
-        Ok(set)
+        Ok((set, ids))
     }
 
     /// Polls every agent at once and brings the database in line with what they run.
+    ///
+    /// Whether a session missing from an agent's answer is gone or merely younger than the
+    /// poll is decided by order on this master alone, never by comparing clocks of two
+    /// machines: only sessions this database held before the poll was sent, and whose start
+    /// this master is not still waiting for, are removed.
     pub async fn reconcile_all(&self) -> Result<ReconcileSummary, BrokerError> {
-        let agents = self.known_agents().await?;
+        let (agents, before) = self.known_before_poll().await?;
         let mut set = tokio::task::JoinSet::new();
         for agent in agents {
             let client = self.inner.agents.clone();
@@ -426,9 +466,10 @@ impl Broker {
             let Ok((agent, result)) = joined else { continue };
             match result {
                 Ok((sessions, load)) => {
-                    self.registry().record_load(&agent, load, Instant::now());
+                    let offset = self.registry().record_load(&agent, load, Instant::now(), now_ms());
+                    self.check_agent_clock(&agent, offset);
                     summary.reachable += 1;
-                    self.reconcile_agent(&agent, &sessions, &mut summary).await?;
+                    self.reconcile_agent(&agent, &sessions, &before, &mut summary).await?;
                 }
                 Err(e) => {
                     summary.unreachable += 1;
@@ -458,6 +499,7 @@ impl Broker {
         &self,
         agent: &str,
         running: &[AgentSession],
+        before: &HashSet<SessionId>,
         summary: &mut ReconcileSummary,
     ) -> Result<(), BrokerError> {
         let known = self.inner.db.list(&SessionFilter { agent: Some(agent.to_string()), ..Default::default() }).await?;
@@ -472,9 +514,10 @@ impl Broker {
                 }
                 Some(_) => {}
                 None => {
-                    // A session created after the agent answered is not in `running` yet but
-                    // is also younger than this poll: leave it for the next round.
-                    if now_ms().saturating_sub(s.created_ms) < 2_000 {
+                    // A session stored after the poll was sent (created here or by the peer)
+                    // may be missing from an answer given before it existed, and a start still
+                    // under way is not finished: both wait for the next round.
+                    if !before.contains(&s.id) || self.starting().contains(&s.id) {
                         continue;
                     }
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, "session vanished from its agent, removing it");
@@ -495,7 +538,13 @@ impl Broker {
             let sub = placement::resolve_subcluster(&a.user, &groups, &self.inner.cfg.subclusters)
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
-            let mut s = session_from_agent(a, agent, &sub, a.started_ms, None);
+            // The agent stamped the start with its own clock: move it onto ours.
+            let offset = self.registry().get(agent).and_then(|s| s.clock_offset_ms);
+            let created = match offset {
+                Some(o) if a.started_ms > 0 => (a.started_ms as i128 - o as i128).clamp(0, u64::MAX as i128) as u64,
+                _ => now_ms(),
+            };
+            let mut s = session_from_agent(a, agent, &sub, created, None);
             s.status = SessionStatus::Disconnected;
             s.last_connect_ms = 0;
             tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "recovered a session the database did not know");
@@ -503,6 +552,49 @@ impl Broker {
             summary.recovered += 1;
         }
         Ok(())
+    }
+
+    /// Logs when an agent's clock offset crosses `/HA/max_clock_offset` (either way).
+    fn check_agent_clock(&self, agent: &str, offset: Option<i64>) {
+        let Some(offset) = offset else { return };
+        let bound = self.max_clock_offset_ms();
+        let exceeded = offset.unsigned_abs() > bound;
+        let was = {
+            let mut set = self.inner.clock_alarms.lock().unwrap_or_else(|p| p.into_inner());
+            if exceeded {
+                !set.insert(agent.to_string())
+            } else {
+                set.remove(agent)
+            }
+        };
+        if exceeded && !was {
+            tracing::warn!(
+                agent = %agent, offset_ms = offset, max_clock_offset_ms = bound,
+                "the agent's clock differs from this master's by more than /HA/max_clock_offset; \
+                 session times it reports are corrected by the measured offset: check NTP on the agent"
+            );
+        } else if !exceeded && was {
+            tracing::info!(agent = %agent, offset_ms = offset, "the agent's clock agrees with this master's again");
+        }
+    }
+
+    fn max_clock_offset_ms(&self) -> u64 {
+        u64::try_from(self.inner.cfg.ha.max_clock_offset.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Each agent's clock offset as last measured, for `tlctl ha status`.
+    pub fn agent_clock_offsets(&self) -> Vec<crate::proto::api::AgentClockOffset> {
+        let bound = self.max_clock_offset_ms();
+        self.registry()
+            .iter()
+            .filter_map(|(a, s)| {
+                s.clock_offset_ms.map(|offset_ms| crate::proto::api::AgentClockOffset {
+                    agent: a.to_string(),
+                    offset_ms,
+                    exceeded: offset_ms.unsigned_abs() > bound,
+                })
+            })
+            .collect()
     }
 
     /// Rows of `tlctl load list`.
@@ -530,6 +622,7 @@ impl Broker {
                     weight: cfg.agents.weights.get(&agent).copied().unwrap_or(100),
                     vsm_users: users.len() as u32,
                     sessions: mine.len() as u32,
+                    clock_offset_ms: st.and_then(|s| s.clock_offset_ms),
                     updated_ms_ago: st
                         .and_then(|s| s.last_contact)
                         .map(|t| now.saturating_duration_since(t).as_millis() as u64),
@@ -578,6 +671,8 @@ fn info(s: &Session, reconnected: bool) -> ConnectInfo {
     }
 }
 
+/// The session an agent reports, created at `now` on this master's clock (never the agent's
+/// `started_ms`, which its own clock stamped).
 fn session_from_agent(a: &AgentSession, agent: &str, subcluster: &str, now: u64, client: Option<&str>) -> Session {
     Session {
         id: a.session_id.clone(),
@@ -588,7 +683,7 @@ fn session_from_agent(a: &AgentSession, agent: &str, subcluster: &str, now: u64,
         display: a.display,
         vnc_port: a.vnc_port,
         status: SessionStatus::Running,
-        created_ms: if a.started_ms > 0 { a.started_ms } else { now },
+        created_ms: now,
         last_connect_ms: now,
         last_client_address: client.unwrap_or_default().to_string(),
         pid: a.pid,

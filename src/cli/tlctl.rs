@@ -565,6 +565,32 @@ pub fn show_ha(st: &HaStatusView) -> String {
         yn(st.degraded),
         st.degraded_reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
     );
+    s += &format!("Clock offset:     {}\n", clock_line(st));
+    for a in &st.agent_clock_offsets {
+        s += &format!(
+            "  agent {}: {:+} ms{}\n",
+            a.agent,
+            a.offset_ms,
+            if a.exceeded { " BEYOND THE BOUND: check NTP on the agent" } else { "" }
+        );
+    }
     s += &format!("Sessions:         {}\n", st.sessions);
     s
+}
+
+/// The peer's clock offset, its bound, and the alarm when it is beyond.
+fn clock_line(st: &HaStatusView) -> String {
+    let bound = st.max_clock_offset_ms;
+    match st.clock_offset_ms {
+        None => format!("peer not measured yet (max {bound} ms)"),
+        Some(o) => format!(
+            "peer {o:+} ms{} (max {bound} ms){}",
+            st.clock_offset_age_ms.map(|a| format!(", measured {} ago", super::age(a))).unwrap_or_default(),
+            if st.clock_offset_exceeded {
+                "; BEYOND THE BOUND: last-writer-wins between the masters is unreliable, check NTP on both"
+            } else {
+                ""
+            }
+        ),
+    }
 }

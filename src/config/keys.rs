@@ -169,6 +169,14 @@ pub static KEYS: &[KeyDef] = &[
         apply: |c, _, v| c.ha.tombstone_retention = v.as_duration(),
     },
     KeyDef {
+        path: "/HA/max_clock_offset",
+        ty: dur(100, 3_600 * SEC),
+        default: "5s",
+        doc: "Largest clock difference tolerated between the masters (and between a master and its agents); beyond it status, metrics and logs raise an alarm and no clock reading further ahead is followed. Keep the clocks synchronised with NTP well within it.",
+        restart: true,
+        apply: |c, _, v| c.ha.max_clock_offset = v.as_duration(),
+    },
+    KeyDef {
         path: "/HA/changelog_retention",
         ty: ValueType::Int { min: 1, max: 1_000_000_000 },
         default: "100000",

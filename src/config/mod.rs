@@ -125,6 +125,8 @@ pub struct HaConfig {
     pub peer_timeout: Duration,
     /// `/HA/tombstone_retention`: how long deletes are remembered so they win a merge.
     pub tombstone_retention: Duration,
+    /// `/HA/max_clock_offset`: largest tolerated clock difference between the masters.
+    pub max_clock_offset: Duration,
     /// `/HA/changelog_retention`: how many change-log entries are kept for incremental resync.
     pub changelog_retention: u64,
     /// `/HA/local_node`: explicit name of the local node, bypassing detection.
@@ -263,6 +265,7 @@ impl Default for Config {
                 heartbeat_interval: Duration::from_millis(500),
                 peer_timeout: Duration::from_secs(3),
                 tombstone_retention: Duration::from_secs(7 * 24 * 3600),
+                max_clock_offset: Duration::from_secs(5),
                 changelog_retention: 100_000,
                 local_node: None,
             },

@@ -27,7 +27,8 @@
 //!   kept in `meta`).
 //! - A local write's version is `(hlc.tick(now), local node)`; the clock is persisted in
 //!   the same transaction and merged with every applied remote record, so local versions
-//!   always exceed every version this database has seen.
+//!   exceed every version this database has seen within the clock bound below, and always
+//!   the stored version of the record they replace.
 //! - Merging is last-writer-wins on [`Version`]; equal versions are skipped, so applying
 //!   the same records twice has no effect. Tombstones are records like any other.
 //!
@@ -37,7 +38,15 @@
 //!   deletes (exit reported during a failover); the tombstone then wins the merge.
 //!   [`Committed::was_live`] says whether a live session was actually removed.
 //! - A tombstone's `tombstone_at_ms` is the wall time of its version, not of its arrival,
-//!   so both nodes garbage-collect the same tombstones.
+//!   and `gc` measures it against a clock reading the caller gives (the earlier of both
+//!   masters' clocks), never this machine's own clock alone, so both nodes forget the same
+//!   tombstones even when their clocks differ.
+//! - Bounded clock: the hybrid clock never runs more than `max_clock_offset` ahead of this
+//!   machine's wall clock. A remote record stamped further ahead is stored exactly as sent
+//!   (both databases must hold the same versions) but the clock follows it only up to the
+//!   bound, with a warning; a clock left in the future by a wall clock that was set back is
+//!   pulled back to the bound at the next write. A write still always exceeds the stored
+//!   version of the record it replaces, so updates of one session stay in order.
 //! - [`DbHandle::changes_since`] also answers `Truncated` when `after > head`: the caller's
 //!   position comes from a history this database does not have (restored from a backup);
 //!   a snapshot is the only safe way on.
@@ -99,6 +108,9 @@ pub struct DbOptions {
     pub changelog_retention: u64,
     /// How long `gc` keeps tombstones (measured from the tombstone's version).
     pub tombstone_retention: Duration,
+    /// `/HA/max_clock_offset`: how far ahead of this machine's wall clock the hybrid clock
+    /// may run (see "Bounded clock" in the module docs).
+    pub max_clock_offset: Duration,
 }
 
 /// How [`DbHandle::apply_remote_with`] updates the stored position in the peer's log.
@@ -448,10 +460,13 @@ impl DbHandle {
         self.call(|reply| owner::Request::Write(owner::WriteReq::Apply { peer: peer_db_id, records, pos, reply })).await
     }
 
-    /// Forgets tombstones older than the tombstone retention and change-log rows more than
-    /// the change-log retention behind the head.
-    pub async fn gc(&self, now_ms: u64) -> Result<GcStats, DbError> {
-        self.call(|reply| owner::Request::Write(owner::WriteReq::Gc { now_ms, reply })).await
+    /// Forgets change-log rows more than the change-log retention behind the head and, when
+    /// `clock_ms` is given, tombstones whose version is older than `clock_ms` minus the
+    /// tombstone retention. `clock_ms` must be a reading both masters agree on (the earlier
+    /// of their two clocks, see [`crate::ha::engine::shared_clock_ms`]), so that both forget
+    /// the same tombstones; `None` keeps every tombstone.
+    pub async fn gc(&self, clock_ms: Option<u64>) -> Result<GcStats, DbError> {
+        self.call(|reply| owner::Request::Write(owner::WriteReq::Gc { clock_ms, reply })).await
     }
 
     /// A live session.

@@ -13,8 +13,10 @@
 //!   queued before it (and maybe writes queued after it, which were concurrent with it), and
 //!   never uncommitted data. Reads do not split a group commit.
 //! - Committed local changes are published (in commit order) only after their commit.
-//! - `hlc` is never below any version stored in the database, and it is persisted in the
-//!   same transaction as the writes that advanced it.
+//! - `hlc` is never below any version stored in the database that lay within
+//!   `max_clock_offset` of the wall clock when seen, never more than that ahead of the wall
+//!   clock after a write, and it is persisted in the same transaction as the writes that
+//!   advanced it.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -49,7 +51,7 @@ pub(super) enum WriteReq {
     One { write: Write, reply: Reply<Committed> },
     Batch { writes: Vec<Write>, reply: Reply<Vec<Committed>> },
     Apply { peer: String, records: Vec<Record>, pos: super::PositionUpdate, reply: Reply<ApplyOutcome> },
-    Gc { now_ms: u64, reply: Reply<GcStats> },
+    Gc { clock_ms: Option<u64>, reply: Reply<GcStats> },
     SetPeer { peer: String, pos: Seq, reply: Reply<()> },
 }
 
@@ -125,6 +127,9 @@ pub(super) struct Owner {
     tombs: u64,
     changelog_retention: u64,
     tombstone_retention_ms: u64,
+    max_clock_offset_ms: u64,
+    /// When a clock reading beyond the bound was last logged (at most one warning a minute).
+    clock_warned: Option<std::time::Instant>,
     head_tx: watch::Sender<Seq>,
     /// Committed local changes, one message per transaction that wrote any.
     changes_tx: broadcast::Sender<ChangeBatch>,
@@ -205,6 +210,15 @@ impl Owner {
         let head = Seq(head as u64);
         let per_agent = store::users_per_agent(&conn)?;
         let hlc = Hlc { wall_ms: wall as u64, logical: u32::try_from(logical).unwrap_or(u32::MAX) };
+        let max_ahead = u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX);
+        if let Some(ahead) = hlc.beyond(now_ms(), max_ahead) {
+            tracing::warn!(
+                ahead_ms = ahead,
+                max_clock_offset_ms = max_ahead,
+                "the stored clock is ahead of this machine's wall clock by more than /HA/max_clock_offset \
+                 (the wall clock was set back?); new versions are stamped at most the bound ahead"
+            );
+        }
         tracing::info!(
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
             tombstones = tombs, "session database open"
@@ -222,6 +236,8 @@ impl Owner {
             tombs: tombs as u64,
             changelog_retention: opts.changelog_retention,
             tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis()).unwrap_or(u64::MAX),
+            max_clock_offset_ms: u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
+            clock_warned: None,
             head_tx: watch::channel(head).0,
             changes_tx: broadcast::channel(CHANGE_BUFFER).0,
             pending_changes: Vec::new(),
@@ -373,7 +389,7 @@ impl Owner {
                 writes.iter().map(|w| self.local_write(w)).collect::<Result<_, _>>().map(Done::Batch)
             }
             WriteReq::Apply { peer, records, pos, .. } => self.apply(peer, records, *pos).map(Done::Apply),
-            WriteReq::Gc { now_ms, .. } => self.gc(*now_ms).map(Done::Gc),
+            WriteReq::Gc { clock_ms, .. } => self.gc(*clock_ms).map(Done::Gc),
             WriteReq::SetPeer { peer, pos, .. } => self.set_peer(peer, *pos, false).map(|()| Done::Unit),
         }
     }
@@ -420,14 +436,18 @@ impl Owner {
     fn local_write(&mut self, w: &Write) -> Result<Committed, DbError> {
         let id = w.id();
         let prior = store::stored(&self.conn, id)?;
-        // The clock already exceeds every stored version; the max() keeps that true even
-        // if the metadata were ever behind the rows.
-        let base = match &prior {
-            Some(p) if p.version.hlc > self.hlc => p.version.hlc,
-            _ => self.hlc,
-        };
-        self.hlc = base.tick(now_ms());
-        let version = Version { hlc: self.hlc, node: self.node.clone() };
+        // The write must exceed the version it replaces, whatever the clock bound says; the
+        // rest of the clock is followed only up to the bound (see the module docs).
+        let now = now_ms();
+        if let Some(ahead) = self.hlc.beyond(now, self.max_clock_offset_ms) {
+            self.warn_clock(ahead, "this node's clock reading (its wall clock was set back?)");
+        }
+        let max = self.max_clock_offset_ms;
+        let own = self.hlc.capped(now, max);
+        let hlc = own.tick_bounded(prior.as_ref().map(|p| p.version.hlc), now, max);
+        // Passing a future version of this one record does not move the clock past the bound.
+        self.hlc = own.max(hlc.capped(now, max));
+        let version = Version { hlc, node: self.node.clone() };
         let session = match w {
             Write::Upsert(s) => Some(s.clone()),
             Write::Delete(_) => None,
@@ -483,7 +503,11 @@ impl Owner {
             }
         }
         if let Some(h) = newest {
-            self.hlc = self.hlc.observe(h, now_ms());
+            let now = now_ms();
+            if let Some(ahead) = h.beyond(now, self.max_clock_offset_ms) {
+                self.warn_clock(ahead, "a record from the peer (stored as sent)");
+            }
+            self.hlc = self.hlc.observe_bounded(h, now, self.max_clock_offset_ms);
         }
         match pos {
             super::PositionUpdate::Keep => {}
@@ -506,15 +530,34 @@ impl Owner {
         Ok(())
     }
 
-    fn gc(&mut self, now_ms: u64) -> Result<GcStats, DbError> {
-        let cutoff = now_ms.saturating_sub(self.tombstone_retention_ms);
-        let tombstones = self
-            .conn
-            .execute(
-                "DELETE FROM sessions WHERE tombstone = 1 AND tombstone_at_ms < ?1",
-                [i64::try_from(cutoff).unwrap_or(i64::MAX)],
-            )
-            .ctx("forget old tombstones")?;
+    /// Logs a clock reading beyond the bound, at most once a minute.
+    fn warn_clock(&mut self, ahead_ms: u64, what: &str) {
+        let now = std::time::Instant::now();
+        if self.clock_warned.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60)) {
+            return;
+        }
+        self.clock_warned = Some(now);
+        tracing::warn!(
+            ahead_ms,
+            max_clock_offset_ms = self.max_clock_offset_ms,
+            "{what} is ahead of this machine's wall clock by more than /HA/max_clock_offset; \
+             the hybrid clock follows it only up to the bound: check NTP on both masters"
+        );
+    }
+
+    fn gc(&mut self, clock_ms: Option<u64>) -> Result<GcStats, DbError> {
+        let tombstones = match clock_ms {
+            Some(clock_ms) => {
+                let cutoff = clock_ms.saturating_sub(self.tombstone_retention_ms);
+                self.conn
+                    .execute(
+                        "DELETE FROM sessions WHERE tombstone = 1 AND tombstone_at_ms < ?1",
+                        [i64::try_from(cutoff).unwrap_or(i64::MAX)],
+                    )
+                    .ctx("forget old tombstones")?
+            }
+            None => 0,
+        };
         self.tombs = self.tombs.saturating_sub(tombstones as u64);
         let changes = match self.head.0.checked_sub(self.changelog_retention) {
             Some(keep_after) if keep_after > 0 => self

@@ -14,6 +14,7 @@ fn opts(path: &Path, node: &str) -> DbOptions {
         synchronous: DbSynchronous::Normal,
         changelog_retention: 10_000,
         tombstone_retention: Duration::from_secs(3600),
+        max_clock_offset: Duration::from_secs(60),
     }
 }
 
@@ -255,16 +256,51 @@ async fn applying_the_same_records_twice_equals_once() {
 }
 
 #[tokio::test]
-async fn remote_clocks_ahead_of_ours_push_local_versions_past_them() {
+async fn remote_clocks_ahead_of_ours_within_the_bound_push_local_versions_past_them() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    let ahead = Record { id: id("x"), version: version(now_ms() + 3_600_000, "b"), session: None };
+    // The bound in these tests is one minute.
+    let ahead = Record { id: id("x"), version: version(now_ms() + 30_000, "b"), session: None };
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
     assert!(c.version.hlc > ahead.version.hlc);
     let c = db.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
     assert!(c.version > ahead.version, "a local write always wins locally");
     assert_eq!(db.get(&id("x")).await.unwrap(), c.record.session);
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_record_from_a_clock_beyond_the_bound_is_stored_as_sent_but_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let future = now_ms() + 10 * 86_400_000;
+    let ahead = Record { id: id("x"), version: version(future, "b"), session: None };
+    db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
+    assert_eq!(db.record(&id("x")).await.unwrap(), Some(ahead.clone()), "stored exactly as sent");
+    // Other sessions are stamped by this machine's clock, at most the bound ahead of it.
+    let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
+    assert!(c.version.hlc.wall_ms <= now_ms() + 60_000, "{}", c.version);
+    // The session the future record names is still updated in order: a write follows what
+    // it replaces.
+    let c = db.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
+    assert!(c.version > ahead.version);
+    // The clock survives a restart within the bound.
+    db.close().await.unwrap();
+    let db = open(&dir, "a");
+    let c = db.write(Write::Upsert(session("z", "u", "ag", 1))).await.unwrap();
+    assert!(c.version.hlc.wall_ms <= now_ms() + 60_000, "{}", c.version);
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn gc_without_a_shared_clock_keeps_every_tombstone() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    db.write(Write::Delete(id("x"))).await.unwrap();
+    assert_eq!(db.gc(None).await.unwrap().tombstones, 0);
+    assert_eq!(db.status().await.unwrap().tombstones, 1);
+    assert_eq!(db.gc(Some(now_ms() + 7_200_000)).await.unwrap().tombstones, 1);
     db.close().await.unwrap();
 }
 
@@ -326,7 +362,7 @@ async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
     for i in 0..30 {
         db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
     }
-    let g = db.gc(now_ms()).await.unwrap();
+    let g = db.gc(Some(now_ms())).await.unwrap();
     assert_eq!(g, GcStats { tombstones: 0, changes: 20 });
     let st = db.status().await.unwrap();
     assert_eq!((st.head, st.oldest), (Seq(30), Seq(21)));
@@ -346,7 +382,7 @@ async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
     let mut o = opts(&db_path(&dir), "a");
     o.changelog_retention = 0;
     let db = DbHandle::open(o.clone()).unwrap();
-    db.gc(now_ms()).await.unwrap();
+    db.gc(Some(now_ms())).await.unwrap();
     assert_eq!(db.status().await.unwrap().oldest, Seq(31));
     db.close().await.unwrap();
     let db = DbHandle::open(o).unwrap();
@@ -361,8 +397,8 @@ async fn gc_forgets_tombstones_only_after_the_retention() {
     db.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap();
     let del = db.write(Write::Delete(id("x"))).await.unwrap();
     let t = del.version.hlc.wall_ms;
-    assert_eq!(db.gc(t + 3_599_000).await.unwrap().tombstones, 0);
-    assert_eq!(db.gc(t + 3_601_000).await.unwrap().tombstones, 1);
+    assert_eq!(db.gc(Some(t + 3_599_000)).await.unwrap().tombstones, 0);
+    assert_eq!(db.gc(Some(t + 3_601_000)).await.unwrap().tombstones, 1);
     assert_eq!(db.record(&id("x")).await.unwrap(), None);
     assert_eq!(db.status().await.unwrap().tombstones, 0);
     db.close().await.unwrap();
@@ -704,7 +740,7 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
             Op::Sync { a_to_b: true, chunk } => sync(&a, &b, chunk).await,
             Op::Sync { a_to_b: false, chunk } => sync(&b, &a, chunk).await,
             Op::Gc { on_a } => {
-                (if on_a { &a } else { &b }).gc(now_ms()).await.unwrap();
+                (if on_a { &a } else { &b }).gc(Some(now_ms())).await.unwrap();
             }
         }
     }

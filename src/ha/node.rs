@@ -118,7 +118,7 @@ fn resync_view(r: &engine::ResyncInfo) -> ResyncView {
         },
         records: r.records,
         duration_ms: r.duration_ms,
-        at_ms: r.at_ms,
+        at_ms: engine_to_wall(r.at_ms),
     }
 }
 
@@ -128,6 +128,20 @@ fn matched_by(m: &MatchedBy) -> String {
         MatchedBy::Address(a) => format!("address {a}"),
         MatchedBy::Override => "/HA/local_node".into(),
     }
+}
+
+/// The engine's clock: monotonic milliseconds, anchored at the wall clock when first read
+/// (so it reads like Unix ms). Its timers never stall or fire early when the wall clock is
+/// set back or forward; the wall clock reaches the engine separately ([`Event::WallClock`]).
+fn engine_now() -> u64 {
+    static ANCHOR: OnceLock<(std::time::Instant, u64)> = OnceLock::new();
+    let (at, wall) = ANCHOR.get_or_init(|| (std::time::Instant::now(), now_ms()));
+    wall.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
+}
+
+/// An engine time (see [`engine_now`]) on this machine's wall clock as it reads now.
+fn engine_to_wall(at: u64) -> u64 {
+    (at as i128 + now_ms() as i128 - engine_now() as i128).clamp(0, u64::MAX as i128) as u64
 }
 
 /// Requests from handles to the engine task.
@@ -201,8 +215,11 @@ impl HaNode {
         let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
         let st = db.status().await.map_err(|e| e.to_string())?;
         let ecfg = EngineConfig::new(local.clone(), remote.clone(), &cfg.ha, cfg.digest_cluster());
-        let engine =
-            Engine::new(ecfg, engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest }, now_ms());
+        let engine = Engine::new(
+            ecfg,
+            engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest },
+            engine_now(),
+        );
         let (req_tx, req_rx) = mpsc::channel(4096);
         let (link_tx, link_rx) = mpsc::channel(4096);
         let node = Arc::new(HaNode {
@@ -303,6 +320,18 @@ impl HaNode {
         *d = Some(LinkDropView { reason: reason.to_string(), at_ms: now_ms(), drops });
     }
 
+    /// The clock reading tombstone ages are measured against (see
+    /// [`engine::shared_clock_ms`]): this machine's clock with HA off; with HA on the earlier
+    /// of both masters' clocks, or `None` (keep every tombstone) while the peer's clock has
+    /// not been measured since start.
+    pub fn tombstone_clock_ms(&self, now: u64) -> Option<u64> {
+        if self.engine_tx.is_none() {
+            return Some(now);
+        }
+        let offset = self.status.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|st| st.clock_offset_ms);
+        engine::shared_clock_ms(now, offset)
+    }
+
     /// Waits for the engine task to end (after the cancel token fired).
     pub async fn stopped(&self) {
         let h = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -327,6 +356,8 @@ impl HaNode {
             local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
             db_digest,
             link: "down".into(),
+            max_clock_offset_ms: u64::try_from(self.cfg.ha.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
+            agent_clock_offsets: self.broker.get().map(|b| b.agent_clock_offsets()).unwrap_or_default(),
             ..Default::default()
         };
         match &self.setup.mode {
@@ -354,6 +385,9 @@ impl HaNode {
                     v.config_digest_match = st.config_digest_match;
                     v.degraded = st.degraded;
                     v.degraded_reason = st.degraded_reason.clone();
+                    v.clock_offset_ms = st.clock_offset_ms;
+                    v.clock_offset_age_ms = st.clock_offset_at_ms.map(|at| engine_now().saturating_sub(at));
+                    v.clock_offset_exceeded = st.clock_offset_exceeded;
                     if matches!(st.link, engine::LinkState::Down | engine::LinkState::Handshaking) {
                         let hs = self.handshake_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         v.link_error = hs.or_else(|| st.last_link_error.clone());
@@ -651,9 +685,9 @@ impl Driver {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut events = std::collections::VecDeque::new();
-        events.push_back(Event::Start { now: now_ms() });
+        events.push_back(Event::Start { now: engine_now() });
         // Commits between the engine's start and the subscription: the engine reads them.
-        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: now_ms() });
+        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: engine_now() });
         loop {
             loop {
                 while let Some(ev) = events.pop_front() {
@@ -673,17 +707,21 @@ impl Driver {
             self.publish();
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tick.tick() => events.push_back(Event::Tick { now: now_ms() }),
+                _ = tick.tick() => {
+                    let now = engine_now();
+                    events.push_back(Event::WallClock { now, wall_ms: now_ms() });
+                    events.push_back(Event::Tick { now });
+                }
                 r = changes.recv() => match r {
                     Ok(batch) => {
-                        let now = now_ms();
+                        let now = engine_now();
                         for c in batch.iter() {
                             events.push_back(Event::LocalCommitted { seq: c.seq, change: Some(c.clone()), now });
                         }
                     }
                     // Fell behind: the engine reads the log up to the head instead.
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: now_ms() });
+                        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: engine_now() });
                     }
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
@@ -692,9 +730,9 @@ impl Driver {
                         self.next_waiter += 1;
                         let w = engine::WaiterId(self.next_waiter);
                         self.waiters.insert(w, done);
-                        events.push_back(Event::AwaitAck { waiter: w, seq, now: now_ms() });
+                        events.push_back(Event::AwaitAck { waiter: w, seq, now: engine_now() });
                     }
-                    Req::Role(role) => events.push_back(Event::RoleChanged { role, now: now_ms() }),
+                    Req::Role(role) => events.push_back(Event::RoleChanged { role, now: engine_now() }),
                 },
                 Some(l) = links.recv() => {
                     self.on_link(l, &mut events).await;
@@ -724,7 +762,7 @@ impl Driver {
                 if self.conn.is_some() {
                     self.node.note_drop("replaced by a new connection");
                     events.push_back(Event::PeerDisconnected {
-                        now: now_ms(),
+                        now: engine_now(),
                         reason: "replaced by a new connection".into(),
                     });
                 }
@@ -733,10 +771,12 @@ impl Driver {
                 let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
                 self.writer = Some(writer);
                 self.conn = Some(conn);
-                events.push_back(Event::PeerConnected { hello, our_position_for_them: pos, now: now_ms() });
+                let now = engine_now();
+                events.push_back(Event::WallClock { now, wall_ms: now_ms() });
+                events.push_back(Event::PeerConnected { hello, our_position_for_them: pos, now });
             }
             Link::Msg { conn, msg } if Some(conn) == self.conn => {
-                events.push_back(Event::PeerMessage { msg, now: now_ms() });
+                events.push_back(Event::PeerMessage { msg, now: engine_now() });
             }
             Link::Msg { .. } => {}
             Link::Down { conn, reason } if Some(conn) == self.conn => {
@@ -744,7 +784,7 @@ impl Driver {
                 self.node.note_drop(&reason);
                 self.writer = None;
                 self.conn = None;
-                events.push_back(Event::PeerDisconnected { now: now_ms(), reason });
+                events.push_back(Event::PeerDisconnected { now: engine_now(), reason });
             }
             Link::Down { .. } => {}
         }
@@ -769,14 +809,14 @@ impl Driver {
                         LogRead::Changes(c) => engine::LogRead::Changes(c),
                         LogRead::Truncated { oldest } => engine::LogRead::Truncated { oldest },
                     };
-                    events.push_back(Event::LogRead { after, result, now: now_ms() })
+                    events.push_back(Event::LogRead { after, result, now: engine_now() })
                 }
                 Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
             },
             Command::ReadSnapshot => match self.db.snapshot().await {
                 Ok(s) => events.push_back(Event::SnapshotRead {
                     snapshot: engine::Snapshot { head: s.head, records: s.records },
-                    now: now_ms(),
+                    now: engine_now(),
                 }),
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
@@ -842,7 +882,7 @@ impl Driver {
                     );
                 }
                 tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");
-                let now = now_ms();
+                let now = engine_now();
                 for up_to in positions {
                     events.push_back(Event::Applied { up_to, now });
                 }
@@ -850,7 +890,7 @@ impl Driver {
             Err(e) => {
                 tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
                 self.node.note_drop(&format!("apply failed: {e}"));
-                let now = now_ms();
+                let now = engine_now();
                 events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
                 // Nothing was stored. The engine counts the link as down first, so these
                 // only keep its apply queue in step; no position is acknowledged.

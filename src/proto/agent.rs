@@ -89,6 +89,10 @@ pub struct LoadReport {
     /// Distinct users with processes on the host (not only vsm sessions).
     pub users: u32,
     pub sessions: u32,
+    /// The agent's wall clock when it answered (Unix ms); 0 from an agent that does not say.
+    /// The master derives the agent's clock offset from it.
+    #[serde(default)]
+    pub now_ms: u64,
 }
 
 /// A report from an agent to the master at `master_hostname`.

@@ -106,6 +106,9 @@ pub struct AgentLoad {
     pub sessions: u32,
     /// Milliseconds since the last answer, if any.
     pub updated_ms_ago: Option<u64>,
+    /// The agent's clock minus this master's, from its last load report.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
     pub load: Option<LoadReport>,
     /// Penalised after a failed start until this many milliseconds from now.
     pub penalised_ms: Option<u64>,
@@ -193,6 +196,21 @@ pub struct HaStatusView {
     /// link came back, so a link that keeps dropping says why).
     #[serde(default)]
     pub last_link_drop: Option<LinkDropView>,
+    /// The peer's clock minus this node's, as last measured from its heartbeats.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
+    /// How long ago that measurement was taken.
+    #[serde(default)]
+    pub clock_offset_age_ms: Option<u64>,
+    /// `/HA/max_clock_offset` in milliseconds.
+    #[serde(default)]
+    pub max_clock_offset_ms: u64,
+    /// The offset to the peer is beyond `/HA/max_clock_offset`.
+    #[serde(default)]
+    pub clock_offset_exceeded: bool,
+    /// Each agent's clock minus this node's, from its last load report.
+    #[serde(default)]
+    pub agent_clock_offsets: Vec<AgentClockOffset>,
 }
 
 /// Why and when the peer link last dropped.
@@ -202,6 +220,16 @@ pub struct LinkDropView {
     pub at_ms: u64,
     /// Established links dropped since the daemon started.
     pub drops: u64,
+}
+
+/// One agent's clock as `tlctl ha status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentClockOffset {
+    pub agent: String,
+    /// The agent's clock minus this node's (the network delay makes it a few ms low).
+    pub offset_ms: i64,
+    /// Beyond `/HA/max_clock_offset`.
+    pub exceeded: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -63,6 +63,16 @@
 //! the last write answered without it. In `async` mode every waiter is released at once
 //! `NotReplicated`.
 //!
+//! # Clocks
+//! Both `Hello` and every `Heartbeat` carry the sender's wall clock; the engine keeps the
+//! last measured offset (peer minus local) and raises an alarm (logged once, shown in
+//! status) while it exceeds `max_clock_offset`. Heartbeats go out every
+//! `heartbeat_interval` whatever else flows, so a clock that jumps while the link streams
+//! is seen within one interval. The offset is kept while the link is down: it is what
+//! [`shared_clock_ms`] needs to measure tombstone ages on a clock both masters agree on.
+//! The engine only measures; it never reads a clock, and deciding with the offset is left
+//! to its callers (tombstone purge) and to the database (the bounded hybrid clock).
+//!
 //! # Refinements of the original plan
 //! - `Hello::your_db_id` names the log `your_position` refers to, because both sides send
 //!   `Hello` before reading the other's.
@@ -98,8 +108,6 @@ mod tests;
 pub const DEFAULT_BATCH_LIMIT: usize = 1000;
 /// Default number of unacknowledged messages on the link.
 pub const DEFAULT_MAX_INFLIGHT: usize = 8;
-/// Clock skew from which a warning is shown in status (last-writer-wins uses clocks).
-pub const CLOCK_SKEW_WARN_MS: u64 = 2_000;
 /// Commit times tracked for the lag figure; beyond this, entries are coalesced.
 const COMMIT_TIMES_CAP: usize = 4096;
 
@@ -154,6 +162,8 @@ pub struct EngineConfig {
     pub max_inflight: usize,
     /// Role at start (usually standby until the VIP manager says otherwise).
     pub role: Role,
+    /// `/HA/max_clock_offset`: the clock difference to the peer beyond which the alarm is up.
+    pub max_clock_offset: Duration,
 }
 
 impl EngineConfig {
@@ -171,6 +181,7 @@ impl EngineConfig {
             batch_bytes: crate::proto::peer::BATCH_BYTES,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             role: Role::Standby,
+            max_clock_offset: ha.max_clock_offset,
         }
     }
 }
@@ -220,9 +231,26 @@ pub fn config_digest(cfg: &Config) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Something that happened; fed to [`Engine::step`]. `now` is Unix milliseconds.
+/// The clock reading both masters agree to measure tombstone ages against: the earlier of
+/// this node's clock `now` and the peer's, estimated from the last measured offset
+/// ([`EngineStatus::clock_offset_ms`]). Both nodes compute the same value (up to the
+/// measurement's few milliseconds), so both forget the same tombstones whichever clock is
+/// wrong, and neither forgets one the other still needs. `None` while the peer's clock was
+/// never measured since start: tombstones are then kept.
+pub fn shared_clock_ms(now: u64, peer_offset_ms: Option<i64>) -> Option<u64> {
+    let offset = peer_offset_ms?;
+    Some(if offset < 0 { now.saturating_sub(offset.unsigned_abs()) } else { now })
+}
+
+/// Something that happened; fed to [`Engine::step`]. `now` is milliseconds of a monotonic
+/// clock (the caller anchors it at the wall clock at start, so it reads like Unix ms); it
+/// drives every timer, so a wall clock set back or forward never stalls or fires them.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
+    /// This machine's wall clock read `wall_ms` at monotonic `now`: heartbeats carry it and
+    /// the peer's clock is compared with it. Fed before each tick; without it the wall
+    /// clock is taken to equal `now`.
+    WallClock { now: u64, wall_ms: u64 },
     /// The daemon started (after [`Engine::new`]).
     Start { now: u64 },
     /// Periodic timer; drives heartbeats, timeouts and the start-up grace.
@@ -359,8 +387,16 @@ pub struct EngineStatus {
     pub resyncs: u64,
     /// `Some(false)`: the peer's subcluster/agent configuration differs (loud warning).
     pub config_digest_match: Option<bool>,
-    /// Peer clock minus local clock at handshake.
-    pub clock_skew_ms: Option<i64>,
+    /// The peer's clock minus this node's, as last measured (from the `Hello` and every
+    /// `Heartbeat`; the one-way network delay makes it a few milliseconds low). Kept while
+    /// the link is down; `None` until the peer was heard once since start.
+    pub clock_offset_ms: Option<i64>,
+    /// When `clock_offset_ms` was measured (the engine's monotonic clock).
+    pub clock_offset_at_ms: Option<u64>,
+    /// `/HA/max_clock_offset` in milliseconds.
+    pub max_clock_offset_ms: u64,
+    /// The last measured offset is beyond `max_clock_offset`: the alarm is up.
+    pub clock_offset_exceeded: bool,
     pub degraded: bool,
     pub degraded_reason: Option<String>,
     /// Why the link last went down or was refused.
@@ -418,7 +454,7 @@ struct Link {
     peer_db_id: String,
     connected_at: u64,
     last_heard: u64,
-    last_sent: u64,
+    last_heartbeat: u64,
     out: Outbound,
     inb: Inbound,
 }
@@ -462,7 +498,11 @@ pub struct Engine {
     stale: bool,
     last_link_error: Option<String>,
     config_digest_match: Option<bool>,
-    clock_skew_ms: Option<i64>,
+    /// (peer clock minus ours, when measured), last measurement.
+    clock_offset: Option<(i64, u64)>,
+    clock_offset_exceeded: bool,
+    /// Wall clock minus the monotonic `now`, from the last [`Event::WallClock`].
+    wall_minus_now: i64,
     peer_db_id: Option<String>,
     peer_head: Seq,
 
@@ -505,7 +545,9 @@ impl Engine {
             stale: false,
             last_link_error: None,
             config_digest_match: None,
-            clock_skew_ms: None,
+            clock_offset: None,
+            clock_offset_exceeded: false,
+            wall_minus_now: 0,
             peer_db_id: None,
             peer_head: Seq::ZERO,
             peer_acked: Seq::ZERO,
@@ -536,7 +578,7 @@ impl Engine {
             your_db_id,
             your_position,
             config_digest: self.cfg.config_digest.clone(),
-            now_ms: now,
+            now_ms: self.wall(now),
         }
     }
 
@@ -564,6 +606,10 @@ impl Engine {
                 }
             }
             Event::Tick { now } => self.on_tick(now, &mut out),
+            Event::WallClock { now, wall_ms } => {
+                self.observe(now);
+                self.wall_minus_now = (wall_ms as i128 - now as i128).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+            }
             Event::PeerConnecting { now } => {
                 self.observe(now);
                 if self.link.is_none() {
@@ -680,7 +726,10 @@ impl Engine {
             last_resync_received: self.last_resync_received.clone(),
             resyncs: self.resyncs,
             config_digest_match: self.config_digest_match,
-            clock_skew_ms: self.clock_skew_ms,
+            clock_offset_ms: self.clock_offset.map(|(o, _)| o),
+            clock_offset_at_ms: self.clock_offset.map(|(_, at)| at),
+            max_clock_offset_ms: self.max_clock_offset_ms(),
+            clock_offset_exceeded: self.clock_offset_exceeded,
             degraded: self.degraded,
             degraded_reason: self.degraded_reason.clone(),
             last_link_error: self.last_link_error.clone(),
@@ -744,11 +793,7 @@ impl Engine {
             );
         }
         self.config_digest_match = Some(digest_match);
-        let skew = hello.now_ms as i64 - now as i64;
-        if skew.unsigned_abs() >= CLOCK_SKEW_WARN_MS {
-            tracing::warn!(peer = %self.cfg.peer, skew_ms = skew, "clocks of the masters differ");
-        }
-        self.clock_skew_ms = Some(skew);
+        self.measure_clock(hello.now_ms, now);
         self.gen += 1;
         self.peer_db_id = Some(hello.db_id.clone());
         self.peer_head = hello.head;
@@ -776,7 +821,7 @@ impl Engine {
             peer_db_id: hello.db_id,
             connected_at: now,
             last_heard: now,
-            last_sent: now,
+            last_heartbeat: now,
             out: Outbound {
                 kind,
                 target: self.local_head,
@@ -844,13 +889,16 @@ impl Engine {
         }
         let timeout = self.cfg.peer_timeout.as_millis() as u64;
         let heartbeat = self.cfg.heartbeat_interval.as_millis() as u64;
+        let wall = self.wall(now);
         if let Some(link) = &mut self.link {
             let silent = now.saturating_sub(link.last_heard);
             if silent >= timeout {
                 self.disconnect(format!("peer silent for {silent} ms"), out);
-            } else if now.saturating_sub(link.last_sent) >= heartbeat {
-                let msg = PeerMsg::Heartbeat { head: self.local_head, now_ms: now };
-                Self::send(link, msg, now, out);
+            } else if now.saturating_sub(link.last_heartbeat) >= heartbeat {
+                // Sent whatever else is flowing: the peer measures the clock offset from it.
+                link.last_heartbeat = now;
+                let msg = PeerMsg::Heartbeat { head: self.local_head, now_ms: wall };
+                out.push(Command::Send(msg));
             }
         }
         let sync_timeout = self.cfg.sync_timeout.as_millis() as u64;
@@ -870,6 +918,34 @@ impl Engine {
         self.pump(out);
     }
 
+    fn max_clock_offset_ms(&self) -> u64 {
+        u64::try_from(self.cfg.max_clock_offset.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// This machine's wall clock at monotonic `now`.
+    fn wall(&self, now: u64) -> u64 {
+        (now as i128 + self.wall_minus_now as i128).clamp(0, u64::MAX as i128) as u64
+    }
+
+    /// Records the peer's clock reading `peer_ms` received at `now`; raises or clears the
+    /// alarm when the offset crosses `max_clock_offset`.
+    fn measure_clock(&mut self, peer_ms: u64, now: u64) {
+        let offset = (peer_ms as i128 - self.wall(now) as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+        self.clock_offset = Some((offset, now));
+        let bound = self.max_clock_offset_ms();
+        let exceeded = offset.unsigned_abs() > bound;
+        if exceeded && !self.clock_offset_exceeded {
+            tracing::error!(
+                peer = %self.cfg.peer, offset_ms = offset, max_clock_offset_ms = bound,
+                "the clocks of the masters differ by more than /HA/max_clock_offset; \
+                 last-writer-wins between them is unreliable until NTP brings them together"
+            );
+        } else if !exceeded && self.clock_offset_exceeded {
+            tracing::info!(peer = %self.cfg.peer, offset_ms = offset, "the clocks of the masters agree again");
+        }
+        self.clock_offset_exceeded = exceeded;
+    }
+
     fn set_degraded(&mut self, reason: String) {
         if !self.degraded {
             tracing::warn!(peer = %self.cfg.peer, "replication degraded: {reason}");
@@ -886,11 +962,6 @@ impl Engine {
             self.degraded = false;
             self.degraded_reason = None;
         }
-    }
-
-    fn send(link: &mut Link, msg: PeerMsg, now: u64, out: &mut Vec<Command>) {
-        link.last_sent = now;
-        out.push(Command::Send(msg));
     }
 
     // ----- sending my log -------------------------------------------------------------
@@ -918,7 +989,7 @@ impl Engine {
                 o.sent = seq;
                 o.inflight.push_back(seq);
                 o.records += 1;
-                Self::send(link, PeerMsg::Changes { records: vec![change] }, now, out);
+                out.push(Command::Send(PeerMsg::Changes { records: vec![change] }));
             }
         }
         self.pump(out);
@@ -926,7 +997,6 @@ impl Engine {
 
     /// Issues the next read or `CaughtUp` for the outbound direction, if any is due.
     fn pump(&mut self, out: &mut Vec<Command>) {
-        let now = self.now;
         let (limit, max_inflight, head) = (self.cfg.batch_limit.max(1), self.cfg.max_inflight.max(1), self.local_head);
         let Some(link) = &mut self.link else { return };
         let o = &mut link.out;
@@ -941,7 +1011,7 @@ impl Engine {
         if !o.caught_up_sent && (o.sent >= o.target || o.stalled) {
             o.caught_up_sent = true;
             let msg = PeerMsg::CaughtUp { head: o.target.min(o.sent) };
-            Self::send(link, msg, now, out);
+            out.push(Command::Send(msg));
         }
         let o = &mut link.out;
         if head > o.sent && !o.stalled && o.inflight.len() < max_inflight {
@@ -982,7 +1052,7 @@ impl Engine {
                     if last > self.local_head {
                         self.local_head = last;
                     }
-                    Self::send(link, PeerMsg::Changes { records: changes }, now, out);
+                    out.push(Command::Send(PeerMsg::Changes { records: changes }));
                 } else {
                     link.out.stalled = true;
                 }
@@ -1002,7 +1072,7 @@ impl Engine {
         link.out.need_snapshot = false;
         let Snapshot { head, records } = snapshot;
         let total = records.len() as u64;
-        Self::send(link, PeerMsg::SnapshotBegin { head, total }, now, out);
+        out.push(Command::Send(PeerMsg::SnapshotBegin { head, total }));
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
             let mut bytes = 0;
@@ -1014,9 +1084,9 @@ impl Engine {
                 bytes += r.json_len_bound();
                 chunk.push(r);
             }
-            Self::send(link, PeerMsg::SnapshotChunk { records: chunk }, now, out);
+            out.push(Command::Send(PeerMsg::SnapshotChunk { records: chunk }));
         }
-        Self::send(link, PeerMsg::SnapshotEnd { head }, now, out);
+        out.push(Command::Send(PeerMsg::SnapshotEnd { head }));
         link.out.sent = head;
         link.out.inflight.push_back(head);
         link.out.records += total;
@@ -1107,7 +1177,10 @@ impl Engine {
                 tracing::error!(peer = %self.cfg.peer, "{reason}");
                 self.disconnect(reason, out);
             }
-            PeerMsg::Heartbeat { head, .. } => self.peer_head = self.peer_head.max(head),
+            PeerMsg::Heartbeat { head, now_ms } => {
+                self.peer_head = self.peer_head.max(head);
+                self.measure_clock(now_ms, now);
+            }
             PeerMsg::Ack { db_id, applied } => self.on_ack(db_id, applied, out),
             PeerMsg::Changes { records } => {
                 if link.inb.snapshot.is_some() {
@@ -1199,7 +1272,7 @@ impl Engine {
         if let Some(pos) = done.up_to {
             self.applied_of_peer = pos;
             let msg = PeerMsg::Ack { db_id: link.peer_db_id.clone(), applied: pos };
-            Self::send(link, msg, now, out);
+            out.push(Command::Send(msg));
         }
         self.check_inbound_done();
     }

@@ -9,12 +9,27 @@
 //! - every write whose waiter was released `Acked` is on both nodes (unless both copies were
 //!   lost by wiping the two nodes one after the other, which is two failures);
 //! - both nodes are ready and streaming.
+//!
+//! Each node also has its own wall clock, `now` plus an offset that operations change
+//! (forward and back, within [`MAX_OFFSET_MS`] of the true time in one property test, far
+//! beyond it in the examples); the engines run on the true monotonic time and learn the
+//! wall clock from [`Event::WallClock`], as the peer-link task feeds them. The stores stamp
+//! versions with the bounded hybrid clock of the real database and forget tombstones on the
+//! shared clock ([`shared_clock_ms`]). The clock test also checks that no tombstone is
+//! forgotten before its retention (less twice the bound: each clock may be that far off),
+//! that both stores forget the same tombstones, and that a write made after another write to
+//! the same session was acknowledged always wins over it.
 
 use super::*;
 use crate::model::{Hlc, Session, SessionId, SessionStatus, Version};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
+
+/// The simulated `/HA/max_clock_offset`.
+const MAX_OFFSET_MS: u64 = 1_000;
+/// The simulated `/HA/tombstone_retention`.
+const RETENTION_MS: u64 = 10_000;
 
 /// The test's database: records by id (LWW on version), own change log, peer positions.
 #[derive(Clone, Debug)]
@@ -51,10 +66,13 @@ impl Store {
         DbStatus { db_id: self.db_id.clone(), head: self.head, oldest: self.oldest() }
     }
 
-    /// A local write: new version, one log entry, in one step (one transaction).
+    /// A local write at wall clock `now`: new version, one log entry, in one step (one
+    /// transaction); the clock is bounded as in the database.
     fn write(&mut self, id: SessionId, session: Option<Session>, now: u64) -> Change {
-        self.hlc = self.hlc.tick(now);
-        let record = Record { id: id.clone(), version: Version { hlc: self.hlc, node: self.node.clone() }, session };
+        let own = self.hlc.capped(now, MAX_OFFSET_MS);
+        let hlc = own.tick_bounded(self.records.get(&id).map(|r| r.version.hlc), now, MAX_OFFSET_MS);
+        self.hlc = own.max(hlc.capped(now, MAX_OFFSET_MS));
+        let record = Record { id: id.clone(), version: Version { hlc, node: self.node.clone() }, session };
         self.records.insert(id, record.clone());
         self.head = self.head.next();
         let change = Change { seq: self.head, record };
@@ -75,7 +93,7 @@ impl Store {
 
     fn apply_remote(&mut self, peer_db: &str, records: Vec<Record>, peer_pos: Option<Seq>, now: u64) {
         for r in records {
-            self.hlc = self.hlc.observe(r.version.hlc, now);
+            self.hlc = self.hlc.observe_bounded(r.version.hlc, now, MAX_OFFSET_MS);
             let newer = self.records.get(&r.id).map_or(true, |old| r.version > old.version);
             if newer {
                 self.records.insert(r.id.clone(), r);
@@ -85,6 +103,19 @@ impl Store {
             self.positions.insert(peer_db.to_string(), pos);
             self.last_peer_db = Some(peer_db.to_string());
         }
+    }
+
+    /// Forgets tombstones older than the retention on `clock_ms`; returns them.
+    fn gc(&mut self, clock_ms: Option<u64>) -> Vec<Record> {
+        let Some(clock) = clock_ms else { return vec![] };
+        let cutoff = clock.saturating_sub(RETENTION_MS);
+        let old: Vec<SessionId> = self
+            .records
+            .values()
+            .filter(|r| r.is_tombstone() && r.version.hlc.wall_ms < cutoff)
+            .map(|r| r.id.clone())
+            .collect();
+        old.iter().filter_map(|id| self.records.remove(id)).collect()
     }
 
     fn truncate(&mut self, keep: usize) {
@@ -135,6 +166,7 @@ fn engine_config(i: usize) -> EngineConfig {
         batch_bytes: crate::proto::peer::BATCH_BYTES,
         max_inflight: 2,
         role: Role::Standby,
+        max_clock_offset: Duration::from_millis(MAX_OFFSET_MS),
     }
 }
 
@@ -170,6 +202,16 @@ struct World {
     writes: u64,
     /// Writes a client was told are on both nodes.
     acked: Vec<(SessionId, Version)>,
+    /// Each node's wall clock minus the true time.
+    clock: [i64; 2],
+    /// When (true time) each tombstone was written.
+    born: BTreeMap<(SessionId, Version), u64>,
+    /// Clocks stay within the bound: the checks that need it are on.
+    bounded: bool,
+    /// Per session, the greatest version a client was told is on both nodes.
+    acked_by_id: BTreeMap<SessionId, Version>,
+    /// Per session, the newest tombstone a store forgot.
+    forgotten: BTreeMap<SessionId, Version>,
 }
 
 impl World {
@@ -191,6 +233,52 @@ impl World {
             next_waiter: 1,
             writes: 0,
             acked: vec![],
+            clock: [0, 0],
+            born: BTreeMap::new(),
+            bounded: true,
+            acked_by_id: BTreeMap::new(),
+            forgotten: BTreeMap::new(),
+        }
+    }
+
+    /// Node `i`'s wall clock.
+    fn wall(&self, i: usize) -> u64 {
+        (self.now as i64 + self.clock[i]).max(0) as u64
+    }
+
+    /// Sets node `i`'s wall clock to the true time plus `offset` (a jump either way).
+    fn set_clock(&mut self, i: usize, offset: i64) {
+        self.clock[i] = offset;
+        // Two clocks each within half the bound of the true time are within the bound of
+        // each other; beyond that the bounded checks no longer apply.
+        if offset.unsigned_abs() > MAX_OFFSET_MS / 2 {
+            self.bounded = false;
+        }
+        let (now, wall_ms) = (self.now, self.wall(i));
+        self.feed(i, Event::WallClock { now, wall_ms });
+    }
+
+    /// Node `i`'s housekeeping: forget tombstones on the clock both nodes share.
+    fn gc(&mut self, i: usize) {
+        let offset = self.nodes[i].engine.status().clock_offset_ms;
+        let shared = shared_clock_ms(self.wall(i), offset);
+        let now = self.now;
+        for r in self.nodes[i].store.gc(shared) {
+            if let Some(born) = self.born.get(&(r.id.clone(), r.version.clone())) {
+                // Each clock may be half the bound off the true time: the tombstone's stamp
+                // and the shared clock together by at most the bound.
+                let age = now - born;
+                assert!(
+                    !self.bounded || age + MAX_OFFSET_MS >= RETENTION_MS,
+                    "node {i} forgot tombstone {} after {age} ms (clocks {:?})",
+                    r.id,
+                    self.clock
+                );
+            }
+            let forgotten = self.forgotten.entry(r.id.clone()).or_insert_with(|| r.version.clone());
+            if r.version > *forgotten {
+                *forgotten = r.version;
+            }
         }
     }
 
@@ -222,6 +310,10 @@ impl World {
                         let (id, v, peer_db) = write;
                         let peer = &self.nodes[1 - i].store;
                         assert!(peer.has(&id, &v) || peer.db_id != peer_db, "{id} at {v} acked but not on the peer");
+                        let newest = self.acked_by_id.entry(id.clone()).or_insert_with(|| v.clone());
+                        if v > *newest {
+                            *newest = v.clone();
+                        }
                         self.acked.push((id, v));
                     }
                 }
@@ -251,8 +343,19 @@ impl World {
         let id = SessionId(format!("s{key}"));
         let session = (!delete).then(|| session(&id, self.writes));
         let now = self.now;
-        let change = self.nodes[i].store.write(id.clone(), session, now);
+        let wall = self.wall(i);
+        // A write made after another write to the same session was acknowledged must win
+        // over it, whatever the clocks say. Both nodes held the acknowledged write then; only
+        // a store wiped since lacks it (a lost store, not a clock problem).
+        let prev = self.acked_by_id.get(&id).filter(|v| self.nodes[i].store.has(&id, v)).cloned();
+        let change = self.nodes[i].store.write(id.clone(), session, wall);
         let (seq, version) = (change.seq, change.record.version.clone());
+        if let Some(prev) = prev {
+            assert!(version > prev, "write {id} at {version} issued after {prev} was acknowledged loses to it");
+        }
+        if delete {
+            self.born.insert((id.clone(), version.clone()), now);
+        }
         let change = inline.then_some(change);
         self.feed(i, Event::LocalCommitted { seq, change, now });
         let waiter = WaiterId(self.next_waiter);
@@ -270,7 +373,7 @@ impl World {
                 break;
             };
             ran += 1;
-            let now = self.now;
+            let (now, wall) = (self.now, self.wall(i));
             let store = &mut self.nodes[i].store;
             let event = match cmd {
                 DbCmd::ReadLog { after, limit } => {
@@ -278,7 +381,7 @@ impl World {
                 }
                 DbCmd::ReadSnapshot => Event::SnapshotRead { snapshot: store.snapshot(), now },
                 DbCmd::Apply { peer_db_id, records, peer_pos } => {
-                    store.apply_remote(&peer_db_id, records, peer_pos, now);
+                    store.apply_remote(&peer_db_id, records, peer_pos, wall);
                     Event::Applied { up_to: peer_pos, now }
                 }
             };
@@ -316,6 +419,10 @@ impl World {
             while self.db_step(i, usize::MAX) > 0 {}
         }
         let now = self.now;
+        for i in 0..2 {
+            let wall_ms = self.wall(i);
+            self.feed(i, Event::WallClock { now, wall_ms });
+        }
         let link = self.next_link;
         self.next_link += 1;
         let hellos: Vec<Hello> = (0..2)
@@ -343,6 +450,8 @@ impl World {
         self.now += ms;
         let now = self.now;
         for i in 0..2 {
+            let wall_ms = self.wall(i);
+            self.feed(i, Event::WallClock { now, wall_ms });
             self.feed(i, Event::Tick { now });
         }
     }
@@ -377,7 +486,8 @@ impl World {
         }
         let store = &self.nodes[i].store;
         self.nodes[i].engine = Engine::new(engine_config(i), store.status(), self.now);
-        let now = self.now;
+        let (now, wall_ms) = (self.now, self.wall(i));
+        self.feed(i, Event::WallClock { now, wall_ms });
         self.feed(i, Event::Start { now });
     }
 
@@ -441,30 +551,74 @@ impl World {
         out
     }
 
+    /// Lets both clocks run past every shared clock used so far, then both nodes run their
+    /// housekeeping at the same moment: afterwards they must hold the same tombstones.
+    fn final_gc(&mut self) {
+        self.advance(2 * MAX_OFFSET_MS);
+        self.settle();
+        self.gc(0);
+        self.gc(1);
+    }
+
     fn check(&self) {
         let (a, b) = (&self.nodes[0].store, &self.nodes[1].store);
         assert_eq!(a.records, b.records, "stores differ after convergence");
         assert_eq!(a.positions.get(&b.db_id).copied().unwrap_or_default(), b.head);
         assert_eq!(b.positions.get(&a.db_id).copied().unwrap_or_default(), a.head);
+        // An acknowledged write is there, or superseded, or superseded by a tombstone that
+        // has since been forgotten.
+        let kept = |s: &Store, id: &SessionId, v: &Version| {
+            s.has(id, v) || (!s.records.contains_key(id) && self.forgotten.get(id).is_some_and(|f| f >= v))
+        };
         for (id, v) in &self.acked {
-            assert!(a.has(id, v) && b.has(id, v), "acknowledged write {id} at {v} lost");
+            assert!(kept(a, id, v) && kept(b, id, v), "acknowledged write {id} at {v} lost");
         }
     }
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { node: usize, key: u8, delete: bool, inline: bool },
-    Deliver { to: usize, n: usize },
-    Db { node: usize, n: usize },
-    Advance { ms: u64 },
+    Write {
+        node: usize,
+        key: u8,
+        delete: bool,
+        inline: bool,
+    },
+    Deliver {
+        to: usize,
+        n: usize,
+    },
+    Db {
+        node: usize,
+        n: usize,
+    },
+    Advance {
+        ms: u64,
+    },
     Pump,
     Partition,
     Heal,
     Connect,
-    Disconnect { node: usize },
-    Restart { node: usize, wipe: bool },
-    Truncate { node: usize, keep: usize },
+    Disconnect {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+        wipe: bool,
+    },
+    Truncate {
+        node: usize,
+        keep: usize,
+    },
+    /// Set the node's wall clock to the true time plus `offset` (a jump either way).
+    Clock {
+        node: usize,
+        offset: i64,
+    },
+    /// The node's housekeeping forgets old tombstones.
+    Gc {
+        node: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -481,6 +635,18 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..2usize).prop_map(|node| Op::Disconnect { node }),
         1 => (0..2usize, prop::bool::weighted(0.4)).prop_map(|(node, wipe)| Op::Restart { node, wipe }),
         1 => (0..2usize, 0..3usize).prop_map(|(node, keep)| Op::Truncate { node, keep }),
+    ]
+}
+
+/// Operations with clock jumps (within half the bound of the true time, so any two clocks
+/// are within the bound) and housekeeping, and longer pauses so tombstones grow old.
+fn op_with_clocks() -> impl Strategy<Value = Op> {
+    let half = (MAX_OFFSET_MS / 2) as i64;
+    prop_oneof![
+        12 => op(),
+        2 => (0..2usize, -half..=half).prop_map(|(node, offset)| Op::Clock { node, offset }),
+        2 => (0..2usize).prop_map(|node| Op::Gc { node }),
+        1 => (1_000..4_000u64).prop_map(|ms| Op::Advance { ms }),
     ]
 }
 
@@ -513,9 +679,12 @@ fn run(ops: &[Op]) -> World {
             }
             Op::Restart { node, wipe } => w.restart(node, wipe),
             Op::Truncate { node, keep } => w.nodes[node].store.truncate(keep),
+            Op::Clock { node, offset } => w.set_clock(node, offset),
+            Op::Gc { node } => w.gc(node),
         }
     }
     w.settle();
+    w.final_gc();
     w.check();
     if std::env::var("SIM_STATS").is_ok() {
         let st: Vec<_> = w.nodes.iter().map(|n| n.engine.status()).collect();
@@ -545,6 +714,13 @@ proptest! {
     #[test]
     fn random_histories_converge_and_keep_acknowledged_writes(
         ops in prop::collection::vec(op(), 1..120)
+    ) {
+        run(&ops);
+    }
+
+    #[test]
+    fn skewed_and_jumping_clocks_within_the_bound_converge_and_forget_the_same_tombstones(
+        ops in prop::collection::vec(op_with_clocks(), 1..150)
     ) {
         run(&ops);
     }
@@ -669,4 +845,107 @@ fn wiped_node_whose_snapshot_is_interrupted_gets_a_full_snapshot_again() {
     w.settle();
     w.check();
     assert_eq!(w.nodes[0].store.records.len(), 7);
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+#[test]
+fn a_master_days_ahead_does_not_poison_the_peer_or_outlive_its_fix() {
+    let mut w = World::new();
+    w.connect();
+    w.settle();
+    w.set_clock(0, 10 * DAY_MS);
+    w.advance(100);
+    w.settle();
+    let st = w.nodes[1].engine.status();
+    assert!(st.clock_offset_exceeded, "{st:?}");
+    assert!(st.clock_offset_ms.unwrap() > 9 * DAY_MS);
+    assert!(w.nodes[0].engine.status().clock_offset_exceeded);
+    // Writes on both sides while a's clock is ten days ahead.
+    w.write(0, 1, false, true);
+    w.write(1, 2, false, true);
+    w.settle();
+    w.write(1, 2, true, true); // b deletes its session: a fresh tombstone
+    w.write(0, 3, false, true);
+    w.settle();
+    // b's clock did not follow a's records beyond the bound.
+    let b_wall = w.wall(1);
+    assert!(w.nodes[1].store.hlc.wall_ms <= b_wall + MAX_OFFSET_MS, "b's clock was dragged along");
+    let b_tomb = w.nodes[1].store.records[&SessionId("s2".into())].clone();
+    assert!(b_tomb.is_tombstone() && b_tomb.version.hlc.wall_ms <= b_wall + MAX_OFFSET_MS);
+    // a's housekeeping, ten days ahead, keeps b's fresh tombstone: ages are measured on the
+    // earlier of the two clocks.
+    w.gc(0);
+    w.gc(1);
+    assert!(w.nodes[0].store.records.contains_key(&SessionId("s2".into())), "fresh tombstone forgotten");
+    // a's clock is set right: its next writes are stamped by it again (at most the bound
+    // ahead), not ten days in the future, and the alarm clears.
+    w.set_clock(0, 0);
+    w.advance(100);
+    w.settle();
+    assert!(!w.nodes[1].engine.status().clock_offset_exceeded);
+    w.write(0, 4, false, true);
+    let v = w.nodes[0].store.records[&SessionId("s4".into())].version.clone();
+    assert!(v.hlc.wall_ms <= w.wall(0) + MAX_OFFSET_MS, "{v}");
+    // A session a wrote while ahead is still updated in order by either node.
+    w.write(1, 1, false, true);
+    let r = &w.nodes[1].store.records[&SessionId("s1".into())];
+    assert_eq!(r.version.node, NodeId("b".into()));
+    w.settle();
+    w.final_gc();
+    w.check();
+}
+
+#[test]
+fn a_master_an_hour_behind_keeps_tombstones_as_long_as_its_peer() {
+    let mut w = World::new();
+    w.connect();
+    w.settle();
+    w.set_clock(1, -3_600_000);
+    w.advance(100);
+    w.settle();
+    for k in 0..4 {
+        w.write(k as usize % 2, k, false, true);
+    }
+    w.settle();
+    for k in 0..4 {
+        w.write(k as usize % 2, k, true, true);
+    }
+    w.settle();
+    let tombs = |w: &World, i: usize| w.nodes[i].store.records.values().filter(|r| r.is_tombstone()).count();
+    // Before the retention: both keep all four, whichever clock is wrong.
+    w.advance(RETENTION_MS / 2);
+    w.settle();
+    w.gc(0);
+    w.gc(1);
+    assert_eq!((tombs(&w, 0), tombs(&w, 1)), (4, 4));
+    // After it, measured on the clock behind plus the hour: both forget the same ones.
+    w.advance(RETENTION_MS + 3_600_000);
+    w.settle();
+    w.gc(0);
+    w.gc(1);
+    assert_eq!((tombs(&w, 0), tombs(&w, 1)), (0, 0));
+    w.check();
+}
+
+#[test]
+fn clocks_jumping_back_and_forth_beyond_the_bound_still_converge() {
+    let mut w = World::new();
+    w.connect();
+    w.settle();
+    for (k, offset) in [(0u8, 3_600_000i64), (1, -3_600_000), (2, 0), (3, -DAY_MS), (4, 5 * DAY_MS)] {
+        w.set_clock((k % 2) as usize, offset);
+        w.advance(150);
+        w.write(0, k, false, true);
+        w.write(1, k, k % 2 == 0, true);
+        w.partitioned = k % 2 == 1;
+        w.advance(700);
+        w.write(0, k + 1, true, false);
+        w.settle();
+    }
+    w.set_clock(0, 0);
+    w.set_clock(1, 0);
+    w.settle();
+    w.final_gc();
+    w.check();
 }

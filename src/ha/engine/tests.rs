@@ -21,6 +21,7 @@ fn config() -> EngineConfig {
         batch_bytes: crate::proto::peer::BATCH_BYTES,
         max_inflight: 2,
         role: Role::Standby,
+        max_clock_offset: Duration::from_millis(2000),
     }
 }
 
@@ -332,7 +333,8 @@ fn config_digest_mismatch_is_flagged_not_fatal() {
     assert!(!is_disconnect(&cmds, ""));
     let st = e.status();
     assert_eq!(st.config_digest_match, Some(false));
-    assert_eq!(st.clock_skew_ms, Some(3000));
+    assert_eq!(st.clock_offset_ms, Some(3000));
+    assert!(st.clock_offset_exceeded);
     assert_eq!(st.link, LinkState::CatchingUp);
     let mut e = engine(0, 1);
     connect(&mut e, hello_b(Some(A_DB), 0, 0), 0, 10);
@@ -704,4 +706,66 @@ fn peer_database_older_than_what_we_applied_gets_a_snapshot() {
     let mut e = engine(5, 1);
     let cmds = connect(&mut e, hello_b(Some(A_DB), 2, 3), 5, 10);
     assert_eq!(cmds, vec![Command::ReadSnapshot]);
+}
+
+/// A wall clock far from zero, so offsets either way stay positive readings.
+const W: u64 = 10_000_000;
+
+#[test]
+fn the_clock_offset_is_tracked_from_every_heartbeat_and_the_alarm_follows_it() {
+    let mut e = streaming(0);
+    // B's hello said 0 at 10.
+    assert_eq!(e.status().clock_offset_ms, Some(-10));
+    assert_eq!(e.status().max_clock_offset_ms, 2000);
+    e.step(Event::WallClock { now: 20, wall_ms: W + 20 });
+    // The peer's clock is an hour ahead, seen while the link streams: the next heartbeat shows it.
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: W + 100 + 3_600_000 }, 100);
+    let st = e.status();
+    assert_eq!((st.clock_offset_ms, st.clock_offset_at_ms), (Some(3_600_000), Some(100)));
+    assert!(st.clock_offset_exceeded);
+    // Within the bound again (behind, this time): the alarm clears.
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: W + 200 - 1_500 }, 200);
+    let st = e.status();
+    assert_eq!(st.clock_offset_ms, Some(-1_500));
+    assert!(!st.clock_offset_exceeded);
+    // Kept while the link is down: tombstone ages need it.
+    e.step(Event::PeerDisconnected { reason: "test".into(), now: 300 });
+    assert_eq!(e.status().clock_offset_ms, Some(-1_500));
+}
+
+#[test]
+fn heartbeats_carry_the_wall_clock_and_timers_run_on_the_monotonic_one() {
+    let mut e = streaming(0);
+    // This machine's wall clock is set back an hour.
+    e.step(Event::WallClock { now: 50, wall_ms: W + 50 - 3_600_000 });
+    let cmds = e.step(Event::Tick { now: 110 });
+    assert_eq!(cmds, vec![send(PeerMsg::Heartbeat { head: Seq(0), now_ms: W + 110 - 3_600_000 })]);
+    // The offset to a peer whose clock was right is now an hour.
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: W + 120 }, 120);
+    assert_eq!(e.status().clock_offset_ms, Some(3_600_000));
+    // Timers do not stall: the peer stays silent, the link ends on time.
+    let cmds = e.step(Event::Tick { now: 620 });
+    assert_eq!(cmds, vec![Command::Disconnect { reason: "peer silent for 500 ms".into() }]);
+}
+
+#[test]
+fn heartbeats_go_out_while_changes_stream() {
+    let mut e = streaming(0);
+    // A change every 50 ms: the heartbeat still goes out every interval.
+    let mut beats = 0;
+    for k in 1..=8u64 {
+        let now = 10 + 50 * k;
+        e.step(Event::LocalCommitted { seq: Seq(k), change: None, now });
+        let cmds = e.step(Event::Tick { now });
+        beats += cmds.iter().filter(|c| matches!(c, Command::Send(PeerMsg::Heartbeat { .. }))).count();
+    }
+    assert_eq!(beats, 4);
+}
+
+#[test]
+fn the_shared_clock_is_the_earlier_of_the_two() {
+    assert_eq!(shared_clock_ms(1_000, None), None, "never measured: keep every tombstone");
+    assert_eq!(shared_clock_ms(1_000, Some(300)), Some(1_000), "the peer is ahead: ours");
+    assert_eq!(shared_clock_ms(1_000, Some(-300)), Some(700), "the peer is behind: theirs");
+    assert_eq!(shared_clock_ms(100, Some(-300)), Some(0));
 }
