@@ -5,7 +5,7 @@
 //! Invariant: every failure to reach or understand the master becomes a [`ClientError`] whose
 //! message says what to check; nothing here panics on what the master sends.
 
-use crate::proto::api::{ApiReply, ApiRequest, ADMIN_PROLOGUE};
+use crate::proto::api::{ApiReply, ApiRequest, ADMIN_PROLOGUE, MAX_REPLY, MAX_REQUEST};
 use crate::proto::secure::Secret;
 use crate::proto::PlainConn;
 use std::path::{Path, PathBuf};
@@ -58,14 +58,15 @@ async fn call_inner(target: &Target, req: &ApiRequest, where_: &str) -> Result<A
     let reply = match target {
         Target::Unix(path) => {
             let s = tokio::net::UnixStream::connect(path).await.map_err(unreachable)?;
-            let mut c = PlainConn::new(s);
+            let mut c = PlainConn::with_limits(s, MAX_REPLY, MAX_REQUEST);
             c.send(req).await.map_err(protocol)?;
             c.recv::<ApiReply>().await.map_err(protocol)?
         }
         Target::Tcp { addr, secret } => {
             let s = tokio::net::TcpStream::connect(addr.as_str()).await.map_err(unreachable)?;
             let _ = s.set_nodelay(true);
-            let mut c = crate::proto::secure::connect(s, secret, ADMIN_PROLOGUE).await.map_err(protocol)?;
+            let c = crate::proto::secure::connect(s, secret, ADMIN_PROLOGUE).await.map_err(protocol)?;
+            let mut c = c.with_limits(MAX_REPLY, MAX_REQUEST);
             c.send(req).await.map_err(protocol)?;
             c.recv::<ApiReply>().await.map_err(protocol)?
         }

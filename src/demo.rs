@@ -295,6 +295,8 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         let mut key = vec![0u8; bytes];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
         std::fs::write(base.join(f), key).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(base.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| e.to_string())?;
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let cancel = CancellationToken::new();

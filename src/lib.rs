@@ -20,6 +20,8 @@ pub mod config;
 pub mod db;
 /// The self-contained two-master demonstration.
 pub mod demo;
+/// Fuzz targets for every decoder of outside input (driven by `cargo fuzz` and proptest).
+pub mod fuzz;
 /// High availability: which node am I, the sans-IO replication engine, the peer link.
 pub mod ha;
 /// Domain types: sessions, identities, positions, versions. No I/O.

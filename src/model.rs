@@ -253,6 +253,168 @@ impl fmt::Display for Role {
     }
 }
 
+// ---- Bounds of what may be stored ----
+//
+// Every field that comes from outside (a user's request, an agent's report, an admin's
+// import) is bounded where it enters, and a record is bounded as a whole before it is
+// written, so a record that could never travel to the peer is refused at its origin.
+
+/// Longest user name.
+pub const MAX_USER: usize = 256;
+/// Longest host name or address (client address, agent name and address).
+pub const MAX_HOST: usize = 253;
+/// Longest session id.
+pub const MAX_SESSION_ID: usize = 128;
+/// Longest subcluster name.
+pub const MAX_NAME: usize = 256;
+/// Longest geometry (`16384x16384`).
+pub const MAX_GEOMETRY: usize = 11;
+/// Most bytes of a session command (all arguments together).
+pub const MAX_COMMAND: usize = 8 * 1024;
+/// Most bytes of a session's client parameters (keys and values together).
+pub const MAX_CLIENT_PARAMS: usize = 8 * 1024;
+/// Upper bound of one record's JSON encoding, given the field bounds above; checked with
+/// [`Record::json_len_bound`] before a record is written.
+pub const MAX_RECORD: usize = 32 * 1024;
+
+/// A field or record over its bound.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BoundsError {
+    #[error("{field} is {len} bytes long, expected at most {max}")]
+    TooLong { field: &'static str, len: usize, max: usize },
+    #[error("{field} contains control characters, expected printable text")]
+    Control { field: &'static str },
+}
+
+/// `value` is at most `max` bytes and has no control characters.
+pub fn check_field(field: &'static str, value: &str, max: usize) -> Result<(), BoundsError> {
+    if value.len() > max {
+        return Err(BoundsError::TooLong { field, len: value.len(), max });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(BoundsError::Control { field });
+    }
+    Ok(())
+}
+
+/// Is `s` an IP address (IPv6 with an optional `%zone`) or a host name (RFC 1123 labels of
+/// letters, digits and inner hyphens, dot-separated, at most [`MAX_HOST`] bytes)? Nothing
+/// else may be recorded as a client address: it reaches hook scripts.
+pub fn valid_client_address(s: &str) -> bool {
+    if s.is_empty() || s.len() > MAX_HOST {
+        return false;
+    }
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    if let Some((ip, zone)) = s.split_once('%') {
+        return ip.parse::<std::net::Ipv6Addr>().is_ok()
+            && !zone.is_empty()
+            && zone.len() <= 15
+            && zone.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    }
+    let name = s.strip_suffix('.').unwrap_or(s);
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl Session {
+    /// Checks every field against its bound; the error names the first field over it.
+    pub fn check_bounds(&self) -> Result<(), BoundsError> {
+        check_field("session id", &self.id.0, MAX_SESSION_ID)?;
+        check_field("user", &self.user, MAX_USER)?;
+        check_field("subcluster", &self.subcluster, MAX_NAME)?;
+        check_field("agent", &self.agent, MAX_HOST)?;
+        check_field("agent address", &self.agent_address, MAX_HOST)?;
+        check_field("client address", &self.last_client_address, MAX_HOST)?;
+        check_field("geometry", &self.geometry, MAX_GEOMETRY)?;
+        let command: usize = self.command.iter().map(|a| a.len() + 1).sum();
+        if command > MAX_COMMAND {
+            return Err(BoundsError::TooLong { field: "command", len: command, max: MAX_COMMAND });
+        }
+        let params: usize = self.client_params.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
+        if params > MAX_CLIENT_PARAMS {
+            return Err(BoundsError::TooLong { field: "client parameters", len: params, max: MAX_CLIENT_PARAMS });
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of `s` once escaped as a JSON string, quotes included.
+fn json_str_len(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
+/// Room for field names, numbers and punctuation of one record, strings aside.
+const RECORD_FIXED_JSON: usize = 640;
+
+impl Session {
+    /// Bytes of this session's strings once JSON-escaped (the variable part of its encoding).
+    fn json_strings_len(&self) -> usize {
+        [
+            &self.id.0,
+            &self.user,
+            &self.subcluster,
+            &self.agent,
+            &self.agent_address,
+            &self.last_client_address,
+            &self.geometry,
+        ]
+        .iter()
+        .map(|f| json_str_len(f))
+        .sum::<usize>()
+            + self.command.iter().map(|a| json_str_len(a) + 1).sum::<usize>()
+            + self.client_params.iter().map(|(k, v)| json_str_len(k) + json_str_len(v) + 3).sum::<usize>()
+    }
+}
+
+/// An upper bound of the JSON encoding of a record with these parts (see
+/// [`Record::json_len_bound`]).
+pub fn record_json_len_bound(id: &SessionId, node: &NodeId, session: Option<&Session>) -> usize {
+    RECORD_FIXED_JSON + json_str_len(&id.0) + json_str_len(&node.0) + session.map_or(0, Session::json_strings_len)
+}
+
+/// Checks what a node may write as a record: every field within bounds, and the whole
+/// within [`MAX_RECORD`].
+pub fn check_record(id: &SessionId, node: &NodeId, session: Option<&Session>) -> Result<(), BoundsError> {
+    check_field("session id", &id.0, MAX_SESSION_ID)?;
+    check_field("node id", &node.0, MAX_HOST)?;
+    if let Some(s) = session {
+        s.check_bounds()?;
+    }
+    let len = record_json_len_bound(id, node, session);
+    if len > MAX_RECORD {
+        return Err(BoundsError::TooLong { field: "record", len, max: MAX_RECORD });
+    }
+    Ok(())
+}
+
+impl Record {
+    /// An upper bound of the length of this record's JSON encoding, computed without
+    /// encoding it (cheap enough to size every batch sent to the peer).
+    pub fn json_len_bound(&self) -> usize {
+        record_json_len_bound(&self.id, &self.version.node, self.session.as_ref())
+    }
+
+    /// See [`check_record`].
+    pub fn check_bounds(&self) -> Result<(), BoundsError> {
+        check_record(&self.id, &self.version.node, self.session.as_ref())
+    }
+}
+
 /// Milliseconds since the Unix epoch, from the system clock.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -305,6 +467,82 @@ mod tests {
         let a = Version { hlc: h, node: NodeId("a".into()) };
         let b = Version { hlc: h, node: NodeId("b".into()) };
         assert!(a < b);
+    }
+
+    fn session(address: &str) -> Session {
+        Session {
+            id: SessionId::random(),
+            user: "anna".into(),
+            subcluster: "default".into(),
+            agent: "agent1".into(),
+            agent_address: "agent1.example.com".into(),
+            display: 10,
+            vnc_port: 5910,
+            status: SessionStatus::Running,
+            created_ms: u64::MAX,
+            last_connect_ms: u64::MAX,
+            last_client_address: address.into(),
+            pid: u32::MAX,
+            command: vec!["/usr/bin/Xvnc".into(), ":10".into(), "\"quoted\"\u{1}".into()],
+            geometry: "16384x16384".into(),
+            client_params: vec![("k\n".into(), "v\\".into())],
+        }
+    }
+
+    #[test]
+    fn json_len_bound_is_an_upper_bound() {
+        let node = NodeId("n".repeat(MAX_HOST));
+        let version = Version { hlc: Hlc { wall_ms: u64::MAX, logical: u32::MAX }, node };
+        let mut s = session("192.0.2.1");
+        s.command.push("\u{7}".repeat(1000));
+        s.client_params.push(("\"".repeat(100), "é".repeat(100)));
+        let live = Record { id: s.id.clone(), version: version.clone(), session: Some(s) };
+        let dead = Record { id: SessionId("x".into()), version, session: None };
+        for r in [live, dead] {
+            let real = serde_json::to_vec(&r).unwrap().len();
+            assert!(real <= r.json_len_bound(), "{real} > {}", r.json_len_bound());
+        }
+    }
+
+    #[test]
+    fn bounds_name_the_field_over_its_limit() {
+        assert!(session("192.0.2.1").check_bounds().is_ok());
+        let e = session(&"a".repeat(MAX_HOST + 1)).check_bounds().unwrap_err();
+        assert_eq!(e, BoundsError::TooLong { field: "client address", len: MAX_HOST + 1, max: MAX_HOST });
+        assert!(e.to_string().contains("client address is 254 bytes long, expected at most 253"), "{e}");
+        let mut s = session("h");
+        s.command = vec!["x".repeat(MAX_COMMAND)];
+        assert!(matches!(s.check_bounds(), Err(BoundsError::TooLong { field: "command", .. })));
+        let mut s = session("h");
+        s.user = "a\nb".into();
+        assert_eq!(s.check_bounds(), Err(BoundsError::Control { field: "user" }));
+        // Every field at its bound still makes a record that fits...
+        let mut s = session(&"c".repeat(MAX_HOST));
+        s.user = "u".repeat(MAX_USER);
+        s.subcluster = "s".repeat(MAX_NAME);
+        s.agent = "a".repeat(MAX_HOST);
+        s.agent_address = "b".repeat(MAX_HOST);
+        s.command = vec!["x".repeat(MAX_COMMAND - 1)];
+        s.client_params = vec![("k".repeat(MAX_CLIENT_PARAMS - 2), String::new())];
+        assert!(s.check_bounds().is_ok());
+        let version = Version { hlc: Hlc::default(), node: NodeId("n".repeat(MAX_HOST)) };
+        let mut r = Record { id: s.id.clone(), version, session: Some(s) };
+        assert!(r.check_bounds().is_ok(), "{:?}", r.check_bounds());
+        // ...but control characters in a command are escaped six-fold in JSON.
+        r.session.as_mut().unwrap().command = vec!["\u{1}".repeat(MAX_COMMAND - 1)];
+        assert!(matches!(r.check_bounds(), Err(BoundsError::TooLong { field: "record", .. })));
+    }
+
+    #[test]
+    fn client_addresses_are_addresses_or_host_names() {
+        for ok in ["192.0.2.7", "::1", "fe80::1%eth0", "2001:db8::2", "ws-12.example.com", "localhost", "h."] {
+            assert!(valid_client_address(ok), "{ok}");
+        }
+        for bad in ["", "$(id)", "a b", "-x", "x-", "a..b", "a;b", "fe80::1%", "1.2.3.4%eth0", "x\n"] {
+            assert!(!valid_client_address(bad), "{bad:?}");
+        }
+        assert!(!valid_client_address(&"a".repeat(64)));
+        assert!(!valid_client_address(&format!("{}.b", "a.".repeat(127))));
     }
 
     #[test]

@@ -127,7 +127,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
 
 fn prepare_data_dir(dir: &Path) -> Result<PathBuf, ServerError> {
     let err = |reason: String| ServerError::DataDir { path: dir.to_path_buf(), reason };
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
+    crate::db::create_private_dir(dir).map_err(|e| err(format!("cannot create it: {e}")))?;
     let probe = dir.join(".vsm-write-test");
     std::fs::write(&probe, b"").map_err(|e| err(format!("not writable: {e}")))?;
     let _ = std::fs::remove_file(&probe);

@@ -383,6 +383,7 @@ fn agent_config_dir(dir: &Path, extra_agent: &str) -> std::path::PathBuf {
     let cfg = dir.join("etc");
     std::fs::create_dir_all(&cfg).unwrap();
     std::fs::write(cfg.join("cluster.key"), "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(cfg.join("cluster.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     std::fs::write(
         cfg.join("vsmagent.toml"),
         format!(
@@ -489,6 +490,7 @@ impl TestDaemon {
         t.opts.terminate_on_shutdown = terminate_on_shutdown;
         let key = t._dir.path().join("cluster.key");
         std::fs::write(&key, "test cluster secret\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let mut config = vsm::config::Config::default();
         config.vsm.secret_file = key.clone();
         config.vsm.vsm_server_port = master_port;
@@ -503,6 +505,7 @@ impl TestDaemon {
                 outbox_path: Some(t.opts.state_dir.join("outbox.json")),
             },
             max_connections: 16,
+            idle_timeout: Duration::from_secs(120),
             shutdown_deadline: Duration::from_secs(10),
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

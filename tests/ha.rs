@@ -297,6 +297,11 @@ async fn writes_on_both_sides_of_a_partition_converge_to_one_winner() {
     p.heal();
     assert!(p.wait_streaming().await, "the link comes back");
     p.assert_converged().await;
+    // Why the link dropped stays visible once it is back.
+    for i in 0..2 {
+        let drop = p.node(i).ha_status().await.last_link_drop.expect("the cut is shown as a link drop");
+        assert!(drop.drops >= 1 && !drop.reason.is_empty(), "{drop:?}");
+    }
     for (id, want) in &expect {
         for i in 0..2 {
             let got = p.node(i).server().db.record(id).await.unwrap().unwrap();
@@ -560,4 +565,138 @@ mod random_operations {
             rt.block_on(run(ops));
         }
     }
+}
+
+/// Reads one reply frame from a raw Unix-socket connection; `None` when none comes within
+/// `wait`.
+async fn raw_reply(s: &mut tokio::net::UnixStream, wait: Duration) -> Option<ApiReply> {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.ok()?;
+        let mut reply = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut reply).await.ok()?;
+        serde_json::from_slice(&reply).ok()
+    };
+    tokio::time::timeout(wait, read).await.ok().flatten()
+}
+
+/// Does the server close `s` (within the test deadline)?
+async fn closed_by_server(s: &mut tokio::net::UnixStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(T, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn connect_req(client_address: &str) -> ApiRequest {
+    ApiRequest::Connect {
+        user: Some("mallory".into()),
+        new: false,
+        terminate_existing: false,
+        geometry: None,
+        client_address: Some(client_address.into()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_user_cannot_degrade_replication_grow_memory_or_hold_connections() {
+    use tokio::io::AsyncWriteExt;
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    // a: a small connection cap; b: a short idle timeout.
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |i, c| {
+        if i == 0 {
+            // Unless the tests run as root, the caller is an ordinary user on a.
+            c.vsmserver.admin_group = None;
+            c.vsmserver.max_connections = 8;
+            c.vsmserver.max_connections_per_user = 4;
+        } else {
+            c.vsmserver.idle_timeout = Duration::from_millis(300);
+        }
+    })
+    .await;
+    assert!(p.wait_streaming().await);
+    let sock = |i: usize| p.node(i).cfg.vsmserver.socket_path.clone();
+
+    // Oversized and hostile client addresses are refused at the API with a clear error.
+    for (addr, want) in [("x".repeat(300), "bad client address"), ("$(id)".to_string(), "bad client address")] {
+        match p.a().call(connect_req(&addr)).await {
+            ApiReply::Error { kind: ApiErrorKind::BadRequest, message } => {
+                assert!(message.contains(want) && message.contains("host name"), "{message}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // A request frame of 16 MiB is refused from its header: the daemon reads none of it.
+    let mut s = tokio::net::UnixStream::connect(sock(0)).await.unwrap();
+    s.write_all(&(16u32 << 20).to_be_bytes()).await.unwrap();
+    match raw_reply(&mut s, T).await {
+        Some(ApiReply::Error { kind: ApiErrorKind::BadRequest, message }) => {
+            assert!(message.contains("16777216 bytes is larger than the maximum of"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(closed_by_server(&mut s).await);
+    // The client library refuses to send what the daemon would refuse.
+    let huge = connect_req(&"y".repeat(vsm::proto::api::MAX_REQUEST));
+    let r = vsm::client::call(&p.a().target(), &huge, T).await;
+    assert!(r.is_err_and(|e| e.to_string().contains("larger than the maximum")));
+
+    // Connections over the cap are closed at once; the slots come back when clients leave.
+    let mut idle = vec![];
+    for _ in 0..8 {
+        idle.push(tokio::net::UnixStream::connect(sock(0)).await.unwrap());
+    }
+    let mut extra = tokio::net::UnixStream::connect(sock(0)).await.unwrap();
+    assert!(closed_by_server(&mut extra).await, "a ninth connection is closed");
+    drop(idle);
+    assert!(
+        wait_until(T, || async { vsm::client::call(&p.a().target(), &ApiRequest::HaStatus, T).await.is_ok() }).await
+    );
+
+    // One user cannot take every slot (root is exempt, as an admin).
+    if !nix::unistd::getuid().is_root() {
+        let mut mine = vec![];
+        for _ in 0..4 {
+            let mut s = tokio::net::UnixStream::connect(sock(0)).await.unwrap();
+            s.write_all(&[0]).await.unwrap(); // half a header: identified, then waiting
+            mine.push(s);
+        }
+        assert!(
+            wait_until(T, || async {
+                let mut s = tokio::net::UnixStream::connect(sock(0)).await.unwrap();
+                matches!(raw_reply(&mut s, Duration::from_millis(500)).await,
+                Some(ApiReply::Error { kind: ApiErrorKind::NotAllowed, message })
+                if message.contains("max_connections_per_user"))
+            })
+            .await
+        );
+        drop(mine);
+    }
+
+    // Idle connections, and a request that never completes, are closed by the idle timeout.
+    let mut quiet = tokio::net::UnixStream::connect(sock(1)).await.unwrap();
+    let mut dribble = tokio::net::UnixStream::connect(sock(1)).await.unwrap();
+    dribble.write_all(&[0, 0, 0, 40, b'{']).await.unwrap();
+    assert!(closed_by_server(&mut quiet).await, "an idle connection is closed");
+    assert!(closed_by_server(&mut dribble).await, "an unfinished request is closed");
+
+    // Replication never noticed: sessions flow both ways, the link never dropped.
+    let s = p.b().put_session("after", GHOST).await;
+    assert_eq!(p.a().server().db.get(&s.id).await.unwrap().as_ref(), Some(&s));
+    p.b().connect("mallory", false).await.unwrap();
+    for i in 0..2 {
+        let st = p.node(i).ha_status().await;
+        assert!(st.link == "streaming" && !st.degraded && st.last_link_drop.is_none(), "{st:?}");
+    }
+    p.assert_converged().await;
+    p.stop().await;
+    agent.stop().await;
 }

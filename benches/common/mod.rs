@@ -32,6 +32,10 @@ pub fn bench_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new().prefix("vsm-bench-").tempdir().expect("temporary directory");
     std::fs::write(d.path().join("cluster.key"), CLUSTER_SECRET).expect("write the cluster secret");
     std::fs::write(d.path().join("ha.key"), HA_SECRET).expect("write the ha secret");
+    for f in ["cluster.key", "ha.key"] {
+        std::fs::set_permissions(d.path().join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("make the secret private");
+    }
     d
 }
 

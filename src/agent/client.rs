@@ -277,6 +277,7 @@ impl AgentClient {
         let stream = connect_tcp(&target).await.map_err(|e| unreachable(e.to_string()))?;
         connect(stream, &self.inner.cfg.secret, PROLOGUE_AGENT)
             .await
+            .map(|c| c.with_limits(crate::proto::agent::MAX_REPLY, crate::proto::agent::MAX_REQUEST))
             .map_err(|e| AgentCallError::from_proto(agent, e, false))
     }
 
@@ -599,6 +600,7 @@ mod tests {
         let e = AgentClient::from_config(&cfg).unwrap_err().to_string();
         assert!(e.contains("missing.key"), "{e}");
         std::fs::write(&cfg.vsm.secret_file, b"k").unwrap();
+        std::fs::set_permissions(&cfg.vsm.secret_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let c = AgentClient::from_config(&cfg).unwrap();
         assert_eq!(c.port(), cfg.vsm.vsm_agent_port);
         assert_eq!(c.timeout(), cfg.vsmserver.agent_timeout);

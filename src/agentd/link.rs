@@ -10,7 +10,8 @@
 //! channel, and never count a report as delivered before the master answered it.
 
 use super::{Agent, AgentdError};
-use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest};
+use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, MAX_REPLY, MAX_REQUEST};
+use crate::proto::listen::Limits;
 pub use crate::proto::secure::Secret;
 use crate::proto::secure::{accept, connect, PROLOGUE_AGENT, PROLOGUE_REPORT};
 use crate::proto::ProtoError;
@@ -22,34 +23,34 @@ use tokio_util::sync::CancellationToken;
 
 /// A caller that does not finish the handshake within this time is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A master connection with no request for this long is closed (masters pool connections
-/// and open a new one when a pooled one was closed).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn load_secret(path: &Path) -> Result<Secret, AgentdError> {
     Secret::from_file(path).map_err(|e| AgentdError::Secret(e.to_string()))
 }
 
-/// Serve one master connection until it closes, idles out, or `stop` is cancelled. A
-/// request in progress is always answered before `stop` is looked at again.
+/// Serve one master connection until it closes, idles out (masters pool connections and
+/// open a new one when a pooled one was closed), or `stop` is cancelled. A request in
+/// progress is always answered before `stop` is looked at again.
 pub async fn serve(
     stream: TcpStream,
     secret: &Secret,
     agent: &Agent,
     local: SocketAddr,
+    limits: Limits,
     stop: CancellationToken,
 ) -> Result<(), String> {
     let _ = stream.set_nodelay(true);
-    let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, secret, PROLOGUE_AGENT))
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, secret, PROLOGUE_AGENT))
         .await
         .map_err(|_| format!("no secure handshake within {HANDSHAKE_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
+    let mut conn = conn.with_limits(MAX_REQUEST, MAX_REPLY);
     loop {
         let req = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
-            r = tokio::time::timeout(IDLE_TIMEOUT, conn.recv::<AgentRequest>()) => match r {
-                Err(_) => return Ok(()),
-                Ok(r) => r,
+            r = limits.idle(conn.recv::<AgentRequest>()) => match r {
+                Err(ProtoError::Idle { .. }) => return Ok(()),
+                r => r,
             },
         };
         let reply = match req {
@@ -75,7 +76,8 @@ pub async fn send_report(master: &(String, u16), secret: &Secret, report: &Agent
     let (host, port) = (master.0.as_str(), master.1);
     let s = TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
     let _ = s.set_nodelay(true);
-    let mut c = connect(s, secret, PROLOGUE_REPORT).await.map_err(|e| e.to_string())?;
+    let c = connect(s, secret, PROLOGUE_REPORT).await.map_err(|e| e.to_string())?;
+    let mut c = c.with_limits(crate::proto::agent::MAX_REPORT, crate::proto::agent::MAX_REPORT);
     c.send(report).await.map_err(|e| e.to_string())?;
     match c.recv::<crate::proto::agent::ReportAck>().await.map_err(|e| e.to_string())? {
         Some(crate::proto::agent::ReportAck::Accepted) => Ok(()),

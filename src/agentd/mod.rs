@@ -32,6 +32,7 @@ pub mod viewers;
 use crate::config::Config;
 use crate::model::SessionId;
 use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, AgentSession};
+use crate::proto::listen::{self, Limits, Peer};
 use sessions::SessionManager;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -39,7 +40,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -218,8 +219,10 @@ impl Agent {
 pub struct RunOptions {
     pub sessions: sessions::SessionOptions,
     pub reporter: reporter::ReporterConfig,
-    /// At most this many master connections at once.
+    /// At most this many master connections at once (`/vsmagent/max_connections`).
     pub max_connections: usize,
+    /// A master connection with no request for this long is closed (`/vsmagent/idle_timeout`).
+    pub idle_timeout: std::time::Duration,
     /// How long shutdown waits for requests in progress.
     pub shutdown_deadline: std::time::Duration,
 }
@@ -232,7 +235,8 @@ impl RunOptions {
                 outbox_path: Some(reporter::outbox_path(&config.vsmagent.state_dir)),
                 ..Default::default()
             },
-            max_connections: 256,
+            max_connections: config.vsmagent.max_connections,
+            idle_timeout: config.vsmagent.idle_timeout,
             shutdown_deadline: std::time::Duration::from_secs(10),
         }
     }
@@ -287,53 +291,35 @@ pub async fn run_with(
 
     let agent = Agent::new(sessions.clone(), config.vsmagent.agent_hostname.clone());
     let access = Arc::new(access::AccessList::from_config(&config.vsmagent));
-    let limit = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let limits = Limits { max_connections: opts.max_connections, idle_timeout: opts.idle_timeout };
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listen = %addr, allowed = ?access.names(), "accepting master connections");
     }
 
-    tokio::pin!(shutdown);
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = &mut shutdown => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(peer = %peer, "too many master connections; dropping this one");
-            continue;
-        };
-        let (agent, access, secret, stop) = (agent.clone(), access.clone(), secret.clone(), stop.clone());
-        tracker.spawn(async move {
-            let _permit = permit;
-            if !access.check(peer.ip()).await {
-                return;
-            }
-            let local = match stream.local_addr() {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(peer = %peer, error = %e, "cannot read the local address");
-                    return;
+    let accepting = {
+        let stop = stop.clone();
+        listen::serve("agent port", listener, limits, stop.clone(), tracker.clone(), move |stream, peer| {
+            let (agent, access, secret, stop) = (agent.clone(), access.clone(), secret.clone(), stop.clone());
+            async move {
+                let Peer::Tcp(addr) = peer else { return Ok(()) };
+                if !access.check(addr.ip()).await {
+                    return Ok(());
                 }
-            };
-            if let Err(e) = link::serve(stream, &secret, &agent, local, stop).await {
-                tracing::warn!(peer = %peer, error = %e, "master connection ended with an error");
+                let local = stream.local_addr().map_err(|e| format!("cannot read the local address: {e}"))?;
+                link::serve(stream, &secret, &agent, local, limits, stop).await
             }
-        });
+        })
+    };
+    tokio::pin!(shutdown);
+    // Dropping the accept loop closes the listener.
+    tokio::select! {
+        _ = accepting => {}
+        _ = &mut shutdown => {}
     }
 
     tracing::info!("shutting down: no longer accepting");
-    drop(listener);
     stop.cancel();
     tracker.close();
     if tokio::time::timeout(opts.shutdown_deadline, tracker.wait()).await.is_err() {

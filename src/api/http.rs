@@ -4,9 +4,11 @@
 //!
 //! Invariants: read-only, no authentication and nothing secret in it (bind it to loopback or
 //! a management network); a slow or broken client never blocks anything but its own
-//! connection; requests other than `GET` of the three paths get 404 or 405.
+//! connection, which is closed after a few seconds; requests of more than 8 KiB are dropped;
+//! requests other than `GET` of the three paths get 404 or 405.
 
 use super::Api;
+use crate::proto::listen;
 use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,23 +20,19 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST: usize = 8192;
 
 pub async fn serve(listener: TcpListener, api: Api, shutdown: CancellationToken, tracker: TaskTracker) {
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on the http port failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let limits = api.limits();
+    listen::serve("http port", listener, limits, shutdown, tracker, move |stream, _peer| {
         let api = api.clone();
-        tracker.spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve_conn(stream, api)).await;
-        });
-    }
+        async move {
+            // One request per connection, so the whole exchange is bounded.
+            let timeout = REQUEST_TIMEOUT.min(limits.idle_timeout);
+            match tokio::time::timeout(timeout, serve_conn(stream, api)).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no complete request within {timeout:?}")),
+            }
+        }
+    })
+    .await
 }
 
 async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {

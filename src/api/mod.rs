@@ -14,7 +14,9 @@ pub mod tcp;
 pub mod unix;
 
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
+use crate::model;
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
+use crate::proto::listen::Limits;
 use crate::proto::ProtoError;
 use std::future::Future;
 use std::pin::Pin;
@@ -49,6 +51,15 @@ pub trait HaControl: Send + Sync + 'static {
 pub struct Api {
     pub broker: Broker,
     pub ha: Arc<dyn HaControl>,
+}
+
+impl Api {
+    /// The connection cap and idle timeout of the master's listeners
+    /// (`/vsmserver/max_connections`, `/vsmserver/idle_timeout`).
+    pub fn limits(&self) -> Limits {
+        let c = &self.broker.config().vsmserver;
+        Limits { max_connections: c.max_connections, idle_timeout: c.idle_timeout }
+    }
 }
 
 fn err(kind: ApiErrorKind, message: impl Into<String>) -> ApiReply {
@@ -107,18 +118,12 @@ impl Api {
     }
 
     async fn dispatch(&self, caller: &Caller, req: ApiRequest) -> Result<ApiReply, ApiReply> {
+        check_request(&req)?;
         let b = &self.broker;
         Ok(match req {
             ApiRequest::Connect { user, new, terminate_existing, geometry, client_address } => {
+                let client_address = client_address.filter(|a| !a.is_empty());
                 let user = self.acting_user(caller, user)?;
-                if let Some(g) = &geometry {
-                    if !valid_geometry(g) {
-                        return Err(err(
-                            ApiErrorKind::BadRequest,
-                            format!("bad geometry {g:?}: expected WIDTHxHEIGHT such as 1280x800"),
-                        ));
-                    }
-                }
                 let groups = user_groups(&user);
                 let r = ConnectRequest { user, groups, new, terminate_existing, geometry, client_address };
                 match b.connect(r).await {
@@ -216,22 +221,25 @@ impl RequestConn for crate::proto::SecureConn<tokio::net::TcpStream> {
 }
 
 impl Api {
-    /// Answers requests on `conn` until the caller closes it or the server shuts down. A
-    /// malformed request gets a `BadRequest` reply and ends the connection.
+    /// Answers requests on `conn` until the caller closes it, sends nothing for the idle
+    /// timeout, or the server shuts down. A malformed or oversized request gets a
+    /// `BadRequest` reply and ends the connection.
     pub(crate) async fn serve_requests<C: RequestConn>(
         &self,
         conn: &mut C,
         caller: &Caller,
+        limits: &Limits,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<(), ProtoError> {
         loop {
             let req = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                r = conn.recv_request() => r,
+                r = limits.idle(conn.recv_request()) => r,
             };
             let reply = match req {
                 Ok(Some(req)) => self.handle(caller, req).await,
                 Ok(None) => return Ok(()),
+                Err(e @ ProtoError::Idle { .. }) => return Err(e),
                 Err(e) => {
                     let r =
                         ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
@@ -244,8 +252,68 @@ impl Api {
     }
 }
 
+/// Checks every field of a request against its bound before anything acts on it: a
+/// `BadRequest` naming the field and what was expected.
+pub fn check_request(req: &ApiRequest) -> Result<(), ApiReply> {
+    match req {
+        ApiRequest::Connect { user, geometry, client_address, .. } => {
+            if let Some(u) = user {
+                check_field("user", u, model::MAX_USER)?;
+            }
+            if let Some(g) = geometry {
+                if !valid_geometry(g) {
+                    return Err(err(
+                        ApiErrorKind::BadRequest,
+                        format!("bad geometry {:?}: expected WIDTHxHEIGHT such as 1280x800", shorten(g)),
+                    ));
+                }
+            }
+            if let Some(a) = client_address.as_deref().filter(|a| !a.is_empty()) {
+                if !model::valid_client_address(a) {
+                    return Err(err(
+                        ApiErrorKind::BadRequest,
+                        format!(
+                            "bad client address {:?}: expected an IP address or a host name of at most {} bytes",
+                            shorten(a),
+                            model::MAX_HOST
+                        ),
+                    ));
+                }
+            }
+        }
+        ApiRequest::MySessions { user: Some(u) } => check_field("user", u, model::MAX_USER)?,
+        ApiRequest::TerminateMine { user, session_id } => {
+            if let Some(u) = user {
+                check_field("user", u, model::MAX_USER)?;
+            }
+            check_field("session id", &session_id.0, model::MAX_SESSION_ID)?;
+        }
+        ApiRequest::SessionPut { session } => {
+            session.check_bounds().map_err(|e| err(ApiErrorKind::BadRequest, format!("bad session record: {e}")))?
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A request field over its bound is a `BadRequest` naming the field.
+fn check_field(field: &'static str, value: &str, max: usize) -> Result<(), ApiReply> {
+    model::check_field(field, value, max).map_err(|e| err(ApiErrorKind::BadRequest, format!("bad request: {e}")))
+}
+
+/// At most 64 characters of `s`, for quoting a bad value back to the caller.
+fn shorten(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
 /// `WIDTHxHEIGHT`, each 1..=16384.
 pub fn valid_geometry(g: &str) -> bool {
+    if g.len() > model::MAX_GEOMETRY {
+        return false;
+    }
     let Some((w, h)) = g.split_once('x') else { return false };
     let ok = |s: &str| s.parse::<u32>().map(|v| (1..=16384).contains(&v)).unwrap_or(false);
     ok(w) && ok(h)
@@ -262,5 +330,6 @@ mod tests {
         assert!(!valid_geometry("0x768"));
         assert!(!valid_geometry("axb"));
         assert!(!valid_geometry("99999x1"));
+        assert!(!valid_geometry(&format!("{}1x1", "0".repeat(1 << 20))));
     }
 }

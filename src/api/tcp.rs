@@ -10,10 +10,11 @@
 //! report only ends a session hosted by the agent at the reporting address.
 
 use super::{Api, Caller};
-use crate::proto::agent::{AgentReport, ReportAck};
-use crate::proto::api::{ApiErrorKind, ApiReply};
+use crate::proto::agent::{AgentReport, ReportAck, MAX_REPORT};
+use crate::proto::api::{ApiErrorKind, ApiReply, MAX_REPLY, MAX_REQUEST};
+use crate::proto::listen::{self, Peer};
 use crate::proto::secure::{accept_any, Secret, PROLOGUE_ADMIN, PROLOGUE_REPORT};
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, ToSocketAddrs};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -22,28 +23,12 @@ use tokio_util::task::TaskTracker;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub async fn serve(listener: TcpListener, api: Api, secret: Secret, shutdown: CancellationToken, tracker: TaskTracker) {
-    loop {
-        let (stream, addr) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on the tcp port failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let api = api.clone();
-        let secret = secret.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            if let Err(e) = serve_conn(stream, addr, api, secret, shutdown).await {
-                tracing::warn!(peer = %addr, error = %e, "tcp connection refused or failed");
-            }
-        });
-    }
+    let limits = api.limits();
+    let sd = shutdown.clone();
+    listen::serve("tcp port", listener, limits, shutdown, tracker, move |stream, peer| {
+        serve_conn(stream, peer, api.clone(), secret.clone(), sd.clone())
+    })
+    .await
 }
 
 /// Is `ip` loopback or one of the addresses `allowed` names resolve to?
@@ -65,26 +50,34 @@ pub fn allowed(ip: IpAddr, allowed: &[String]) -> bool {
 
 async fn serve_conn(
     stream: TcpStream,
-    addr: SocketAddr,
+    peer: Peer,
     api: Api,
     secret: Secret,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
-    let (mut conn, link) =
+    let Peer::Tcp(addr) = peer else { return Err("not a tcp connection".into()) };
+    let limits = api.limits();
+    let (conn, link) =
         tokio::time::timeout(HANDSHAKE_TIMEOUT, accept_any(stream, &secret, &[PROLOGUE_ADMIN, PROLOGUE_REPORT]))
             .await
             .map_err(|_| "handshake timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                tracing::warn!(peer = %addr, error = %e, "refused a tcp connection: nothing it sent was acted on");
+                e.to_string()
+            })?;
     if link == 0 {
+        let mut conn = conn.with_limits(MAX_REQUEST, MAX_REPLY);
         if !allowed(addr.ip(), &api.broker.config().vsmserver.allowed_clients) {
             let msg = format!("admin calls from {} are refused: not in /vsmserver/allowed_clients", addr.ip());
             let _ = conn.send(&ApiReply::Error { kind: ApiErrorKind::NotAllowed, message: msg.clone() }).await;
+            tracing::warn!(peer = %addr, "{msg}");
             return Err(msg);
         }
         let caller = Caller::RemoteAdmin { addr };
-        return api.serve_requests(&mut conn, &caller, &shutdown).await.map_err(|e| e.to_string());
+        return api.serve_requests(&mut conn, &caller, &limits, &shutdown).await.map_err(|e| e.to_string());
     }
-    while let Some(report) = conn.recv::<AgentReport>().await.map_err(|e| e.to_string())? {
+    let mut conn = conn.with_limits(MAX_REPORT, MAX_REPORT);
+    while let Some(report) = limits.idle(conn.recv::<AgentReport>()).await.map_err(|e| e.to_string())? {
         let ack = match report {
             AgentReport::SessionExited { session_id, display, exit_status } => {
                 match api.broker.session_exited(&session_id, display, addr.ip(), exit_status).await {

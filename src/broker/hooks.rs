@@ -3,7 +3,8 @@
 //!
 //! Invariants: a hook never blocks a login for longer than its timeout; a failing hook is
 //! logged and never fails the login (the session already exists on the agent); hooks get the
-//! session's facts in `VSM_*` environment variables and no shell is involved in running them.
+//! session's facts in `VSM_*` environment variables and no shell is involved in running them;
+//! `VSM_CLIENT_ADDRESS` is an IP address, a host name, or empty, never anything else.
 
 use crate::model::Session;
 use std::path::Path;
@@ -52,7 +53,7 @@ pub async fn run_hooks(dir: &Path, event: HookEvent, session: &Session, timeout:
             .env("VSM_DISPLAY", session.display.to_string())
             .env("VSM_VNC_PORT", session.vnc_port.to_string())
             .env("VSM_SUBCLUSTER", &session.subcluster)
-            .env("VSM_CLIENT_ADDRESS", &session.last_client_address)
+            .env("VSM_CLIENT_ADDRESS", hook_client_address(&session.last_client_address))
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         match tokio::time::timeout(timeout, cmd.output()).await {
@@ -70,6 +71,16 @@ pub async fn run_hooks(dir: &Path, event: HookEvent, session: &Session, timeout:
         }
     }
     ok
+}
+
+/// The client address as hooks see it: an IP address or a host name, else empty. The API
+/// refuses anything else, but a record may come from an older peer or an import.
+fn hook_client_address(a: &str) -> &str {
+    if crate::model::valid_client_address(a) {
+        a
+    } else {
+        ""
+    }
 }
 
 fn is_executable_file(path: &Path) -> bool {
@@ -122,6 +133,18 @@ mod tests {
         let n = run_hooks(dir.path(), HookEvent::Startup, &session(), Duration::from_secs(5)).await;
         assert_eq!(n, 2);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "1 alice 10 startup\n2\n");
+    }
+
+    #[tokio::test]
+    async fn hooks_see_only_a_valid_client_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        script(dir.path(), "10-addr", &format!("printf '%s\\n' \"[$VSM_CLIENT_ADDRESS]\" >> {}", out.display()));
+        for a in ["192.0.2.7", "$(id)", "ws1.example.com"] {
+            let s = Session { last_client_address: a.into(), ..session() };
+            assert_eq!(run_hooks(dir.path(), HookEvent::Reconnect, &s, Duration::from_secs(5)).await, 1);
+        }
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "[192.0.2.7]\n[]\n[ws1.example.com]\n");
     }
 
     #[tokio::test]

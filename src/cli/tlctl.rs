@@ -594,6 +594,14 @@ pub fn show_ha(st: &HaStatusView) -> String {
     if let Some(e) = &st.link_error {
         s += &format!("Link error:       {e}\n");
     }
+    if let Some(d) = &st.last_link_drop {
+        s += &format!(
+            "Last link drop:   {}, {} ago ({} since start)\n",
+            d.reason,
+            super::age(now_ms().saturating_sub(d.at_ms)),
+            d.drops
+        );
+    }
     s += &format!("Sync mode:        {}\n", st.sync);
     s += &format!(
         "Positions:        local head {}, peer acknowledged {}, peer head {}, applied of peer {}\n",

@@ -400,6 +400,30 @@ pub static KEYS: &[KeyDef] = &[
         restart: true,
         apply: |c, _, v| c.vsmserver.logging.json = v.as_bool(),
     },
+    KeyDef {
+        path: "/vsmserver/max_connections",
+        ty: ValueType::Int { min: 1, max: 65536 },
+        default: "1024",
+        doc: "Connections each listener (Unix socket, TCP port, HTTP endpoint) serves at once; more are closed as soon as they are accepted.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.max_connections = v.as_u32() as usize,
+    },
+    KeyDef {
+        path: "/vsmserver/max_connections_per_user",
+        ty: ValueType::Int { min: 1, max: 65536 },
+        default: "16",
+        doc: "Unix-socket connections one user may have open at once (root and the admin group are not limited), so no user can take every connection.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.max_connections_per_user = v.as_u32() as usize,
+    },
+    KeyDef {
+        path: "/vsmserver/idle_timeout",
+        ty: dur(SEC, 3600 * SEC),
+        default: "60s",
+        doc: "A client connection that sends no complete request for this long is closed.",
+        restart: true,
+        apply: |c, _, v| c.vsmserver.idle_timeout = v.as_duration(),
+    },
     // ---- /vsmagent ----
     KeyDef {
         path: "/vsmagent/master_hostname",
@@ -504,6 +528,22 @@ pub static KEYS: &[KeyDef] = &[
         doc: "Log one JSON object per line instead of text (as `--log-json` does).",
         restart: true,
         apply: |c, _, v| c.vsmagent.logging.json = v.as_bool(),
+    },
+    KeyDef {
+        path: "/vsmagent/max_connections",
+        ty: ValueType::Int { min: 1, max: 65536 },
+        default: "256",
+        doc: "Master connections the agent serves at once; more are closed as soon as they are accepted.",
+        restart: true,
+        apply: |c, _, v| c.vsmagent.max_connections = v.as_u32() as usize,
+    },
+    KeyDef {
+        path: "/vsmagent/idle_timeout",
+        ty: dur(15 * SEC, 3600 * SEC),
+        default: "120s",
+        doc: "A master connection that sends no request for this long is closed (masters reuse a pooled connection for at most 10 s).",
+        restart: true,
+        apply: |c, _, v| c.vsmagent.idle_timeout = v.as_duration(),
     },
     // ---- /vsm ----
     KeyDef {
@@ -751,7 +791,7 @@ The exit status is the number of errors (at most 255).
 - If no file defines any subcluster, vsm behaves as if `[subclusters.default]` with `agents = ["127.0.0.1"]` were configured; once any subcluster is configured, only the configured ones exist.
 - With `/HA/enabled` true:
   - no subcluster may list a loopback agent (`127.0.0.0/8`, `::1`, `localhost`, or a name resolving to a loopback address), because loopback means a different machine depending on which master is active: use the agent's unique host name or address;
-  - `/HA/secret_file` must exist, be readable and hold at least 16 bytes: create it once with `head -c 32 /dev/urandom > /etc/vsm/ha.key` and copy it to the other master.
+  - `/HA/secret_file` must exist, be readable and hold at least 16 bytes: create it once with `head -c 32 /dev/urandom > /etc/vsm/ha.key && chmod 600 /etc/vsm/ha.key` and copy it to the other master. The daemons refuse secret files that group or others may access, naming the `chmod` that fixes it.
 - Which entry of `/HA/nodes` is the local machine is decided when `vsmserver` starts, not by the configuration check: if it cannot be decided, the server runs without HA and logs why.
 
 All daemons read their configuration only when they start: after a change, restart the service that reads the folder (`vsmserver.service` for `/HA`, `/subclusters`, `/agents` and `/vsmserver`; `vsmagent.service` for `/vsmagent`; both for `/vsm`).

@@ -201,6 +201,12 @@ pub struct ServerConfig {
     pub admin_group: Option<String>,
     /// `/vsmserver/logging/*`
     pub logging: LoggingConfig,
+    /// `/vsmserver/max_connections`: connections each listener serves at once.
+    pub max_connections: usize,
+    /// `/vsmserver/max_connections_per_user`: Unix-socket connections of one user at once.
+    pub max_connections_per_user: usize,
+    /// `/vsmserver/idle_timeout`: a connection that sends no request for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// `/vsmserver/logging/*` and `/vsmagent/logging/*`.
@@ -245,6 +251,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// `/vsmagent/logging/*`
     pub logging: LoggingConfig,
+    /// `/vsmagent/max_connections`: master connections served at once.
+    pub max_connections: usize,
+    /// `/vsmagent/idle_timeout`: a master connection with no request for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 /// `/vsm/*`.
@@ -309,6 +319,9 @@ impl Default for Config {
                 db_synchronous: DbSynchronous::Full,
                 admin_group: None,
                 logging: LoggingConfig::default(),
+                max_connections: 1024,
+                max_connections_per_user: 16,
+                idle_timeout: Duration::from_secs(60),
             },
             vsmagent: AgentConfig {
                 master_hostname: "localhost".into(),
@@ -344,6 +357,8 @@ impl Default for Config {
                 pam_service: Some("vsm".into()),
                 state_dir: PathBuf::from("/var/lib/vsmagent"),
                 logging: LoggingConfig::default(),
+                max_connections: 256,
+                idle_timeout: Duration::from_secs(120),
             },
             vsm: VsmConfig {
                 vsm_server_port: 9000,

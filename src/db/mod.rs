@@ -89,6 +89,7 @@ use crate::config::DbSynchronous;
 use crate::model::{Change, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
 
 pub use merge::Winner;
+pub use schema::create_private_dir;
 
 /// Most requests the owner takes from the queue for one round (and one group commit).
 pub const GROUP_MAX: usize = 256;
@@ -291,17 +292,50 @@ pub enum DbError {
     /// A file-system operation failed.
     #[error("cannot {context}: {source}")]
     Io { context: String, source: std::io::Error },
+    /// The file system holding the database is full; nothing of the request was applied.
+    #[error("no space left on device: cannot {context}; free space on the file system of the data directory")]
+    DiskFull { context: String },
     /// SQLite failed; the request was not applied (its transaction rolled back).
     #[error("sqlite failed to {context}: {source}")]
     Sqlite { context: &'static str, source: SqliteError },
-    /// A peer sent a record that cannot be stored; nothing of that request was applied.
+    /// A record that cannot be stored: a local write over the bounds of a record (refused
+    /// before anything was written), or a peer's record that cannot be stored; nothing of
+    /// that request was applied.
     #[error("invalid record {id}: {detail}")]
     InvalidRecord { id: SessionId, detail: String },
 }
 
 impl DbError {
     fn sqlite(context: &'static str, e: rusqlite::Error) -> DbError {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+            return DbError::DiskFull { context: context.to_string() };
+        }
         DbError::Sqlite { context, source: SqliteError(e) }
+    }
+
+    /// An I/O or SQLite failure on a file system with no space left is named as such:
+    /// SQLite reports some of them as a plain "disk I/O error".
+    fn or_disk_full(self, path: &Path) -> DbError {
+        let (context, enospc) = match &self {
+            DbError::Sqlite { context, .. } => (context.to_string(), false),
+            DbError::Io { context, source } => (context.clone(), source.raw_os_error() == Some(libc::ENOSPC)),
+            _ => return self,
+        };
+        if enospc || no_space_left(path) {
+            DbError::DiskFull { context: format!("{context} ({})", path.display()) }
+        } else {
+            self
+        }
+    }
+}
+
+/// Is the file system holding `path` (or its directory) out of space?
+fn no_space_left(path: &Path) -> bool {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match nix::sys::statvfs::statvfs(dir) {
+        // A few blocks may remain for root while SQLite cannot grow its files.
+        Ok(st) => (st.blocks_available() as u64).saturating_mul(st.fragment_size() as u64) < 64 * 1024,
+        Err(_) => false,
     }
 }
 
@@ -376,13 +410,29 @@ impl DbHandle {
         self.changes.subscribe()
     }
 
+    /// A record that could never be replicated (a field or the whole over its bound, see
+    /// [`crate::model::check_record`]) is refused here, where it originates.
+    fn check_write(&self, w: &Write) -> Result<(), DbError> {
+        let session = match w {
+            Write::Upsert(s) => Some(s),
+            Write::Delete(_) => None,
+        };
+        crate::model::check_record(w.id(), &self.node, session)
+            .map_err(|e| DbError::InvalidRecord { id: w.id().clone(), detail: e.to_string() })
+    }
+
     /// One local write in its own change-log row, committed (group commit) before answering.
+    /// A write over the bounds of a record is refused ([`DbError::InvalidRecord`]).
     pub async fn write(&self, w: Write) -> Result<Committed, DbError> {
+        self.check_write(&w)?;
         self.call(|reply| owner::Request::Write(owner::WriteReq::One { write: w, reply })).await
     }
 
     /// Several local writes committed in one transaction, one change-log row each.
     pub async fn write_batch(&self, ws: Vec<Write>) -> Result<Vec<Committed>, DbError> {
+        for w in &ws {
+            self.check_write(w)?;
+        }
         self.call(|reply| owner::Request::Write(owner::WriteReq::Batch { writes: ws, reply })).await
     }
 

@@ -192,7 +192,8 @@ struct Saved {
 
 impl Owner {
     fn open(opts: &DbOptions) -> Result<Owner, DbError> {
-        let super::schema::Opened { conn, lock } = super::schema::open(&opts.path, opts.synchronous)?;
+        let super::schema::Opened { conn, lock } =
+            super::schema::open(&opts.path, opts.synchronous).map_err(|e| e.or_disk_full(&opts.path))?;
         let (db_id, wall, logical, head): (String, i64, i64, i64) = conn
             .query_row("SELECT db_id, hlc_wall, hlc_logical, head_seq FROM meta WHERE id = 1", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))

@@ -109,13 +109,39 @@ pub(super) struct Opened {
 /// Takes the exclusive advisory lock on `<path>.lock`, so a second vsmserver on the same
 /// data directory fails instead of interleaving sequence numbers. The lock lives in its
 /// own file (SQLite's own locks stay untouched) and vanishes with the process.
+/// Creates `path` empty with mode 0600 if it is absent, and takes group and other access
+/// away from it (and from SQLite's files beside it) if it exists: these files are ours.
+fn create_private(path: &Path) -> Result<(), DbError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: &str, p: &Path, source| DbError::Io { context: format!("{what} {}", p.display()), source };
+    match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(io("create", path, e)),
+    }
+    for suffix in ["", "-wal", "-shm", ".lock"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let p = Path::new(&p);
+        match std::fs::metadata(p) {
+            Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| io("make private", p, e))?
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DbError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut lock_path = path.as_os_str().to_owned();
     lock_path.push(".lock");
     let file =
-        std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|source| {
-            DbError::Io { context: format!("open the lock file {}", Path::new(&lock_path).display()), source }
-        })?;
+        std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&lock_path).map_err(
+            |source| DbError::Io { context: format!("open the lock file {}", Path::new(&lock_path).display()), source },
+        )?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
         nix::errno::Errno::EWOULDBLOCK => DbError::Locked { path: path.to_path_buf() },
         e => DbError::Io {
@@ -123,6 +149,17 @@ fn lock(path: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, DbError> {
             source: std::io::Error::from(e),
         },
     })
+}
+
+/// Creates `dir` (and missing parents) if absent; a directory created here gets mode 0700
+/// whatever the umask. An existing directory is left as it is (it may be shared).
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Opens (creating if absent) and migrates the database at `path`.
@@ -135,13 +172,16 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
         return Err(corrupt(path, "it is a directory, expected an sqlite file"));
     }
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(|source| DbError::Io {
+        create_private_dir(parent).map_err(|source| DbError::Io {
             context: format!("create the database directory {}", parent.display()),
             source,
         })?;
     }
     let lock = lock(path)?;
     let existed = std::fs::metadata(path).map(|m| m.len() > 0).unwrap_or(false);
+    // Made by us, so private whatever the umask; SQLite gives its -wal and -shm files the
+    // mode of the database file.
+    create_private(path)?;
 
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;

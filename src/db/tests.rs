@@ -839,3 +839,114 @@ async fn resync_of_100k_sessions() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_record_over_its_bounds_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let mut s = session("big", "anna", "agent1", 10);
+    s.last_client_address = "x".repeat(8 * 1024 * 1024);
+    match db.write(Write::Upsert(s.clone())).await {
+        Err(e @ DbError::InvalidRecord { .. }) => {
+            assert!(e.to_string().contains("client address is 8388608 bytes long, expected at most 253"), "{e}")
+        }
+        other => panic!("expected InvalidRecord, got {other:?}"),
+    }
+    s.last_client_address = "192.0.2.9".into();
+    s.command = vec!["\u{1}".repeat(crate::model::MAX_COMMAND - 1)];
+    let ok = session("ok", "anna", "agent1", 11);
+    let r = db.write_batch(vec![Write::Upsert(ok), Write::Upsert(s)]).await;
+    assert!(matches!(r, Err(DbError::InvalidRecord { .. })), "{r:?}");
+    // Nothing of either request reached the table or the change log.
+    let st = db.status().await.unwrap();
+    assert_eq!((st.sessions, st.head), (0, Seq::ZERO));
+    db.close().await.unwrap();
+}
+
+#[test]
+fn files_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    const CHILD: &str = "VSM_TEST_UMASK_CHILD";
+    // The umask belongs to the whole process: check in a child of this test binary, so no
+    // other test runs under a permissive umask.
+    if std::env::var_os(CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "db::tests::files_are_private_whatever_the_umask", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && text.contains("1 passed"), "{text}");
+        return;
+    }
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("var/lib/vsm");
+    create_private_dir(&data).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700);
+    let path = data.join("sessions.db");
+    let db = DbHandle::open(opts(&path, "a")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        db.write(Write::Upsert(session("s1", "anna", "agent1", 10))).await.unwrap();
+    });
+    let files = ["sessions.db", "sessions.db-wal", "sessions.db-shm", "sessions.db.lock"];
+    for f in files {
+        assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+    }
+    rt.block_on(db.close()).unwrap();
+    // Files left readable by an older version are made private on the next start.
+    for f in files {
+        if data.join(f).exists() {
+            std::fs::set_permissions(data.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let db = DbHandle::open(opts(&path, "a")).unwrap();
+    for f in files {
+        if data.join(f).exists() {
+            assert_eq!(mode(&data.join(f)), 0o600, "{f}");
+        }
+    }
+    rt.block_on(db.close()).unwrap();
+}
+
+#[test]
+fn a_full_disk_is_named_as_such() {
+    let full = rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL), None);
+    let e = DbError::sqlite("commit", full).to_string();
+    assert!(e.starts_with("no space left on device: cannot commit"), "{e}");
+}
+
+#[test]
+#[cfg_attr(not(vsm_root), ignore = "needs root to mount a small tmpfs")]
+fn starting_on_a_full_file_system_says_no_space_left() {
+    struct Mounted(PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "vsm-test-full"])
+        .arg(&mnt)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped the full file system part: cannot mount a tmpfs here");
+        return;
+    }
+    let _mounted = Mounted(mnt.clone());
+    // Fill it up.
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(mnt.join("filler")).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+    }
+    let e = DbHandle::open(opts(&mnt.join("data/sessions.db"), "a")).unwrap_err();
+    assert!(matches!(e, DbError::DiskFull { .. }), "{e:?}");
+    assert!(e.to_string().contains("no space left on device"), "{e}");
+}

@@ -31,9 +31,12 @@ use crate::broker::service::{Broker, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::{DbHandle, LogRead};
 use crate::model::{now_ms, NodeId, Role, Seq};
-use crate::proto::api::{HaStatusView, ResyncView, VrrpState};
+use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
+use crate::proto::listen::{self, Limits};
+use crate::proto::peer;
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
 use crate::proto::secure::{accept, connect, Secret};
+use crate::proto::ProtoError;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -167,6 +170,8 @@ pub struct HaNode {
     /// The last failed secure handshake with the peer (wrong secret, wrong link kind); such a
     /// connection never reaches the engine, so status shows it from here. Cleared on link up.
     handshake_error: HandshakeError,
+    /// The last drop of an established link (see [`LinkDropView`]).
+    last_drop: Mutex<Option<LinkDropView>>,
     done: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -201,6 +206,7 @@ impl HaNode {
                 engine_tx: None,
                 status,
                 handshake_error: Default::default(),
+                last_drop: Mutex::new(None),
                 done: Mutex::new(None),
             }));
         }
@@ -226,6 +232,7 @@ impl HaNode {
             engine_tx: Some(req_tx),
             status: status.clone(),
             handshake_error: Default::default(),
+            last_drop: Mutex::new(None),
             done: Mutex::new(None),
         });
         let hello_src = HelloSource {
@@ -306,6 +313,13 @@ impl HaNode {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Records why an established link was dropped (it is logged by the caller).
+    fn note_drop(&self, reason: &str) {
+        let mut d = self.last_drop.lock().unwrap_or_else(|p| p.into_inner());
+        let drops = d.as_ref().map_or(0, |d| d.drops) + 1;
+        *d = Some(LinkDropView { reason: reason.to_string(), at_ms: now_ms(), drops });
+    }
+
     /// The clock reading tombstone ages are measured against (see
     /// [`engine::shared_clock_ms`]): this machine's clock with HA off; with HA on the earlier
     /// of both masters' clocks, or `None` (keep every tombstone) while the peer's clock has
@@ -379,6 +393,7 @@ impl HaNode {
                         v.link_error = hs.or_else(|| st.last_link_error.clone());
                     }
                     v.last_resync = st.last_resync.as_ref().map(resync_view);
+                    v.last_link_drop = self.last_drop.lock().unwrap_or_else(|p| p.into_inner()).clone();
                     v.last_resync_received = st.last_resync_received.as_ref().map(resync_view);
                 }
             }
@@ -466,6 +481,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most peer messages encoded into one write.
 const WRITE_COALESCE: usize = 16;
 
+/// Connections the HA port serves at once: one peer, plus room for a reconnect racing the
+/// old link and a stray caller being refused.
+const PEER_MAX_CONNECTIONS: usize = 4;
+
 async fn accept_loop(
     l: TcpListener,
     secret: Secret,
@@ -475,32 +494,32 @@ async fn accept_loop(
     herr: HandshakeError,
     cancel: CancellationToken,
 ) {
-    loop {
-        let (stream, addr) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept on the HA port failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    // Before its hello a caller is bounded by the handshake timeout; afterwards the engine
+    // drops a link that stays silent for the peer timeout.
+    let limits = Limits { max_connections: PEER_MAX_CONNECTIONS, idle_timeout: HANDSHAKE_TIMEOUT };
+    let tracker = TaskTracker::new();
+    let c = cancel.clone();
+    listen::serve("HA port", l, limits, c, tracker, move |stream, peer| {
         let (secret, hs, tx, conns, cancel, herr) =
             (secret.clone(), hs.clone(), tx.clone(), conns.clone(), cancel.clone(), herr.clone());
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, accept(stream, &secret, PEER_PROLOGUE)).await {
-                Ok(Ok(conn)) => run_conn(conn, addr.to_string(), hs, tx, conns.next(), cancel).await,
-                Ok(Err(e)) => {
-                    note_handshake_error(&herr, &addr.to_string(), &e);
-                    tracing::warn!(peer = %addr, error = %e, "rejected a peer connection: nothing it sent was applied")
+        async move {
+            let conn = match limits.idle(accept(stream, &secret, PEER_PROLOGUE)).await {
+                Ok(c) => c.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE),
+                Err(e @ ProtoError::Idle { .. }) => {
+                    tracing::warn!(%peer, error = %e, "peer handshake timed out");
+                    return Ok(());
                 }
-                Err(_) => tracing::warn!(peer = %addr, "peer handshake timed out"),
-            }
-        });
-    }
+                Err(e) => {
+                    note_handshake_error(&herr, &peer.to_string(), &e);
+                    tracing::warn!(%peer, error = %e, "rejected a peer connection: nothing it sent was applied");
+                    return Ok(());
+                }
+            };
+            run_conn(conn, peer.to_string(), hs, tx, conns.next(), cancel).await;
+            Ok::<(), ProtoError>(())
+        }
+    })
+    .await
 }
 
 async fn dial_loop(
@@ -531,6 +550,7 @@ async fn dial_loop(
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
             Ok(Ok(conn)) => {
                 backoff = Duration::from_millis(100);
+                let conn = conn.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE);
                 run_conn(conn, addr.clone(), hs.clone(), tx.clone(), conns.next(), cancel.clone()).await;
             }
             Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "cannot reach the peer"),
@@ -589,28 +609,30 @@ async fn run_conn<S>(
     if tx.send(Link::Up { conn: id, hello: theirs, addr: addr.clone(), writer: wtx }).await.is_err() {
         return;
     }
-    let write_task = tokio::spawn(async move {
+    let mut write_task = tokio::spawn(async move {
         while let Some(m) = wrx.recv().await {
-            if writer.feed(&m).is_err() {
-                break;
+            if let Err(e) = writer.feed(&m) {
+                return format!("cannot send to the peer: {e}");
             }
             // Coalesce what else is queued into one flush, but not a whole snapshot: the
             // peer starts on the first chunks while later ones are still being encoded.
             for _ in 1..WRITE_COALESCE {
                 let Ok(m) = wrx.try_recv() else { break };
-                if writer.feed(&m).is_err() {
-                    return;
+                if let Err(e) = writer.feed(&m) {
+                    return format!("cannot send to the peer: {e}");
                 }
             }
-            if writer.flush().await.is_err() {
-                break;
+            if let Err(e) = writer.flush().await {
+                return format!("sending to the peer failed: {e}");
             }
         }
         let _ = writer.shutdown().await;
+        "closed by this node".to_string()
     });
     let reason = loop {
         tokio::select! {
             _ = cancel.cancelled() => break "shutting down".to_string(),
+            w = &mut write_task => break w.unwrap_or_else(|e| format!("the peer link writer failed: {e}")),
             r = reader.recv::<PeerMsg>() => match r {
                 Ok(Some(msg)) => {
                     if tx.send(Link::Msg { conn: id, msg }).await.is_err() {
@@ -738,6 +760,7 @@ impl Driver {
         match l {
             Link::Up { conn, hello, addr, writer } => {
                 if self.conn.is_some() {
+                    self.node.note_drop("replaced by a new connection");
                     events.push_back(Event::PeerDisconnected {
                         now: engine_now(),
                         reason: "replaced by a new connection".into(),
@@ -758,6 +781,7 @@ impl Driver {
             Link::Msg { .. } => {}
             Link::Down { conn, reason } if Some(conn) == self.conn => {
                 tracing::warn!(%reason, "peer link down");
+                self.node.note_drop(&reason);
                 self.writer = None;
                 self.conn = None;
                 events.push_back(Event::PeerDisconnected { now: engine_now(), reason });
@@ -830,6 +854,9 @@ impl Driver {
             }
             Command::Disconnect { reason } => {
                 tracing::warn!(%reason, "dropping the peer link");
+                if self.conn.is_some() {
+                    self.node.note_drop(&reason);
+                }
                 self.writer = None;
                 self.conn = None;
             }
@@ -862,6 +889,7 @@ impl Driver {
             }
             Err(e) => {
                 tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
+                self.node.note_drop(&format!("apply failed: {e}"));
                 let now = engine_now();
                 events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
                 // Nothing was stored. The engine counts the link as down first, so these

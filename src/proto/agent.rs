@@ -13,6 +13,13 @@ pub fn vnc_socket_path(vnc_socket_dir: &Path, display: u32) -> PathBuf {
     vnc_socket_dir.join(display.to_string()).join("vnc.sock")
 }
 
+/// Largest call an agent reads from a master (a few short fields).
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Largest answer a master reads from an agent: the list of every session it runs.
+pub const MAX_REPLY: usize = 16 * 1024 * 1024;
+/// Largest report (or acknowledgement) on the report link.
+pub const MAX_REPORT: usize = 64 * 1024;
+
 /// A call from a master to an agent.
 ///
 /// Fencing: `Start` and `Terminate` are carried out only while the master still waits for the

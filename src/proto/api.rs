@@ -12,6 +12,12 @@ use serde::{Deserialize, Serialize};
 /// Prologue binding the secure channel to the admin API.
 pub use crate::proto::secure::PROLOGUE_ADMIN as ADMIN_PROLOGUE;
 
+/// Largest request the master reads (Unix socket and TCP): a request names a few fields,
+/// the largest being one session record in `SessionPut` (see [`crate::model::MAX_RECORD`]).
+pub const MAX_REQUEST: usize = 2 * crate::model::MAX_RECORD;
+/// Largest reply a client reads: a listing of every session of a big cluster.
+pub const MAX_REPLY: usize = 64 * 1024 * 1024;
+
 /// Selects sessions; every field that is set must match (AND).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Selector {
@@ -201,6 +207,10 @@ pub struct HaStatusView {
     pub link_error: Option<String>,
     pub sessions: u64,
     pub db_digest: Option<String>,
+    /// The last time an established peer link was dropped, and why (shown even after the
+    /// link came back, so a link that keeps dropping says why).
+    #[serde(default)]
+    pub last_link_drop: Option<LinkDropView>,
     /// The peer's clock minus this node's, as last measured from its heartbeats.
     #[serde(default)]
     pub clock_offset_ms: Option<i64>,
@@ -216,6 +226,15 @@ pub struct HaStatusView {
     /// Each agent's clock minus this node's, from its last load report.
     #[serde(default)]
     pub agent_clock_offsets: Vec<AgentClockOffset>,
+}
+
+/// Why and when the peer link last dropped.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LinkDropView {
+    pub reason: String,
+    pub at_ms: u64,
+    /// Established links dropped since the daemon started.
+    pub drops: u64,
 }
 
 /// One agent's clock as `tlctl ha status` shows it.

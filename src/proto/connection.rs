@@ -49,10 +49,12 @@ pub(crate) fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Prot
 }
 
 /// Receiving half of a plain link's state (independent of the stream it reads).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PlainRx {
     buf: BytesMut,
     broken: bool,
+    /// Largest message accepted from the peer.
+    max: usize,
 }
 
 impl PlainRx {
@@ -60,7 +62,7 @@ impl PlainRx {
         if self.broken {
             return Err(ProtoError::Broken);
         }
-        match read_frame(r, &mut self.buf, MAX_FRAME).await {
+        match read_frame(r, &mut self.buf, self.max).await {
             Ok(None) => Ok(None),
             Ok(Some(payload)) => decode_json(&payload).map(Some),
             Err(e) => {
@@ -72,10 +74,12 @@ impl PlainRx {
 }
 
 /// Sending half of a plain link's state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct PlainTx {
     buf: BytesMut,
     broken: bool,
+    /// Largest message the peer accepts.
+    max: usize,
 }
 
 impl PlainTx {
@@ -84,10 +88,10 @@ impl PlainTx {
             return Err(ProtoError::Broken);
         }
         let json = serde_json::to_vec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
-        if json.len() > frame::MAX_MESSAGE {
-            return Err(ProtoError::MessageTooLarge { len: json.len(), max: frame::MAX_MESSAGE });
+        if json.len() > self.max {
+            return Err(ProtoError::MessageTooLarge { len: json.len(), max: self.max });
         }
-        frame::encode(&json, MAX_FRAME, &mut self.buf)
+        frame::encode(&json, self.max, &mut self.buf)
     }
 
     async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), ProtoError> {
@@ -115,8 +119,21 @@ pub struct PlainConn<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
+    /// A link accepting messages of up to [`frame::MAX_MESSAGE`] bytes each way.
     pub fn new(stream: S) -> Self {
-        PlainConn { stream, rx: PlainRx::default(), tx: PlainTx::default() }
+        Self::with_limits(stream, frame::MAX_MESSAGE, frame::MAX_MESSAGE)
+    }
+
+    /// A link that refuses to receive messages over `recv_max` bytes (the header alone is
+    /// enough to refuse them, nothing is buffered) and to send messages over `send_max`.
+    pub fn with_limits(stream: S, recv_max: usize, send_max: usize) -> Self {
+        let recv_max = recv_max.min(MAX_FRAME);
+        let send_max = send_max.min(MAX_FRAME);
+        PlainConn {
+            stream,
+            rx: PlainRx { buf: BytesMut::new(), broken: false, max: recv_max },
+            tx: PlainTx { buf: BytesMut::new(), broken: false, max: send_max },
+        }
     }
 
     /// Send one message and flush it.

@@ -24,13 +24,18 @@ pub enum ProtoError {
     #[error("frame of {len} bytes is larger than the maximum of {max} bytes")]
     FrameTooLarge { len: usize, max: usize },
 
-    /// An application message is larger than [`crate::proto::frame::MAX_MESSAGE`].
+    /// An application message is larger than the link accepts (see each link's limits).
     #[error("message of {len} bytes is larger than the maximum of {max} bytes")]
     MessageTooLarge { len: usize, max: usize },
 
     /// A message arrived intact but is not the JSON the link expects.
     #[error("malformed message: {0}")]
     Malformed(String),
+
+    /// An authenticated peer broke the rules of the link (e.g. an unknown fragment flag);
+    /// the link is dropped.
+    #[error("the peer broke the link protocol: {0}")]
+    Violation(String),
 
     /// A message could not be encoded as JSON (a bug in the caller's type).
     #[error("cannot encode message as json: {0}")]
@@ -59,6 +64,10 @@ pub enum ProtoError {
     /// An operation did not finish in time.
     #[error("{what} timed out after {after:?}")]
     Timeout { what: &'static str, after: Duration },
+
+    /// The peer sent nothing for the link's idle timeout; the link is closed.
+    #[error("nothing received for {after:?}: closing the idle link")]
+    Idle { after: Duration },
 
     /// The secret file cannot be used.
     #[error("secret file {path}: {problem}")]

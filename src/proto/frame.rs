@@ -16,11 +16,14 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// Size of the length header.
 pub const HEADER_LEN: usize = 4;
 
-/// Largest payload of a plain (unencrypted) frame.
-pub const MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Largest payload of a plain (unencrypted) frame on any link. Each link accepts far less:
+/// see the `MAX_*` limits of its message module (`proto::api`, `proto::agent`,
+/// `proto::peer`), which every connection is given.
+pub const MAX_FRAME: usize = 64 * 1024 * 1024;
 
-/// Largest application message on any link, plain or secure, once reassembled.
-/// Bigger payloads (snapshots) must be sent as several messages.
+/// Default largest application message of a connection, plain or secure, once reassembled,
+/// for links that do not set their own limits. Bigger payloads (snapshots) must be sent as
+/// several messages.
 pub const MAX_MESSAGE: usize = 16 * 1024 * 1024;
 
 /// Whether a buffer starts with a whole frame.

@@ -3,10 +3,14 @@
 //! Layers, bottom up: `frame` (byte layout, no I/O), `connection` (reading frames from a
 //! stream; the plain JSON link for the Unix socket), `secure` (Noise handshake with the
 //! cluster secret, encrypted JSON messages for every TCP link), `addr` (targets and TCP
-//! connect), then one module of message types per link (`agent`, `api`, `peer`) and
-//! `agent_link` (the exchanges of the agent and report links, both sides).
+//! connect), `listen` (the one accept loop of every listener, with its connection cap and
+//! idle timeout), then one module of message types per link (`agent`, `api`, `peer`, each
+//! with the size limits of what it carries) and `agent_link` (the exchanges of the agent and
+//! report links, both sides).
 //!
-//! Invariants: bytes are only read and written here; a close in the middle of a frame is an
+//! Invariants: bytes are only read and written here; every connection is given the size
+//! limits of its link, so a peer cannot make the other side buffer more than that link
+//! carries; a close in the middle of a frame is an
 //! error, a close between frames is a clean end; nothing unauthenticated is ever returned as a
 //! message.
 
@@ -17,6 +21,7 @@ pub mod api;
 pub mod connection;
 pub mod error;
 pub mod frame;
+pub mod listen;
 pub mod peer;
 pub mod secure;
 

@@ -17,6 +17,13 @@
 use crate::model::{Change, NodeId, Record, Seq};
 use serde::{Deserialize, Serialize};
 
+/// Largest message on the peer link. Change batches and snapshot chunks are cut to at most
+/// [`BATCH_BYTES`] by the sender and a single record is at most
+/// [`crate::model::MAX_RECORD`], so this leaves room for a peer whose estimate is off.
+pub const MAX_MESSAGE: usize = 32 * 1024 * 1024;
+/// Most bytes of records the sender puts in one `Changes` or `SnapshotChunk` message.
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+
 /// Version of this protocol; peers with another version are rejected.
 pub const PROTOCOL_VERSION: u32 = 1;
 

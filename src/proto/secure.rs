@@ -83,10 +83,21 @@ pub struct Secret([u8; 32]);
 impl Secret {
     /// Read a secret file. The key is the SHA-256 of the file's exact bytes (a trailing
     /// newline counts), so any file content of any length works, as long as it is identical
-    /// on every node and not empty.
+    /// on every node and not empty. A file that group or others may access is refused, with
+    /// the command that fixes it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Secret, ProtoError> {
+        use std::os::unix::fs::PermissionsExt;
         let path = path.as_ref();
         let err = |problem: String| ProtoError::Secret { path: path.to_path_buf(), problem };
+        if let Ok(m) = std::fs::metadata(path) {
+            let mode = m.permissions().mode() & 0o777;
+            if m.is_file() && mode & 0o077 != 0 {
+                return Err(err(format!(
+                    "group or others may access it (mode {mode:04o}); it must be private to its owner: run `chmod 600 {}`",
+                    path.display()
+                )));
+            }
+        }
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -350,6 +361,8 @@ where
 /// Receiving state of one direction: read buffer, nonce, reassembly.
 struct SecureRx {
     transport: Arc<StatelessTransportState>,
+    /// Largest message accepted from the peer, once reassembled.
+    max: usize,
     nonce: u64,
     buf: BytesMut,
     plain: Vec<u8>,
@@ -397,19 +410,19 @@ impl SecureRx {
             };
             self.nonce += 1;
             if len == 0 {
-                return Err(ProtoError::Malformed("empty transport message".into()));
+                return Err(ProtoError::Violation("empty transport message".into()));
             }
             let flag = self.plain[0];
             let data = &self.plain[1..len];
             if flag != FLAG_MORE && flag != FLAG_LAST {
-                return Err(ProtoError::Malformed(format!("unknown fragment flag {flag:#04x}")));
+                return Err(ProtoError::Violation(format!("unknown fragment flag {flag:#04x}")));
+            }
+            let total = self.assembling.len() + data.len();
+            if total > self.max {
+                return Err(ProtoError::MessageTooLarge { len: total, max: self.max });
             }
             if !self.mid_message && flag == FLAG_LAST {
                 return Ok(Some(Whole::Single(len)));
-            }
-            let total = self.assembling.len() + data.len();
-            if total > MAX_MESSAGE {
-                return Err(ProtoError::MessageTooLarge { len: total, max: MAX_MESSAGE });
             }
             self.assembling.extend_from_slice(data);
             if flag == FLAG_LAST {
@@ -432,6 +445,8 @@ enum Whole {
 /// Sending state of one direction.
 struct SecureTx {
     transport: Arc<StatelessTransportState>,
+    /// Largest message the peer accepts.
+    max: usize,
     nonce: u64,
     json: Vec<u8>,
     plain: Vec<u8>,
@@ -446,10 +461,10 @@ impl SecureTx {
         }
         self.json.clear();
         serde_json::to_writer(&mut self.json, msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
-        if self.json.len() > MAX_MESSAGE {
+        if self.json.len() > self.max {
             let len = self.json.len();
             self.json = Vec::new();
-            return Err(ProtoError::MessageTooLarge { len, max: MAX_MESSAGE });
+            return Err(ProtoError::MessageTooLarge { len, max: self.max });
         }
         let json = std::mem::take(&mut self.json);
         let res = self.seal(&json);
@@ -518,6 +533,7 @@ impl<S> SecureConn<S> {
             stream,
             rx: SecureRx {
                 transport: transport.clone(),
+                max: MAX_MESSAGE,
                 nonce: 0,
                 buf,
                 plain: vec![0u8; MAX_NOISE_MESSAGE],
@@ -527,6 +543,7 @@ impl<S> SecureConn<S> {
             },
             tx: SecureTx {
                 transport,
+                max: MAX_MESSAGE,
                 nonce: 0,
                 json: Vec::new(),
                 plain: Vec::new(),
@@ -539,6 +556,15 @@ impl<S> SecureConn<S> {
     /// The underlying stream (for example to read the peer's address).
     pub fn get_ref(&self) -> &S {
         &self.stream
+    }
+
+    /// Refuse to receive messages over `recv_max` bytes (counted while reassembling, so a
+    /// peer cannot make this side buffer more) and to send messages over `send_max`; both
+    /// are [`MAX_MESSAGE`] until set. Each link sets what it carries.
+    pub fn with_limits(mut self, recv_max: usize, send_max: usize) -> Self {
+        self.rx.max = recv_max;
+        self.tx.max = send_max;
+        self
     }
 
     /// Split with a stream-specific splitter (e.g. `UnixStream::into_split`), keeping any
@@ -634,6 +660,24 @@ impl<W> fmt::Debug for SecureWriter<W> {
 }
 
 impl<W: AsyncWrite + Unpin> SecureWriter<W> {
+    /// Fuzzing: encrypt `plain` as one transport message as it is (its first byte is taken
+    /// as the fragment flag) and send it.
+    pub(crate) async fn send_transport_message(&mut self, plain: &[u8]) -> Result<(), ProtoError> {
+        let ct_len = plain.len() + TAG_LEN;
+        self.tx.out.put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
+        let start = self.tx.out.len();
+        self.tx.out.resize(start + ct_len, 0);
+        self.tx.transport.write_message(self.tx.nonce, plain, &mut self.tx.out[start..]).map_err(noise_err)?;
+        self.tx.nonce += 1;
+        self.tx.flush(&mut self.w).await
+    }
+
+    /// Fuzzing: send `bytes` as one frame, unencrypted (a forgery).
+    pub(crate) async fn send_raw_frame(&mut self, bytes: &[u8]) -> Result<(), ProtoError> {
+        frame::encode(bytes, MAX_NOISE_MESSAGE, &mut self.tx.out)?;
+        self.tx.flush(&mut self.w).await
+    }
+
     /// Encrypt and send one message, then flush.
     pub async fn send<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
         self.tx.feed(msg)?;
@@ -1120,6 +1164,7 @@ mod tests {
 
         let empty = dir.path().join("empty.key");
         std::fs::write(&empty, b"").unwrap();
+        std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let e = Secret::from_file(&empty).unwrap_err().to_string();
         assert!(e.contains("empty.key") && e.contains("empty"), "{e}");
 
@@ -1128,6 +1173,14 @@ mod tests {
 
         let good = dir.path().join("good.key");
         std::fs::write(&good, b"s3cret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&good, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = Secret::from_file(&good).unwrap_err().to_string();
+            assert!(e.contains(&format!("run `chmod 600 {}`", good.display())), "{e}");
+            assert!(e.contains(&format!("mode {mode:04o}")), "{e}");
+        }
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
         let s = Secret::from_file(&good).unwrap();
         assert_eq!(s, Secret::from_bytes(b"s3cret\n"));
         assert_ne!(s, Secret::from_bytes(b"s3cret"));

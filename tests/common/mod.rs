@@ -41,8 +41,10 @@ pub fn own_group() -> Option<String> {
     nix::unistd::Group::from_gid(nix::unistd::getgid()).ok().flatten().map(|g| g.name)
 }
 
+/// Writes a secret file, private to its owner as the daemons require.
 pub fn write_secret(path: &Path, bytes: &[u8]) {
     std::fs::write(path, bytes).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 }
 
 /// An agent running in this process.

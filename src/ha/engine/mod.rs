@@ -155,6 +155,9 @@ pub struct EngineConfig {
     pub config_digest: String,
     /// Records per message.
     pub batch_limit: usize,
+    /// Bytes of records per message (by [`Record::json_len_bound`]); a message always
+    /// carries at least one record.
+    pub batch_bytes: usize,
     /// Unacknowledged messages allowed on the link.
     pub max_inflight: usize,
     /// Role at start (usually standby until the VIP manager says otherwise).
@@ -175,11 +178,27 @@ impl EngineConfig {
             peer_timeout: ha.peer_timeout,
             config_digest,
             batch_limit: DEFAULT_BATCH_LIMIT,
+            batch_bytes: crate::proto::peer::BATCH_BYTES,
             max_inflight: DEFAULT_MAX_INFLIGHT,
             role: Role::Standby,
             max_clock_offset: ha.max_clock_offset,
         }
     }
+}
+
+/// How many of the leading `records` fit in one message of at most `budget` bytes of
+/// records (at least one, so a record alone always goes out).
+fn fitting<'a>(records: impl Iterator<Item = &'a Record>, budget: usize) -> usize {
+    let mut bytes = 0usize;
+    let mut n = 0;
+    for r in records {
+        bytes = bytes.saturating_add(r.json_len_bound());
+        if n > 0 && bytes > budget {
+            break;
+        }
+        n += 1;
+    }
+    n
 }
 
 /// Digest of the part of the configuration both masters must share: subclusters and
@@ -1017,7 +1036,9 @@ impl Engine {
                 link.out.need_snapshot = true;
                 link.out.kind = ResyncKind::Snapshot;
             }
-            LogRead::Changes(changes) => {
+            LogRead::Changes(mut changes) => {
+                // What does not fit in one message is read again for the next one.
+                changes.truncate(fitting(changes.iter().map(|c| &c.record), self.cfg.batch_bytes));
                 let contiguous = changes.first().map_or(true, |c| c.seq == after.next())
                     && changes.windows(2).all(|w| w[1].seq == w[0].seq.next());
                 if !contiguous {
@@ -1042,7 +1063,7 @@ impl Engine {
 
     fn on_snapshot_read(&mut self, snapshot: Snapshot, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
-        let limit = self.cfg.batch_limit.max(1);
+        let (limit, batch_bytes) = (self.cfg.batch_limit.max(1), self.cfg.batch_bytes);
         let Some(link) = &mut self.link else { return };
         if link.out.reading != Reading::Snapshot {
             return;
@@ -1054,7 +1075,15 @@ impl Engine {
         out.push(Command::Send(PeerMsg::SnapshotBegin { head, total }));
         let mut records = records.into_iter().peekable();
         while records.peek().is_some() {
-            let chunk: Vec<Record> = records.by_ref().take(limit).collect();
+            let mut bytes = 0;
+            let mut chunk: Vec<Record> = Vec::new();
+            while let Some(r) = records.next_if(|r| {
+                let fits = chunk.is_empty() || (chunk.len() < limit && bytes + r.json_len_bound() <= batch_bytes);
+                fits
+            }) {
+                bytes += r.json_len_bound();
+                chunk.push(r);
+            }
             out.push(Command::Send(PeerMsg::SnapshotChunk { records: chunk }));
         }
         out.push(Command::Send(PeerMsg::SnapshotEnd { head }));

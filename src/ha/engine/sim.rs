@@ -163,6 +163,7 @@ fn engine_config(i: usize) -> EngineConfig {
         peer_timeout: Duration::from_millis(500),
         config_digest: "same".into(),
         batch_limit: 3,
+        batch_bytes: crate::proto::peer::BATCH_BYTES,
         max_inflight: 2,
         role: Role::Standby,
         max_clock_offset: Duration::from_millis(MAX_OFFSET_MS),

@@ -18,6 +18,7 @@ fn config() -> EngineConfig {
         peer_timeout: Duration::from_millis(500),
         config_digest: "digest".into(),
         batch_limit: 2,
+        batch_bytes: crate::proto::peer::BATCH_BYTES,
         max_inflight: 2,
         role: Role::Standby,
         max_clock_offset: Duration::from_millis(2000),
@@ -184,6 +185,51 @@ fn truncated_log_read_switches_to_a_snapshot() {
     msg(&mut e, ack(5), 13);
     let info = e.status().last_resync.unwrap();
     assert_eq!((info.kind, info.records, info.direction), (ResyncKind::Snapshot, 3, Direction::Sent));
+}
+
+/// A change whose record's size bound is about `kib` KiB.
+fn big_change(seq: u64, kib: usize) -> Change {
+    let mut c = change(seq);
+    c.record.version.node = NodeId("n".repeat(kib * 1024));
+    c
+}
+
+#[test]
+fn batches_and_snapshot_chunks_are_bounded_by_bytes_not_only_by_count() {
+    let cfg = EngineConfig { batch_limit: 100, batch_bytes: 10 * 1024, ..config() };
+    let mut e = engine_with(cfg.clone(), 5, 1);
+    connect(&mut e, hello_b(Some(A_DB), 0, 0), 0, 10);
+    // Four records of ~4 KiB: two fit in 10 KiB; the rest is read again for the next batch.
+    let read: Vec<Change> = (1..=4).map(|n| big_change(n, 4)).collect();
+    let cmds = e.step(Event::LogRead { after: Seq(0), result: LogRead::Changes(read.clone()), now: 11 });
+    assert_eq!(
+        cmds,
+        vec![send(PeerMsg::Changes { records: read[..2].to_vec() }), Command::ReadLog { after: Seq(2), limit: 100 }]
+    );
+    // A record larger than the budget still goes out, alone.
+    let read = vec![big_change(3, 12), big_change(4, 1)];
+    let cmds = e.step(Event::LogRead { after: Seq(2), result: LogRead::Changes(read.clone()), now: 12 });
+    assert_eq!(cmds[0], send(PeerMsg::Changes { records: read[..1].to_vec() }));
+
+    let mut e = engine_with(cfg, 5, 4);
+    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot]);
+    let records: Vec<Record> = (1..=5).map(|n| big_change(n, 2).record).collect();
+    let cmds = e.step(Event::SnapshotRead { snapshot: Snapshot { head: Seq(5), records: records.clone() }, now: 12 });
+    assert_eq!(
+        cmds,
+        vec![
+            send(PeerMsg::SnapshotBegin { head: Seq(5), total: 5 }),
+            send(PeerMsg::SnapshotChunk { records: records[..3].to_vec() }),
+            send(PeerMsg::SnapshotChunk { records: records[3..].to_vec() }),
+            send(PeerMsg::SnapshotEnd { head: Seq(5) }),
+            send(PeerMsg::CaughtUp { head: Seq(5) }),
+        ]
+    );
+    for c in cmds {
+        if let Command::Send(m) = c {
+            assert!(serde_json::to_vec(&m).unwrap().len() <= 10 * 1024 + 1024, "{m:?}");
+        }
+    }
 }
 
 #[test]
