@@ -148,7 +148,7 @@ async fn users_spread_over_agents_and_a_draining_agent_gets_none() {
             refresh: false,
         })
         .await;
-    let ApiReply::Sessions { sessions } = r else { panic!("{r:?}") };
+    let ApiReply::Sessions { sessions, .. } = r else { panic!("{r:?}") };
     let u = sessions[0].user.clone();
     let again = m.connect(&u, false).await.unwrap();
     assert!(again.reconnected);
@@ -172,7 +172,7 @@ async fn an_agent_that_cannot_start_sessions_is_skipped() {
         assert_eq!(m.connect(u, false).await.unwrap().agent, good.name, "{u} lands on the working agent");
     }
     let r = m.call(ApiRequest::LoadList).await;
-    let ApiReply::Loads { agents } = r else { panic!("{r:?}") };
+    let ApiReply::Loads { agents, .. } = r else { panic!("{r:?}") };
     let b = agents.iter().find(|a| a.agent == broken.name).unwrap();
     assert!(b.penalised_ms.is_some(), "the failing agent is penalised: {b:?}");
     m.stop().await;
@@ -259,10 +259,10 @@ async fn reconciliation_recovers_and_marks_sessions() {
 async fn a_user_cannot_see_or_end_another_users_session() {
     let (_d, agent, mut m) = one_agent_cluster().await;
     let a = m.connect("alice", false).await.unwrap();
-    let api = Api { broker: m.server().broker.clone(), ha: m.server().ha.clone() };
+    let api = Api::new(m.server().broker.clone(), m.server().ha.clone());
     let bob = Caller::Local { uid: 4242, user: "bob".into(), admin: false };
     match api.handle(&bob, ApiRequest::MySessions { user: None }).await {
-        ApiReply::Sessions { sessions } => assert!(sessions.is_empty()),
+        ApiReply::Sessions { sessions, .. } => assert!(sessions.is_empty()),
         other => panic!("{other:?}"),
     }
     match api.handle(&bob, ApiRequest::TerminateMine { user: None, session_id: a.session_id.clone() }).await {
