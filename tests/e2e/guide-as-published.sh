@@ -31,7 +31,7 @@ export VSM_LAB_DAEMONS=1
 export VSM_LAB_PROFILE=published
 # A start-up grace much longer than this test: a master that cannot reach its peer stays not
 # ready for the whole of step 4.
-export VSM_LAB_HA_KEYS="/HA/startup_grace=5min"
+export VSM_LAB_HA_KEYS="/HA/startup_grace=5m"
 export VSM_BIN_DIR=${VSM_BIN_DIR:-$REPO/target/debug}
 command -v jq >/dev/null || fail "jq is missing (scripts/install-test-deps.sh)"
 trap on_exit EXIT
