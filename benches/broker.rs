@@ -264,7 +264,7 @@ async fn memory(n: u64, clients: usize) -> Memory {
         let r = conn.call(&ApiRequest::MySessions { user: Some(user.clone()) }).await;
         mine.push(t.elapsed());
         match r {
-            ApiReply::Sessions { sessions } if sessions.len() == 10 => {}
+            ApiReply::Sessions { sessions, .. } if sessions.len() == 10 => {}
             other => panic!("expected 10 sessions of {user}, got {other:?}"),
         }
         let t = Instant::now();

@@ -485,7 +485,7 @@ configure_vsm() {
 render_keepalived() {
     local node=$1 profile=$2 src out check notify
     src=$KEEPALIVED_DIR/$profile/keepalived-${node#tlha-}.conf
-    [ -f "$src" ] || die "no keepalived configuration $src (profiles: guide, fast)"
+    [ -f "$src" ] || die "no keepalived configuration $src (profiles: guide, fast, published)"
     out=$(node_dir "$node")/keepalived.conf
     if [ "$(lab_mode)" = daemons ]; then
         check=/usr/local/bin/tlctl\ ha\ check
@@ -493,11 +493,13 @@ render_keepalived() {
         check=$LAB/bin/check-sshd
     fi
     notify=$LAB/bin/notify
-    sed -e "s#10\.0\.0\.4/24#$VIP/24#" \
+    # The published guide's file names the interface ens192; the lab's is eth0.
+    sed -e "s#10\.0\.0\.4/24#$VIP/24#" -e 's#^\([[:space:]]*interface\) ens192$#\1 eth0#' \
         -e "s#\"/usr/bin/tlctl ha check\"#\"$check\"#" \
         -e "s#\"/usr/bin/tlctl ha notify \([A-Z]*\)\"#\"$notify \1\"#" \
         "$src" >"$out"
-    if grep -q -e 10.0.0.4 -e /usr/bin/tlctl "$out" || ! grep -q "$VIP/24" "$out"; then
+    if grep -q -e 10.0.0.4 -e /usr/bin/tlctl "$out" || ! grep -q "$VIP/24" "$out" ||
+        ! grep -qE '^[[:space:]]*interface eth0$' "$out"; then
         die "could not render $src: its VIP or tlctl lines do not have the expected form"
     fi
 }
@@ -568,7 +570,7 @@ cmd_up() {
         /*) ;;
         *) die "VSM_LAB_DIR must be an absolute path (got '$LAB')" ;;
     esac
-    case $profile in guide | fast) ;; *) die "VSM_LAB_PROFILE must be guide or fast" ;; esac
+    case $profile in guide | fast | published) ;; *) die "VSM_LAB_PROFILE must be guide, fast or published" ;; esac
     for node in $(lab_namespaces); do
         if ns_exists "$node" || [ -e "/etc/netns/$node" ]; then
             die "leftovers of a lab exist ($node); run: $0 down"
@@ -815,7 +817,7 @@ cmd_set_profile() {
     need_root
     need_up
     local profile=${1:-} node
-    case $profile in guide | fast) ;; *) die "usage: $0 set-profile guide|fast" ;; esac
+    case $profile in guide | fast | published) ;; *) die "usage: $0 set-profile guide|fast|published" ;; esac
     for node in "${MASTERS[@]}"; do stop_daemon "$node" keepalived TERM; done
     echo "$profile" >"$LAB/profile"
     for node in "${MASTERS[@]}"; do start_keepalived "$node" "$profile"; done
@@ -871,7 +873,7 @@ usage: $0 COMMAND [ARGS]
   kill-daemon NODE NAME [SIG]  signal a tracked daemon (default KILL)
   start-daemon NODE NAME    (re)start sshd, keepalived, vsmserver or vsmagent
   stop-daemon NODE NAME     stop a tracked daemon with TERM and wait
-  set-profile guide|fast    restart both keepalived instances with another profile
+  set-profile guide|fast|published  restart both keepalived instances with another profile
   wait-vip NODE [SECONDS]   wait until exactly NODE holds the VIP
   wait-ssh NODE [SECONDS]   wait until ssh to tlha from the client is answered by NODE
   logs [NODE]               tail the lab's logs

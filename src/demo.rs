@@ -196,7 +196,7 @@ async fn connect_as(m: &Master, user: &str, new: bool) -> Result<ConnectInfo, St
 
 async fn ha_status(m: &Master) -> Option<HaStatusView> {
     match call(&m.target(), &ApiRequest::HaStatus, Duration::from_secs(5)).await {
-        Ok(ApiReply::HaStatus { status }) => Some(status),
+        Ok(ApiReply::HaStatus { status }) => Some(*status),
         _ => None,
     }
 }
@@ -240,7 +240,7 @@ async fn session_ids(m: &Master) -> Vec<SessionId> {
     )
     .await
     {
-        Ok(ApiReply::Sessions { sessions }) => {
+        Ok(ApiReply::Sessions { sessions, .. }) => {
             let mut v: Vec<SessionId> = sessions.into_iter().map(|s| s.id).collect();
             v.sort();
             v

@@ -412,6 +412,124 @@ impl Record {
     /// See [`check_record`].
     pub fn check_bounds(&self) -> Result<(), BoundsError> {
         check_record(&self.id, &self.version.node, self.session.as_ref())
+/// Whether a master may serve from its own session database, and why. One value, shown the
+/// same way by `tlctl ha status`, `tlctl ha check`, `/readyz`, the metrics and systemd's
+/// `STATUS=`; the broker refuses logins and writes in every state that is not ready.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Readiness {
+    /// `/HA/enabled` is false: a single master by choice.
+    Standalone,
+    /// `/HA/enabled` is true but HA could not start (e.g. `/HA/nodes` did not resolve).
+    HaConfiguredOff,
+    /// HA is on and the replication engine has not reported yet.
+    #[default]
+    Starting,
+    /// Started and the peer not reached yet; the start-up grace runs.
+    WaitingForPeer,
+    /// Linked to the peer and receiving the changes it has and this node lacks.
+    CatchingUp,
+    /// Linked to the peer and receiving a full copy of its database.
+    ReceivingSnapshot,
+    /// Lost the active role while cut off from the peer: the peer may have newer data.
+    Stale,
+    /// Linked to the peer and caught up with it.
+    CaughtUp,
+    /// The peer stayed unreachable for the whole start-up grace: serving alone.
+    AloneAfterGrace,
+    /// The peer link went down after a resync: serving with the data of that resync.
+    PeerUnreachable,
+}
+
+impl Readiness {
+    /// Whether the node may serve logins and writes from its own database.
+    pub fn is_ready(self) -> bool {
+        matches!(
+            self,
+            Readiness::Standalone | Readiness::CaughtUp | Readiness::AloneAfterGrace | Readiness::PeerUnreachable
+        )
+    }
+
+    /// A state that waiting cannot end (only a configuration change and a restart).
+    pub fn is_permanent(self) -> bool {
+        self == Readiness::HaConfiguredOff
+    }
+
+    /// The stable name (JSON, metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Readiness::Standalone => "standalone",
+            Readiness::HaConfiguredOff => "ha_configured_off",
+            Readiness::Starting => "starting",
+            Readiness::WaitingForPeer => "waiting_for_peer",
+            Readiness::CatchingUp => "catching_up",
+            Readiness::ReceivingSnapshot => "receiving_snapshot",
+            Readiness::Stale => "stale",
+            Readiness::CaughtUp => "caught_up",
+            Readiness::AloneAfterGrace => "alone_after_grace",
+            Readiness::PeerUnreachable => "peer_unreachable",
+        }
+    }
+
+    /// Every state, for tests and for metrics that list each one.
+    pub const ALL: [Readiness; 10] = [
+        Readiness::Standalone,
+        Readiness::HaConfiguredOff,
+        Readiness::Starting,
+        Readiness::WaitingForPeer,
+        Readiness::CatchingUp,
+        Readiness::ReceivingSnapshot,
+        Readiness::Stale,
+        Readiness::CaughtUp,
+        Readiness::AloneAfterGrace,
+        Readiness::PeerUnreachable,
+    ];
+
+    /// What the state means, for a person.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Readiness::Standalone => "ready: HA is off (/HA/enabled is false), a single master",
+            Readiness::HaConfiguredOff => "not ready: HA is configured (/HA/enabled) but could not start",
+            Readiness::Starting => "not ready: starting",
+            Readiness::WaitingForPeer => "not ready: waiting for the peer (start-up grace)",
+            Readiness::CatchingUp => "not ready: resynchronising with the peer",
+            Readiness::ReceivingSnapshot => "not ready: receiving a full copy of the peer's sessions",
+            Readiness::Stale => {
+                "not ready: lost the active role while cut off from the peer; \
+                 waits for the peer link and a resync"
+            }
+            Readiness::CaughtUp => "ready: caught up with the peer",
+            Readiness::AloneAfterGrace => {
+                "ready alone: the peer stayed unreachable for the whole start-up grace period"
+            }
+            Readiness::PeerUnreachable => "ready: peer unreachable, serving with the sessions of the last resync",
+        }
+    }
+
+    /// Why a login or write is refused in this (not ready) state, and what to do.
+    pub fn refusal(self) -> &'static str {
+        match self {
+            Readiness::HaConfiguredOff => {
+                "this master cannot serve: HA is configured but could not start \
+                 (see `tlctl ha status`); fix the configuration and restart vsmserver"
+            }
+            Readiness::WaitingForPeer => {
+                "this master has just started and is waiting for its peer to resynchronise; \
+                 try again in a few seconds"
+            }
+            Readiness::Stale => {
+                "this master lost the active role while cut off from its peer and must \
+                 resynchronise before it serves again; try again in a few seconds"
+            }
+            Readiness::Starting => "this master is starting; try again in a few seconds",
+            _ => "this master is resynchronising with its peer; try again in a few seconds",
+        }
+    }
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -188,7 +188,7 @@ impl Server {
         // 5. Listeners.
         let tracker = TaskTracker::new();
         let tcp_addr = listeners.tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let api = Api { broker: broker.clone(), ha: ha.clone() as Arc<dyn HaControl> };
+        let api = Api::new(broker.clone(), ha.clone() as Arc<dyn HaControl>);
         tracker.spawn(crate::api::unix::serve(listeners.unix, api.clone(), shutdown.clone(), tracker.clone()));
         if let Some(http) = listeners.http {
             tracker.spawn(crate::api::http::serve(http, api.clone(), shutdown.clone(), tracker.clone()));
@@ -207,8 +207,9 @@ impl Server {
         }
         background.spawn(probe_loop(broker.clone(), ha.clone(), !ov.no_background_reconcile, bg_cancel.clone()));
         background.spawn(housekeeping_loop(db.clone(), ha.clone(), bg_cancel.clone()));
+        background.spawn(systemd_loop(db.clone(), ha.clone(), bg_cancel.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        tracing::info!("vsmserver ready");
+        tracing::info!(readiness = %ha.readiness(), "vsmserver started: {}", ha.readiness_reason());
         Ok(Server { broker, db, ha, shutdown, tracker, background, bg_cancel })
     }
 
@@ -266,8 +267,11 @@ pub async fn run(
 
 async fn reconcile_loop(broker: Broker, ha: Arc<HaNode>, every: Duration, cancel: CancellationToken) {
     let mut wake = ha.reconcile_requests();
+    let mut readiness = ha.watch_readiness();
     loop {
-        if ha.serves_clients() {
+        // Reconciliation writes; a node that is not ready writes nothing from its own
+        // database, and reconciles once it becomes ready.
+        if ha.serves_clients() && readiness.borrow_and_update().is_ready() {
             match broker.reconcile_all().await {
                 Ok(s) => tracing::debug!(?s, "reconciled with agents"),
                 Err(e) => tracing::warn!(error = %e, "reconciliation with agents failed"),
@@ -277,6 +281,45 @@ async fn reconcile_loop(broker: Broker, ha: Arc<HaNode>, every: Duration, cancel
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
             _ = wake.changed() => {}
+            r = readiness.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// What systemd hears besides `READY=1`: `STATUS=` with the readiness reason whenever it
+/// changes, and, when the unit sets `WatchdogSec=`, `WATCHDOG=1` at half that period, but only
+/// after a round trip to the database owner and to the HA engine task both succeeded, so a
+/// hung database or engine gets the daemon restarted.
+async fn systemd_loop(db: DbHandle, ha: Arc<HaNode>, cancel: CancellationToken) {
+    let mut usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec / 2));
+    if let Some(every) = watchdog {
+        tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
+    }
+    let period = watchdog.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut readiness = ha.watch_readiness();
+    let mut shown = String::new();
+    loop {
+        let reason = ha.readiness_reason();
+        if reason != shown {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(&reason)]);
+            shown = reason;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = readiness.changed() => if r.is_err() { return },
+            _ = tick.tick(), if watchdog.is_some() => {
+                let within = period;
+                let db_alive = matches!(tokio::time::timeout(within, db.status()).await, Ok(Ok(_)));
+                let engine_alive = ha.ping(within).await;
+                if db_alive && engine_alive {
+                    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                } else {
+                    tracing::error!(db_alive, engine_alive, "not feeding the systemd watchdog: a component does not answer");
+                }
+            }
         }
     }
 }
@@ -287,7 +330,7 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Probes unreachable agents (one call in flight per agent, so a stalled agent does not delay
 /// the others); an agent that answers again is reconciled at once when this node serves
-/// clients and `reconcile` is set.
+/// clients, is ready (reconciliation writes) and `reconcile` is set.
 async fn probe_loop(broker: Broker, ha: Arc<HaNode>, reconcile: bool, cancel: CancellationToken) {
     let mut probes = tokio::task::JoinSet::new();
     let mut in_flight = std::collections::BTreeSet::new();
@@ -308,7 +351,7 @@ async fn probe_loop(broker: Broker, ha: Arc<HaNode>, reconcile: bool, cancel: Ca
             Some(done) = probes.join_next(), if !probes.is_empty() => {
                 let Ok((agent, back)) = done else { continue };
                 in_flight.remove(&agent);
-                if back && reconcile && ha.serves_clients() {
+                if back && reconcile && ha.serves_clients() && ha.readiness().is_ready() {
                     if let Err(e) = broker.reconcile_agents([agent].into()).await {
                         tracing::warn!(error = %e, "reconciliation with an agent that answers again failed");
                     }

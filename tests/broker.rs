@@ -148,7 +148,7 @@ async fn users_spread_over_agents_and_a_draining_agent_gets_none() {
             refresh: false,
         })
         .await;
-    let ApiReply::Sessions { sessions } = r else { panic!("{r:?}") };
+    let ApiReply::Sessions { sessions, .. } = r else { panic!("{r:?}") };
     let u = sessions[0].user.clone();
     let again = m.connect(&u, false).await.unwrap();
     assert!(again.reconnected);
@@ -172,7 +172,7 @@ async fn an_agent_that_cannot_start_sessions_is_skipped() {
         assert_eq!(m.connect(u, false).await.unwrap().agent, good.name, "{u} lands on the working agent");
     }
     let r = m.call(ApiRequest::LoadList { refresh: false }).await;
-    let ApiReply::Loads { agents } = r else { panic!("{r:?}") };
+    let ApiReply::Loads { agents, .. } = r else { panic!("{r:?}") };
     let b = agents.iter().find(|a| a.agent == broken.name).unwrap();
     assert!(b.penalised_ms.is_some(), "the failing agent is penalised: {b:?}");
     m.stop().await;
@@ -286,10 +286,10 @@ async fn reconciliation_removes_vanished_sessions_whatever_clock_stamped_them() 
 async fn a_user_cannot_see_or_end_another_users_session() {
     let (_d, agent, mut m) = one_agent_cluster().await;
     let a = m.connect("alice", false).await.unwrap();
-    let api = Api { broker: m.server().broker.clone(), ha: m.server().ha.clone() };
+    let api = Api::new(m.server().broker.clone(), m.server().ha.clone());
     let bob = Caller::Local { uid: 4242, user: "bob".into(), admin: false };
     match api.handle(&bob, ApiRequest::MySessions { user: None }).await {
-        ApiReply::Sessions { sessions } => assert!(sessions.is_empty()),
+        ApiReply::Sessions { sessions, .. } => assert!(sessions.is_empty()),
         other => panic!("{other:?}"),
     }
     match api.handle(&bob, ApiRequest::TerminateMine { user: None, session_id: a.session_id.clone() }).await {
@@ -601,7 +601,7 @@ async fn a_newly_started_agent_becomes_placeable_without_a_reconciliation() {
         let target = m.target();
         async move {
             match vsm::client::call(&target, &ApiRequest::LoadList { refresh }, T).await.unwrap() {
-                ApiReply::Loads { agents } => agents.iter().all(|a| a.reachable && a.load.is_some()),
+                ApiReply::Loads { agents, .. } => agents.iter().all(|a| a.reachable && a.load.is_some()),
                 other => panic!("{other:?}"),
             }
         }
@@ -649,7 +649,7 @@ async fn load_list_refresh_asks_the_agents_first() {
     // The master polls no agent on its own here, so only the refresh can bring the load.
     let (_d, agent, mut m) = one_agent_cluster().await;
     let loads = |r: ApiReply| match r {
-        ApiReply::Loads { agents } => agents,
+        ApiReply::Loads { agents, .. } => agents,
         other => panic!("{other:?}"),
     };
     let before = loads(m.call(ApiRequest::LoadList { refresh: false }).await);

@@ -172,9 +172,10 @@ fn namespace_end_to_end_tests() {
             "failover (guide profile)",
             e2e.join("failover.sh"),
             vec![],
-            vec![bin, ("VSM_LAB_PROFILE", "guide".into())],
+            vec![bin.clone(), ("VSM_LAB_PROFILE", "guide".into())],
             min(4),
         ),
+        step("keepalived as the guide publishes it", e2e.join("guide-as-published.sh"), vec![], vec![bin], min(4)),
     ];
     let started = Instant::now();
     let mut failures = Vec::new();

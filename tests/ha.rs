@@ -12,6 +12,7 @@ use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use vsm::db::Write;
+use vsm::model::Readiness;
 use vsm::model::{Session, SessionId};
 use vsm::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
 
@@ -425,14 +426,130 @@ async fn bad_ha_nodes_start_the_server_without_ha() {
     let st = m.ha_status().await;
     assert!(st.configured);
     assert!(!st.enabled, "{st:?}");
-    let reason = st.reason.clone().unwrap_or_default();
-    assert!(reason.contains("exactly two") && reason.contains("'c'"), "reason explains: {reason}");
-    assert!(st.ready);
+    let why = st.ha_off_reason.clone().unwrap_or_default();
+    assert!(why.contains("exactly two") && why.contains("'c'"), "reason explains: {why}");
+    // Configured but off is its own state, not ready, and every tool says why.
+    assert_eq!(st.readiness, Readiness::HaConfiguredOff);
+    assert!(!st.ready);
+    assert!(st.reason.contains("configured") && st.reason.contains(&why), "{}", st.reason);
+    match m.ha_check().await {
+        Err((ApiErrorKind::NotReady, msg)) => assert!(msg.contains(&why), "the check names the cause: {msg}"),
+        other => panic!("ha check must fail with HA configured but off: {other:?}"),
+    }
+    // Nothing is written from its own database; waiting cannot help, so no waiting.
+    let started = std::time::Instant::now();
+    let r = m.call(ApiRequest::SessionPut { session: template("solo") }).await;
+    match r {
+        ApiReply::Error { kind: ApiErrorKind::NotReady, message } => assert!(message.contains(&why), "{message}"),
+        other => panic!("a write on a node with HA configured but off: {other:?}"),
+    }
+    assert!(started.elapsed() < m.cfg.ha.ready_wait * 10, "refused at once");
+    // Read-only views answer, marked as possibly stale.
+    match m.call(ApiRequest::SessionList { selector: Default::default(), refresh: false }).await {
+        ApiReply::Sessions { sessions, possibly_stale } => {
+            assert!(sessions.is_empty());
+            assert!(possibly_stale.is_some_and(|w| w.contains(&why)));
+        }
+        other => panic!("{other:?}"),
+    }
+    m.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliberate_single_master_is_ready() {
+    init_logging();
+    let d = cluster_dir();
+    let mut cfg = ha_config(d.path(), 0, &[]);
+    cfg.ha.enabled = false;
+    let mut m = TestMaster::standalone(cfg).await;
+    let st = m.ha_status().await;
+    assert_eq!((st.readiness, st.ready), (Readiness::Standalone, true));
     assert_eq!(m.ha_check().await, Ok(()));
-    // It works as a single master: writes are answered without waiting for anyone.
     let s = m.put_session("solo", GHOST).await;
     assert!(m.server().db.get(&s.id).await.unwrap().is_some());
     m.stop().await;
+}
+
+/// The login of a user through a master that came back with an empty database while its peer
+/// was unreachable (a reinstalled primary that got the resource IP at once, as with a
+/// keepalived file without health check): refused, never a second desktop; once resynchronised
+/// the user gets the desktop created on the peer meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_that_is_not_ready_refuses_logins_and_writes_then_serves_the_peers_session() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let mut p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    // The primary goes away; alice gets her desktop from the secondary.
+    p.kill_node(0).await;
+    let alice = p.b().connect("alice", false).await.unwrap();
+    assert!(!alice.reconnected);
+    // Reinstalled, and back while the peer cannot be reached.
+    p.wipe(0);
+    p.cut();
+    p.start_node(0).await;
+    let st = p.a().ha_status().await;
+    assert_eq!(st.readiness, Readiness::WaitingForPeer, "{st:?}");
+    assert!(!st.reason.contains("resynchronising"), "the link is down: {}", st.reason);
+    assert!(st.grace_left_ms.is_some());
+    let api = vsm::api::Api::new(p.a().server().broker.clone(), p.a().server().ha.clone());
+    let me = vsm::api::Caller::Local { uid: 0, user: "root".into(), admin: true };
+    let (login, put, terminate) = tokio::join!(
+        api.handle(
+            &me,
+            ApiRequest::Connect {
+                user: Some("alice".into()),
+                new: false,
+                terminate_existing: false,
+                geometry: None,
+                client_address: None,
+            }
+        ),
+        api.handle(&me, ApiRequest::SessionPut { session: template("bob") }),
+        api.handle(&me, ApiRequest::TerminateMine { user: Some("alice".into()), session_id: alice.session_id.clone() }),
+    );
+    for (what, r) in [("login", login), ("put", put), ("terminate", terminate)] {
+        match r {
+            ApiReply::Error { kind: ApiErrorKind::NotReady, message } => {
+                assert!(message.contains("try again"), "{what}: {message}")
+            }
+            other => panic!("{what} on a master that is not ready: {other:?}"),
+        }
+    }
+    assert!(p.a().session_ids().await.is_empty(), "nothing written");
+    assert_eq!(api.stats().refused_not_ready(), 3);
+    let metrics = vsm::api::http::metrics(&api).await;
+    assert!(metrics.contains("vsm_requests_refused_not_ready_total 3"), "{metrics}");
+    assert!(metrics.contains("vsm_readiness{state=\"waiting_for_peer\"} 1"), "{metrics}");
+    // Reading still works, marked as possibly stale.
+    match api.handle(&me, ApiRequest::MySessions { user: Some("alice".into()) }).await {
+        ApiReply::Sessions { sessions, possibly_stale } => {
+            assert!(sessions.is_empty());
+            assert!(possibly_stale.is_some());
+        }
+        other => panic!("{other:?}"),
+    }
+    // The peer is back: the next login waits for the resync if needed and reconnects.
+    p.heal();
+    let again = p.a().connect("alice", false).await;
+    let again = match again {
+        Ok(i) => i,
+        // The resync took longer than /HA/ready_wait on a loaded machine: still no desktop.
+        Err((ApiErrorKind::NotReady, _)) => {
+            assert!(wait_until(T, || async { p.a().ha_check().await.is_ok() }).await, "a catches up");
+            p.a().connect("alice", false).await.unwrap()
+        }
+        Err(e) => panic!("login after the peer is back: {e:?}"),
+    };
+    assert!(again.reconnected, "{again:?}");
+    assert_eq!(again.session_id, alice.session_id);
+    assert!(p.wait_streaming().await);
+    p.assert_converged().await;
+    let only_alice = vsm::db::SessionFilter { user: Some("alice".into()), ..Default::default() };
+    assert_eq!(p.a().server().db.list(&only_alice).await.unwrap().len(), 1, "one desktop for alice");
+    p.stop().await;
+    agent.stop().await;
 }
 
 mod random_operations {
@@ -474,6 +591,12 @@ mod random_operations {
     /// Sessions that must survive, with the nodes that durably hold them.
     type Required = BTreeMap<SessionId, BTreeSet<usize>>;
 
+    /// A write refused because the node was not ready (restarted while cut off, or still
+    /// catching up after `/HA/ready_wait`): nothing of it may be stored.
+    async fn refused_not_ready(_m: &TestMaster, r: &ApiReply) -> bool {
+        matches!(r, ApiReply::Error { kind: ApiErrorKind::NotReady, .. })
+    }
+
     async fn converge_point(p: &TestPair, required: &mut Required) {
         p.heal();
         assert!(p.wait_streaming().await, "the link comes back after healing");
@@ -498,7 +621,13 @@ mod random_operations {
             match op {
                 Op::Create(i) => {
                     n += 1;
-                    let s = p.node(i).put_session(&format!("user{n}"), GHOST).await;
+                    let s = template(&format!("user{n}"));
+                    let r = p.node(i).call(ApiRequest::SessionPut { session: s.clone() }).await;
+                    if refused_not_ready(p.node(i), &r).await {
+                        assert!(p.node(i).server().db.get(&s.id).await.unwrap().is_none(), "refused but stored");
+                        continue;
+                    }
+                    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
                     // Answered in `ack` mode: either the peer has it, or the node says it went
                     // on alone (degraded).
                     let degraded = p.node(i).ha_status().await.degraded;
@@ -517,7 +646,7 @@ mod random_operations {
                     s.last_connect_ms = vsm::model::now_ms();
                     s.last_client_address = format!("10.0.0.{i}");
                     let r = p.node(i).call(ApiRequest::SessionPut { session: s }).await;
-                    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+                    assert!(matches!(r, ApiReply::Ok { .. }) || refused_not_ready(p.node(i), &r).await, "{r:?}");
                 }
                 Op::Terminate(i, idx) => {
                     let live = p.node(i).server().db.list(&Default::default()).await.unwrap();
@@ -526,6 +655,9 @@ mod random_operations {
                     }
                     let s = &live[idx.index(live.len())];
                     let r = p.node(i).terminate_user(&s.user).await;
+                    if refused_not_ready(p.node(i), &r).await {
+                        continue;
+                    }
                     assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
                     required.remove(&s.id);
                 }

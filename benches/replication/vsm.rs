@@ -55,12 +55,12 @@ impl Backend for Vsm {
                 .block_on(vsm::client::call(&target, &ApiRequest::HaStatus, self.timeout))
                 .map_err(|e| anyhow!("{e}"))?;
             let status = match reply {
-                ApiReply::HaStatus { status } => status,
+                ApiReply::HaStatus { status } => *status,
                 other => bail!("HaStatus answered {other:?}"),
             };
             if !status.enabled {
                 // Refuse to measure a master that does not replicate: the figure would not compare.
-                bail!("HA is not running on this master: {}", status.reason.as_deref().unwrap_or("no reason given"));
+                bail!("HA is not running on this master: {}", status.reason);
             }
             if status.link == "streaming" && status.ready && !status.degraded {
                 break status;

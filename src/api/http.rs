@@ -1,5 +1,5 @@
 //! The HTTP endpoint for monitoring (`/vsmserver/http_port`): `/healthz` (the daemon answers),
-//! `/readyz` (200 only when ready, the same rule as `tlctl ha check`) and `/metrics`
+//! `/readyz` (200 only when ready, the same rule and reason as `tlctl ha check`) and `/metrics`
 //! (Prometheus text format: sessions, agents, replication positions, lag, resyncs, degraded).
 //!
 //! Invariants: read-only, no authentication and nothing secret in it (bind it to loopback or
@@ -54,18 +54,21 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
         match path {
             "/healthz" => ("200 OK", "text/plain", "alive\n".to_string()),
             "/readyz" => {
-                let st = api.ha.status().await;
-                if st.ready && st.clock_offset_exceeded {
+                let ready = api.ha.readiness().borrow().is_ready();
+                let reason = format!("{}\n", api.ha.readiness_reason());
+                let st = if ready { Some(api.ha.status().await) } else { None };
+                if let Some(st) = st.filter(|st| st.clock_offset_exceeded) {
                     let o = st.clock_offset_ms.unwrap_or_default();
                     let body = format!(
-                        "ready; warning: clock offset to the peer {o:+} ms is beyond /HA/max_clock_offset ({} ms)\n",
+                        "{}; warning: clock offset to the peer {o:+} ms is beyond /HA/max_clock_offset ({} ms)\n",
+                        reason.trim_end(),
                         st.max_clock_offset_ms
                     );
                     ("200 OK", "text/plain", body)
-                } else if st.ready {
-                    ("200 OK", "text/plain", "ready\n".to_string())
+                } else if ready {
+                    ("200 OK", "text/plain", reason)
                 } else {
-                    ("503 Service Unavailable", "text/plain", "not ready: resynchronising with the peer\n".to_string())
+                    ("503 Service Unavailable", "text/plain", reason)
                 }
             }
             "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(&api).await),
@@ -148,6 +151,18 @@ pub async fn metrics(api: &Api) -> String {
     let reachable = loads.iter().filter(|a| a.reachable).count();
     gauge("vsm_agents", "Agents known to this master.", loads.len().to_string());
     gauge("vsm_agents_reachable", "Agents that answered the last call.", reachable.to_string());
+    let _ = writeln!(
+        m,
+        "# HELP vsm_readiness Why the node is (not) ready: 1 for the current state.\n# TYPE vsm_readiness gauge"
+    );
+    for r in crate::model::Readiness::ALL {
+        let _ = writeln!(m, "vsm_readiness{{state=\"{r}\"}} {}", u8::from(r == st.readiness));
+    }
+    let _ = writeln!(
+        m,
+        "# HELP vsm_requests_refused_not_ready_total Logins, terminations and admin writes refused because the node was not ready.\n# TYPE vsm_requests_refused_not_ready_total counter\nvsm_requests_refused_not_ready_total {}",
+        api.stats().refused_not_ready()
+    );
     let _ = writeln!(m, "# HELP vsm_agent_sessions Sessions per agent.\n# TYPE vsm_agent_sessions gauge");
     for a in &loads {
         let _ = writeln!(m, "vsm_agent_sessions{{agent=\"{}\"}} {}", a.agent.replace('"', "'"), a.sessions);

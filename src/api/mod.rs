@@ -8,6 +8,10 @@
 //!   group, or an allowed TCP client.
 //! - Every request gets exactly one reply; failures are `ApiReply::Error` with a kind and a
 //!   message meant for a person.
+//! - A node that is not ready (see [`Readiness`]) serves no login, terminate or admin write
+//!   from its own database: such a request waits up to `/HA/ready_wait` for readiness and is
+//!   then refused with `NotReady`. Read-only views still answer, marked as possibly stale.
+//!   Readiness is checked when the request is admitted.
 
 pub mod http;
 pub mod tcp;
@@ -15,12 +19,15 @@ pub mod unix;
 
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
 use crate::model;
+use crate::model::Readiness;
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
 use crate::proto::listen::Limits;
 use crate::proto::ProtoError;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio::sync::watch;
 
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +51,10 @@ impl Caller {
 pub trait HaControl: Send + Sync + 'static {
     fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>>;
     fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>>;
+    /// Why the node is (not) ready now, and every change of it.
+    fn readiness(&self) -> watch::Receiver<Readiness>;
+    /// The current readiness as a sentence with this node's details.
+    fn readiness_reason(&self) -> String;
 }
 
 /// Everything a handler needs.
@@ -51,6 +62,20 @@ pub trait HaControl: Send + Sync + 'static {
 pub struct Api {
     pub broker: Broker,
     pub ha: Arc<dyn HaControl>,
+    stats: Arc<ApiStats>,
+}
+
+/// Counters of the API, shown by the metrics endpoint.
+#[derive(Debug, Default)]
+pub struct ApiStats {
+    refused_not_ready: AtomicU64,
+}
+
+impl ApiStats {
+    /// Logins, terminations and admin writes refused because the node was not ready.
+    pub fn refused_not_ready(&self) -> u64 {
+        self.refused_not_ready.load(Ordering::Relaxed)
+    }
 }
 
 impl Api {
@@ -84,6 +109,52 @@ fn broker_err(e: BrokerError) -> ApiReply {
 }
 
 impl Api {
+    pub fn new(broker: Broker, ha: Arc<dyn HaControl>) -> Api {
+        Api { broker, ha, stats: Arc::default() }
+    }
+
+    pub fn stats(&self) -> &ApiStats {
+        &self.stats
+    }
+
+    /// Lets a login or write through once the node is ready, waiting up to `/HA/ready_wait`;
+    /// refuses it with `NotReady` otherwise (at once when waiting cannot help).
+    async fn when_ready(&self, what: &str) -> Result<(), ApiReply> {
+        let mut rx = self.ha.readiness();
+        let now = *rx.borrow_and_update();
+        if now.is_ready() {
+            return Ok(());
+        }
+        let state = if now.is_permanent() {
+            now
+        } else {
+            let wait = self.broker.config().ha.ready_wait;
+            let waited = tokio::time::timeout(wait, rx.wait_for(|r| r.is_ready() || r.is_permanent()))
+                .await
+                .ok()
+                .and_then(|r| r.ok().map(|r| *r));
+            match waited {
+                Some(r) if r.is_ready() => return Ok(()),
+                Some(r) => r,
+                None => *rx.borrow(),
+            }
+        };
+        self.stats.refused_not_ready.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(readiness = %state, request = what, "refused: this node is not ready");
+        let message = if state.is_permanent() {
+            format!("{} ({})", state.refusal(), self.ha.readiness_reason())
+        } else {
+            state.refusal().to_string()
+        };
+        Err(err(ApiErrorKind::NotReady, message))
+    }
+
+    /// For read-only answers: why they may be out of date, when the node is not ready.
+    fn possibly_stale(&self) -> Option<String> {
+        let r = *self.ha.readiness().borrow();
+        (!r.is_ready()).then(|| self.ha.readiness_reason())
+    }
+
     /// Resolves the user a request acts for: the caller, or `requested` if the caller may act
     /// for others.
     fn acting_user(&self, caller: &Caller, requested: Option<String>) -> Result<String, ApiReply> {
@@ -124,6 +195,7 @@ impl Api {
             ApiRequest::Connect { user, new, terminate_existing, geometry, client_address } => {
                 let client_address = client_address.filter(|a| !a.is_empty());
                 let user = self.acting_user(caller, user)?;
+                self.when_ready("login").await?;
                 let groups = user_groups(&user);
                 let r = ConnectRequest { user, groups, new, terminate_existing, geometry, client_address };
                 match b.connect(r).await {
@@ -133,29 +205,39 @@ impl Api {
             }
             ApiRequest::MySessions { user } => {
                 let user = self.acting_user(caller, user)?;
-                ApiReply::Sessions { sessions: b.my_sessions(&user).await.map_err(broker_err)? }
+                ApiReply::Sessions {
+                    sessions: b.my_sessions(&user).await.map_err(broker_err)?,
+                    possibly_stale: self.possibly_stale(),
+                }
             }
             ApiRequest::TerminateMine { user, session_id } => {
                 let user = self.acting_user(caller, user)?;
+                self.when_ready("terminate").await?;
                 ApiReply::Terminated { outcome: b.terminate_mine(&user, &session_id).await.map_err(broker_err)? }
             }
             ApiRequest::SessionList { selector, refresh } => {
                 self.need_admin(caller, "listing all sessions")?;
-                if refresh {
+                let possibly_stale = self.possibly_stale();
+                // Reconciliation writes: not from a node that is not ready.
+                if refresh && possibly_stale.is_none() {
                     if let Err(e) = b.reconcile_all().await {
                         tracing::warn!(error = %e, "refresh before listing failed");
                     }
                 }
-                ApiReply::Sessions { sessions: b.list(&selector).await.map_err(broker_err)? }
+                ApiReply::Sessions { sessions: b.list(&selector).await.map_err(broker_err)?, possibly_stale }
             }
             ApiRequest::SessionTerminate { selector, all, allow_abandon, dry_run } => {
                 self.need_admin(caller, "terminating sessions")?;
+                if !dry_run {
+                    self.when_ready("terminate").await?;
+                }
                 ApiReply::Terminated {
                     outcome: b.terminate(&selector, all, allow_abandon, dry_run).await.map_err(broker_err)?,
                 }
             }
             ApiRequest::SessionPut { session } => {
                 self.need_admin(caller, "storing session records")?;
+                self.when_ready("session put").await?;
                 b.put(session).await.map_err(broker_err)?;
                 ApiReply::Ok { message: "stored".into() }
             }
@@ -164,7 +246,7 @@ impl Api {
                 if refresh {
                     b.refresh_loads().await.map_err(broker_err)?;
                 }
-                ApiReply::Loads { agents: b.loads().await.map_err(broker_err)? }
+                ApiReply::Loads { agents: b.loads().await.map_err(broker_err)?, possibly_stale: self.possibly_stale() }
             }
             ApiRequest::LoadShow { agent } => {
                 self.need_admin(caller, "showing agent load")?;
@@ -176,15 +258,23 @@ impl Api {
                         format!("no agent named {agent} in any subcluster or session"),
                     ));
                 }
-                ApiReply::Loads { agents: one }
+                ApiReply::Loads { agents: one, possibly_stale: self.possibly_stale() }
             }
-            ApiRequest::HaStatus => ApiReply::HaStatus { status: self.ha.status().await },
+            ApiRequest::HaStatus => ApiReply::HaStatus { status: Box::new(self.ha.status().await) },
             ApiRequest::HaCheck => {
-                let st = self.ha.status().await;
-                if st.ready {
-                    ApiReply::Ok { message: "ready".into() }
+                // A round trip to the database owner: a node whose database hangs is not ready.
+                if let Err(e) = b.db().status().await {
+                    return Err(err(
+                        ApiErrorKind::NotReady,
+                        format!("not ready: the session database does not answer: {e}"),
+                    ));
+                }
+                let ready = self.ha.readiness().borrow().is_ready();
+                let reason = self.ha.readiness_reason();
+                if ready {
+                    ApiReply::Ok { message: reason }
                 } else {
-                    return Err(err(ApiErrorKind::NotReady, "not ready: resynchronising with the peer"));
+                    return Err(err(ApiErrorKind::NotReady, reason));
                 }
             }
             ApiRequest::HaNotify { state } => {

@@ -68,6 +68,24 @@ pub fn die_of_sigpipe() -> ! {
         libc::raise(libc::SIGPIPE);
     }
     std::process::exit(141)
+/// Exit status of `vsmclient` and `tlctl` when the master refused because it is not ready
+/// (resynchronising with its peer, or HA configured but off): try again in a few seconds.
+/// 75 is `EX_TEMPFAIL` of sysexits.h, "temporary failure; the user is invited to retry".
+pub const EXIT_NOT_READY: u8 = 75;
+
+/// Exit status for an error reply of kind `kind`: [`EXIT_NOT_READY`] or 1.
+pub fn error_exit(kind: crate::proto::api::ApiErrorKind) -> u8 {
+    match kind {
+        crate::proto::api::ApiErrorKind::NotReady => EXIT_NOT_READY,
+        _ => 1,
+    }
+}
+
+/// Warns on stderr that a listing came from a master that is not ready.
+pub fn warn_possibly_stale(program: &str, why: Option<&str>) {
+    if let Some(why) = why {
+        crate::errln!("{program}: warning: this master is not ready ({why}); the list may be out of date");
+    }
 }
 
 /// Runs a client's main future on a single-threaded runtime; exit status 2 if none can start.

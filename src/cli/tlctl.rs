@@ -17,7 +17,7 @@ use std::time::Duration;
     name = "tlctl",
     version,
     about = "Administer the vsm cluster: sessions, agent load and high availability",
-    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)"
+    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)\n\nExit status: 0 done; 1 refused or failed; 2 vsmserver did not answer; 75 this master is not ready\n(resynchronising with its peer, or HA configured but off): a change was refused, try again."
 )]
 pub struct Args {
     /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
@@ -238,7 +238,8 @@ async fn run(args: Args) -> ExitCode {
             request(&target, ApiRequest::SessionList { selector: filters.selector(), refresh: *refresh }, timeout)
                 .await
                 .and_then(|r| match r {
-                    ApiReply::Sessions { sessions } => {
+                    ApiReply::Sessions { sessions, possibly_stale } => {
+                        super::warn_possibly_stale("tlctl", possibly_stale.as_deref());
                         print_sessions(&sessions, json);
                         Ok(ExitCode::SUCCESS)
                     }
@@ -250,7 +251,8 @@ async fn run(args: Args) -> ExitCode {
         }
         Command::Load(LoadCmd::List { sort, refresh }) => {
             request(&target, ApiRequest::LoadList { refresh: *refresh }, timeout).await.and_then(|r| match r {
-                ApiReply::Loads { mut agents } => {
+                ApiReply::Loads { mut agents, possibly_stale } => {
+                    super::warn_possibly_stale("tlctl", possibly_stale.as_deref());
                     sort_loads(&mut agents, *sort);
                     print_loads(&agents, json);
                     Ok(ExitCode::SUCCESS)
@@ -260,7 +262,8 @@ async fn run(args: Args) -> ExitCode {
         }
         Command::Load(LoadCmd::Show { agent }) => {
             request(&target, ApiRequest::LoadShow { agent: agent.clone() }, timeout).await.and_then(|r| match r {
-                ApiReply::Loads { agents } => {
+                ApiReply::Loads { agents, possibly_stale } => {
+                    super::warn_possibly_stale("tlctl", possibly_stale.as_deref());
                     for a in &agents {
                         if json {
                             crate::outln!("{}", serde_json::to_string_pretty(a).unwrap_or_default());
@@ -337,7 +340,7 @@ type Outcome = Result<ExitCode, (u8, String)>;
 
 async fn request(target: &Target, req: ApiRequest, timeout: Duration) -> Result<ApiReply, (u8, String)> {
     match call(target, &req, timeout).await {
-        Ok(ApiReply::Error { message, .. }) => Err((1, message)),
+        Ok(ApiReply::Error { kind, message }) => Err((super::error_exit(kind), message)),
         Ok(r) => Ok(r),
         Err(e) => Err((2, e.to_string())),
     }
@@ -573,10 +576,11 @@ pub fn show_ha(st: &HaStatusView) -> String {
             "HA:               off{}\n",
             if st.configured { " (configured but not running)" } else { " (/HA/enabled is false)" }
         );
-        if let Some(r) = &st.reason {
-            s += &format!("Reason:           {r}\n");
+        if let Some(r) = &st.ha_off_reason {
+            s += &format!("Why off:          {r}\n");
         }
-        s += &format!("Ready:            {}\n", yn(st.ready));
+        s += &format!("Ready:            {} ({})\n", yn(st.ready), st.readiness);
+        s += &format!("Reason:           {}\n", st.reason);
         s += &format!("Role:             {}\n", st.role);
         s += &format!("Sessions:         {}\n", st.sessions);
         return s;
@@ -589,7 +593,8 @@ pub fn show_ha(st: &HaStatusView) -> String {
     );
     s += &format!("Remote node:      {}\n", st.remote_node.as_deref().unwrap_or("-"));
     s += &format!("Role:             {}\n", st.role);
-    s += &format!("Ready:            {}\n", yn(st.ready));
+    s += &format!("Ready:            {} ({})\n", yn(st.ready), st.readiness);
+    s += &format!("Reason:           {}\n", st.reason);
     s += &format!("Peer link:        {}\n", st.link);
     if let Some(e) = &st.link_error {
         s += &format!("Link error:       {e}\n");

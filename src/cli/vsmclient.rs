@@ -18,7 +18,7 @@ use std::time::Duration;
     long_about = "Asks vsmserver on this machine for a desktop session and prints where it lives \
 (agent address, display, VNC port). Your identity is the Unix user running this command, \
 normally the user you logged in as with ssh.",
-    after_help = "Examples:\n  ssh alice@tlha vsmclient connect            reconnect to your session or start one\n  ssh alice@tlha vsmclient connect --json     the same, as JSON for scripts\n  vsmclient connect --new                     an additional session (if allowed)\n  vsmclient connect --terminate-existing      end your session and start a fresh one\n  vsmclient list                              your sessions\n  vsmclient terminate 3f2a9c...               end one of them"
+    after_help = "Examples:\n  ssh alice@tlha vsmclient connect            reconnect to your session or start one\n  ssh alice@tlha vsmclient connect --json     the same, as JSON for scripts\n  vsmclient connect --new                     an additional session (if allowed)\n  vsmclient connect --terminate-existing      end your session and start a fresh one\n  vsmclient list                              your sessions\n  vsmclient terminate 3f2a9c...               end one of them\n\nExit status: 0 done; 1 refused or failed (the message says why); 2 vsmserver did not answer;\n75 this master is not ready (it is resynchronising with its peer): try again in a few seconds.\nWith --json an error prints {\"error\": KIND, \"message\": ..., \"exit_status\": N}; KIND is not_ready for 75."
 )]
 pub struct Args {
     /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
@@ -123,7 +123,8 @@ async fn run(args: Args) -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        ApiReply::Sessions { sessions } => {
+        ApiReply::Sessions { sessions, possibly_stale } => {
+            super::warn_possibly_stale("vsmclient", possibly_stale.as_deref());
             if args.json {
                 crate::outln!("{}", serde_json::to_string_pretty(&sessions).unwrap_or_default());
             } else if sessions.is_empty() {
@@ -165,11 +166,12 @@ async fn run(args: Args) -> ExitCode {
             ExitCode::SUCCESS
         }
         ApiReply::Error { kind, message } => {
+            let code = super::error_exit(kind);
             if args.json {
-                crate::outln!("{}", serde_json::json!({ "error": kind, "message": message }));
+                crate::outln!("{}", serde_json::json!({ "error": kind, "message": message, "exit_status": code }));
             }
             crate::errln!("vsmclient: {message}");
-            ExitCode::from(1)
+            ExitCode::from(code)
         }
         other => {
             crate::errln!("vsmclient: unexpected reply from vsmserver: {other:?}");

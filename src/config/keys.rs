@@ -153,6 +153,14 @@ pub static KEYS: &[KeyDef] = &[
         apply: |c, _, v| c.ha.startup_grace = v.as_duration(),
     },
     KeyDef {
+        path: "/HA/ready_wait",
+        ty: dur(0, 60 * SEC),
+        default: "5s",
+        doc: "How long a login, terminate or admin write waits for a master that is not ready (resynchronising with its peer) before it is refused as not ready; keep it well below the clients' patience.",
+        restart: true,
+        apply: |c, _, v| c.ha.ready_wait = v.as_duration(),
+    },
+    KeyDef {
         path: "/HA/heartbeat_interval",
         ty: dur(10, 60 * SEC),
         default: "500ms",

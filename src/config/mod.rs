@@ -121,6 +121,8 @@ pub struct HaConfig {
     pub sync_timeout: Duration,
     /// `/HA/startup_grace`: after start, how long an unreachable peer delays readiness.
     pub startup_grace: Duration,
+    /// `/HA/ready_wait`: how long a login or write waits for a node that is not ready.
+    pub ready_wait: Duration,
     /// `/HA/heartbeat_interval`
     pub heartbeat_interval: Duration,
     /// `/HA/peer_timeout`: silence after which the peer link is declared dead.
@@ -292,6 +294,7 @@ impl Default for Config {
                 sync: SyncLevel::Ack,
                 sync_timeout: Duration::from_secs(2),
                 startup_grace: Duration::from_secs(30),
+                ready_wait: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_millis(500),
                 peer_timeout: Duration::from_secs(3),
                 tombstone_retention: Duration::from_secs(7 * 24 * 3600),

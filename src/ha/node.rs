@@ -13,8 +13,12 @@
 //!   database), so a restart resyncs incrementally instead of by full snapshot.
 //! - Exactly one task owns the engine; database calls the engine asks for are made by that
 //!   task and their results fed back as events, in order.
-//! - With HA off (disabled or fallback) the node is always ready and active, and a write is
-//!   safe to report as soon as it is committed locally.
+//! - With HA off (disabled or fallback) the node is always active, and a write is safe to
+//!   report as soon as it is committed locally. Disabled is ready (`Standalone`); fallback,
+//!   HA configured but unable to start, is its own state that is not ready
+//!   (`HaConfiguredOff`), so the tools and the broker never pass it off as a single master.
+//! - The readiness watch changes only in the engine task, right after the engine stepped, so
+//!   whoever waits on it sees the engine's own decision.
 //! - Commands run in the order the engine gives them, with one exception: consecutive
 //!   `Apply` commands (several peer messages that arrived together) are merged into one
 //!   database call, one transaction, whose position is the last one given; their `Applied`
@@ -30,7 +34,7 @@ use crate::api::HaControl;
 use crate::broker::service::{Broker, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::{DbHandle, LogRead};
-use crate::model::{now_ms, NodeId, Role, Seq};
+use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
 use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
 use crate::proto::listen::{self, Limits};
 use crate::proto::peer;
@@ -146,8 +150,13 @@ fn engine_to_wall(at: u64) -> u64 {
 
 /// Requests from handles to the engine task.
 enum Req {
-    AwaitAck { seq: Seq, done: oneshot::Sender<()> },
+    AwaitAck {
+        seq: Seq,
+        done: oneshot::Sender<()>,
+    },
     Role(Role),
+    /// Answered by the engine task between two events: it is alive and not stuck.
+    Ping(oneshot::Sender<()>),
 }
 
 /// Messages from connection tasks to the engine task.
@@ -167,6 +176,8 @@ pub struct HaNode {
     /// `None` with HA off.
     engine_tx: Option<mpsc::Sender<Req>>,
     status: Arc<Mutex<Option<engine::EngineStatus>>>,
+    /// Why the node is (not) ready, published by the engine task after every step.
+    readiness: watch::Sender<Readiness>,
     /// The last failed secure handshake with the peer (wrong secret, wrong link kind); such a
     /// connection never reaches the engine, so status shows it from here. Cleared on link up.
     handshake_error: HandshakeError,
@@ -195,6 +206,12 @@ impl HaNode {
         let role = watch::channel(if standalone { Role::Active } else { Role::Standby }).0;
         let reconcile = watch::channel(0u64).0;
         let status = Arc::new(Mutex::new(None));
+        let readiness = watch::channel(match setup.mode {
+            HaMode::Disabled => Readiness::Standalone,
+            HaMode::Fallback { .. } => Readiness::HaConfiguredOff,
+            HaMode::Enabled { .. } => Readiness::Starting,
+        })
+        .0;
         if standalone {
             return Ok(Arc::new(HaNode {
                 setup,
@@ -205,6 +222,7 @@ impl HaNode {
                 broker: OnceLock::new(),
                 engine_tx: None,
                 status,
+                readiness,
                 handshake_error: Default::default(),
                 last_drop: Mutex::new(None),
                 done: Mutex::new(None),
@@ -231,6 +249,7 @@ impl HaNode {
             broker: OnceLock::new(),
             engine_tx: Some(req_tx),
             status: status.clone(),
+            readiness,
             handshake_error: Default::default(),
             last_drop: Mutex::new(None),
             done: Mutex::new(None),
@@ -307,6 +326,42 @@ impl HaNode {
         }
     }
 
+    /// Why the node is (not) ready right now.
+    pub fn readiness(&self) -> Readiness {
+        *self.readiness.borrow()
+    }
+
+    /// The readiness now and every change of it.
+    pub fn watch_readiness(&self) -> watch::Receiver<Readiness> {
+        self.readiness.subscribe()
+    }
+
+    /// The current readiness as a sentence, with what only this node knows (the HA
+    /// resolution message, the start-up grace left).
+    pub fn readiness_reason(&self) -> String {
+        let r = self.readiness();
+        match (r, &self.setup.mode) {
+            (Readiness::HaConfiguredOff, HaMode::Fallback { reason }) => format!("{}: {reason}", r.describe()),
+            (Readiness::WaitingForPeer, _) => {
+                let left = self.replication_status().and_then(|s| s.grace_left_ms).unwrap_or(0);
+                format!("{}, {} s left before serving alone", r.describe(), left.div_ceil(1000))
+            }
+            (Readiness::AloneAfterGrace, _) => {
+                format!("{} ({} s)", r.describe(), self.cfg.ha.startup_grace.as_secs())
+            }
+            _ => r.describe().to_string(),
+        }
+    }
+
+    /// One round trip to the engine task (with HA off there is none: answered at once).
+    /// `false` when the task is gone or did not answer within `within`.
+    pub async fn ping(&self, within: Duration) -> bool {
+        let Some(tx) = &self.engine_tx else { return true };
+        let (done, rx) = oneshot::channel();
+        let round_trip = async { tx.send(Req::Ping(done)).await.is_ok() && rx.await.is_ok() };
+        tokio::time::timeout(within, round_trip).await.unwrap_or(false)
+    }
+
     /// The replication engine's latest status, cheap to read (no database call); `None` with
     /// HA off or before the engine ran once.
     pub fn replication_status(&self) -> Option<engine::EngineStatus> {
@@ -345,8 +400,12 @@ impl HaNode {
         let role = self.role.borrow().to_string();
         let db = self.db.status().await.ok();
         let db_digest = self.db.digest().await.ok();
+        let readiness = self.readiness();
         let mut v = HaStatusView {
             configured: self.cfg.ha.enabled,
+            ready: readiness.is_ready(),
+            readiness,
+            reason: self.readiness_reason(),
             role,
             sync: match self.cfg.ha.sync {
                 SyncLevel::Async => "async".into(),
@@ -361,13 +420,8 @@ impl HaNode {
             ..Default::default()
         };
         match &self.setup.mode {
-            HaMode::Disabled => {
-                v.ready = true;
-            }
-            HaMode::Fallback { reason } => {
-                v.ready = true;
-                v.reason = Some(reason.clone());
-            }
+            HaMode::Disabled => {}
+            HaMode::Fallback { reason } => v.ha_off_reason = Some(reason.clone()),
             HaMode::Enabled { local, remote, via, .. } => {
                 v.enabled = true;
                 v.local_node = Some(local.0.clone());
@@ -375,7 +429,7 @@ impl HaNode {
                 v.matched_by = Some(matched_by(via));
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(st) = st {
-                    v.ready = st.ready;
+                    v.grace_left_ms = st.grace_left_ms;
                     v.link = link_name(st.link).to_string();
                     v.peer_acked = st.peer_acked.0;
                     v.peer_head = st.peer_head.0;
@@ -420,6 +474,14 @@ impl Replication for HaNode {
 impl HaControl for HaNode {
     fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>> {
         Box::pin(self.status_view())
+    }
+
+    fn readiness(&self) -> watch::Receiver<Readiness> {
+        self.watch_readiness()
+    }
+
+    fn readiness_reason(&self) -> String {
+        HaNode::readiness_reason(self)
     }
 
     fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>> {
@@ -733,6 +795,9 @@ impl Driver {
                         events.push_back(Event::AwaitAck { waiter: w, seq, now: engine_now() });
                     }
                     Req::Role(role) => events.push_back(Event::RoleChanged { role, now: engine_now() }),
+                    Req::Ping(done) => {
+                        let _ = done.send(());
+                    }
                 },
                 Some(l) = links.recv() => {
                     self.on_link(l, &mut events).await;
@@ -904,6 +969,9 @@ impl Driver {
     }
 
     fn publish(&self) {
-        *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(self.engine.status());
+        let st = self.engine.status();
+        let readiness = st.readiness;
+        *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
+        self.node.readiness.send_if_modified(|r| std::mem::replace(r, readiness) != readiness);
     }
 }

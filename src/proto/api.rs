@@ -5,7 +5,7 @@
 //! Invariant: one request, one reply; every failure is an [`ApiReply::Error`] with a kind the
 //! client can act on and a message a person can read.
 
-use crate::model::{Session, SessionId};
+use crate::model::{Readiness, Session, SessionId};
 use crate::proto::agent::LoadReport;
 use serde::{Deserialize, Serialize};
 
@@ -139,13 +139,34 @@ pub struct TerminateOutcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum ApiReply {
-    Connected { info: ConnectInfo },
-    Sessions { sessions: Vec<Session> },
-    Terminated { outcome: TerminateOutcome },
-    Loads { agents: Vec<AgentLoad> },
-    HaStatus { status: HaStatusView },
-    Ok { message: String },
-    Error { kind: ApiErrorKind, message: String },
+    Connected {
+        info: ConnectInfo,
+    },
+    Sessions {
+        sessions: Vec<Session>,
+        /// Set when the node is not ready: the list may lack changes the peer has.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        possibly_stale: Option<String>,
+    },
+    Terminated {
+        outcome: TerminateOutcome,
+    },
+    Loads {
+        agents: Vec<AgentLoad>,
+        /// Set when the node is not ready: session counts may lack changes the peer has.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        possibly_stale: Option<String>,
+    },
+    HaStatus {
+        status: Box<HaStatusView>,
+    },
+    Ok {
+        message: String,
+    },
+    Error {
+        kind: ApiErrorKind,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,7 +186,8 @@ pub enum ApiErrorKind {
     NotFound,
     /// The request was malformed or incomplete.
     BadRequest,
-    /// The node is not ready (HA resync in progress).
+    /// The node is not ready (see `HaStatusView::readiness`): not resynchronised with its
+    /// peer, or HA configured but off. Retry later or through the other master.
     NotReady,
     /// Something broke on the master; details in its log.
     Internal,
@@ -179,12 +201,24 @@ pub struct HaStatusView {
     /// HA actually running (configured and node resolution succeeded).
     pub enabled: bool,
     /// Why HA is off although configured, and how to fix it.
-    pub reason: Option<String>,
+    #[serde(default)]
+    pub ha_off_reason: Option<String>,
+    /// Why the node is (not) ready: the state `tlctl ha check`, `/readyz`, the metrics and
+    /// systemd's `STATUS=` show.
+    #[serde(default)]
+    pub readiness: Readiness,
+    /// The same as a sentence, with details (the HA resolution message, the grace left).
+    #[serde(default)]
+    pub reason: String,
+    /// While waiting for the peer after start: milliseconds of start-up grace left.
+    #[serde(default)]
+    pub grace_left_ms: Option<u64>,
     pub local_node: Option<String>,
     pub remote_node: Option<String>,
     /// How the local node was recognised (hostname, address, override).
     pub matched_by: Option<String>,
     pub role: String,
+    /// `readiness.is_ready()`: the node serves logins and writes.
     pub ready: bool,
     /// `down`, `handshaking`, `catching_up`, `streaming`.
     pub link: String,

@@ -327,6 +327,7 @@ pub fn ha_config(base: &Path, node: usize, agents: &[String]) -> Config {
     cfg.ha.startup_grace = Duration::from_secs(60);
     cfg.ha.heartbeat_interval = Duration::from_millis(100);
     cfg.ha.peer_timeout = Duration::from_secs(5);
+    cfg.ha.ready_wait = Duration::from_secs(1);
     cfg
 }
 
@@ -488,7 +489,7 @@ impl TestMaster {
 
     pub async fn ha_status(&self) -> HaStatusView {
         match self.call(ApiRequest::HaStatus).await {
-            ApiReply::HaStatus { status } => status,
+            ApiReply::HaStatus { status } => *status,
             other => panic!("unexpected reply to ha status: {other:?}"),
         }
     }

@@ -87,6 +87,18 @@ for profile in guide fast; do
     [ -z "$d" ] || fail "$profile: primary and secondary differ beyond router_id/state/priority: $d"
 done
 
+# The guide's file as published (no health check, no notify hook) parses once its interface is
+# the namespace's; the lab and tests/e2e/guide-as-published.sh run it that way.
+for node in primary secondary; do
+    f=$KDIR/published/keepalived-$node.conf
+    [ -f "$f" ] || { fail "missing $f"; continue; }
+    sed 's/^\(\s*interface\) ens192$/\1 eth0/' "$f" >"$WORK/published.conf"
+    if ! out=$(config_test "$WORK/published.conf"); then
+        fail "$f: keepalived -t failed: $out"
+    fi
+    ! grep -qE 'vrrp_script|track_script|notify_' "$f" || fail "$f: the published file has no health check or notify hook"
+done
+
 # Negative control: VRRPv3 with an authentication block must be rejected.
 sed 's/^\(\s*\)advert_int 0.1$/\1advert_int 0.1\n\1authentication {\n\1    auth_type PASS\n\1    auth_pass 1111\n\1}/' \
     "$KDIR/fast/keepalived-primary.conf" >"$WORK/bad.conf"

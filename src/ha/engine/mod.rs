@@ -93,7 +93,7 @@
 //!   are flow-controlled. A snapshot counts as one in-flight message until acknowledged.
 
 use crate::config::{Config, HaConfig, SyncLevel};
-use crate::model::{Change, NodeId, Record, Role, Seq};
+use crate::model::{Change, NodeId, Readiness, Record, Role, Seq};
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -360,8 +360,10 @@ pub struct EngineStatus {
     pub peer: NodeId,
     pub role: Role,
     pub ready: bool,
-    /// Why the node is (not) ready, in a few words.
-    pub ready_reason: String,
+    /// Why the node is (not) ready.
+    pub readiness: Readiness,
+    /// While waiting for the peer at start: how much of the start-up grace is left.
+    pub grace_left_ms: Option<u64>,
     pub link: LinkState,
     /// `ack` or `async`.
     pub sync: &'static str,
@@ -584,9 +586,19 @@ impl Engine {
 
     /// Whether this node may serve as the active master; see the module doc.
     pub fn is_ready(&self) -> bool {
+        self.readiness().is_ready()
+    }
+
+    /// Why this node is (not) ready; see the module doc.
+    pub fn readiness(&self) -> Readiness {
         match &self.link {
-            Some(link) => link.inb.done,
-            None => self.ever_ready && !self.stale,
+            Some(link) if link.inb.done => Readiness::CaughtUp,
+            Some(link) if link.inb.snapshot.is_some() => Readiness::ReceivingSnapshot,
+            Some(_) => Readiness::CatchingUp,
+            None if self.stale => Readiness::Stale,
+            None if self.ready_by_grace && self.last_resync_received.is_none() => Readiness::AloneAfterGrace,
+            None if self.ever_ready => Readiness::PeerUnreachable,
+            None => Readiness::WaitingForPeer,
         }
     }
 
@@ -651,7 +663,7 @@ impl Engine {
         }
         let ready = self.is_ready();
         if ready != was_ready {
-            tracing::info!(peer = %self.cfg.peer, ready, reason = %self.ready_reason(), "readiness changed");
+            tracing::info!(peer = %self.cfg.peer, ready, readiness = %self.readiness(), "{}", self.readiness().describe());
         }
         out
     }
@@ -660,23 +672,10 @@ impl Engine {
         self.now = self.now.max(now);
     }
 
-    fn ready_reason(&self) -> String {
-        match &self.link {
-            Some(link) if link.inb.done => "caught up with the peer".into(),
-            Some(link) if link.inb.snapshot.is_some() => "receiving a snapshot from the peer".into(),
-            Some(_) => "catching up with the peer".into(),
-            None if self.stale => "lost the active role while cut off from the peer; \
-                 not ready before resynchronising with it"
-                .into(),
-            None if self.ready_by_grace && self.last_resync_received.is_none() => {
-                "the peer stayed unreachable for the start-up grace period".into()
-            }
-            None if self.ever_ready => "peer unreachable; data as of the last resync".into(),
-            None => {
-                let left = self.grace_ms().saturating_sub(self.now.saturating_sub(self.down_since));
-                format!("waiting for the peer (start-up grace, {left} ms left)")
-            }
-        }
+    /// While waiting for the peer at start: what is left of the start-up grace.
+    fn grace_left_ms(&self) -> Option<u64> {
+        (self.readiness() == Readiness::WaitingForPeer)
+            .then(|| self.grace_ms().saturating_sub(self.now.saturating_sub(self.down_since)))
     }
 
     fn grace_ms(&self) -> u64 {
@@ -708,7 +707,8 @@ impl Engine {
             peer: self.cfg.peer.clone(),
             role: self.role,
             ready: self.is_ready(),
-            ready_reason: self.ready_reason(),
+            readiness: self.readiness(),
+            grace_left_ms: self.grace_left_ms(),
             link,
             sync: match self.cfg.sync {
                 SyncLevel::Ack => "ack",

@@ -532,7 +532,7 @@ impl World {
                 self.wire[i].len(),
                 n.db_queue.len(),
                 st.ready,
-                st.ready_reason,
+                st.readiness,
                 st.link,
                 st.local_head,
                 st.peer_acked,

@@ -535,9 +535,12 @@ fn ready_after_the_startup_grace_without_a_peer() {
     e.step(Event::PeerDisconnected { reason: "connection refused".into(), now: 20 });
     e.step(Event::Tick { now: 4999 });
     assert!(!e.is_ready());
-    assert!(e.status().ready_reason.contains("start-up grace"));
+    assert_eq!(e.status().readiness, Readiness::WaitingForPeer);
+    assert_eq!(e.status().grace_left_ms, Some(1));
     e.step(Event::Tick { now: 5000 });
     assert!(e.is_ready());
+    assert_eq!(e.status().readiness, Readiness::AloneAfterGrace);
+    assert_eq!(e.status().grace_left_ms, None);
     // It connects later: not ready until caught up.
     connect(&mut e, hello_b(Some(A_DB), 0, 0), 0, 6000);
     assert!(!e.is_ready());
@@ -563,10 +566,11 @@ fn not_ready_on_reconnect_until_caught_up_but_ready_while_apart() {
     assert!(e.is_ready(), "a standby that lost its peer must stay able to take over");
     connect(&mut e, hello_b(Some(A_DB), 0, 4), 0, 200);
     assert!(!e.is_ready());
-    assert!(e.status().ready_reason.contains("catching up"));
+    assert_eq!(e.status().readiness, Readiness::CatchingUp);
     // Lost again mid-catch-up: back to the data it had.
     e.step(Event::PeerDisconnected { reason: "cable".into(), now: 250 });
     assert!(e.is_ready());
+    assert_eq!(e.status().readiness, Readiness::PeerUnreachable);
     connect(&mut e, hello_b(Some(A_DB), 0, 4), 0, 300);
     msg(&mut e, PeerMsg::Changes { records: changes(1..=4) }, 301);
     msg(&mut e, PeerMsg::CaughtUp { head: Seq(4) }, 301);
@@ -589,7 +593,8 @@ fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
     e.step(Event::Tick { now: 620 });
     assert!(e.status().link == LinkState::Down);
     assert!(!e.is_ready(), "the peer may have taken over: not ready with old data");
-    assert!(e.status().ready_reason.contains("lost the active role"));
+    assert_eq!(e.status().readiness, Readiness::Stale);
+    assert!(!e.status().readiness.describe().contains("resynchronising"), "the link is down");
     // Not even after the start-up grace.
     e.step(Event::Tick { now: 10_000 });
     assert!(!e.is_ready());
