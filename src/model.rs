@@ -412,6 +412,9 @@ impl Record {
     /// See [`check_record`].
     pub fn check_bounds(&self) -> Result<(), BoundsError> {
         check_record(&self.id, &self.version.node, self.session.as_ref())
+    }
+}
+
 /// Whether a master may serve from its own session database, and why. One value, shown the
 /// same way by `tlctl ha status`, `tlctl ha check`, `/readyz`, the metrics and systemd's
 /// `STATUS=`; the broker refuses logins and writes in every state that is not ready.

@@ -68,6 +68,8 @@ pub fn die_of_sigpipe() -> ! {
         libc::raise(libc::SIGPIPE);
     }
     std::process::exit(141)
+}
+
 /// Exit status of `vsmclient` and `tlctl` when the master refused because it is not ready
 /// (resynchronising with its peer, or HA configured but off): try again in a few seconds.
 /// 75 is `EX_TEMPFAIL` of sysexits.h, "temporary failure; the user is invited to retry".
