@@ -4,6 +4,7 @@
 //! Invariant: output for people goes to stdout, problems to stderr with a non-zero exit; the
 //! `--json` forms print exactly one JSON document on stdout so scripts can parse them.
 
+pub mod hawatch;
 pub mod tlctl;
 pub mod vsmclient;
 pub mod vsmserver;

@@ -17,7 +17,7 @@ use std::time::Duration;
     name = "tlctl",
     version,
     about = "Administer the vsm cluster: sessions, agent load and high availability",
-    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)"
+    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl ha watch --track-file /run/vsm-watch/vsmserver.track   keepalived track file, crash noticed at once\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)"
 )]
 pub struct Args {
     /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
@@ -138,6 +138,16 @@ enum HaCmd {
         /// Print nothing.
         #[arg(short, long)]
         quiet: bool,
+    },
+    /// Keep FILE at 0 while this master answers and is ready, 1 otherwise, noticing a crash
+    /// at once (keepalived vrrp_track_file); runs until killed.
+    Watch {
+        /// The file keepalived tracks.
+        #[arg(long, value_name = "FILE")]
+        track_file: PathBuf,
+        /// Milliseconds between health checks.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        interval_ms: u64,
     },
     /// keepalived notify hook: tell vsmserver its VRRP state.
     Notify {
@@ -262,6 +272,15 @@ async fn run(args: Args) -> ExitCode {
                 }
             }
         }
+        Command::Ha(HaCmd::Watch { track_file, interval_ms }) => match &target {
+            Target::Unix(socket) => {
+                match super::hawatch::watch(socket, track_file, Duration::from_millis(*interval_ms)).await {
+                    Ok(()) => Ok(ExitCode::SUCCESS),
+                    Err(e) => Err((2, e.to_string())),
+                }
+            }
+            Target::Tcp { .. } => Err((2, "ha watch watches the local vsmserver only; drop --host".into())),
+        },
         Command::Ha(HaCmd::Notify { state, .. }) => {
             let state = match state {
                 NotifyState::Master => VrrpState::Master,
