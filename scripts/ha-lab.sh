@@ -131,6 +131,11 @@ pidfile() { echo "$LAB/pids/$1.$2.pid"; }
 
 tracked_pid() {
     local f
+    # heartbeat daemonizes and re-executes itself after a partition: found by name.
+    if [ "$2" = heartbeat ] && is_master "$1"; then
+        ns_pids_named "$(ns "$1")" heartbeat | head -n 1 | grep .
+        return
+    fi
     # Pacemaker's OCF agent starts vsmserver, so the lab finds it by name inside the node.
     if [ "$2" = vsmserver ] && is_master "$1" && [ "$(lab_manager)" = pacemaker ]; then
         ns_pids_named "$(ns "$1")" vsmserver | head -n 1 | grep .
@@ -706,8 +711,7 @@ start_heartbeat_cluster() {
         install -m 0755 "$HEARTBEAT_DIR/vsmserver" "$hd/resource.d/vsmserver"
     done
     for node in "${MASTERS[@]}"; do
-        # heartbeat daemonizes and re-executes itself after a partition: the lab follows the
-        # pid file in the node's own /run.
+        # heartbeat daemonizes: the lab finds it by name (tracked_pid); this file only lists it.
         ln -sf "$(node_dir "$node")/sys/run/heartbeat.pid" "$(pidfile "$node" heartbeat)"
         # The init script gets past policy-rc.d.
         node_exec "$node" /etc/init.d/heartbeat start >>"$(node_dir "$node")/log/heartbeat-init.log" 2>&1 ||
