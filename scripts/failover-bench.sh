@@ -2,13 +2,20 @@
 # failover-bench.sh: how long a user is without a master after a failure, with the real vsm
 # daemons in the HA lab (scripts/ha-lab.sh).
 #
-#   scripts/failover-bench.sh [-n RUNS] [-p "guide fast fast-tuned published"] [-t "cable vsmserver-kill"] [-b BIN_DIR]
+#   scripts/failover-bench.sh [-n RUNS] [-p "guide fast ..."] [-t "cable vsmserver-kill"] [-b BIN_DIR]
 #
-# Profiles: guide and fast are the keepalived profiles of config/keepalived/ with vsm's default
-# HA timers; fast-tuned is the fast profile with the masters' peer link timers shortened to
-# match it ($TUNED_KEYS below); published is the keepalived guide's file as published
-# (config/keepalived/published: no health check, so vsmserver-kill cannot move the VIP and is
-# skipped for it). For each profile it builds the lab once, logs testuser in
+# Profiles (default: all of them):
+#   guide, fast, subsecond  the keepalived profiles of config/keepalived/ with vsm's default
+#                           HA timers
+#   fast-tuned              fast with the masters' peer link timers shortened ($TUNED_KEYS)
+#   subsecond-tuned         subsecond with its matching timers ($SUBSECOND_KEYS)
+#   published               the keepalived guide's file as published (config/keepalived/published):
+#                           no health check, so vsmserver-kill cannot move the VIP and is skipped
+#   pacemaker-guide         Pacemaker/Corosync (config/pacemaker), corosync token 3000 ms
+#   pacemaker-tuned         the same with token 1000 ms
+#   heartbeat-guide         Heartbeat 3 (config/heartbeat): keepalive 1 s, deadtime 5 s
+#   heartbeat-tuned         keepalive 250 ms, deadtime 1 s
+# For each profile it builds the lab once, logs testuser in
 # through tlha (one session), then RUNS times per trigger: fails tlha-primary, and measures the time from the
 # trigger to the first `ssh testuser@tlha vsmclient connect --json` (strict host-key checking,
 # the lab's known_hosts) that returns the SAME session ("reconnect"), served by
@@ -21,6 +28,11 @@
 #                    check, tlctl ha check, moves the VIP); restore: start vsmserver again
 #   keepalived-stop  stop keepalived with TERM (it hands over); restore: start it
 #   keepalived-kill  SIGKILL keepalived (a crash); restore: start it once the old one is gone
+# (the keepalived triggers apply to the keepalived profiles only). Under Pacemaker, vsmserver is
+# restored by clearing its failure (pcs resource cleanup; Pacemaker starts it).
+#
+# The load average (1 min) is printed at the start and end of each profile: this machine may
+# be shared, and the figures mean little when it was busy.
 #
 # The probe runs in the client node: until the new master answers, it opens a TCP connection
 # to tlha:22 every 20 ms and reads the SSH banner, which names the answering master (the lab
@@ -41,15 +53,16 @@ export VSM_BIN_DIR=${VSM_BIN_DIR:-$REPO/target/release}
 export VSM_LAB_DAEMONS=1
 
 RUNS=5
-PROFILES="guide fast fast-tuned"
+PROFILES="guide fast fast-tuned subsecond subsecond-tuned published pacemaker-guide pacemaker-tuned heartbeat-guide heartbeat-tuned"
 # vsm settings of the fast-tuned profile: a vanished peer is noticed in 0.5 s, and a write
 # waits at most 0.3 s for its acknowledgement.
 TUNED_KEYS="/HA/heartbeat_interval=100ms /HA/peer_timeout=500ms /HA/sync_timeout=300ms"
+SUBSECOND_KEYS="/HA/heartbeat_interval=50ms /HA/peer_timeout=300ms /HA/sync_timeout=300ms"
 TRIGGERS="cable vsmserver-kill"
-PROBE_LIMIT=30 # seconds a single measurement may take
+PROBE_LIMIT=60 # seconds a single measurement may take (Heartbeat heals slowly)
 
 usage() {
-    sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'
     exit "${1:-0}"
 }
 
@@ -202,18 +215,24 @@ login_ms() {
     ms_between "$t0" "$t1"
 }
 
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
 SUMMARY=()
 for profile in $PROFILES; do
-    keys=
+    keys= manager=keepalived
     case $profile in
-        guide | fast | published) kprofile=$profile ;;
+        guide | fast | subsecond | published) kprofile=$profile ;;
         fast-tuned) kprofile=fast keys=$TUNED_KEYS ;;
-        *) die "unknown profile '$profile' (guide, fast, fast-tuned, published)" ;;
+        subsecond-tuned) kprofile=subsecond keys=$SUBSECOND_KEYS ;;
+        pacemaker-guide | pacemaker-tuned | heartbeat-guide | heartbeat-tuned)
+            manager=${profile%-*} kprofile=${profile#*-} ;;
+        *) die "unknown profile '$profile' (see -h)" ;;
     esac
-    say "profile $profile: building the lab with the daemons from $VSM_BIN_DIR${keys:+ and $keys}"
+    load_start=$(load1)
+    say "profile $profile: building the $manager lab with the daemons from $VSM_BIN_DIR${keys:+ and $keys} (load $load_start)"
     lab down >/dev/null 2>&1 || true
     LAB_UP=1
-    VSM_LAB_PROFILE=$kprofile VSM_LAB_HA_KEYS=$keys lab up >/dev/null
+    VSM_LAB_MANAGER=$manager VSM_LAB_PROFILE=$kprofile VSM_LAB_HA_KEYS=$keys lab up >/dev/null
     steady
     SESSION=$(lab exec client timeout 20 ssh "${SSH_OPTS[@]}" testuser@tlha vsmclient connect --json | jq -r .session_id)
     if [ -z "$SESSION" ] || [ "$SESSION" = null ]; then die "testuser got no session"; fi
@@ -224,9 +243,13 @@ for profile in $PROFILES; do
     for trigger in $TRIGGERS; do
         if [ "$kprofile" = published ] && [ "$trigger" = vsmserver-kill ]; then
             say "profile $profile: $trigger skipped: without a health check the VIP stays with a dead vsmserver"
-            SUMMARY+=("| $profile | $trigger | never: the VIP stays | | | | $LOGIN | | | |")
+            SUMMARY+=("| $profile | $trigger | never: the VIP stays | | | | $LOGIN | | | | |")
             continue
         fi
+        case $manager:$trigger in
+            keepalived:* | *:cable | *:vsmserver-kill) ;;
+            *) say "profile $profile: trigger $trigger applies to keepalived only; skipped"; continue ;;
+        esac
         trigger_cmds "$trigger"
         over=() back=() over_vip=() back_vip=()
         for run in $(seq "$RUNS"); do
@@ -240,7 +263,7 @@ for profile in $PROFILES; do
         read -r ovm _ _ <<<"$(stats "${over_vip[@]}")"
         read -r bm _ _ <<<"$(stats "${back[@]}")"
         read -r bvm _ _ <<<"$(stats "${back_vip[@]}")"
-        SUMMARY+=("| $profile | $trigger | $om | $omin | $omax | $ovm | $LOGIN | $bm | $bvm | ${over[*]} |")
+        SUMMARY+=("| $profile | $trigger | $om | $omin | $omax | $ovm | $LOGIN | $bm | $bvm | ${over[*]} | $load_start-$(load1) |")
     done
     lab down >/dev/null
     LAB_UP=0
@@ -250,6 +273,6 @@ echo
 echo "Failover: trigger on tlha-primary to the first \`ssh testuser@tlha vsmclient connect --json\`"
 echo "that returns the same session (ms; $RUNS runs each; $(nproc) CPUs)"
 echo
-echo "| profile | trigger | reconnect median | min | max | VIP moved (median) | one login | failback: reconnect median | failback: VIP moved | reconnect, every run |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| profile | trigger | reconnect median | min | max | VIP moved (median) | one login | failback: reconnect median | failback: VIP moved | reconnect, every run | load avg (1 min) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${SUMMARY[@]}"

@@ -26,10 +26,13 @@ LAB=${VSM_LAB_DIR:-/run/vsm-lab}
 PREFIX=${VSM_LAB_PREFIX:-vsmlab-}
 NET=${VSM_LAB_NET:-10.213.0}
 BIN_DIR=${VSM_BIN_DIR:-$REPO/target/debug}
-PROFILE_DEFAULT=${VSM_LAB_PROFILE:-fast}
+MANAGER=${VSM_LAB_MANAGER:-keepalived}
+PROFILE_WANTED=${VSM_LAB_PROFILE:-}
 DAEMONS_WANTED=${VSM_LAB_DAEMONS:-auto}
 TIMEOUT=${VSM_LAB_TIMEOUT:-90}
 KEEPALIVED_DIR=${VSM_KEEPALIVED_DIR:-$REPO/config/keepalived}
+PACEMAKER_DIR=$REPO/config/pacemaker
+HEARTBEAT_DIR=$REPO/config/heartbeat
 # Children (the daemons' wrappers run this script again) must see the same settings.
 export VSM_LAB_DIR=$LAB VSM_LAB_PREFIX=$PREFIX VSM_LAB_NET=$NET
 # Plain logs (no ANSI colours) from the daemons, so they can be grepped.
@@ -44,7 +47,7 @@ USERS=(testuser testuser2 testuser3)
 VSM_BINARIES=(vsmserver vsmagent vsmclient vsmconnect tlctl tl-config)
 # Directories bind-mounted per node (host path -> lab subdirectory).
 MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm
-    /run/vsmagent:run-vsmagent)
+    /run/vsmagent:run-vsmagent /run/vsm-watch:run-watch)
 
 declare -A ADDR=(
     [tlha-primary]=$NET.2 [tlha-secondary]=$NET.3
@@ -128,6 +131,16 @@ pidfile() { echo "$LAB/pids/$1.$2.pid"; }
 
 tracked_pid() {
     local f
+    # heartbeat daemonizes and re-executes itself after a partition: found by name.
+    if [ "$2" = heartbeat ] && is_master "$1"; then
+        ns_pids_named "$(ns "$1")" heartbeat | head -n 1 | grep .
+        return
+    fi
+    # Pacemaker's OCF agent starts vsmserver, so the lab finds it by name inside the node.
+    if [ "$2" = vsmserver ] && is_master "$1" && [ "$(lab_manager)" = pacemaker ]; then
+        ns_pids_named "$(ns "$1")" vsmserver | head -n 1 | grep .
+        return
+    fi
     f=$(pidfile "$1" "$2")
     [ -s "$f" ] && cat "$f"
 }
@@ -156,14 +169,17 @@ cmd_enter() {
     local nd
     nd=$(node_dir "$node")
     hostname "$node"
+    if [ -d "$nd/sys" ]; then enter_cluster_dirs "$nd"; fi
     for m in "${MOUNTS[@]}"; do
         dir=${m%%:*}
         mount --bind "$nd/${m#*:}" "$dir"
     done
-    mount --bind "$nd/tmp" /tmp
     if [ -d "$LAB/usr-local-bin" ]; then
         mount --bind "$LAB/usr-local-bin" /usr/local/bin
     fi
+    if [ -d "$nd/sys" ]; then enter_cluster_binds "$nd"; fi
+    # /tmp last: a bind whose source is below /tmp would not be found after it.
+    mount --bind "$nd/tmp" /tmp
     if [ -n "${VSM_LAB_PIDFILE:-}" ]; then
         echo $$ >"$VSM_LAB_PIDFILE"
         unset VSM_LAB_PIDFILE
@@ -297,6 +313,11 @@ make_mountpoints() {
     if [ ! -d /run/sshd ]; then
         mkdir -m 0755 /run/sshd
         echo /run/sshd >>"$LAB/created-mountpoints"
+    fi
+    # Pacemaker finds the vsm OCF agent (provider "vsm") here; each master binds the lab's copy.
+    if [ "$MANAGER" = pacemaker ] && [ ! -d /usr/lib/ocf/resource.d/vsm ]; then
+        mkdir -p /usr/lib/ocf/resource.d/vsm
+        echo /usr/lib/ocf/resource.d/vsm >>"$LAB/created-mountpoints"
     fi
 }
 
@@ -460,6 +481,10 @@ configure_vsm() {
         tlconfig "$node" '/subclusters/default/agents=agent1 agent2'
         tlconfig "$node" /HA/secret_file=/etc/vsm/ha.key /vsm/secret_file=/etc/vsm/cluster.key
         tlconfig "$node" /HA/enabled=1 '/HA/nodes=tlha-primary tlha-secondary'
+        if [ "$MANAGER" = pacemaker ]; then
+            # Pacemaker runs its alert agent (tlctl ha notify) as the user hacluster.
+            tlconfig "$node" /vsmserver/admin_group=haclient
+        fi
         if [ -n "${VSM_LAB_HA_KEYS:-}" ]; then
             # shellcheck disable=SC2086  # space-separated assignments
             tlconfig "$node" $VSM_LAB_HA_KEYS
@@ -485,7 +510,7 @@ configure_vsm() {
 render_keepalived() {
     local node=$1 profile=$2 src out check notify
     src=$KEEPALIVED_DIR/$profile/keepalived-${node#tlha-}.conf
-    [ -f "$src" ] || die "no keepalived configuration $src (profiles: guide, fast, published)"
+    [ -f "$src" ] || die "no keepalived configuration $src (profiles: guide, fast, subsecond, published)"
     out=$(node_dir "$node")/keepalived.conf
     if [ "$(lab_mode)" = daemons ]; then
         check=/usr/local/bin/tlctl\ ha\ check
@@ -504,6 +529,17 @@ render_keepalived() {
     fi
 }
 
+# keepalived's track file (/run/vsm-watch/vsmserver.track in config/keepalived/fast and subsecond):
+# kept by `tlctl ha watch` when the vsm daemons run, else held at 0 (healthy) by the lab.
+start_watch() {
+    local node=$1
+    if [ "$(lab_mode)" = daemons ]; then
+        spawn "$node" hawatch /usr/local/bin/tlctl ha watch --track-file /run/vsm-watch/vsmserver.track
+    else
+        echo 0 >"$(node_dir "$node")/run-watch/vsmserver.track"
+    fi
+}
+
 start_keepalived() {
     local node=$1 profile=$2 nd
     nd=$(node_dir "$node")
@@ -516,6 +552,193 @@ start_keepalived() {
     spawn "$node" keepalived keepalived -P -n -l -D -G -f "$nd/keepalived.conf" \
         -p "$nd/run/keepalived.pid" -r "$nd/run/keepalived-vrrp.pid" \
         -c "$nd/run/keepalived-checkers.pid" -b "$nd/run/keepalived-bfd.pid"
+}
+
+# ---------------------------------------------------------------------------------------
+# HA managers: keepalived (default), Pacemaker/Corosync or Heartbeat moves the VIP.
+
+lab_manager() { cat "$LAB/manager" 2>/dev/null || echo keepalived; }
+
+default_profile() {
+    case $1 in
+        keepalived) echo fast ;;
+        pacemaker | heartbeat) echo tuned ;;
+        *) die "unknown HA manager '$1' (expected keepalived, pacemaker or heartbeat)" ;;
+    esac
+}
+
+# check_profile MANAGER PROFILE: prints PROFILE if MANAGER has it.
+check_profile() {
+    local want
+    case $1 in
+        keepalived) want="guide fast subsecond published" ;;
+        pacemaker | heartbeat) want="guide tuned" ;;
+        *) die "unknown HA manager '$1' (expected keepalived, pacemaker or heartbeat)" ;;
+    esac
+    case " $want " in
+        *" $2 "*) echo "$2" ;;
+        *) die "the $1 profiles are: $want (got '$2')" ;;
+    esac
+}
+
+manager_tools() {
+    case $1 in
+        keepalived) echo keepalived ;;
+        pacemaker) echo corosync corosync-keygen pacemakerd crm_mon pcs ;;
+        heartbeat) echo "$HEARTBEAT_BIN" ifconfig ;;
+    esac
+}
+
+HEARTBEAT_BIN=/usr/libexec/heartbeat/heartbeat
+
+# Directories a cluster manager keeps per node (its configuration, state, identity and shared
+# memory), private to each master as copies seeded from the host's. /run is handled apart.
+cluster_dirs() {
+    case $1 in
+        pacemaker) echo /etc/corosync /var/lib/corosync /var/lib/pacemaker /var/log/pacemaker /dev/shm ;;
+        heartbeat) echo /etc/ha.d /var/lib/heartbeat /dev/shm ;;
+    esac
+}
+
+# Seeds NODE's private copies (<node>/sys/PATH) of the manager's directories and of /run.
+make_cluster_dirs() {
+    local node=$1 nd d sys
+    nd=$(node_dir "$node")
+    sys=$nd/sys
+    mkdir -p "$sys/run"
+    chmod 0755 "$sys" "$sys/run"
+    for d in $(cluster_dirs "$MANAGER"); do
+        mkdir -p "$sys$(dirname "$d")"
+        if [ -d "$d" ]; then cp -a "$d" "$sys$d"; else mkdir -p "$sys$d"; fi
+    done
+    chmod 1777 "$sys/dev/shm"
+    # A private /run: pid files and state of corosync, pacemaker, heartbeat and the resource
+    # agents are per node. Keep what the lab's daemons need from the host's.
+    for d in crm heartbeat lock resource-agents user sshd; do
+        if [ -d "/run/$d" ]; then cp -a "/run/$d" "$sys/run/"; fi
+    done
+    if [ "$MANAGER" = pacemaker ]; then
+        install -d -m 0750 -o hacluster -g haclient "$sys/run/pacemaker"
+    fi
+    for d in "${MOUNTS[@]}"; do
+        case ${d%%:*} in /run/*) mkdir -p "$sys${d%%:*}" ;; esac
+    done
+    # The lab directory stays reachable at its path when it lives below /run.
+    case $LAB in /run/*) mkdir -p "$sys$LAB" ;; esac
+}
+
+# Internal (cmd_enter, first): a private /run for a cluster master.
+enter_cluster_dirs() {
+    local nd=$1
+    case $LAB in /run/*) mount --bind "$LAB" "$nd/sys$LAB" ;; esac
+    mount --rbind "$nd/sys/run" /run
+}
+
+# Internal (cmd_enter, after the lab's own mounts, before /tmp): the manager's directories.
+enter_cluster_binds() {
+    local nd=$1 d
+    for d in $(cluster_dirs "$(lab_manager)"); do
+        mount --bind "$nd/sys$d" "$d"
+    done
+    if [ -d "$LAB/ocf-vsm" ] && [ -d /usr/lib/ocf/resource.d/vsm ]; then
+        mount --bind "$LAB/ocf-vsm" /usr/lib/ocf/resource.d/vsm
+    fi
+}
+
+# ----- Pacemaker and Corosync
+
+# Corosync token timeout (ms) of each Pacemaker profile.
+corosync_token() {
+    case $1 in
+        guide) echo 3000 ;;
+        tuned) echo "${VSM_LAB_COROSYNC_TOKEN:-1000}" ;;
+    esac
+}
+
+# corosync.conf for the lab from the shipped file: the lab's addresses and the profile's token.
+render_corosync() {
+    local profile=$1 out=$2 src=$PACEMAKER_DIR/corosync.conf
+    sed -e "s/ring0_addr: 10\.0\.0\.2\$/ring0_addr: ${ADDR[tlha-primary]}/" \
+        -e "s/ring0_addr: 10\.0\.0\.3\$/ring0_addr: ${ADDR[tlha-secondary]}/" \
+        -e "s/^\( *token:\) [0-9]*\$/\1 $(corosync_token "$profile")/" \
+        -e 's/^\( *to_syslog:\) yes$/\1 no/' "$src" >"$out"
+    if grep -q '10\.0\.0\.' "$out" || ! grep -q "token: $(corosync_token "$profile")\$" "$out"; then
+        die "could not render $src: its addresses or token do not have the expected form"
+    fi
+}
+
+pacemaker_online() { # both nodes online in the primary's view
+    node_exec tlha-primary crm_mon -1 2>/dev/null | grep -q 'Online: \[ tlha-primary tlha-secondary \]'
+}
+
+start_pacemaker_cluster() {
+    local profile=$1 node nd
+    [ "$(lab_mode)" = daemons ] || die "the Pacemaker lab needs the vsm daemons (the OCF agent runs vsmserver)"
+    corosync-keygen -k "$LAB/corosync-authkey" >/dev/null 2>&1 || die "corosync-keygen failed"
+    mkdir -p "$LAB/ocf-vsm"
+    chmod 0755 "$LAB/ocf-vsm"
+    install -m 0755 "$PACEMAKER_DIR/vsmserver" "$LAB/ocf-vsm/vsmserver"
+    install -m 0755 "$PACEMAKER_DIR/vsm-alert" "$LAB/bin/vsm-alert"
+    for node in "${MASTERS[@]}"; do
+        nd=$(node_dir "$node")
+        render_corosync "$profile" "$nd/sys/etc/corosync/corosync.conf"
+        install -m 0400 "$LAB/corosync-authkey" "$nd/sys/etc/corosync/authkey"
+        spawn "$node" corosync corosync -f
+    done
+    for node in "${MASTERS[@]}"; do
+        spawn "$node" pacemakerd env PCMK_logfile="$(node_dir "$node")/log/pacemaker.log" pacemakerd
+    done
+    # The first DC election waits for dc-deadtime (20 s).
+    poll "$TIMEOUT" pacemaker_online || die "Pacemaker did not see both masters online within ${TIMEOUT}s"
+    node_exec tlha-primary env VIP="$VIP" CIDR=24 NIC=eth0 PRIMARY=tlha-primary \
+        VSMSERVER=/usr/local/bin/vsmserver TLCTL=/usr/local/bin/tlctl AGENT_LOG=/run/vsm/vsmserver.log \
+        ALERT="$LAB/bin/vsm-alert" FENCING=none sh "$PACEMAKER_DIR/vsm-pcs.sh" >>"$LAB/pcs.log" 2>&1 ||
+        die "configuring the Pacemaker resources failed (see $LAB/pcs.log)"
+    for node in "${MASTERS[@]}"; do
+        ln -sf ../run-vsm/vsmserver.log "$(node_dir "$node")/log/vsmserver.log"
+    done
+}
+
+# ----- Heartbeat 3 (legacy, haresources mode)
+
+# ha.cf timing of each Heartbeat profile.
+heartbeat_timing() {
+    case $1 in
+        guide) echo "keepalive 1|warntime 3|deadtime 5" ;;
+        tuned) echo "keepalive 250ms|warntime 750ms|deadtime 1" ;;
+    esac
+}
+
+start_heartbeat_cluster() {
+    local profile=$1 node nd hd timing
+    [ "$(lab_mode)" = daemons ] || die "the Heartbeat lab needs the vsm daemons"
+    install -m 0755 "$HEARTBEAT_DIR/vsm-hb-watch" "$LAB/bin/vsm-hb-watch"
+    printf 'auth 1\n1 sha1 %s\n' "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$LAB/authkeys"
+    IFS='|' read -r -a timing <<<"$(heartbeat_timing "$profile")"
+    for node in "${MASTERS[@]}"; do
+        nd=$(node_dir "$node")
+        hd=$nd/sys/etc/ha.d
+        install -m 0600 "$LAB/authkeys" "$hd/authkeys"
+        sed -e "s#^logfacility .*#logfile $nd/log/heartbeat.log#" \
+            -e "s#^ucast eth0 10\.0\.0\.2\$#ucast eth0 ${ADDR[tlha-primary]}#" \
+            -e "s#^ucast eth0 10\.0\.0\.3\$#ucast eth0 ${ADDR[tlha-secondary]}#" \
+            -e "s#^keepalive .*#${timing[0]}#" -e "s#^warntime .*#${timing[1]}#" \
+            -e "s#^deadtime .*#${timing[2]}#" -e "s#^initdead .*#initdead 10#" \
+            -e "s#^respawn root /usr/lib/vsm/vsm-hb-watch\$#respawn root $LAB/bin/vsm-hb-watch#" \
+            "$HEARTBEAT_DIR/ha.cf" >"$hd/ha.cf"
+        sed -e "s#IPaddr::10\.0\.0\.4/24/eth0#IPaddr::$VIP/24/eth0#" "$HEARTBEAT_DIR/haresources" >"$hd/haresources"
+        if grep -q '10\.0\.0\.' "$hd/ha.cf" "$hd/haresources" || ! grep -q "respawn root $LAB/" "$hd/ha.cf"; then
+            die "could not render the Heartbeat files of $HEARTBEAT_DIR for the lab"
+        fi
+        install -m 0755 "$HEARTBEAT_DIR/vsmserver" "$hd/resource.d/vsmserver"
+    done
+    for node in "${MASTERS[@]}"; do
+        # heartbeat daemonizes: the lab finds it by name (tracked_pid); this file only lists it.
+        ln -sf "$(node_dir "$node")/sys/run/heartbeat.pid" "$(pidfile "$node" heartbeat)"
+        # The init script gets past policy-rc.d.
+        node_exec "$node" /etc/init.d/heartbeat start >>"$(node_dir "$node")/log/heartbeat-init.log" 2>&1 ||
+            die "heartbeat did not start on $node (see $(node_dir "$node")/log/)"
+    done
 }
 
 tcp_open() { # NODE ADDRESS PORT: can NODE open a TCP connection to ADDRESS:PORT?
@@ -534,13 +757,21 @@ start_daemon_named() {
         sshd) start_sshd "$node" ;;
         keepalived) is_master "$node" || die "keepalived runs on the masters only"
             start_keepalived "$node" "$(cat "$LAB/profile")" ;;
+        hawatch) is_master "$node" || die "hawatch runs on the masters only"
+            start_watch "$node" ;;
         vsmserver) is_master "$node" || die "vsmserver runs on the masters only"
             [ "$(lab_mode)" = daemons ] || die "the lab runs without vsm daemons"
-            spawn "$node" vsmserver /usr/local/bin/vsmserver ;;
+            if [ "$(lab_manager)" = pacemaker ]; then
+                # Pacemaker starts it again once the failure that banned it here is cleared.
+                node_exec "$node" pcs resource cleanup vsmserver node="$node" >/dev/null ||
+                    die "pcs resource cleanup vsmserver failed on $node"
+            else
+                spawn "$node" vsmserver /usr/local/bin/vsmserver
+            fi ;;
         vsmagent) is_agent "$node" || die "vsmagent runs on the agents only"
             [ "$(lab_mode)" = daemons ] || die "the lab runs without vsm daemons"
             spawn "$node" vsmagent /usr/local/bin/vsmagent ;;
-        *) die "unknown daemon '$name' (expected sshd, keepalived, vsmserver or vsmagent)" ;;
+        *) die "unknown daemon '$name' (expected sshd, keepalived, hawatch, vsmserver or vsmagent)" ;;
     esac
 }
 
@@ -564,20 +795,27 @@ ssh_is() { [ "$(ssh_answer)" = "$1" ]; }
 
 cmd_up() {
     need_root
-    local node mode profile=$PROFILE_DEFAULT
+    local node mode profile
+    while [ $# -gt 0 ]; do
+        case $1 in
+            --manager) [ $# -ge 2 ] || die "--manager needs a value"; MANAGER=$2; shift 2 ;;
+            --manager=*) MANAGER=${1#--manager=}; shift ;;
+            *) die "unknown option to up: '$1' (expected --manager keepalived|pacemaker|heartbeat)" ;;
+        esac
+    done
+    profile=$(check_profile "$MANAGER" "${PROFILE_WANTED:-$(default_profile "$MANAGER")}")
     case $LAB in
         /tmp | /tmp/*) die "VSM_LAB_DIR must not be under /tmp: every node gets a private /tmp" ;;
         /*) ;;
         *) die "VSM_LAB_DIR must be an absolute path (got '$LAB')" ;;
     esac
-    case $profile in guide | fast | published) ;; *) die "VSM_LAB_PROFILE must be guide, fast or published" ;; esac
     for node in $(lab_namespaces); do
         if ns_exists "$node" || [ -e "/etc/netns/$node" ]; then
             die "leftovers of a lab exist ($node); run: $0 down"
         fi
     done
     [ ! -e "$LAB" ] || die "$LAB exists; run: $0 down"
-    for node in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc useradd; do
+    for node in ip unshare /usr/sbin/sshd ssh ssh-keygen Xvnc useradd $(manager_tools "$MANAGER"); do
         command -v "$node" >/dev/null || die "$node is missing; run scripts/install-test-deps.sh"
     done
 
@@ -588,7 +826,8 @@ cmd_up() {
     touch "$LAB/.vsm-lab"
     echo "$mode" >"$LAB/mode"
     echo "$profile" >"$LAB/profile"
-    say "building the lab in $LAB (namespaces ${PREFIX}*, subnet $NET.0/24, keepalived profile $profile, $mode)"
+    echo "$MANAGER" >"$LAB/manager"
+    say "building the lab in $LAB (namespaces ${PREFIX}*, subnet $NET.0/24, $MANAGER profile $profile, $mode)"
 
     make_mountpoints
     for node in "${NODES[@]}"; do
@@ -604,12 +843,25 @@ cmd_up() {
         configure_vsm
     fi
 
+    if [ "$MANAGER" != keepalived ]; then
+        for node in "${MASTERS[@]}"; do make_cluster_dirs "$node"; done
+    fi
     for node in "${MASTERS[@]}" "${AGENTS[@]}"; do start_sshd "$node"; done
     if [ "$mode" = daemons ]; then
-        for node in "${MASTERS[@]}"; do start_daemon_named "$node" vsmserver; done
+        # Under Pacemaker, the cluster starts vsmserver (the OCF agent); otherwise the lab does.
+        if [ "$MANAGER" != pacemaker ]; then
+            for node in "${MASTERS[@]}"; do start_daemon_named "$node" vsmserver; done
+        fi
         for node in "${AGENTS[@]}"; do start_daemon_named "$node" vsmagent; done
     fi
-    for node in "${MASTERS[@]}"; do start_keepalived "$node" "$profile"; done
+    case $MANAGER in
+        keepalived)
+            for node in "${MASTERS[@]}"; do start_watch "$node"; done
+            for node in "${MASTERS[@]}"; do start_keepalived "$node" "$profile"; done
+            ;;
+        pacemaker) start_pacemaker_cluster "$profile" ;;
+        heartbeat) start_heartbeat_cluster "$profile" ;;
+    esac
 
     if ! poll "$TIMEOUT" vip_is tlha-primary; then
         die "the VIP did not come up on tlha-primary within ${TIMEOUT}s (holders: '$(vip_holders)'; see $LAB/nodes/*/log/)"
@@ -713,7 +965,7 @@ cmd_status() {
         return 0
     fi
     mode=$(lab_mode)
-    echo "lab:      $LAB ($mode, keepalived profile $(cat "$LAB/profile"))"
+    echo "lab:      $LAB ($mode, $(lab_manager) profile $(cat "$LAB/profile"))"
     echo "VIP:      $VIP ($VIP_NAME) held by: $(vip_holders)"
     for node in "${NODES[@]}"; do
         n=$(ns "$node")
@@ -723,7 +975,7 @@ cmd_status() {
         fi
         local link procs=""
         link=$(ip -n "$n" -o link show dev eth0 2>/dev/null | grep -q 'state UP' && echo up || echo down)
-        for name in sshd keepalived vsmserver vsmagent xvnc; do
+        for name in sshd keepalived hawatch corosync pacemakerd heartbeat vsmserver vsmagent xvnc; do
             [ -e "$(pidfile "$node" "$name")" ] || continue
             if pid=$(daemon_pid "$node" "$name"); then
                 procs+=" $name=$pid"
@@ -817,7 +1069,8 @@ cmd_set_profile() {
     need_root
     need_up
     local profile=${1:-} node
-    case $profile in guide | fast | published) ;; *) die "usage: $0 set-profile guide|fast|published" ;; esac
+    [ "$(lab_manager)" = keepalived ] || die "set-profile switches keepalived profiles; this lab runs $(lab_manager)"
+    case $profile in guide | fast | subsecond | published) ;; *) die "usage: $0 set-profile guide|fast|subsecond|published" ;; esac
     for node in "${MASTERS[@]}"; do stop_daemon "$node" keepalived TERM; done
     echo "$profile" >"$LAB/profile"
     for node in "${MASTERS[@]}"; do start_keepalived "$node" "$profile"; done
@@ -861,8 +1114,10 @@ usage() {
     cat <<EOF
 usage: $0 COMMAND [ARGS]
 
-  up                        build the lab and start sshd, keepalived (and vsm daemons when
-                            usable binaries are in VSM_BIN_DIR); waits for the VIP
+  up [--manager M]          build the lab and start sshd, the HA manager M (keepalived,
+                            pacemaker or heartbeat; default VSM_LAB_MANAGER or keepalived)
+                            and the vsm daemons when usable binaries are in VSM_BIN_DIR;
+                            waits for the VIP
   down                      stop everything the lab started, remove its namespaces, files
   status                    nodes, processes, cables, VIP holder
   pull-cable NODE           take the node's eth0 down
@@ -871,15 +1126,19 @@ usage: $0 COMMAND [ARGS]
   exec NODE CMD [ARG...]    run a command inside a node (hostname, /etc, mounts)
   spawn NODE NAME CMD...    start a tracked background process inside a node
   kill-daemon NODE NAME [SIG]  signal a tracked daemon (default KILL)
-  start-daemon NODE NAME    (re)start sshd, keepalived, vsmserver or vsmagent
+  start-daemon NODE NAME    (re)start sshd, keepalived, hawatch, vsmserver or vsmagent
+                            (under Pacemaker, vsmserver: clear its failure, Pacemaker starts it)
   stop-daemon NODE NAME     stop a tracked daemon with TERM and wait
-  set-profile guide|fast|published  restart both keepalived instances with another profile
+  set-profile PROFILE       restart both keepalived instances with another profile
+                            (guide, fast, subsecond, published)
   wait-vip NODE [SECONDS]   wait until exactly NODE holds the VIP
   wait-ssh NODE [SECONDS]   wait until ssh to tlha from the client is answered by NODE
   logs [NODE]               tail the lab's logs
 
 Nodes: ${NODES[*]}
-Environment: VSM_LAB_DIR ($LAB), VSM_BIN_DIR ($BIN_DIR), VSM_LAB_PROFILE ($PROFILE_DEFAULT),
+Environment: VSM_LAB_DIR ($LAB), VSM_BIN_DIR ($BIN_DIR), VSM_LAB_MANAGER ($MANAGER),
+  VSM_LAB_PROFILE (keepalived: guide, fast, subsecond, default fast; pacemaker and heartbeat:
+  guide, tuned, default tuned),
   VSM_LAB_DAEMONS (auto|1|0), VSM_LAB_NET ($NET), VSM_LAB_PREFIX ($PREFIX), VSM_LAB_TIMEOUT,
   VSM_LAB_KEEP=1 (down keeps the lab directory and its logs),
   VSM_LAB_HA_KEYS (extra tl-config assignments for both masters, e.g. "/HA/peer_timeout=1s")
@@ -890,7 +1149,7 @@ main() {
     local cmd=${1:-}
     [ $# -gt 0 ] && shift
     case $cmd in
-        up) cmd_up ;;
+        up) cmd_up "$@" ;;
         down) cmd_down ;;
         status) cmd_status ;;
         pull-cable) cmd_cable pull "$@" ;;

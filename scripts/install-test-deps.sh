@@ -34,9 +34,27 @@ packages=(
     binutils                    # strip, for cargo deb --strip
     systemd                     # systemd-analyze verify of the installed units (tests/package.rs)
     lintian                     # checks the Debian package (tests/package.rs)
+    pacemaker                   # Pacemaker/Corosync lab (ha-lab.sh up --manager pacemaker)
+    corosync
+    pcs                         # the pcs commands of docs/ha-setup.md (config/pacemaker/vsm-pcs.sh)
+    crmsh                       # crm, for diagnostics
+    iputils-arping              # ocf:heartbeat:ethmonitor refuses to run without arping
+    heartbeat                   # Heartbeat 3 lab (ha-lab.sh up --manager heartbeat)
+    net-tools                   # ifconfig, used by Heartbeat's IPaddr
 )
 
 apt-get update
+# The lab starts every daemon itself (in network namespaces); none of them may start on this
+# machine. Without systemd as PID 1 (CI), invoke-rc.d would start corosync, pacemaker, pcsd and
+# keepalived from their postinst scripts unless /usr/sbin/policy-rc.d denies it (exit 101), so
+# one is put in place for the install if the machine has none. With it, the postinst scripts
+# only create users (hacluster, haclient) and directories.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# installed by scripts/install-test-deps.sh for the duration of the install\nexit 101\n' \
+        >/usr/sbin/policy-rc.d
+    chmod 0755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get install -y --no-install-recommends "${packages[@]}"
 
 # cargo-deb builds the Debian package in tests/package.rs. Not packaged by Debian 12; building
@@ -47,7 +65,8 @@ fi
 
 missing=0
 for tool in ip unshare keepalived /usr/sbin/sshd ssh ssh-keygen Xvnc ocf-tester xmllint jq useradd \
-    xtigervncviewer Xvfb xwd xwininfo xdpyinfo xauth xsetroot; do
+    xtigervncviewer Xvfb xwd xwininfo xdpyinfo xauth xsetroot \
+    corosync corosync-keygen pacemakerd crm_mon pcs arping /usr/libexec/heartbeat/heartbeat ifconfig cl_status; do
     if ! command -v "$tool" >/dev/null 2>&1; then
         echo "install-test-deps: $tool still missing after install" >&2
         missing=1

@@ -40,13 +40,19 @@ const TOOLS: &[&str] = &[
     "xsetroot",
 ];
 
-/// One script to run, with its arguments, extra environment and time limit.
+/// Tools of the other HA managers, needed only by their steps.
+const PACEMAKER_TOOLS: &[&str] = &["corosync", "corosync-keygen", "pacemakerd", "crm_mon", "pcs", "arping"];
+const HEARTBEAT_TOOLS: &[&str] = &["/usr/libexec/heartbeat/heartbeat", "ifconfig", "cl_status"];
+
+/// One script to run, with its arguments, extra environment, time limit and the tools it
+/// needs beyond [`TOOLS`] (a step whose tools are missing fails, naming them).
 struct Step {
     name: &'static str,
     script: PathBuf,
     args: Vec<String>,
     env: Vec<(&'static str, String)>,
     limit: Duration,
+    needs: &'static [&'static str],
 }
 
 fn repo() -> PathBuf {
@@ -60,6 +66,9 @@ fn bin_dir() -> PathBuf {
 }
 
 fn on_path(tool: &str) -> bool {
+    if tool.starts_with('/') {
+        return Path::new(tool).is_file();
+    }
     let sbin = ["/usr/sbin", "/sbin"].iter().map(PathBuf::from);
     let path = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
     path.into_iter().chain(sbin).any(|d| d.join(tool).is_file())
@@ -148,6 +157,17 @@ fn namespace_end_to_end_tests() {
         args,
         env,
         limit,
+        needs: &[],
+    };
+    let manager = |name, manager: &str, needs, limit| Step {
+        needs,
+        ..step(
+            name,
+            e2e.join("failover.sh"),
+            vec![],
+            vec![bin.clone(), ("VSM_LAB_MANAGER", manager.to_string())],
+            limit,
+        )
     };
     let steps = vec![
         step("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
@@ -175,11 +195,30 @@ fn namespace_end_to_end_tests() {
             vec![bin.clone(), ("VSM_LAB_PROFILE", "guide".into())],
             min(4),
         ),
-        step("keepalived as the guide publishes it", e2e.join("guide-as-published.sh"), vec![], vec![bin], min(4)),
+        step(
+            "keepalived as the guide publishes it",
+            e2e.join("guide-as-published.sh"),
+            vec![],
+            vec![bin.clone()],
+            min(4),
+        ),
+        Step {
+            needs: PACEMAKER_TOOLS,
+            ..step("cluster-configs", e2e.join("cluster-configs.sh"), vec![], vec![], min(1))
+        },
+        manager("failover (Pacemaker/Corosync)", "pacemaker", PACEMAKER_TOOLS, min(6)),
+        manager("failover (Heartbeat)", "heartbeat", HEARTBEAT_TOOLS, min(6)),
     ];
     let started = Instant::now();
     let mut failures = Vec::new();
     for st in &steps {
+        let missing: Vec<&str> = st.needs.iter().copied().filter(|t| !on_path(t)).collect();
+        if !missing.is_empty() {
+            let why = format!("{}: missing {} (run scripts/install-test-deps.sh as root)", st.name, missing.join(", "));
+            note(&format!("e2e: FAILED {why}"));
+            failures.push(why);
+            continue;
+        }
         let args: Vec<&str> = st.args.iter().map(String::as_str).collect();
         if let Err(e) = run(st.name, &st.script, &args, &st.env, st.limit) {
             note(&format!("e2e: FAILED {e}"));

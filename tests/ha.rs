@@ -14,7 +14,7 @@ use std::time::Duration;
 use vsm::db::Write;
 use vsm::model::Readiness;
 use vsm::model::{Session, SessionId};
-use vsm::proto::api::{ApiErrorKind, ApiReply, ApiRequest};
+use vsm::proto::api::{ApiErrorKind, ApiReply, ApiRequest, VrrpState};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -831,4 +831,56 @@ async fn a_local_user_cannot_degrade_replication_grow_memory_or_hold_connections
     p.assert_converged().await;
     p.stop().await;
     agent.stop().await;
+}
+
+/// Clients of node `i` waiting for the peer's acknowledgement.
+fn waiters(m: &TestMaster) -> usize {
+    m.server().ha.replication_status().map(|s| s.waiters).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_made_active_stops_waiting_for_a_silent_peer() {
+    init_logging();
+    let d = cluster_dir();
+    // Timeouts far beyond the test's deadline: only the notification can answer b's clients.
+    let p = TestPair::start(d.path(), &[], |_, c| {
+        c.ha.sync_timeout = Duration::from_secs(600);
+        c.ha.peer_timeout = Duration::from_secs(600);
+    })
+    .await;
+    assert!(p.wait_streaming().await);
+    let before = p.b().put_session("before", GHOST).await;
+
+    // a's cable is pulled: the link stays open but nothing gets through. b's write waits for
+    // an acknowledgement that never comes, until the HA manager makes b active.
+    p.stall();
+    let during = async { p.b().put_session("during", GHOST).await };
+    let promote = async {
+        assert!(wait_until(T, || async { waiters(p.b()) == 1 }).await, "b's client waits for a");
+        p.b().call(ApiRequest::HaNotify { state: VrrpState::Master }).await
+    };
+    let (during, r) = tokio::time::timeout(T, async { tokio::join!(during, promote) })
+        .await
+        .expect("b answers its waiting client once it is made active");
+    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+    let st = p.b().ha_status().await;
+    assert!(st.degraded, "answered without the peer: {st:?}");
+    assert_eq!(st.link, "streaming", "the silent link is not declared dead before its timeout: {st:?}");
+    // Later writes are answered at once too.
+    let after = tokio::time::timeout(T, p.b().put_session("after", GHOST)).await.expect("answered without waiting");
+    assert_eq!(waiters(p.b()), 0);
+
+    // The cable is back (the stalled connection is gone for good): a gets everything, b waits
+    // for a again, and degraded clears.
+    p.cut();
+    p.heal();
+    assert!(p.wait_streaming().await, "the link comes back");
+    let ids: BTreeSet<SessionId> = [before.id, during.id, after.id].into_iter().collect();
+    assert!(wait_until(CONVERGE, || async { has_all(p.a(), &ids).await.is_ok() }).await);
+    let cleared = wait_until(CONVERGE, || async { !p.b().ha_status().await.degraded }).await;
+    assert!(cleared, "degraded clears once a has everything: {:?}", p.b().ha_status().await);
+    let acked = p.b().put_session("acked", GHOST).await;
+    assert!(p.a().server().db.get(&acked.id).await.unwrap().is_some(), "b waits for a's acknowledgement again");
+    p.assert_converged().await;
+    p.stop().await;
 }

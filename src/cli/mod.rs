@@ -5,6 +5,7 @@
 //! `--json` forms print exactly one JSON document on stdout so scripts can parse them.
 
 pub mod dist;
+pub mod hawatch;
 pub mod tlctl;
 pub mod vsmagent;
 pub mod vsmclient;

@@ -17,7 +17,7 @@ use std::time::Duration;
     name = "tlctl",
     version,
     about = "Administer the vsm cluster: sessions, agent load and high availability",
-    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)\n\nExit status: 0 done; 1 refused or failed; 2 vsmserver did not answer; 75 this master is not ready\n(resynchronising with its peer, or HA configured but off): a change was refused, try again."
+    after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl ha watch --track-file /run/vsm-watch/vsmserver.track   keepalived track file, crash noticed at once\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)\n\nExit status: 0 done; 1 refused or failed; 2 vsmserver did not answer; 75 this master is not ready\n(resynchronising with its peer, or HA configured but off): a change was refused, try again."
 )]
 pub struct Args {
     /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
@@ -166,6 +166,19 @@ enum HaCmd {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Keep FILE at 0 while this master answers and is ready, 1 otherwise, noticing a crash
+    /// at once (keepalived vrrp_track_file); runs until killed.
+    #[command(
+        after_help = "Examples:\n  tlctl ha watch --track-file /run/vsm-watch/vsmserver.track\n  tlctl ha watch --track-file /run/vsm-watch/vsmserver.track --interval-ms 100\n\nIn keepalived.conf: vrrp_track_file vsm { file /run/vsm-watch/vsmserver.track }, and a\nsystemd unit (vsm-watch.service) that runs this command."
+    )]
+    Watch {
+        /// The file keepalived tracks.
+        #[arg(long, value_name = "FILE")]
+        track_file: PathBuf,
+        /// Milliseconds between health checks.
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        interval_ms: u64,
+    },
     /// keepalived notify hook: tell vsmserver its VRRP state.
     #[command(
         after_help = "Examples:\n  tlctl ha notify MASTER    this node now holds the resource IP\n  tlctl ha notify BACKUP\n\nIn keepalived.conf: notify_master \"/usr/bin/tlctl ha notify MASTER\""
@@ -312,6 +325,15 @@ async fn run(args: Args) -> ExitCode {
                 }
             }
         }
+        Command::Ha(HaCmd::Watch { track_file, interval_ms }) => match &target {
+            Target::Unix(socket) => {
+                match super::hawatch::watch(socket, track_file, Duration::from_millis(*interval_ms)).await {
+                    Ok(()) => Ok(ExitCode::SUCCESS),
+                    Err(e) => Err((2, e.to_string())),
+                }
+            }
+            Target::Tcp { .. } => Err((2, "ha watch watches the local vsmserver only; drop --host".into())),
+        },
         Command::Ha(HaCmd::Notify { state, .. }) => {
             let state = match state {
                 NotifyState::Master => VrrpState::Master,

@@ -220,7 +220,7 @@ pub fn alive(pid: u32) -> bool {
 
 // ----- HA: two masters, a cuttable link between them, convergence checks -----
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use vsm::model::{Session, SessionId, SessionStatus};
 use vsm::proto::api::{ApiErrorKind, HaStatusView, Selector};
@@ -231,6 +231,8 @@ pub const CONVERGE: Duration = Duration::from_secs(30);
 struct ProxyState {
     target: u16,
     cut: bool,
+    /// While set, relayed bytes are dropped and connections stay open (a pulled cable).
+    stalled: Arc<AtomicBool>,
     /// Cancelled on `cut`: ends every connection proxied so far.
     conns: CancellationToken,
 }
@@ -248,26 +250,34 @@ impl Proxy {
     pub async fn start(target: u16) -> Proxy {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let state = Arc::new(Mutex::new(ProxyState { target, cut: false, conns: CancellationToken::new() }));
+        let state = Arc::new(Mutex::new(ProxyState {
+            target,
+            cut: false,
+            stalled: Arc::new(AtomicBool::new(false)),
+            conns: CancellationToken::new(),
+        }));
         let accepted = Arc::new(AtomicU64::new(0));
         let (st, acc) = (state.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut inbound, _)) = l.accept().await else { continue };
+                let Ok((inbound, _)) = l.accept().await else { continue };
                 acc.fetch_add(1, Ordering::SeqCst);
-                let (cut, target, token) = {
+                let (cut, target, token, stalled) = {
                     let s = st.lock().unwrap();
-                    (s.cut, s.target, s.conns.clone())
+                    (s.cut, s.target, s.conns.clone(), s.stalled.clone())
                 };
                 if cut {
                     drop(inbound);
                     continue;
                 }
                 tokio::spawn(async move {
-                    let Ok(mut out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else { return };
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = out.into_split();
                     tokio::select! {
                         _ = token.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut out) => {}
+                        _ = relay(ir, ow, stalled.clone()) => {}
+                        _ = relay(or, iw, stalled) => {}
                     }
                 });
             }
@@ -292,7 +302,16 @@ impl Proxy {
     }
 
     pub fn heal(&self) {
-        self.state.lock().unwrap().cut = false;
+        let mut s = self.state.lock().unwrap();
+        s.cut = false;
+        s.stalled.store(false, Ordering::SeqCst);
+    }
+
+    /// Drops every relayed byte from now on while keeping the connections open, like a pulled
+    /// cable: neither node notices until its peer timeout. A stalled stream is broken for good;
+    /// follow with [`Proxy::cut`] and [`Proxy::heal`].
+    pub fn stall(&self) {
+        self.state.lock().unwrap().stalled.store(true, Ordering::SeqCst);
     }
 
     pub fn is_cut(&self) -> bool {
@@ -302,6 +321,25 @@ impl Proxy {
     /// Connections accepted so far, relayed or turned away.
     pub fn accepted(&self) -> u64 {
         self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies `r` to `w` until either side closes; drops the bytes while `stalled`.
+async fn relay(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    stalled: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !stalled.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -422,6 +460,11 @@ impl TestPair {
 
     pub fn heal(&self) {
         self.proxy.heal();
+    }
+
+    /// The link between the nodes goes silent without closing (see [`Proxy::stall`]).
+    pub fn stall(&self) {
+        self.proxy.stall();
     }
 
     /// Waits until both nodes are ready and the link streams both ways.

@@ -228,7 +228,15 @@ step "5. kill -9 vsmserver on the active node (keepalived keeps running): the VI
 lab kill-daemon tlha-primary vsmserver KILL >/dev/null
 wait_for 30 "VIP only on tlha-secondary after vsmserver died" vip_on tlha-secondary
 wait_for 30 "ssh tlha answered by tlha-secondary after vsmserver died" answered_by tlha-secondary
-lab status | grep -E '^tlha-primary ' | grep -qE ' keepalived=[0-9]+' || fail "keepalived on tlha-primary is not running"
+case ${VSM_LAB_MANAGER:-keepalived} in
+    # heartbeat daemonizes; ask it through its own API.
+    heartbeat) lab exec tlha-primary cl_status hbstatus >/dev/null 2>&1 || fail "heartbeat on tlha-primary is not running" ;;
+    *)
+        manager_daemon=$(case ${VSM_LAB_MANAGER:-keepalived} in pacemaker) echo pacemakerd ;; *) echo keepalived ;; esac)
+        lab status | grep -E '^tlha-primary ' | grep -qE " $manager_daemon=[0-9]+" ||
+            fail "$manager_daemon on tlha-primary is not running"
+        ;;
+esac
 s1d=$(login testuser)
 same_session "$s1" "$s1d" "reconnect after vsmserver died on the active node"
 check_vnc "$s1d"

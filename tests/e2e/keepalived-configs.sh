@@ -1,5 +1,5 @@
 #!/bin/bash
-# keepalived-configs.sh: the shipped keepalived configurations (config/keepalived/{guide,fast})
+# keepalived-configs.sh: the shipped keepalived configurations (config/keepalived/{guide,fast,subsecond})
 # parse with `keepalived -t`, have the properties docs/ha-setup.md promises, and a known-bad
 # variant is rejected (so the check can fail).
 #
@@ -44,7 +44,7 @@ config_test() {
     ip netns exec "$NS" keepalived -t -f "$WORK/test.conf" 2>&1
 }
 
-for profile in guide fast; do
+for profile in guide fast subsecond; do
     for node in primary secondary; do
         f=$KDIR/$profile/keepalived-$node.conf
         [ -f "$f" ] || { fail "missing $f"; continue; }
@@ -74,9 +74,16 @@ for profile in guide fast; do
             grep -qE '^\s*fall 2$' "$f" || fail "$f: guide profile needs fall 2"
             ! grep -q vrrp_version "$f" || fail "$f: guide profile is VRRPv2 (no vrrp_version)"
         else
-            grep -qE '^\s*vrrp_version 3$' "$f" || fail "$f: fast profile needs vrrp_version 3"
-            grep -qE '^\s*advert_int 0\.1$' "$f" || fail "$f: fast profile needs advert_int 0.1"
-            grep -qE '^\s*fall 1$' "$f" || fail "$f: fast profile needs fall 1"
+            advert=0.1
+            [ "$profile" = fast ] || advert=0.05
+            grep -qE '^\s*vrrp_version 3$' "$f" || fail "$f: $profile profile needs vrrp_version 3"
+            grep -qE "^\s*advert_int ${advert//./\\.}\$" "$f" || fail "$f: $profile profile needs advert_int $advert"
+            grep -qE '^\s*fall 1$' "$f" || fail "$f: $profile profile needs fall 1"
+            # A crashed vsmserver is noticed through the watcher's track file, not the next check.
+            for want in 'vrrp_track_file vsmserver_alive' 'file "/run/vsm-watch/vsmserver.track"' 'init_file 1' \
+                'track_file {'; do
+                grep -qF -- "$want" "$f" || fail "$f: lacks '$want'"
+            done
             ! grep -qE '^\s*authentication \{' "$f" || fail "$f: VRRPv3 takes no authentication block"
         fi
     done

@@ -166,6 +166,7 @@ if [ "$mode" = fake ]; then
     touch "$CFG/fake-never-ready"
     expect 1 start OCF_RESKEY_CRM_meta_timeout=5000
     expect 1 monitor
+    expect 0 monitor OCF_RESKEY_ready_attribute=vsm-ready
     expect 0 stop
     expect 7 monitor
     rm -f "$CFG/fake-never-ready"
@@ -174,11 +175,12 @@ if [ "$mode" = fake ]; then
     expect 0 start
     touch "$CFG/fake-hang"
     expect 1 monitor OCF_RESKEY_check_timeout=1
+    expect 1 monitor OCF_RESKEY_check_timeout=1 OCF_RESKEY_ready_attribute=vsm-ready
     rm -f "$CFG/fake-hang"
     expect 0 monitor
     expect 0 stop
 else
-    echo "==> ocf: running but not ready (HA on, peer unreachable): monitor 1, start fails in time, stop works"
+    echo "==> ocf: running but not ready (HA on, peer unreachable): monitor 1 (0 with ready_attribute), start fails in time, stop works"
     NR_CFG=$WORK/etc-not-ready
     # A peer that never answers and a start-up grace longer than the test: never ready.
     real_config "$NR_CFG" not-ready 19010 /HA/enabled=1 '/HA/nodes=ocf-self ocf-peer' \
@@ -187,6 +189,10 @@ else
         OCF_RESKEY_options="--peer-addr 127.0.0.1:19019")
     expect 1 start OCF_RESKEY_CRM_meta_timeout=5000 "${nr[@]}"
     expect 1 monitor "${nr[@]}"
+    # With ready_attribute, answering but not ready is healthy for Pacemaker (the readiness
+    # goes to the node attribute instead; outside a cluster attrd_updater fails, which the
+    # agent only logs).
+    expect 0 monitor "${nr[@]}" OCF_RESKEY_ready_attribute=vsm-ready
     "$TLCTL" --config-dir "$NR_CFG" ha check >/dev/null 2>&1 && fail "tlctl ha check says ready with an unreachable peer"
     expect 0 stop "${nr[@]}"
     expect 7 monitor "${nr[@]}"
@@ -196,6 +202,7 @@ else
     pid=$(cat "$PIDFILE")
     kill -STOP "$pid"
     expect 1 monitor OCF_RESKEY_check_timeout=1
+    expect 1 monitor OCF_RESKEY_check_timeout=1 OCF_RESKEY_ready_attribute=vsm-ready
     kill -CONT "$pid"
     expect 0 monitor
     expect 0 stop

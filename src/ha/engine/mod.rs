@@ -73,6 +73,14 @@
 //! The engine only measures; it never reads a clock, and deciding with the offset is left
 //! to its callers (tombstone purge) and to the database (the bounded hybrid clock).
 //!
+//! # Made active
+//! When the HA manager makes this node active (`RoleChanged` to active) while the link still
+//! looks up, the peer has just lost the resource address: it is cut off (a pulled cable is
+//! noticed by the manager well before `peer_timeout`) or dead. The node then presumes the peer
+//! gone: waiting clients are released `Degraded` at once, and new ones too, until a message
+//! from the peer (or a new connection) shows it is still there. Writes answered meanwhile are
+//! stored here only, streamed to the peer if it is alive, and counted by the degraded mark.
+//!
 //! # Refinements of the original plan
 //! - `Hello::your_db_id` names the log `your_position` refers to, because both sides send
 //!   `Hello` before reading the other's.
@@ -110,6 +118,9 @@ pub const DEFAULT_BATCH_LIMIT: usize = 1000;
 pub const DEFAULT_MAX_INFLIGHT: usize = 8;
 /// Commit times tracked for the lag figure; beyond this, entries are coalesced.
 const COMMIT_TIMES_CAP: usize = 4096;
+/// Degraded reason while the peer is presumed gone after this node was made active.
+const PRESUMED_GONE: &str = "made active by the HA manager while the peer link looked up: the peer lost the \
+     resource address, so it is cut off or dead; answering without its acknowledgement until it is heard from again";
 
 /// Identity of a client waiting for its write to reach the peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -516,6 +527,8 @@ pub struct Engine {
     degraded_reason: Option<String>,
     /// Highest local seq answered without the peer: degraded clears once the peer has it.
     degraded_mark: Seq,
+    /// Made active by the HA manager while the link was up; see the module doc.
+    peer_presumed_gone: bool,
 
     applied_of_peer: Seq,
     pending_applies: VecDeque<PendingApply>,
@@ -558,6 +571,7 @@ impl Engine {
             degraded: false,
             degraded_reason: None,
             degraded_mark: Seq::ZERO,
+            peer_presumed_gone: false,
             applied_of_peer: Seq::ZERO,
             pending_applies: VecDeque::new(),
             applies_issued: 0,
@@ -657,6 +671,9 @@ impl Engine {
                     self.role = role;
                     if role == Role::Active {
                         out.push(Command::ReconcileAgents);
+                        if self.link.is_some() {
+                            self.presume_peer_gone(&mut out);
+                        }
                     }
                 }
             }
@@ -847,6 +864,7 @@ impl Engine {
     }
 
     fn link_down(&mut self, reason: String, out: &mut Vec<Command>) {
+        self.peer_presumed_gone = false;
         if let Some(link) = self.link.take() {
             tracing::warn!(peer = %self.cfg.peer, "peer link down: {reason}");
             // Demoted, and the peer was not heard from since: the link was most likely dead
@@ -861,6 +879,19 @@ impl Engine {
             let ids = self.waiters.drain(..).map(|w| w.id).collect();
             out.push(Command::ReleaseWaiters { waiters: ids, outcome: AckOutcome::Degraded });
             self.set_degraded(format!("peer link down ({reason}); continuing alone"));
+        }
+    }
+
+    /// The HA manager made this node active while the link still looks up: the peer has just
+    /// lost the resource address, so it is cut off or dead. Release waiting clients now and
+    /// answer new ones without the peer until it is heard from again.
+    fn presume_peer_gone(&mut self, out: &mut Vec<Command>) {
+        tracing::info!(peer = %self.cfg.peer, "made active while the peer link looks up: not waiting for the peer's acknowledgements until it is heard from again");
+        self.peer_presumed_gone = true;
+        if !self.waiters.is_empty() {
+            let ids = self.waiters.drain(..).map(|w| w.id).collect();
+            out.push(Command::ReleaseWaiters { waiters: ids, outcome: AckOutcome::Degraded });
+            self.set_degraded(PRESUMED_GONE.into());
         }
     }
 
@@ -1158,6 +1189,9 @@ impl Engine {
         } else if self.link.is_none() {
             out.push(release(AckOutcome::Degraded));
             self.set_degraded("peer link down; continuing alone".into());
+        } else if self.peer_presumed_gone {
+            out.push(release(AckOutcome::Degraded));
+            self.set_degraded(PRESUMED_GONE.into());
         } else {
             self.waiters.push(Waiter { id: waiter, seq, since: now });
         }
@@ -1167,6 +1201,13 @@ impl Engine {
 
     fn on_message(&mut self, msg: PeerMsg, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
+        if self.link.is_none() {
+            return;
+        }
+        if self.peer_presumed_gone {
+            tracing::info!(peer = %self.cfg.peer, "heard from the peer again; waiting for its acknowledgements again");
+            self.peer_presumed_gone = false;
+        }
         let Some(link) = &mut self.link else { return };
         link.last_heard = now;
         let violation = |what: String| format!("protocol violation by peer: {what}");

@@ -774,3 +774,44 @@ fn the_shared_clock_is_the_earlier_of_the_two() {
     assert_eq!(shared_clock_ms(1_000, Some(-300)), Some(700), "the peer is behind: theirs");
     assert_eq!(shared_clock_ms(100, Some(-300)), Some(0));
 }
+
+#[test]
+fn made_active_with_the_link_up_stops_waiting_for_the_peer_until_it_is_heard_from() {
+    let mut e = streaming(5);
+    e.step(Event::LocalCommitted { seq: Seq(6), change: Some(change(6)), now: 100 });
+    assert_eq!(e.step(Event::AwaitAck { waiter: WaiterId(1), seq: Seq(6), now: 100 }), vec![]);
+    // The peer's cable is pulled; the manager makes this node active before peer_timeout.
+    let cmds = e.step(Event::RoleChanged { role: Role::Active, now: 150 });
+    assert_eq!(cmds, vec![Command::ReconcileAgents, release(&[1], AckOutcome::Degraded)]);
+    let st = e.status();
+    assert!(st.degraded);
+    assert!(st.degraded_reason.unwrap().contains("made active by the HA manager"));
+    assert_eq!(st.link, LinkState::Streaming, "the link itself is left alone");
+    // New writes are answered at once, without waiting for sync_timeout.
+    e.step(Event::LocalCommitted { seq: Seq(7), change: Some(change(7)), now: 160 });
+    assert_eq!(
+        e.step(Event::AwaitAck { waiter: WaiterId(2), seq: Seq(7), now: 160 }),
+        vec![release(&[2], AckOutcome::Degraded)]
+    );
+    // The peer turns out to be alive: from its next message on, writes wait for it again.
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 170 }, 170);
+    assert_eq!(msg(&mut e, ack(7), 175), vec![]);
+    let cmds = e.step(Event::LocalCommitted { seq: Seq(8), change: Some(change(8)), now: 180 });
+    assert_eq!(cmds, vec![send(PeerMsg::Changes { records: changes(8..=8) })]);
+    assert_eq!(e.step(Event::AwaitAck { waiter: WaiterId(3), seq: Seq(8), now: 180 }), vec![]);
+    assert_eq!(msg(&mut e, ack(8), 190), vec![release(&[3], AckOutcome::Acked)]);
+    assert!(!e.status().degraded, "the peer has everything answered without it");
+}
+
+#[test]
+fn made_active_with_the_link_down_changes_nothing_and_a_new_link_waits_again() {
+    let mut e = streaming(5);
+    e.step(Event::PeerDisconnected { reason: "peer silent".into(), now: 100 });
+    assert_eq!(e.step(Event::RoleChanged { role: Role::Active, now: 110 }), vec![Command::ReconcileAgents]);
+    // Already active: a repeated notification does not presume anything.
+    connect(&mut e, hello_b(Some(A_DB), 5, 0), 0, 200);
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(0) }, 201);
+    assert_eq!(e.step(Event::RoleChanged { role: Role::Active, now: 210 }), vec![]);
+    e.step(Event::LocalCommitted { seq: Seq(6), change: Some(change(6)), now: 220 });
+    assert_eq!(e.step(Event::AwaitAck { waiter: WaiterId(1), seq: Seq(6), now: 220 }), vec![]);
+}
