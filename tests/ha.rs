@@ -238,6 +238,14 @@ async fn a_fresh_secondary_gets_everything_a_lone_master_has() {
     .await;
     assert!(ok, "b caught up");
     assert!(has_all(p.b(), &all).await.is_ok());
+    // Both halves of the resync are counted, each on its side, with a duration.
+    let (a, b) = (p.a().scrape().await, p.b().scrape().await);
+    assert!(b.sum("vsm_ha_resyncs_total", "direction=\"received\"") >= 1.0, "{:?}", b.samples);
+    assert!(a.sum("vsm_ha_resyncs_total", "direction=\"sent\"") >= 1.0, "{:?}", a.samples);
+    assert!(b.sum("vsm_ha_resync_duration_seconds_count", "direction=\"received\"") >= 1.0);
+    assert_eq!(b.value("vsm_ha_link_up"), 1.0);
+    assert_eq!(b.value("vsm_ha_enabled"), 1.0);
+    assert_eq!(b.value("vsm_ha_applied_of_peer"), a.value("vsm_ha_local_head"));
     p.assert_converged().await;
     p.stop().await;
 }
@@ -427,6 +435,10 @@ async fn bad_ha_nodes_start_the_server_without_ha() {
     // It works as a single master: writes are answered without waiting for anyone.
     let s = m.put_session("solo", GHOST).await;
     assert!(m.server().db.get(&s.id).await.unwrap().is_some());
+    let scrape = m.scrape().await;
+    assert_eq!(scrape.value("vsm_ha_configured"), 1.0);
+    assert_eq!(scrape.value("vsm_ha_enabled"), 0.0);
+    assert_eq!(scrape.value("vsm_ha_configured_but_off"), 1.0);
     m.stop().await;
 }
 

@@ -10,6 +10,7 @@
 //! - No `std::sync::Mutex` is held across an `.await`.
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::model::SessionId;
 use crate::proto::addr::{connect_tcp, Target};
 use crate::proto::agent::{AgentErrorKind, AgentReply, AgentRequest, AgentSession, LoadReport};
@@ -68,6 +69,16 @@ impl AgentCallError {
         }
     }
 
+    /// The kind of failure as a metrics label.
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            AgentCallError::Unreachable { .. } => "unreachable",
+            AgentCallError::Refused { .. } => "refused",
+            AgentCallError::Protocol { .. } => "protocol",
+            AgentCallError::AgentError { .. } => "agent_error",
+        }
+    }
+
     /// True for [`AgentCallError::Unreachable`].
     pub fn is_unreachable(&self) -> bool {
         matches!(self, AgentCallError::Unreachable { .. })
@@ -103,6 +114,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct AgentClient {
     inner: Arc<Inner>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -140,7 +152,14 @@ async fn exchange(conn: &mut SecureConn<TcpStream>, req: &AgentRequest) -> Resul
 
 impl AgentClient {
     pub fn new(cfg: AgentClientConfig) -> AgentClient {
-        AgentClient { inner: Arc::new(Inner { cfg, pool: Mutex::new(HashMap::new()) }) }
+        AgentClient { inner: Arc::new(Inner { cfg, pool: Mutex::new(HashMap::new()) }), metrics: Metrics::new() }
+    }
+
+    /// Counts calls, their duration and failures in `metrics` (the master's) instead of a
+    /// private set.
+    pub fn with_metrics(mut self, metrics: Metrics) -> AgentClient {
+        self.metrics = metrics;
+        self
     }
 
     /// From the validated configuration: reads `/vsm/secret_file`, uses `/vsm/vsm_agent_port`
@@ -168,13 +187,17 @@ impl AgentClient {
     /// [`AgentCallError::AgentError`].
     pub async fn call(&self, agent: &str, req: AgentRequest) -> Result<AgentReply, AgentCallError> {
         let timeout = self.inner.cfg.timeout;
-        match tokio::time::timeout(timeout, self.call_inner(agent, &req)).await {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(timeout, self.call_inner(agent, &req)).await {
             Ok(r) => r,
             Err(_) => Err(AgentCallError::Unreachable {
                 agent: agent.to_string(),
                 reason: format!("no answer within {timeout:?}"),
             }),
-        }
+        };
+        let error = r.as_ref().err().map(AgentCallError::kind_label);
+        self.metrics.agent_call(call_label(&req), started.elapsed().as_secs_f64(), error);
+        r
     }
 
     async fn call_inner(&self, agent: &str, req: &AgentRequest) -> Result<AgentReply, AgentCallError> {
@@ -283,6 +306,17 @@ impl AgentClient {
             AgentReply::Load { load } => Ok(load),
             other => Err(unexpected(agent, "load", &other)),
         }
+    }
+}
+
+/// The call as a metrics label.
+fn call_label(req: &AgentRequest) -> &'static str {
+    match req {
+        AgentRequest::Start { .. } => "start",
+        AgentRequest::Verify { .. } => "verify",
+        AgentRequest::Terminate { .. } => "terminate",
+        AgentRequest::List => "list",
+        AgentRequest::Load => "load",
     }
 }
 
@@ -403,6 +437,25 @@ mod tests {
         // An explicit port in the agent name wins over the default one.
         let other = client(free_port(), Duration::from_secs(10));
         assert_eq!(other.load(&format!("127.0.0.1:{port}")).await.unwrap().cpus, 2);
+    }
+
+    #[tokio::test]
+    async fn calls_are_counted_in_the_given_metrics() {
+        let (port, _) = fake_agent(false).await;
+        let m = Metrics::new();
+        let c = client(port, Duration::from_secs(10)).with_metrics(m.clone());
+        c.load("127.0.0.1").await.unwrap();
+        let _ = c.start("127.0.0.1", SessionId("s".into()), "nobody", None).await;
+        let _ = client(free_port(), Duration::from_secs(10)).with_metrics(m.clone()).load("127.0.0.1").await;
+        let text = m.encode(crate::metrics::Format::Prometheus);
+        for want in [
+            "vsm_agent_calls_total{call=\"load\"} 2\n",
+            "vsm_agent_call_duration_seconds_count{call=\"start\"} 1\n",
+            "vsm_agent_call_errors_total{call=\"start\",kind=\"agent_error\"} 1\n",
+            "vsm_agent_call_errors_total{call=\"load\",kind=\"unreachable\"} 1\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@ pub mod tcp;
 pub mod unix;
 
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
 use crate::proto::ProtoError;
 use std::future::Future;
@@ -49,6 +50,7 @@ pub trait HaControl: Send + Sync + 'static {
 pub struct Api {
     pub broker: Broker,
     pub ha: Arc<dyn HaControl>,
+    pub metrics: Metrics,
 }
 
 fn err(kind: ApiErrorKind, message: impl Into<String>) -> ApiReply {
@@ -100,8 +102,26 @@ impl Api {
 
     /// Serves one request.
     pub async fn handle(&self, caller: &Caller, req: ApiRequest) -> ApiReply {
-        match self.dispatch(caller, req).await {
+        let login = matches!(req, ApiRequest::Connect { .. });
+        let reply = match self.dispatch(caller, req).await {
             Ok(r) | Err(r) => r,
+        };
+        if login {
+            self.count_login(&reply);
+        }
+        reply
+    }
+
+    fn count_login(&self, reply: &ApiReply) {
+        match reply {
+            ApiReply::Connected { info } => {
+                let outcome = if info.reconnected { "reconnected" } else { "created" };
+                self.metrics.logins.get_or_create(&OutcomeLabel { outcome }).inc();
+            }
+            ApiReply::Error { kind, .. } => {
+                self.metrics.login_failures.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
+            }
+            _ => {}
         }
     }
 

@@ -18,6 +18,7 @@ use crate::broker::hooks::{run_hooks, HookEvent};
 use crate::broker::placement;
 use crate::config::Config;
 use crate::db::{DbError, DbHandle, SessionFilter, Write};
+use crate::metrics::Metrics;
 use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
 use crate::proto::agent::AgentSession;
 use crate::proto::api::{AgentLoad, ConnectInfo, Selector, TerminateOutcome};
@@ -85,10 +86,17 @@ struct Inner {
     replication: Arc<dyn Replication>,
     user_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     hook_timeout: Duration,
+    metrics: Metrics,
 }
 
 impl Broker {
-    pub fn new(cfg: Arc<Config>, db: DbHandle, agents: AgentClient, replication: Arc<dyn Replication>) -> Broker {
+    pub fn new(
+        cfg: Arc<Config>,
+        db: DbHandle,
+        agents: AgentClient,
+        replication: Arc<dyn Replication>,
+        metrics: Metrics,
+    ) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 cfg,
@@ -98,6 +106,7 @@ impl Broker {
                 replication,
                 user_locks: Mutex::new(HashMap::new()),
                 hook_timeout: Duration::from_secs(30),
+                metrics,
             }),
         }
     }
@@ -280,6 +289,7 @@ impl Broker {
                     let now = now_ms();
                     let s = session_from_agent(&started, &agent, &sub.name, now, req.client_address.as_deref());
                     self.commit(Write::Upsert(s.clone())).await?;
+                    self.inner.metrics.session_creates.inc();
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "session created");
                     run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout)
                         .await;
@@ -505,6 +515,31 @@ impl Broker {
         Ok(())
     }
 
+    /// Per known agent: reachability and live sessions by state, from one grouped count (no
+    /// session rows read), for the metrics.
+    pub async fn agent_overview(&self) -> Result<Vec<AgentOverview>, BrokerError> {
+        let counts = self.inner.db.count_sessions().await?;
+        let mut by_agent: BTreeMap<String, HashMap<SessionStatus, u64>> = self
+            .inner
+            .cfg
+            .subclusters
+            .values()
+            .flat_map(|s| s.agents.iter().map(|a| (a.clone(), HashMap::new())))
+            .collect();
+        for c in counts {
+            *by_agent.entry(c.agent).or_default().entry(c.status).or_default() += c.count;
+        }
+        let reg = self.registry();
+        Ok(by_agent
+            .into_iter()
+            .map(|(agent, sessions)| AgentOverview {
+                reachable: reg.get(&agent).map(|s| s.reachable).unwrap_or(false),
+                agent,
+                sessions,
+            })
+            .collect())
+    }
+
     /// Rows of `tlctl load list`.
     pub async fn loads(&self) -> Result<Vec<AgentLoad>, BrokerError> {
         let cfg = &self.inner.cfg;
@@ -543,6 +578,17 @@ impl Broker {
             })
             .collect())
     }
+}
+
+/// One agent as the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentOverview {
+    pub agent: String,
+    /// Answered its last call (an agent never called yet counts as unreachable, as in
+    /// `tlctl load list`).
+    pub reachable: bool,
+    /// Live sessions by state; states without sessions are absent.
+    pub sessions: HashMap<SessionStatus, u64>,
 }
 
 /// What one reconciliation round did.
