@@ -1,9 +1,9 @@
 //! The network-namespace end-to-end tests (`tests/e2e/*.sh`, `tests/ocf/run.sh`) as part of
 //! `cargo test`, against the binaries cargo built for this test run.
 //!
-//! Runs only as root with the tools of `scripts/install-test-deps.sh` installed; otherwise it
-//! prints why it skips and passes (`VSM_E2E_REQUIRE=1` turns a skip into a failure, for CI
-//! machines that must run them). The scripts share namespace names and lab directories, so
+//! Runs only as root with the tools of `scripts/install-test-deps.sh` installed. Built without
+//! root (see `build.rs`), the test is marked ignored, so the run reports it as skipped; built as
+//! root with a tool missing, it fails and names the tool. The scripts share namespace names and lab directories, so
 //! they run one after another inside this one test, and an exclusive lock on
 //! `/run/vsm-e2e.lock` keeps test runs of other checkouts on the same machine from running
 //! theirs at the same time. Each script streams its output, must exit 0, and is stopped (TERM
@@ -53,13 +53,6 @@ fn note(line: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
-fn skip(why: &str) {
-    if std::env::var("VSM_E2E_REQUIRE").as_deref() == Ok("1") {
-        panic!("e2e: cannot run the namespace tests ({why}) but VSM_E2E_REQUIRE=1");
-    }
-    note(&format!("e2e: SKIPPED the network-namespace tests: {why}"));
-}
-
 /// Runs one script to completion within `limit`; its output goes straight to ours.
 fn run(name: &str, script: &Path, args: &[&str], env: &[(&str, String)], limit: Duration) -> Result<(), String> {
     note(&format!("e2e: ===== {name}: {} {}", script.display(), args.join(" ")));
@@ -107,16 +100,17 @@ fn run(name: &str, script: &Path, args: &[&str], env: &[(&str, String)], limit: 
 }
 
 #[test]
+#[cfg_attr(
+    not(vsm_root),
+    ignore = "needs root: network namespaces, bridges and mounts (run `cargo test --release` as root)"
+)]
 fn namespace_end_to_end_tests() {
-    if !nix::unistd::geteuid().is_root() {
-        skip("not root (they need network namespaces, bridges and mounts; run `cargo test --release` as root)");
-        return;
-    }
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "e2e: built as root but running as another user; rebuild as the user who runs the tests (touch build.rs)"
+    );
     let missing: Vec<&str> = TOOLS.iter().copied().filter(|t| !on_path(t)).collect();
-    if !missing.is_empty() {
-        skip(&format!("missing {} (run scripts/install-test-deps.sh)", missing.join(", ")));
-        return;
-    }
+    assert!(missing.is_empty(), "e2e: missing {} (run scripts/install-test-deps.sh as root)", missing.join(", "));
     let bins = bin_dir();
     let lock = std::fs::OpenOptions::new()
         .create(true)
