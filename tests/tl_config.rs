@@ -360,8 +360,8 @@ fn paths_are_case_insensitive() {
 fn compound_durations() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    ok(dir, &["/vsmserver/reconcile_interval=1m30s", "/HA/startup_grace=1h30m"]);
-    assert_eq!(ok(dir, &["/vsmserver/reconcile_interval", "/HA/startup_grace"]), "90s\n90m\n");
+    ok(dir, &["/vsmserver/reconcile_interval=1m30s", "/HA/tombstone_retention=1d12h"]);
+    assert_eq!(ok(dir, &["/vsmserver/reconcile_interval", "/HA/tombstone_retention"]), "90s\n36h\n");
     let r = tl(dir, &["/vsmserver/reconcile_interval=30s1m"]);
     assert_eq!(r.code, 1);
     assert!(r.err.contains("1m30s"), "the expectation shows the syntax: {}", r.err);
