@@ -24,6 +24,8 @@ pub mod demo;
 pub mod fuzz;
 /// High availability: which node am I, the sans-IO replication engine, the peer link.
 pub mod ha;
+/// Prometheus metric families of the master and their exposition.
+pub mod metrics;
 /// Domain types: sessions, identities, positions, versions. No I/O.
 pub mod model;
 /// Frames, the secure channel, and the messages of every link.

@@ -157,6 +157,10 @@ pub enum SessionStatus {
 }
 
 impl SessionStatus {
+    /// Every state, in the order listings and metrics show them (keep in step with `as_str`).
+    pub const ALL: [SessionStatus; 3] =
+        [SessionStatus::Running, SessionStatus::Disconnected, SessionStatus::Unreachable];
+
     pub fn as_str(self) -> &'static str {
         match self {
             SessionStatus::Running => "running",

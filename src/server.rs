@@ -23,6 +23,7 @@ use crate::broker::service::{Broker, Replication};
 use crate::config::Config;
 use crate::db::{DbHandle, DbOptions};
 use crate::ha::node::{HaNode, HaSetup};
+use crate::metrics::Metrics;
 use crate::proto::secure::Secret;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -139,6 +140,8 @@ pub struct Server {
     pub broker: Broker,
     pub db: DbHandle,
     pub ha: Arc<HaNode>,
+    /// Every metric family; components update their own, the HTTP endpoint encodes them.
+    pub metrics: Metrics,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     background: TaskTracker,
@@ -149,6 +152,7 @@ impl Server {
     /// Starts every component in the written order and returns once the node serves requests.
     pub async fn start(cfg: Config, listeners: Listeners, ov: Overrides) -> Result<Server, ServerError> {
         let cfg = Arc::new(cfg);
+        let metrics = Metrics::new();
         // 1. HA mode.
         let setup = HaSetup::resolve(&cfg, ov.peer_addr.clone());
         tracing::info!(mode = %setup.describe(), "high availability mode decided");
@@ -172,23 +176,32 @@ impl Server {
             secret: secret.clone(),
             port: ov.agent_port.unwrap_or(cfg.vsm.vsm_agent_port),
             timeout: cfg.vsmserver.agent_timeout,
-        });
+        })
+        .with_metrics(metrics.clone());
 
         // 4. HA node.
         let shutdown = CancellationToken::new();
         let bg_cancel = CancellationToken::new();
         let background = TaskTracker::new();
-        let ha = HaNode::start(setup, cfg.clone(), db.clone(), listeners.peer, bg_cancel.clone(), &background)
-            .await
-            .map_err(ServerError::Ha)?;
+        let ha = HaNode::start(
+            setup,
+            cfg.clone(),
+            db.clone(),
+            listeners.peer,
+            bg_cancel.clone(),
+            &background,
+            metrics.clone(),
+        )
+        .await
+        .map_err(ServerError::Ha)?;
         let replication: Arc<dyn Replication> = ha.clone();
-        let broker = Broker::new(cfg.clone(), db.clone(), agents, replication);
+        let broker = Broker::new(cfg.clone(), db.clone(), agents, replication, metrics.clone());
         ha.set_broker(broker.clone());
 
         // 5. Listeners.
         let tracker = TaskTracker::new();
         let tcp_addr = listeners.tcp.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        let api = Api::new(broker.clone(), ha.clone() as Arc<dyn HaControl>);
+        let api = Api::new(broker.clone(), ha.clone() as Arc<dyn HaControl>, metrics.clone());
         tracker.spawn(crate::api::unix::serve(listeners.unix, api.clone(), shutdown.clone(), tracker.clone()));
         if let Some(http) = listeners.http {
             tracker.spawn(crate::api::http::serve(http, api.clone(), shutdown.clone(), tracker.clone()));
@@ -210,7 +223,7 @@ impl Server {
         background.spawn(systemd_loop(db.clone(), ha.clone(), bg_cancel.clone()));
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!(readiness = %ha.readiness(), "vsmserver started: {}", ha.readiness_reason());
-        Ok(Server { broker, db, ha, shutdown, tracker, background, bg_cancel })
+        Ok(Server { broker, db, ha, metrics, shutdown, tracker, background, bg_cancel })
     }
 
     /// Stops in the written shutdown order.

@@ -286,7 +286,7 @@ async fn reconciliation_removes_vanished_sessions_whatever_clock_stamped_them() 
 async fn a_user_cannot_see_or_end_another_users_session() {
     let (_d, agent, mut m) = one_agent_cluster().await;
     let a = m.connect("alice", false).await.unwrap();
-    let api = Api::new(m.server().broker.clone(), m.server().ha.clone());
+    let api = Api::new(m.server().broker.clone(), m.server().ha.clone(), m.server().metrics.clone());
     let bob = Caller::Local { uid: 4242, user: "bob".into(), admin: false };
     match api.handle(&bob, ApiRequest::MySessions { user: None }).await {
         ApiReply::Sessions { sessions, .. } => assert!(sessions.is_empty()),
@@ -434,7 +434,6 @@ async fn health_and_metrics_over_http() {
     .await
     .unwrap();
     let m = TestMaster { cfg, server: Some(server), tcp_port: 0, peer_port: 0 };
-    m.connect("alice", false).await.unwrap();
     async fn get(port: u16, req: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         s.write_all(req.as_bytes()).await.unwrap();
@@ -442,18 +441,76 @@ async fn health_and_metrics_over_http() {
         s.read_to_string(&mut out).await.unwrap();
         out
     }
+    fn body(r: &str) -> &str {
+        r.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+    }
+    let scrape = || async { Scrape::parse(body(&get(http_port, "GET /metrics HTTP/1.1\r\n\r\n").await)) };
+
+    let before = scrape().await;
+    // Families without a series yet (no login so far) are absent; these always have one.
+    for (name, ty) in [
+        ("vsm_session_creates_total", "counter"),
+        ("vsm_sessions", "gauge"),
+        ("vsm_ha_lag_seconds", "gauge"),
+        ("vsm_ha_configured_but_off", "gauge"),
+        ("vsm_agent_reachable", "gauge"),
+        ("vsm_build_info", "gauge"),
+        ("process_resident_memory_bytes", "gauge"),
+        ("process_cpu_seconds_total", "counter"),
+        ("process_open_fds", "gauge"),
+        ("process_start_time_seconds", "gauge"),
+    ] {
+        assert_eq!(before.ty(name), ty, "type of {name}");
+    }
+    assert_eq!(before.value("vsm_session_creates_total"), 0.0);
+    assert_eq!(before.value("vsm_sessions{state=\"running\"}"), 0.0);
+    assert_eq!(before.value("vsm_ha_configured_but_off"), 0.0);
+    assert!(before.value("process_resident_memory_bytes") > 0.0);
+
+    m.connect("alice", false).await.unwrap();
+    m.connect("alice", false).await.unwrap();
+    let e = m.connect("alice", true).await.unwrap_err();
+    assert_eq!(e.0, vsm::proto::api::ApiErrorKind::LimitReached, "{e:?}");
+    let after = scrape().await;
+    for (name, ty) in [
+        ("vsm_logins_total", "counter"),
+        ("vsm_login_failures_total", "counter"),
+        ("vsm_agent_calls_total", "counter"),
+        ("vsm_agent_call_duration_seconds", "histogram"),
+    ] {
+        assert_eq!(after.ty(name), ty, "type of {name}");
+    }
+    assert_eq!(after.value("vsm_logins_total{outcome=\"created\"}"), 1.0);
+    assert_eq!(after.value("vsm_logins_total{outcome=\"reconnected\"}"), 1.0);
+    assert_eq!(after.value("vsm_login_failures_total{reason=\"limit_reached\"}"), 1.0);
+    assert_eq!(after.value("vsm_session_creates_total"), 1.0);
+    assert_eq!(after.value("vsm_sessions{state=\"running\"}"), 1.0);
+    assert_eq!(after.value("vsm_sessions{state=\"unreachable\"}"), 0.0);
+    assert_eq!(after.value(&format!("vsm_agent_sessions{{agent=\"{}\"}}", agent.name)), 1.0);
+    assert_eq!(after.value(&format!("vsm_agent_reachable{{agent=\"{}\"}}", agent.name)), 1.0);
+    assert!(after.value("vsm_agent_call_duration_seconds_count{call=\"start\"}") >= 1.0);
+    assert_eq!(after.value("vsm_ready"), 1.0);
+    assert!(after.value("process_cpu_seconds_total") >= before.value("process_cpu_seconds_total"));
+
     let r = get(http_port, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     let r = get(http_port, "GET /readyz HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-    let r = get(http_port, "GET /metrics HTTP/1.1\r\n\r\n").await;
-    assert!(r.contains("\nvsm_sessions 1\n"), "{r}");
-    assert!(r.contains("vsm_ready 1"), "{r}");
-    assert!(r.contains(&format!("vsm_agent_sessions{{agent=\"{}\"}} 1", agent.name)), "{r}");
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = get(http_port, &format!("HEAD {path} HTTP/1.1\r\n\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "HEAD {path}: {r}");
+        assert!(r.contains("Content-Length: "), "HEAD {path}: {r}");
+        assert_eq!(body(&r), "", "HEAD {path} sends no body");
+    }
+    let r =
+        get(http_port, "GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n").await;
+    assert!(r.contains("Content-Type: application/openmetrics-text"), "{r}");
+    assert!(r.ends_with("# EOF\n"), "{r}");
     let r = get(http_port, "GET /nope HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 404"), "{r}");
     let r = get(http_port, "POST /metrics HTTP/1.1\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 405"), "{r}");
+    assert!(r.contains("Allow: GET, HEAD"), "{r}");
     let mut m = m;
     m.stop().await;
     agent.stop().await;

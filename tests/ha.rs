@@ -239,6 +239,14 @@ async fn a_fresh_secondary_gets_everything_a_lone_master_has() {
     .await;
     assert!(ok, "b caught up");
     assert!(has_all(p.b(), &all).await.is_ok());
+    // Both halves of the resync are counted, each on its side, with a duration.
+    let (a, b) = (p.a().scrape().await, p.b().scrape().await);
+    assert!(b.sum("vsm_ha_resyncs_total", "direction=\"received\"") >= 1.0, "{:?}", b.samples);
+    assert!(a.sum("vsm_ha_resyncs_total", "direction=\"sent\"") >= 1.0, "{:?}", a.samples);
+    assert!(b.sum("vsm_ha_resync_duration_seconds_count", "direction=\"received\"") >= 1.0);
+    assert_eq!(b.value("vsm_ha_link_up"), 1.0);
+    assert_eq!(b.value("vsm_ha_enabled"), 1.0);
+    assert_eq!(b.value("vsm_ha_applied_of_peer"), a.value("vsm_ha_local_head"));
     p.assert_converged().await;
     p.stop().await;
 }
@@ -467,6 +475,10 @@ async fn a_deliberate_single_master_is_ready() {
     assert_eq!(m.ha_check().await, Ok(()));
     let s = m.put_session("solo", GHOST).await;
     assert!(m.server().db.get(&s.id).await.unwrap().is_some());
+    let scrape = m.scrape().await;
+    assert_eq!(scrape.value("vsm_ha_configured"), 1.0);
+    assert_eq!(scrape.value("vsm_ha_enabled"), 0.0);
+    assert_eq!(scrape.value("vsm_ha_configured_but_off"), 1.0);
     m.stop().await;
 }
 
@@ -493,7 +505,8 @@ async fn a_master_that_is_not_ready_refuses_logins_and_writes_then_serves_the_pe
     assert_eq!(st.readiness, Readiness::WaitingForPeer, "{st:?}");
     assert!(!st.reason.contains("resynchronising"), "the link is down: {}", st.reason);
     assert!(st.grace_left_ms.is_some());
-    let api = vsm::api::Api::new(p.a().server().broker.clone(), p.a().server().ha.clone());
+    let api =
+        vsm::api::Api::new(p.a().server().broker.clone(), p.a().server().ha.clone(), p.a().server().metrics.clone());
     let me = vsm::api::Caller::Local { uid: 0, user: "root".into(), admin: true };
     let (login, put, terminate) = tokio::join!(
         api.handle(
@@ -518,8 +531,8 @@ async fn a_master_that_is_not_ready_refuses_logins_and_writes_then_serves_the_pe
         }
     }
     assert!(p.a().session_ids().await.is_empty(), "nothing written");
-    assert_eq!(api.stats().refused_not_ready(), 3);
-    let metrics = vsm::api::http::metrics(&api).await;
+    assert_eq!(api.metrics.requests_refused_not_ready.get(), 3);
+    let metrics = vsm::api::http::metrics(&api, vsm::metrics::Format::Prometheus).await;
     assert!(metrics.contains("vsm_requests_refused_not_ready_total 3"), "{metrics}");
     assert!(metrics.contains("vsm_readiness{state=\"waiting_for_peer\"} 1"), "{metrics}");
     // Reading still works, marked as possibly stale.

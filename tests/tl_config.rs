@@ -338,3 +338,192 @@ fn sample_configurations_pass_check() {
     };
     assert_eq!(digest("ha-primary"), digest("ha-secondary"));
 }
+
+fn sample(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hconf").join(rel)
+}
+
+#[test]
+fn paths_are_case_insensitive() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let r = tl(dir, &["/ha/PORT=9300", "/VSMSERVER/Max_Sessions_Per_User=3"]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(!r.err.contains("alias"), "a case difference is not an alias: {}", r.err);
+    assert_eq!(read(dir, "ha.toml"), "[HA]\nport = 9300\n");
+    assert_eq!(ok(dir, &["/HA/port", "/Ha/Port", "/vsmserver/ha/port"]), "9300\n9300\n9300\n");
+    assert_eq!(ok(dir, &["/vsmserver/max_sessions_per_user"]), "3\n");
+    assert_eq!(ok(dir, &["-a", "/vsmagent"]), ok(dir, &["-a", "/VsmAgent"]));
+}
+
+#[test]
+fn compound_durations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(dir, &["/vsmserver/reconcile_interval=1m30s", "/HA/tombstone_retention=1d12h"]);
+    assert_eq!(ok(dir, &["/vsmserver/reconcile_interval", "/HA/tombstone_retention"]), "90s\n36h\n");
+    let r = tl(dir, &["/vsmserver/reconcile_interval=30s1m"]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("1m30s"), "the expectation shows the syntax: {}", r.err);
+}
+
+#[test]
+fn a_key_of_a_missing_subcluster_is_no_such_parameter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(dir, &["/subclusters/eng/agents=a1 a2"]);
+    let r = tl(dir, &["/subclusters/nosuch/agents"]);
+    assert_eq!((r.code, r.out.as_str()), (1, ""), "{}", r.err);
+    assert!(r.err.contains("/subclusters/nosuch/agents: no such parameter"), "{}", r.err);
+    assert!(r.err.contains("subclusters: eng"), "{}", r.err);
+    let r = tl(dir, &["-e", "X=/subclusters/nosuch/users"]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    // A weight of an agent that is in a subcluster has its default; of another host, none.
+    assert_eq!(ok(dir, &["/agents/weights/a1"]), "100\n");
+    let r = tl(dir, &["/agents/weights/elsewhere"]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("not an agent of any subcluster"), "{}", r.err);
+}
+
+#[test]
+fn suggestions_stay_in_the_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let r = tl(dir, &["/vsmserver/unbind_ports_at_login"]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("unknown key /vsmserver/unbind_ports_at_login"), "{}", r.err);
+    assert!(!r.err.contains("did you mean"), "no nonsense suggestion: {}", r.err);
+    assert!(r.err.contains("ThinLinc parameter with no vsm equivalent"), "{}", r.err);
+    let r = tl(dir, &["/vsmserver/unbind_ports_at_login=true"]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("no vsm equivalent"), "{}", r.err);
+    let r = tl(dir, &["/vsmserver/max_sesions_per_user"]);
+    assert!(r.err.contains("did you mean /vsmserver/max_sessions_per_user?"), "{}", r.err);
+}
+
+#[test]
+fn export_a_folder_for_the_shell() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(dir, &["/vsm/vnc_port_base=6000"]);
+    let out = ok(dir, &["-E", "/vsm"]);
+    assert_eq!(out, "vsm_server_port='9000'\nvsm_agent_port='904'\nvnc_port_base='6000'\nsecret_file='cluster.key'\n");
+    let out = ok(dir, &["-x", "-E", "/VSM"]);
+    assert!(out.starts_with("export vsm_server_port='9000'\n"), "{out}");
+    let r = tl(dir, &["-E", "/nope"]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("folder not found"), "{}", r.err);
+}
+
+#[test]
+fn import_a_thinlinc_4_18_site() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_secret(dir);
+    let server = sample("4.18/vsmserver.hconf");
+    let agent = sample("4.18/vsmagent.hconf");
+    let r = tl(dir, &["-i", server.to_str().unwrap(), "-i", agent.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    let get = |k: &str| ok(dir, &[k]).trim_end().to_string();
+    assert_eq!(get("/HA/enabled"), "true");
+    assert_eq!(get("/HA/nodes"), "tlha-primary.example.com tlha-secondary.example.com");
+    assert_eq!(get("/subclusters/Default/agents"), "agent1.example.com agent2.example.com");
+    assert_eq!(get("/subclusters/Engineering/groups"), "eng");
+    assert_eq!(get("/subclusters/Engineering/max_users_per_agent"), "25");
+    assert_eq!(get("/vsmserver/allowed_groups"), "thinlinc-users staff");
+    assert_eq!(get("/vsmserver/admin_email"), "ops@example.com oncall@example.com");
+    assert_eq!(get("/vsmserver/max_sessions_per_user"), "2");
+    assert_eq!(get("/vsmserver/reconcile_interval"), "40s");
+    assert_eq!(get("/vsmagent/default_geometry"), "1280x800");
+    assert_eq!(get("/vsmagent/master_hostname"), "tlha.example.com");
+    // Written to vsm's files under the current names, not the 4.18 ones.
+    assert!(read(dir, "ha.toml").contains("[HA]"), "{}", read(dir, "ha.toml"));
+    assert!(read(dir, "cluster.toml").contains("[subclusters.Engineering]"));
+    // Every parameter not imported is listed with a reason.
+    for skipped in [
+        "skipped /vsmserver/unbind_ports_at_login",
+        "skipped /vsmserver/ram_per_user",
+        "skipped /vsmserver/bogomips_per_user",
+        "skipped /vsmserver/existing_users_weight",
+        "skipped /vsmserver/logging/logfile",
+        "skipped /vsmserver/logging/defaultlevel",
+        "skipped /vsmagent/xserver_args",
+        "skipped /vsmagent/single_signon",
+        "skipped /vsmagent/default_environment/TLSESSION",
+    ] {
+        let line = r.out.lines().find(|l| l.starts_with(skipped)).unwrap_or_else(|| panic!("{skipped} in\n{}", r.out));
+        assert!(line.contains(".hconf:") && line.contains("): "), "place and reason: {line}");
+    }
+    assert!(r.out.contains("imported /HA/enabled = yes (from /vsmserver/HA/enabled)"), "{}", r.out);
+    assert_eq!(tl(dir, &["--check"]).code, 0);
+}
+
+#[test]
+fn import_a_thinlinc_4_19_site_through_its_mounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_secret(dir);
+    let top = sample("4.19/thinlinc.hconf");
+    let r = tl(dir, &["--import", top.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}\n{}", r.out, r.err);
+    let get = |k: &str| ok(dir, &[k]).trim_end().to_string();
+    assert_eq!(get("/HA/enabled"), "true");
+    assert_eq!(get("/subclusters/default/agents"), "agent1.example.com agent2.example.com agent3.example.com");
+    assert_eq!(get("/subclusters/Research/users"), "alice bob");
+    assert_eq!(get("/agents/draining"), "agent2.example.com");
+    assert_eq!(get("/agents/weights/agent1.example.com"), "200");
+    assert_eq!(get("/agents/weights/agent3.example.com"), "50");
+    assert_eq!(get("/vsmserver/max_sessions_per_user"), "1");
+    assert!(r.out.contains("skipped /vsm/tunnel_bind_base"), "{}", r.out);
+    assert!(r.out.contains("skipped /vsm/tunnelservices/pulseaudio"), "{}", r.out);
+    assert!(r.out.contains("skipped /profiles/default"), "{}", r.out);
+    assert!(r.out.contains("skipped /VSMServer/unbind_ports_at_login"), "{}", r.out);
+}
+
+#[test]
+fn import_is_validated_as_a_whole_and_writes_nothing_on_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    ok(dir, &["/HA/port=9100"]);
+    let before = snapshot(dir);
+    // A bad value names its line in the file.
+    let bad = dir.join("bad.hconf");
+    fs::write(&bad, "[/vsmserver]\nlisten_port=9000\nmax_sessions_per_user=lots\n").unwrap();
+    let r = tl(dir, &["-i", bad.to_str().unwrap()]);
+    assert_eq!(r.code, 1, "{}", r.err);
+    assert!(r.err.contains("bad.hconf:3: /vsmserver/max_sessions_per_user: bad value \"lots\""), "{}", r.err);
+    assert!(r.err.contains("nothing was written"), "{}", r.err);
+    // A rule between keys broken by the import as a whole (HA with no secret file).
+    let ha = sample("4.18/vsmserver.hconf");
+    let r = tl(dir, &["-i", ha.to_str().unwrap(), "/HA/port=9200"]);
+    assert!(r.code >= 1, "{}", r.err);
+    assert!(r.err.contains("head -c 32 /dev/urandom"), "{}", r.err);
+    // A syntax error.
+    fs::write(&bad, "[/vsmserver\n").unwrap();
+    let r = tl(dir, &["-i", bad.to_str().unwrap()]);
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("bad.hconf:1:"), "{}", r.err);
+    fs::remove_file(&bad).unwrap();
+    assert_eq!(snapshot(dir), before);
+}
+
+#[test]
+fn purge_leaves_only_what_was_not_migrated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("vsmagent.hconf");
+    fs::copy(sample("4.18/vsmagent.hconf"), &file).unwrap();
+    let r = tl(dir, &["-i", file.to_str().unwrap(), "-p", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert!(r.out.contains("purged 7 parameter(s)"), "{}", r.out);
+    let left = fs::read_to_string(&file).unwrap();
+    for gone in ["master_hostname", "allowed_clients", "listen_port", "display_min", "default_geometry"] {
+        assert!(!left.contains(gone), "{gone} purged:\n{left}");
+    }
+    for kept in ["# Sample agent settings", "[/vsmagent]", "xserver_args=", "single_signon=", "TLSESSION=1"] {
+        assert!(left.contains(kept), "{kept} kept:\n{left}");
+    }
+    // Nothing left that vsm sets: a second purge removes nothing.
+    assert!(ok(dir, &["-p", file.to_str().unwrap()]).contains("purged 0 parameter(s)"));
+}

@@ -14,6 +14,7 @@
 //!   drops whatever it had not yet delivered instead of retransmitting it later.
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::model::SessionId;
 use crate::proto::addr::{connect_tcp, Target};
 use crate::proto::agent::{AgentErrorKind, AgentReply, AgentRequest, AgentSession, LoadReport};
@@ -77,6 +78,17 @@ impl AgentCallError {
         }
     }
 
+    /// The kind of failure as a metrics label.
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            AgentCallError::Unreachable { .. } => "unreachable",
+            AgentCallError::NoAnswer { .. } => "no_answer",
+            AgentCallError::Refused { .. } => "refused",
+            AgentCallError::Protocol { .. } => "protocol",
+            AgentCallError::AgentError { .. } => "agent_error",
+        }
+    }
+
     /// True for [`AgentCallError::Unreachable`] and [`AgentCallError::NoAnswer`].
     pub fn is_unreachable(&self) -> bool {
         matches!(self, AgentCallError::Unreachable { .. } | AgentCallError::NoAnswer { .. })
@@ -124,6 +136,7 @@ struct Inner {
 #[derive(Clone)]
 pub struct AgentClient {
     inner: Arc<Inner>,
+    metrics: Metrics,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -172,7 +185,14 @@ async fn exchange(
 
 impl AgentClient {
     pub fn new(cfg: AgentClientConfig) -> AgentClient {
-        AgentClient { inner: Arc::new(Inner { cfg, pool: Mutex::new(HashMap::new()) }) }
+        AgentClient { inner: Arc::new(Inner { cfg, pool: Mutex::new(HashMap::new()) }), metrics: Metrics::new() }
+    }
+
+    /// Counts calls, their duration and failures in `metrics` (the master's) instead of a
+    /// private set.
+    pub fn with_metrics(mut self, metrics: Metrics) -> AgentClient {
+        self.metrics = metrics;
+        self
     }
 
     /// From the validated configuration: reads `/vsm/secret_file`, uses `/vsm/vsm_agent_port`
@@ -200,12 +220,15 @@ impl AgentClient {
     /// [`AgentCallError::AgentError`].
     pub async fn call(&self, agent: &str, mut req: AgentRequest) -> Result<AgentReply, AgentCallError> {
         let timeout = self.inner.cfg.timeout;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         let mut sent = false;
         // The connection of the exchange in progress lives here, outside the timed future,
         // so that a call given up can reset it.
         let mut slot = None;
-        match tokio::time::timeout(timeout, self.call_inner(agent, &mut req, deadline, &mut sent, &mut slot)).await {
+        let r = match tokio::time::timeout(timeout, self.call_inner(agent, &mut req, deadline, &mut sent, &mut slot))
+            .await
+        {
             Ok(r) => r,
             Err(_) => {
                 if let Some(conn) = slot.take() {
@@ -219,7 +242,10 @@ impl AgentClient {
                     AgentCallError::Unreachable { agent, reason }
                 })
             }
-        }
+        };
+        let error = r.as_ref().err().map(AgentCallError::kind_label);
+        self.metrics.agent_call(call_label(&req), started.elapsed().as_secs_f64(), error);
+        r
     }
 
     async fn call_inner(
@@ -370,6 +396,17 @@ fn reset(conn: SecureConn<TcpStream>) {
     drop(conn);
 }
 
+/// The call as a metrics label.
+fn call_label(req: &AgentRequest) -> &'static str {
+    match req {
+        AgentRequest::Start { .. } => "start",
+        AgentRequest::Verify { .. } => "verify",
+        AgentRequest::Terminate { .. } => "terminate",
+        AgentRequest::List => "list",
+        AgentRequest::Load => "load",
+    }
+}
+
 fn classify(agent: &str, reply: AgentReply) -> Result<AgentReply, AgentCallError> {
     match reply {
         AgentReply::Error { kind, message } => {
@@ -491,6 +528,25 @@ mod tests {
         // An explicit port in the agent name wins over the default one.
         let other = client(free_port(), Duration::from_secs(10));
         assert_eq!(other.load(&format!("127.0.0.1:{port}")).await.unwrap().cpus, 2);
+    }
+
+    #[tokio::test]
+    async fn calls_are_counted_in_the_given_metrics() {
+        let (port, _) = fake_agent(false).await;
+        let m = Metrics::new();
+        let c = client(port, Duration::from_secs(10)).with_metrics(m.clone());
+        c.load("127.0.0.1").await.unwrap();
+        let _ = c.start("127.0.0.1", SessionId("s".into()), "nobody", None).await;
+        let _ = client(free_port(), Duration::from_secs(10)).with_metrics(m.clone()).load("127.0.0.1").await;
+        let text = m.encode(crate::metrics::Format::Prometheus);
+        for want in [
+            "vsm_agent_calls_total{call=\"load\"} 2\n",
+            "vsm_agent_call_duration_seconds_count{call=\"start\"} 1\n",
+            "vsm_agent_call_errors_total{call=\"start\",kind=\"agent_error\"} 1\n",
+            "vsm_agent_call_errors_total{call=\"load\",kind=\"unreachable\"} 1\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
     }
 
     #[tokio::test]

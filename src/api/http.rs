@@ -1,15 +1,18 @@
 //! The HTTP endpoint for monitoring (`/vsmserver/http_port`): `/healthz` (the daemon answers),
 //! `/readyz` (200 only when ready, the same rule and reason as `tlctl ha check`) and `/metrics`
-//! (Prometheus text format: sessions, agents, replication positions, lag, resyncs, degraded).
+//! (Prometheus text format, or OpenMetrics when the scraper asks for it; the families are
+//! listed in [`crate::metrics`]).
 //!
 //! Invariants: read-only, no authentication and nothing secret in it (bind it to loopback or
 //! a management network); a slow or broken client never blocks anything but its own
 //! connection, which is closed after a few seconds; requests of more than 8 KiB are dropped;
-//! requests other than `GET` of the three paths get 404 or 405.
+//! `GET` and `HEAD` of the three paths are answered (`HEAD` with the headers `GET` would
+//! send), other paths get 404 and other methods 405.
 
 use super::Api;
+use crate::metrics::{flag, AgentLabel, Format, PeerLabel, StateLabel};
+use crate::model::SessionStatus;
 use crate::proto::listen;
-use std::fmt::Write as _;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -35,6 +38,24 @@ pub async fn serve(listener: TcpListener, api: Api, shutdown: CancellationToken,
     .await
 }
 
+/// The request line and the one header the endpoint looks at.
+struct Request<'a> {
+    method: &'a str,
+    path: &'a str,
+    accept: Option<&'a str>,
+}
+
+fn parse_request(head: &str) -> Request<'_> {
+    let mut lines = head.split("\r\n");
+    let mut parts = lines.next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let accept = lines.take_while(|l| !l.is_empty()).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("accept").then(|| value.trim())
+    });
+    Request { method, path, accept }
+}
+
 async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
@@ -46,13 +67,13 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
         buf.extend_from_slice(&chunk[..n]);
     }
     let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method != "GET" {
-        ("405 Method Not Allowed", "text/plain", "only GET is supported\n".to_string())
+    let req = parse_request(&head);
+    let text = "text/plain; charset=utf-8";
+    let (status, ctype, body) = if req.method != "GET" && req.method != "HEAD" {
+        ("405 Method Not Allowed", text, "only GET and HEAD are supported\n".to_string())
     } else {
-        match path {
-            "/healthz" => ("200 OK", "text/plain", "alive\n".to_string()),
+        match req.path {
+            "/healthz" => ("200 OK", text, "alive\n".to_string()),
             "/readyz" => {
                 let ready = api.ha.readiness().borrow().is_ready();
                 let reason = format!("{}\n", api.ha.readiness_reason());
@@ -64,121 +85,101 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
                         reason.trim_end(),
                         st.max_clock_offset_ms
                     );
-                    ("200 OK", "text/plain", body)
+                    ("200 OK", text, body)
                 } else if ready {
-                    ("200 OK", "text/plain", reason)
+                    ("200 OK", text, reason)
                 } else {
-                    ("503 Service Unavailable", "text/plain", reason)
+                    ("503 Service Unavailable", text, reason)
                 }
             }
-            "/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics(&api).await),
-            _ => ("404 Not Found", "text/plain", "try /healthz, /readyz or /metrics\n".to_string()),
+            "/metrics" => {
+                let format = Format::from_accept(req.accept);
+                ("200 OK", format.content_type(), metrics(&api, format).await)
+            }
+            _ => ("404 Not Found", text, "try /healthz, /readyz or /metrics\n".to_string()),
         }
     };
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+    let allow = if status.starts_with("405") { "Allow: GET, HEAD\r\n" } else { "" };
+    let mut resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
+    if req.method != "HEAD" {
+        resp.push_str(&body);
+    }
     s.write_all(resp.as_bytes()).await?;
     s.shutdown().await
 }
 
-/// The Prometheus exposition of this node's state.
-pub async fn metrics(api: &Api) -> String {
+/// Sets the state gauges from the node's status, then encodes every family.
+pub async fn metrics(api: &Api, format: Format) -> String {
+    let m = &api.metrics;
+    let _one_scrape_at_a_time = m.scrape_lock().await;
     let st = api.ha.status().await;
-    let loads = api.broker.loads().await.unwrap_or_default();
-    let mut m = String::new();
-    let mut gauge = |name: &str, help: &str, value: String| {
-        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
-    };
-    let b = |x: bool| if x { "1".to_string() } else { "0".to_string() };
-    gauge("vsm_sessions", "Live sessions in the session database.", st.sessions.to_string());
-    gauge("vsm_ready", "1 when the node is ready to serve (tlctl ha check).", b(st.ready));
-    gauge("vsm_ha_enabled", "1 when HA replication runs.", b(st.enabled));
-    gauge("vsm_role_active", "1 when this node serves clients.", b(st.role == "active"));
-    gauge("vsm_ha_link_up", "1 when the peer link is streaming.", b(st.link == "streaming"));
-    gauge("vsm_ha_degraded", "1 when writes were answered without the peer's acknowledgement.", b(st.degraded));
-    gauge("vsm_ha_local_head", "Last position of this node's change log.", st.local_head.to_string());
-    gauge("vsm_ha_peer_acked", "Position of this node's log the peer has stored.", st.peer_acked.to_string());
-    gauge(
-        "vsm_ha_applied_of_peer",
-        "Position of the peer's log this node has applied.",
-        st.applied_of_peer.to_string(),
-    );
-    gauge("vsm_ha_lag_changes", "Local changes the peer has not acknowledged.", st.lag_changes.to_string());
-    gauge(
-        "vsm_ha_lag_seconds",
-        "Age of the oldest change the peer has not acknowledged.",
-        format!("{:.3}", st.lag_ms as f64 / 1000.0),
-    );
-    gauge(
-        "vsm_ha_config_digest_match",
-        "1 when both masters have the same cluster configuration (absent until compared).",
-        st.config_digest_match.map(b).unwrap_or_else(|| "NaN".into()),
-    );
-    gauge(
-        "vsm_ha_clock_offset_seconds",
-        "The peer's clock minus this node's, as last measured (absent until measured).",
-        st.clock_offset_ms.map(|o| format!("{:.3}", o as f64 / 1000.0)).unwrap_or_else(|| "NaN".into()),
-    );
-    gauge(
-        "vsm_ha_clock_offset_exceeded",
-        "1 when the clock offset to the peer is beyond /HA/max_clock_offset.",
-        b(st.clock_offset_exceeded),
-    );
-    gauge(
-        "vsm_ha_max_clock_offset_seconds",
-        "/HA/max_clock_offset.",
-        format!("{:.3}", st.max_clock_offset_ms as f64 / 1000.0),
-    );
-    let sessions = api.broker.list(&crate::proto::api::Selector::default()).await.unwrap_or_default();
-    let count = |st: crate::model::SessionStatus| sessions.iter().filter(|s| s.status == st).count().to_string();
-    gauge(
-        "vsm_sessions_connected",
-        "Sessions with a viewer attached (as last reported by their agents).",
-        count(crate::model::SessionStatus::Running),
-    );
-    gauge(
-        "vsm_sessions_disconnected",
-        "Sessions running with no viewer attached.",
-        count(crate::model::SessionStatus::Disconnected),
-    );
-    gauge(
-        "vsm_sessions_unreachable",
-        "Sessions whose agent does not answer.",
-        count(crate::model::SessionStatus::Unreachable),
-    );
-    let reachable = loads.iter().filter(|a| a.reachable).count();
-    gauge("vsm_agents", "Agents known to this master.", loads.len().to_string());
-    gauge("vsm_agents_reachable", "Agents that answered the last call.", reachable.to_string());
-    let _ = writeln!(
-        m,
-        "# HELP vsm_readiness Why the node is (not) ready: 1 for the current state.\n# TYPE vsm_readiness gauge"
-    );
+    m.ready.set(flag(st.ready));
     for r in crate::model::Readiness::ALL {
-        let _ = writeln!(m, "vsm_readiness{{state=\"{r}\"}} {}", u8::from(r == st.readiness));
+        m.readiness.get_or_create(&StateLabel { state: r.as_str() }).set(flag(r == st.readiness));
     }
-    let _ = writeln!(
-        m,
-        "# HELP vsm_requests_refused_not_ready_total Logins, terminations and admin writes refused because the node was not ready.\n# TYPE vsm_requests_refused_not_ready_total counter\nvsm_requests_refused_not_ready_total {}",
-        api.stats().refused_not_ready()
-    );
-    let _ = writeln!(m, "# HELP vsm_agent_sessions Sessions per agent.\n# TYPE vsm_agent_sessions gauge");
-    for a in &loads {
-        let _ = writeln!(m, "vsm_agent_sessions{{agent=\"{}\"}} {}", a.agent.replace('"', "'"), a.sessions);
+    m.role_active.set(flag(st.role == "active"));
+    m.ha_configured.set(flag(st.configured));
+    m.ha_enabled.set(flag(st.enabled));
+    m.ha_configured_but_off.set(flag(st.configured && !st.enabled));
+    m.ha_link_up.set(flag(st.link == "streaming"));
+    m.ha_degraded.set(flag(st.degraded));
+    m.ha_config_mismatch.set(flag(st.config_digest_match == Some(false)));
+    let pos = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    m.ha_local_head.set(pos(st.local_head));
+    m.ha_peer_acked.set(pos(st.peer_acked));
+    m.ha_peer_head.set(pos(st.peer_head));
+    m.ha_applied_of_peer.set(pos(st.applied_of_peer));
+    m.ha_lag_changes.set(pos(st.lag_changes));
+    m.ha_lag.set(st.lag_ms as f64 / 1000.0);
+    m.ha_clock_offset.clear();
+    if let (Some(o), Some(peer)) = (st.clock_offset_ms, &st.remote_node) {
+        m.ha_clock_offset.get_or_create(&PeerLabel { peer: peer.clone() }).set(o as f64 / 1000.0);
     }
-    let _ = writeln!(
-        m,
-        "# HELP vsm_agent_clock_offset_seconds Each agent's clock minus this master's, from its last load report.\n\
-         # TYPE vsm_agent_clock_offset_seconds gauge"
-    );
+    m.ha_clock_offset_exceeded.set(flag(st.clock_offset_exceeded));
+    m.ha_max_clock_offset.set(st.max_clock_offset_ms as f64 / 1000.0);
+    m.agent_clock_offset.clear();
     for a in &st.agent_clock_offsets {
-        let _ = writeln!(
-            m,
-            "vsm_agent_clock_offset_seconds{{agent=\"{}\"}} {:.3}",
-            a.agent.replace('"', "'"),
-            a.offset_ms as f64 / 1000.0
-        );
+        m.agent_clock_offset.get_or_create(&AgentLabel { agent: a.agent.clone() }).set(a.offset_ms as f64 / 1000.0);
     }
-    m
+    match api.broker.agent_overview().await {
+        Ok(agents) => {
+            m.agent_reachable.clear();
+            m.agent_sessions.clear();
+            let mut by_state = [0u64; SessionStatus::ALL.len()];
+            for a in &agents {
+                let label = AgentLabel { agent: a.agent.clone() };
+                m.agent_reachable.get_or_create(&label).set(flag(a.reachable));
+                m.agent_sessions.get_or_create(&label).set(pos(a.sessions.values().sum()));
+                for (i, state) in SessionStatus::ALL.iter().enumerate() {
+                    by_state[i] += a.sessions.get(state).copied().unwrap_or(0);
+                }
+            }
+            for (state, n) in SessionStatus::ALL.iter().zip(by_state) {
+                m.sessions.get_or_create(&StateLabel { state: state.as_str() }).set(pos(n));
+            }
+            m.agents.set(pos(agents.len() as u64));
+            m.agents_reachable.set(pos(agents.iter().filter(|a| a.reachable).count() as u64));
+        }
+        // The previous figures stay: better slightly old than a false drop to zero.
+        Err(e) => tracing::warn!(error = %e, "reading session counts for the metrics failed"),
+    }
+    m.encode(format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_line_and_accept_header() {
+        let r = parse_request("HEAD /metrics HTTP/1.1\r\nHost: x\r\nACCEPT: application/openmetrics-text\r\n\r\n");
+        assert_eq!((r.method, r.path, r.accept), ("HEAD", "/metrics", Some("application/openmetrics-text")));
+        let r = parse_request("GET /healthz HTTP/1.0\r\n\r\nAccept: ignored-after-the-head\r\n");
+        assert_eq!((r.method, r.path, r.accept), ("GET", "/healthz", None));
+        let r = parse_request("");
+        assert_eq!((r.method, r.path), ("", ""));
+    }
 }

@@ -18,6 +18,7 @@ pub mod tcp;
 pub mod unix;
 
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
+use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::model;
 use crate::model::Readiness;
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
@@ -25,7 +26,6 @@ use crate::proto::listen::Limits;
 use crate::proto::ProtoError;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -62,20 +62,7 @@ pub trait HaControl: Send + Sync + 'static {
 pub struct Api {
     pub broker: Broker,
     pub ha: Arc<dyn HaControl>,
-    stats: Arc<ApiStats>,
-}
-
-/// Counters of the API, shown by the metrics endpoint.
-#[derive(Debug, Default)]
-pub struct ApiStats {
-    refused_not_ready: AtomicU64,
-}
-
-impl ApiStats {
-    /// Logins, terminations and admin writes refused because the node was not ready.
-    pub fn refused_not_ready(&self) -> u64 {
-        self.refused_not_ready.load(Ordering::Relaxed)
-    }
+    pub metrics: Metrics,
 }
 
 impl Api {
@@ -109,12 +96,8 @@ fn broker_err(e: BrokerError) -> ApiReply {
 }
 
 impl Api {
-    pub fn new(broker: Broker, ha: Arc<dyn HaControl>) -> Api {
-        Api { broker, ha, stats: Arc::default() }
-    }
-
-    pub fn stats(&self) -> &ApiStats {
-        &self.stats
+    pub fn new(broker: Broker, ha: Arc<dyn HaControl>, metrics: Metrics) -> Api {
+        Api { broker, ha, metrics }
     }
 
     /// Lets a login or write through once the node is ready, waiting up to `/HA/ready_wait`;
@@ -139,7 +122,7 @@ impl Api {
                 None => *rx.borrow(),
             }
         };
-        self.stats.refused_not_ready.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests_refused_not_ready.inc();
         tracing::info!(readiness = %state, request = what, "refused: this node is not ready");
         let message = if state.is_permanent() {
             format!("{} ({})", state.refusal(), self.ha.readiness_reason())
@@ -183,8 +166,26 @@ impl Api {
 
     /// Serves one request.
     pub async fn handle(&self, caller: &Caller, req: ApiRequest) -> ApiReply {
-        match self.dispatch(caller, req).await {
+        let login = matches!(req, ApiRequest::Connect { .. });
+        let reply = match self.dispatch(caller, req).await {
             Ok(r) | Err(r) => r,
+        };
+        if login {
+            self.count_login(&reply);
+        }
+        reply
+    }
+
+    fn count_login(&self, reply: &ApiReply) {
+        match reply {
+            ApiReply::Connected { info } => {
+                let outcome = if info.reconnected { "reconnected" } else { "created" };
+                self.metrics.logins.get_or_create(&OutcomeLabel { outcome }).inc();
+            }
+            ApiReply::Error { kind, .. } => {
+                self.metrics.login_failures.get_or_create(&ReasonLabel { reason: kind.as_str() }).inc();
+            }
+            _ => {}
         }
     }
 

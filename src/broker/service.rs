@@ -24,6 +24,7 @@ use crate::broker::hooks::{run_hooks, HookEvent};
 use crate::broker::placement;
 use crate::config::Config;
 use crate::db::{DbError, DbHandle, SessionFilter, Write};
+use crate::metrics::Metrics;
 use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
 use crate::proto::agent::AgentSession;
 use crate::proto::api::{AgentLoad, ConnectInfo, Selector, TerminateOutcome};
@@ -98,6 +99,7 @@ struct Inner {
     /// Agents whose clock offset is beyond `/HA/max_clock_offset` (logged once per crossing).
     clock_alarms: Mutex<HashSet<String>>,
     hook_timeout: Duration,
+    metrics: Metrics,
     abandoned: Mutex<VecDeque<SessionId>>,
 }
 
@@ -114,7 +116,13 @@ impl Drop for StartGuard<'_> {
 }
 
 impl Broker {
-    pub fn new(cfg: Arc<Config>, db: DbHandle, agents: AgentClient, replication: Arc<dyn Replication>) -> Broker {
+    pub fn new(
+        cfg: Arc<Config>,
+        db: DbHandle,
+        agents: AgentClient,
+        replication: Arc<dyn Replication>,
+        metrics: Metrics,
+    ) -> Broker {
         Broker {
             inner: Arc::new(Inner {
                 cfg,
@@ -127,6 +135,7 @@ impl Broker {
                 clock_alarms: Mutex::new(HashSet::new()),
                 hook_timeout: Duration::from_secs(30),
                 abandoned: Mutex::new(VecDeque::new()),
+                metrics,
             }),
         }
     }
@@ -324,6 +333,7 @@ impl Broker {
                         self.abandon_start(&agent, &id, Some(started.display)).await;
                         return Err(e);
                     }
+                    self.inner.metrics.session_creates.inc();
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "session created");
                     run_hooks(&cfg.vsmserver.session_startup_dir, HookEvent::Startup, &s, self.inner.hook_timeout)
                         .await;
@@ -773,6 +783,31 @@ impl Broker {
         }
     }
 
+    /// Per known agent: reachability and live sessions by state, from one grouped count (no
+    /// session rows read), for the metrics.
+    pub async fn agent_overview(&self) -> Result<Vec<AgentOverview>, BrokerError> {
+        let counts = self.inner.db.count_sessions().await?;
+        let mut by_agent: BTreeMap<String, HashMap<SessionStatus, u64>> = self
+            .inner
+            .cfg
+            .subclusters
+            .values()
+            .flat_map(|s| s.agents.iter().map(|a| (a.clone(), HashMap::new())))
+            .collect();
+        for c in counts {
+            *by_agent.entry(c.agent).or_default().entry(c.status).or_default() += c.count;
+        }
+        let reg = self.registry();
+        Ok(by_agent
+            .into_iter()
+            .map(|(agent, sessions)| AgentOverview {
+                reachable: reg.get(&agent).map(|s| s.reachable).unwrap_or(false),
+                agent,
+                sessions,
+            })
+            .collect())
+    }
+
     /// Rows of `tlctl load list`.
     pub async fn loads(&self) -> Result<Vec<AgentLoad>, BrokerError> {
         let cfg = &self.inner.cfg;
@@ -812,6 +847,17 @@ impl Broker {
             })
             .collect())
     }
+}
+
+/// One agent as the metrics show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentOverview {
+    pub agent: String,
+    /// Answered its last call (an agent never called yet counts as unreachable, as in
+    /// `tlctl load list`).
+    pub reachable: bool,
+    /// Live sessions by state; states without sessions are absent.
+    pub sessions: HashMap<SessionStatus, u64>,
 }
 
 /// What one reconciliation round did.

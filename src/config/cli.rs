@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use super::edit::{self, Edit};
-use super::keys;
+use super::hconf::{self, Mapping};
+use super::keys::{self, LookupError};
 use super::load::{ConfigError, Settings};
 
 const EXAMPLES: &str = "\
@@ -33,10 +34,16 @@ Examples:
                                                  delete a key (back to its default)
   tl-config -d /subclusters/old                  delete a whole subcluster
   tl-config --check                              validate the configuration directory
+  tl-config -i /opt/thinlinc/etc/conf.d/vsmserver.hconf
+                                                 import a ThinLinc site's settings (Hiveconf)
+  tl-config -p old.hconf                         remove from old.hconf what vsm now sets
+  tl-config -E /vsmserver                        print VAR='value' for every key of a folder
 
 The configuration directory is --config-dir, else $VSM_CONFIG_DIR, else /etc/vsm.
 /vsmserver/HA/* and /vsmserver/subclusters/* are aliases of /HA/* and /subclusters/*;
-writing an alias writes the canonical key.
+writing an alias writes the canonical key. Paths are case-insensitive.
+-i reads ThinLinc's Hiveconf files (both the 4.18 and the 4.19+ layout, %mount included);
+parameters vsm has no use for are listed as skipped, with the reason.
 Nothing is written unless every assignment is valid and the resulting configuration
 has no new problem. The exit status is the number of errors.";
 
@@ -53,6 +60,15 @@ pub struct Args {
     /// Print VAR='value' for the key, for shell eval. Repeatable.
     #[arg(short = 'e', long = "eval", value_name = "VAR=/path")]
     pub eval: Vec<String>,
+    /// As -e, for every key of a folder (the variables are named after the keys). Repeatable.
+    #[arg(short = 'E', value_name = "/folder")]
+    pub eval_folder: Vec<String>,
+    /// Import every parameter of a ThinLinc Hiveconf file (.hconf). Repeatable.
+    #[arg(short = 'i', long = "import", value_name = "FILE")]
+    pub import: Vec<PathBuf>,
+    /// Remove from a Hiveconf file the parameters vsm's configuration sets. Repeatable.
+    #[arg(short = 'p', long = "purge", value_name = "FILE")]
+    pub purge: Vec<PathBuf>,
     /// With -e, prefix the lines with `export `.
     #[arg(short = 'x', long)]
     pub export: bool,
@@ -80,9 +96,19 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         }};
     }
     let dir = super::config_dir_from(args.config_dir.clone());
-    if !args.check && !args.all && args.params.is_empty() && args.eval.is_empty() && args.delete.is_empty() {
-        let _ =
-            writeln!(err, "tl-config: nothing to do: give a key, an assignment, -a, -e, -d or --check (see --help)");
+    if !args.check
+        && !args.all
+        && args.params.is_empty()
+        && args.eval.is_empty()
+        && args.eval_folder.is_empty()
+        && args.delete.is_empty()
+        && args.import.is_empty()
+        && args.purge.is_empty()
+    {
+        let _ = writeln!(
+            err,
+            "tl-config: nothing to do: give a key, an assignment, -a, -e, -E, -d, -i, -p or --check (see --help)"
+        );
         return 1;
     }
 
@@ -111,9 +137,29 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
         }
     }
     edits.extend(args.delete.iter().map(|p| Edit::Delete { path: p.clone() }));
-    if !edits.is_empty() {
+    let mut imported: Vec<String> = Vec::new();
+    let mut import_failed = false;
+    for file in &args.import {
+        match import(file, &mut edits, &mut imported, out, err) {
+            Ok(()) => {}
+            Err(problems) => {
+                for p in &problems {
+                    fail!(err, p);
+                }
+                import_failed = true;
+            }
+        }
+    }
+    let mut written = true;
+    if import_failed {
+        let _ = writeln!(err, "tl-config: nothing was written");
+        written = false;
+    } else if !edits.is_empty() {
         match edit::apply(&dir, &edits) {
             Ok(outcome) => {
+                for line in &imported {
+                    let _ = writeln!(out, "{line}");
+                }
                 for n in &outcome.notes {
                     let _ = writeln!(err, "tl-config: note: {n}");
                 }
@@ -123,14 +169,31 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             }
             Err(problems) => {
                 for p in &problems {
-                    fail!(err, p);
+                    match p {
+                        edit::EditError::Lookup(LookupError::Unknown { path, .. }) => {
+                            fail!(err, &format!("{p}{}", thinlinc_note(path)))
+                        }
+                        p => fail!(err, p),
+                    }
                 }
                 let _ = writeln!(err, "tl-config: nothing was written");
+                written = false;
+            }
+        }
+    }
+    if written {
+        for file in &args.purge {
+            match purge(&dir, file) {
+                Ok(n) => {
+                    let _ = writeln!(out, "purged {n} parameter(s) from {}", file.display());
+                }
+                Err(msg) => fail!(err, &msg),
             }
         }
     }
 
-    let needs_read = !reads.is_empty() || !args.eval.is_empty() || (args.all && reads.is_empty());
+    let needs_read =
+        !reads.is_empty() || !args.eval.is_empty() || !args.eval_folder.is_empty() || (args.all && reads.is_empty());
     if !needs_read {
         return errors.min(255) as u8;
     }
@@ -191,7 +254,139 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
             }
         }
     }
+    for folder in &args.eval_folder {
+        match folder_keys(&settings, folder) {
+            Ok(keys) => {
+                for (name, path) in keys {
+                    if !is_shell_name(&name) {
+                        fail!(
+                            err,
+                            &format!("-E {folder}: {name:?} is not a valid shell variable name; use -e VAR={path}")
+                        );
+                        continue;
+                    }
+                    match get(&settings, &path) {
+                        Ok(v) => {
+                            let export = if args.export { "export " } else { "" };
+                            let _ = writeln!(out, "{export}{name}={}", shell_quote(&v));
+                        }
+                        Err(msgs) => {
+                            for m in msgs {
+                                fail!(err, &m);
+                            }
+                        }
+                    }
+                }
+            }
+            Err(msg) => fail!(err, &msg),
+        }
+    }
     errors.min(255) as u8
+}
+
+/// Reads a Hiveconf file and adds an edit for every parameter that maps to a vsm key; prints
+/// what is skipped. `imported` gets one line per imported key, printed once written.
+fn import(
+    file: &std::path::Path,
+    edits: &mut Vec<Edit>,
+    imported: &mut Vec<String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> Result<(), Vec<String>> {
+    let hive = hconf::read(file).map_err(|e| vec![e.to_string()])?;
+    for n in &hive.notes {
+        let _ = writeln!(err, "tl-config: note: {n}");
+    }
+    let mut problems = Vec::new();
+    let mut set_at: std::collections::BTreeMap<String, String> = Default::default();
+    for p in &hive.params {
+        match hconf::map(p) {
+            Mapping::Set { key, value } => {
+                // Checked here so that a bad value names its line in the file.
+                if let Ok(k) = keys::lookup(&key) {
+                    if let Err(expected) = k.def.ty.parse_text(&value) {
+                        problems.push(format!("{}: {}: bad value {value:?}: expected {expected}", p.at(), p.path));
+                        continue;
+                    }
+                }
+                if let Some(before) = set_at.insert(key.clone(), p.at()) {
+                    let _ =
+                        writeln!(err, "tl-config: note: {key} is set at {before} and at {}: the last one wins", p.at());
+                }
+                let from = if key == p.path { String::new() } else { format!(" (from {})", p.path) };
+                imported.push(format!("imported {key} = {value}{from}"));
+                edits.push(Edit::Set { path: key, value });
+            }
+            Mapping::Skip { reason } => {
+                let _ = writeln!(out, "skipped {} ({}): {reason}", p.path, p.at());
+            }
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}
+
+/// Removes from the Hiveconf file `file` (not from the files it mounts) every parameter whose
+/// vsm key is set in the configuration directory; returns how many were removed.
+fn purge(dir: &std::path::Path, file: &std::path::Path) -> Result<usize, String> {
+    let settings = Settings::read_dir(dir).map_err(|e| e.to_string())?;
+    let hive = hconf::read(file).map_err(|e| e.to_string())?;
+    let own = std::fs::canonicalize(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut drop: Vec<(usize, usize)> = Vec::new();
+    for p in &hive.params {
+        if std::fs::canonicalize(&p.file).ok().as_ref() != Some(&own) {
+            continue;
+        }
+        if let Mapping::Set { key, .. } = hconf::map(p) {
+            if settings.entry(&key).is_some_and(|e| !e.builtin) {
+                drop.push(p.lines);
+            }
+        }
+    }
+    if drop.is_empty() {
+        return Ok(0);
+    }
+    let text = std::fs::read_to_string(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let mut kept = String::with_capacity(text.len());
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let no = i + 1;
+        if !drop.iter().any(|(a, b)| (*a..=*b).contains(&no)) {
+            kept.push_str(line);
+        }
+    }
+    edit::write_atomic(file, kept.as_bytes()).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    Ok(drop.len())
+}
+
+/// The keys directly in a folder, as (name, canonical path), in key-table order.
+fn folder_keys(settings: &Settings, folder: &str) -> Result<Vec<(String, String)>, String> {
+    let (canon, _) = keys::canonical(folder)?;
+    let canon = canon.trim_end_matches('/').to_string();
+    if !keys::is_folder(if canon.is_empty() { "/" } else { &canon }) {
+        if keys::lookup(&canon).is_ok() {
+            return Err(format!("-E {canon}: a key, not a folder; use -e VAR={canon}"));
+        }
+        return Err(format!("-E {canon}: folder not found"));
+    }
+    Ok(settings
+        .effective_all()
+        .into_iter()
+        .filter_map(|(_, path, _, _)| {
+            let (parent, name) = path.rsplit_once('/')?;
+            (parent == canon).then(|| (name.to_string(), path.clone()))
+        })
+        .collect())
+}
+
+/// For a ThinLinc parameter vsm has no use for, why; appended to "unknown key".
+fn thinlinc_note(path: &str) -> String {
+    match hconf::no_equivalent(path) {
+        Some(why) => format!(": a ThinLinc parameter with no vsm equivalent ({why})"),
+        None => String::new(),
+    }
 }
 
 /// The value in effect for a key, or the problems that make it unknowable.
@@ -201,9 +396,10 @@ fn get(settings: &Settings, path: &str) -> Result<String, Vec<String>> {
         if keys::is_folder(&canon) {
             vec![format!("{canon} is a folder; use -a to list it")]
         } else {
-            vec![e.to_string()]
+            vec![format!("{e}{}", thinlinc_note(path))]
         }
     })?;
+    settings.exists(&key).map_err(|why| vec![format!("{}: no such parameter: {why}", key.path)])?;
     let problems: Vec<String> = settings
         .read_errors()
         .iter()

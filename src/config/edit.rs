@@ -173,7 +173,7 @@ fn set(files: &mut Vec<FileDoc>, dir: &Path, path: &str, text: &str, notes: &mut
         expected,
     })?;
     let segs = segs_of(&key.path);
-    if path.trim() != key.path {
+    if keys::canonical(path).is_ok_and(|(_, alias)| alias) {
         notes.push(format!("{} is an alias: writing {}", path.trim(), key.path));
     }
     if let Some(alias) = alias_segments(&segs) {

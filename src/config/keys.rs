@@ -633,13 +633,27 @@ pub fn segments(path: &str) -> Result<Vec<&str>, String> {
 /// Rewrites alias forms to canonical ones: `/vsmserver/HA/...` → `/HA/...`,
 /// `/vsmserver/subclusters/...` → `/subclusters/...`. Returns the canonical path and whether
 /// an alias was used. Works for folders as well as keys.
+///
+/// Folder and key names are case-insensitive, as in ThinLinc: they take the key table's
+/// spelling (`/ha/ENABLED` → `/HA/enabled`). Wildcard segments (subcluster names, hosts)
+/// are kept as written.
 pub fn canonical(path: &str) -> Result<(String, bool), String> {
     let segs = segments(path)?;
-    let (segs, alias) = match segs.as_slice() {
-        ["vsmserver", "HA" | "subclusters", ..] => (&segs[1..], true),
-        _ => (&segs[..], false),
-    };
-    Ok((format!("/{}", segs.join("/")), alias))
+    let alias = segs.len() >= 2
+        && segs[0].eq_ignore_ascii_case("vsmserver")
+        && (segs[1].eq_ignore_ascii_case("HA") || segs[1].eq_ignore_ascii_case("subclusters"));
+    let segs = if alias { &segs[1..] } else { &segs[..] };
+    let mut out: Vec<&str> = Vec::with_capacity(segs.len());
+    for (i, seg) in segs.iter().enumerate() {
+        let spelled = KEYS.iter().find_map(|def| {
+            let pat: Vec<&'static str> = def.path[1..].split('/').collect();
+            let fixed = *pat.get(i)?;
+            let same_folder = pat[..i].iter().zip(&out).all(|(p, o)| p.starts_with('<') || p == o);
+            (same_folder && !fixed.starts_with('<') && fixed.eq_ignore_ascii_case(seg)).then_some(fixed)
+        });
+        out.push(spelled.unwrap_or(seg));
+    }
+    Ok((format!("/{}", out.join("/")), alias))
 }
 
 /// A path resolved to a key of the table.
@@ -715,23 +729,28 @@ pub fn lookup(path: &str) -> Result<KeyMatch, LookupError> {
     Err(LookupError::Unknown { suggestion, path: canon })
 }
 
-/// The known key closest to `path`, if it is close enough to be a plausible typo.
+/// The known key closest to `path` (canonical), if one in the same folder is close enough to
+/// be a plausible typo of its name.
 pub fn suggest(path: &str) -> Option<String> {
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (name, folder) = segs.split_last()?;
     let mut best: Option<(f64, String)> = None;
     for def in KEYS {
         let pat: Vec<&str> = def.path[1..].split('/').collect();
-        // Fill the wildcard from the user's path when the shapes line up, so that
-        // `/subclusters/eng/agent` suggests `/subclusters/eng/agents`.
-        let candidate: Vec<&str> = pat
-            .iter()
-            .enumerate()
-            .map(|(i, p)| if p.starts_with('<') { segs.get(i).copied().unwrap_or(p) } else { p })
-            .collect();
-        let candidate = format!("/{}", candidate.join("/"));
-        let score = strsim::normalized_levenshtein(&path.to_ascii_lowercase(), &candidate.to_ascii_lowercase());
+        let Some((key_name, key_folder)) = pat.split_last() else { continue };
+        // Only keys of the same folder (a wildcard stands for the user's segment), so that
+        // `/subclusters/eng/agent` suggests `/subclusters/eng/agents` and nothing suggests a
+        // key of another folder.
+        let same_folder = key_folder.len() == folder.len()
+            && key_folder.iter().zip(folder).all(|(p, s)| p.starts_with('<') || p.eq_ignore_ascii_case(s));
+        if !same_folder || key_name.starts_with('<') {
+            continue;
+        }
+        let score = strsim::normalized_levenshtein(&name.to_ascii_lowercase(), &key_name.to_ascii_lowercase());
         if best.as_ref().map_or(true, |(b, _)| score > *b) {
-            best = Some((score, candidate));
+            let filled: Vec<&str> =
+                key_folder.iter().zip(folder).map(|(p, s)| if p.starts_with('<') { *s } else { *p }).collect();
+            best = Some((score, format!("/{}/{key_name}", filled.join("/")).replace("//", "/")));
         }
     }
     best.filter(|(score, _)| *score >= 0.6).map(|(_, c)| c)
@@ -768,7 +787,7 @@ Reading an alias returns the canonical key's value; writing an alias with `tl-co
 
 - Booleans: `true`/`false`, `yes`/`no` or `1`/`0` in any case; `tl-config` writes `true`/`false`.
 - Lists: space-separated on the `tl-config` command line, TOML arrays in files (a TOML string is read as a space-separated list); `tl-config` writes arrays.
-- Durations: `250ms`, `5s`, `2m`, `1h`, `7d`; a bare number means seconds.
+- Durations: `250ms`, `5s`, `2m`, `1h`, `7d`, or several of these, largest unit first, such as `1m30s`; a bare number means seconds.
 - Hosts: an IP address, or a name made of letters, digits, `-` and `.`.
 - Paths must be absolute, except secret files, which may be relative to the configuration directory.
 - In files, any value may also be written as a TOML string in `tl-config` syntax (`enabled = "yes"`).
@@ -783,6 +802,20 @@ Reading an alias returns the canonical key's value; writing an alias with `tl-co
 - `tl-config -e PORT=/vsmserver/listen_port` prints `PORT='9000'` for `eval` in a shell; `-x` adds `export`.
 - `tl-config -d /agents/weights/agent1.example.com` deletes a key (it returns to its default); `-d /subclusters/<name>` deletes a subcluster.
 - `tl-config --check` validates the whole directory and lists every problem.
+- `tl-config -E /vsmserver` prints `NAME='value'` for every key of a folder, named after the keys.
+- `tl-config -i /opt/thinlinc/etc/conf.d/vsmserver.hconf` imports a ThinLinc site's settings (see below); `-p FILE` removes from a Hiveconf file the parameters vsm's configuration now sets, so that what is left is what did not carry over.
+
+Paths are case-insensitive, as in ThinLinc (`/ha/ENABLED` is `/HA/enabled`); subcluster names and hosts keep the case they are written in.
+Reading a key of a subcluster that does not exist (or the weight of a host that is no subcluster's agent) is an error, "no such parameter", not an empty value.
+An unknown key is refused with the closest key of the same folder, when one is close.
+
+### Importing ThinLinc's configuration
+
+`tl-config -i FILE` reads ThinLinc's Hiveconf syntax: `[/folder]` headers, `name = value` lines (lists space-separated, booleans as above), `#` and `;` comments, lines continued with a trailing `\`, and `%mount` of other files (globs allowed, relative to the file), so `tl-config -i /opt/thinlinc/etc/thinlinc.hconf` reads a whole site.
+Both layouts are understood: 4.18 and earlier (`/vsmserver/HA/*`, `/vsmserver/subclusters/*`) and 4.19 and later (`/HA/*`, `/subclusters/*`, `/agents/*`); either is written to vsm's files under the current names.
+A geometry written `1280 800` becomes `1280x800`, and `/vsmserver/load_update_cycle` becomes `/vsmserver/reconcile_interval`.
+Parameters vsm has no use for (such as `/vsmserver/unbind_ports_at_login`, the load balancer tunables of ThinLinc before 4.19, tunnel ports, logging and other ThinLinc programs' folders) are listed as `skipped PATH (FILE:LINE): why`, never dropped silently.
+The import is one edit like any other: every value is checked (a bad one is reported with its file and line), the whole resulting configuration is validated, and nothing is written unless all of it is valid.
 
 Before writing, `tl-config` checks every assignment and validates the whole resulting configuration with the same rules as the daemons.
 If anything is wrong nothing is written; problems the directory already had are reported as warnings and do not block unrelated changes.
@@ -881,14 +914,29 @@ mod tests {
     }
 
     #[test]
+    fn paths_are_case_insensitive_but_names_keep_their_case() {
+        assert_eq!(lookup("/ha/ENABLED").unwrap().path, "/HA/enabled");
+        assert_eq!(lookup("/VSMSERVER/ha/Nodes").unwrap().path, "/HA/nodes");
+        let m = lookup("/VsmServer/SubClusters/Eng/Agents").unwrap();
+        assert_eq!((m.path.as_str(), m.wildcard.as_str()), ("/subclusters/Eng/agents", "Eng"));
+        assert_eq!(lookup("/Agents/Weights/Host1").unwrap().path, "/agents/weights/Host1");
+        assert_eq!(canonical("/vsmserver/ha").unwrap(), ("/HA".to_string(), true));
+        assert_eq!(canonical("/Nope/x").unwrap(), ("/Nope/x".to_string(), false));
+    }
+
+    #[test]
     fn unknown_keys_get_suggestions() {
         let cases = [
             ("/HA/enable", Some("/HA/enabled")),
-            ("/ha/enabled", Some("/HA/enabled")),
+            ("/ha/enable", Some("/HA/enabled")),
             ("/subclusters/eng/agent", Some("/subclusters/eng/agents")),
             ("/vsmagent/display_mx", Some("/vsmagent/display_max")),
             ("/vsmserver/HA/node", Some("/HA/nodes")),
             ("/completely/unrelated/thing/here", None),
+            // Never a key of another folder, even when a wildcard could take the name.
+            ("/vsmserver/unbind_ports_at_login", None),
+            ("/vsmserver/listen_prot", Some("/vsmserver/listen_port")),
+            ("/agents/weight", None),
         ];
         for (path, want) in cases {
             match lookup(path) {

@@ -350,6 +350,34 @@ impl Settings {
         Ok((key, value))
     }
 
+    /// Whether a wildcard key names something that exists: its subcluster, or for a weight, a
+    /// host that is an agent of some subcluster (or has a weight set). `Err` says what is
+    /// missing; keys without a wildcard always exist.
+    pub fn exists(&self, key: &KeyMatch) -> Result<(), String> {
+        match key.def.wildcard() {
+            None => Ok(()),
+            Some(Wildcard::Name) => {
+                let names = self.subcluster_names();
+                if names.contains(&key.wildcard) {
+                    return Ok(());
+                }
+                let list: Vec<&str> = names.iter().map(String::as_str).collect();
+                Err(format!("there is no subcluster {} (subclusters: {})", key.wildcard, list.join(" ")))
+            }
+            Some(Wildcard::Host) => {
+                let is_agent = self.entries.values().any(|e| {
+                    e.key.def.path == "/subclusters/<name>/agents"
+                        && e.value.as_list().iter().any(|a| a.eq_ignore_ascii_case(&key.wildcard))
+                });
+                if is_agent || self.entries.contains_key(&key.path) {
+                    Ok(())
+                } else {
+                    Err(format!("{} is not an agent of any subcluster", key.wildcard))
+                }
+            }
+        }
+    }
+
     /// Names of the subclusters in effect.
     pub fn subcluster_names(&self) -> BTreeSet<String> {
         self.instances(Wildcard::Name)

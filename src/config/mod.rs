@@ -11,7 +11,8 @@
 //! - Nothing but the editor writes configuration files, and it writes atomically.
 //!
 //! Layout: [`keys`] (the key table), [`value`] (value types), [`load`] (files → `Config`),
-//! [`edit`] (the only writer), [`cli`] (`tl-config`).
+//! [`edit`] (the only writer), [`hconf`] (ThinLinc's Hiveconf files, for import), [`cli`]
+//! (`tl-config`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 pub mod cli;
 pub mod edit;
+pub mod hconf;
 pub mod keys;
 pub mod load;
 pub mod value;

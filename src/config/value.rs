@@ -85,7 +85,7 @@ impl ValueType {
             ValueType::Path => "an absolute path".into(),
             ValueType::SecretPath => "a path (relative paths are relative to the configuration directory)".into(),
             ValueType::Duration { min_ms, max_ms } => format!(
-                "a duration such as 250ms, 5s, 2m, 1h or 7d (a bare number means seconds) from {} to {}",
+                "a duration such as 250ms, 5s, 1m30s, 1h or 7d (a bare number means seconds) from {} to {}",
                 format_duration(Duration::from_millis(*min_ms)),
                 format_duration(Duration::from_millis(*max_ms))
             ),
@@ -344,21 +344,37 @@ impl Value {
 /// Parses `250ms`, `5s`, `2m`, `1h`, `7d` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return None;
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) {
+        return t.parse::<u64>().ok()?.checked_mul(1_000).map(Duration::from_millis);
     }
-    let n: u64 = num.parse().ok()?;
-    let ms_per_unit: u64 = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return None,
-    };
-    n.checked_mul(ms_per_unit).map(Duration::from_millis)
+    // One or more NUMBER UNIT parts, largest unit first, each unit at most once: `1m30s`.
+    let mut rest = t;
+    let mut total: u64 = 0;
+    let mut last_unit = u64::MAX;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let ms_per_unit: u64 = match &rest[..unit_len] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return None,
+        };
+        if ms_per_unit >= last_unit {
+            return None;
+        }
+        last_unit = ms_per_unit;
+        rest = &rest[unit_len..];
+        total = total.checked_add(n.checked_mul(ms_per_unit)?)?;
+    }
+    (last_unit != u64::MAX).then(|| Duration::from_millis(total))
 }
 
 /// Renders a duration with the largest unit that divides it exactly.
@@ -557,11 +573,17 @@ mod tests {
             ("1h", 3_600_000),
             ("7d", 604_800_000),
             (" 30s ", 30_000),
+            ("1m30s", 90_000),
+            ("1h30m", 5_400_000),
+            ("1d2h3m4s5ms", 93_784_005),
+            ("1s500ms", 1_500),
         ];
         for (t, ms) in cases {
             assert_eq!(DUR.parse_text(t), Ok(Value::Duration(Duration::from_millis(ms))), "{t}");
         }
-        for t in ["", "s", "5x", "1.5s", "-1s", "5 s s", "99999999999999999999d", "0s"] {
+        for t in
+            ["", "s", "5x", "1.5s", "-1s", "5 s s", "99999999999999999999d", "0s", "30s1m", "1m1m", "1m 30s", "1m30"]
+        {
             assert!(DUR.parse_text(t).is_err(), "{t}");
         }
         assert_eq!(DUR.parse_toml(&toml_value("30")), Ok(Value::Duration(Duration::from_secs(30))));

@@ -350,6 +350,14 @@ impl<T> SqlContext<T> for rusqlite::Result<T> {
     }
 }
 
+/// How many live sessions one agent has in one state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionCount {
+    pub agent: String,
+    pub status: SessionStatus,
+    pub count: u64,
+}
+
 /// Cloneable handle to the session database's owner thread.
 #[derive(Clone, Debug)]
 pub struct DbHandle {
@@ -490,6 +498,11 @@ impl DbHandle {
     /// Per agent, how many distinct users have live sessions on it.
     pub async fn count_users_per_agent(&self) -> Result<BTreeMap<String, usize>, DbError> {
         self.read(|o| o.count_users_per_agent()).await
+    }
+
+    /// Live sessions counted per agent and state, without reading the rows out.
+    pub async fn count_sessions(&self) -> Result<Vec<SessionCount>, DbError> {
+        self.read(|o| o.count_sessions()).await
     }
 
     pub async fn status(&self) -> Result<DbStatus, DbError> {

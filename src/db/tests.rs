@@ -538,6 +538,23 @@ async fn users_per_agent_counts_distinct_users_of_live_sessions() {
 }
 
 #[tokio::test]
+async fn sessions_counted_per_agent_and_state_without_tombstones() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let mut off = session("2", "u1", "ag1", 2);
+    off.status = SessionStatus::Disconnected;
+    for x in [session("1", "u1", "ag1", 1), off, session("3", "u2", "ag1", 3), session("4", "u3", "ag2", 1)] {
+        db.write(Write::Upsert(x)).await.unwrap();
+    }
+    db.write(Write::Delete(id("4"))).await.unwrap();
+    let mut got = db.count_sessions().await.unwrap();
+    got.sort_by(|a, b| (&a.agent, a.status.as_str()).cmp(&(&b.agent, b.status.as_str())));
+    let c = |agent: &str, status, count| SessionCount { agent: agent.into(), status, count };
+    assert_eq!(got, vec![c("ag1", SessionStatus::Disconnected, 1), c("ag1", SessionStatus::Running, 2)]);
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn users_per_agent_in_memory_matches_the_table_after_moves_applies_and_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");

@@ -34,6 +34,7 @@ use crate::api::HaControl;
 use crate::broker::service::{Broker, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::{DbHandle, LogRead};
+use crate::metrics::Metrics;
 use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
 use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
 use crate::proto::listen::{self, Limits};
@@ -110,16 +111,24 @@ fn link_name(l: engine::LinkState) -> &'static str {
     }
 }
 
+fn resync_kind(r: &engine::ResyncInfo) -> &'static str {
+    match r.kind {
+        engine::ResyncKind::Incremental => "incremental",
+        engine::ResyncKind::Snapshot => "snapshot",
+    }
+}
+
+fn resync_direction(r: &engine::ResyncInfo) -> &'static str {
+    match r.direction {
+        engine::Direction::Received => "received",
+        engine::Direction::Sent => "sent",
+    }
+}
+
 fn resync_view(r: &engine::ResyncInfo) -> ResyncView {
     ResyncView {
-        kind: match r.kind {
-            engine::ResyncKind::Incremental => "incremental".into(),
-            engine::ResyncKind::Snapshot => "snapshot".into(),
-        },
-        direction: match r.direction {
-            engine::Direction::Received => "received".into(),
-            engine::Direction::Sent => "sent".into(),
-        },
+        kind: resync_kind(r).into(),
+        direction: resync_direction(r).into(),
         records: r.records,
         duration_ms: r.duration_ms,
         at_ms: engine_to_wall(r.at_ms),
@@ -201,6 +210,7 @@ impl HaNode {
         peer_listener: Option<TcpListener>,
         cancel: CancellationToken,
         tracker: &TaskTracker,
+        metrics: Metrics,
     ) -> Result<Arc<HaNode>, String> {
         let standalone = !matches!(setup.mode, HaMode::Enabled { .. });
         let role = watch::channel(if standalone { Role::Active } else { Role::Standby }).0;
@@ -287,6 +297,9 @@ impl HaNode {
             next_waiter: 0,
             merged: None,
             held: None,
+            metrics,
+            seen_received: None,
+            seen_sent: None,
         };
         let h = tokio::spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
@@ -738,6 +751,10 @@ struct Driver {
     /// A new connection met while draining the link queue: handled once every event before
     /// it is done, because it reads the position those events' applies store.
     held: Option<Link>,
+    metrics: Metrics,
+    /// The last resyncs counted in the metrics, one per direction.
+    seen_received: Option<engine::ResyncInfo>,
+    seen_sent: Option<engine::ResyncInfo>,
 }
 
 impl Driver {
@@ -968,9 +985,19 @@ impl Driver {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let st = self.engine.status();
         let readiness = st.readiness;
+        // Each direction completes at most once per connection, and status is published
+        // after every batch of events, so comparing with the last one seen misses none.
+        for (now, seen) in
+            [(&st.last_resync_received, &mut self.seen_received), (&st.last_resync_sent, &mut self.seen_sent)]
+        {
+            if let Some(r) = now.as_ref().filter(|r| Some(*r) != seen.as_ref()) {
+                self.metrics.resync(resync_kind(r), resync_direction(r), r.duration_ms as f64 / 1000.0);
+                *seen = Some(r.clone());
+            }
+        }
         *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
         self.node.readiness.send_if_modified(|r| std::mem::replace(r, readiness) != readiness);
     }

@@ -193,6 +193,23 @@ pub enum ApiErrorKind {
     Internal,
 }
 
+impl ApiErrorKind {
+    /// The name on the wire (and in metrics labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiErrorKind::NotAllowed => "not_allowed",
+            ApiErrorKind::LimitReached => "limit_reached",
+            ApiErrorKind::NoAgentAvailable => "no_agent_available",
+            ApiErrorKind::StartFailed => "start_failed",
+            ApiErrorKind::TerminateFailed => "terminate_failed",
+            ApiErrorKind::NotFound => "not_found",
+            ApiErrorKind::BadRequest => "bad_request",
+            ApiErrorKind::NotReady => "not_ready",
+            ApiErrorKind::Internal => "internal",
+        }
+    }
+}
+
 /// What `tlctl ha status` shows.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct HaStatusView {
@@ -290,4 +307,17 @@ pub struct ResyncView {
     pub records: u64,
     pub duration_ms: u64,
     pub at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kind_names_are_the_wire_names() {
+        use ApiErrorKind::*;
+        for k in [NotAllowed, LimitReached, NoAgentAvailable, StartFailed, NotFound, BadRequest, NotReady, Internal] {
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.as_str()));
+        }
+    }
 }

@@ -191,10 +191,64 @@ impl TestMaster {
         }
     }
 
+    /// The node's metrics as a scrape of `/metrics` would show them.
+    pub async fn scrape(&self) -> Scrape {
+        let s = self.server();
+        let api = vsm::api::Api::new(s.broker.clone(), s.ha.clone(), s.metrics.clone());
+        Scrape::parse(&vsm::api::http::metrics(&api, vsm::metrics::Format::Prometheus).await)
+    }
+
     pub async fn stop(&mut self) {
         if let Some(s) = self.server.take() {
             s.stop().await;
         }
+    }
+}
+
+/// A scrape in the Prometheus text format: metric types by family and sample values by
+/// series (`name{labels}`), every value checked to be a finite number.
+pub struct Scrape {
+    /// Family name → `counter`, `gauge`, `histogram`...
+    pub types: std::collections::BTreeMap<String, String>,
+    pub samples: std::collections::BTreeMap<String, f64>,
+}
+
+impl Scrape {
+    pub fn parse(text: &str) -> Scrape {
+        let mut types = std::collections::BTreeMap::new();
+        let mut samples = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                let (name, ty) = t.split_once(' ').unwrap_or_else(|| panic!("bad TYPE line {line:?}"));
+                assert!(types.insert(name.to_string(), ty.to_string()).is_none(), "{name} typed twice");
+            } else if line.starts_with('#') || line.is_empty() {
+                continue;
+            } else {
+                // The value follows the last space; label values may hold spaces.
+                let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad sample {line:?}"));
+                let v: f64 = value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"));
+                assert!(v.is_finite(), "not a finite number: {line:?}");
+                assert!(samples.insert(series.to_string(), v).is_none(), "{series} twice");
+            }
+        }
+        Scrape { types, samples }
+    }
+
+    pub fn value(&self, series: &str) -> f64 {
+        *self.samples.get(series).unwrap_or_else(|| panic!("no series {series} in {:?}", self.samples.keys()))
+    }
+
+    /// The sum of every series of `name` whose labels include `label` (e.g. `direction="sent"`).
+    pub fn sum(&self, name: &str, label: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(label))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn ty(&self, name: &str) -> &str {
+        self.types.get(name).unwrap_or_else(|| panic!("no family {name}"))
     }
 }
 

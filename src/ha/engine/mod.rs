@@ -396,6 +396,8 @@ pub struct EngineStatus {
     pub last_resync: Option<ResyncInfo>,
     /// The most recent resync through which this node caught up with the peer.
     pub last_resync_received: Option<ResyncInfo>,
+    /// The most recent resync through which the peer caught up with this node.
+    pub last_resync_sent: Option<ResyncInfo>,
     /// Completed resyncs since start, both directions.
     pub resyncs: u64,
     /// `Some(false)`: the peer's subcluster/agent configuration differs (loud warning).
@@ -537,6 +539,7 @@ pub struct Engine {
 
     last_resync: Option<ResyncInfo>,
     last_resync_received: Option<ResyncInfo>,
+    last_resync_sent: Option<ResyncInfo>,
     resyncs: u64,
 }
 
@@ -578,6 +581,7 @@ impl Engine {
             applies_completed: 0,
             last_resync: None,
             last_resync_received: None,
+            last_resync_sent: None,
             resyncs: 0,
         }
     }
@@ -741,6 +745,7 @@ impl Engine {
             lag_ms,
             last_resync: self.last_resync.clone(),
             last_resync_received: self.last_resync_received.clone(),
+            last_resync_sent: self.last_resync_sent.clone(),
             resyncs: self.resyncs,
             config_digest_match: self.config_digest_match,
             clock_offset_ms: self.clock_offset.map(|(o, _)| o),
@@ -1174,7 +1179,8 @@ impl Engine {
         };
         tracing::info!(peer = %self.cfg.peer, kind = ?info.kind, records = info.records,
             duration_ms = info.duration_ms, "peer caught up with this node");
-        self.last_resync = Some(info);
+        self.last_resync = Some(info.clone());
+        self.last_resync_sent = Some(info);
         self.resyncs += 1;
         self.maybe_clear_degraded();
     }

@@ -129,6 +129,8 @@ fn incremental_catch_up_streams_the_missing_tail_in_batches() {
         info,
         ResyncInfo { kind: ResyncKind::Incremental, records: 3, duration_ms: 4, at_ms: 14, direction: Direction::Sent }
     );
+    assert_eq!(e.status().last_resync_sent, Some(info));
+    assert_eq!(e.status().last_resync_received, None);
     // B had nothing for us: not ready until B says so.
     assert!(!e.is_ready());
     msg(&mut e, PeerMsg::CaughtUp { head: Seq(0) }, 15);
