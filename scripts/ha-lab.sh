@@ -44,6 +44,12 @@ NODES=(tlha-primary tlha-secondary agent1 agent2 client)
 VIP_NAME=tlha
 VIP=$NET.4
 USERS=(testuser testuser2 testuser3)
+# More users for workloads with many users (the fault campaign): VSM_LAB_EXTRA_USERS.
+read -r -a EXTRA_USERS <<<"${VSM_LAB_EXTRA_USERS:-}"
+for u in "${EXTRA_USERS[@]}"; do
+    [[ $u =~ ^[a-z_][a-z0-9_-]{0,30}$ ]] || { echo "ha-lab: error: VSM_LAB_EXTRA_USERS: '$u' is not a user name" >&2; exit 1; }
+done
+USERS+=("${EXTRA_USERS[@]}")
 VSM_BINARIES=(vsmserver vsmagent vsmclient vsmconnect tlctl tl-config)
 # Directories bind-mounted per node (host path -> lab subdirectory).
 MOUNTS=(/etc/vsm:etc-vsm /var/lib/vsm:lib-vsm /var/lib/vsmagent:lib-vsmagent /run/vsm:run-vsm
@@ -328,6 +334,12 @@ make_node_dirs() {
     for m in "${MOUNTS[@]}"; do mkdir -p "$nd/${m#*:}"; done
     mkdir -p "$nd/tmp"
     chmod 1777 "$nd/tmp"
+    # A master's data directory on a small file system of its own, so it can be filled.
+    if is_master "$node" && [ -n "${VSM_LAB_DATA_TMPFS:-}" ]; then
+        [[ $VSM_LAB_DATA_TMPFS =~ ^[0-9]+[kKmM]$ ]] || die "VSM_LAB_DATA_TMPFS must be a size like 64M (got '$VSM_LAB_DATA_TMPFS')"
+        mount -t tmpfs -o "size=$VSM_LAB_DATA_TMPFS,mode=0755" "vsmlab-data-$node" "$nd/lib-vsm"
+        echo "$nd/lib-vsm" >>"$LAB/mounts"
+    fi
     # Readable like a packaged /etc/vsm (users' vsmclient reads it); the keys in it are 0600.
 }
 
@@ -495,8 +507,9 @@ configure_vsm() {
         tlconfig "$node" '/vsmagent/allowed_clients=tlha-primary tlha-secondary'
         tlconfig "$node" /vsmagent/master_hostname=tlha
         tlconfig "$node" /vsm/secret_file=/etc/vsm/cluster.key
-        # The default private desktop, with the session script of this checkout.
-        tlconfig "$node" "/vsmagent/session_command=/usr/local/bin/vsm-session Xvnc :{display} -rfbunixpath {socket} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {geometry} -desktop {user}"
+        # The default private desktop, with the session script of this checkout, unless a
+        # workload asks for a cheaper command.
+        tlconfig "$node" "/vsmagent/session_command=${VSM_LAB_SESSION_COMMAND:-/usr/local/bin/vsm-session Xvnc :{display} -rfbunixpath {socket} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {geometry} -desktop {user}}"
     done
     # The PAM service of the sessions, as the package installs it.
     if [ ! -e /etc/pam.d/vsm ]; then
@@ -751,6 +764,18 @@ start_sshd() {
     poll 10 tcp_open "$node" "${ADDR[$node]}" 22 || die "sshd on $node does not answer on port 22"
 }
 
+FAKETIME_LIB=/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+
+# The environment vsmserver starts with: with VSM_LAB_FAKETIME=1, libfaketime moves its wall
+# clock (never its monotonic clock) by the offset in <node>/faketime (e.g. "+30s", "-2m",
+# "+0"), read again every second, so a clock jump is one write to that file.
+server_env() {
+    if [ -e "$LAB/faketime-on" ]; then
+        echo env "LD_PRELOAD=$FAKETIME_LIB" "FAKETIME_TIMESTAMP_FILE=$(node_dir "$1")/faketime" \
+            FAKETIME_CACHE_DURATION=1 FAKETIME_DONT_FAKE_MONOTONIC=1
+    fi
+}
+
 start_daemon_named() {
     local node=$1 name=$2
     case $name in
@@ -766,7 +791,8 @@ start_daemon_named() {
                 node_exec "$node" pcs resource cleanup vsmserver node="$node" >/dev/null ||
                     die "pcs resource cleanup vsmserver failed on $node"
             else
-                spawn "$node" vsmserver /usr/local/bin/vsmserver
+                # shellcheck disable=SC2046  # the words of server_env are separate arguments
+                spawn "$node" vsmserver $(server_env "$node") /usr/local/bin/vsmserver
             fi ;;
         vsmagent) is_agent "$node" || die "vsmagent runs on the agents only"
             [ "$(lab_mode)" = daemons ] || die "the lab runs without vsm daemons"
@@ -840,6 +866,11 @@ cmd_up() {
     write_helpers
     if [ "$mode" = daemons ]; then
         link_binaries
+        if [ "${VSM_LAB_FAKETIME:-0}" = 1 ]; then
+            [ -e "$FAKETIME_LIB" ] || die "VSM_LAB_FAKETIME=1 needs $FAKETIME_LIB (package libfaketime; scripts/install-test-deps.sh)"
+            touch "$LAB/faketime-on"
+            for node in "${MASTERS[@]}"; do echo "+0" >"$(node_dir "$node")/faketime"; done
+        fi
         configure_vsm
     fi
 
@@ -924,6 +955,12 @@ cmd_down() {
         done
         kill_pids "${pids[@]}"
     done
+    # File systems mounted in the lab directory (VSM_LAB_DATA_TMPFS).
+    if [ -f "$LAB/mounts" ]; then
+        while read -r d; do
+            if [ -n "$d" ] && mountpoint -q "$d"; then umount "$d" || umount -l "$d" || warn "could not unmount $d"; fi
+        done <"$LAB/mounts"
+    fi
     for n in $(lab_namespaces); do
         if ns_exists "$n"; then
             ip netns delete "$n" || warn "could not delete namespace $n"
@@ -1141,7 +1178,12 @@ Environment: VSM_LAB_DIR ($LAB), VSM_BIN_DIR ($BIN_DIR), VSM_LAB_MANAGER ($MANAG
   guide, tuned, default tuned),
   VSM_LAB_DAEMONS (auto|1|0), VSM_LAB_NET ($NET), VSM_LAB_PREFIX ($PREFIX), VSM_LAB_TIMEOUT,
   VSM_LAB_KEEP=1 (down keeps the lab directory and its logs),
-  VSM_LAB_HA_KEYS (extra tl-config assignments for both masters, e.g. "/HA/peer_timeout=1s")
+  VSM_LAB_HA_KEYS (extra tl-config assignments for both masters, e.g. "/HA/peer_timeout=1s"),
+  VSM_LAB_SESSION_COMMAND (the agents' /vsmagent/session_command instead of the private desktop),
+  VSM_LAB_EXTRA_USERS (more users to create besides testuser..testuser3),
+  VSM_LAB_DATA_TMPFS (e.g. 64M: each master's /var/lib/vsm on a tmpfs of that size),
+  VSM_LAB_FAKETIME=1 (vsmserver under libfaketime: write an offset like +30s to
+  \$VSM_LAB_DIR/nodes/MASTER/faketime to move that master's wall clock)
 EOF
 }
 

@@ -41,6 +41,7 @@ packages=(
     iputils-arping              # ocf:heartbeat:ethmonitor refuses to run without arping
     heartbeat                   # Heartbeat 3 lab (ha-lab.sh up --manager heartbeat)
     net-tools                   # ifconfig, used by Heartbeat's IPaddr
+    faketime                    # libfaketime: clock jumps of a master in the fault campaign (scripts/chaos.sh)
 )
 
 apt-get update

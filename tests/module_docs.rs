@@ -19,6 +19,7 @@ fn every_source_file_has_a_module_doc() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("tests/chaos"), &mut files);
     assert!(files.len() > 20, "found only {} files", files.len());
     let missing: Vec<_> = files
         .iter()
