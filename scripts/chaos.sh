@@ -58,6 +58,12 @@ export VSM_LAB_SESSION_COMMAND="/bin/sleep infinity"
 export VSM_LAB_EXTRA_USERS="${users[*]}"
 export VSM_LAB_DATA_TMPFS=64M
 MAX_SESSIONS=2
+# Clock jumps need vsmserver under libfaketime (package libfaketime); without it they are skipped.
+if [ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1 ]; then
+    export VSM_LAB_FAKETIME=1
+else
+    echo "chaos.sh: libfaketime is not installed: clock jumps will be skipped (scripts/install-test-deps.sh)"
+fi
 # ack replication, quick reconciliation so convergence is quick after the heal.
 export VSM_LAB_HA_KEYS="/HA/sync=ack /vsmserver/max_sessions_per_user=$MAX_SESSIONS /vsmserver/reconcile_interval=5s"
 

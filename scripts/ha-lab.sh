@@ -509,7 +509,8 @@ configure_vsm() {
         tlconfig "$node" /vsm/secret_file=/etc/vsm/cluster.key
         # The default private desktop, with the session script of this checkout, unless a
         # workload asks for a cheaper command.
-        tlconfig "$node" "/vsmagent/session_command=${VSM_LAB_SESSION_COMMAND:-/usr/local/bin/vsm-session Xvnc :{display} -rfbunixpath {socket} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {geometry} -desktop {user}}"
+        local desktop='/usr/local/bin/vsm-session Xvnc :{display} -rfbunixpath {socket} -rfbunixmode 0600 -rfbport -1 -nolisten tcp -SecurityTypes None -geometry {geometry} -desktop {user}'
+        tlconfig "$node" "/vsmagent/session_command=${VSM_LAB_SESSION_COMMAND:-$desktop}"
     done
     # The PAM service of the sessions, as the package installs it.
     if [ ! -e /etc/pam.d/vsm ]; then

@@ -178,7 +178,12 @@ async fn run(args: Args) -> Result<bool> {
     fin.converged = converged;
     fin.max_sessions_per_user = args.max_sessions;
     let history: Vec<Op> = shared.history.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let verdict = checker::check(&history, &fin);
+    let mut verdict = checker::check(&history, &fin);
+    for a in &mut verdict.anomalies {
+        if let Some(id) = &a.session {
+            a.evidence.extend(lab.log_lines(id, 16));
+        }
+    }
     let duration = epoch.elapsed();
 
     let summary = summarize(seed, &args, &history, &nem.records, &fin, &verdict, duration, workload_end, &load_start);

@@ -26,6 +26,8 @@ pub struct Anomaly {
     pub kind: &'static str,
     pub what: String,
     pub evidence: Vec<String>,
+    /// The session it is about, if one (the campaign adds the daemons' log lines naming it).
+    pub session: Option<String>,
 }
 
 impl fmt::Display for Anomaly {
@@ -72,7 +74,12 @@ fn describe(op: &Op) -> String {
 pub fn check(history: &[Op], fin: &FinalState) -> Verdict {
     let mut v = Verdict::default();
     let anomaly = |v: &mut Verdict, kind, what: String, evidence: Vec<String>| {
-        v.anomalies.push(Anomaly { kind, what, evidence });
+        // Session ids are the only long hexadecimal words in the messages.
+        let session = what
+            .split_whitespace()
+            .find(|w| w.len() >= 16 && w.chars().all(|c| c.is_ascii_hexdigit()))
+            .map(str::to_string);
+        v.anomalies.push(Anomaly { kind, what, evidence, session });
     };
 
     // What the masters list: the first master that answered is the reference; the others

@@ -173,6 +173,25 @@ impl Lab {
         Ok(found.into_values().collect())
     }
 
+    /// Lines of the daemons' logs that contain `needle`, as `node/daemon.log: line`, at most
+    /// `max`.
+    pub fn log_lines(&self, needle: &str, max: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for node in MASTERS.iter().chain(AGENTS.iter()) {
+            for name in ["vsmserver", "vsmagent"] {
+                let p = self.node_dir(node).join("log").join(format!("{name}.log"));
+                let Ok(text) = std::fs::read(&p) else { continue };
+                for l in String::from_utf8_lossy(&text).lines().filter(|l| l.contains(needle)) {
+                    if out.len() >= max {
+                        return out;
+                    }
+                    out.push(format!("{node}/{name}.log: {l}"));
+                }
+            }
+        }
+        out
+    }
+
     /// Lines with a panic in the daemons' logs.
     pub fn panics(&self) -> BTreeMap<String, Vec<String>> {
         let mut out = BTreeMap::new();

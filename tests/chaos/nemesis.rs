@@ -115,6 +115,11 @@ impl Nemesis {
                 applied += 1;
             }
         }
+        // The last faults run their course too.
+        while let Some(t) = self.active.iter().map(|a| a.heal_at).min() {
+            tokio::time::sleep_until(t.into()).await;
+            self.heal_due().await;
+        }
     }
 
     async fn heal_due(&mut self) {
