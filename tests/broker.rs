@@ -762,3 +762,62 @@ async fn listeners_bind_the_configured_addresses() {
     let e = vsm::server::bind(&clash).await.err().expect("the port is taken").to_string();
     assert!(e.contains("/vsmserver/listen_address, /vsmserver/listen_port"), "{e}");
 }
+
+/// Found by the fault campaign (docs/reliability.md, seed 2): with the master's disk full, a
+/// terminate ended the desktop on its agent and then, failing to remove the record, told the
+/// user it had failed. The desktop is gone either way: the user is told it ended, and
+/// reconciliation removes the record once the disk has room again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(vsm_root), ignore = "needs root to mount a small tmpfs for the data directory")]
+async fn a_terminate_carried_out_on_a_full_disk_is_reported_as_done() {
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    init_logging();
+    let dir = cluster_dir();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "vsm-test-full"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(mounted, "cannot mount a tmpfs on {}", small.display());
+    let _mounted = Mounted(small.clone());
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let master_port = tcp.local_addr().unwrap().port();
+    let agent = TestAgent::start(dir.path(), 0, master_port, sleep_command()).await;
+    let mut cfg = master_config(dir.path(), "master", &[agent.name.clone()]);
+    cfg.vsmserver.data_dir = small.join("data");
+    let mut m = TestMaster::start(cfg, tcp, None, None).await;
+    let a = m.connect("alice", false).await.unwrap();
+    let pid = m.server().db.get(&a.session_id).await.unwrap().expect("stored").pid;
+    assert!(alive(pid));
+
+    // Fill the data directory's file system.
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(small.join("filler")).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let r = m.call(ApiRequest::TerminateMine { user: Some("alice".into()), session_id: a.session_id.clone() }).await;
+    let ApiReply::Terminated { outcome } = r else { panic!("a terminate that ended the desktop must say so: {r:?}") };
+    assert_eq!(outcome.terminated.iter().map(|s| &s.id).collect::<Vec<_>>(), vec![&a.session_id], "{outcome:?}");
+    assert!(outcome.failed.is_empty() && outcome.pending.is_empty(), "{outcome:?}");
+    assert!(wait_until(Duration::from_secs(10), || async { !alive(pid) }).await, "the desktop still runs");
+
+    // With room again, reconciliation removes the record of the ended session.
+    std::fs::remove_file(small.join("filler")).unwrap();
+    let gone = wait_until(Duration::from_secs(20), || async {
+        let r = m.call(ApiRequest::SessionList { selector: Selector::default(), refresh: true }).await;
+        matches!(r, ApiReply::Sessions { ref sessions, .. } if sessions.is_empty())
+    })
+    .await;
+    assert!(gone, "the record of the ended session stays listed");
+    m.stop().await;
+    agent.stop().await;
+}

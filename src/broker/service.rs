@@ -448,8 +448,17 @@ impl Broker {
         self.note_outcome(&s.agent, &ended);
         match ended {
             Ok(_) => {
-                self.commit(Write::Delete(s.id.clone())).await.map_err(|e| e.to_string())?;
-                tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, "session terminated");
+                // The desktop is gone whatever the database says next, so the caller is told
+                // it ended; a record that cannot be removed now (a full disk) is removed by
+                // reconciliation, which finds the session gone from its agent.
+                match self.commit(Write::Delete(s.id.clone())).await {
+                    Ok(()) => {
+                        tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, "session terminated")
+                    }
+                    Err(e) => {
+                        tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, error = %e, "session terminated on its agent, but its record could not be removed now; reconciliation removes it")
+                    }
+                }
                 Ok(Ended::Terminated)
             }
             Err(e) if e.outcome_unknown() => {
