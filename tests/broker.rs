@@ -790,7 +790,7 @@ async fn a_terminate_carried_out_on_a_full_disk_is_reported_as_done() {
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let master_port = tcp.local_addr().unwrap().port();
     let agent = TestAgent::start(dir.path(), 0, master_port, sleep_command()).await;
-    let mut cfg = master_config(dir.path(), "master", &[agent.name.clone()]);
+    let mut cfg = master_config(dir.path(), "master", std::slice::from_ref(&agent.name));
     cfg.vsmserver.data_dir = small.join("data");
     let mut m = TestMaster::start(cfg, tcp, None, None).await;
     let a = m.connect("alice", false).await.unwrap();
