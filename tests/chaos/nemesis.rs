@@ -17,7 +17,8 @@
 //! process, the peer link, a master's cable, a master's disk, the roles). A data directory is
 //! wiped only while no other fault is active and both masters stream with equal digests: wiping
 //! a master whose peer does not hold every acknowledged change is a double failure, outside
-//! what vsm promises.
+//! what vsm promises. When a wipe is drawn, the nemesis lets the active faults run their course
+//! and waits for the pair to catch up first.
 //!
 //! Invariant: every fault this module applied is healed by [`Nemesis::heal_all`], whatever
 //! happened in between; a fault the lab could not apply is recorded as skipped, not counted.
@@ -39,7 +40,7 @@ pub const KINDS: &[(&str, u32)] = &[
     ("kill-agent", 6),
     ("peer-partition", 12),
     ("isolate-active", 12),
-    ("wipe-data", 4),
+    ("wipe-data", 3),
     ("role-move", 12),
     ("full-disk", 8),
     ("clock-jump", 8),
@@ -171,8 +172,21 @@ impl Nemesis {
         if self.busy(&slot) {
             return false;
         }
-        if kind == "wipe-data" && !(self.active.is_empty() && self.pair_in_sync().await) {
-            return false;
+        if kind == "wipe-data" {
+            // A wipe needs a quiet pair in step: the active faults run their course first, then
+            // the masters get up to 30 s to catch up with each other.
+            while let Some(t) = self.active.iter().map(|a| a.heal_at).min() {
+                tokio::time::sleep_until(t.into()).await;
+                self.heal_due().await;
+            }
+            let until = Instant::now() + Duration::from_secs(30);
+            while !self.pair_in_sync().await {
+                if Instant::now() >= until {
+                    log(self.epoch, "wipe-data drawn, but the masters did not get in step within 30 s; drawing again");
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
         }
         let n = self.records.len() as u32;
         let started = self.ms();
@@ -403,9 +417,15 @@ async fn wait_dead(lab: &Lab, node: &str, name: &str) {
 /// Tells each master the role the VIP gives it, as keepalived's notify hook would.
 pub async fn notify_true_roles(lab: &Lab) -> Result<()> {
     let holders = lab.vip_holders().await;
+    let mut failed = Vec::new();
     for m in MASTERS {
         let state = if holders.iter().any(|h| h == m) { VrrpState::Master } else { VrrpState::Backup };
-        lab.call(m, &ApiRequest::HaNotify { state }, Duration::from_secs(5)).await?;
+        if let Err(e) = lab.call(m, &ApiRequest::HaNotify { state }, Duration::from_secs(5)).await {
+            failed.push(format!("{m}: {e}"));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("{}", failed.join("; "));
     }
     Ok(())
 }
