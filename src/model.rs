@@ -174,6 +174,11 @@ pub struct Session {
 pub struct Record {
     pub id: SessionId,
     pub version: Version,
+    /// The version this write replaced on the node that made it (`None` for the first write
+    /// of an id, or from a node that does not say): what makes two writes of one id a
+    /// sequence rather than concurrent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Version>,
     pub session: Option<Session>,
 }
 

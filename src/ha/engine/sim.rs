@@ -54,7 +54,9 @@ impl Store {
     /// A local write: new version, one log entry, in one step (one transaction).
     fn write(&mut self, id: SessionId, session: Option<Session>, now: u64) -> Change {
         self.hlc = self.hlc.tick(now);
-        let record = Record { id: id.clone(), version: Version { hlc: self.hlc, node: self.node.clone() }, session };
+        let base = self.records.get(&id).map(|r| r.version.clone());
+        let record =
+            Record { id: id.clone(), version: Version { hlc: self.hlc, node: self.node.clone() }, base, session };
         self.records.insert(id, record.clone());
         self.head = self.head.next();
         let change = Change { seq: self.head, record };
