@@ -974,8 +974,10 @@ impl Driver {
             Ok(out) => {
                 for c in &out.conflicts {
                     tracing::warn!(
-                        session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version, winner = ?c.winner,
-                        "conflicting changes to one session while the masters were apart; the newer version wins"
+                        session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version,
+                        local_base = ?c.local.base.as_ref().map(|v| v.to_string()),
+                        remote_base = ?c.remote.base.as_ref().map(|v| v.to_string()), winner = ?c.winner,
+                        "concurrent changes to one session (neither was based on the other); the newer version wins"
                     );
                 }
                 tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");
