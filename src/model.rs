@@ -224,6 +224,11 @@ pub struct Session {
 pub struct Record {
     pub id: SessionId,
     pub version: Version,
+    /// The version this write replaced on the node that made it (`None` for the first write
+    /// of an id, or from a node that does not say): what makes two writes of one id a
+    /// sequence rather than concurrent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Version>,
     pub session: Option<Session>,
 }
 
@@ -386,10 +391,22 @@ impl Session {
 }
 
 /// An upper bound of the JSON encoding of a record with these parts (see
-/// [`Record::json_len_bound`]).
-pub fn record_json_len_bound(id: &SessionId, node: &NodeId, session: Option<&Session>) -> usize {
-    RECORD_FIXED_JSON + json_str_len(&id.0) + json_str_len(&node.0) + session.map_or(0, Session::json_strings_len)
+/// [`Record::json_len_bound`]); `base_len` is the room its `base` takes.
+pub fn record_json_len_bound(id: &SessionId, node: &NodeId, base_len: usize, session: Option<&Session>) -> usize {
+    RECORD_FIXED_JSON
+        + base_len
+        + json_str_len(&id.0)
+        + json_str_len(&node.0)
+        + session.map_or(0, Session::json_strings_len)
 }
+
+/// Room for a record's `base` (the version it replaced) besides its node id: field names and
+/// the clock.
+const BASE_JSON_FIXED: usize = 96;
+
+/// Room for any `base`: a node id of at most [`MAX_HOST`] bytes, every byte escaped. A record
+/// is checked with it before its base is known, so it still fits afterwards.
+const BASE_JSON_MAX: usize = BASE_JSON_FIXED + 2 + 2 * MAX_HOST;
 
 /// Checks what a node may write as a record: every field within bounds, and the whole
 /// within [`MAX_RECORD`].
@@ -399,7 +416,7 @@ pub fn check_record(id: &SessionId, node: &NodeId, session: Option<&Session>) ->
     if let Some(s) = session {
         s.check_bounds()?;
     }
-    let len = record_json_len_bound(id, node, session);
+    let len = record_json_len_bound(id, node, BASE_JSON_MAX, session);
     if len > MAX_RECORD {
         return Err(BoundsError::TooLong { field: "record", len, max: MAX_RECORD });
     }
@@ -410,11 +427,15 @@ impl Record {
     /// An upper bound of the length of this record's JSON encoding, computed without
     /// encoding it (cheap enough to size every batch sent to the peer).
     pub fn json_len_bound(&self) -> usize {
-        record_json_len_bound(&self.id, &self.version.node, self.session.as_ref())
+        let base = self.base.as_ref().map_or(0, |b| BASE_JSON_FIXED + json_str_len(&b.node.0));
+        record_json_len_bound(&self.id, &self.version.node, base, self.session.as_ref())
     }
 
-    /// See [`check_record`].
+    /// See [`check_record`]; the base's node id is bounded like the version's.
     pub fn check_bounds(&self) -> Result<(), BoundsError> {
+        if let Some(base) = &self.base {
+            check_field("base node id", &base.node.0, MAX_HOST)?;
+        }
         check_record(&self.id, &self.version.node, self.session.as_ref())
     }
 }
@@ -621,8 +642,8 @@ mod tests {
         let mut s = session("192.0.2.1");
         s.command.push("\u{7}".repeat(1000));
         s.client_params.push(("\"".repeat(100), "é".repeat(100)));
-        let live = Record { id: s.id.clone(), version: version.clone(), session: Some(s) };
-        let dead = Record { id: SessionId("x".into()), version, session: None };
+        let live = Record { id: s.id.clone(), version: version.clone(), base: Some(version.clone()), session: Some(s) };
+        let dead = Record { id: SessionId("x".into()), version, base: None, session: None };
         for r in [live, dead] {
             let real = serde_json::to_vec(&r).unwrap().len();
             assert!(real <= r.json_len_bound(), "{real} > {}", r.json_len_bound());
@@ -651,7 +672,7 @@ mod tests {
         s.client_params = vec![("k".repeat(MAX_CLIENT_PARAMS - 2), String::new())];
         assert!(s.check_bounds().is_ok());
         let version = Version { hlc: Hlc::default(), node: NodeId("n".repeat(MAX_HOST)) };
-        let mut r = Record { id: s.id.clone(), version, session: Some(s) };
+        let mut r = Record { id: s.id.clone(), version: version.clone(), base: Some(version), session: Some(s) };
         assert!(r.check_bounds().is_ok(), "{:?}", r.check_bounds());
         // ...but control characters in a command are escaped six-fold in JSON.
         r.session.as_mut().unwrap().command = vec!["\u{1}".repeat(MAX_COMMAND - 1)];
