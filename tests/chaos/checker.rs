@@ -7,7 +7,8 @@
 //! - **undone**: a session a client was told ended is neither listed nor running, and no client
 //!   was given it again after that answer;
 //! - **ghost**: every listed or running session was given to some client (a session of a user
-//!   with a connect of unknown outcome is noted, not counted: its client may have been told);
+//!   with a connect of unknown outcome is noted, not counted: its client may have been told,
+//!   but it must still be both listed and running);
 //! - **mismatch**: after reconciliation the masters list exactly the desktops the agents run,
 //!   on the agents they run on;
 //! - **limit**: no user has more than `max_sessions_per_user` sessions, listed or running;
@@ -210,6 +211,17 @@ pub fn check(history: &[Op], fin: &FinalState) -> Verdict {
         }
         if unknown.is_empty() {
             anomaly(&mut v, "ghost", format!("session {id} of {user} was never given to any client"), ev);
+        } else if listed.contains_key(id) != running.contains_key(id) {
+            // Its client may have been told, but after reconciliation the masters must list
+            // exactly what runs.
+            let what =
+                if running.contains_key(id) { "runs but no master lists it" } else { "is listed but does not run" };
+            anomaly(
+                &mut v,
+                "mismatch",
+                format!("session {id} of {user}, from a connect of unknown outcome, {what}"),
+                ev,
+            );
         } else {
             v.notes.push(format!(
                 "session {id} of {user} was never acknowledged; {} connect(s) of {user} had an unknown outcome",
@@ -402,9 +414,12 @@ mod tests {
         assert!(kinds(&v).contains(&"ghost"), "{:?}", v.anomalies);
         assert!(kinds(&v).contains(&"limit"), "{:?}", v.anomalies);
         let unknown = op(2, "v", OpKind::Connect { new: false }, Outcome::Unknown { reason: "timeout".into() }, 0, 30);
-        let v = check(&[unknown], &state(vec![listed("s9", "v")], vec![running("s9", "v")]));
+        let v = check(&[unknown.clone()], &state(vec![listed("s9", "v")], vec![running("s9", "v")]));
         assert!(v.anomalies.is_empty(), "{:?}", v.anomalies);
         assert_eq!(v.notes.len(), 1);
+        // Not listed though it runs: a mismatch whatever the client was told.
+        let v = check(&[unknown], &state(vec![], vec![running("s9", "v")]));
+        assert_eq!(kinds(&v), vec!["mismatch"]);
     }
 
     #[test]
