@@ -8,7 +8,7 @@
 use crate::proto::api::{ApiReply, ApiRequest, ADMIN_PROLOGUE, MAX_REPLY, MAX_REQUEST};
 use crate::proto::secure::Secret;
 use crate::proto::PlainConn;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,8 @@ pub enum ClientError {
     Timeout { where_: String, ms: u64 },
     #[error("talking to vsmserver at {where_}: {reason}")]
     Protocol { where_: String, reason: String },
+    #[error("cannot tell where vsmserver's socket is: the configuration in {} does not load (give --socket or set VSM_SOCKET to skip it):\n{errors}", dir.display())]
+    Config { dir: PathBuf, errors: crate::config::ConfigErrors },
 }
 
 /// Where the master is.
@@ -77,20 +79,23 @@ async fn call_inner(target: &Target, req: &ApiRequest, where_: &str) -> Result<A
     })
 }
 
-/// The socket path to use: `--socket`, then `VSM_SOCKET`, then the configuration (if it
-/// loads), then the built-in default.
-pub fn socket_path(flag: Option<PathBuf>, config_dir: Option<PathBuf>) -> PathBuf {
+/// The socket path to use: `--socket`, then `VSM_SOCKET`, then `/vsmserver/socket_path` of the
+/// configuration directory, then, only when that directory does not exist, the built-in
+/// default. A configuration that exists but does not load is an error, never a reason to guess.
+/// Loading resolves no name and reads no secret, so this works for any user.
+pub fn socket_path(flag: Option<PathBuf>, config_dir: Option<PathBuf>) -> Result<PathBuf, ClientError> {
     if let Some(p) = flag {
-        return p;
+        return Ok(p);
     }
     if let Some(p) = std::env::var_os("VSM_SOCKET") {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
     let dir = crate::config::config_dir_from(config_dir);
-    if Path::new(&dir).is_dir() {
-        if let Ok(cfg) = crate::config::load(&dir) {
-            return cfg.vsmserver.socket_path;
+    match crate::config::load(&dir) {
+        Ok(cfg) => Ok(cfg.vsmserver.socket_path),
+        Err(errors) if matches!(&errors.0[..], [crate::config::ConfigError::MissingDir { .. }]) => {
+            Ok(crate::config::Config::default().vsmserver.socket_path)
         }
+        Err(errors) => Err(ClientError::Config { dir, errors }),
     }
-    crate::config::Config::default().vsmserver.socket_path
 }

@@ -224,7 +224,7 @@ impl Args {
 
 fn target(args: &Args) -> Result<Target, String> {
     match &args.host {
-        None => Ok(Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()))),
+        None => socket_path(args.socket.clone(), args.config_dir.clone()).map(Target::Unix).map_err(|e| e.to_string()),
         Some(host) => {
             let dir = crate::config::config_dir_from(args.config_dir.clone());
             let cfg = crate::config::load(&dir)

@@ -93,7 +93,13 @@ pub fn describe(info: &ConnectInfo) -> String {
 }
 
 async fn run(args: Args) -> ExitCode {
-    let target = Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()));
+    let target = match socket_path(args.socket.clone(), args.config_dir.clone()) {
+        Ok(path) => Target::Unix(path),
+        Err(e) => {
+            crate::errln!("vsmclient: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let req = match &args.command {
         Command::Connect { new, terminate_existing, geometry } => ApiRequest::Connect {
             user: args.user.clone(),
