@@ -224,6 +224,11 @@ pub struct Session {
 pub struct Record {
     pub id: SessionId,
     pub version: Version,
+    /// The version this write replaced on the node that made it (`None` for the first write
+    /// of an id, or from a node that does not say): what makes two writes of one id a
+    /// sequence rather than concurrent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<Version>,
     pub session: Option<Session>,
 }
 
@@ -388,8 +393,17 @@ impl Session {
 /// An upper bound of the JSON encoding of a record with these parts (see
 /// [`Record::json_len_bound`]).
 pub fn record_json_len_bound(id: &SessionId, node: &NodeId, session: Option<&Session>) -> usize {
-    RECORD_FIXED_JSON + json_str_len(&id.0) + json_str_len(&node.0) + session.map_or(0, Session::json_strings_len)
+    RECORD_FIXED_JSON
+        + BASE_JSON_MAX
+        + json_str_len(&id.0)
+        + json_str_len(&node.0)
+        + session.map_or(0, Session::json_strings_len)
 }
+
+/// Room for a record's `base` (the version it replaced): field names, the clock and a node id
+/// of at most [`MAX_HOST`] bytes, every byte escaped. Counted whether or not the record has a
+/// base, so a record checked before its base is known still fits afterwards.
+const BASE_JSON_MAX: usize = 96 + 2 * MAX_HOST;
 
 /// Checks what a node may write as a record: every field within bounds, and the whole
 /// within [`MAX_RECORD`].
@@ -413,8 +427,11 @@ impl Record {
         record_json_len_bound(&self.id, &self.version.node, self.session.as_ref())
     }
 
-    /// See [`check_record`].
+    /// See [`check_record`]; the base's node id is bounded like the version's.
     pub fn check_bounds(&self) -> Result<(), BoundsError> {
+        if let Some(base) = &self.base {
+            check_field("base node id", &base.node.0, MAX_HOST)?;
+        }
         check_record(&self.id, &self.version.node, self.session.as_ref())
     }
 }
@@ -621,8 +638,8 @@ mod tests {
         let mut s = session("192.0.2.1");
         s.command.push("\u{7}".repeat(1000));
         s.client_params.push(("\"".repeat(100), "é".repeat(100)));
-        let live = Record { id: s.id.clone(), version: version.clone(), session: Some(s) };
-        let dead = Record { id: SessionId("x".into()), version, session: None };
+        let live = Record { id: s.id.clone(), version: version.clone(), base: Some(version.clone()), session: Some(s) };
+        let dead = Record { id: SessionId("x".into()), version, base: None, session: None };
         for r in [live, dead] {
             let real = serde_json::to_vec(&r).unwrap().len();
             assert!(real <= r.json_len_bound(), "{real} > {}", r.json_len_bound());
@@ -651,7 +668,7 @@ mod tests {
         s.client_params = vec![("k".repeat(MAX_CLIENT_PARAMS - 2), String::new())];
         assert!(s.check_bounds().is_ok());
         let version = Version { hlc: Hlc::default(), node: NodeId("n".repeat(MAX_HOST)) };
-        let mut r = Record { id: s.id.clone(), version, session: Some(s) };
+        let mut r = Record { id: s.id.clone(), version: version.clone(), base: Some(version), session: Some(s) };
         assert!(r.check_bounds().is_ok(), "{:?}", r.check_bounds());
         // ...but control characters in a command are escaped six-fold in JSON.
         r.session.as_mut().unwrap().command = vec!["\u{1}".repeat(MAX_COMMAND - 1)];

@@ -309,7 +309,9 @@ async fn systemd_loop(db: DbHandle, ha: Arc<HaNode>, cancel: CancellationToken) 
     if let Some(every) = watchdog {
         tracing::info!(every_ms = every.as_millis() as u64, "systemd watchdog on");
     }
-    let period = watchdog.unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(100));
+    // Without a watchdog the reason is still refreshed now and then: a clock warning can come
+    // and go without a change of readiness.
+    let period = watchdog.unwrap_or(Duration::from_secs(5)).max(Duration::from_millis(100));
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut readiness = ha.watch_readiness();
@@ -323,7 +325,10 @@ async fn systemd_loop(db: DbHandle, ha: Arc<HaNode>, cancel: CancellationToken) 
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = readiness.changed() => if r.is_err() { return },
-            _ = tick.tick(), if watchdog.is_some() => {
+            _ = tick.tick() => {
+                if watchdog.is_none() {
+                    continue;
+                }
                 let within = period;
                 let db_alive = matches!(tokio::time::timeout(within, db.status()).await, Ok(Ok(_)));
                 let engine_alive = ha.ping(within).await;

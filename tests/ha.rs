@@ -460,6 +460,11 @@ async fn bad_ha_nodes_start_the_server_without_ha() {
         }
         other => panic!("{other:?}"),
     }
+    let scrape = m.scrape().await;
+    assert_eq!(scrape.value("vsm_ha_configured"), 1.0);
+    assert_eq!(scrape.value("vsm_ha_enabled"), 0.0);
+    assert_eq!(scrape.value("vsm_ha_configured_but_off"), 1.0);
+    assert_eq!(scrape.value("vsm_ready"), 0.0);
     m.stop().await;
 }
 
@@ -476,9 +481,10 @@ async fn a_deliberate_single_master_is_ready() {
     let s = m.put_session("solo", GHOST).await;
     assert!(m.server().db.get(&s.id).await.unwrap().is_some());
     let scrape = m.scrape().await;
-    assert_eq!(scrape.value("vsm_ha_configured"), 1.0);
+    assert_eq!(scrape.value("vsm_ha_configured"), 0.0);
     assert_eq!(scrape.value("vsm_ha_enabled"), 0.0);
-    assert_eq!(scrape.value("vsm_ha_configured_but_off"), 1.0);
+    assert_eq!(scrape.value("vsm_ha_configured_but_off"), 0.0);
+    assert_eq!(scrape.value("vsm_ready"), 1.0);
     m.stop().await;
 }
 

@@ -407,7 +407,10 @@ fn export_a_folder_for_the_shell() {
     let dir = tmp.path();
     ok(dir, &["/vsm/vnc_port_base=6000"]);
     let out = ok(dir, &["-E", "/vsm"]);
-    assert_eq!(out, "vsm_server_port='9000'\nvsm_agent_port='904'\nvnc_port_base='6000'\nsecret_file='cluster.key'\n");
+    assert_eq!(
+        out,
+        "vsm_server_port='9000'\nvsm_agent_port='904'\nvnc_port_base='6000'\nvnc_socket_dir='/run/vsmagent/sessions'\nsecret_file='cluster.key'\n"
+    );
     let out = ok(dir, &["-x", "-E", "/VSM"]);
     assert!(out.starts_with("export vsm_server_port='9000'\n"), "{out}");
     let r = tl(dir, &["-E", "/nope"]);
@@ -446,7 +449,6 @@ fn import_a_thinlinc_4_18_site() {
         "skipped /vsmserver/bogomips_per_user",
         "skipped /vsmserver/existing_users_weight",
         "skipped /vsmserver/logging/logfile",
-        "skipped /vsmserver/logging/defaultlevel",
         "skipped /vsmagent/xserver_args",
         "skipped /vsmagent/single_signon",
         "skipped /vsmagent/default_environment/TLSESSION",
@@ -455,6 +457,8 @@ fn import_a_thinlinc_4_18_site() {
         assert!(line.contains(".hconf:") && line.contains("): "), "place and reason: {line}");
     }
     assert!(r.out.contains("imported /HA/enabled = yes (from /vsmserver/HA/enabled)"), "{}", r.out);
+    // The one logging parameter both products have is imported, the rest of the folder listed.
+    assert!(r.out.contains("imported /vsmserver/logging/defaultlevel = INFO"), "{}", r.out);
     assert_eq!(tl(dir, &["--check"]).code, 0);
 }
 

@@ -75,18 +75,10 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
         match req.path {
             "/healthz" => ("200 OK", text, "alive\n".to_string()),
             "/readyz" => {
+                // The reason carries the clock warning, if any, as everywhere else.
                 let ready = api.ha.readiness().borrow().is_ready();
                 let reason = format!("{}\n", api.ha.readiness_reason());
-                let st = if ready { Some(api.ha.status().await) } else { None };
-                if let Some(st) = st.filter(|st| st.clock_offset_exceeded) {
-                    let o = st.clock_offset_ms.unwrap_or_default();
-                    let body = format!(
-                        "{}; warning: clock offset to the peer {o:+} ms is beyond /HA/max_clock_offset ({} ms)\n",
-                        reason.trim_end(),
-                        st.max_clock_offset_ms
-                    );
-                    ("200 OK", text, body)
-                } else if ready {
+                if ready {
                     ("200 OK", text, reason)
                 } else {
                     ("503 Service Unavailable", text, reason)

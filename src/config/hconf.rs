@@ -222,8 +222,8 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ("/vsmserver/existing_users_weight", "a tuning value of the load balancer ThinLinc replaced in 4.19; vsm shares sessions out by /agents/weights"),
     ("/vsmserver/terminalservers", "the agent list of ThinLinc versions without subclusters: list the agents in /subclusters/<name>/agents"),
     ("/vsmserver/explicit_agentselection", "vsm pins no user to an agent by itself: a subcluster whose users are that user and whose only agent is that agent does the same"),
-    ("/vsmserver/logging/*", "ThinLinc's log files and levels do not carry over: vsm logs to the journal (see docs/operations.md)"),
-    ("/vsmagent/logging/*", "ThinLinc's log files and levels do not carry over: vsm logs to the journal (see docs/operations.md)"),
+    ("/vsmserver/logging/*", "ThinLinc's log files, syslog settings and per-logger levels do not carry over: vsm logs to the journal (see docs/operations.md); only defaultlevel is imported"),
+    ("/vsmagent/logging/*", "ThinLinc's log files, syslog settings and per-logger levels do not carry over: vsm logs to the journal (see docs/operations.md); only defaultlevel is imported"),
     ("/vsmagent/xserver_args", "vsm starts sessions with /vsmagent/session_command: put Xvnc's options there"),
     ("/vsmagent/xvnc_start_timeout", "vsm waits for a session as long as /vsmserver/agent_timeout allows"),
     ("/vsmagent/lowest_user_port", "vsm reserves no port range for users: a session's VNC port is /vsm/vnc_port_base plus its display"),
@@ -406,7 +406,8 @@ mod tests {
     fn parameters_without_equivalent_are_skipped_with_a_reason() {
         for path in [
             "/vsmserver/unbind_ports_at_login",
-            "/VSMSERVER/Logging/defaultlevel",
+            "/VSMSERVER/Logging/logfile",
+            "/vsmagent/logging/levels/session",
             "/vsmagent/default_environment/PATH",
             "/vsm/tunnelservices/pulseaudio",
             "/profiles/default/name",
@@ -417,6 +418,11 @@ mod tests {
                 other => panic!("{path}: {other:?}"),
             }
         }
+        // The one logging parameter both have, with the same level names.
+        assert_eq!(
+            map(&param("/VSMSERVER/Logging/defaultlevel", "DEBUG")),
+            set("/vsmserver/logging/defaultlevel", "DEBUG")
+        );
         assert!(no_equivalent("/vsmserver/unbind_ports_at_login").unwrap().contains("ports"));
         assert_eq!(no_equivalent("/vsmserver/listen_port"), None);
     }

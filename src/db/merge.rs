@@ -1,7 +1,8 @@
 //! The merge rule for replicated records, without I/O.
 //!
 //! Owns: the decision "store or skip" for a remote record against the stored one, and
-//! what counts as a conflict worth logging.
+//! what counts as a conflict worth logging: only concurrent writes, neither made with
+//! knowledge of the other (each record names the version it replaced, its `base`).
 //! Must never: look at anything but the two records (no clocks, no node roles), so both
 //! nodes decide identically.
 //!
@@ -36,11 +37,19 @@ pub fn decide(stored: Option<&Version>, incoming: &Version) -> Action {
     }
 }
 
-/// Whether two records of one id are a conflict worth reporting: different versions
-/// written on different nodes with different content. Two versions from one node are an
-/// ordinary sequence of updates (a node's clock only moves forward).
+/// Whether two records of one id are a conflict worth reporting: concurrent writes with
+/// different content. Not concurrent: equal versions; two versions from one node (an
+/// ordinary sequence of updates, a node's clock only moves forward); and a write whose
+/// `base` is the other version (an update of exactly what the other node had written, as
+/// when a session created on one master is reconnected on the other). Changes stream in
+/// order, so each write meets its base; only a snapshot, which skips intermediate versions,
+/// can make a longer chain look concurrent.
 pub fn is_conflict(local: &Record, remote: &Record) -> bool {
-    local.version != remote.version && local.version.node != remote.version.node && local.session != remote.session
+    local.version != remote.version
+        && local.version.node != remote.version.node
+        && remote.base.as_ref() != Some(&local.version)
+        && local.base.as_ref() != Some(&remote.version)
+        && local.session != remote.session
 }
 
 /// The winner of two records of one id, `None` when they are the same version.
@@ -64,7 +73,7 @@ mod tests {
     }
 
     fn tomb(id: &str, version: Version) -> Record {
-        Record { id: SessionId(id.into()), version, session: None }
+        Record { id: SessionId(id.into()), version, base: None, session: None }
     }
 
     #[test]
@@ -106,6 +115,111 @@ mod tests {
             let doubled: Vec<Version> = v.iter().chain(v.iter()).cloned().collect();
             (Just(v), Just(doubled).prop_shuffle())
         })
+    }
+
+    /// Two nodes writing one id, each write based on what its node stores, changes streamed
+    /// in order: a conflict is reported exactly for concurrent writes with different content.
+    fn check_streamed_history(ops: &[(bool, bool)]) -> Result<(), TestCaseError> {
+        use crate::model::Session;
+        use std::collections::{BTreeMap, BTreeSet, VecDeque};
+        let nodes = ["a", "b"];
+        let mut stored: [Option<Record>; 2] = [None, None];
+        let mut inbox: [VecDeque<Record>; 2] = [VecDeque::new(), VecDeque::new()];
+        let mut ancestors: BTreeMap<Version, BTreeSet<Version>> = BTreeMap::new();
+        let mut clock = 0u64;
+        for (i, &(on_b, deliver)) in ops.iter().enumerate() {
+            let n = usize::from(on_b);
+            if deliver {
+                let Some(rec) = inbox[n].pop_front() else { continue };
+                if let Some(local) = stored[n].clone() {
+                    let concurrent = local.version != rec.version
+                        && !ancestors[&local.version].contains(&rec.version)
+                        && !ancestors[&rec.version].contains(&local.version);
+                    prop_assert_eq!(
+                        is_conflict(&local, &rec),
+                        concurrent && local.session != rec.session,
+                        "local {:?} remote {:?}",
+                        local,
+                        rec
+                    );
+                }
+                if decide(stored[n].as_ref().map(|r| &r.version), &rec.version) == Action::Store {
+                    stored[n] = Some(rec);
+                }
+            } else {
+                // A node's clock passes everything it stores (as the HLC does).
+                clock = clock.max(stored[n].as_ref().map_or(0, |r| r.version.hlc.wall_ms)) + 1;
+                let version = v(clock, 0, nodes[n]);
+                let base = stored[n].as_ref().map(|r| r.version.clone());
+                let mut anc: BTreeSet<Version> = BTreeSet::new();
+                if let Some(b) = &base {
+                    anc.insert(b.clone());
+                    anc.extend(ancestors[b].iter().cloned());
+                }
+                ancestors.insert(version.clone(), anc);
+                let session = (i % 3 != 0).then(|| Session {
+                    id: SessionId("x".into()),
+                    user: "u".into(),
+                    subcluster: String::new(),
+                    agent: "ag".into(),
+                    agent_address: String::new(),
+                    display: 1,
+                    vnc_port: 5901,
+                    status: crate::model::SessionStatus::Running,
+                    created_ms: 1,
+                    last_connect_ms: i as u64,
+                    last_client_address: String::new(),
+                    pid: 1,
+                    command: vec![],
+                    geometry: String::new(),
+                    client_params: vec![],
+                });
+                let rec = Record { id: SessionId("x".into()), version, base, session };
+                stored[n] = Some(rec.clone());
+                inbox[1 - n].push_back(rec);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_update_based_on_the_peers_version_is_no_conflict() {
+        let created = Record { id: SessionId("x".into()), version: v(1, 0, "a"), base: None, session: None };
+        let mut updated = created.clone();
+        updated.version = v(2, 0, "b");
+        updated.base = Some(created.version.clone());
+        updated.session = Some(crate::model::Session {
+            id: SessionId("x".into()),
+            user: "u".into(),
+            subcluster: String::new(),
+            agent: "ag".into(),
+            agent_address: String::new(),
+            display: 1,
+            vnc_port: 5901,
+            status: crate::model::SessionStatus::Running,
+            created_ms: 1,
+            last_connect_ms: 2,
+            last_client_address: String::new(),
+            pid: 1,
+            command: vec![],
+            geometry: String::new(),
+            client_params: vec![],
+        });
+        assert!(!is_conflict(&created, &updated));
+        assert!(!is_conflict(&updated, &created));
+        let mut apart = updated.clone();
+        apart.base = None;
+        assert!(is_conflict(&created, &apart), "without the base the two writes are concurrent");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn conflicts_are_exactly_the_concurrent_writes(
+            ops in proptest::collection::vec((any::<bool>(), any::<bool>()), 0..40),
+        ) {
+            check_streamed_history(&ops)?;
+        }
     }
 
     proptest! {

@@ -452,7 +452,8 @@ impl Owner {
             Write::Upsert(s) => Some(s.clone()),
             Write::Delete(_) => None,
         };
-        let record = Record { id: id.clone(), version: version.clone(), session };
+        let base = prior.as_ref().map(|p| p.version.clone());
+        let record = Record { id: id.clone(), version: version.clone(), base, session };
         store::put(&self.conn, &record)?;
         let seq = self.head.next();
         store::append_change(&self.conn, seq, &record)?;

@@ -27,7 +27,7 @@ pub(super) const APPLICATION_ID: i64 = 0x7673_6d31;
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Migration `i + 1` is `MIGRATIONS[i]`. Append only; never edit a released migration.
-const MIGRATIONS: &[Migration] = &[v1_initial];
+const MIGRATIONS: &[Migration] = &[v1_initial, v2_record_base];
 
 /// The highest schema version this code knows.
 pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -89,6 +89,16 @@ fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
         rusqlite::params![new_db_id(), crate::model::now_ms() as i64],
     )?;
     Ok(())
+}
+
+/// Version 2: the version each record replaced (`base_*`, NULL when unknown), so that a
+/// merge can tell an update of what it replaced from a concurrent write.
+fn v2_record_base(tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE sessions ADD COLUMN base_wall INTEGER;
+         ALTER TABLE sessions ADD COLUMN base_logical INTEGER;
+         ALTER TABLE sessions ADD COLUMN base_origin TEXT;",
+    )
 }
 
 /// A random 128-bit identity for a freshly created database, as hex.

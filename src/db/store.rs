@@ -18,7 +18,7 @@ use crate::model::{Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, 
 /// Every column of `sessions`, in the order [`record_from_row`] reads them.
 pub(super) const COLUMNS: &str = "id, user, subcluster, agent, agent_address, display, vnc_port, \
      status, created_ms, last_connect_ms, last_client_address, pid, command, geometry, \
-     client_params, hlc_wall, hlc_logical, origin, tombstone";
+     client_params, hlc_wall, hlc_logical, origin, tombstone, base_wall, base_logical, base_origin";
 
 /// Previous state of a row, as far as a write needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,9 +66,10 @@ pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
         .prepare_cached(
             "INSERT INTO sessions (id, user, subcluster, agent, agent_address, display, vnc_port,
                  status, created_ms, last_connect_ms, last_client_address, pid, command, geometry,
-                 client_params, hlc_wall, hlc_logical, origin, tombstone, tombstone_at_ms)
+                 client_params, hlc_wall, hlc_logical, origin, tombstone, tombstone_at_ms,
+                 base_wall, base_logical, base_origin)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20)
+                 ?18, ?19, ?20, ?21, ?22, ?23)
              ON CONFLICT(id) DO UPDATE SET
                  user = excluded.user, subcluster = excluded.subcluster, agent = excluded.agent,
                  agent_address = excluded.agent_address, display = excluded.display,
@@ -78,11 +79,16 @@ pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
                  command = excluded.command, geometry = excluded.geometry,
                  client_params = excluded.client_params, hlc_wall = excluded.hlc_wall,
                  hlc_logical = excluded.hlc_logical, origin = excluded.origin,
-                 tombstone = excluded.tombstone, tombstone_at_ms = excluded.tombstone_at_ms",
+                 tombstone = excluded.tombstone, tombstone_at_ms = excluded.tombstone_at_ms,
+                 base_wall = excluded.base_wall, base_logical = excluded.base_logical,
+                 base_origin = excluded.base_origin",
         )
         .ctx("prepare a session upsert")?;
     let v = &rec.version;
     let (wall, logical, origin) = (v.hlc.wall_ms as i64, v.hlc.logical as i64, &v.node.0);
+    let b = rec.base.as_ref();
+    let (base_wall, base_logical, base_origin) =
+        (b.map(|b| b.hlc.wall_ms as i64), b.map(|b| b.hlc.logical as i64), b.map(|b| b.node.0.as_str()));
     match &rec.session {
         Some(s) => {
             let command = json(&s.command)?;
@@ -108,13 +114,37 @@ pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
                 origin,
                 0i64,
                 None::<i64>,
+                base_wall,
+                base_logical,
+                base_origin,
             ])
         }
         None => {
             let null: Option<&str> = None;
             stmt.execute(params![
-                rec.id.0, null, null, null, null, null, null, null, null, null, null, null, null, null, null, wall,
-                logical, origin, 1i64, wall,
+                rec.id.0,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                null,
+                wall,
+                logical,
+                origin,
+                1i64,
+                wall,
+                base_wall,
+                base_logical,
+                base_origin,
             ])
         }
     }
@@ -191,6 +221,9 @@ pub(super) struct RawRow {
     hlc_logical: i64,
     origin: String,
     tombstone: bool,
+    base_wall: Option<i64>,
+    base_logical: Option<i64>,
+    base_origin: Option<String>,
 }
 
 pub(super) fn raw_from_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
@@ -214,17 +247,27 @@ pub(super) fn raw_from_row(r: &Row<'_>) -> rusqlite::Result<RawRow> {
         hlc_logical: r.get(16)?,
         origin: r.get(17)?,
         tombstone: r.get::<_, i64>(18)? != 0,
+        base_wall: r.get(19)?,
+        base_logical: r.get(20)?,
+        base_origin: r.get(21)?,
     })
 }
 
 impl RawRow {
-    pub(super) fn into_record(self, path: &Path) -> Result<Record, DbError> {
+    pub(super) fn into_record(mut self, path: &Path) -> Result<Record, DbError> {
         let id = SessionId(self.id.clone());
         let logical = u32::try_from(self.hlc_logical).map_err(|_| bad(path, &id, "hlc_logical out of range"))?;
         let version =
             Version { hlc: Hlc { wall_ms: self.hlc_wall as u64, logical }, node: NodeId(self.origin.clone()) };
+        let base = match (self.base_wall, self.base_logical, self.base_origin.take()) {
+            (Some(wall), Some(logical), Some(origin)) => {
+                let logical = u32::try_from(logical).map_err(|_| bad(path, &id, "base_logical out of range"))?;
+                Some(Version { hlc: Hlc { wall_ms: wall as u64, logical }, node: NodeId(origin) })
+            }
+            _ => None,
+        };
         let session = if self.tombstone { None } else { Some(self.into_session(path, &id)?) };
-        Ok(Record { id, version, session })
+        Ok(Record { id, version, base, session })
     }
 
     fn into_session(self, path: &Path, id: &SessionId) -> Result<Session, DbError> {

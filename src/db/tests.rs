@@ -260,7 +260,7 @@ async fn remote_clocks_ahead_of_ours_within_the_bound_push_local_versions_past_t
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
     // The bound in these tests is one minute.
-    let ahead = Record { id: id("x"), version: version(now_ms() + 30_000, "b"), session: None };
+    let ahead = Record { id: id("x"), version: version(now_ms() + 30_000, "b"), base: None, session: None };
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
     assert!(c.version.hlc > ahead.version.hlc);
@@ -275,7 +275,7 @@ async fn a_record_from_a_clock_beyond_the_bound_is_stored_as_sent_but_not_follow
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
     let future = now_ms() + 10 * 86_400_000;
-    let ahead = Record { id: id("x"), version: version(future, "b"), session: None };
+    let ahead = Record { id: id("x"), version: version(future, "b"), base: None, session: None };
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     assert_eq!(db.record(&id("x")).await.unwrap(), Some(ahead.clone()), "stored exactly as sent");
     // Other sessions are stamped by this machine's clock, at most the bound ahead of it.
@@ -310,13 +310,15 @@ async fn conflicts_are_reported_with_both_sides_and_the_winner() {
     let db = open(&dir, "b");
     let local = db.write(Write::Upsert(session("x", "u", "ag1", 1))).await.unwrap().record;
 
-    let older = Record { id: id("x"), version: version(1, "a"), session: Some(session("x", "u", "ag2", 2)) };
+    let older =
+        Record { id: id("x"), version: version(1, "a"), base: None, session: Some(session("x", "u", "ag2", 2)) };
     let out = db.apply_remote("pa".into(), vec![older.clone()], Seq(1)).await.unwrap();
     assert_eq!(out.conflicts, vec![Conflict { local: local.clone(), remote: older, winner: Winner::Local }]);
 
     let newer = Record {
         id: id("x"),
         version: version(local.version.hlc.wall_ms + 10, "a"),
+        base: None,
         session: Some(session("x", "u", "ag3", 3)),
     };
     let out = db.apply_remote("pa".into(), vec![newer.clone()], Seq(2)).await.unwrap();
@@ -331,11 +333,42 @@ async fn conflicts_are_reported_with_both_sides_and_the_winner() {
 }
 
 #[tokio::test]
+async fn an_update_of_the_peers_version_is_not_a_conflict() {
+    // Created on one master, reconnected on the other while the link streams: a sequence.
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open(&dir_a, "a"), open(&dir_b, "b"));
+    let created = a.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap().record;
+    assert_eq!(created.base, None);
+    assert!(b.apply_remote(a.db_id().into(), vec![created.clone()], Seq(1)).await.unwrap().conflicts.is_empty());
+    let mut s = session("x", "u", "ag", 1);
+    s.last_client_address = "198.51.100.7".into();
+    let reconnected = b.write(Write::Upsert(s)).await.unwrap().record;
+    assert_eq!(reconnected.base, Some(created.version.clone()), "a write names the version it replaced");
+    let out = a.apply_remote(b.db_id().into(), vec![reconnected.clone()], Seq(1)).await.unwrap();
+    assert_eq!((out.applied, out.conflicts.len()), (1, 0), "{:?}", out.conflicts);
+    // The base survives storage, snapshots and the change log.
+    assert_eq!(a.record(&id("x")).await.unwrap(), Some(reconnected.clone()));
+    assert!(a.snapshot().await.unwrap().records.contains(&reconnected));
+
+    // Both change it apart: concurrent, reported with both versions.
+    let mine = a.write(Write::Delete(id("x"))).await.unwrap().record;
+    let mut s = session("x", "u", "ag", 1);
+    s.status = SessionStatus::Disconnected;
+    let theirs = b.write(Write::Upsert(s)).await.unwrap().record;
+    let out = a.apply_remote(b.db_id().into(), vec![theirs.clone()], Seq(2)).await.unwrap();
+    assert_eq!(out.conflicts.len(), 1);
+    assert_eq!((&out.conflicts[0].local, &out.conflicts[0].remote), (&mine, &theirs));
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn an_invalid_record_fails_its_request_only() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    let good = Record { id: id("g"), version: version(5, "b"), session: Some(session("g", "u", "ag", 1)) };
-    let bad = Record { id: id("x"), version: version(6, "b"), session: Some(session("not-x", "u", "ag", 1)) };
+    let good = Record { id: id("g"), version: version(5, "b"), base: None, session: Some(session("g", "u", "ag", 1)) };
+    let bad =
+        Record { id: id("x"), version: version(6, "b"), base: None, session: Some(session("not-x", "u", "ag", 1)) };
     let mut tasks = Vec::new();
     for i in 0..32 {
         let db = db.clone();
@@ -581,17 +614,18 @@ async fn users_per_agent_in_memory_matches_the_table_after_moves_applies_and_reo
     moved.agent = "ag9".into();
     let far = now_ms() + 60_000;
     let records = vec![
-        Record { id: id("s2"), version: version(far, "b"), session: Some(moved) },
-        Record { id: id("s3"), version: version(1, "b"), session: Some(session("s3", "old", "old", 3)) },
-        Record { id: id("s4"), version: version(far, "b"), session: None },
-        Record { id: id("r1"), version: version(far, "b"), session: Some(session("r1", "u1", "ag7", 1)) },
+        Record { id: id("s2"), version: version(far, "b"), base: None, session: Some(moved) },
+        Record { id: id("s3"), version: version(1, "b"), base: None, session: Some(session("s3", "old", "old", 3)) },
+        Record { id: id("s4"), version: version(far, "b"), base: None, session: None },
+        Record { id: id("r1"), version: version(far, "b"), base: None, session: Some(session("r1", "u1", "ag7", 1)) },
     ];
     db.apply_remote("peer".into(), records, Seq(4)).await.unwrap();
     let mem = db.count_users_per_agent().await.unwrap();
     assert_eq!(mem, sql(&db).await);
     assert!(mem.contains_key("ag9") && mem.contains_key("ag7") && !mem.contains_key("old"));
     // A group where one request fails is rolled back and redone one by one: still exact.
-    let bad = Record { id: id("x"), version: version(far, "b"), session: Some(session("y", "u", "agx", 1)) };
+    let bad =
+        Record { id: id("x"), version: version(far, "b"), base: None, session: Some(session("y", "u", "agx", 1)) };
     let (r1, r2) = tokio::join!(
         db.apply_remote("peer".into(), vec![bad], Seq(5)),
         db.write(Write::Upsert(session("s40", "u40", "ag40", 40)))
@@ -620,7 +654,7 @@ async fn committed_changes_are_published_in_order_after_commit() {
         db.write_batch(vec![Write::Upsert(session("s2", "u", "ag", 2)), Write::Delete(id("s1"))]).await.unwrap();
     // Remote records are not local changes: nothing is published for them.
     let far = now_ms() + 60_000;
-    let rec = Record { id: id("r"), version: version(far, "b"), session: Some(session("r", "u", "ag", 3)) };
+    let rec = Record { id: id("r"), version: version(far, "b"), base: None, session: Some(session("r", "u", "ag", 3)) };
     db.apply_remote("peer".into(), vec![rec], Seq(1)).await.unwrap();
     let last = db.write(Write::Delete(id("s2"))).await.unwrap();
     let mut got = Vec::new();

@@ -350,13 +350,28 @@ impl HaNode {
     }
 
     /// The current readiness as a sentence, with what only this node knows (the HA
-    /// resolution message, the start-up grace left).
+    /// resolution message, the start-up grace left), and a warning while the peer's clock is
+    /// beyond `/HA/max_clock_offset` (the node stays ready: the warning is for the admin).
     pub fn readiness_reason(&self) -> String {
+        let status = self.replication_status();
+        let mut reason = self.readiness_sentence(status.as_ref());
+        if let Some(st) = status.filter(|st| st.clock_offset_exceeded) {
+            reason.push_str(&format!(
+                "; warning: the peer's clock differs from this node's by {:+} ms, beyond /HA/max_clock_offset \
+                 ({} ms): check NTP on both masters",
+                st.clock_offset_ms.unwrap_or_default(),
+                st.max_clock_offset_ms
+            ));
+        }
+        reason
+    }
+
+    fn readiness_sentence(&self, status: Option<&engine::EngineStatus>) -> String {
         let r = self.readiness();
         match (r, &self.setup.mode) {
             (Readiness::HaConfiguredOff, HaMode::Fallback { reason }) => format!("{}: {reason}", r.describe()),
             (Readiness::WaitingForPeer, _) => {
-                let left = self.replication_status().and_then(|s| s.grace_left_ms).unwrap_or(0);
+                let left = status.and_then(|s| s.grace_left_ms).unwrap_or(0);
                 format!("{}, {} s left before serving alone", r.describe(), left.div_ceil(1000))
             }
             (Readiness::AloneAfterGrace, _) => {
@@ -959,8 +974,10 @@ impl Driver {
             Ok(out) => {
                 for c in &out.conflicts {
                     tracing::warn!(
-                        session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version, winner = ?c.winner,
-                        "conflicting changes to one session while the masters were apart; the newer version wins"
+                        session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version,
+                        local_base = ?c.local.base.as_ref().map(|v| v.to_string()),
+                        remote_base = ?c.remote.base.as_ref().map(|v| v.to_string()), winner = ?c.winner,
+                        "concurrent changes to one session (neither was based on the other); the newer version wins"
                     );
                 }
                 tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");

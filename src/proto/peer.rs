@@ -90,6 +90,7 @@ mod tests {
         let record = Record {
             id: SessionId("s1".into()),
             version: Version { hlc: Hlc { wall_ms: 5, logical: 1 }, node: NodeId("a".into()) },
+            base: Some(Version { hlc: Hlc { wall_ms: 4, logical: 0 }, node: NodeId("b".into()) }),
             session: None,
         };
         let msgs = vec![

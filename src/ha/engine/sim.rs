@@ -72,7 +72,8 @@ impl Store {
         let own = self.hlc.capped(now, MAX_OFFSET_MS);
         let hlc = own.tick_bounded(self.records.get(&id).map(|r| r.version.hlc), now, MAX_OFFSET_MS);
         self.hlc = own.max(hlc.capped(now, MAX_OFFSET_MS));
-        let record = Record { id: id.clone(), version: Version { hlc, node: self.node.clone() }, session };
+        let base = self.records.get(&id).map(|r| r.version.clone());
+        let record = Record { id: id.clone(), version: Version { hlc, node: self.node.clone() }, base, session };
         self.records.insert(id, record.clone());
         self.head = self.head.next();
         let change = Change { seq: self.head, record };

@@ -39,6 +39,7 @@ fn record(id: &str, wall_ms: u64) -> Record {
     Record {
         id: SessionId(id.into()),
         version: Version { hlc: Hlc { wall_ms, logical: 0 }, node: NodeId("a".into()) },
+        base: None,
         session: None,
     }
 }
