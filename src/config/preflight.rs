@@ -98,13 +98,7 @@ pub struct PreflightErrors(pub Vec<PreflightError>);
 
 impl fmt::Display for PreflightErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
+        super::load::write_lines(f, &self.0)
     }
 }
 

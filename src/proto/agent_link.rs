@@ -1,5 +1,6 @@
 //! The agent link without policy: serving master calls on an agent (`vsm-agent/1`), for
-//! stand-in agents in tests and benchmarks. The report link, by which an agent tells the master
+//! stand-in agents in tests and benchmarks, and [`answer_each`], the one request loop of the
+//! links an agent side serves (this one and the master's end of the report link). The report link, by which an agent tells the master
 //! that a session ended, is [`super::report`]. The master-side client of agent calls, with
 //! timeouts, pooling and error classes, is `crate::agent::AgentClient`.
 //!
@@ -12,6 +13,8 @@
 use super::agent::{AgentErrorKind, AgentReply, AgentRequest};
 use super::secure::{accept_timeout, SecureConn, PROLOGUE_AGENT};
 use super::{ProtoError, Secret};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -38,23 +41,40 @@ where
 }
 
 /// The request loop of [`serve_agent_conn`], for a connection already handshaken.
-pub async fn serve_agent_requests<S, F, Fut>(mut conn: SecureConn<S>, mut handler: F) -> Result<(), ProtoError>
+pub async fn serve_agent_requests<S, F, Fut>(mut conn: SecureConn<S>, handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentRequest) -> Fut,
     Fut: Future<Output = AgentReply>,
 {
+    let malformed = |detail| AgentReply::Error { kind: AgentErrorKind::BadRequest, message: detail };
+    answer_each(&mut conn, SERVER_IDLE_TIMEOUT, malformed, handler).await
+}
+
+/// The request loop of the links an agent side serves (agent calls here, exit reports in
+/// [`super::report`]): for each message one answer from `handler`, in order, until the peer
+/// closes the link or sends nothing for `idle` (both a clean end). A message that does not
+/// parse is answered with `malformed(detail)` and the link stays up.
+pub async fn answer_each<S, Req, Rep, F, Fut>(
+    conn: &mut SecureConn<S>,
+    idle: Duration,
+    malformed: impl Fn(String) -> Rep,
+    mut handler: F,
+) -> Result<(), ProtoError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Req: DeserializeOwned,
+    Rep: Serialize,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Rep>,
+{
     loop {
-        let req = match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentRequest>()).await {
+        let reply = match tokio::time::timeout(idle, conn.recv::<Req>()).await {
             Err(_) | Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(req))) => req,
-            Ok(Err(ProtoError::Malformed(detail))) => {
-                conn.send(&AgentReply::Error { kind: AgentErrorKind::BadRequest, message: detail }).await?;
-                continue;
-            }
+            Ok(Ok(Some(req))) => handler(req).await,
+            Ok(Err(ProtoError::Malformed(detail))) => malformed(detail),
             Ok(Err(e)) => return Err(e),
         };
-        let reply = handler(req).await;
         conn.send(&reply).await?;
     }
 }

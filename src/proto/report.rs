@@ -99,26 +99,15 @@ where
 /// `handler` per [`AgentReport`], until the agent closes the link or sends nothing for `idle`
 /// (both a clean end). A malformed report is answered with `Retry` and the link stays up. The
 /// handler must answer [`ReportAck::Accepted`] only once the report is durably recorded.
-pub async fn serve_reports<S, F, Fut>(conn: SecureConn<S>, idle: Duration, mut handler: F) -> Result<(), ProtoError>
+pub async fn serve_reports<S, F, Fut>(conn: SecureConn<S>, idle: Duration, handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentReport) -> Fut,
     Fut: Future<Output = ReportAck>,
 {
     let mut conn = conn.with_limits(MAX_REPORT, MAX_REPORT);
-    loop {
-        let report = match tokio::time::timeout(idle, conn.recv::<AgentReport>()).await {
-            Err(_) | Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(r))) => r,
-            Ok(Err(ProtoError::Malformed(detail))) => {
-                conn.send(&ReportAck::Retry { reason: format!("malformed report: {detail}") }).await?;
-                continue;
-            }
-            Ok(Err(e)) => return Err(e),
-        };
-        let ack = handler(report).await;
-        conn.send(&ack).await?;
-    }
+    let malformed = |detail| ReportAck::Retry { reason: format!("malformed report: {detail}") };
+    super::agent_link::answer_each(&mut conn, idle, malformed, handler).await
 }
 
 #[cfg(test)]
