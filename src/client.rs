@@ -99,3 +99,39 @@ pub fn socket_path(flag: Option<PathBuf>, config_dir: Option<PathBuf>) -> Result
         Err(errors) => Err(ClientError::Config { dir, errors }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_path_needs_neither_dns_nor_secrets_and_never_guesses() {
+        if std::env::var_os("VSM_SOCKET").is_some() {
+            return; // the environment decides; nothing to test here
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // HA on, agents that do not resolve, and a secret file that does not exist.
+        std::fs::write(
+            dir.path().join("ha.toml"),
+            "[HA]\nenabled = true\nnodes = [\"m1\", \"m2\"]\nsecret_file = \"/nonexistent/ha.key\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("cluster.toml"), "[subclusters.default]\nagents = [\"agent.invalid\"]\n")
+            .unwrap();
+        std::fs::write(dir.path().join("vsmserver.toml"), "[vsmserver]\nsocket_path = \"/run/test/vsm.sock\"\n")
+            .unwrap();
+        let path = socket_path(None, Some(dir.path().to_path_buf())).unwrap();
+        assert_eq!(path, PathBuf::from("/run/test/vsm.sock"));
+        // The flag wins without reading anything.
+        assert_eq!(socket_path(Some("/x.sock".into()), Some("/nonexistent".into())).unwrap(), PathBuf::from("/x.sock"));
+        // No configuration directory at all: the built-in default.
+        let none = socket_path(None, Some(dir.path().join("missing"))).unwrap();
+        assert_eq!(none, crate::config::Config::default().vsmserver.socket_path);
+        // A configuration that does not load is an error naming it, not the default.
+        std::fs::write(dir.path().join("vsmserver.toml"), "[vsmserver\n").unwrap();
+        let e = socket_path(None, Some(dir.path().to_path_buf())).unwrap_err().to_string();
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
+        assert!(e.contains("vsmserver.toml: not valid TOML"), "{e}");
+        assert!(e.contains("--socket"), "{e}");
+    }
+}

@@ -13,6 +13,8 @@ pub mod vsmclient;
 pub mod vsmconnect;
 pub mod vsmserver;
 
+use std::path::PathBuf;
+
 /// The logging flags of the daemons (`vsmserver`, `vsmagent`), flattened into their `Args`.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LogArgs {
@@ -36,6 +38,26 @@ impl LogArgs {
             json: self.log_json || config.is_some_and(|c| c.json),
             config_level: config.map(|c| crate::telemetry::level_for_key(&c.defaultlevel).to_string()),
         }
+    }
+}
+
+/// How the clients (`vsmclient`, `tlctl`) find the master's Unix socket, flattened into their
+/// `Args`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SocketArgs {
+    /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Configuration directory, read for the socket path (and by tlctl --host for the port and
+    /// the secret file); nothing else of it is read, and no secret for the local socket.
+    #[arg(long, global = true, env = "VSM_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    /// The socket to call (see [`crate::client::socket_path`]).
+    pub fn path(&self) -> Result<PathBuf, crate::client::ClientError> {
+        crate::client::socket_path(self.socket.clone(), self.config_dir.clone())
     }
 }
 
