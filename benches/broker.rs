@@ -8,6 +8,9 @@
 //! - `memory`: a real `vsmserver` process filled with 100,000 sessions through
 //!   `ApiRequest::SessionPut`; its resident memory, and the time to list one user's sessions.
 //!
+//! - `count` (only when named): `VSM_BENCH_COUNT` creates through one master, one client, one
+//!   after another, no timing, for counting instructions with `scripts/bench-instructions.sh`.
+//!
 //! Run: `cargo bench --bench broker` (all), or name parts: `cargo bench --bench broker -- creates`.
 //! `VSM_BENCH_RUNS` (default 3) runs each part that many times; medians are printed last.
 //! `VSM_BENCH_CLIENTS` (default 16) sets the concurrent clients of the create benchmarks.
@@ -29,6 +32,12 @@ fn main() {
     let runs = runs();
     let clients: usize =
         std::env::var("VSM_BENCH_CLIENTS").ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(16);
+    if named("count") {
+        let n = count(2_000);
+        rt.block_on(count_creates(n));
+        println!("count: {n} creates done");
+        return;
+    }
     if selected("creates") {
         let mut figs = Vec::new();
         for run in 0..runs {
@@ -130,6 +139,20 @@ async fn creates(ha: bool, clients: usize, total: usize, run: usize) -> Stats {
         s.stop().await;
     }
     stats
+}
+
+/// `n` creates through one master, one after another, after a fixed warm-up.
+async fn count_creates(n: usize) {
+    let dir = bench_dir();
+    let agents = vec![noop_agent().await];
+    let cfg = master_config(dir.path(), "a", &agents);
+    let socket = cfg.vsmserver.socket_path.clone();
+    let server = start_master(cfg, None, None).await;
+    drive(&socket, 1, 200, "w").await;
+    if n > 0 {
+        drive(&socket, 1, n, "c").await;
+    }
+    server.stop().await;
 }
 
 /// `total` creates spread over `clients` concurrent connections; every latency.

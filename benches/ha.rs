@@ -13,6 +13,10 @@
 //!   resync time B's engine reports (from link up to caught up).
 //! - `incremental_resync`: B stops, A commits 10,000 changes, B restarts; the same two times.
 //!
+//! - `count` (only when named): `VSM_BENCH_COUNT` replicated writes (`SessionPut` over A's
+//!   socket, one after another, no timing), for counting instructions with
+//!   `scripts/bench-instructions.sh`.
+//!
 //! Run: `cargo bench --bench ha` (all), or name parts: `cargo bench --bench ha -- lag`.
 //! `VSM_BENCH_RUNS` (default 3) runs each part that many times; medians are printed last.
 
@@ -53,6 +57,12 @@ fn main() {
             median(w50),
             median(w99)
         );
+    }
+    if named("count") {
+        let n = count(2_000);
+        rt.block_on(count_writes(n));
+        println!("count: {n} replicated writes done");
+        return;
     }
     if selected("full_resync") || selected("incremental_resync") {
         let (mut full, mut full_eng, mut inc, mut inc_eng) = (vec![], vec![], vec![], vec![]);
@@ -159,6 +169,20 @@ async fn lag(rate: u64, time: Duration) -> (Stats, Stats) {
     assert!(!degraded, "replication degraded during the measurement: figures are not replicated writes");
     p.stop().await;
     (ack, writer)
+}
+
+/// `n` replicated writes, one after another, after a fixed warm-up.
+async fn count_writes(n: usize) {
+    let dir = bench_dir();
+    let p = pair(dir.path(), true).await;
+    let mut conn = ApiConn::open(&p.cfg_a.vsmserver.socket_path).await;
+    for i in 0..(200 + n) as u64 {
+        match conn.call(&ApiRequest::SessionPut { session: session(i, 100, 10) }).await {
+            ApiReply::Ok { .. } => {}
+            other => panic!("session put failed: {other:?}"),
+        }
+    }
+    p.stop().await;
 }
 
 struct Resyncs {

@@ -391,19 +391,22 @@ impl Session {
 }
 
 /// An upper bound of the JSON encoding of a record with these parts (see
-/// [`Record::json_len_bound`]).
-pub fn record_json_len_bound(id: &SessionId, node: &NodeId, session: Option<&Session>) -> usize {
+/// [`Record::json_len_bound`]); `base_len` is the room its `base` takes.
+pub fn record_json_len_bound(id: &SessionId, node: &NodeId, base_len: usize, session: Option<&Session>) -> usize {
     RECORD_FIXED_JSON
-        + BASE_JSON_MAX
+        + base_len
         + json_str_len(&id.0)
         + json_str_len(&node.0)
         + session.map_or(0, Session::json_strings_len)
 }
 
-/// Room for a record's `base` (the version it replaced): field names, the clock and a node id
-/// of at most [`MAX_HOST`] bytes, every byte escaped. Counted whether or not the record has a
-/// base, so a record checked before its base is known still fits afterwards.
-const BASE_JSON_MAX: usize = 96 + 2 * MAX_HOST;
+/// Room for a record's `base` (the version it replaced) besides its node id: field names and
+/// the clock.
+const BASE_JSON_FIXED: usize = 96;
+
+/// Room for any `base`: a node id of at most [`MAX_HOST`] bytes, every byte escaped. A record
+/// is checked with it before its base is known, so it still fits afterwards.
+const BASE_JSON_MAX: usize = BASE_JSON_FIXED + 2 + 2 * MAX_HOST;
 
 /// Checks what a node may write as a record: every field within bounds, and the whole
 /// within [`MAX_RECORD`].
@@ -413,7 +416,7 @@ pub fn check_record(id: &SessionId, node: &NodeId, session: Option<&Session>) ->
     if let Some(s) = session {
         s.check_bounds()?;
     }
-    let len = record_json_len_bound(id, node, session);
+    let len = record_json_len_bound(id, node, BASE_JSON_MAX, session);
     if len > MAX_RECORD {
         return Err(BoundsError::TooLong { field: "record", len, max: MAX_RECORD });
     }
@@ -424,7 +427,8 @@ impl Record {
     /// An upper bound of the length of this record's JSON encoding, computed without
     /// encoding it (cheap enough to size every batch sent to the peer).
     pub fn json_len_bound(&self) -> usize {
-        record_json_len_bound(&self.id, &self.version.node, self.session.as_ref())
+        let base = self.base.as_ref().map_or(0, |b| BASE_JSON_FIXED + json_str_len(&b.node.0));
+        record_json_len_bound(&self.id, &self.version.node, base, self.session.as_ref())
     }
 
     /// See [`check_record`]; the base's node id is bounded like the version's.

@@ -26,6 +26,16 @@ pub fn selected(name: &str) -> bool {
     words.is_empty() || words.iter().any(|w| w == name)
 }
 
+/// Whether `name` was given after `--` (for parts that never run by default).
+pub fn named(name: &str) -> bool {
+    std::env::args().skip(1).any(|a| a == name)
+}
+
+/// `VSM_BENCH_COUNT`: how many operations a counting part performs (default `default`).
+pub fn count(default: usize) -> usize {
+    std::env::var("VSM_BENCH_COUNT").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
 /// A directory with both secrets written.
 pub fn bench_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new().prefix("vsm-bench-").tempdir().expect("temporary directory");
