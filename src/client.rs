@@ -8,7 +8,7 @@
 use crate::proto::api::{ApiReply, ApiRequest, ADMIN_PROLOGUE, MAX_REPLY, MAX_REQUEST};
 use crate::proto::secure::Secret;
 use crate::proto::PlainConn;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +19,8 @@ pub enum ClientError {
     Timeout { where_: String, ms: u64 },
     #[error("talking to vsmserver at {where_}: {reason}")]
     Protocol { where_: String, reason: String },
+    #[error("cannot tell where vsmserver's socket is: the configuration in {} does not load (give --socket or set VSM_SOCKET to skip it):\n{errors}", dir.display())]
+    Config { dir: PathBuf, errors: crate::config::ConfigErrors },
 }
 
 /// Where the master is.
@@ -77,20 +79,59 @@ async fn call_inner(target: &Target, req: &ApiRequest, where_: &str) -> Result<A
     })
 }
 
-/// The socket path to use: `--socket`, then `VSM_SOCKET`, then the configuration (if it
-/// loads), then the built-in default.
-pub fn socket_path(flag: Option<PathBuf>, config_dir: Option<PathBuf>) -> PathBuf {
+/// The socket path to use: `--socket`, then `VSM_SOCKET`, then `/vsmserver/socket_path` of the
+/// configuration directory, then, only when that directory does not exist, the built-in
+/// default. A configuration that exists but does not load is an error, never a reason to guess.
+/// Loading resolves no name and reads no secret, so this works for any user.
+pub fn socket_path(flag: Option<PathBuf>, config_dir: Option<PathBuf>) -> Result<PathBuf, ClientError> {
     if let Some(p) = flag {
-        return p;
+        return Ok(p);
     }
     if let Some(p) = std::env::var_os("VSM_SOCKET") {
-        return PathBuf::from(p);
+        return Ok(PathBuf::from(p));
     }
     let dir = crate::config::config_dir_from(config_dir);
-    if Path::new(&dir).is_dir() {
-        if let Ok(cfg) = crate::config::load(&dir) {
-            return cfg.vsmserver.socket_path;
+    match crate::config::load(&dir) {
+        Ok(cfg) => Ok(cfg.vsmserver.socket_path),
+        Err(errors) if matches!(&errors.0[..], [crate::config::ConfigError::MissingDir { .. }]) => {
+            Ok(crate::config::Config::default().vsmserver.socket_path)
         }
+        Err(errors) => Err(ClientError::Config { dir, errors }),
     }
-    crate::config::Config::default().vsmserver.socket_path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_path_needs_neither_dns_nor_secrets_and_never_guesses() {
+        if std::env::var_os("VSM_SOCKET").is_some() {
+            return; // the environment decides; nothing to test here
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // HA on, agents that do not resolve, and a secret file that does not exist.
+        std::fs::write(
+            dir.path().join("ha.toml"),
+            "[HA]\nenabled = true\nnodes = [\"m1\", \"m2\"]\nsecret_file = \"/nonexistent/ha.key\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("cluster.toml"), "[subclusters.default]\nagents = [\"agent.invalid\"]\n")
+            .unwrap();
+        std::fs::write(dir.path().join("vsmserver.toml"), "[vsmserver]\nsocket_path = \"/run/test/vsm.sock\"\n")
+            .unwrap();
+        let path = socket_path(None, Some(dir.path().to_path_buf())).unwrap();
+        assert_eq!(path, PathBuf::from("/run/test/vsm.sock"));
+        // The flag wins without reading anything.
+        assert_eq!(socket_path(Some("/x.sock".into()), Some("/nonexistent".into())).unwrap(), PathBuf::from("/x.sock"));
+        // No configuration directory at all: the built-in default.
+        let none = socket_path(None, Some(dir.path().join("missing"))).unwrap();
+        assert_eq!(none, crate::config::Config::default().vsmserver.socket_path);
+        // A configuration that does not load is an error naming it, not the default.
+        std::fs::write(dir.path().join("vsmserver.toml"), "[vsmserver\n").unwrap();
+        let e = socket_path(None, Some(dir.path().to_path_buf())).unwrap_err().to_string();
+        assert!(e.contains(&dir.path().display().to_string()), "{e}");
+        assert!(e.contains("vsmserver.toml: not valid TOML"), "{e}");
+        assert!(e.contains("--socket"), "{e}");
+    }
 }

@@ -10,7 +10,7 @@ pub mod agentd;
 pub mod api;
 /// Login, placement and reconciliation with agents.
 pub mod broker;
-/// Command-line front ends of `vsmserver`, `vsmclient` and `tlctl`.
+/// Command-line front ends of every program, and the `vsmserver demo` application.
 pub mod cli;
 /// Client side of the master's API (`vsmclient`, `tlctl`).
 pub mod client;
@@ -18,8 +18,6 @@ pub mod client;
 pub mod config;
 /// The session database: one task owns SQLite, everyone else holds a handle.
 pub mod db;
-/// The self-contained two-master demonstration.
-pub mod demo;
 /// Fuzz targets for every decoder of outside input (driven by `cargo fuzz` and proptest).
 pub mod fuzz;
 /// High availability: which node am I, the sans-IO replication engine, the peer link.
@@ -32,5 +30,9 @@ pub mod model;
 pub mod proto;
 /// Wiring of the master daemon: start-up, background loops, shutdown.
 pub mod server;
+/// The shutdown signal (SIGTERM, SIGINT) shared by the daemons and the demo.
+pub mod signals;
 /// Logging set-up shared by every binary.
 pub mod telemetry;
+/// In-process clusters on loopback for the demo, the tests and the benchmarks.
+pub mod testkit;

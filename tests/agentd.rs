@@ -630,3 +630,48 @@ async fn stopping_the_daemon_leaves_sessions_running_for_the_next_one() {
     assert!(again.terminate(&sid("stay"), session.display).await);
     drop(t);
 }
+
+/// A desktop process as a `vsmagent` killed between spawning it and recording it leaves
+/// behind: its own Unix session, the session environment, no entry in `sessions.json`.
+fn spawn_unrecorded(session_id: &str, session_dir: &Path) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("60")
+        .env("VSM_SESSION_ID", session_id)
+        .env("VSM_SESSION_DIR", session_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches no Rust state.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    cmd.spawn().unwrap()
+}
+
+#[tokio::test]
+async fn a_desktop_started_but_never_recorded_is_ended_when_the_agent_starts_again() {
+    let t = TestAgent::new(&["sleep", "60"]);
+    let socket_dir = t.opts.vnc_socket_dir.clone();
+    // A recorded session survives the restart as always.
+    let (m, _rx) = t.open().await;
+    let kept = m.start(sid("recorded"), &me(), None).await.unwrap();
+    m.shutdown().await;
+    drop(m);
+    // While the agent is down: the desktop it was starting when it died...
+    std::fs::create_dir_all(socket_dir.join("101")).unwrap();
+    let mut orphan = spawn_unrecorded("never-recorded", &socket_dir.join("101"));
+    // ...and another agent's desktop (another socket directory), which is not this agent's to end.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let mut foreign = spawn_unrecorded("someone-elses", &elsewhere.path().join("101"));
+
+    let (m, _rx) = t.open().await;
+    wait_until("the unrecorded desktop to end", || orphan.try_wait().unwrap().is_some()).await;
+    assert!(!socket_dir.join("101").exists(), "its session directory is removed");
+    assert!(foreign.try_wait().unwrap().is_none(), "a desktop of another agent is left alone");
+    assert!(m.verify(&sid("recorded"), kept.display), "the recorded session is re-adopted");
+    assert_eq!(m.list().len(), 1);
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    assert!(m.terminate(&sid("recorded"), kept.display).await);
+}

@@ -4,19 +4,18 @@
 //! Benchmarks print figures; they never assert on timing.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::{TcpListener, UnixStream};
-use vsm::config::{Config, DbSynchronous, Subcluster, SyncLevel};
+use vsm::config::{Config, DbSynchronous, SyncLevel};
 use vsm::model::{now_ms, Session, SessionId, SessionStatus};
 use vsm::proto::agent::{AgentReply, AgentRequest, AgentSession, LoadReport};
 use vsm::proto::agent_link::serve_agent_conn;
 use vsm::proto::api::{ApiReply, ApiRequest};
 use vsm::proto::{PlainConn, Secret};
-use vsm::server::{Listeners, Overrides, Server};
+use vsm::server::Server;
 
 pub const CLUSTER_SECRET: &[u8] = b"cluster secret for benchmarks";
 pub const HA_SECRET: &[u8] = b"ha secret for the benchmarks, 32b";
@@ -40,12 +39,8 @@ pub fn count(default: usize) -> usize {
 /// A directory with both secrets written.
 pub fn bench_dir() -> tempfile::TempDir {
     let d = tempfile::Builder::new().prefix("vsm-bench-").tempdir().expect("temporary directory");
-    std::fs::write(d.path().join("cluster.key"), CLUSTER_SECRET).expect("write the cluster secret");
-    std::fs::write(d.path().join("ha.key"), HA_SECRET).expect("write the ha secret");
-    for f in ["cluster.key", "ha.key"] {
-        std::fs::set_permissions(d.path().join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("make the secret private");
-    }
+    vsm::testkit::write_secret(&d.path().join("cluster.key"), CLUSTER_SECRET).expect("write the cluster secret");
+    vsm::testkit::write_secret(&d.path().join("ha.key"), HA_SECRET).expect("write the ha secret");
     d
 }
 
@@ -99,41 +94,20 @@ pub async fn noop_agent() -> String {
     format!("127.0.0.1:{port}")
 }
 
-/// A master's configuration under `base/name`; SQLite `synchronous` stays at its default
-/// (FULL) unless the caller changes it.
+/// A master's configuration under `base/name`; SQLite `synchronous` is FULL (the default of
+/// the product) unless the caller changes it.
 pub fn master_config(base: &Path, name: &str, agents: &[String]) -> Config {
-    let dir = base.join(name);
-    let mut cfg = Config::default();
-    cfg.vsm.secret_file = base.join("cluster.key");
-    cfg.ha.secret_file = base.join("ha.key");
-    cfg.vsmserver.socket_path = dir.join("vsmserver.sock");
-    cfg.vsmserver.data_dir = dir.join("data");
-    cfg.vsmserver.session_startup_dir = dir.join("startup.d");
-    cfg.vsmserver.session_reconnect_dir = dir.join("reconnect.d");
-    cfg.vsmserver.reconcile_interval = Duration::from_secs(3600);
+    let mut cfg = vsm::testkit::master_config(base, name, agents);
     cfg.vsmserver.agent_timeout = Duration::from_secs(5);
     cfg.vsmserver.max_sessions_per_user = 0;
+    cfg.vsmserver.admin_group = None;
     cfg.vsmserver.db_synchronous = DbSynchronous::Full;
-    let mut subs = BTreeMap::new();
-    subs.insert(
-        "default".to_string(),
-        Subcluster {
-            name: "default".into(),
-            agents: agents.to_vec(),
-            users: vec![],
-            groups: vec![],
-            max_users_per_agent: 0,
-        },
-    );
-    cfg.subclusters = subs;
     cfg
 }
 
 /// Turns `cfg` into one of two HA nodes `bench-a` / `bench-b`.
-pub fn with_ha(mut cfg: Config, local: &str, sync: SyncLevel) -> Config {
-    cfg.ha.enabled = true;
-    cfg.ha.nodes = vec!["bench-a".into(), "bench-b".into()];
-    cfg.ha.local_node = Some(local.into());
+pub fn with_ha(cfg: Config, local: &str, sync: SyncLevel) -> Config {
+    let mut cfg = vsm::testkit::with_ha(cfg, ["bench-a", "bench-b"], local);
     cfg.ha.sync = sync;
     cfg.ha.sync_timeout = Duration::from_secs(2);
     cfg.ha.startup_grace = Duration::from_secs(60);
@@ -144,10 +118,8 @@ pub fn with_ha(mut cfg: Config, local: &str, sync: SyncLevel) -> Config {
 
 /// Starts a master in this process with already bound listeners.
 pub async fn start_master(cfg: Config, peer: Option<TcpListener>, peer_addr: Option<String>) -> Server {
-    let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).expect("bind the unix socket");
     let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind the tcp port");
-    let ov = Overrides { agent_port: None, peer_addr, no_background_reconcile: true };
-    Server::start(cfg, Listeners { unix, tcp, peer, http: None }, ov).await.expect("master starts")
+    vsm::testkit::start_master(cfg, tcp, peer, peer_addr, false).await.expect("master starts")
 }
 
 /// Two HA masters `bench-a` and `bench-b`, both started, with their configurations.
@@ -214,16 +186,11 @@ pub fn streaming(s: &Server) -> bool {
 
 /// Polls `f` every `every` until it is true or `deadline` passed; returns whether it became true.
 pub async fn wait_for(deadline: Duration, every: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + deadline;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(every).await;
-    }
+    vsm::testkit::wait_until_every(deadline, every, || {
+        let done = f();
+        async move { done }
+    })
+    .await
 }
 
 /// A session record as an admin import would store it.

@@ -1,19 +1,18 @@
 //! Glue between the agent daemon and the secure channel of `proto::secure`.
 //!
-//! Owns nothing but the three calls the daemon needs: load the cluster secret, serve one
+//! Owns nothing but the two calls the daemon needs: load the cluster secret, and serve one
 //! master connection (handshake with prologue `PROLOGUE_AGENT`, then request → reply until
-//! the master closes, stays idle too long, or the agent stops), and deliver one exit report
-//! to the master (link tag `VSMR` in clear, handshake with `PROLOGUE_REPORT`, the report,
-//! then wait for the master's acknowledgement).
+//! the master closes, stays idle too long, or the agent stops). Exit reports go through the
+//! one report link, `crate::proto::report`.
 //!
 //! It must never hand the daemon a request that did not arrive over an authenticated
-//! channel, and never count a report as delivered before the master answered it.
+//! channel.
 
 use super::{Agent, AgentdError};
-use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, MAX_REPLY, MAX_REQUEST};
+use crate::proto::agent::{AgentErrorKind, AgentReply, AgentRequest, MAX_REPLY, MAX_REQUEST};
 use crate::proto::listen::Limits;
 pub use crate::proto::secure::Secret;
-use crate::proto::secure::{accept, connect, PROLOGUE_AGENT, PROLOGUE_REPORT};
+use crate::proto::secure::{accept, PROLOGUE_AGENT};
 use crate::proto::ProtoError;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -67,21 +66,5 @@ pub async fn serve(
             Err(e) => return Err(e.to_string()),
         };
         conn.send(&reply).await.map_err(|e| e.to_string())?;
-    }
-}
-
-/// Deliver one report to the master at `master` and wait for its acknowledgement (any
-/// message the master answers on the report link). Bounded by the reporter's send timeout.
-pub async fn send_report(master: &(String, u16), secret: &Secret, report: &AgentReport) -> Result<(), String> {
-    let (host, port) = (master.0.as_str(), master.1);
-    let s = TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
-    let _ = s.set_nodelay(true);
-    let c = connect(s, secret, PROLOGUE_REPORT).await.map_err(|e| e.to_string())?;
-    let mut c = c.with_limits(crate::proto::agent::MAX_REPORT, crate::proto::agent::MAX_REPORT);
-    c.send(report).await.map_err(|e| e.to_string())?;
-    match c.recv::<crate::proto::agent::ReportAck>().await.map_err(|e| e.to_string())? {
-        Some(crate::proto::agent::ReportAck::Accepted) => Ok(()),
-        Some(crate::proto::agent::ReportAck::Retry { reason }) => Err(format!("the master asks to retry: {reason}")),
-        None => Err("the master closed the link without acknowledging".to_string()),
     }
 }

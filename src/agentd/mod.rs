@@ -6,7 +6,7 @@
 //!   terminate, persistence and re-adoption across agent restarts).
 //! - [`load`]: load figures from `/proc`.
 //! - [`pam`]: the root helper that opens a desktop's PAM session and runs it as the user.
-//! - [`access`]: which callers may connect.
+//! - [`allow_list`]: which callers may connect (the shared check of `proto::access`).
 //! - [`reporter`]: exit reports to the master, retried until acknowledged.
 //! - [`viewers`]: which desktops have a VNC viewer attached, from the kernel's socket tables.
 //! - `link` (private): the glue to the secure channel of `proto::secure`.
@@ -21,7 +21,6 @@
 //! waits ([`Fence`]: its connection is open and the time it said it waits has not run out);
 //! a session whose start finished after the master stopped waiting is ended again at once.
 
-pub mod access;
 mod link;
 pub mod load;
 pub mod pam;
@@ -31,6 +30,7 @@ pub mod viewers;
 
 use crate::config::Config;
 use crate::model::SessionId;
+use crate::proto::access::{AllowList, Local, DEFAULT_CACHE_TTL};
 use crate::proto::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, AgentSession};
 use crate::proto::listen::{self, Limits, Peer};
 use sessions::SessionManager;
@@ -155,7 +155,7 @@ impl Agent {
     pub fn agent_address(&self, local: SocketAddr) -> String {
         match &self.agent_hostname {
             Some(h) => h.clone(),
-            None => access::canonical(local.ip()).to_string(),
+            None => crate::proto::access::canonical(local.ip()).to_string(),
         }
     }
 
@@ -272,10 +272,11 @@ pub async fn run_with(
     let sink = {
         let secret = secret.clone();
         let master = master.clone();
+        let timeout = opts.reporter.send_timeout;
         move |report: AgentReport| {
             let secret = secret.clone();
             let master = master.clone();
-            async move { link::send_report(&master, &secret, &report).await }
+            async move { crate::proto::report::send_report(&master.0, master.1, &secret, &report, timeout).await }
         }
     };
     let reporter_task = tokio::spawn(reporter::run_reporter(
@@ -290,7 +291,7 @@ pub async fn run_with(
     tracing::info!(sessions = sessions.count(), state_dir = %opts.sessions.state_dir.display(), "session table open");
 
     let agent = Agent::new(sessions.clone(), config.vsmagent.agent_hostname.clone());
-    let access = Arc::new(access::AccessList::from_config(&config.vsmagent));
+    let access = Arc::new(allow_list(&config.vsmagent));
     let limits = Limits { max_connections: opts.max_connections, idle_timeout: opts.idle_timeout };
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -305,6 +306,7 @@ pub async fn run_with(
             async move {
                 let Peer::Tcp(addr) = peer else { return Ok(()) };
                 if !access.check(addr.ip()).await {
+                    tracing::warn!(peer = %addr.ip(), "refused connection from a caller not in allowed_clients, master_hostname or this host");
                     return Ok(());
                 }
                 let local = stream.local_addr().map_err(|e| format!("cannot read the local address: {e}"))?;
@@ -332,5 +334,34 @@ pub async fn run_with(
     Ok(())
 }
 
+/// Who may call the agent: `/vsmagent/allowed_clients`, `/vsmagent/master_hostname` and this
+/// host itself (a master may run beside its agent).
+pub fn allow_list(agent: &crate::config::AgentConfig) -> AllowList {
+    let mut names = agent.allowed_clients.clone();
+    names.push(agent.master_hostname.clone());
+    AllowList::new(names, Local::Interfaces, DEFAULT_CACHE_TTL)
+}
+
 /// Capacity of the channel between session watchers and the reporter.
 const REPORT_QUEUE: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_agent_allows_its_master_its_clients_and_this_host() {
+        let mut cfg = Config::default().vsmagent;
+        cfg.master_hostname = "192.0.2.1".into();
+        cfg.allowed_clients = vec!["192.0.2.2".into(), "192.0.2.1".into()];
+        let list = allow_list(&cfg);
+        assert_eq!(list.names(), ["192.0.2.2", "192.0.2.1"]);
+        for ok in ["192.0.2.1", "192.0.2.2", "::ffff:192.0.2.2", "127.0.0.1"] {
+            assert!(list.check(ok.parse().unwrap()).await, "{ok}");
+        }
+        assert!(!list.check("192.0.2.3".parse().unwrap()).await);
+        for a in crate::proto::access::local_addresses() {
+            assert!(list.check(a).await, "{a} is this host");
+        }
+    }
+}

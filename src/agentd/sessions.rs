@@ -22,6 +22,12 @@
 //! `adopted_poll`; their exit status is unknown (`None`). Persisted sessions that died while
 //! the agent was down are reported as exited at start.
 //!
+//! A desktop whose process was spawned but whose session never reached `sessions.json` (the
+//! agent was killed between the two) was never reported to any master, so no master will ever
+//! end it. At start, after re-adopting, the agent ends such orphans: session leaders in its
+//! own network namespace whose environment names a `VSM_SESSION_ID` the table does not hold and
+//! a `VSM_SESSION_DIR` directly under its `vnc_socket_dir` (see [`find_orphans`]).
+//!
 //! When a session's process ends, for whatever reason (by itself, killed by someone else, or
 //! terminated at the master's request), an [`AgentReport::SessionExited`] goes into the
 //! bounded report channel *before* the session leaves the persisted table, so a crash in
@@ -254,6 +260,59 @@ fn signal_session(leader: i32, sig: Signal) {
     }
 }
 
+/// A desktop process found by [`find_orphans`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Orphan {
+    pub pid: i32,
+    pub start_time: u64,
+    pub session_id: String,
+    /// The display, from the name of its session directory.
+    pub display: Option<u32>,
+}
+
+/// Session leaders in this process's network namespace whose environment has a
+/// `VSM_SESSION_ID` not in `known` and a `VSM_SESSION_DIR` directly under `socket_dir`: the
+/// desktops an agent with that directory started. Processes whose environment or namespace
+/// cannot be read are left alone.
+pub fn find_orphans(socket_dir: &Path, known: &std::collections::HashSet<String>) -> Vec<Orphan> {
+    let Ok(own_ns) = std::fs::read_link("/proc/self/ns/net") else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for e in dir.filter_map(|e| e.ok()) {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Some(stat) = proc_stat(pid) else { continue };
+        if stat.session != pid || stat.state == 'Z' || stat.state == 'X' {
+            continue;
+        }
+        if std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() != Some(&own_ns) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let var = |name: &str| {
+            environ.split(|b| *b == 0).find_map(|kv| {
+                let kv = std::str::from_utf8(kv).ok()?;
+                kv.strip_prefix(name)?.strip_prefix('=').map(str::to_string)
+            })
+        };
+        let (Some(session_id), Some(session_dir)) = (var("VSM_SESSION_ID"), var("VSM_SESSION_DIR")) else {
+            continue;
+        };
+        let session_dir = PathBuf::from(session_dir);
+        if session_dir.parent() != Some(socket_dir) || known.contains(&session_id) {
+            continue;
+        }
+        let display = session_dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.parse().ok());
+        found.push(Orphan { pid, start_time: stat.start_time, session_id, display });
+    }
+    found
+}
+
 fn exit_code(status: std::process::ExitStatus) -> Option<i32> {
     use std::os::unix::process::ExitStatusExt;
     status.code().or_else(|| status.signal().map(|s| 128 + s))
@@ -396,8 +455,42 @@ impl SessionManager {
             }
         }
         mgr.persist().await;
+        mgr.end_orphans().await;
         mgr.start_viewer_sampler();
         Ok(mgr)
+    }
+
+    /// Ends the desktops this agent spawned but never recorded (see the module doc): `TERM`
+    /// to their Unix session, `KILL` after `terminate_grace`, and their session directory
+    /// removed. Bounded by `terminate_grace`; nothing to do in the usual case.
+    async fn end_orphans(&self) {
+        let known: std::collections::HashSet<String> = self.list().into_iter().map(|s| s.session_id.0).collect();
+        let orphans = find_orphans(&self.inner.opts.vnc_socket_dir, &known);
+        if orphans.is_empty() {
+            return;
+        }
+        for o in &orphans {
+            tracing::warn!(
+                session_id = %o.session_id, pid = o.pid, display = ?o.display,
+                "ending a desktop this agent started but never recorded (it stopped while starting it, \
+                 so no master was told of it)"
+            );
+            signal_session(o.pid, Signal::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + self.inner.opts.terminate_grace;
+        while std::time::Instant::now() < deadline && orphans.iter().any(|o| same_process_alive(o.pid, o.start_time)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for o in &orphans {
+            if same_process_alive(o.pid, o.start_time) {
+                signal_session(o.pid, Signal::SIGKILL);
+            }
+            if let Some(dpy) = o.display {
+                if !self.table().contains_key(&dpy) {
+                    self.remove_session_dir(dpy);
+                }
+            }
+        }
     }
 
     fn state_file(&self) -> PathBuf {

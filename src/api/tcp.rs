@@ -10,11 +10,13 @@
 //! report only ends a session hosted by the agent at the reporting address.
 
 use super::{Api, Caller};
-use crate::proto::agent::{AgentReport, ReportAck, MAX_REPORT};
+use crate::proto::access::{AllowList, Local, DEFAULT_CACHE_TTL};
+use crate::proto::agent::{AgentReport, ReportAck};
 use crate::proto::api::{ApiErrorKind, ApiReply, MAX_REPLY, MAX_REQUEST};
 use crate::proto::listen::{self, Peer};
+use crate::proto::report;
 use crate::proto::secure::{accept_any, Secret, PROLOGUE_ADMIN, PROLOGUE_REPORT};
-use std::net::{IpAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -25,33 +27,23 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(listener: TcpListener, api: Api, secret: Secret, shutdown: CancellationToken, tracker: TaskTracker) {
     let limits = api.limits();
     let sd = shutdown.clone();
+    let admins = Arc::new(allow_list(&api.broker.config().vsmserver));
     listen::serve("tcp port", listener, limits, shutdown, tracker, move |stream, peer| {
-        serve_conn(stream, peer, api.clone(), secret.clone(), sd.clone())
+        serve_conn(stream, peer, api.clone(), admins.clone(), secret.clone(), sd.clone())
     })
     .await
 }
 
-/// Is `ip` loopback or one of the addresses `allowed` names resolve to?
-pub fn allowed(ip: IpAddr, allowed: &[String]) -> bool {
-    if ip.is_loopback() {
-        return true;
-    }
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    allowed.iter().any(|h| {
-        if let Ok(a) = h.parse::<IpAddr>() {
-            return a == ip;
-        }
-        (h.as_str(), 0u16).to_socket_addrs().map(|mut it| it.any(|sa| sa.ip() == ip)).unwrap_or(false)
-    })
+/// Who may make admin calls: `/vsmserver/allowed_clients` and loopback.
+pub fn allow_list(server: &crate::config::ServerConfig) -> AllowList {
+    AllowList::new(server.allowed_clients.clone(), Local::Loopback, DEFAULT_CACHE_TTL)
 }
 
 async fn serve_conn(
     stream: TcpStream,
     peer: Peer,
     api: Api,
+    admins: Arc<AllowList>,
     secret: Secret,
     shutdown: CancellationToken,
 ) -> Result<(), String> {
@@ -67,7 +59,7 @@ async fn serve_conn(
             })?;
     if link == 0 {
         let mut conn = conn.with_limits(MAX_REQUEST, MAX_REPLY);
-        if !allowed(addr.ip(), &api.broker.config().vsmserver.allowed_clients) {
+        if !admins.check(addr.ip()).await {
             let msg = format!("admin calls from {} are refused: not in /vsmserver/allowed_clients", addr.ip());
             let _ = conn.send(&ApiReply::Error { kind: ApiErrorKind::NotAllowed, message: msg.clone() }).await;
             tracing::warn!(peer = %addr, "{msg}");
@@ -76,36 +68,43 @@ async fn serve_conn(
         let caller = Caller::RemoteAdmin { addr };
         return api.serve_requests(&mut conn, &caller, &limits, &shutdown).await.map_err(|e| e.to_string());
     }
-    let mut conn = conn.with_limits(MAX_REPORT, MAX_REPORT);
-    while let Some(report) = limits.idle(conn.recv::<AgentReport>()).await.map_err(|e| e.to_string())? {
-        let ack = match report {
-            AgentReport::SessionExited { session_id, display, exit_status } => {
-                match api.broker.session_exited(&session_id, display, addr.ip(), exit_status).await {
-                    Ok(()) => ReportAck::Accepted,
-                    Err(e) => ReportAck::Retry { reason: e.to_string() },
+    report::serve_reports(conn, limits.idle_timeout, |report| {
+        let broker = api.broker.clone();
+        async move {
+            match report {
+                AgentReport::SessionExited { session_id, display, exit_status } => {
+                    match broker.session_exited(&session_id, display, addr.ip(), exit_status).await {
+                        Ok(()) => ReportAck::Accepted,
+                        Err(e) => ReportAck::Retry { reason: e.to_string() },
+                    }
                 }
             }
-        };
-        conn.send(&ack).await.map_err(|e| e.to_string())?;
-    }
-    Ok(())
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn loopback_is_always_allowed() {
-        assert!(allowed("127.0.0.1".parse().unwrap(), &[]));
-        assert!(allowed("::1".parse().unwrap(), &[]));
-    }
-
-    #[test]
-    fn listed_addresses_and_names_are_allowed() {
-        let list = vec!["10.1.2.3".to_string(), "localhost".to_string()];
-        assert!(allowed("10.1.2.3".parse().unwrap(), &list));
-        assert!(!allowed("10.1.2.4".parse().unwrap(), &list));
-        assert!(allowed("::ffff:10.1.2.3".parse().unwrap(), &list));
+    #[tokio::test]
+    async fn admin_calls_come_from_loopback_and_allowed_clients_only() {
+        let mut cfg = crate::config::Config::default().vsmserver;
+        cfg.allowed_clients = vec!["10.1.2.3".into(), "localhost".into()];
+        let list = allow_list(&cfg);
+        assert!(list.check("127.0.0.1".parse().unwrap()).await);
+        assert!(list.check("::1".parse().unwrap()).await);
+        assert!(list.check("10.1.2.3".parse().unwrap()).await);
+        assert!(list.check("::ffff:10.1.2.3".parse().unwrap()).await);
+        assert!(!list.check("10.1.2.4".parse().unwrap()).await);
+        // The master's own non-loopback addresses are not admins unless listed.
+        for a in crate::proto::access::local_addresses() {
+            let a = crate::proto::access::canonical(a);
+            if !a.is_loopback() {
+                assert!(!list.check(a).await, "{a}");
+            }
+        }
     }
 }

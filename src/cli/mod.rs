@@ -4,6 +4,7 @@
 //! Invariant: output for people goes to stdout, problems to stderr with a non-zero exit; the
 //! `--json` forms print exactly one JSON document on stdout so scripts can parse them.
 
+pub mod demo;
 pub mod dist;
 pub mod hawatch;
 pub mod tlctl;
@@ -11,6 +12,54 @@ pub mod vsmagent;
 pub mod vsmclient;
 pub mod vsmconnect;
 pub mod vsmserver;
+
+use std::path::PathBuf;
+
+/// The logging flags of the daemons (`vsmserver`, `vsmagent`), flattened into their `Args`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct LogArgs {
+    /// More logging (-v debug, -vv trace); wins over RUST_LOG and the daemon's logging/defaultlevel key.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log filter, e.g. `info` or `vsm::ha=debug,info`; wins over everything else.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+    /// Log one JSON object per line (also the daemon's logging/json key).
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+impl LogArgs {
+    /// The logging options of these flags over the daemon's `logging` keys (if loaded).
+    pub fn options(&self, config: Option<&crate::config::LoggingConfig>) -> crate::telemetry::LogOptions {
+        crate::telemetry::LogOptions {
+            level: self.log_level.clone(),
+            verbosity: self.verbose,
+            json: self.log_json || config.is_some_and(|c| c.json),
+            config_level: config.map(|c| crate::telemetry::level_for_key(&c.defaultlevel).to_string()),
+        }
+    }
+}
+
+/// How the clients (`vsmclient`, `tlctl`) find the master's Unix socket, flattened into their
+/// `Args`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct SocketArgs {
+    /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Configuration directory, read for the socket path (and by tlctl --host for the port and
+    /// the secret file); nothing else of it is read, and no secret for the local socket.
+    #[arg(long, global = true, env = "VSM_CONFIG_DIR")]
+    pub config_dir: Option<PathBuf>,
+}
+
+impl SocketArgs {
+    /// The socket to call (see [`crate::client::socket_path`]).
+    pub fn path(&self) -> Result<PathBuf, crate::client::ClientError> {
+        crate::client::socket_path(self.socket.clone(), self.config_dir.clone())
+    }
+}
 
 /// Prints to standard output like `print!`, but a reader that went away (`tlctl session list |
 /// head -1`) ends the program as SIGPIPE ends a C program: silently, killed by the signal.

@@ -2,7 +2,7 @@
 //! It talks to the local `vsmserver` over its Unix socket as root (or a member of the admin
 //! group), or to a remote master over the authenticated TCP link from an allowed host.
 
-use crate::client::{call, socket_path, Target};
+use crate::client::{call, Target};
 use crate::model::{now_ms, Session};
 use crate::proto::api::{AgentLoad, ApiReply, ApiRequest, HaStatusView, Selector, TerminateOutcome, VrrpState};
 use crate::proto::secure::Secret;
@@ -20,12 +20,8 @@ use std::time::Duration;
     after_help = "Examples:\n  tlctl session list                       every session\n  tlctl session list --user alice --json   alice's sessions as JSON\n  tlctl session terminate --agent agent1   end all sessions on agent1 (asks first)\n  tlctl session terminate --user bob -y --allow-abandon\n  tlctl load list                          load of every agent\n  tlctl ha status                          HA state of this master\n  tlctl ha check                           exit 0 only if this master is alive and ready\n  tlctl ha watch --track-file /run/vsm-watch/vsmserver.track   keepalived track file, crash noticed at once\n  tlctl --host tlha-primary session list   ask a remote master (needs /vsm/secret_file)\n\nExit status: 0 done; 1 refused or failed; 2 vsmserver did not answer; 75 this master is not ready\n(resynchronising with its peer, or HA configured but off): a change was refused, try again."
 )]
 pub struct Args {
-    /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
-    /// Configuration directory (socket path, ports, secret file).
-    #[arg(long, global = true, env = "VSM_CONFIG_DIR")]
-    config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    local: super::SocketArgs,
     /// Ask the master on this host over TCP instead of the local socket.
     #[arg(long, global = true)]
     host: Option<String>,
@@ -224,9 +220,9 @@ impl Args {
 
 fn target(args: &Args) -> Result<Target, String> {
     match &args.host {
-        None => Ok(Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()))),
+        None => args.local.path().map(Target::Unix).map_err(|e| e.to_string()),
         Some(host) => {
-            let dir = crate::config::config_dir_from(args.config_dir.clone());
+            let dir = crate::config::config_dir_from(args.local.config_dir.clone());
             let cfg = crate::config::load(&dir)
                 .map_err(|e| format!("cannot load configuration from {}: {e}", dir.display()))?;
             let secret = Secret::from_file(&cfg.vsm.secret_file).map_err(|e| e.to_string())?;

@@ -1,6 +1,5 @@
 //! `vsmagent`: flag parsing, configuration, logging and signals around [`crate::agentd`].
 
-use crate::telemetry::{level_for_key, LogOptions};
 use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -25,29 +24,8 @@ pub struct Args {
     /// Listen on this address instead of /vsmagent/listen_address:/vsmagent/listen_port.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
-    /// More log output (-v debug, -vv trace); wins over RUST_LOG and /vsmagent/logging/defaultlevel.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-    /// Log filter, e.g. `info` or `vsm=debug,warn`; wins over everything else.
-    #[arg(long, value_name = "FILTER")]
-    log_level: Option<String>,
-    /// Log one JSON object per line (also /vsmagent/logging/json).
-    #[arg(long)]
-    log_json: bool,
-}
-
-/// Installs the handlers at once (a signal arriving before the first poll must not kill the
-/// process the default way), and resolves on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received"),
-            _ = int.recv() => tracing::info!("SIGINT received"),
-        }
-    })
+    #[command(flatten)]
+    log: super::LogArgs,
 }
 
 pub fn main() -> ExitCode {
@@ -65,12 +43,14 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let log = LogOptions {
-        level: args.log_level.clone(),
-        verbosity: args.verbose,
-        json: args.log_json || config.vsmagent.logging.json,
-        config_level: Some(level_for_key(&config.vsmagent.logging.defaultlevel).to_string()),
-    };
+    if let Err(e) = crate::config::preflight(&config) {
+        crate::telemetry::fatal(
+            "vsmagent",
+            format_args!("configuration in {} does not fit this machine:\n{e}", dir.display()),
+        );
+        return ExitCode::from(1);
+    }
+    let log = args.log.options(Some(&config.vsmagent.logging));
     if let Err(e) = crate::telemetry::init_with(&log) {
         crate::telemetry::fatal("vsmagent", format_args!("{e}"));
         return ExitCode::from(2);
@@ -93,7 +73,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn daemon(config: crate::config::Config, listen: Option<SocketAddr>) -> Result<(), String> {
-    let shutdown = shutdown_signal().map_err(|e| format!("cannot handle SIGTERM and SIGINT: {e}"))?;
+    let shutdown = crate::signals::shutdown_signal().map_err(|e| format!("cannot handle SIGTERM and SIGINT: {e}"))?;
     let listener = match listen {
         Some(addr) => {
             tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr} (--listen): {e}"))?

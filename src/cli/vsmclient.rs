@@ -2,11 +2,10 @@
 //! to get a desktop session: it asks `vsmserver` over its Unix socket and prints where the
 //! session lives.
 
-use crate::client::{call, socket_path, Target};
+use crate::client::{call, Target};
 use crate::model::SessionId;
 use crate::proto::api::{ApiReply, ApiRequest, ConnectInfo};
 use clap::{Parser, Subcommand};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -21,12 +20,8 @@ normally the user you logged in as with ssh.",
     after_help = "Examples:\n  ssh alice@tlha vsmclient connect            reconnect to your session or start one\n  ssh alice@tlha vsmclient connect --json     the same, as JSON for scripts\n  vsmclient connect --new                     an additional session (if allowed)\n  vsmclient connect --terminate-existing      end your session and start a fresh one\n  vsmclient list                              your sessions\n  vsmclient terminate 3f2a9c...               end one of them\n\nExit status: 0 done; 1 refused or failed (the message says why); 2 vsmserver did not answer;\n75 this master is not ready (it is resynchronising with its peer): try again in a few seconds.\nWith --json an error prints {\"error\": KIND, \"message\": ..., \"exit_status\": N}; KIND is not_ready for 75."
 )]
 pub struct Args {
-    /// The master's Unix socket (default: /vsmserver/socket_path, or $VSM_SOCKET).
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
-    /// Configuration directory used to find the socket.
-    #[arg(long, global = true, env = "VSM_CONFIG_DIR")]
-    config_dir: Option<PathBuf>,
+    #[command(flatten)]
+    local: super::SocketArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -93,7 +88,13 @@ pub fn describe(info: &ConnectInfo) -> String {
 }
 
 async fn run(args: Args) -> ExitCode {
-    let target = Target::Unix(socket_path(args.socket.clone(), args.config_dir.clone()));
+    let target = match args.local.path() {
+        Ok(path) => Target::Unix(path),
+        Err(e) => {
+            crate::errln!("vsmclient: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let req = match &args.command {
         Command::Connect { new, terminate_existing, geometry } => ApiRequest::Connect {
             user: args.user.clone(),

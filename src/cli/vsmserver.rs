@@ -2,7 +2,6 @@
 //! plus the `demo` subcommand.
 
 use crate::server::{self, Overrides};
-use crate::telemetry::{level_for_key, LogOptions};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,15 +21,8 @@ pub struct Args {
     /// Configuration directory (default /etc/vsm).
     #[arg(long, env = "VSM_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
-    /// More logging (-v debug, -vv trace); wins over RUST_LOG and /vsmserver/logging/defaultlevel.
-    #[arg(short, long, action = clap::ArgAction::Count)]
-    verbose: u8,
-    /// Log filter, e.g. `info` or `vsm::ha=debug,info`; wins over everything else.
-    #[arg(long, value_name = "FILTER")]
-    log_level: Option<String>,
-    /// Log one JSON object per line (also /vsmserver/logging/json).
-    #[arg(long)]
-    log_json: bool,
+    #[command(flatten)]
+    log: super::LogArgs,
     /// Reach the HA peer at HOST:PORT instead of its /HA/nodes entry and /HA/port (for two
     /// masters on one host, such as tests and the lab; combine with /HA/local_node).
     #[arg(long, value_name = "HOST:PORT")]
@@ -45,7 +37,7 @@ enum Command {
     #[command(
         after_help = "Examples:\n  vsmserver demo                                   run it and exit\n  vsmserver demo --keep-running --dir /tmp/vsm-demo   leave it up to try vsmclient and tlctl by hand"
     )]
-    Demo(crate::demo::DemoArgs),
+    Demo(super::demo::DemoArgs),
     /// The demo's stand-in desktop: answers the RFB greeting on a port.
     #[command(hide = true)]
     DemoSession {
@@ -57,9 +49,8 @@ enum Command {
 pub fn main() -> ExitCode {
     let args = Args::parse();
     let demo = matches!(args.command, Some(Command::Demo(_)));
-    let mut log =
-        LogOptions { level: args.log_level.clone(), verbosity: args.verbose, json: args.log_json, config_level: None };
-    if demo && log.level.is_none() && args.verbose == 0 && std::env::var_os("RUST_LOG").is_none() {
+    let mut log = args.log.options(None);
+    if demo && log.level.is_none() && log.verbosity == 0 && std::env::var_os("RUST_LOG").is_none() {
         // The demo narrates on stdout; only problems are logged unless asked for more.
         log.level = Some("warn,vsm::ha::node=error,vsm::ha::engine=error".into());
     }
@@ -69,8 +60,14 @@ pub fn main() -> ExitCode {
             let dir = crate::config::config_dir_from(args.config_dir.clone());
             match crate::config::load(&dir) {
                 Ok(c) => {
-                    log.json |= c.vsmserver.logging.json;
-                    log.config_level = Some(level_for_key(&c.vsmserver.logging.defaultlevel).to_string());
+                    if let Err(e) = crate::config::preflight(&c) {
+                        crate::telemetry::fatal(
+                            "vsmserver",
+                            format_args!("configuration in {} does not fit this machine:\n{e}", dir.display()),
+                        );
+                        return ExitCode::from(1);
+                    }
+                    log = args.log.options(Some(&c.vsmserver.logging));
                     Some((dir, c))
                 }
                 Err(e) => {
@@ -95,8 +92,8 @@ pub fn main() -> ExitCode {
         }
     };
     match (args.command, config) {
-        (Some(Command::Demo(d)), _) => rt.block_on(crate::demo::run(d)),
-        (Some(Command::DemoSession { port }), _) => rt.block_on(crate::demo::fake_session(port)),
+        (Some(Command::Demo(d)), _) => rt.block_on(super::demo::run(d)),
+        (Some(Command::DemoSession { port }), _) => rt.block_on(super::demo::fake_session(port)),
         (None, Some((dir, cfg))) => rt.block_on(daemon(dir, cfg, args.peer_addr)),
         (None, None) => ExitCode::from(1),
     }
@@ -111,25 +108,19 @@ async fn daemon(dir: PathBuf, cfg: crate::config::Config, peer_addr: Option<Stri
             return ExitCode::from(1);
         }
     };
+    let shutdown = match crate::signals::shutdown_signal() {
+        Ok(s) => s,
+        Err(e) => {
+            crate::telemetry::fatal("vsmserver", format_args!("cannot handle SIGTERM and SIGINT: {e}"));
+            return ExitCode::from(1);
+        }
+    };
     let ov = Overrides { peer_addr, ..Overrides::default() };
-    match server::run(cfg, listeners, ov, shutdown_signal()).await {
+    match server::run(cfg, listeners, ov, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             crate::telemetry::fatal("vsmserver", format_args!("{e}"));
             ExitCode::from(1)
         }
-    }
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }

@@ -145,7 +145,7 @@ fn read_docs(dir: &Path) -> Result<Vec<FileDoc>, EditError> {
 fn validate(dir: &Path, files: &[FileDoc]) -> Vec<ConfigError> {
     let sources: Vec<Source> =
         files.iter().filter_map(|f| f.text().map(|text| Source { file: f.path.clone(), text })).collect();
-    match Settings::from_sources(dir, &sources).build() {
+    match super::preflight::build_checked(&Settings::from_sources(dir, &sources), &super::preflight::system_resolve) {
         Ok(_) => vec![],
         Err(e) => e.0,
     }

@@ -3,8 +3,10 @@
 //!
 //! Owns: reading the configuration directory, flattening TOML tables into key paths, the
 //! "defined in two files" rule, and every rule that spans several keys.
-//! Never: writes files (that is `edit.rs`), or decides which HA node is local (the HA module
-//! does that at start-up; an undecidable node is not a configuration error).
+//! Never: writes files (that is `edit.rs`), decides which HA node is local (the HA module
+//! does that at start-up; an undecidable node is not a configuration error), resolves a name
+//! or reads a secret (that is [`super::preflight`], which only the daemons and `tl-config`
+//! run): loading is the same on every machine and for every user who can read the files.
 //!
 //! Invariants:
 //! - [`Settings::build`] returns either a fully validated `Config` or every problem found;
@@ -13,12 +15,10 @@
 //!   was expected.
 //! - Alias paths are rewritten to canonical ones while flattening; nothing downstream sees them.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, ToSocketAddrs};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use super::keys::{self, KeyMatch, LookupError, Wildcard, KEYS};
 use super::value::Value;
@@ -95,14 +95,19 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
+        write_lines(f, &self.0)
     }
+}
+
+/// Writes `items` one per line (no newline after the last): how every list of problems shows.
+pub(crate) fn write_lines<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
+    for (i, e) in items.iter().enumerate() {
+        if i > 0 {
+            writeln!(f)?;
+        }
+        write!(f, "{e}")?;
+    }
+    Ok(())
 }
 
 impl std::error::Error for ConfigErrors {}
@@ -129,9 +134,6 @@ pub struct Entry {
     /// Not from a file: the built-in default subcluster.
     pub builtin: bool,
 }
-
-/// Resolves host names to addresses (the system resolver, or a fake in tests).
-pub type Resolver<'a> = &'a dyn Fn(&[String]) -> HashMap<String, Vec<IpAddr>>;
 
 /// The file name shown for built-in settings.
 pub const BUILTIN: &str = "(built-in default)";
@@ -411,14 +413,19 @@ impl Settings {
         self.entries.get(path).map(|e| e.at.clone())
     }
 
-    /// Validates everything and returns the `Config`, resolving host names with the system
-    /// resolver (bounded by a deadline).
+    /// Validates everything and returns the `Config`. Pure: no name is resolved and no secret
+    /// read (see [`super::preflight`]).
     pub fn build(&self) -> Result<Config, ConfigErrors> {
-        self.build_with(&system_resolve)
+        let (c, errors) = self.build_all();
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(ConfigErrors(errors))
+        }
     }
 
-    /// [`Settings::build`] with an explicit resolver (name → addresses), for tests.
-    pub fn build_with(&self, resolve: Resolver<'_>) -> Result<Config, ConfigErrors> {
+    /// The `Config` as far as it could be built, with every problem found (none: it is valid).
+    pub(crate) fn build_all(&self) -> (Config, Vec<ConfigError>) {
         let mut errors = self.errors.clone();
         let mut c = Config::default();
         c.subclusters.clear();
@@ -434,19 +441,16 @@ impl Settings {
                 *p = self.dir.join(&*p);
             }
         }
-        self.check_rules(&c, resolve, &mut errors);
-        if errors.is_empty() {
-            Ok(c)
-        } else {
-            Err(ConfigErrors(errors))
-        }
+        self.check_rules(&c, &mut errors);
+        (c, errors)
     }
 
-    fn rule(&self, path: &str, message: String) -> ConfigError {
+    /// A rule error about `path`, located where `path` is set.
+    pub(crate) fn rule(&self, path: &str, message: String) -> ConfigError {
         ConfigError::Rule { at: self.at(path), path: path.to_string(), message }
     }
 
-    fn check_rules(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
+    fn check_rules(&self, c: &Config, errors: &mut Vec<ConfigError>) {
         let a = &c.vsmagent;
         if a.display_min >= a.display_max {
             errors.push(self.rule(
@@ -521,121 +525,60 @@ impl Settings {
         }
 
         if c.ha.enabled {
-            self.check_loopback(c, resolve, errors);
-            self.check_secret(c, errors);
+            self.check_loopback(c, errors);
         }
     }
 
-    fn check_loopback(&self, c: &Config, resolve: Resolver<'_>, errors: &mut Vec<ConfigError>) {
-        let mut to_resolve = Vec::new();
-        let mut literal: BTreeMap<&str, String> = BTreeMap::new();
-        for s in c.subclusters.values() {
-            for agent in &s.agents {
-                let lower = agent.to_ascii_lowercase();
-                if let Ok(ip) = agent.parse::<IpAddr>() {
-                    if is_loopback(ip) {
-                        literal.insert(agent, "is a loopback address".into());
-                    }
-                } else if lower == "localhost" || lower.ends_with(".localhost") {
-                    literal.insert(agent, "is a loopback name".into());
-                } else if !to_resolve.contains(agent) {
-                    to_resolve.push(agent.clone());
-                }
-            }
-        }
-        let resolved = if to_resolve.is_empty() { HashMap::new() } else { resolve(&to_resolve) };
+    /// Agents given as loopback addresses or names; names that need a lookup are checked by
+    /// preflight.
+    fn check_loopback(&self, c: &Config, errors: &mut Vec<ConfigError>) {
         for (name, s) in &c.subclusters {
             for agent in &s.agents {
-                let why = literal.get(agent.as_str()).cloned().or_else(|| {
-                    resolved
-                        .get(agent)
-                        .and_then(|ips| ips.iter().find(|ip| is_loopback(**ip)))
-                        .map(|ip| format!("resolves to the loopback address {ip} on this machine (if it is this machine's own name mapped to 127.0.1.1 in /etc/hosts, map it to the real address instead)"))
-                });
-                if let Some(why) = why {
-                    errors.push(self.rule(
+                let why = match agent.parse::<IpAddr>() {
+                    Ok(ip) if is_loopback(ip) => "is a loopback address",
+                    Ok(_) => continue,
+                    Err(_) if is_loopback_name(agent) => "is a loopback name",
+                    Err(_) => continue,
+                };
+                errors.push(
+                    self.rule(
                         &format!("/subclusters/{name}/agents"),
-                        format!(
-                            "agent {agent} {why}; with /HA/enabled true a loopback agent means a different machine depending on which master is active: use the agent's unique host name or address"
-                        ),
-                    ));
-                }
+                        format!("agent {agent} {why}; {HA_LOOPBACK_HINT}"),
+                    ),
+                );
             }
-        }
-    }
-
-    fn check_secret(&self, c: &Config, errors: &mut Vec<ConfigError>) {
-        let p = &c.ha.secret_file;
-        let hint = format!(
-            "with /HA/enabled true both masters need the same secret: create it with `head -c 32 /dev/urandom > {0} && chmod 600 {0}` and copy it to the other master",
-            p.display()
-        );
-        let problem = match std::fs::metadata(p).and_then(|_| std::fs::File::open(p)) {
-            Err(e) => Some(format!("secret file {} cannot be read ({e})", p.display())),
-            Ok(f) => match f.metadata() {
-                Ok(m) if m.len() < 16 => {
-                    Some(format!("secret file {} holds {} bytes, expected at least 16", p.display(), m.len()))
-                }
-                Ok(_) => None,
-                Err(e) => Some(format!("secret file {} cannot be read ({e})", p.display())),
-            },
-        };
-        if let Some(problem) = problem {
-            errors.push(self.rule("/HA/secret_file", format!("{problem}; {hint}")));
         }
     }
 }
 
-fn is_loopback(ip: IpAddr) -> bool {
+/// Why a loopback agent is refused with HA on.
+pub(crate) const HA_LOOPBACK_HINT: &str = "with /HA/enabled true a loopback agent means a different machine depending on which master is active: use the agent's unique host name or address";
+
+/// `localhost` and names below `.localhost` always mean this machine.
+pub(crate) fn is_loopback_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    lower == "localhost" || lower.ends_with(".localhost")
+}
+
+pub(crate) fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
     }
 }
 
-/// Resolves names with the system resolver, in parallel, giving up after a few seconds so a
-/// dead DNS server cannot hang the loader. Names that do not resolve in time are left out.
-pub fn system_resolve(names: &[String]) -> HashMap<String, Vec<IpAddr>> {
-    let (tx, rx) = mpsc::channel();
-    for name in names {
-        let tx = tx.clone();
-        let name = name.clone();
-        std::thread::spawn(move || {
-            let ips: Vec<IpAddr> =
-                (name.as_str(), 0u16).to_socket_addrs().map(|it| it.map(|sa| sa.ip()).collect()).unwrap_or_default();
-            let _ = tx.send((name, ips));
-        });
-    }
-    drop(tx);
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut out = HashMap::new();
-    while out.len() < names.len() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((name, ips)) => {
-                out.insert(name, ips);
-            }
-            Err(_) => break,
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{DbSynchronous, SyncLevel};
+    use std::time::Duration;
 
     fn src(file: &str, text: &str) -> Source {
         Source { file: PathBuf::from(format!("/cfg/{file}")), text: text.to_string() }
     }
 
-    fn no_dns(_: &[String]) -> HashMap<String, Vec<IpAddr>> {
-        HashMap::new()
-    }
-
     fn build(sources: &[Source]) -> Result<Config, ConfigErrors> {
-        Settings::from_sources(Path::new("/cfg"), sources).build_with(&no_dns)
+        Settings::from_sources(Path::new("/cfg"), sources).build()
     }
 
     fn errors(sources: &[Source]) -> Vec<String> {
@@ -842,15 +785,8 @@ draining = ["agent2.example.com"]
             assert!(e.contains(&format!("agent {agent} is a loopback")), "{e}");
             assert!(e.contains("use the agent's unique host name or address"), "{e}");
         }
-        // A name resolving to loopback.
-        let fake = |names: &[String]| -> HashMap<String, Vec<IpAddr>> {
-            names.iter().map(|n| (n.clone(), vec!["127.0.1.1".parse().unwrap()])).collect()
-        };
-        let e = Settings::from_sources(Path::new("/cfg"), &ha_sources("[\"myself\"]", &key))
-            .build_with(&fake)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("agent myself resolves to the loopback address 127.0.1.1"), "{e}");
+        // Names are left to preflight: loading never resolves them.
+        assert!(build(&ha_sources("[\"myself\"]", &key)).is_ok());
         // Without HA, loopback agents are fine (the single-master setup).
         let mut s = ha_sources("[\"127.0.0.1\"]", &key);
         s[0].text = s[0].text.replace("enabled = true", "enabled = false");
@@ -861,15 +797,10 @@ draining = ["agent2.example.com"]
     }
 
     #[test]
-    fn ha_needs_a_readable_secret_of_16_bytes() {
+    fn loading_does_not_read_the_secret() {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("ha.key");
-        let e = one_error(&ha_sources("[\"agent1\"]", &key));
-        assert!(e.contains("cannot be read"), "{e}");
-        assert!(e.contains(&format!("head -c 32 /dev/urandom > {}", key.display())), "{e}");
-        std::fs::write(&key, b"short").unwrap();
-        let e = one_error(&ha_sources("[\"agent1\"]", &key));
-        assert!(e.contains("holds 5 bytes, expected at least 16"), "{e}");
+        assert!(build(&ha_sources("[\"agent1\"]", &key)).is_ok(), "a missing secret is preflight's business");
     }
 
     #[test]

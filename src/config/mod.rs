@@ -9,10 +9,13 @@
 //! - Loading either returns a fully validated [`Config`] or errors naming file, key, bad value
 //!   and what was expected; a half-valid configuration is never returned.
 //! - Nothing but the editor writes configuration files, and it writes atomically.
+//! - Loading has no side effects: no name is resolved and no secret read, so a client such as
+//!   `vsmclient` loads the same configuration as root does. The checks that need the machine
+//!   (DNS, the HA secret) are [`preflight`], run by the daemons and `tl-config`.
 //!
 //! Layout: [`keys`] (the key table), [`value`] (value types), [`load`] (files → `Config`),
-//! [`edit`] (the only writer), [`hconf`] (ThinLinc's Hiveconf files, for import), [`cli`]
-//! (`tl-config`).
+//! [`preflight`] (checks against this machine), [`edit`] (the only writer), [`hconf`]
+//! (ThinLinc's Hiveconf files, for import), [`cli`] (`tl-config`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,9 +26,11 @@ pub mod edit;
 pub mod hconf;
 pub mod keys;
 pub mod load;
+pub mod preflight;
 pub mod value;
 
 pub use load::{load, ConfigError, ConfigErrors, Location};
+pub use preflight::{preflight, PreflightError, PreflightErrors};
 
 /// The configuration directory used when neither flag nor environment names one.
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/vsm";

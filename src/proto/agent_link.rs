@@ -1,11 +1,8 @@
-//! The exchanges of the agent links, without policy: serving master calls on an agent
-//! (`vsm-agent/1`), and the report link by which an agent tells the master that a session
-//! ended (`vsm-report/1`), both sides.
-//!
-//! The agent daemon (`agentd`) calls [`serve_agent_conn`] for each accepted connection and
-//! [`send_report`] to report; the master calls [`accept_report`] (or [`serve_reports`] after
-//! [`accept_any`](super::secure::accept_any) on a shared port). The master-side client of
-//! agent calls, with timeouts, pooling and error classes, is `crate::agent::AgentClient`.
+//! The agent link without policy: serving master calls on an agent (`vsm-agent/1`), for
+//! stand-in agents in tests and benchmarks, and [`answer_each`], the one request loop of the
+//! links an agent side serves (this one and the master's end of the report link). The report link, by which an agent tells the master
+//! that a session ended, is [`super::report`]. The master-side client of agent calls, with
+//! timeouts, pooling and error classes, is `crate::agent::AgentClient`.
 //!
 //! This module must never decide who may connect (the caller checks `allowed_clients` first
 //! and calls [`refuse`](super::secure::refuse)), and never act on a message before the
@@ -13,10 +10,11 @@
 //! Invariant: every request read gets exactly one reply, in order; a malformed request gets
 //! an `AgentReply::Error { kind: BadRequest }` and the link stays up.
 
-use super::addr::{connect_tcp, AddrError, Target};
-use super::agent::{AgentErrorKind, AgentReply, AgentReport, AgentRequest, ReportAck};
-use super::secure::{accept_timeout, connect, SecureConn, PROLOGUE_AGENT, PROLOGUE_REPORT};
+use super::agent::{AgentErrorKind, AgentReply, AgentRequest};
+use super::secure::{accept_timeout, SecureConn, PROLOGUE_AGENT};
 use super::{ProtoError, Secret};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use std::future::Future;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -43,120 +41,41 @@ where
 }
 
 /// The request loop of [`serve_agent_conn`], for a connection already handshaken.
-pub async fn serve_agent_requests<S, F, Fut>(mut conn: SecureConn<S>, mut handler: F) -> Result<(), ProtoError>
+pub async fn serve_agent_requests<S, F, Fut>(mut conn: SecureConn<S>, handler: F) -> Result<(), ProtoError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(AgentRequest) -> Fut,
     Fut: Future<Output = AgentReply>,
 {
+    let malformed = |detail| AgentReply::Error { kind: AgentErrorKind::BadRequest, message: detail };
+    answer_each(&mut conn, SERVER_IDLE_TIMEOUT, malformed, handler).await
+}
+
+/// The request loop of the links an agent side serves (agent calls here, exit reports in
+/// [`super::report`]): for each message one answer from `handler`, in order, until the peer
+/// closes the link or sends nothing for `idle` (both a clean end). A message that does not
+/// parse is answered with `malformed(detail)` and the link stays up.
+pub async fn answer_each<S, Req, Rep, F, Fut>(
+    conn: &mut SecureConn<S>,
+    idle: Duration,
+    malformed: impl Fn(String) -> Rep,
+    mut handler: F,
+) -> Result<(), ProtoError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Req: DeserializeOwned,
+    Rep: Serialize,
+    F: FnMut(Req) -> Fut,
+    Fut: Future<Output = Rep>,
+{
     loop {
-        let req = match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentRequest>()).await {
+        let reply = match tokio::time::timeout(idle, conn.recv::<Req>()).await {
             Err(_) | Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(req))) => req,
-            Ok(Err(ProtoError::Malformed(detail))) => {
-                conn.send(&AgentReply::Error { kind: AgentErrorKind::BadRequest, message: detail }).await?;
-                continue;
-            }
+            Ok(Ok(Some(req))) => handler(req).await,
+            Ok(Err(ProtoError::Malformed(detail))) => malformed(detail),
             Ok(Err(e)) => return Err(e),
         };
-        let reply = handler(req).await;
         conn.send(&reply).await?;
-    }
-}
-
-/// Why a report did not reach the master or was not accepted. The agent keeps the report and
-/// retries in every case.
-#[derive(Debug, thiserror::Error)]
-pub enum ReportError {
-    /// The master could not be resolved, connected to, or did not answer in time.
-    #[error("cannot reach the master at {target}: {reason}")]
-    Unreachable { target: String, reason: String },
-    /// The master rejected the link (wrong secret, not allowed, another link kind).
-    #[error("the master at {target} refused the report link: {source}")]
-    Refused { target: String, source: ProtoError },
-    /// The master answered but did not accept the report now.
-    #[error("the master at {target} did not accept the report: {reason}")]
-    Declined { target: String, reason: String },
-    /// The link broke or carried something unexpected.
-    #[error("report link to {target} failed: {source}")]
-    Link { target: String, source: ProtoError },
-}
-
-/// Send one report to the master at `addr` (host, address, optionally `:port`; else `port`)
-/// over the report link, and wait for its [`ReportAck::Accepted`], all within `timeout`.
-pub async fn send_report(
-    addr: &str,
-    port: u16,
-    secret: &Secret,
-    report: &AgentReport,
-    timeout: Duration,
-) -> Result<(), ReportError> {
-    let target = match Target::parse(addr, port) {
-        Ok(t) => t,
-        Err(e) => return Err(ReportError::Unreachable { target: addr.into(), reason: e.to_string() }),
-    };
-    let shown = target.to_string();
-    let exchange = async {
-        let stream = connect_tcp(&target)
-            .await
-            .map_err(|e: AddrError| ReportError::Unreachable { target: shown.clone(), reason: e.to_string() })?;
-        let link_err = |source: ProtoError| {
-            if source.is_auth_failure() {
-                ReportError::Refused { target: shown.clone(), source }
-            } else {
-                ReportError::Link { target: shown.clone(), source }
-            }
-        };
-        let mut conn = connect(stream, secret, PROLOGUE_REPORT).await.map_err(link_err)?;
-        conn.send(report).await.map_err(link_err)?;
-        match conn.recv::<ReportAck>().await.map_err(link_err)? {
-            Some(ReportAck::Accepted) => Ok(()),
-            Some(ReportAck::Retry { reason }) => Err(ReportError::Declined { target: shown.clone(), reason }),
-            None => Err(link_err(ProtoError::Truncated { what: "the report exchange" })),
-        }
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r,
-        Err(_) => Err(ReportError::Unreachable {
-            target: target.to_string(),
-            reason: format!("no acknowledgement within {timeout:?}"),
-        }),
-    }
-}
-
-/// Master side of the report link on one accepted connection: handshake (prologue
-/// `vsm-report/1`, bounded by [`HANDSHAKE_TIMEOUT`]), then one [`ReportAck`] from `handler`
-/// per [`AgentReport`] until the agent closes the link. The handler must answer
-/// [`ReportAck::Accepted`] only once the report is durably recorded.
-pub async fn accept_report<S, F, Fut>(stream: S, secret: &Secret, handler: F) -> Result<(), ProtoError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(AgentReport) -> Fut,
-    Fut: Future<Output = ReportAck>,
-{
-    let conn = accept_timeout(stream, secret, PROLOGUE_REPORT, HANDSHAKE_TIMEOUT).await?;
-    serve_reports(conn, handler).await
-}
-
-/// The loop of [`accept_report`], for a connection already handshaken.
-pub async fn serve_reports<S, F, Fut>(mut conn: SecureConn<S>, mut handler: F) -> Result<(), ProtoError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    F: FnMut(AgentReport) -> Fut,
-    Fut: Future<Output = ReportAck>,
-{
-    loop {
-        let report = match tokio::time::timeout(SERVER_IDLE_TIMEOUT, conn.recv::<AgentReport>()).await {
-            Err(_) | Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(r))) => r,
-            Ok(Err(ProtoError::Malformed(detail))) => {
-                conn.send(&ReportAck::Retry { reason: format!("malformed report: {detail}") }).await?;
-                continue;
-            }
-            Ok(Err(e)) => return Err(e),
-        };
-        let ack = handler(report).await;
-        conn.send(&ack).await?;
     }
 }
 
@@ -164,71 +83,11 @@ where
 mod tests {
     use super::*;
     use crate::model::SessionId;
-    use std::sync::{Arc, Mutex};
+    use crate::proto::secure::connect;
     use tokio::net::{TcpListener, TcpStream};
 
     fn secret() -> Secret {
         Secret::from_bytes(b"cluster")
-    }
-
-    fn report(n: u32) -> AgentReport {
-        AgentReport::SessionExited { session_id: SessionId(format!("s{n}")), display: n, exit_status: Some(0) }
-    }
-
-    async fn master(ack: ReportAck) -> (u16, Arc<Mutex<Vec<AgentReport>>>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let seen2 = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((sock, _)) = listener.accept().await else { return };
-                let seen = seen2.clone();
-                let ack = ack.clone();
-                tokio::spawn(async move {
-                    let _ = accept_report(sock, &secret(), |r| {
-                        seen.lock().unwrap().push(r);
-                        let ack = ack.clone();
-                        async move { ack }
-                    })
-                    .await;
-                });
-            }
-        });
-        (port, seen)
-    }
-
-    #[tokio::test]
-    async fn report_is_acknowledged() {
-        let (port, seen) = master(ReportAck::Accepted).await;
-        send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await.unwrap();
-        send_report(&format!("127.0.0.1:{port}"), 1, &secret(), &report(2), Duration::from_secs(10)).await.unwrap();
-        assert_eq!(*seen.lock().unwrap(), vec![report(1), report(2)]);
-    }
-
-    #[tokio::test]
-    async fn declined_report_is_an_error() {
-        let (port, _) = master(ReportAck::Retry { reason: "standby".into() }).await;
-        let r = send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await;
-        assert!(matches!(r, Err(ReportError::Declined { ref reason, .. }) if reason == "standby"), "{r:?}");
-    }
-
-    #[tokio::test]
-    async fn report_with_wrong_secret_is_refused_and_not_recorded() {
-        let (port, seen) = master(ReportAck::Accepted).await;
-        let other = Secret::from_bytes(b"other");
-        let r = send_report("127.0.0.1", port, &other, &report(1), Duration::from_secs(10)).await;
-        assert!(matches!(r, Err(ReportError::Refused { .. })), "{r:?}");
-        assert!(seen.lock().unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn report_to_nobody_is_unreachable() {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        drop(l);
-        let r = send_report("127.0.0.1", port, &secret(), &report(1), Duration::from_secs(10)).await;
-        assert!(matches!(r, Err(ReportError::Unreachable { .. })), "{r:?}");
     }
 
     #[tokio::test]

@@ -4,9 +4,10 @@
 //! stream; the plain JSON link for the Unix socket), `secure` (Noise handshake with the
 //! cluster secret, encrypted JSON messages for every TCP link), `addr` (targets and TCP
 //! connect), `listen` (the one accept loop of every listener, with its connection cap and
-//! idle timeout), then one module of message types per link (`agent`, `api`, `peer`, each
-//! with the size limits of what it carries) and `agent_link` (the exchanges of the agent and
-//! report links, both sides).
+//! idle timeout), `access` (who may use a TCP port: the one allowed-clients check of master
+//! and agent), then one module of message types per link (`agent`, `api`, `peer`, each with
+//! the size limits of what it carries), `report` (the report link, both sides) and
+//! `agent_link` (the agent link's request loop, for stand-in agents).
 //!
 //! Invariants: bytes are only read and written here; every connection is given the size
 //! limits of its link, so a peer cannot make the other side buffer more than that link
@@ -14,6 +15,7 @@
 //! error, a close between frames is a clean end; nothing unauthenticated is ever returned as a
 //! message.
 
+pub mod access;
 pub mod addr;
 pub mod agent;
 pub mod agent_link;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod frame;
 pub mod listen;
 pub mod peer;
+pub mod report;
 pub mod secure;
 
 pub use connection::{PlainConn, PlainReader, PlainWriter};

@@ -2,15 +2,14 @@
 //! directories, a `wait_until` poll, and `assert_converged`.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vsm::client::{call, Target};
-use vsm::config::{Config, Subcluster};
+use vsm::config::Config;
 use vsm::proto::api::{ApiReply, ApiRequest, ConnectInfo};
-use vsm::server::{Listeners, Overrides, Server};
+use vsm::server::Server;
 
 pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
@@ -19,32 +18,12 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Polls `f` every 20 ms until it returns true or `deadline` passes.
-pub async fn wait_until<F, Fut>(deadline: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-pub fn own_group() -> Option<String> {
-    nix::unistd::Group::from_gid(nix::unistd::getgid()).ok().flatten().map(|g| g.name)
-}
+#[allow(unused_imports)]
+pub use vsm::testkit::{own_group, wait_until};
 
 /// Writes a secret file, private to its owner as the daemons require.
 pub fn write_secret(path: &Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap();
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    vsm::testkit::write_secret(path, bytes).unwrap();
 }
 
 /// An agent running in this process.
@@ -52,8 +31,7 @@ pub struct TestAgent {
     pub name: String,
     pub port: u16,
     pub state_dir: PathBuf,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    agent: vsm::testkit::LoopbackAgent,
 }
 
 impl TestAgent {
@@ -75,34 +53,14 @@ impl TestAgent {
         l: TcpListener,
         keep_sessions: bool,
     ) -> TestAgent {
-        let port = l.local_addr().unwrap().port();
-        let mut cfg = Config::default();
-        cfg.vsm.secret_file = base.join("cluster.key");
-        cfg.vsm.vsm_server_port = master_port;
-        cfg.vsmagent.master_hostname = "127.0.0.1".into();
-        let state_dir = base.join(format!("agent{idx}"));
-        cfg.vsmagent.state_dir = state_dir.clone();
-        cfg.vsmagent.display_min = 10 + 100 * idx;
-        cfg.vsmagent.display_max = 99 + 100 * idx;
-        cfg.vsm.vnc_port_base = 21000;
-        cfg.vsm.vnc_socket_dir = base.join(format!("run{idx}"));
-        cfg.vsmagent.session_command = command;
-        let mut opts = vsm::agentd::RunOptions::from_config(&cfg);
-        opts.sessions.run_as_self = true;
-        opts.sessions.terminate_on_shutdown = !keep_sessions;
-        opts.sessions.x_dir = base.join(format!("x{idx}"));
-        std::fs::create_dir_all(&opts.sessions.x_dir).unwrap();
-        let cancel = CancellationToken::new();
-        let c = cancel.clone();
-        let task = tokio::spawn(async move {
-            vsm::agentd::run_with(cfg, opts, l, c.cancelled_owned()).await.unwrap();
-        });
-        TestAgent { name: format!("127.0.0.1:{port}"), port, state_dir, cancel, task }
+        let cfg = vsm::testkit::agent_config(base, &format!("agent{idx}"), idx, master_port, command);
+        let x_dir = base.join(format!("x{idx}"));
+        let agent = vsm::testkit::LoopbackAgent::start(cfg, l, Some(x_dir), keep_sessions).await.unwrap();
+        TestAgent { name: agent.name.clone(), port: agent.port, state_dir: agent.state_dir.clone(), agent }
     }
 
     pub async fn stop(self) {
-        self.cancel.cancel();
-        let _ = self.task.await;
+        self.agent.stop().await.unwrap();
     }
 }
 
@@ -115,30 +73,8 @@ pub struct TestMaster {
 }
 
 pub fn master_config(base: &Path, name: &str, agents: &[String]) -> Config {
-    let dir = base.join(name);
-    let mut cfg = Config::default();
-    cfg.vsm.secret_file = base.join("cluster.key");
-    cfg.ha.secret_file = base.join("ha.key");
-    cfg.vsmserver.socket_path = dir.join("vsmserver.sock");
-    cfg.vsmserver.data_dir = dir.join("data");
-    cfg.vsmserver.session_startup_dir = dir.join("startup.d");
-    cfg.vsmserver.session_reconnect_dir = dir.join("reconnect.d");
-    cfg.vsmserver.reconcile_interval = Duration::from_secs(3600);
+    let mut cfg = vsm::testkit::master_config(base, name, agents);
     cfg.vsmserver.agent_timeout = Duration::from_secs(3);
-    cfg.vsmserver.admin_group = own_group();
-    cfg.vsmserver.db_synchronous = vsm::config::DbSynchronous::Normal;
-    let mut subs = BTreeMap::new();
-    subs.insert(
-        "default".to_string(),
-        Subcluster {
-            name: "default".into(),
-            agents: agents.to_vec(),
-            users: vec![],
-            groups: vec![],
-            max_users_per_agent: 0,
-        },
-    );
-    cfg.subclusters = subs;
     cfg
 }
 
@@ -151,9 +87,7 @@ impl TestMaster {
     ) -> TestMaster {
         let tcp_port = tcp.local_addr().unwrap().port();
         let peer_port = peer.as_ref().map(|p| p.local_addr().unwrap().port()).unwrap_or(0);
-        let unix = vsm::server::bind_unix(&cfg.vsmserver.socket_path).unwrap();
-        let ov = Overrides { agent_port: None, peer_addr, no_background_reconcile: true };
-        let server = Server::start(cfg.clone(), Listeners { unix, tcp, peer, http: None }, ov).await.unwrap();
+        let server = vsm::testkit::start_master(cfg.clone(), tcp, peer, peer_addr, false).await.unwrap();
         TestMaster { cfg, server: Some(server), tcp_port, peer_port }
     }
 
@@ -410,10 +344,7 @@ pub const NODES: [&str; 2] = ["a", "b"];
 /// HA settings shared by the pair tests: `ack`, generous timeouts so a loaded machine does not
 /// turn an acknowledged write into a timed-out one.
 pub fn ha_config(base: &Path, node: usize, agents: &[String]) -> Config {
-    let mut cfg = master_config(base, NODES[node], agents);
-    cfg.ha.enabled = true;
-    cfg.ha.nodes = NODES.iter().map(|s| s.to_string()).collect();
-    cfg.ha.local_node = Some(NODES[node].into());
+    let mut cfg = vsm::testkit::with_ha(master_config(base, NODES[node], agents), NODES, NODES[node]);
     cfg.ha.sync = vsm::config::SyncLevel::Ack;
     cfg.ha.sync_timeout = Duration::from_secs(15);
     cfg.ha.startup_grace = Duration::from_secs(60);

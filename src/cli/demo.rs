@@ -7,13 +7,16 @@
 //! Everything runs in this process except the desktop sessions, which are real child
 //! processes of the agents (a tiny VNC stand-in that answers the RFB greeting).
 //!
+//! The cluster is built with [`crate::testkit`], as the integration tests build theirs.
+//!
 //! Invariant: every step checks what it claims; the demo exits non-zero when any check fails.
 
 use crate::client::{call, Target};
-use crate::config::{Config, Subcluster, SyncLevel};
+use crate::config::{Config, SyncLevel};
 use crate::model::SessionId;
 use crate::proto::api::{ApiReply, ApiRequest, ConnectInfo, HaStatusView, Selector, VrrpState};
-use crate::server::{Listeners, Overrides, Server};
+use crate::server::Server;
+use crate::testkit::{self, bind_loopback, wait_until, LoopbackAgent};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -98,68 +101,31 @@ impl Master {
 }
 
 fn demo_config(base: &Path, name: &str, agents: &[String], vip_port: u16, sync: SyncLevel) -> Config {
-    let mut cfg = Config::default();
-    let dir = base.join(name);
-    cfg.ha.enabled = true;
-    cfg.ha.nodes = vec!["tlha-primary".into(), "tlha-secondary".into()];
-    cfg.ha.local_node = Some(name.into());
-    cfg.ha.secret_file = base.join("ha.key");
+    let mut cfg =
+        testkit::with_ha(testkit::master_config(base, name, agents), ["tlha-primary", "tlha-secondary"], name);
     cfg.ha.sync = sync;
     cfg.ha.sync_timeout = Duration::from_secs(2);
     cfg.ha.startup_grace = Duration::from_secs(3);
     cfg.ha.heartbeat_interval = Duration::from_millis(200);
     cfg.ha.peer_timeout = Duration::from_millis(1500);
-    cfg.vsm.secret_file = base.join("cluster.key");
     cfg.vsm.vsm_server_port = vip_port;
-    cfg.vsmserver.socket_path = dir.join("vsmserver.sock");
-    cfg.vsmserver.data_dir = dir.join("data");
-    cfg.vsmserver.session_startup_dir = dir.join("sessionstartup.d");
-    cfg.vsmserver.session_reconnect_dir = dir.join("sessionreconnect.d");
+    cfg.vsmserver.db_synchronous = crate::config::DbSynchronous::Full;
     cfg.vsmserver.max_sessions_per_user = 2;
     cfg.vsmserver.reconcile_interval = Duration::from_secs(2);
     cfg.vsmserver.agent_timeout = Duration::from_secs(3);
-    // The demo process acts for its users, as root would in production.
-    cfg.vsmserver.admin_group = own_group();
-    let mut subclusters = BTreeMap::new();
-    subclusters.insert(
-        "default".to_string(),
-        Subcluster {
-            name: "default".into(),
-            agents: agents.to_vec(),
-            users: vec![],
-            groups: vec![],
-            max_users_per_agent: 0,
-        },
-    );
-    cfg.subclusters = subclusters;
     cfg
-}
-
-fn own_group() -> Option<String> {
-    nix::unistd::Group::from_gid(nix::unistd::getgid()).ok().flatten().map(|g| g.name)
 }
 
 async fn start_master(m: &mut Master, cfg: Config, peer_port: u16) -> Result<(), String> {
     std::fs::create_dir_all(&m.dir).map_err(|e| e.to_string())?;
-    let unix = crate::server::bind_unix(&m.socket).map_err(|e| e.to_string())?;
-    let tcp = bind_fixed(m.tcp_port).await?;
-    let peer = bind_fixed(m.peer_port).await?;
+    let tcp = bind_loopback(m.tcp_port).await.map_err(|e| e.to_string())?;
+    let peer = bind_loopback(m.peer_port).await.map_err(|e| e.to_string())?;
     m.tcp_port = tcp.local_addr().map_err(|e| e.to_string())?.port();
     m.peer_port = peer.local_addr().map_err(|e| e.to_string())?.port();
-    let ov = Overrides {
-        agent_port: None,
-        peer_addr: Some(format!("127.0.0.1:{peer_port}")),
-        no_background_reconcile: false,
-    };
-    let server = Server::start(cfg, Listeners { unix, tcp, peer: Some(peer), http: None }, ov)
-        .await
-        .map_err(|e| e.to_string())?;
+    let peer_addr = Some(format!("127.0.0.1:{peer_port}"));
+    let server = testkit::start_master(cfg, tcp, Some(peer), peer_addr, true).await.map_err(|e| e.to_string())?;
     m.server = Some(server);
     Ok(())
-}
-
-async fn bind_fixed(port: u16) -> Result<TcpListener, String> {
-    TcpListener::bind(("127.0.0.1", port)).await.map_err(|e| format!("cannot bind 127.0.0.1:{port}: {e}"))
 }
 
 /// The stand-in for the resource IP: forwards TCP connections to whichever master is active.
@@ -203,23 +169,6 @@ async fn ha_status(m: &Master) -> Option<HaStatusView> {
 
 async fn notify(m: &Master, state: VrrpState) {
     let _ = call(&m.target(), &ApiRequest::HaNotify { state }, Duration::from_secs(5)).await;
-}
-
-async fn wait_until<F, Fut>(deadline: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = Instant::now() + deadline;
-    loop {
-        if f().await {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn rfb_answers(port: u16) -> bool {
@@ -291,12 +240,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     crate::outln!("vsm demo: two masters, two agents, one resource address, all on 127.0.0.1.");
     crate::outln!("Work directory: {}", base.display());
 
-    for (f, bytes) in [("ha.key", 32usize), ("cluster.key", 32)] {
-        let mut key = vec![0u8; bytes];
+    for f in ["ha.key", "cluster.key"] {
+        let mut key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut key);
-        std::fs::write(base.join(f), key).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(base.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(|e| e.to_string())?;
+        testkit::write_secret(&base.join(f), &key).map_err(|e| e.to_string())?;
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find my own executable: {e}"))?;
     let cancel = CancellationToken::new();
@@ -306,29 +253,15 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     let vip_listener = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let vip_port = vip_listener.local_addr().map_err(|e| e.to_string())?.port();
     let mut agents = Vec::new();
+    let mut running = Vec::new();
     for (i, name) in ["agent1", "agent2"].iter().enumerate() {
-        let l = TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
-        let port = l.local_addr().map_err(|e| e.to_string())?.port();
-        let mut cfg = Config::default();
-        cfg.vsm.secret_file = base.join("cluster.key");
-        cfg.vsm.vsm_server_port = vip_port;
-        cfg.vsmagent.master_hostname = "127.0.0.1".into();
-        cfg.vsmagent.state_dir = base.join(name);
-        cfg.vsmagent.display_min = 10 + 100 * i as u32;
-        cfg.vsmagent.display_max = 99 + 100 * i as u32;
+        let command = vec![exe.display().to_string(), "demo-session".into(), "--port".into(), "{port}".into()];
+        let mut cfg = testkit::agent_config(&base, name, i as u32, vip_port, command);
         cfg.vsm.vnc_port_base = 24000;
-        cfg.vsm.vnc_socket_dir = base.join(format!("{name}-run"));
-        cfg.vsmagent.session_command =
-            vec![exe.display().to_string(), "demo-session".into(), "--port".into(), "{port}".into()];
-        let mut opts = crate::agentd::RunOptions::from_config(&cfg);
-        opts.sessions.run_as_self = true;
-        opts.sessions.terminate_on_shutdown = true;
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::agentd::run_with(cfg, opts, l, c.cancelled_owned()).await {
-                crate::errln!("demo: agent stopped: {e}");
-            }
-        });
+        let l = bind_loopback(0).await.map_err(|e| e.to_string())?;
+        let agent = LoopbackAgent::start(cfg, l, None, false).await.map_err(|e| e.to_string())?;
+        let port = agent.port;
+        running.push(agent);
         agents.push(format!("127.0.0.1:{port}"));
         st.say(&format!("{name} listens on 127.0.0.1:{port}"));
     }
@@ -510,7 +443,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         crate::outln!("  VSM_SOCKET={} cargo run --bin tlctl -- session list", prim.socket.display());
         crate::outln!("  VSM_SOCKET={} cargo run --bin tlctl -- ha status", sec.socket.display());
         crate::outln!("Press Ctrl-C to stop.");
-        crate::cli::vsmserver::shutdown_signal().await;
+        match crate::signals::shutdown_signal() {
+            Ok(stop) => stop.await,
+            Err(e) => crate::errln!("demo: cannot handle SIGTERM and SIGINT, stopping now: {e}"),
+        }
     }
     // End every desktop the demo started, then stop the masters.
     let all =
@@ -524,5 +460,10 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
         }
     }
     cancel.cancel();
+    for agent in running {
+        if let Err(e) = agent.stop().await {
+            crate::errln!("demo: agent stopped: {e}");
+        }
+    }
     Ok(st.failed)
 }

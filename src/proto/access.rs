@@ -1,13 +1,17 @@
-//! Which callers may talk to the agent.
+//! Which callers may use a TCP port: the one allowed-clients check of the master's admin calls
+//! (`/vsmserver/allowed_clients`) and of the agent port (`/vsmagent/allowed_clients`,
+//! `/vsmagent/master_hostname`).
 //!
-//! Owns the allow list of the agent port: the addresses of `/vsmagent/allowed_clients`,
-//! `/vsmagent/master_hostname`, and the agent itself (every loopback address and every
-//! address configured on a local interface).
+//! Owns an [`AllowList`]: configured names and addresses, plus loopback always and, where the
+//! owner asks for it ([`Local::Interfaces`], the agent), every address configured on a local
+//! interface.
 //!
-//! Names are resolved when a caller is checked, with a short cache, so an address change
-//! in DNS (or `/etc/hosts`) is picked up without a restart. A name that does not resolve is
+//! Names are resolved asynchronously when a caller is checked, with a short cache, so an
+//! address change in DNS (or `/etc/hosts`) is picked up without a restart and no connection
+//! blocks the runtime on a lookup. A caller not on the cached list gets one fresh lookup
+//! before it is refused (its address may just have changed). A name that does not resolve is
 //! logged once (until it resolves again) and otherwise ignored: one bad entry must not lock
-//! every master out.
+//! every other client out.
 //!
 //! It must never accept a caller because a lookup failed or timed out; failing closed is the
 //! only safe direction. This check is on top of the authenticated channel, never instead.
@@ -67,29 +71,34 @@ pub async fn resolve(name: &str) -> Vec<IpAddr> {
     }
 }
 
-/// The allow list of the agent port, resolved lazily and cached.
+/// Which of this host's own addresses are allowed besides the configured ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Local {
+    /// Loopback addresses only (the master's admin calls).
+    Loopback,
+    /// Loopback and every address on a local interface (the agent: its master may run here).
+    Interfaces,
+}
+
+/// An allow list, resolved lazily and cached.
 #[derive(Debug)]
-pub struct AccessList {
+pub struct AllowList {
     names: Vec<String>,
+    local: Local,
     ttl: Duration,
     cache: Mutex<Option<(Instant, Vec<IpAddr>)>>,
     /// Names already logged as unresolvable, so each is logged once per outage.
     warned: Mutex<HashSet<String>>,
 }
 
-impl AccessList {
-    /// `names` are the configured clients (`allowed_clients` plus `master_hostname`).
-    pub fn new(names: Vec<String>, ttl: Duration) -> Self {
-        AccessList { names, ttl, cache: Mutex::new(None), warned: Mutex::new(HashSet::new()) }
-    }
-
-    /// The allow list of an agent configuration.
-    pub fn from_config(agent: &crate::config::AgentConfig) -> Self {
-        let mut names = agent.allowed_clients.clone();
-        names.push(agent.master_hostname.clone());
+impl AllowList {
+    /// `names` are the configured clients (host names or addresses); blank ones and repeats
+    /// are dropped.
+    pub fn new(mut names: Vec<String>, local: Local, ttl: Duration) -> Self {
         names.retain(|n| !n.trim().is_empty());
-        names.dedup();
-        AccessList::new(names, DEFAULT_CACHE_TTL)
+        let mut seen = HashSet::new();
+        names.retain(|n| seen.insert(n.clone()));
+        AllowList { names, local, ttl, cache: Mutex::new(None), warned: Mutex::new(HashSet::new()) }
     }
 
     /// The configured names (for logs).
@@ -98,7 +107,10 @@ impl AccessList {
     }
 
     async fn resolve_all(&self) -> Vec<IpAddr> {
-        let mut out = local_addresses();
+        let mut out = match self.local {
+            Local::Interfaces => local_addresses(),
+            Local::Loopback => Vec::new(),
+        };
         for name in &self.names {
             let addrs = resolve(name).await;
             let mut warned = self.warned.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,17 +144,13 @@ impl AccessList {
         list
     }
 
-    /// May `peer` call the agent? A refusal is logged with the caller's address.
+    /// May `peer` connect? The caller logs and answers a refusal as its link requires.
     pub async fn check(&self, peer: IpAddr) -> bool {
         if is_allowed(peer, &self.allowed(false).await) {
             return true;
         }
-        // A refused caller may be a master whose address just changed: look once more.
-        if is_allowed(peer, &self.allowed(true).await) {
-            return true;
-        }
-        tracing::warn!(peer = %peer, "refused connection from a caller not in allowed_clients, master_hostname or this host");
-        false
+        // A refused caller may be a client whose address just changed: look once more.
+        is_allowed(peer, &self.allowed(true).await)
     }
 }
 
@@ -184,7 +192,11 @@ mod tests {
 
     #[tokio::test]
     async fn check_uses_configured_names_and_refuses_strangers() {
-        let list = AccessList::new(vec!["192.0.2.7".into(), "no-such-host.invalid".into()], DEFAULT_CACHE_TTL);
+        let list = AllowList::new(
+            vec!["192.0.2.7".into(), "no-such-host.invalid".into()],
+            Local::Interfaces,
+            DEFAULT_CACHE_TTL,
+        );
         assert!(list.check(ip("192.0.2.7")).await);
         assert!(list.check(ip("127.0.0.1")).await);
         assert!(!list.check(ip("192.0.2.8")).await);
@@ -192,10 +204,34 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_hosts_own_addresses_are_allowed() {
-        let list = AccessList::new(vec![], DEFAULT_CACHE_TTL);
+    async fn the_hosts_own_addresses_are_allowed_where_asked_for() {
+        let agent = AllowList::new(vec![], Local::Interfaces, DEFAULT_CACHE_TTL);
+        let master = AllowList::new(vec![], Local::Loopback, DEFAULT_CACHE_TTL);
         for a in local_addresses() {
-            assert!(list.check(a).await, "{a} is local and must be allowed");
+            assert!(agent.check(a).await, "{a} is local and must be allowed");
+            assert_eq!(master.check(a).await, canonical(a).is_loopback(), "{a}: only loopback without Interfaces");
         }
+    }
+
+    #[tokio::test]
+    async fn names_resolve_and_repeats_and_blanks_are_dropped() {
+        let list = AllowList::new(
+            vec!["localhost".into(), " ".into(), "192.0.2.9".into(), "192.0.2.9".into()],
+            Local::Loopback,
+            DEFAULT_CACHE_TTL,
+        );
+        assert_eq!(list.names(), ["localhost", "192.0.2.9"]);
+        assert!(list.check(ip("192.0.2.9")).await);
+        assert!(list.check(ip("::ffff:192.0.2.9")).await);
+        assert!(!list.check(ip("192.0.2.10")).await);
+    }
+
+    #[tokio::test]
+    async fn a_stale_cache_is_looked_at_again_before_a_refusal() {
+        // A zero TTL is never fresh; a long one would serve the empty list forever but for
+        // the second look a refusal takes.
+        let list = AllowList::new(vec!["192.0.2.7".into()], Local::Loopback, Duration::from_secs(3600));
+        *list.cache.lock().unwrap() = Some((Instant::now(), vec![]));
+        assert!(list.check(ip("192.0.2.7")).await);
     }
 }
