@@ -174,6 +174,8 @@ pub fn outcome_of(reply: Result<ApiReply, ClientError>) -> Outcome {
         Err(ClientError::Unreachable { reason, .. }) => {
             Outcome::Refused { kind: "unreachable".into(), message: reason }
         }
+        // The socket path could not be found: nothing was sent either.
+        Err(e @ ClientError::Config { .. }) => Outcome::Refused { kind: "unreachable".into(), message: e.to_string() },
         Err(e @ ClientError::Timeout { .. }) | Err(e @ ClientError::Protocol { .. }) => {
             Outcome::Unknown { reason: e.to_string() }
         }
