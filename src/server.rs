@@ -285,9 +285,18 @@ async fn reconcile_loop(broker: Broker, ha: Arc<HaNode>, every: Duration, cancel
         // Reconciliation writes; a node that is not ready writes nothing from its own
         // database, and reconciles once it becomes ready.
         if ha.serves_clients() && readiness.borrow_and_update().is_ready() {
-            match broker.reconcile_all().await {
-                Ok(s) => tracing::debug!(?s, "reconciled with agents"),
-                Err(e) => tracing::warn!(error = %e, "reconciliation with agents failed"),
+            // Agent calls can take seconds; a node that stops being ready meanwhile (it lost
+            // the active role while cut off) must not write what it found, so the pass is
+            // dropped then, before its next write.
+            let mut lost = ha.watch_readiness();
+            tokio::select! {
+                r = broker.reconcile_all() => match r {
+                    Ok(s) => tracing::debug!(?s, "reconciled with agents"),
+                    Err(e) => tracing::warn!(error = %e, "reconciliation with agents failed"),
+                },
+                _ = lost.wait_for(|r| !r.is_ready()) => {
+                    tracing::info!("reconciliation stopped: this node is no longer ready");
+                }
             }
         }
         tokio::select! {
@@ -370,8 +379,12 @@ async fn probe_loop(broker: Broker, ha: Arc<HaNode>, reconcile: bool, cancel: Ca
                 let Ok((agent, back)) = done else { continue };
                 in_flight.remove(&agent);
                 if back && reconcile && ha.serves_clients() && ha.readiness().is_ready() {
-                    if let Err(e) = broker.reconcile_agents([agent].into()).await {
-                        tracing::warn!(error = %e, "reconciliation with an agent that answers again failed");
+                    let mut lost = ha.watch_readiness();
+                    tokio::select! {
+                        r = broker.reconcile_agents([agent].into()) => if let Err(e) = r {
+                            tracing::warn!(error = %e, "reconciliation with an agent that answers again failed");
+                        },
+                        _ = lost.wait_for(|r| !r.is_ready()) => {}
                     }
                 }
             }
