@@ -117,10 +117,31 @@ mod tests {
         })
     }
 
+    /// Session `x` of user `u`, last connected at `last_connect_ms` (what distinguishes
+    /// two writes' content).
+    fn live_x(last_connect_ms: u64) -> crate::model::Session {
+        crate::model::Session {
+            id: SessionId("x".into()),
+            user: "u".into(),
+            subcluster: String::new(),
+            agent: "ag".into(),
+            agent_address: String::new(),
+            display: 1,
+            vnc_port: 5901,
+            status: crate::model::SessionStatus::Running,
+            created_ms: 1,
+            last_connect_ms,
+            last_client_address: String::new(),
+            pid: 1,
+            command: vec![],
+            geometry: String::new(),
+            client_params: vec![],
+        }
+    }
+
     /// Two nodes writing one id, each write based on what its node stores, changes streamed
     /// in order: a conflict is reported exactly for concurrent writes with different content.
     fn check_streamed_history(ops: &[(bool, bool)]) -> Result<(), TestCaseError> {
-        use crate::model::Session;
         use std::collections::{BTreeMap, BTreeSet, VecDeque};
         let nodes = ["a", "b"];
         let mut stored: [Option<Record>; 2] = [None, None];
@@ -157,23 +178,7 @@ mod tests {
                     anc.extend(ancestors[b].iter().cloned());
                 }
                 ancestors.insert(version.clone(), anc);
-                let session = (i % 3 != 0).then(|| Session {
-                    id: SessionId("x".into()),
-                    user: "u".into(),
-                    subcluster: String::new(),
-                    agent: "ag".into(),
-                    agent_address: String::new(),
-                    display: 1,
-                    vnc_port: 5901,
-                    status: crate::model::SessionStatus::Running,
-                    created_ms: 1,
-                    last_connect_ms: i as u64,
-                    last_client_address: String::new(),
-                    pid: 1,
-                    command: vec![],
-                    geometry: String::new(),
-                    client_params: vec![],
-                });
+                let session = (i % 3 != 0).then(|| live_x(i as u64));
                 let rec = Record { id: SessionId("x".into()), version, base, session };
                 stored[n] = Some(rec.clone());
                 inbox[1 - n].push_back(rec);
@@ -188,23 +193,7 @@ mod tests {
         let mut updated = created.clone();
         updated.version = v(2, 0, "b");
         updated.base = Some(created.version.clone());
-        updated.session = Some(crate::model::Session {
-            id: SessionId("x".into()),
-            user: "u".into(),
-            subcluster: String::new(),
-            agent: "ag".into(),
-            agent_address: String::new(),
-            display: 1,
-            vnc_port: 5901,
-            status: crate::model::SessionStatus::Running,
-            created_ms: 1,
-            last_connect_ms: 2,
-            last_client_address: String::new(),
-            pid: 1,
-            command: vec![],
-            geometry: String::new(),
-            client_params: vec![],
-        });
+        updated.session = Some(live_x(2));
         assert!(!is_conflict(&created, &updated));
         assert!(!is_conflict(&updated, &created));
         let mut apart = updated.clone();

@@ -79,15 +79,7 @@ check_vnc() {
     wait_for 30 "RFB banner from $addr:$port" rfb_answers "$addr" "$port"
 }
 
-# tlctl on a master, through its socket in the lab directory (fast enough to sample often).
-tlctl_on() {
-    local node=$1
-    shift
-    "$TLCTL" --timeout 3 --socket "$VSM_LAB_DIR/nodes/$node/run-vsm/vsmserver.sock" "$@"
-}
-
-ha_status() { tlctl_on "$1" ha status --json; }
-is_ready() { ha_status "$1" 2>/dev/null | jq -e '.ready == true' >/dev/null; }
+TLCTL_TIMEOUT=3
 
 # Sessions of a master, reduced to what must be identical on both, sorted by id. The status
 # (connected or not) follows the viewers the agents see and is left out.

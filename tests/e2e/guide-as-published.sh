@@ -38,13 +38,7 @@ trap on_exit EXIT
 
 TLCTL=$VSM_BIN_DIR/tlctl
 
-tlctl_on() {
-    local node=$1
-    shift
-    "$TLCTL" --timeout 5 --socket "$VSM_LAB_DIR/nodes/$node/run-vsm/vsmserver.sock" "$@"
-}
-ha_status() { tlctl_on "$1" ha status --json; }
-is_ready() { ha_status "$1" 2>/dev/null | jq -e '.ready == true' >/dev/null; }
+TLCTL_TIMEOUT=5
 readiness() { ha_status "$1" | jq -r .readiness; }
 field() { jq -r ".$2" <<<"$1"; }
 

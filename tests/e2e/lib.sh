@@ -63,6 +63,16 @@ ssh_tlha() {
 
 answered_by() { [ "$(ssh_tlha testuser uname -n 2>/dev/null)" = "$1" ]; }
 
+# tlctl on a master, through its socket in the lab directory (fast enough to sample often);
+# the caller sets TLCTL (the binary) and may set TLCTL_TIMEOUT (seconds).
+tlctl_on() {
+    local node=$1
+    shift
+    "$TLCTL" --timeout "${TLCTL_TIMEOUT:-3}" --socket "$VSM_LAB_DIR/nodes/$node/run-vsm/vsmserver.sock" "$@"
+}
+ha_status() { tlctl_on "$1" ha status --json; }
+is_ready() { ha_status "$1" 2>/dev/null | jq -e '.ready == true' >/dev/null; }
+
 vip_on() { [ "$(lab vip-holder 2>/dev/null)" = "$1" ]; }
 
 # rfb_banner HOST PORT: the first line a VNC server sends, read from the client node.

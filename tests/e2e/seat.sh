@@ -49,12 +49,7 @@ test_cleanup() {
     if [ "$CREATED_VSM_DIR" = 1 ]; then rm -rf "${HOME1:?}/.vsm"; fi
 }
 
-tlctl_on() {
-    local node=$1
-    shift
-    "$TLCTL" --timeout 5 --socket "$VSM_LAB_DIR/nodes/$node/run-vsm/vsmserver.sock" "$@"
-}
-is_ready() { tlctl_on "$1" ha status --json 2>/dev/null | jq -e '.ready == true' >/dev/null; }
+TLCTL_TIMEOUT=5
 
 # xwd_pixel FILE X Y: the colour of pixel (X, Y) of an XWD screenshot (TrueColor, 24 or 32
 # bits per pixel) as rrggbb.
