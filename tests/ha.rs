@@ -259,7 +259,7 @@ async fn writes_on_both_sides_of_a_partition_converge_to_one_winner() {
     let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
     assert!(p.wait_streaming().await);
     let mut first = BTreeMap::new();
-    for u in ["alice", "bob", "carol", "dave"] {
+    for u in ["alice", "bob", "carol", "dave", "helen"] {
         first.insert(u, p.a().connect(u, false).await.unwrap());
     }
     let ghost = p.a().put_session("ghost", GHOST).await;
@@ -294,14 +294,37 @@ async fn writes_on_both_sides_of_a_partition_converge_to_one_winner() {
         .await;
     assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
 
-    // Expected winners: the higher version of each side's record.
+    // helen: ended on a, then changed on b by an admin afterwards (a newer version): the
+    // end holds whatever the versions say.
+    let r = p
+        .a()
+        .call(ApiRequest::TerminateMine { user: Some("helen".into()), session_id: first["helen"].session_id.clone() })
+        .await;
+    assert!(matches!(r, ApiReply::Terminated { .. }), "{r:?}");
+    let mut h =
+        p.b().server().db.get(&first["helen"].session_id).await.unwrap().expect("b still lists helen's session");
+    h.last_client_address = "10.0.0.2".into();
+    let r = p.b().call(ApiRequest::SessionPut { session: h }).await;
+    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+
+    // Expected: the higher version of each side's record, except where that is a live record
+    // and the other side ended the session: then the end is written again above both.
     let mut expect = BTreeMap::new();
-    for id in [&first["bob"].session_id, &ghost.id, &first["dave"].session_id, &first["alice"].session_id] {
+    for id in [
+        &first["bob"].session_id,
+        &ghost.id,
+        &first["dave"].session_id,
+        &first["alice"].session_id,
+        &first["helen"].session_id,
+    ] {
         let ra = p.a().server().db.record(id).await.unwrap().unwrap();
         let rb = p.b().server().db.record(id).await.unwrap().unwrap();
         assert_ne!(ra.version, rb.version, "both sides changed {id}");
-        expect.insert(id.clone(), if ra.version > rb.version { ra } else { rb });
+        let (newer, older) = if ra.version > rb.version { (ra, rb) } else { (rb, ra) };
+        let want = if newer.session.is_some() && older.session.is_none() { Err(newer.version) } else { Ok(newer) };
+        expect.insert(id.clone(), want);
     }
+    assert!(expect[&first["helen"].session_id].is_err(), "helen's end is older than b's change");
 
     p.heal();
     assert!(p.wait_streaming().await, "the link comes back");
@@ -314,13 +337,21 @@ async fn writes_on_both_sides_of_a_partition_converge_to_one_winner() {
     for (id, want) in &expect {
         for i in 0..2 {
             let got = p.node(i).server().db.record(id).await.unwrap().unwrap();
-            assert_eq!(&got, want, "{} holds the winner for {id}", NODES[i]);
+            match want {
+                Ok(want) => assert_eq!(&got, want, "{} holds the winner for {id}", NODES[i]),
+                Err(change) => assert!(
+                    got.session.is_none() && &got.version > change,
+                    "{} holds the end of {id} written again above {change}: {got:?}",
+                    NODES[i]
+                ),
+            }
         }
     }
     let live = p.a().session_ids().await;
     assert!(live.contains(&erin.session_id) && live.contains(&frank.session_id));
     assert!(live.contains(&first["carol"].session_id));
     assert!(!live.contains(&first["alice"].session_id), "alice's session was only ended, never changed elsewhere");
+    assert!(!live.contains(&first["helen"].session_id), "helen's session stays ended");
     p.stop().await;
     agent.stop().await;
 }
@@ -902,4 +933,137 @@ async fn a_node_made_active_stops_waiting_for_a_silent_peer() {
     assert!(p.a().server().db.get(&acked.id).await.unwrap().is_some(), "b waits for a's acknowledgement again");
     p.assert_converged().await;
     p.stop().await;
+}
+
+/// Makes `i` the active master and the other the standby, as the VRRP manager's notify
+/// hook does.
+async fn set_roles(p: &TestPair, active: usize) {
+    for i in 0..2 {
+        let state = if i == active { VrrpState::Master } else { VrrpState::Backup };
+        let r = p.node(i).call(ApiRequest::HaNotify { state }).await;
+        assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+    }
+}
+
+async fn cut_and_wait(p: &TestPair) {
+    p.cut();
+    for i in 0..2 {
+        assert!(wait_until(T, || async { p.node(i).ha_status().await.link == "down" }).await);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cut_off_from_the_active_master_decides_nothing_until_made_active() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    set_roles(&p, 0).await;
+    let alice = p.a().connect("alice", false).await.unwrap();
+    // Linked, the standby serves a client that reaches it directly.
+    assert!(p.b().connect("alice", false).await.unwrap().reconnected);
+
+    cut_and_wait(&p).await;
+    // Apart, the active master may be deciding about the same sessions: the standby refuses
+    // logins and terminations (after waiting /HA/ready_wait for the link or a new role) and
+    // still answers what it knows.
+    let (kind, msg) = p.b().connect("alice", false).await.unwrap_err();
+    assert_eq!(kind, ApiErrorKind::NotReady, "{msg}");
+    assert!(msg.contains("standby") && msg.contains("tlctl ha notify MASTER"), "{msg}");
+    let r = p.b().terminate_user("alice").await;
+    assert!(matches!(r, ApiReply::Error { kind: ApiErrorKind::NotReady, .. }), "{r:?}");
+    assert!(p.b().server().db.get(&alice.session_id).await.unwrap().is_some(), "nothing was changed");
+    assert!(p.b().ha_check().await.is_ok(), "it stays ready to take the resource IP");
+    // The active master serves alone.
+    assert!(p.a().connect("alice", false).await.unwrap().reconnected);
+
+    // The manager moves the address: the new active master serves.
+    let r = p.b().call(ApiRequest::HaNotify { state: VrrpState::Master }).await;
+    assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
+    assert!(p.b().connect("alice", false).await.unwrap().reconnected);
+
+    p.heal();
+    assert!(p.wait_streaming().await);
+    p.assert_converged().await;
+    p.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminate_without_an_answer_is_not_reported_pending_while_cut_off() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let relay = Proxy::start(agent.port).await;
+    let p = TestPair::start(d.path(), &[relay.addr()], |_, c| {
+        c.vsmserver.agent_timeout = Duration::from_secs(1);
+    })
+    .await;
+    assert!(p.wait_streaming().await);
+    set_roles(&p, 0).await;
+    let alice = p.a().connect("alice", false).await.unwrap();
+    let bob = p.a().connect("bob", false).await.unwrap();
+
+    // Linked, a terminate the agent does not answer is pending: the peer has the tombstone
+    // before the client hears "pending".
+    relay.stall();
+    let r = p.a().terminate_user("alice").await;
+    let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
+    assert_eq!(outcome.pending.len(), 1, "{outcome:?}");
+    assert!(p.b().server().db.get(&alice.session_id).await.unwrap().is_none());
+
+    // Cut off from the peer, the same terminate fails and changes nothing: the other master
+    // could be reconnecting the session at this very moment.
+    relay.cut();
+    relay.heal();
+    cut_and_wait(&p).await;
+    // (A call that opens a connection to the agent, so that the terminate goes out on it.)
+    assert!(p.a().connect("bob", false).await.unwrap().reconnected);
+    relay.stall();
+    let r =
+        p.a().call(ApiRequest::TerminateMine { user: Some("bob".into()), session_id: bob.session_id.clone() }).await;
+    let ApiReply::Error { message, .. } = r else { panic!("{r:?}") };
+    assert!(message.contains("cannot reach the other master"), "{message}");
+    assert!(p.a().server().db.get(&bob.session_id).await.unwrap().is_some(), "bob's session stays listed");
+
+    relay.cut();
+    relay.heal();
+    p.heal();
+    assert!(p.wait_streaming().await);
+    p.assert_converged().await;
+    p.stop().await;
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_linked() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
+    assert!(p.wait_streaming().await);
+    set_roles(&p, 0).await;
+    // A desktop neither master knows of (in the campaign: a start the other master gave up on
+    // while the two were apart, and recorded as abandoned).
+    let client = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
+        secret: vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
+        port: 904,
+        timeout: Duration::from_secs(3),
+    });
+    cut_and_wait(&p).await;
+    let extra = client.start(&agent.name, SessionId::random(), "bob", None).await.unwrap();
+    let sum = p.a().server().broker.reconcile_all().await.unwrap();
+    assert_eq!((sum.recovered, sum.deferred), (0, 1), "{sum:?}");
+    assert!(p.a().server().db.get(&extra.session_id).await.unwrap().is_none(), "not adopted while apart");
+
+    p.heal();
+    assert!(p.wait_streaming().await);
+    assert!(wait_until(T, || async { p.a().ha_status().await.readiness == Readiness::CaughtUp }).await);
+    let sum = p.a().server().broker.reconcile_all().await.unwrap();
+    assert_eq!((sum.recovered, sum.deferred), (1, 0), "{sum:?}");
+    assert!(p.a().server().db.get(&extra.session_id).await.unwrap().is_some());
+    p.assert_converged().await;
+    p.stop().await;
+    agent.stop().await;
 }

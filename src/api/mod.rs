@@ -11,7 +11,9 @@
 //! - A node that is not ready (see [`Readiness`]) serves no login, terminate or admin write
 //!   from its own database: such a request waits up to `/HA/ready_wait` for readiness and is
 //!   then refused with `NotReady`. Read-only views still answer, marked as possibly stale.
-//!   Readiness is checked when the request is admitted.
+//!   Readiness is checked when the request is admitted. The same holds for a ready standby
+//!   cut off from its peer (`HaControl::decision_refusal`): two masters apart never both
+//!   decide about sessions.
 
 pub mod http;
 pub mod tcp;
@@ -20,7 +22,7 @@ pub mod unix;
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::model;
-use crate::model::Readiness;
+use crate::model::{Readiness, Role};
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
 use crate::proto::listen::Limits;
 use crate::proto::ProtoError;
@@ -55,6 +57,11 @@ pub trait HaControl: Send + Sync + 'static {
     fn readiness(&self) -> watch::Receiver<Readiness>;
     /// The current readiness as a sentence with this node's details.
     fn readiness_reason(&self) -> String;
+    /// The role, and every change of it.
+    fn role(&self) -> watch::Receiver<Role>;
+    /// Why the node must not decide about sessions now although it is ready (a standby cut
+    /// off from the active master), if so.
+    fn decision_refusal(&self) -> Option<&'static str>;
 }
 
 /// Everything a handler needs.
@@ -100,35 +107,44 @@ impl Api {
         Api { broker, ha, metrics }
     }
 
-    /// Lets a login or write through once the node is ready, waiting up to `/HA/ready_wait`;
-    /// refuses it with `NotReady` otherwise (at once when waiting cannot help).
+    /// Lets a login or write through once the node is ready and may decide about sessions,
+    /// waiting up to `/HA/ready_wait` for both; refuses it with `NotReady` otherwise (at
+    /// once when waiting cannot help).
     async fn when_ready(&self, what: &str) -> Result<(), ApiReply> {
-        let mut rx = self.ha.readiness();
-        let now = *rx.borrow_and_update();
-        if now.is_ready() {
-            return Ok(());
-        }
-        let state = if now.is_permanent() {
-            now
-        } else {
-            let wait = self.broker.config().ha.ready_wait;
-            let waited = tokio::time::timeout(wait, rx.wait_for(|r| r.is_ready() || r.is_permanent()))
-                .await
-                .ok()
-                .and_then(|r| r.ok().map(|r| *r));
-            match waited {
-                Some(r) if r.is_ready() => return Ok(()),
-                Some(r) => r,
-                None => *rx.borrow(),
+        let mut ready_rx = self.ha.readiness();
+        let mut role_rx = self.ha.role();
+        let deadline = tokio::time::Instant::now() + self.broker.config().ha.ready_wait;
+        let mut waited_out = false;
+        let (state, message) = loop {
+            let state = *ready_rx.borrow_and_update();
+            role_rx.borrow_and_update();
+            let why = if state.is_ready() {
+                match self.ha.decision_refusal() {
+                    None => return Ok(()),
+                    Some(why) => why.to_string(),
+                }
+            } else if state.is_permanent() {
+                break (state, format!("{} ({})", state.refusal(), self.ha.readiness_reason()));
+            } else {
+                state.refusal().to_string()
+            };
+            if waited_out {
+                break (state, why);
+            }
+            let change = async {
+                tokio::select! {
+                    r = ready_rx.changed() => r.is_ok(),
+                    r = role_rx.changed() => r.is_ok(),
+                }
+            };
+            match tokio::time::timeout_at(deadline, change).await {
+                Ok(true) => {}
+                // The node is shutting down, or the wait is over: one last look, then refuse.
+                Ok(false) | Err(_) => waited_out = true,
             }
         };
         self.metrics.requests_refused_not_ready.inc();
-        tracing::info!(readiness = %state, request = what, "refused: this node is not ready");
-        let message = if state.is_permanent() {
-            format!("{} ({})", state.refusal(), self.ha.readiness_reason())
-        } else {
-            state.refusal().to_string()
-        };
+        tracing::info!(readiness = %state, request = what, reason = %message, "refused: this node may not serve it now");
         Err(err(ApiErrorKind::NotReady, message))
     }
 

@@ -16,6 +16,10 @@
 //!   terminate without an answer is reported as pending and carried out by reconciliation; a
 //!   terminate that never reached the agent is reported as failed and has no effect.
 //!   Reconciliation never adopts a desktop whose id has a tombstone: it ends it.
+//! - Cut off from the peer (HA on, link not caught up), the broker makes no decision the
+//!   peer could contradict unseen: no "pending" terminate (reported as failed instead) and no
+//!   adoption of unknown desktops (left for when the link is back). An ended session is
+//!   never written live again (the database refuses it; see `Broker::update`).
 //! - Every answer from an agent marks it reachable; every failure is counted.
 
 use crate::agent::registry::DEFAULT_PENALTY;
@@ -59,6 +63,10 @@ pub enum BrokerError {
 /// Waits until a committed change is safe to tell a client about (HA ack), or returns at once.
 pub trait Replication: Send + Sync + 'static {
     fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    /// HA is on and the peer link is not up and caught up (see `HaNode::cut_off`).
+    fn cut_off(&self) -> bool {
+        false
+    }
 }
 
 /// No peer: a local commit is all there is.
@@ -172,6 +180,20 @@ impl Broker {
         Ok(())
     }
 
+    /// Stores a changed session; `false` when it ended meanwhile (a terminate, an exit report
+    /// or the peer's delete got there first), in which case nothing was written: an ended
+    /// session is never brought back.
+    async fn update(&self, s: Session) -> Result<bool, BrokerError> {
+        match self.commit(Write::Upsert(s)).await {
+            Ok(()) => Ok(true),
+            Err(BrokerError::Db(DbError::Ended(id))) => {
+                tracing::info!(session_id = %id, "session ended while it was being updated; left ended");
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Checks `/vsmserver/allowed_groups`.
     pub fn check_allowed(&self, user: &str, groups: &[String]) -> Result<(), BrokerError> {
         let allowed = &self.inner.cfg.vsmserver.allowed_groups;
@@ -227,7 +249,9 @@ impl Broker {
                         if s.status != SessionStatus::Unreachable {
                             let mut u = s.clone();
                             u.status = SessionStatus::Unreachable;
-                            self.commit(Write::Upsert(u)).await?;
+                            if !self.update(u).await? {
+                                continue;
+                            }
                         }
                         unreachable.push(s.clone());
                     }
@@ -257,7 +281,12 @@ impl Broker {
         if let Some(a) = &req.client_address {
             s.last_client_address = a.clone();
         }
-        self.commit(Write::Upsert(s.clone())).await?;
+        if !self.update(s.clone()).await? {
+            return Err(BrokerError::NotFound(format!(
+                "your session {} ended while you were reconnecting to it (terminated, or its desktop exited); connect again for a new one",
+                s.id
+            )));
+        }
         tracing::info!(session_id = %s.id, user = %s.user, agent = %s.agent, display = s.display, "reconnected");
         run_hooks(&self.inner.cfg.vsmserver.session_reconnect_dir, HookEvent::Reconnect, &s, self.inner.hook_timeout)
             .await;
@@ -461,6 +490,12 @@ impl Broker {
                 }
                 Ok(Ended::Terminated)
             }
+            // A pending end is a decision the peer must hear of before anyone can reconnect
+            // the session through it; cut off from the peer, report what is known instead.
+            Err(e) if e.outcome_unknown() && self.inner.replication.cut_off() => Err(format!(
+                "{e}; the agent may or may not have ended it, and this master cannot reach the \
+                 other master to record a pending termination, so the session stays listed: try again"
+            )),
             Err(e) if e.outcome_unknown() => {
                 self.commit(Write::Delete(s.id.clone())).await.map_err(|e| e.to_string())?;
                 tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, error = %e, "termination pending: the session is removed and its desktop ended when the agent answers again");
@@ -486,7 +521,10 @@ impl Broker {
         if s.id.0.is_empty() || s.user.is_empty() || s.agent.is_empty() {
             return Err(BrokerError::BadRequest("a session record needs an id, a user and an agent".into()));
         }
-        self.commit(Write::Upsert(s)).await
+        match self.commit(Write::Upsert(s)).await {
+            Err(BrokerError::Db(e @ DbError::Ended(_))) => Err(BrokerError::BadRequest(e.to_string())),
+            r => r,
+        }
     }
 
     /// Admin listing.
@@ -655,8 +693,9 @@ impl Broker {
                         {
                             if s.status != SessionStatus::Unreachable {
                                 s.status = SessionStatus::Unreachable;
-                                self.commit(Write::Upsert(s)).await?;
-                                summary.marked_unreachable += 1;
+                                if self.update(s).await? {
+                                    summary.marked_unreachable += 1;
+                                }
                             }
                         }
                     }
@@ -683,7 +722,7 @@ impl Broker {
                         summary.back += 1;
                     }
                     if &u != s {
-                        self.commit(Write::Upsert(u)).await?;
+                        self.update(u).await?;
                     }
                 }
                 None => {
@@ -719,6 +758,13 @@ impl Broker {
                 }
                 None => {}
             }
+            // The other master may have recorded this desktop's start as abandoned or the
+            // session as ended while the two were apart: adopt only once it can say so.
+            if self.inner.replication.cut_off() {
+                tracing::info!(session_id = %a.session_id, user = %a.user, agent = %agent, "a desktop the database does not know runs on this agent; it is looked at again once the peer link is back");
+                summary.deferred += 1;
+                continue;
+            }
             let groups = user_groups(&a.user);
             let sub = placement::resolve_subcluster(&a.user, &groups, &self.inner.cfg.subclusters)
                 .map(|s| s.name.clone())
@@ -732,8 +778,13 @@ impl Broker {
             let mut s = session_from_agent(a, agent, &sub, created, None);
             s.status = SessionStatus::Disconnected;
             s.last_connect_ms = 0;
+            if !self.update(s.clone()).await? {
+                // Ended here or by the peer since the record was read: end its desktop.
+                self.end_unlisted(agent, a, "the database records it as ended").await;
+                summary.ended += 1;
+                continue;
+            }
             tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "recovered a session the database did not know");
-            self.commit(Write::Upsert(s)).await?;
             summary.recovered += 1;
         }
         Ok(())
@@ -880,6 +931,9 @@ pub struct ReconcileSummary {
     pub back: usize,
     /// Desktops ended because no client holds them (ended, pending or abandoned sessions).
     pub ended: usize,
+    /// Desktops the database does not know, left alone while the node is cut off from its
+    /// peer (which may know them as ended).
+    pub deferred: usize,
 }
 
 /// How [`Broker::end_session`] ended a session.

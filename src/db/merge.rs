@@ -9,6 +9,13 @@
 //! Invariants: merging is last-writer-wins on [`Version`] (clock, then node id), which
 //! makes it commutative, associative and idempotent; the surviving record of an id is the
 //! one with the greatest version ever seen for it.
+//!
+//! Deletes win over concurrent changes: when last-writer-wins would keep a live record over
+//! a tombstone that it was not based on (a reconnect on one master while the other ended the
+//! session, the two apart, and the reconnecting master's clock ahead), the merging node
+//! writes the delete again with a version above both ([`reasserts_delete`]). The rule stays
+//! a pure maximum; the new tombstone is an ordinary local write that wins everywhere, so a
+//! terminate a client was told about is never undone, whatever the clocks said.
 
 use crate::model::{Record, Version};
 
@@ -52,6 +59,22 @@ pub fn is_conflict(local: &Record, remote: &Record) -> bool {
         && local.session != remote.session
 }
 
+/// Whether merging `remote` into a node storing `local` must be followed by a new local
+/// delete of the id: the two are concurrent (neither names the other as its base), one is a
+/// tombstone, and last-writer-wins keeps the live one. Decided from the two records alone,
+/// so both nodes reach the same answer (both may write a delete; the greater wins).
+pub fn reasserts_delete(local: &Record, remote: &Record) -> bool {
+    let concurrent = local.version != remote.version
+        && remote.base.as_ref() != Some(&local.version)
+        && local.base.as_ref() != Some(&remote.version);
+    let (live, dead) = match (&local.session, &remote.session) {
+        (Some(_), None) => (local, remote),
+        (None, Some(_)) => (remote, local),
+        _ => return false,
+    };
+    concurrent && live.version > dead.version
+}
+
 /// The winner of two records of one id, `None` when they are the same version.
 pub fn winner(local: &Record, remote: &Record) -> Option<Winner> {
     use std::cmp::Ordering;
@@ -83,6 +106,27 @@ mod tests {
         assert_eq!(decide(Some(&v(2, 0, "a")), &v(1, 5, "b")), Action::Skip);
         assert_eq!(decide(Some(&v(2, 0, "a")), &v(2, 0, "a")), Action::Skip);
         assert_eq!(decide(Some(&v(2, 0, "a")), &v(2, 0, "b")), Action::Store);
+    }
+
+    #[test]
+    fn a_concurrent_newer_update_of_an_ended_session_makes_the_delete_written_again() {
+        let created = live_rec(v(1, 0, "a"), None);
+        // a ends the session; b, apart and with its clock two minutes ahead, reconnects it.
+        let ended = Record { base: Some(created.version.clone()), ..tomb("x", v(2, 0, "a")) };
+        let reconnected = live_rec(v(120_000, 0, "b"), Some(created.version.clone()));
+        assert!(reasserts_delete(&ended, &reconnected), "a keeps its delete");
+        assert!(reasserts_delete(&reconnected, &ended), "b takes the delete too");
+        // Not concurrent: an update the delete was based on, or a delete newer anyway.
+        let later_end = Record { base: Some(reconnected.version.clone()), ..tomb("x", v(120_001, 0, "a")) };
+        assert!(!reasserts_delete(&reconnected, &later_end));
+        assert!(!reasserts_delete(&later_end, &reconnected));
+        let old_update = live_rec(v(1, 5, "b"), Some(created.version.clone()));
+        assert!(!reasserts_delete(&ended, &old_update), "last-writer-wins already keeps the delete");
+        assert!(!reasserts_delete(&created, &reconnected), "two live records");
+    }
+
+    fn live_rec(version: Version, base: Option<Version>) -> Record {
+        Record { id: SessionId("x".into()), version, base, session: Some(live_x(0)) }
     }
 
     #[test]
@@ -139,51 +183,97 @@ mod tests {
         }
     }
 
-    /// Two nodes writing one id, each write based on what its node stores, changes streamed
-    /// in order: a conflict is reported exactly for concurrent writes with different content.
+    /// Two nodes writing one id, each write based on what its node stores (never a live write
+    /// over a tombstone), changes streamed in order, a delete written again where
+    /// [`reasserts_delete`] says: a conflict is reported exactly for concurrent writes with
+    /// different content, and once every change is delivered both nodes store the same
+    /// record, a tombstone if either node ever wrote one.
     fn check_streamed_history(ops: &[(bool, bool)]) -> Result<(), TestCaseError> {
         use std::collections::{BTreeMap, BTreeSet, VecDeque};
-        let nodes = ["a", "b"];
         let mut stored: [Option<Record>; 2] = [None, None];
         let mut inbox: [VecDeque<Record>; 2] = [VecDeque::new(), VecDeque::new()];
         let mut ancestors: BTreeMap<Version, BTreeSet<Version>> = BTreeMap::new();
         let mut clock = 0u64;
+        let mut wrote_tombstone = false;
+        type Stores = [Option<Record>; 2];
+        type Inboxes = [VecDeque<Record>; 2];
+        type Ancestors = BTreeMap<Version, BTreeSet<Version>>;
+        // A local write on node `n`: based on what it stores, its clock past everything it
+        // stores (as the HLC does).
+        fn write(
+            n: usize,
+            session: Option<crate::model::Session>,
+            clock: &mut u64,
+            stored: &mut Stores,
+            inbox: &mut Inboxes,
+            ancestors: &mut Ancestors,
+        ) {
+            *clock = (*clock).max(stored[n].as_ref().map_or(0, |r| r.version.hlc.wall_ms)) + 1;
+            let version = v(*clock, 0, ["a", "b"][n]);
+            let base = stored[n].as_ref().map(|r| r.version.clone());
+            let mut anc: BTreeSet<Version> = BTreeSet::new();
+            if let Some(b) = &base {
+                anc.insert(b.clone());
+                anc.extend(ancestors[b].iter().cloned());
+            }
+            ancestors.insert(version.clone(), anc);
+            let rec = Record { id: SessionId("x".into()), version, base, session };
+            stored[n] = Some(rec.clone());
+            inbox[1 - n].push_back(rec);
+        }
+        fn receive(
+            n: usize,
+            rec: Record,
+            clock: &mut u64,
+            stored: &mut Stores,
+            inbox: &mut Inboxes,
+            ancestors: &mut Ancestors,
+        ) -> Result<(), TestCaseError> {
+            let local = stored[n].clone();
+            if let Some(local) = &local {
+                let concurrent = local.version != rec.version
+                    && !ancestors[&local.version].contains(&rec.version)
+                    && !ancestors[&rec.version].contains(&local.version);
+                prop_assert_eq!(
+                    is_conflict(local, &rec),
+                    concurrent && local.session != rec.session,
+                    "local {:?} remote {:?}",
+                    local,
+                    rec
+                );
+            }
+            if decide(stored[n].as_ref().map(|r| &r.version), &rec.version) == Action::Store {
+                stored[n] = Some(rec.clone());
+            }
+            if local.is_some_and(|l| reasserts_delete(&l, &rec)) {
+                write(n, None, clock, stored, inbox, ancestors);
+            }
+            Ok(())
+        }
         for (i, &(on_b, deliver)) in ops.iter().enumerate() {
             let n = usize::from(on_b);
             if deliver {
                 let Some(rec) = inbox[n].pop_front() else { continue };
-                if let Some(local) = stored[n].clone() {
-                    let concurrent = local.version != rec.version
-                        && !ancestors[&local.version].contains(&rec.version)
-                        && !ancestors[&rec.version].contains(&local.version);
-                    prop_assert_eq!(
-                        is_conflict(&local, &rec),
-                        concurrent && local.session != rec.session,
-                        "local {:?} remote {:?}",
-                        local,
-                        rec
-                    );
-                }
-                if decide(stored[n].as_ref().map(|r| &r.version), &rec.version) == Action::Store {
-                    stored[n] = Some(rec);
-                }
+                receive(n, rec, &mut clock, &mut stored, &mut inbox, &mut ancestors)?;
             } else {
-                // A node's clock passes everything it stores (as the HLC does).
-                clock = clock.max(stored[n].as_ref().map_or(0, |r| r.version.hlc.wall_ms)) + 1;
-                let version = v(clock, 0, nodes[n]);
-                let base = stored[n].as_ref().map(|r| r.version.clone());
-                let mut anc: BTreeSet<Version> = BTreeSet::new();
-                if let Some(b) = &base {
-                    anc.insert(b.clone());
-                    anc.extend(ancestors[b].iter().cloned());
-                }
-                ancestors.insert(version.clone(), anc);
                 let session = (i % 3 != 0).then(|| live_x(i as u64));
-                let rec = Record { id: SessionId("x".into()), version, base, session };
-                stored[n] = Some(rec.clone());
-                inbox[1 - n].push_back(rec);
+                if session.is_some() && stored[n].as_ref().is_some_and(|r| r.session.is_none()) {
+                    continue; // an ended session is never live again
+                }
+                wrote_tombstone |= session.is_none();
+                write(n, session, &mut clock, &mut stored, &mut inbox, &mut ancestors);
             }
         }
+        // Deliver everything, including the deletes written again on the way.
+        while !inbox[0].is_empty() || !inbox[1].is_empty() {
+            for n in 0..2 {
+                if let Some(rec) = inbox[n].pop_front() {
+                    receive(n, rec, &mut clock, &mut stored, &mut inbox, &mut ancestors)?;
+                }
+            }
+        }
+        prop_assert_eq!(&stored[0], &stored[1], "both nodes converge");
+        prop_assert_eq!(stored[0].as_ref().is_some_and(|r| r.session.is_none()), wrote_tombstone, "deletes win");
         Ok(())
     }
 

@@ -30,7 +30,9 @@
 //!   exceed every version this database has seen within the clock bound below, and always
 //!   the stored version of the record they replace.
 //! - Merging is last-writer-wins on [`Version`]; equal versions are skipped, so applying
-//!   the same records twice has no effect. Tombstones are records like any other.
+//!   the same records twice has no effect. Tombstones are records like any other, and a
+//!   delete concurrent with a newer live change is written again above it (deletes win;
+//!   see `merge.rs`). A local live write over a tombstone is refused ([`DbError::Ended`]).
 //!
 //! # Decisions (details beyond the first design, kept here so they stay true)
 //! - `Write::Delete` always writes a tombstone, even for an id this database never saw
@@ -227,7 +229,7 @@ impl SnapshotStream {
     }
 }
 
-/// Both sides of a concurrent change, after last-writer-wins decided it.
+/// Both sides of a concurrent change, after the merge decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
     pub local: Record,
@@ -243,6 +245,10 @@ pub struct ApplyOutcome {
     /// Records equal to or older than the stored version.
     pub skipped: usize,
     pub conflicts: Vec<Conflict>,
+    /// Deletes written again because the peer changed a session this node had ended, or
+    /// ended one this node had changed, while the two were apart (see `merge::reasserts_delete`):
+    /// the new local tombstones, which stream to the peer like any local change.
+    pub deletes_kept: Vec<Record>,
 }
 
 /// Result of [`DbHandle::gc`].
@@ -303,6 +309,10 @@ pub enum DbError {
     /// that request was applied.
     #[error("invalid record {id}: {detail}")]
     InvalidRecord { id: SessionId, detail: String },
+    /// A live write for a session that has ended (its record is a tombstone): an ended
+    /// session is never live again, so nothing was written.
+    #[error("session {0} has ended; an ended session is never brought back")]
+    Ended(SessionId),
 }
 
 impl DbError {
@@ -444,7 +454,7 @@ impl DbHandle {
         self.call(|reply| owner::Request::Write(owner::WriteReq::Batch { writes: ws, reply })).await
     }
 
-    /// Merges records from the peer whose database is `peer_db_id` (last writer wins),
+    /// Merges records from the peer whose database is `peer_db_id` (last writer wins; a delete concurrent with a newer change is written again),
     /// records `peer_pos` as the position reached in its change log (only forward), and
     /// merges its clock into ours, all in one transaction. Nothing goes to our change log.
     pub async fn apply_remote(

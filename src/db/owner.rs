@@ -436,6 +436,11 @@ impl Owner {
     fn local_write(&mut self, w: &Write) -> Result<Committed, DbError> {
         let id = w.id();
         let prior = store::stored(&self.conn, id)?;
+        // An ended session stays ended: a live write over its tombstone would bring it back
+        // (and the peer, holding the same tombstone, would treat it as an ordinary update).
+        if matches!(w, Write::Upsert(_)) && prior.as_ref().is_some_and(|p| p.tombstone) {
+            return Err(DbError::Ended(id.clone()));
+        }
         // The write must exceed the version it replaces, whatever the clock bound says; the
         // rest of the clock is followed only up to the bound (see the module docs).
         let now = now_ms();
@@ -484,13 +489,15 @@ impl Owner {
             // Only versions from another node can be concurrent; load the body just then.
             let concurrent =
                 prior.as_ref().is_some_and(|p| p.version != rec.version && p.version.node != rec.version.node);
+            let mut reassert = false;
             if concurrent {
                 if let Some(local) = store::load(&self.conn, &self.path, &rec.id)? {
                     if merge::is_conflict(&local, rec) {
                         let winner = if action == Action::Store { Winner::Remote } else { Winner::Local };
                         debug_assert_eq!(Some(winner), merge::winner(&local, rec));
-                        out.conflicts.push(Conflict { local, remote: rec.clone(), winner });
+                        out.conflicts.push(Conflict { local: local.clone(), remote: rec.clone(), winner });
                     }
+                    reassert = merge::reasserts_delete(&local, rec);
                 }
             }
             match action {
@@ -501,6 +508,12 @@ impl Owner {
                     out.applied += 1;
                 }
                 Action::Skip => out.skipped += 1,
+            }
+            if reassert {
+                // The session ended on one node while the other changed it: the end holds.
+                // A new local delete, above both versions, streamed to the peer like any.
+                let c = self.local_write(&Write::Delete(rec.id.clone()))?;
+                out.deletes_kept.push(c.record);
             }
         }
         if let Some(h) = newest {

@@ -198,7 +198,7 @@ async fn a_write_and_its_change_row_commit_together() {
 }
 
 #[tokio::test]
-async fn a_tombstone_beats_older_upserts_and_loses_to_newer_ones() {
+async fn a_delete_beats_older_upserts_and_is_written_again_over_concurrent_newer_ones() {
     let dir_a = tempfile::tempdir().unwrap();
     let dir_b = tempfile::tempdir().unwrap();
     let a = open(&dir_a, "a");
@@ -210,20 +210,50 @@ async fn a_tombstone_beats_older_upserts_and_loses_to_newer_ones() {
     b.apply_remote(a.db_id().into(), vec![deleted.record.clone()], Seq(2)).await.unwrap();
     let out = b.apply_remote(a.db_id().into(), vec![created.record.clone()], Seq(2)).await.unwrap();
     assert_eq!((out.applied, out.skipped), (0, 1));
+    assert!(out.deletes_kept.is_empty(), "the create is older: nothing to write again");
     assert_eq!(b.record(&id("x")).await.unwrap(), Some(deleted.record.clone()));
     assert_eq!(b.get(&id("x")).await.unwrap(), None);
+    assert_eq!(b.status().await.unwrap().head, Seq::ZERO, "remote records never enter the local change log");
 
-    // A newer upsert (e.g. from reconciliation after the delete) wins over the tombstone.
+    // A concurrent change with a newer version (a reconnect on a master whose clock ran two
+    // minutes ahead, while the two were apart; based on the create, not on the delete): the
+    // delete is written again above it, as a local change that streams back.
     let mut newer = created.record.clone();
-    newer.version = Version { hlc: deleted.version.hlc.tick(deleted.version.hlc.wall_ms), node: NodeId("c".into()) };
+    newer.version =
+        Version { hlc: Hlc { wall_ms: deleted.version.hlc.wall_ms + 120_000, logical: 0 }, node: NodeId("c".into()) };
+    newer.base = Some(created.version.clone());
     let out = b.apply_remote("peer-c".into(), vec![newer.clone()], Seq(1)).await.unwrap();
-    assert_eq!(out.applied, 1);
-    assert_eq!(b.get(&id("x")).await.unwrap(), newer.session);
-    let st = b.status().await.unwrap();
-    assert_eq!((st.sessions, st.tombstones), (1, 0));
-    assert_eq!(st.head, Seq::ZERO, "remote records never enter the local change log");
+    assert_eq!(out.deletes_kept.len(), 1, "{out:?}");
+    let kept = b.record(&id("x")).await.unwrap().unwrap();
+    assert!(kept.session.is_none() && kept.version > newer.version, "{kept:?}");
+    assert_eq!(out.deletes_kept[0], kept);
+    assert_eq!(b.status().await.unwrap().head, Seq(1));
+    let LogRead::Changes(ch) = b.changes_since(Seq::ZERO, 10).await.unwrap() else { panic!("truncated") };
+    assert_eq!(ch.iter().map(|c| &c.record).collect::<Vec<_>>(), vec![&kept]);
+    // Applying the same change again does nothing more.
+    let out = b.apply_remote("peer-c".into(), vec![newer.clone()], Seq(1)).await.unwrap();
+    assert_eq!((out.applied, out.deletes_kept.len()), (0, 0));
+
+    // The other way round: the node holding the newer change takes the old delete, and
+    // writes it again too.
+    let dir_c = tempfile::tempdir().unwrap();
+    let c = open(&dir_c, "c");
+    c.apply_remote(a.db_id().into(), vec![created.record.clone()], Seq(1)).await.unwrap();
+    c.apply_remote("peer-c".into(), vec![newer.clone()], Seq(1)).await.unwrap();
+    let out = c.apply_remote(a.db_id().into(), vec![deleted.record.clone()], Seq(2)).await.unwrap();
+    assert_eq!(out.deletes_kept.len(), 1, "{out:?}");
+    assert_eq!(c.get(&id("x")).await.unwrap(), None);
+    // A later delete that was based on the change is an ordinary update: nothing written again.
+    let out = b.apply_remote("peer-c".into(), vec![created.record.clone()], Seq(1)).await.unwrap();
+    assert!(out.deletes_kept.is_empty());
+
+    // Locally, an ended session is never brought back: nothing is written.
+    let err = b.write(Write::Upsert(session("x", "u", "ag", 1))).await.unwrap_err();
+    assert!(matches!(err, DbError::Ended(ref e) if e == &id("x")), "{err:?}");
+    assert_eq!(b.status().await.unwrap().head, Seq(1));
     a.close().await.unwrap();
     b.close().await.unwrap();
+    c.close().await.unwrap();
 }
 
 #[tokio::test]
@@ -260,7 +290,12 @@ async fn remote_clocks_ahead_of_ours_within_the_bound_push_local_versions_past_t
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
     // The bound in these tests is one minute.
-    let ahead = Record { id: id("x"), version: version(now_ms() + 30_000, "b"), base: None, session: None };
+    let ahead = Record {
+        id: id("x"),
+        version: version(now_ms() + 30_000, "b"),
+        base: None,
+        session: Some(session("x", "u", "ag", 2)),
+    };
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
     assert!(c.version.hlc > ahead.version.hlc);
@@ -275,7 +310,8 @@ async fn a_record_from_a_clock_beyond_the_bound_is_stored_as_sent_but_not_follow
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
     let future = now_ms() + 10 * 86_400_000;
-    let ahead = Record { id: id("x"), version: version(future, "b"), base: None, session: None };
+    let ahead =
+        Record { id: id("x"), version: version(future, "b"), base: None, session: Some(session("x", "u", "ag", 2)) };
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     assert_eq!(db.record(&id("x")).await.unwrap(), Some(ahead.clone()), "stored exactly as sent");
     // Other sessions are stamped by this machine's clock, at most the bound ahead of it.
@@ -453,9 +489,17 @@ async fn snapshots_match_their_head_while_writes_go_on() {
     let writer = {
         let db = db.clone();
         tokio::spawn(async move {
+            // A new id after each delete of one: an ended session stays ended.
+            let mut generation = [0u32; 37];
             for i in 0..600u32 {
-                let sid = format!("s{}", i % 37);
-                let w = if i % 5 == 4 { Write::Delete(id(&sid)) } else { Write::Upsert(session(&sid, "u", "ag", i)) };
+                let k = (i % 37) as usize;
+                let sid = format!("s{k}-{}", generation[k]);
+                let w = if i % 5 == 4 {
+                    generation[k] += 1;
+                    Write::Delete(id(&sid))
+                } else {
+                    Write::Upsert(session(&sid, "u", "ag", i))
+                };
                 db.write(w).await.unwrap();
             }
         })
@@ -785,8 +829,12 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
                 } else {
                     Write::Upsert(session(&sid, "u", if on_a { "ag-a" } else { "ag-b" }, display.into()))
                 };
-                let c = node.write(w).await.unwrap();
-                written.entry(c.record.id.clone()).or_default().push(c.record);
+                match node.write(w).await {
+                    Ok(c) => written.entry(c.record.id.clone()).or_default().push(c.record),
+                    // An ended session is never live again on the node that knows it ended.
+                    Err(DbError::Ended(_)) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
             }
             Op::Sync { a_to_b: true, chunk } => sync(&a, &b, chunk).await,
             Op::Sync { a_to_b: false, chunk } => sync(&b, &a, chunk).await,
@@ -795,13 +843,21 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
             }
         }
     }
-    for _ in 0..2 {
+    // Until neither node writes anything more (a delete written again streams back).
+    for round in 0.. {
+        let heads = (a.status().await.unwrap().head, b.status().await.unwrap().head);
         if final_a_first {
             sync(&a, &b, 2).await;
             sync(&b, &a, 3).await;
         } else {
             sync(&b, &a, 3).await;
             sync(&a, &b, 2).await;
+        }
+        if round >= 1 && heads == (a.status().await.unwrap().head, b.status().await.unwrap().head) {
+            break;
+        }
+        if round > 10 {
+            return Err("the nodes keep writing after every sync".into());
         }
     }
     let (mut ra, mut rb) = (a.export_records().await.unwrap(), b.export_records().await.unwrap());
@@ -810,10 +866,19 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
     if a.digest().await.unwrap() != b.digest().await.unwrap() {
         return Err(format!("digests differ:\nA {ra:?}\nB {rb:?}"));
     }
-    let expected: Vec<Record> =
-        written.into_values().map(|v| v.into_iter().max_by(|x, y| x.version.cmp(&y.version)).unwrap()).collect();
-    if ra != expected {
-        return Err(format!("surviving records are not the newest written:\n got {ra:?}\nwant {expected:?}"));
+    // The survivor of every id: a tombstone if any was written (maybe one written again
+    // above a concurrent change), else the newest version written.
+    let expected: Vec<(SessionId, Option<Record>)> = written
+        .into_iter()
+        .map(|(id, v)| {
+            let newest = v.iter().max_by(|x, y| x.version.cmp(&y.version)).cloned().unwrap();
+            (id, (!v.iter().any(|r| r.session.is_none())).then_some(newest))
+        })
+        .collect();
+    let got: Vec<(SessionId, Option<Record>)> =
+        ra.iter().map(|r| (r.id.clone(), r.session.is_some().then(|| r.clone()))).collect();
+    if got != expected {
+        return Err(format!("surviving records are not the ones written:\n got {ra:?}\nwant {expected:?}"));
     }
     a.close().await.unwrap();
     b.close().await.unwrap();
@@ -823,7 +888,7 @@ async fn run_two_nodes(ops: Vec<Op>, final_a_first: bool) -> Result<(), String> 
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
     #[test]
-    fn two_nodes_converge_to_the_newest_version_of_every_session(
+    fn two_nodes_converge_and_keep_every_delete(
         ops in proptest::collection::vec(arb_op(), 1..40),
         final_a_first in proptest::prelude::any::<bool>(),
     ) {

@@ -180,6 +180,9 @@ pub struct HaNode {
     cfg: Arc<Config>,
     db: DbHandle,
     role: watch::Sender<Role>,
+    /// Whether an HA manager ever told this node its role (`tlctl ha notify`). Until one
+    /// does, the node cannot tell a standby from an active master without the hook.
+    role_told: std::sync::atomic::AtomicBool,
     reconcile: watch::Sender<u64>,
     broker: OnceLock<Broker>,
     /// `None` with HA off.
@@ -228,6 +231,7 @@ impl HaNode {
                 cfg,
                 db,
                 role,
+                role_told: Default::default(),
                 reconcile,
                 broker: OnceLock::new(),
                 engine_tx: None,
@@ -255,6 +259,7 @@ impl HaNode {
             cfg: cfg.clone(),
             db: db.clone(),
             role,
+            role_told: Default::default(),
             reconcile,
             broker: OnceLock::new(),
             engine_tx: Some(req_tx),
@@ -313,6 +318,32 @@ impl HaNode {
     /// Does this node serve clients (and so reconcile with agents)?
     pub fn serves_clients(&self) -> bool {
         *self.role.borrow() == Role::Active
+    }
+
+    /// HA is on and the peer link is not up and caught up: the peer may hold decisions this
+    /// node has not seen (a terminate, an abandoned start), and this node's own decisions
+    /// reach the peer only later.
+    pub fn cut_off(&self) -> bool {
+        self.engine_tx.is_some() && self.readiness() != Readiness::CaughtUp
+    }
+
+    /// The role watch (changes on every `tlctl ha notify` that changes the role).
+    pub fn watch_role(&self) -> watch::Receiver<Role> {
+        self.role.subscribe()
+    }
+
+    /// Why this node must not decide about sessions now, if it must not: it was told it is
+    /// the standby and it is cut off from its peer. The active master may be deciding at the
+    /// same moment, and two masters deciding apart about one session would undo what one of
+    /// them told a client. Until an HA manager has told the node a role, it decides as
+    /// before (the keepalived file as published has no notify hook).
+    pub fn decision_refusal(&self) -> Option<&'static str> {
+        let standby = *self.role.borrow() == Role::Standby;
+        (self.role_told.load(std::sync::atomic::Ordering::Relaxed) && standby && self.cut_off()).then_some(
+            "this master is the standby and cannot reach the active master; log in through the \
+             cluster address (the resource IP), or, if the other master is down for good, make \
+             this one active (`tlctl ha notify MASTER`)",
+        )
     }
 
     /// Changes whenever the node wants an immediate reconciliation with every agent.
@@ -485,6 +516,10 @@ impl HaNode {
 }
 
 impl Replication for HaNode {
+    fn cut_off(&self) -> bool {
+        HaNode::cut_off(self)
+    }
+
     fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         let Some(tx) = self.engine_tx.clone() else { return Box::pin(async {}) };
         if self.cfg.ha.sync == SyncLevel::Async {
@@ -512,6 +547,14 @@ impl HaControl for HaNode {
         HaNode::readiness_reason(self)
     }
 
+    fn role(&self) -> watch::Receiver<Role> {
+        self.watch_role()
+    }
+
+    fn decision_refusal(&self) -> Option<&'static str> {
+        HaNode::decision_refusal(self)
+    }
+
     fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>> {
         Box::pin(async move {
             let role = match state {
@@ -519,6 +562,7 @@ impl HaControl for HaNode {
                 VrrpState::Backup | VrrpState::Fault => Role::Standby,
             };
             tracing::info!(?state, %role, "notified by the VRRP manager");
+            self.role_told.store(true, std::sync::atomic::Ordering::Relaxed);
             self.set_role(role);
             format!("role is now {role}")
         })
@@ -977,7 +1021,13 @@ impl Driver {
                         session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version,
                         local_base = ?c.local.base.as_ref().map(|v| v.to_string()),
                         remote_base = ?c.remote.base.as_ref().map(|v| v.to_string()), winner = ?c.winner,
-                        "concurrent changes to one session (neither was based on the other); the newer version wins"
+                        "concurrent changes to one session (neither was based on the other); an end wins, else the newer version"
+                    );
+                }
+                for r in &out.deletes_kept {
+                    tracing::warn!(
+                        session_id = %r.id, version = %r.version,
+                        "the session was ended on one master and changed on the other while they were apart; it stays ended"
                     );
                 }
                 tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");

@@ -1,4 +1,5 @@
-//! Simulation of two masters: two engines, two in-memory last-writer-wins stores with their
+//! Simulation of two masters: two engines, two in-memory stores merging like the database
+//! (last writer wins, a delete written again over a concurrent newer change) with their
 //! own change logs, and a network the test controls (deliver, partition, heal, restart a
 //! node keeping or losing its store). The network behaves like TCP: a connection delivers
 //! everything in order or breaks; a partition holds messages back (and usually ends in a
@@ -31,7 +32,8 @@ const MAX_OFFSET_MS: u64 = 1_000;
 /// The simulated `/HA/tombstone_retention`.
 const RETENTION_MS: u64 = 10_000;
 
-/// The test's database: records by id (LWW on version), own change log, peer positions.
+/// The test's database: records by id (merged like the real one), own change log, peer
+/// positions.
 #[derive(Clone, Debug)]
 struct Store {
     node: NodeId,
@@ -68,7 +70,12 @@ impl Store {
 
     /// A local write at wall clock `now`: new version, one log entry, in one step (one
     /// transaction); the clock is bounded as in the database.
-    fn write(&mut self, id: SessionId, session: Option<Session>, now: u64) -> Change {
+    /// `None` for a live write over a tombstone, which the database refuses (an ended
+    /// session is never live again).
+    fn write(&mut self, id: SessionId, session: Option<Session>, now: u64) -> Option<Change> {
+        if session.is_some() && self.records.get(&id).is_some_and(|r| r.is_tombstone()) {
+            return None;
+        }
         let own = self.hlc.capped(now, MAX_OFFSET_MS);
         let hlc = own.tick_bounded(self.records.get(&id).map(|r| r.version.hlc), now, MAX_OFFSET_MS);
         self.hlc = own.max(hlc.capped(now, MAX_OFFSET_MS));
@@ -78,7 +85,7 @@ impl Store {
         self.head = self.head.next();
         let change = Change { seq: self.head, record };
         self.log.push_back(change.clone());
-        change
+        Some(change)
     }
 
     fn changes_since(&self, after: Seq, limit: usize) -> LogRead {
@@ -92,18 +99,26 @@ impl Store {
         Snapshot { head: self.head, records: self.records.values().cloned().collect() }
     }
 
-    fn apply_remote(&mut self, peer_db: &str, records: Vec<Record>, peer_pos: Option<Seq>, now: u64) {
+    /// Merges like the database; returns the deletes it wrote again (local changes).
+    fn apply_remote(&mut self, peer_db: &str, records: Vec<Record>, peer_pos: Option<Seq>, now: u64) -> Vec<Change> {
+        let mut kept = Vec::new();
         for r in records {
             self.hlc = self.hlc.observe_bounded(r.version.hlc, now, MAX_OFFSET_MS);
-            let newer = self.records.get(&r.id).map_or(true, |old| r.version > old.version);
+            let local = self.records.get(&r.id).cloned();
+            let newer = local.as_ref().map_or(true, |old| r.version > old.version);
+            let id = r.id.clone();
             if newer {
-                self.records.insert(r.id.clone(), r);
+                self.records.insert(r.id.clone(), r.clone());
+            }
+            if local.is_some_and(|l| crate::db::merge::reasserts_delete(&l, &r)) {
+                kept.extend(self.write(id, None, now));
             }
         }
         if let Some(pos) = peer_pos {
             self.positions.insert(peer_db.to_string(), pos);
             self.last_peer_db = Some(peer_db.to_string());
         }
+        kept
     }
 
     /// Forgets tombstones older than the retention on `clock_ms`; returns them.
@@ -349,7 +364,7 @@ impl World {
         // over it, whatever the clocks say. Both nodes held the acknowledged write then; only
         // a store wiped since lacks it (a lost store, not a clock problem).
         let prev = self.acked_by_id.get(&id).filter(|v| self.nodes[i].store.has(&id, v)).cloned();
-        let change = self.nodes[i].store.write(id.clone(), session, wall);
+        let Some(change) = self.nodes[i].store.write(id.clone(), session, wall) else { return };
         let (seq, version) = (change.seq, change.record.version.clone());
         if let Some(prev) = prev {
             assert!(version > prev, "write {id} at {version} issued after {prev} was acknowledged loses to it");
@@ -376,16 +391,23 @@ impl World {
             ran += 1;
             let (now, wall) = (self.now, self.wall(i));
             let store = &mut self.nodes[i].store;
+            let mut kept = Vec::new();
             let event = match cmd {
                 DbCmd::ReadLog { after, limit } => {
                     Event::LogRead { after, result: store.changes_since(after, limit), now }
                 }
                 DbCmd::ReadSnapshot => Event::SnapshotRead { snapshot: store.snapshot(), now },
                 DbCmd::Apply { peer_db_id, records, peer_pos } => {
-                    store.apply_remote(&peer_db_id, records, peer_pos, wall);
+                    kept = store.apply_remote(&peer_db_id, records, peer_pos, wall);
                     Event::Applied { up_to: peer_pos, now }
                 }
             };
+            // Deletes written again while merging are local commits like any other.
+            for c in kept {
+                let (seq, version) = (c.seq, c.record.version.clone());
+                self.born.insert((c.record.id.clone(), version), now);
+                self.feed(i, Event::LocalCommitted { seq, change: Some(c), now });
+            }
             self.feed(i, event);
         }
         ran
