@@ -991,7 +991,7 @@ async fn a_standby_cut_off_from_the_active_master_decides_nothing_until_made_act
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_terminate_without_an_answer_is_not_reported_pending_while_cut_off() {
+async fn a_terminate_without_an_answer_is_reported_unknown_not_pending_while_cut_off() {
     init_logging();
     let d = cluster_dir();
     let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
@@ -1023,8 +1023,10 @@ async fn a_terminate_without_an_answer_is_not_reported_pending_while_cut_off() {
     relay.stall();
     let r =
         p.a().call(ApiRequest::TerminateMine { user: Some("bob".into()), session_id: bob.session_id.clone() }).await;
-    let ApiReply::Error { message, .. } = r else { panic!("{r:?}") };
-    assert!(message.contains("cannot reach the other master"), "{message}");
+    let ApiReply::Terminated { outcome } = r else { panic!("{r:?}") };
+    assert!(outcome.pending.is_empty() && outcome.terminated.is_empty(), "{outcome:?}");
+    assert_eq!(outcome.unknown.len(), 1, "reported as not confirmed: {outcome:?}");
+    assert!(outcome.unknown[0].1.contains("cannot reach the other master"), "{outcome:?}");
     assert!(p.a().server().db.get(&bob.session_id).await.unwrap().is_some(), "bob's session stays listed");
 
     relay.cut();

@@ -17,7 +17,8 @@
 //!   terminate that never reached the agent is reported as failed and has no effect.
 //!   Reconciliation never adopts a desktop whose id has a tombstone: it ends it.
 //! - Cut off from the peer (HA on, link not caught up), the broker makes no decision the
-//!   peer could contradict unseen: no "pending" terminate (reported as failed instead) and no
+//!   peer could contradict unseen: no "pending" terminate (reported as unknown instead, the
+//!   session still listed) and no
 //!   adoption of unknown desktops (left for when the link is back). An ended session is
 //!   never written live again (the database refuses it; see `Broker::update`).
 //! - Every answer from an agent marks it reachable; every failure is counted.
@@ -460,6 +461,7 @@ impl Broker {
             Ended::Terminated => out.terminated.push(s),
             Ended::Abandoned => out.abandoned.push(s),
             Ended::Pending(why) => out.pending.push((s, why)),
+            Ended::Unknown(why) => out.unknown.push((s, why)),
         }
         Ok(out)
     }
@@ -492,10 +494,14 @@ impl Broker {
             }
             // A pending end is a decision the peer must hear of before anyone can reconnect
             // the session through it; cut off from the peer, report what is known instead.
-            Err(e) if e.outcome_unknown() && self.inner.replication.cut_off() => Err(format!(
-                "{e}; the agent may or may not have ended it, and this master cannot reach the \
-                 other master to record a pending termination, so the session stays listed: try again"
-            )),
+            Err(e) if e.outcome_unknown() && self.inner.replication.cut_off() => {
+                tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, error = %e, "termination not confirmed: the agent did not answer and the peer cannot be told of a pending end; the session stays listed until its agent says");
+                Ok(Ended::Unknown(format!(
+                    "{e}; the agent may or may not have ended it, and this master cannot reach the \
+                     other master to record a pending termination, so the session stays listed until \
+                     its agent answers again"
+                )))
+            }
             Err(e) if e.outcome_unknown() => {
                 self.commit(Write::Delete(s.id.clone())).await.map_err(|e| e.to_string())?;
                 tracing::warn!(session_id = %s.id, user = %s.user, agent = %s.agent, error = %e, "termination pending: the session is removed and its desktop ended when the agent answers again");
@@ -557,6 +563,7 @@ impl Broker {
                 Ok(Ended::Terminated) => out.terminated.push(s),
                 Ok(Ended::Abandoned) => out.abandoned.push(s),
                 Ok(Ended::Pending(why)) => out.pending.push((s, why)),
+                Ok(Ended::Unknown(why)) => out.unknown.push((s, why)),
                 Err(reason) => out.failed.push((s, reason)),
             }
         }
@@ -942,6 +949,8 @@ enum Ended {
     Abandoned,
     /// With what the caller is told.
     Pending(String),
+    /// Not confirmed and not recorded (cut off from the peer): still listed; with why.
+    Unknown(String),
 }
 
 /// Abandoned start ids kept in memory (for when the tombstone cannot be written).

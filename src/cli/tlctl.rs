@@ -424,20 +424,24 @@ async fn terminate(
         crate::outln!("{}", serde_json::to_string_pretty(&outcome).unwrap_or_default());
     } else {
         crate::outln!(
-            "Terminated {} session(s), pending {}, abandoned {}, failed {}.",
+            "Terminated {} session(s), pending {}, abandoned {}, unknown {}, failed {}.",
             outcome.terminated.len(),
             outcome.pending.len(),
             outcome.abandoned.len(),
+            outcome.unknown.len(),
             outcome.failed.len()
         );
         for (s, why) in &outcome.pending {
             crate::outln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
         }
+        for (s, why) in &outcome.unknown {
+            crate::errln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
+        }
         for (s, why) in &outcome.failed {
             crate::errln!("  {} on {} display :{}: {why}", s.user, s.agent, s.display);
         }
     }
-    Ok(if outcome.failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if outcome.failed.is_empty() && outcome.unknown.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 pub fn session_rows(sessions: &[Session], now: u64) -> Vec<Vec<String>> {

@@ -163,8 +163,16 @@ async fn run(args: Args) -> ExitCode {
                 for (s, why) in &outcome.pending {
                     crate::outln!("Session {} on {} (display :{}): {why}.", s.id, s.agent, s.display);
                 }
+                for (s, why) in &outcome.unknown {
+                    crate::errln!("vsmclient: session {} on {} (display :{}): {why}.", s.id, s.agent, s.display);
+                }
             }
-            ExitCode::SUCCESS
+            // Not confirmed: the caller should look again (exit status 1).
+            if outcome.unknown.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         ApiReply::Error { kind, message } => {
             let code = super::error_exit(kind);

@@ -134,6 +134,11 @@ pub struct TerminateOutcome {
     pub pending: Vec<(Session, String)>,
     /// Sessions that could not be ended, with the reason.
     pub failed: Vec<(Session, String)>,
+    /// The request reached the agent but no answer came, and the master could not record a
+    /// pending end (it was cut off from its peer): the session may or may not have ended. It
+    /// stays listed until its agent says (reconciliation removes it if its desktop is gone).
+    #[serde(default)]
+    pub unknown: Vec<(Session, String)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -280,6 +280,7 @@ fn outcome_label(o: &Outcome) -> String {
             format!("terminated-with-failures{}", if pending.is_empty() { "" } else { "+pending" })
         }
         Outcome::Terminated { pending, .. } if !pending.is_empty() => "terminated-pending".into(),
+        Outcome::Terminated { unknown, .. } if !unknown.is_empty() => "terminated-unknown".into(),
         Outcome::Terminated { .. } => "terminated".into(),
         Outcome::Refused { kind, .. } => format!("refused:{kind}"),
         Outcome::Unknown { .. } => "unknown".into(),

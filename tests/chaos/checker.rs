@@ -59,8 +59,8 @@ fn describe(op: &Op) -> String {
         Outcome::Given { session, agent, display, reconnected } => {
             format!("{} {session} on {agent}:{display}", if *reconnected { "reconnected" } else { "created" })
         }
-        Outcome::Terminated { ended, pending, failed } => {
-            format!("ended {ended:?} pending {pending:?} failed {failed:?}")
+        Outcome::Terminated { ended, pending, unknown, failed } => {
+            format!("ended {ended:?} pending {pending:?} unknown {unknown:?} failed {failed:?}")
         }
         Outcome::Refused { kind, message } => format!("refused {kind}: {message}"),
         Outcome::Unknown { reason } => format!("unknown: {reason}"),
@@ -382,6 +382,21 @@ mod tests {
     }
 
     #[test]
+    fn a_terminate_reported_unknown_excuses_a_missing_session_but_is_no_end() {
+        let unknown =
+            Outcome::Terminated { ended: vec![], pending: vec![], unknown: vec!["s1".into()], failed: vec![] };
+        let t = op(2, "u", OpKind::Terminate { session: "s1".into() }, unknown, 5, 9);
+        let v = check(&[given(1, "u", "s1", 0), t.clone()], &state(vec![], vec![]));
+        assert!(v.anomalies.is_empty(), "{:?}", v.anomalies);
+        // Not told ended: the session may stay, and may be given again.
+        let v = check(
+            &[given(1, "u", "s1", 0), t, given(3, "u", "s1", 20)],
+            &state(vec![listed("s1", "u")], vec![running("s1", "u")]),
+        );
+        assert!(v.anomalies.is_empty(), "{:?}", v.anomalies);
+    }
+
+    #[test]
     fn a_refused_terminate_excuses_nothing() {
         let t =
             op(2, "u", OpKind::TerminateUser, Outcome::Refused { kind: "not_ready".into(), message: "x".into() }, 5, 9);
@@ -394,7 +409,7 @@ mod tests {
             2,
             "u",
             OpKind::Terminate { session: "s1".into() },
-            Outcome::Terminated { ended: vec![], pending: vec!["s1".into()], failed: vec![] },
+            Outcome::Terminated { ended: vec![], pending: vec!["s1".into()], unknown: vec![], failed: vec![] },
             5,
             9,
         );

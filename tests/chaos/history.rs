@@ -32,8 +32,15 @@ pub enum Outcome {
     /// A session: created (`reconnected == false`) or an existing one reconnected.
     Given { session: String, agent: String, display: u32, reconnected: bool },
     /// Sessions reported ended (`terminated`, `abandoned`), pending (ended once the agent answers
-    /// again) or failed (not ended, and never will be by this request).
-    Terminated { ended: Vec<String>, pending: Vec<String>, failed: Vec<String> },
+    /// again), unknown (the agent may or may not have ended it; still listed) or failed (not
+    /// ended, and never will be by this request).
+    Terminated {
+        ended: Vec<String>,
+        pending: Vec<String>,
+        #[serde(default)]
+        unknown: Vec<String>,
+        failed: Vec<String>,
+    },
     /// An error reply, or no connection to the master at all (`unreachable`): no effect.
     Refused { kind: String, message: String },
     /// No answer in time, or the connection broke after the request went out.
@@ -66,7 +73,9 @@ impl Op {
             OpKind::TerminateUser => self.user == user,
         };
         match &self.outcome {
-            Outcome::Terminated { ended, pending, .. } => ended.iter().chain(pending).any(|s| s == id),
+            Outcome::Terminated { ended, pending, unknown, .. } => {
+                ended.iter().chain(pending).chain(unknown).any(|s| s == id)
+            }
             Outcome::Unknown { .. } => targets,
             Outcome::Given { .. } | Outcome::Refused { .. } => false,
         }

@@ -166,6 +166,7 @@ pub fn outcome_of(reply: Result<ApiReply, ClientError>) -> Outcome {
         Ok(ApiReply::Terminated { outcome }) => Outcome::Terminated {
             ended: ids(&outcome.terminated).into_iter().chain(ids(&outcome.abandoned)).collect(),
             pending: outcome.pending.iter().map(|(s, _)| s.id.0.clone()).collect(),
+            unknown: outcome.unknown.iter().map(|(s, _)| s.id.0.clone()).collect(),
             failed: outcome.failed.iter().map(|(s, _)| s.id.0.clone()).collect(),
         },
         Ok(ApiReply::Error { kind, message }) => Outcome::Refused { kind: kind.as_str().to_string(), message },
