@@ -202,6 +202,22 @@ fn namespace_end_to_end_tests() {
             vec![bin.clone()],
             min(4),
         ),
+        step(
+            "chaos (seeded fault campaign, 50 faults)",
+            repo().join("scripts/chaos.sh"),
+            vec![
+                "--faults".into(),
+                "50".into(),
+                // A fixed schedule, so that the suite's verdict does not depend on the clock;
+                // VSM_CHAOS_SEED chooses another, `scripts/chaos.sh` alone draws one.
+                "--seed".into(),
+                std::env::var("VSM_CHAOS_SEED").unwrap_or_else(|_| "11".into()),
+                "--keep-logs".into(),
+                repo().join("target/e2e-artifacts/chaos").display().to_string(),
+            ],
+            vec![bin.clone(), ("VSM_E2E_LOCK_HELD", "1".into())],
+            min(8),
+        ),
         Step {
             needs: PACEMAKER_TOOLS,
             ..step("cluster-configs", e2e.join("cluster-configs.sh"), vec![], vec![], min(1))
