@@ -53,6 +53,22 @@ struct Step {
     env: Vec<(&'static str, String)>,
     limit: Duration,
     needs: &'static [&'static str],
+    /// A summary the script writes; when the step fails, its verdict lines go into the
+    /// test's failure message (the part of a long run's output that a CI log keeps).
+    report: Option<PathBuf>,
+}
+
+/// The verdict of a report: from its `anomalies:` line on, at most `max` lines.
+fn verdict_lines(report: &Path, max: usize) -> String {
+    let Ok(text) = std::fs::read_to_string(report) else {
+        return format!("(no report at {})", report.display());
+    };
+    let lines: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("anomalies:")).collect();
+    let mut out: Vec<&str> = lines.iter().copied().take(max).collect();
+    if lines.len() > max {
+        out.push("...");
+    }
+    out.join("\n")
 }
 
 fn repo() -> PathBuf {
@@ -158,6 +174,7 @@ fn namespace_end_to_end_tests() {
         env,
         limit,
         needs: &[],
+        report: None,
     };
     let manager = |name, manager: &str, needs, limit| Step {
         needs,
@@ -169,6 +186,9 @@ fn namespace_end_to_end_tests() {
             limit,
         )
     };
+    let chaos_out = repo().join("target/e2e-artifacts/chaos");
+    // A summary left by an earlier run must not stand in for this run's.
+    let _ = std::fs::remove_file(chaos_out.join("summary.txt"));
     let steps = vec![
         step("keepalived-configs", e2e.join("keepalived-configs.sh"), vec![], vec![], min(1)),
         step("ocf", repo().join("tests/ocf/run.sh"), vec![bins.display().to_string()], vec![], min(3)),
@@ -202,28 +222,32 @@ fn namespace_end_to_end_tests() {
             vec![bin.clone()],
             min(4),
         ),
-        step(
-            "chaos (seeded fault campaign, 50 faults)",
-            repo().join("scripts/chaos.sh"),
-            vec![
-                "--faults".into(),
-                "50".into(),
-                // A fixed schedule, so that the suite's verdict does not depend on the clock;
-                // VSM_CHAOS_SEED chooses another, `scripts/chaos.sh` alone draws one.
-                "--seed".into(),
-                std::env::var("VSM_CHAOS_SEED").unwrap_or_else(|_| "11".into()),
-                "--keep-logs".into(),
-                repo().join("target/e2e-artifacts/chaos").display().to_string(),
-            ],
-            vec![bin.clone(), ("VSM_E2E_LOCK_HELD", "1".into())],
-            min(8),
-        ),
         Step {
             needs: PACEMAKER_TOOLS,
             ..step("cluster-configs", e2e.join("cluster-configs.sh"), vec![], vec![], min(1))
         },
         manager("failover (Pacemaker/Corosync)", "pacemaker", PACEMAKER_TOOLS, min(6)),
         manager("failover (Heartbeat)", "heartbeat", HEARTBEAT_TOOLS, min(6)),
+        // Last, so that a failure's summary ends the log.
+        Step {
+            report: Some(chaos_out.join("summary.txt")),
+            ..step(
+                "chaos (seeded fault campaign, 50 faults)",
+                repo().join("scripts/chaos.sh"),
+                vec![
+                    "--faults".into(),
+                    "50".into(),
+                    // A fixed schedule, so that the suite's verdict does not depend on the clock;
+                    // VSM_CHAOS_SEED chooses another, `scripts/chaos.sh` alone draws one.
+                    "--seed".into(),
+                    std::env::var("VSM_CHAOS_SEED").unwrap_or_else(|_| "11".into()),
+                    "--keep-logs".into(),
+                    chaos_out.display().to_string(),
+                ],
+                vec![bin.clone(), ("VSM_E2E_LOCK_HELD", "1".into())],
+                min(8),
+            )
+        },
     ];
     let started = Instant::now();
     let mut failures = Vec::new();
@@ -236,8 +260,11 @@ fn namespace_end_to_end_tests() {
             continue;
         }
         let args: Vec<&str> = st.args.iter().map(String::as_str).collect();
-        if let Err(e) = run(st.name, &st.script, &args, &st.env, st.limit) {
+        if let Err(mut e) = run(st.name, &st.script, &args, &st.env, st.limit) {
             note(&format!("e2e: FAILED {e}"));
+            if let Some(report) = &st.report {
+                e = format!("{e}\n{}", verdict_lines(report, 14));
+            }
             failures.push(e);
         }
     }

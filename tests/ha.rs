@@ -1043,7 +1043,7 @@ async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_link
     init_logging();
     let d = cluster_dir();
     let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
-    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, _| {}).await;
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), short_adoption_hold).await;
     assert!(p.wait_streaming().await);
     set_roles(&p, 0).await;
     // A desktop neither master knows of (in the campaign: a start the other master gave up on
@@ -1062,9 +1062,58 @@ async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_link
     p.heal();
     assert!(p.wait_streaming().await);
     assert!(wait_until(T, || async { p.a().ha_status().await.readiness == Readiness::CaughtUp }).await);
+    // Linked again, it still waits out the time a start of the peer's could take to be
+    // stored or abandoned, then adopts.
     let sum = p.a().server().broker.reconcile_all().await.unwrap();
-    assert_eq!((sum.recovered, sum.deferred), (1, 0), "{sum:?}");
+    assert_eq!((sum.recovered, sum.deferred), (0, 1), "adopted right after the link came back: {sum:?}");
+    assert!(
+        wait_until(T, || async {
+            let sum = p.a().server().broker.reconcile_all().await.unwrap();
+            sum.recovered == 1
+        })
+        .await
+    );
     assert!(p.a().server().db.get(&extra.session_id).await.unwrap().is_some());
+    p.assert_converged().await;
+    p.stop().await;
+    agent.stop().await;
+}
+
+/// Agent calls of 1 s and a peer timeout of 2 s: a desktop the database does not know is
+/// adopted after about 4 s (see `AdoptionGate`).
+fn short_adoption_hold(_: usize, c: &mut vsm::config::Config) {
+    c.vsmserver.agent_timeout = Duration::from_secs(1);
+    c.ha.peer_timeout = Duration::from_secs(2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_desktop_the_peer_is_still_starting_is_not_adopted_and_ends_when_the_peer_abandons_it() {
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), short_adoption_hold).await;
+    assert!(p.wait_streaming().await);
+    set_roles(&p, 1).await;
+    // `a` asked the agent to start a desktop and has not heard back (its answer is lost): the
+    // desktop runs, and neither database knows it yet.
+    let client = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
+        secret: vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
+        port: 904,
+        timeout: Duration::from_secs(3),
+    });
+    let started = client.start(&agent.name, SessionId::random(), "carol", None).await.unwrap();
+    let id = started.session_id.clone();
+    // `b`, linked and caught up, must not adopt it: `a`'s start may still be under way.
+    let sum = p.b().server().broker.reconcile_all().await.unwrap();
+    assert_eq!((sum.recovered, sum.deferred), (0, 1), "adopted a desktop the peer may still be starting: {sum:?}");
+    // `a` gives up on the start and records it as abandoned (a tombstone) before the hold is out.
+    p.a().server().db.write(Write::Delete(id.clone())).await.unwrap();
+    assert!(wait_until(T, || async { p.b().server().db.record(&id).await.unwrap().is_some() }).await);
+    let sum = p.b().server().broker.reconcile_all().await.unwrap();
+    assert_eq!((sum.recovered, sum.ended), (0, 1), "{sum:?}");
+    let running = client.list(&agent.name).await.unwrap().0;
+    assert!(running.iter().all(|r| r.session_id != id), "the abandoned desktop still runs: {running:?}");
+    assert!(p.b().server().db.get(&id).await.unwrap().is_none());
     p.assert_converged().await;
     p.stop().await;
     agent.stop().await;

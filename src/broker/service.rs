@@ -68,6 +68,30 @@ pub trait Replication: Send + Sync + 'static {
     fn cut_off(&self) -> bool {
         false
     }
+
+    /// Whether a desktop the database does not know may be adopted now (see
+    /// [`AdoptionGate`]).
+    fn adoption_gate(&self) -> AdoptionGate {
+        AdoptionGate::Now
+    }
+}
+
+/// When reconciliation may adopt a desktop that runs on an agent but is not in the database.
+///
+/// With a peer, such a desktop may be the other master's start still under way: that master
+/// either stores it or records it as abandoned once its agent call ends, and the record takes
+/// up to `lag` to arrive here. Adopting before would race that record (and an abandoned
+/// start's tombstone wins the merge, ending a session this master may have handed out), so
+/// the desktop must have been seen unknown, and the link up, for longer than a start can take
+/// plus `lag`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AdoptionGate {
+    /// No peer: adopt at once.
+    Now,
+    /// Linked and caught up with the peer for `linked_for`.
+    Linked { linked_for: Duration, lag: Duration },
+    /// Cut off from the peer: never now.
+    CutOff,
 }
 
 /// No peer: a local commit is all there is.
@@ -110,6 +134,10 @@ struct Inner {
     hook_timeout: Duration,
     metrics: Metrics,
     abandoned: Mutex<VecDeque<SessionId>>,
+    /// Desktops found running but unknown to the database, with their agent and when first
+    /// seen so; adopted once [`AdoptionGate`] allows. Entries leave when adopted or ended,
+    /// or when their agent no longer runs them.
+    unknown_seen: Mutex<HashMap<SessionId, (String, Instant)>>,
 }
 
 /// Removes a session from the broker's starts under way when the start ends, however it ends.
@@ -144,6 +172,7 @@ impl Broker {
                 clock_alarms: Mutex::new(HashSet::new()),
                 hook_timeout: Duration::from_secs(30),
                 abandoned: Mutex::new(VecDeque::new()),
+                unknown_seen: Mutex::new(HashMap::new()),
                 metrics,
             }),
         }
@@ -746,8 +775,10 @@ impl Broker {
             }
         }
         let known_ids: BTreeSet<&SessionId> = known.iter().map(|s| &s.id).collect();
+        self.forget_unknown_gone(agent, running);
         for a in running {
-            if known_ids.contains(&a.session_id) {
+            // A start of this master still under way is stored or abandoned when it ends.
+            if known_ids.contains(&a.session_id) || self.starting().contains(&a.session_id) {
                 continue;
             }
             match self.inner.db.record(&a.session_id).await? {
@@ -766,9 +797,10 @@ impl Broker {
                 None => {}
             }
             // The other master may have recorded this desktop's start as abandoned or the
-            // session as ended while the two were apart: adopt only once it can say so.
-            if self.inner.replication.cut_off() {
-                tracing::info!(session_id = %a.session_id, user = %a.user, agent = %agent, "a desktop the database does not know runs on this agent; it is looked at again once the peer link is back");
+            // session as ended while the two were apart, or may still be starting it: adopt
+            // only once it would have said so.
+            if let Some(why) = self.adoption_wait(agent, &a.session_id) {
+                tracing::info!(session_id = %a.session_id, user = %a.user, agent = %agent, "a desktop the database does not know runs on this agent; {why}");
                 summary.deferred += 1;
                 continue;
             }
@@ -791,10 +823,50 @@ impl Broker {
                 summary.ended += 1;
                 continue;
             }
+            self.unknown().remove(&s.id);
             tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, display = s.display, "recovered a session the database did not know");
             summary.recovered += 1;
         }
         Ok(())
+    }
+
+    fn unknown(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, (String, Instant)>> {
+        self.inner.unknown_seen.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Forgets the unknown desktops of `agent` that it no longer runs.
+    fn forget_unknown_gone(&self, agent: &str, running: &[AgentSession]) {
+        let ids: HashSet<&SessionId> = running.iter().map(|a| &a.session_id).collect();
+        self.unknown().retain(|id, (ag, _)| ag != agent || ids.contains(id));
+    }
+
+    /// Why a desktop the database does not know must not be adopted yet, if it must not;
+    /// notes when it was first seen.
+    fn adoption_wait(&self, agent: &str, id: &SessionId) -> Option<String> {
+        let now = Instant::now();
+        let first = {
+            let mut seen = self.unknown();
+            if seen.len() >= UNKNOWN_KEPT && !seen.contains_key(id) {
+                return Some(format!("{UNKNOWN_KEPT} such desktops are already waiting; it is looked at again later"));
+            }
+            seen.entry(id.clone()).or_insert_with(|| (agent.to_string(), now)).1
+        };
+        match self.inner.replication.adoption_gate() {
+            AdoptionGate::Now => None,
+            AdoptionGate::CutOff => Some("it is looked at again once the peer link is back".into()),
+            AdoptionGate::Linked { linked_for, lag } => {
+                // The longest the other master can take to store or abandon a start, and to
+                // tell this one.
+                let hold = self.inner.agents.timeout() + lag;
+                let seen_for = now.duration_since(first);
+                (seen_for < hold || linked_for < hold).then(|| {
+                    format!(
+                        "the other master may still be starting it; adopted if it still runs unknown {} s after it was first seen with the peer linked",
+                        hold.as_secs()
+                    )
+                })
+            }
+        }
     }
 
     /// Logs when an agent's clock offset crosses `/HA/max_clock_offset` (either way).
@@ -955,6 +1027,9 @@ enum Ended {
 
 /// Abandoned start ids kept in memory (for when the tombstone cannot be written).
 const ABANDONED_KEPT: usize = 4096;
+
+/// Unknown desktops waiting for adoption that are tracked at once.
+const UNKNOWN_KEPT: usize = 65_536;
 
 fn filter(sel: &Selector) -> SessionFilter {
     SessionFilter {

@@ -31,7 +31,7 @@
 use super::engine::{self, Command, Engine, EngineConfig, Event};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::api::HaControl;
-use crate::broker::service::{Broker, Replication};
+use crate::broker::service::{AdoptionGate, Broker, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::{DbHandle, LogRead};
 use crate::metrics::Metrics;
@@ -190,6 +190,8 @@ pub struct HaNode {
     status: Arc<Mutex<Option<engine::EngineStatus>>>,
     /// Why the node is (not) ready, published by the engine task after every step.
     readiness: watch::Sender<Readiness>,
+    /// Since when the node is caught up with its peer without a break (`None` while not).
+    caught_up_since: Mutex<Option<std::time::Instant>>,
     /// The last failed secure handshake with the peer (wrong secret, wrong link kind); such a
     /// connection never reaches the engine, so status shows it from here. Cleared on link up.
     handshake_error: HandshakeError,
@@ -237,6 +239,7 @@ impl HaNode {
                 engine_tx: None,
                 status,
                 readiness,
+                caught_up_since: Mutex::new(None),
                 handshake_error: Default::default(),
                 last_drop: Mutex::new(None),
                 done: Mutex::new(None),
@@ -265,6 +268,7 @@ impl HaNode {
             engine_tx: Some(req_tx),
             status: status.clone(),
             readiness,
+            caught_up_since: Mutex::new(None),
             handshake_error: Default::default(),
             last_drop: Mutex::new(None),
             done: Mutex::new(None),
@@ -518,6 +522,21 @@ impl HaNode {
 impl Replication for HaNode {
     fn cut_off(&self) -> bool {
         HaNode::cut_off(self)
+    }
+
+    fn adoption_gate(&self) -> AdoptionGate {
+        if self.engine_tx.is_none() {
+            return AdoptionGate::Now;
+        }
+        match *self.caught_up_since.lock().unwrap_or_else(|p| p.into_inner()) {
+            // Linked, a record of the peer's arrives within its silence timeout (else the
+            // link is declared dead and this node is cut off); a second for the rest.
+            Some(since) if !self.cut_off() => AdoptionGate::Linked {
+                linked_for: since.elapsed(),
+                lag: self.cfg.ha.peer_timeout + std::time::Duration::from_secs(1),
+            },
+            _ => AdoptionGate::CutOff,
+        }
     }
 
     fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
@@ -1066,6 +1085,9 @@ impl Driver {
             }
         }
         *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
-        self.node.readiness.send_if_modified(|r| std::mem::replace(r, readiness) != readiness);
+        if self.node.readiness.send_if_modified(|r| std::mem::replace(r, readiness) != readiness) {
+            *self.node.caught_up_since.lock().unwrap_or_else(|p| p.into_inner()) =
+                (readiness == Readiness::CaughtUp).then(std::time::Instant::now);
+        }
     }
 }
