@@ -198,9 +198,11 @@ step "2. the agent reports the viewer: connected in tlctl and vsmclient"
 connected() { [ "$(testuser_session | jq -r .status)" = running ]; }
 wait_for 30 "tlctl session list --refresh shows testuser's session connected" connected
 tlctl_on tlha-primary session list --refresh --user testuser | sed 's/^/    /'
-tlctl_on tlha-primary session list --user testuser | grep -qE ' connected +[0-9]' ||
+# grep reads all of it (no -q): quitting at the first match can break the pipe of a writer
+# still printing, which pipefail turns into a failure.
+tlctl_on tlha-primary session list --user testuser | grep -E ' connected +[0-9]' >/dev/null ||
     fail "tlctl session list does not show 'connected': $(tlctl_on tlha-primary session list --user testuser)"
-ssh_tlha testuser vsmclient list | grep -q ' connected ' ||
+ssh_tlha testuser vsmclient list | grep ' connected ' >/dev/null ||
     fail "vsmclient list does not show 'connected': $(ssh_tlha testuser vsmclient list)"
 [ "$(testuser_session | jq -r .last_connect_ms)" -gt 0 ] || fail "no last connection time"
 
