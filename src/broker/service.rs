@@ -775,7 +775,7 @@ impl Broker {
             }
         }
         let known_ids: BTreeSet<&SessionId> = known.iter().map(|s| &s.id).collect();
-        self.forget_unknown_gone(agent, running);
+        self.forget_unknown_gone(agent, running, &known_ids);
         for a in running {
             // A start of this master still under way is stored or abandoned when it ends.
             if known_ids.contains(&a.session_id) || self.starting().contains(&a.session_id) {
@@ -834,10 +834,11 @@ impl Broker {
         self.inner.unknown_seen.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Forgets the unknown desktops of `agent` that it no longer runs.
-    fn forget_unknown_gone(&self, agent: &str, running: &[AgentSession]) {
+    /// Forgets the unknown desktops of `agent` that it no longer runs or that the database
+    /// now knows (the peer stored them).
+    fn forget_unknown_gone(&self, agent: &str, running: &[AgentSession], known: &BTreeSet<&SessionId>) {
         let ids: HashSet<&SessionId> = running.iter().map(|a| &a.session_id).collect();
-        self.unknown().retain(|id, (ag, _)| ag != agent || ids.contains(id));
+        self.unknown().retain(|id, (ag, _)| ag != agent || (ids.contains(id) && !known.contains(id)));
     }
 
     /// Why a desktop the database does not know must not be adopted yet, if it must not;
