@@ -1,7 +1,8 @@
 //! In-process clusters on loopback, shared by `vsmserver demo`, the integration tests
 //! (`tests/common`) and the benchmarks (`benches/common`): configurations of masters and
 //! agents under one temporary directory, secrets written as the daemons require, masters and
-//! agents started on already bound listeners, HA pairs, and [`wait_until`].
+//! agents started on already bound listeners, HA pairs, and the one polling helper,
+//! [`wait_until`] (with [`wait_for`] for conditions that need no `.await`).
 //!
 //! Owns nothing the daemons run on: it only wires the library's own pieces (`server`,
 //! `agentd`) the way `vsmserver` and `vsmagent` do, with listeners on `127.0.0.1`.
@@ -44,6 +45,15 @@ where
     Fut: Future<Output = bool>,
 {
     wait_until_every(deadline, POLL, f).await
+}
+
+/// [`wait_until`] for a condition that needs no `.await` (a file, a process, a counter).
+pub async fn wait_for(deadline: Duration, mut f: impl FnMut() -> bool) -> bool {
+    wait_until(deadline, || {
+        let done = f();
+        async move { done }
+    })
+    .await
 }
 
 /// [`wait_until`] polling every `every` (benchmarks timing a failover look more often).
@@ -213,6 +223,15 @@ mod tests {
             .await
         );
         assert!(!wait_until(Duration::from_millis(50), || async { false }).await);
+        let mut m = 0;
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                m += 1;
+                m >= 2
+            })
+            .await
+        );
+        assert!(!wait_for(Duration::from_millis(50), || false).await);
     }
 
     #[test]

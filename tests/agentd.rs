@@ -77,12 +77,8 @@ fn me() -> String {
     nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap().name
 }
 
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+async fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    assert!(vsm::testkit::wait_for(Duration::from_secs(15), f).await, "timed out waiting for {what}");
 }
 
 async fn next_report(rx: &mut mpsc::Receiver<AgentReport>) -> AgentReport {

@@ -216,3 +216,60 @@ fn daemons_report_errors_in_one_style() {
         assert!(!err.contains("Error:") && !err.contains("Caused by"), "{daemon}: {err}");
     }
 }
+
+/// A configuration directory with HA on whose secret file cannot be read, and the socket path
+/// moved away from the default.
+fn ha_dir_without_secret(base: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = base.join("etc");
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = base.join("missing/ha.key");
+    let socket = base.join("elsewhere.sock");
+    std::fs::write(
+        dir.join("ha.toml"),
+        format!(
+            "[HA]\nenabled = true\nnodes = [\"tlha-primary\", \"tlha-secondary\"]\nsecret_file = \"{}\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("cluster.toml"), "[subclusters.default]\nagents = [\"192.0.2.10\"]\n").unwrap();
+    std::fs::write(dir.join("vsmserver.toml"), format!("[vsmserver]\nsocket_path = \"{}\"\n", socket.display()))
+        .unwrap();
+    (dir, secret, socket)
+}
+
+#[test]
+fn daemons_refuse_an_unreadable_secret_that_clients_never_read() {
+    let base = tempfile::tempdir().unwrap();
+    let (dir, secret, socket) = ha_dir_without_secret(base.path());
+    for daemon in ["vsmagent", "vsmserver"] {
+        let program = if daemon == "vsmagent" { VSMAGENT } else { VSMSERVER };
+        let (code, err) = run_daemon(program, &dir, &[], false);
+        assert_eq!(code, Some(1), "{daemon}: {err}");
+        assert!(err.starts_with(&format!("{daemon}: invalid configuration in {}:\n", dir.display())), "{err}");
+        let located = format!(
+            "{}:4: /HA/secret_file: secret file {} cannot be read",
+            dir.join("ha.toml").display(),
+            secret.display()
+        );
+        assert!(err.contains(&located), "{daemon}: {err}");
+    }
+    // tl-config --check is the daemons' check, with the same line.
+    let mut c = command(TL_CONFIG);
+    c.arg("--config-dir").arg(&dir).arg("--check");
+    let out = c.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("/HA/secret_file: secret file"), "{}", text(&out.stderr));
+    // Clients only load: they find the configured socket and say nothing of the secret.
+    for (name, program, args) in
+        [("vsmclient list", VSMCLIENT, vec!["list"]), ("tlctl session list", TLCTL, vec!["session", "list"])]
+    {
+        let mut c = command(program);
+        c.env("VSM_CONFIG_DIR", &dir).env_remove("VSM_SOCKET").args(&args);
+        let out = c.output().unwrap();
+        let err = text(&out.stderr);
+        assert_no_panic(name, &out);
+        assert!(err.contains(&format!("cannot reach vsmserver at {}", socket.display())), "{name}: {err}");
+        assert!(!err.contains("secret"), "{name}: {err}");
+    }
+}

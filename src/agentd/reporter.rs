@@ -206,7 +206,6 @@ mod tests {
     use crate::model::SessionId;
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::{Arc, Mutex};
-    use std::time::Instant;
 
     fn exited(n: u32) -> AgentReport {
         AgentReport::SessionExited { session_id: SessionId(format!("s{n}")), display: n, exit_status: Some(0) }
@@ -241,12 +240,8 @@ mod tests {
         }
     }
 
-    async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !f() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    async fn wait_until(what: &str, f: impl FnMut() -> bool) {
+        assert!(crate::testkit::wait_for(Duration::from_secs(10), f).await, "timed out waiting for {what}");
     }
 
     #[tokio::test]

@@ -36,20 +36,15 @@ pub fn main() -> ExitCode {
     }
     let args = Args::parse();
     let dir = crate::config::config_dir_from(args.config_dir.clone());
-    let config = match crate::config::load(&dir) {
+    // Loading and the checks that need this machine (DNS, the HA secret), located at the
+    // file and line that set each key.
+    let config = match crate::config::preflight::load_checked(&dir) {
         Ok(c) => c,
         Err(e) => {
             crate::telemetry::fatal("vsmagent", format_args!("invalid configuration in {}:\n{e}", dir.display()));
             return ExitCode::from(1);
         }
     };
-    if let Err(e) = crate::config::preflight(&config) {
-        crate::telemetry::fatal(
-            "vsmagent",
-            format_args!("configuration in {} does not fit this machine:\n{e}", dir.display()),
-        );
-        return ExitCode::from(1);
-    }
     let log = args.log.options(Some(&config.vsmagent.logging));
     if let Err(e) = crate::telemetry::init_with(&log) {
         crate::telemetry::fatal("vsmagent", format_args!("{e}"));

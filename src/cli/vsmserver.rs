@@ -58,15 +58,10 @@ pub fn main() -> ExitCode {
         Some(_) => None,
         None => {
             let dir = crate::config::config_dir_from(args.config_dir.clone());
-            match crate::config::load(&dir) {
+            // Loading and the checks that need this machine (DNS, the HA secret), located at
+            // the file and line that set each key.
+            match crate::config::preflight::load_checked(&dir) {
                 Ok(c) => {
-                    if let Err(e) = crate::config::preflight(&c) {
-                        crate::telemetry::fatal(
-                            "vsmserver",
-                            format_args!("configuration in {} does not fit this machine:\n{e}", dir.display()),
-                        );
-                        return ExitCode::from(1);
-                    }
                     log = args.log.options(Some(&c.vsmserver.logging));
                     Some((dir, c))
                 }

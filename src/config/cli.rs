@@ -114,10 +114,7 @@ pub fn run(args: &Args, out: &mut dyn Write, err: &mut dyn Write) -> u8 {
 
     if args.check {
         // Everything a daemon would check before it starts, secrets and DNS included.
-        let checked = Settings::read_dir(&dir)
-            .map_err(super::ConfigErrors::from)
-            .and_then(|s| super::preflight::build_checked(&s, &super::preflight::system_resolve));
-        match checked {
+        match super::preflight::load_checked(&dir) {
             Ok(_) => {
                 let _ = writeln!(out, "{}: configuration is valid", dir.display());
             }

@@ -833,6 +833,7 @@ The exit status is the number of errors (at most 255).
 - With `/HA/enabled` true:
   - no subcluster may list a loopback agent (`127.0.0.0/8`, `::1`, `localhost`, or a name resolving to a loopback address), because loopback means a different machine depending on which master is active: use the agent's unique host name or address;
   - `/HA/secret_file` must exist, be readable and hold at least 16 bytes: create it once with `head -c 32 /dev/urandom > /etc/vsm/ha.key && chmod 600 /etc/vsm/ha.key` and copy it to the other master. The daemons refuse secret files that group or others may access, naming the `chmod` that fixes it.
+  - these two need the machine (a name lookup, the secret file), so `vsmserver` and `vsmagent` check them when they start and `tl-config` when it writes and with `--check`; `vsmclient` and `tlctl` only read the files: they look up no agent name and never open `/HA/secret_file`.
 - Which entry of `/HA/nodes` is the local machine is decided when `vsmserver` starts, not by the configuration check: if it cannot be decided, the server runs without HA and logs why.
 
 All daemons read their configuration only when they start: after a change, restart the service that reads the folder (`vsmserver.service` for `/HA`, `/subclusters`, `/agents` and `/vsmserver`; `vsmagent.service` for `/vsmagent`; both for `/vsm`).

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -123,9 +123,17 @@ pub fn preflight_with(config: &Config, resolve: Resolver<'_>) -> Result<(), Pref
     }
 }
 
+/// Loads the configuration directory `dir` and runs preflight on it with the system resolver,
+/// every problem located at the file and line that set its key: what `vsmserver` and
+/// `vsmagent` run before they start and `tl-config --check` runs. Clients use
+/// [`super::load`] instead, which resolves no name and reads no secret.
+pub fn load_checked(dir: &Path) -> Result<Config, ConfigErrors> {
+    build_checked(&Settings::read_dir(dir)?, &system_resolve)
+}
+
 /// Builds `settings` and runs preflight on the result, with every problem of both kinds
-/// located at the file and line that set its key: what `tl-config` checks before it writes
-/// and with `--check`.
+/// located at the file and line that set its key: what [`load_checked`] and `tl-config`
+/// (before it writes) check.
 pub fn build_checked(settings: &Settings, resolve: Resolver<'_>) -> Result<Config, ConfigErrors> {
     let (config, mut errors) = settings.build_all();
     if let Err(PreflightErrors(found)) = preflight_with(&config, resolve) {
@@ -258,6 +266,20 @@ mod tests {
         // The same with the secret in place passes.
         std::fs::write(&missing, [7u8; 32]).unwrap();
         preflight_with(&c, &no_dns).unwrap();
+    }
+
+    #[test]
+    fn clients_load_what_daemons_refuse_at_the_line_of_the_key() {
+        let keys = tempfile::tempdir().unwrap();
+        let missing = keys.path().join("ha.key");
+        // A literal address: no lookup is needed, so none is made.
+        let dir = ha_dir("[\"192.0.2.10\"]", &missing);
+        assert!(load(dir.path()).is_ok(), "a client loads without the secret");
+        let e = load_checked(dir.path()).unwrap_err().0;
+        assert_eq!(e.len(), 1, "{e:?}");
+        let want =
+            format!("{}:4: /HA/secret_file: secret file {}", dir.path().join("ha.toml").display(), missing.display());
+        assert!(e[0].to_string().starts_with(&want), "{}", e[0]);
     }
 
     #[test]
