@@ -262,6 +262,22 @@ impl fmt::Display for Role {
     }
 }
 
+/// `/HA/sync`: when a client whose write must reach the peer is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncLevel {
+    /// Answer clients as soon as the local commit is done.
+    Async,
+    /// Answer clients after the peer stored the change (or `sync_timeout` passed).
+    Ack,
+}
+
+/// `/vsmserver/db_synchronous`: how hard the session database flushes a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbSynchronous {
+    Full,
+    Normal,
+}
+
 // ---- Bounds of what may be stored ----
 //
 // Every field that comes from outside (a user's request, an agent's report, an admin's

@@ -87,8 +87,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::config::DbSynchronous;
-use crate::model::{Change, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
+use crate::model::{Change, DbSynchronous, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
 
 pub use merge::Winner;
 pub use schema::create_private_dir;
