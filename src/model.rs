@@ -245,6 +245,27 @@ pub struct Change {
     pub record: Record,
 }
 
+/// Answer of a read of the change log after a position: the database gives it, the HA
+/// engine takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogRead {
+    /// The changes after the requested position, ascending and contiguous (empty when up to
+    /// date).
+    Changes(Vec<Change>),
+    /// The log no longer holds the entry after the requested position: take a snapshot.
+    Truncated { oldest: Seq },
+}
+
+/// Every record (sessions and tombstones) of a database, consistent at `head` of its change
+/// log `db_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub head: Seq,
+    pub db_id: String,
+    /// In storage order (not sorted).
+    pub records: Vec<Record>,
+}
+
 /// Whether a node serves clients (holds the resource IP) or stands by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

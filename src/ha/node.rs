@@ -33,7 +33,7 @@ use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::api::HaControl;
 use crate::broker::service::{AdoptionGate, Broker, Replication};
 use crate::config::{Config, SyncLevel};
-use crate::db::{DbHandle, LogRead};
+use crate::db::DbHandle;
 use crate::metrics::Metrics;
 use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
 use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
@@ -964,20 +964,11 @@ impl Driver {
                 }
             }
             Command::ReadLog { after, limit } => match self.db.changes_since(after, limit).await {
-                Ok(r) => {
-                    let result = match r {
-                        LogRead::Changes(c) => engine::LogRead::Changes(c),
-                        LogRead::Truncated { oldest } => engine::LogRead::Truncated { oldest },
-                    };
-                    events.push_back(Event::LogRead { after, result, now: engine_now() })
-                }
+                Ok(result) => events.push_back(Event::LogRead { after, result, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
             },
             Command::ReadSnapshot => match self.db.snapshot().await {
-                Ok(s) => events.push_back(Event::SnapshotRead {
-                    snapshot: engine::Snapshot { head: s.head, records: s.records },
-                    now: engine_now(),
-                }),
+                Ok(snapshot) => events.push_back(Event::SnapshotRead { snapshot, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
             Command::Apply { peer_db_id, records, peer_pos } => {

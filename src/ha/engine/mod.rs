@@ -101,7 +101,7 @@
 //!   are flow-controlled. A snapshot counts as one in-flight message until acknowledged.
 
 use crate::config::{Config, HaConfig, SyncLevel};
-use crate::model::{Change, NodeId, Readiness, Record, Role, Seq};
+use crate::model::{Change, LogRead, NodeId, Readiness, Record, Role, Seq, Snapshot};
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -134,22 +134,6 @@ pub struct DbStatus {
     pub head: Seq,
     /// Oldest retained sequence number (`head + 1` when the log is empty).
     pub oldest: Seq,
-}
-
-/// Result of a [`Command::ReadLog`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LogRead {
-    /// Entries after the requested position, ascending and contiguous (possibly empty).
-    Changes(Vec<Change>),
-    /// The log no longer holds the entry after the requested position.
-    Truncated { oldest: Seq },
-}
-
-/// Result of a [`Command::ReadSnapshot`]: every record, consistent at `head` of the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    pub head: Seq,
-    pub records: Vec<Record>,
 }
 
 /// Engine settings; [`EngineConfig::new`] fills them from the configuration.
@@ -1106,7 +1090,7 @@ impl Engine {
         }
         link.out.reading = Reading::Idle;
         link.out.need_snapshot = false;
-        let Snapshot { head, records } = snapshot;
+        let Snapshot { head, records, .. } = snapshot;
         let total = records.len() as u64;
         out.push(Command::Send(PeerMsg::SnapshotBegin { head, total }));
         let mut records = records.into_iter().peekable();
