@@ -202,6 +202,26 @@ pub struct HaNode {
 
 type HandshakeError = Arc<Mutex<Option<String>>>;
 
+/// The engine's settings from the configuration; the engine itself never sees `Config`.
+fn engine_config(local: NodeId, peer: NodeId, cfg: &Config) -> EngineConfig {
+    let ha = &cfg.ha;
+    EngineConfig {
+        local,
+        peer,
+        sync: ha.sync,
+        sync_timeout: ha.sync_timeout,
+        startup_grace: ha.startup_grace,
+        heartbeat_interval: ha.heartbeat_interval,
+        peer_timeout: ha.peer_timeout,
+        config_digest: cfg.digest_cluster(),
+        batch_limit: engine::DEFAULT_BATCH_LIMIT,
+        batch_bytes: peer::BATCH_BYTES,
+        max_inflight: engine::DEFAULT_MAX_INFLIGHT,
+        role: Role::Standby,
+        max_clock_offset: ha.max_clock_offset,
+    }
+}
+
 fn note_handshake_error(slot: &HandshakeError, peer: &str, e: &crate::proto::ProtoError) {
     *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("peer {peer}: {e}"));
 }
@@ -249,7 +269,7 @@ impl HaNode {
         let secret = Secret::from_file(&cfg.ha.secret_file).map_err(|e| format!("/HA/secret_file: {e}"))?;
         let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
         let st = db.status().await.map_err(|e| e.to_string())?;
-        let ecfg = EngineConfig::new(local.clone(), remote.clone(), &cfg.ha, cfg.digest_cluster());
+        let ecfg = engine_config(local.clone(), remote.clone(), &cfg);
         let engine = Engine::new(
             ecfg,
             engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest },
