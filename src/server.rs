@@ -196,7 +196,6 @@ impl Server {
         .map_err(ServerError::Ha)?;
         let replication: Arc<dyn Replication> = ha.clone();
         let broker = Broker::new(cfg.clone(), db.clone(), agents, replication, metrics.clone());
-        ha.set_broker(broker.clone());
 
         // 5. Listeners.
         let tracker = TaskTracker::new();

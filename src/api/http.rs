@@ -107,7 +107,7 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
 pub async fn metrics(api: &Api, format: Format) -> String {
     let m = &api.metrics;
     let _one_scrape_at_a_time = m.scrape_lock().await;
-    let st = api.ha.status().await;
+    let st = api.ha_status().await;
     m.ready.set(flag(st.ready));
     for r in crate::model::Readiness::ALL {
         m.readiness.get_or_create(&StateLabel { state: r.as_str() }).set(flag(r == st.readiness));

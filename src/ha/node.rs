@@ -31,7 +31,7 @@
 use super::engine::{self, Command, Engine, EngineConfig, Event};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::api::HaControl;
-use crate::broker::service::{AdoptionGate, Broker, Replication};
+use crate::broker::service::{AdoptionGate, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::DbHandle;
 use crate::metrics::Metrics;
@@ -184,7 +184,6 @@ pub struct HaNode {
     /// does, the node cannot tell a standby from an active master without the hook.
     role_told: std::sync::atomic::AtomicBool,
     reconcile: watch::Sender<u64>,
-    broker: OnceLock<Broker>,
     /// `None` with HA off.
     engine_tx: Option<mpsc::Sender<Req>>,
     status: Arc<Mutex<Option<engine::EngineStatus>>>,
@@ -255,7 +254,6 @@ impl HaNode {
                 role,
                 role_told: Default::default(),
                 reconcile,
-                broker: OnceLock::new(),
                 engine_tx: None,
                 status,
                 readiness,
@@ -284,7 +282,6 @@ impl HaNode {
             role,
             role_told: Default::default(),
             reconcile,
-            broker: OnceLock::new(),
             engine_tx: Some(req_tx),
             status: status.clone(),
             readiness,
@@ -333,10 +330,6 @@ impl HaNode {
         let h = tokio::spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         Ok(node)
-    }
-
-    pub fn set_broker(&self, b: Broker) {
-        let _ = self.broker.set(b);
     }
 
     /// Does this node serve clients (and so reconcile with agents)?
@@ -478,7 +471,8 @@ impl HaNode {
         }
     }
 
-    /// The status `tlctl ha status` shows.
+    /// The status `tlctl ha status` shows, but for the agents' clock offsets (left empty):
+    /// the broker knows them, and the API adds them.
     pub async fn status_view(&self) -> HaStatusView {
         let role = self.role.borrow().to_string();
         let db = self.db.status().await.ok();
@@ -499,7 +493,6 @@ impl HaNode {
             db_digest,
             link: "down".into(),
             max_clock_offset_ms: u64::try_from(self.cfg.ha.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
-            agent_clock_offsets: self.broker.get().map(|b| b.agent_clock_offsets()).unwrap_or_default(),
             ..Default::default()
         };
         match &self.setup.mode {
