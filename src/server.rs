@@ -45,7 +45,7 @@ pub enum ServerError {
     #[error("cluster secret: {0}")]
     Secret(String),
     #[error("high availability: {0}")]
-    Ha(String),
+    Ha(crate::ha::node::HaStartError),
 }
 
 /// Sockets the daemon serves, bound before [`Server::start`].

@@ -201,6 +201,18 @@ pub struct HaNode {
 
 type HandshakeError = Arc<Mutex<Option<String>>>;
 
+/// Why HA could not start: the daemon stops (the configuration checks passed, so this is the
+/// machine's state: a secret file, the database).
+#[derive(Debug, thiserror::Error)]
+pub enum HaStartError {
+    #[error("/HA/secret_file: {0}")]
+    Secret(ProtoError),
+    #[error("HA is on but no listener for /HA/port was bound")]
+    NoPeerListener,
+    #[error("{0}")]
+    Db(#[from] crate::db::DbError),
+}
+
 /// The engine's settings from the configuration; the engine itself never sees `Config`.
 fn engine_config(local: NodeId, peer: NodeId, cfg: &Config) -> EngineConfig {
     let ha = &cfg.ha;
@@ -235,7 +247,7 @@ impl HaNode {
         cancel: CancellationToken,
         tracker: &TaskTracker,
         metrics: Metrics,
-    ) -> Result<Arc<HaNode>, String> {
+    ) -> Result<Arc<HaNode>, HaStartError> {
         let standalone = !matches!(setup.mode, HaMode::Enabled { .. });
         let role = watch::channel(if standalone { Role::Active } else { Role::Standby }).0;
         let reconcile = watch::channel(0u64).0;
@@ -264,9 +276,9 @@ impl HaNode {
             }));
         }
         let HaMode::Enabled { local, remote, .. } = setup.mode.clone() else { unreachable!("checked above") };
-        let secret = Secret::from_file(&cfg.ha.secret_file).map_err(|e| format!("/HA/secret_file: {e}"))?;
-        let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
-        let st = db.status().await.map_err(|e| e.to_string())?;
+        let secret = Secret::from_file(&cfg.ha.secret_file).map_err(HaStartError::Secret)?;
+        let peer_listener = peer_listener.ok_or(HaStartError::NoPeerListener)?;
+        let st = db.status().await?;
         let ecfg = engine_config(local.clone(), remote.clone(), &cfg);
         let engine = Engine::new(
             ecfg,
@@ -296,7 +308,7 @@ impl HaNode {
             digest: cfg.digest_cluster(),
             // After a restart, the peer log we applied last is only known from the database;
             // without it our first hello would ask for a full snapshot on every restart.
-            last_peer: Arc::new(Mutex::new(db.last_peer_db_id().await.map_err(|e| e.to_string())?)),
+            last_peer: Arc::new(Mutex::new(db.last_peer_db_id().await?)),
         };
         let conns = ConnCounter::default();
         tracker.spawn(accept_loop(
