@@ -267,10 +267,12 @@ pub struct Snapshot {
 }
 
 /// Whether a node serves clients (holds the resource IP) or stands by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Active,
+    /// The role a node with HA on starts in, until the HA manager says otherwise.
+    #[default]
     Standby,
 }
 
@@ -297,6 +299,35 @@ pub enum SyncLevel {
 pub enum DbSynchronous {
     Full,
     Normal,
+}
+
+/// State of the peer link: the HA engine decides it; `tlctl ha status` and the metrics show
+/// it (as `down`, `handshaking`, `catching_up`, `streaming`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    #[default]
+    Down,
+    Handshaking,
+    CatchingUp,
+    Streaming,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Down => "down",
+            LinkState::Handshaking => "handshaking",
+            LinkState::CatchingUp => "catching_up",
+            LinkState::Streaming => "streaming",
+        }
+    }
+}
+
+impl fmt::Display for LinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 // ---- Bounds of what may be stored ----

@@ -35,7 +35,7 @@ use crate::broker::service::{AdoptionGate, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::DbHandle;
 use crate::metrics::Metrics;
-use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
+use crate::model::{now_ms, LinkState, NodeId, Readiness, Role, Seq};
 use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
 use crate::proto::listen::{self, Limits};
 use crate::proto::peer;
@@ -99,15 +99,6 @@ impl HaSetup {
                     .unwrap_or_else(|| "standalone".into()),
             ),
         }
-    }
-}
-
-fn link_name(l: engine::LinkState) -> &'static str {
-    match l {
-        engine::LinkState::Down => "down",
-        engine::LinkState::Handshaking => "handshaking",
-        engine::LinkState::CatchingUp => "catching_up",
-        engine::LinkState::Streaming => "streaming",
     }
 }
 
@@ -486,7 +477,7 @@ impl HaNode {
     /// The status `tlctl ha status` shows, but for the agents' clock offsets (left empty):
     /// the broker knows them, and the API adds them.
     pub async fn status_view(&self) -> HaStatusView {
-        let role = self.role.borrow().to_string();
+        let role = *self.role.borrow();
         let db = self.db.status().await.ok();
         let db_digest = self.db.digest().await.ok();
         let readiness = self.readiness();
@@ -503,7 +494,7 @@ impl HaNode {
             sessions: db.as_ref().map(|d| d.sessions).unwrap_or(0),
             local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
             db_digest,
-            link: "down".into(),
+            link: LinkState::Down,
             max_clock_offset_ms: u64::try_from(self.cfg.ha.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
             ..Default::default()
         };
@@ -518,7 +509,7 @@ impl HaNode {
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(st) = st {
                     v.grace_left_ms = st.grace_left_ms;
-                    v.link = link_name(st.link).to_string();
+                    v.link = st.link;
                     v.peer_acked = st.peer_acked.0;
                     v.peer_head = st.peer_head.0;
                     v.applied_of_peer = st.applied_of_peer.0;
@@ -530,7 +521,7 @@ impl HaNode {
                     v.clock_offset_ms = st.clock_offset_ms;
                     v.clock_offset_age_ms = st.clock_offset_at_ms.map(|at| engine_now().saturating_sub(at));
                     v.clock_offset_exceeded = st.clock_offset_exceeded;
-                    if matches!(st.link, engine::LinkState::Down | engine::LinkState::Handshaking) {
+                    if matches!(st.link, LinkState::Down | LinkState::Handshaking) {
                         let hs = self.handshake_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         v.link_error = hs.or_else(|| st.last_link_error.clone());
                     }

@@ -112,6 +112,9 @@ mod sim;
 #[cfg(test)]
 mod tests;
 
+/// The link state the engine decides lives in `model`, so the status view carries it typed.
+pub use crate::model::LinkState;
+
 /// Default number of records per `Changes` or `SnapshotChunk` message.
 pub const DEFAULT_BATCH_LIMIT: usize = 1000;
 /// Default number of unacknowledged messages on the link.
@@ -260,16 +263,6 @@ pub enum AckOutcome {
     Degraded,
     /// Replication is asynchronous; not waited for.
     NotReplicated,
-}
-
-/// State of the peer link as `tlctl ha status` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LinkState {
-    Down,
-    Handshaking,
-    CatchingUp,
-    Streaming,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
