@@ -245,11 +245,34 @@ pub struct Change {
     pub record: Record,
 }
 
+/// Answer of a read of the change log after a position: the database gives it, the HA
+/// engine takes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogRead {
+    /// The changes after the requested position, ascending and contiguous (empty when up to
+    /// date).
+    Changes(Vec<Change>),
+    /// The log no longer holds the entry after the requested position: take a snapshot.
+    Truncated { oldest: Seq },
+}
+
+/// Every record (sessions and tombstones) of a database, consistent at `head` of its change
+/// log `db_id`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Snapshot {
+    pub head: Seq,
+    pub db_id: String,
+    /// In storage order (not sorted).
+    pub records: Vec<Record>,
+}
+
 /// Whether a node serves clients (holds the resource IP) or stands by.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Active,
+    /// The role a node with HA on starts in, until the HA manager says otherwise.
+    #[default]
     Standby,
 }
 
@@ -259,6 +282,51 @@ impl fmt::Display for Role {
             Role::Active => "active",
             Role::Standby => "standby",
         })
+    }
+}
+
+/// `/HA/sync`: when a client whose write must reach the peer is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncLevel {
+    /// Answer clients as soon as the local commit is done.
+    Async,
+    /// Answer clients after the peer stored the change (or `sync_timeout` passed).
+    Ack,
+}
+
+/// `/vsmserver/db_synchronous`: how hard the session database flushes a commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbSynchronous {
+    Full,
+    Normal,
+}
+
+/// State of the peer link: the HA engine decides it; `tlctl ha status` and the metrics show
+/// it (as `down`, `handshaking`, `catching_up`, `streaming`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkState {
+    #[default]
+    Down,
+    Handshaking,
+    CatchingUp,
+    Streaming,
+}
+
+impl LinkState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Down => "down",
+            LinkState::Handshaking => "handshaking",
+            LinkState::CatchingUp => "catching_up",
+            LinkState::Streaming => "streaming",
+        }
+    }
+}
+
+impl fmt::Display for LinkState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

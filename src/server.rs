@@ -45,7 +45,7 @@ pub enum ServerError {
     #[error("cluster secret: {0}")]
     Secret(String),
     #[error("high availability: {0}")]
-    Ha(String),
+    Ha(crate::ha::node::HaStartError),
 }
 
 /// Sockets the daemon serves, bound before [`Server::start`].
@@ -196,7 +196,6 @@ impl Server {
         .map_err(ServerError::Ha)?;
         let replication: Arc<dyn Replication> = ha.clone();
         let broker = Broker::new(cfg.clone(), db.clone(), agents, replication, metrics.clone());
-        ha.set_broker(broker.clone());
 
         // 5. Listeners.
         let tracker = TaskTracker::new();

@@ -821,3 +821,16 @@ async fn a_terminate_carried_out_on_a_full_disk_is_reported_as_done() {
     m.stop().await;
     agent.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_status_shows_the_agents_clock_offsets_the_broker_measured() {
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    assert!(m.server().broker.probe(&agent.name).await);
+    let ApiReply::HaStatus { status } = m.call(ApiRequest::HaStatus).await else { panic!("no HA status") };
+    let offsets = &status.agent_clock_offsets;
+    assert_eq!(offsets.len(), 1, "{offsets:?}");
+    assert_eq!(offsets[0].agent, agent.name);
+    assert!(!offsets[0].exceeded, "one machine's clock differs from itself: {offsets:?}");
+    m.stop().await;
+    agent.stop().await;
+}

@@ -12,7 +12,7 @@ use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use vsm::db::Write;
-use vsm::model::Readiness;
+use vsm::model::{LinkState, Readiness};
 use vsm::model::{Session, SessionId};
 use vsm::proto::api::{ApiErrorKind, ApiReply, ApiRequest, VrrpState};
 
@@ -108,7 +108,7 @@ async fn an_acked_session_is_on_the_peer_when_the_client_is_answered() {
 
 /// Waits until `m` has a link again; with a large backlog it is then catching up.
 async fn link_up(m: &TestMaster) -> bool {
-    wait_until(T, || async { m.ha_status().await.link != "down" }).await
+    wait_until(T, || async { m.ha_status().await.link != LinkState::Down }).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +187,7 @@ async fn a_primary_back_with_an_empty_database_is_ready_only_with_everything() {
             let have = p.a().session_ids().await;
             let missing = on_b.difference(&have).count();
             assert_eq!(missing, 0, "a reports ready while {missing} of the peer's sessions are missing ({st:?})");
-            st.link == "streaming"
+            st.link == LinkState::Streaming
         } else {
             false
         }
@@ -230,11 +230,11 @@ async fn a_fresh_secondary_gets_everything_a_lone_master_has() {
     p.start_node(1).await;
     let ok = wait_until(CONVERGE, || async {
         let st = p.b().ha_status().await;
-        if st.ready && st.link != "down" {
+        if st.ready && st.link != LinkState::Down {
             let missing = all.difference(&p.b().session_ids().await).count();
             assert_eq!(missing, 0, "b ready while missing {missing} sessions");
         }
-        st.ready && st.link == "streaming"
+        st.ready && st.link == LinkState::Streaming
     })
     .await;
     assert!(ok, "b caught up");
@@ -266,7 +266,7 @@ async fn writes_on_both_sides_of_a_partition_converge_to_one_winner() {
 
     p.cut();
     for i in 0..2 {
-        assert!(wait_until(T, || async { p.node(i).ha_status().await.link == "down" }).await);
+        assert!(wait_until(T, || async { p.node(i).ha_status().await.link == LinkState::Down }).await);
     }
     // a: ends alice's session, reconnects bob, creates erin.
     let r = p
@@ -379,7 +379,7 @@ async fn a_peer_with_the_wrong_secret_is_rejected_and_nothing_it_sent_is_applied
     let tried = wait_until(T, || async {
         for i in 0..2 {
             let st = p.node(i).ha_status().await;
-            assert_eq!(st.link, "down", "{} never gets a link: {st:?}", NODES[i]);
+            assert_eq!(st.link, LinkState::Down, "{} never gets a link: {st:?}", NODES[i]);
         }
         assert!(p.a().server().db.record(&theirs.id).await.unwrap().is_none(), "nothing of b reaches a");
         assert!(p.b().server().db.record(&mine.id).await.unwrap().is_none(), "nothing of a reaches b");
@@ -438,7 +438,7 @@ async fn with_the_peer_down_ack_answers_degraded_until_the_peer_is_back() {
     let before = p.a().put_session("before", GHOST).await;
     assert!(!p.a().ha_status().await.degraded);
     p.stop_node(1).await;
-    assert!(wait_until(T, || async { p.a().ha_status().await.link == "down" }).await);
+    assert!(wait_until(T, || async { p.a().ha_status().await.link == LinkState::Down }).await);
     let during = p.a().put_session("during", GHOST).await;
     let st = p.a().ha_status().await;
     assert!(st.degraded, "answered without the peer: degraded ({st:?})");
@@ -446,7 +446,7 @@ async fn with_the_peer_down_ack_answers_degraded_until_the_peer_is_back() {
     p.start_node(1).await;
     let cleared = wait_until(CONVERGE, || async {
         let st = p.a().ha_status().await;
-        !st.degraded && st.link == "streaming"
+        !st.degraded && st.link == LinkState::Streaming
     })
     .await;
     assert!(cleared, "degraded clears once the peer caught up: {:?}", p.a().ha_status().await);
@@ -876,7 +876,7 @@ async fn a_local_user_cannot_degrade_replication_grow_memory_or_hold_connections
     p.b().connect("mallory", false).await.unwrap();
     for i in 0..2 {
         let st = p.node(i).ha_status().await;
-        assert!(st.link == "streaming" && !st.degraded && st.last_link_drop.is_none(), "{st:?}");
+        assert!(st.link == LinkState::Streaming && !st.degraded && st.last_link_drop.is_none(), "{st:?}");
     }
     p.assert_converged().await;
     p.stop().await;
@@ -915,7 +915,7 @@ async fn a_node_made_active_stops_waiting_for_a_silent_peer() {
     assert!(matches!(r, ApiReply::Ok { .. }), "{r:?}");
     let st = p.b().ha_status().await;
     assert!(st.degraded, "answered without the peer: {st:?}");
-    assert_eq!(st.link, "streaming", "the silent link is not declared dead before its timeout: {st:?}");
+    assert_eq!(st.link, LinkState::Streaming, "the silent link is not declared dead before its timeout: {st:?}");
     // Later writes are answered at once too.
     let after = tokio::time::timeout(T, p.b().put_session("after", GHOST)).await.expect("answered without waiting");
     assert_eq!(waiters(p.b()), 0);
@@ -948,7 +948,7 @@ async fn set_roles(p: &TestPair, active: usize) {
 async fn cut_and_wait(p: &TestPair) {
     p.cut();
     for i in 0..2 {
-        assert!(wait_until(T, || async { p.node(i).ha_status().await.link == "down" }).await);
+        assert!(wait_until(T, || async { p.node(i).ha_status().await.link == LinkState::Down }).await);
     }
 }
 

@@ -62,7 +62,7 @@ impl Backend for Vsm {
                 // Refuse to measure a master that does not replicate: the figure would not compare.
                 bail!("HA is not running on this master: {}", status.reason);
             }
-            if status.link == "streaming" && status.ready && !status.degraded {
+            if status.link == vsm::model::LinkState::Streaming && status.ready && !status.degraded {
                 break status;
             }
             if std::time::Instant::now() >= deadline {

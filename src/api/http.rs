@@ -107,16 +107,16 @@ async fn serve_conn(mut s: TcpStream, api: Api) -> std::io::Result<()> {
 pub async fn metrics(api: &Api, format: Format) -> String {
     let m = &api.metrics;
     let _one_scrape_at_a_time = m.scrape_lock().await;
-    let st = api.ha.status().await;
+    let st = api.ha_status().await;
     m.ready.set(flag(st.ready));
     for r in crate::model::Readiness::ALL {
         m.readiness.get_or_create(&StateLabel { state: r.as_str() }).set(flag(r == st.readiness));
     }
-    m.role_active.set(flag(st.role == "active"));
+    m.role_active.set(flag(st.role == crate::model::Role::Active));
     m.ha_configured.set(flag(st.configured));
     m.ha_enabled.set(flag(st.enabled));
     m.ha_configured_but_off.set(flag(st.configured && !st.enabled));
-    m.ha_link_up.set(flag(st.link == "streaming"));
+    m.ha_link_up.set(flag(st.link == crate::model::LinkState::Streaming));
     m.ha_degraded.set(flag(st.degraded));
     m.ha_config_mismatch.set(flag(st.config_digest_match == Some(false)));
     let pos = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);

@@ -51,6 +51,7 @@ impl Caller {
 
 /// What the API needs from the HA side of the node.
 pub trait HaControl: Send + Sync + 'static {
+    /// The node's HA status; `agent_clock_offsets` is left empty (see [`Api::ha_status`]).
     fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>>;
     fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>>;
     /// Why the node is (not) ready now, and every change of it.
@@ -105,6 +106,13 @@ fn broker_err(e: BrokerError) -> ApiReply {
 impl Api {
     pub fn new(broker: Broker, ha: Arc<dyn HaControl>, metrics: Metrics) -> Api {
         Api { broker, ha, metrics }
+    }
+
+    /// The HA node's status with what only the broker knows: the agents' clock offsets.
+    pub async fn ha_status(&self) -> HaStatusView {
+        let mut st = self.ha.status().await;
+        st.agent_clock_offsets = self.broker.agent_clock_offsets();
+        st
     }
 
     /// Lets a login or write through once the node is ready and may decide about sessions,
@@ -277,7 +285,7 @@ impl Api {
                 }
                 ApiReply::Loads { agents: one, possibly_stale: self.possibly_stale() }
             }
-            ApiRequest::HaStatus => ApiReply::HaStatus { status: Box::new(self.ha.status().await) },
+            ApiRequest::HaStatus => ApiReply::HaStatus { status: Box::new(self.ha_status().await) },
             ApiRequest::HaCheck => {
                 // A round trip to the database owner: a node whose database hangs is not ready.
                 if let Err(e) = b.db().status().await {

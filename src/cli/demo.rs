@@ -296,7 +296,7 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     let ready = wait_until(Duration::from_secs(15), || async {
         let a = ha_status(&prim).await;
         let b = ha_status(&sec).await;
-        matches!((a, b), (Some(a), Some(b)) if a.ready && b.ready && a.link == "streaming" && b.link == "streaming")
+        matches!((a, b), (Some(a), Some(b)) if a.ready && b.ready && [a.link, b.link] == [crate::model::LinkState::Streaming; 2])
     })
     .await;
     st.check(ready, "both masters are ready and the peer link is streaming");
@@ -338,7 +338,7 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     active_tx.send_replace(sec.tcp_port);
     notify(&sec, VrrpState::Master).await;
     let down = wait_until(Duration::from_secs(5), || async {
-        ha_status(&sec).await.map(|s| s.link == "down").unwrap_or(false)
+        ha_status(&sec).await.map(|s| s.link == crate::model::LinkState::Down).unwrap_or(false)
     })
     .await;
     st.check(down, "tlha-secondary sees the peer link down and keeps serving");
@@ -395,7 +395,7 @@ async fn run_inner(args: DemoArgs) -> Result<usize, String> {
     let c = demo_config(&base, prim.name, &agents, vip_port, sync);
     start_master(&mut prim, c, sec_peer).await?;
     let synced = wait_until(Duration::from_secs(15), || async {
-        ha_status(&prim).await.map(|s| s.ready && s.link == "streaming").unwrap_or(false)
+        ha_status(&prim).await.map(|s| s.ready && s.link == crate::model::LinkState::Streaming).unwrap_or(false)
     })
     .await;
     st.check(synced, &format!("tlha-primary is ready after resync ({} ms)", t0.elapsed().as_millis()));

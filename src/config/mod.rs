@@ -31,6 +31,9 @@ pub mod value;
 
 pub use load::{load, ConfigError, ConfigErrors, Location};
 pub use preflight::{preflight, PreflightError, PreflightErrors};
+// The values of `/HA/sync` and `/vsmserver/db_synchronous` are domain types, so the database
+// and the HA engine take them without knowing the configuration.
+pub use crate::model::{DbSynchronous, SyncLevel};
 
 /// The configuration directory used when neither flag nor environment names one.
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/vsm";
@@ -144,14 +147,6 @@ pub struct HaConfig {
     pub local_node: Option<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SyncLevel {
-    /// Answer clients as soon as the local commit is done.
-    Async,
-    /// Answer clients after the peer stored the change (or `sync_timeout` passed).
-    Ack,
-}
-
 /// `/subclusters/<name>/*`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Subcluster {
@@ -231,12 +226,6 @@ impl Default for LoggingConfig {
     fn default() -> Self {
         LoggingConfig { defaultlevel: "info".into(), json: false }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DbSynchronous {
-    Full,
-    Normal,
 }
 
 /// `/vsmagent/*`.

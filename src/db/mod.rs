@@ -87,8 +87,9 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::config::DbSynchronous;
-use crate::model::{Change, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
+use crate::model::{
+    Change, DbSynchronous, Hlc, LogRead, NodeId, Record, Seq, Session, SessionId, SessionStatus, Snapshot, Version,
+};
 
 pub use merge::Winner;
 pub use schema::create_private_dir;
@@ -190,24 +191,6 @@ pub struct DbStatus {
     pub tombstones: u64,
     /// The clock's last reading.
     pub hlc: Hlc,
-}
-
-/// Answer of [`DbHandle::changes_since`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LogRead {
-    /// The changes after the requested position, in order (empty when up to date).
-    Changes(Vec<Change>),
-    /// The log does not reach back to the requested position: take a snapshot.
-    Truncated { oldest: Seq },
-}
-
-/// Every record (sessions and tombstones) with the head they are consistent with.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    pub head: Seq,
-    pub db_id: String,
-    /// In storage order (not sorted).
-    pub records: Vec<Record>,
 }
 
 /// A snapshot handed out in chunks, read in one transaction on a thread of its own.

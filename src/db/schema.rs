@@ -19,7 +19,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction};
 
 use super::{DbError, SqlContext};
-use crate::config::DbSynchronous;
+use crate::model::DbSynchronous;
 
 /// `PRAGMA application_id` of a vsm session database ("vsm1").
 pub(super) const APPLICATION_ID: i64 = 0x7673_6d31;

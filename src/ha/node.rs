@@ -31,11 +31,11 @@
 use super::engine::{self, Command, Engine, EngineConfig, Event};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::api::HaControl;
-use crate::broker::service::{AdoptionGate, Broker, Replication};
+use crate::broker::service::{AdoptionGate, Replication};
 use crate::config::{Config, SyncLevel};
-use crate::db::{DbHandle, LogRead};
+use crate::db::DbHandle;
 use crate::metrics::Metrics;
-use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
+use crate::model::{now_ms, LinkState, NodeId, Readiness, Role, Seq};
 use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
 use crate::proto::listen::{self, Limits};
 use crate::proto::peer;
@@ -99,15 +99,6 @@ impl HaSetup {
                     .unwrap_or_else(|| "standalone".into()),
             ),
         }
-    }
-}
-
-fn link_name(l: engine::LinkState) -> &'static str {
-    match l {
-        engine::LinkState::Down => "down",
-        engine::LinkState::Handshaking => "handshaking",
-        engine::LinkState::CatchingUp => "catching_up",
-        engine::LinkState::Streaming => "streaming",
     }
 }
 
@@ -184,7 +175,6 @@ pub struct HaNode {
     /// does, the node cannot tell a standby from an active master without the hook.
     role_told: std::sync::atomic::AtomicBool,
     reconcile: watch::Sender<u64>,
-    broker: OnceLock<Broker>,
     /// `None` with HA off.
     engine_tx: Option<mpsc::Sender<Req>>,
     status: Arc<Mutex<Option<engine::EngineStatus>>>,
@@ -202,6 +192,38 @@ pub struct HaNode {
 
 type HandshakeError = Arc<Mutex<Option<String>>>;
 
+/// Why HA could not start: the daemon stops (the configuration checks passed, so this is the
+/// machine's state: a secret file, the database).
+#[derive(Debug, thiserror::Error)]
+pub enum HaStartError {
+    #[error("/HA/secret_file: {0}")]
+    Secret(ProtoError),
+    #[error("HA is on but no listener for /HA/port was bound")]
+    NoPeerListener,
+    #[error("{0}")]
+    Db(#[from] crate::db::DbError),
+}
+
+/// The engine's settings from the configuration; the engine itself never sees `Config`.
+fn engine_config(local: NodeId, peer: NodeId, cfg: &Config) -> EngineConfig {
+    let ha = &cfg.ha;
+    EngineConfig {
+        local,
+        peer,
+        sync: ha.sync,
+        sync_timeout: ha.sync_timeout,
+        startup_grace: ha.startup_grace,
+        heartbeat_interval: ha.heartbeat_interval,
+        peer_timeout: ha.peer_timeout,
+        config_digest: cfg.digest_cluster(),
+        batch_limit: engine::DEFAULT_BATCH_LIMIT,
+        batch_bytes: peer::BATCH_BYTES,
+        max_inflight: engine::DEFAULT_MAX_INFLIGHT,
+        role: Role::Standby,
+        max_clock_offset: ha.max_clock_offset,
+    }
+}
+
 fn note_handshake_error(slot: &HandshakeError, peer: &str, e: &crate::proto::ProtoError) {
     *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("peer {peer}: {e}"));
 }
@@ -216,7 +238,7 @@ impl HaNode {
         cancel: CancellationToken,
         tracker: &TaskTracker,
         metrics: Metrics,
-    ) -> Result<Arc<HaNode>, String> {
+    ) -> Result<Arc<HaNode>, HaStartError> {
         let standalone = !matches!(setup.mode, HaMode::Enabled { .. });
         let role = watch::channel(if standalone { Role::Active } else { Role::Standby }).0;
         let reconcile = watch::channel(0u64).0;
@@ -235,7 +257,6 @@ impl HaNode {
                 role,
                 role_told: Default::default(),
                 reconcile,
-                broker: OnceLock::new(),
                 engine_tx: None,
                 status,
                 readiness,
@@ -246,10 +267,10 @@ impl HaNode {
             }));
         }
         let HaMode::Enabled { local, remote, .. } = setup.mode.clone() else { unreachable!("checked above") };
-        let secret = Secret::from_file(&cfg.ha.secret_file).map_err(|e| format!("/HA/secret_file: {e}"))?;
-        let peer_listener = peer_listener.ok_or("HA is on but no listener for /HA/port was bound")?;
-        let st = db.status().await.map_err(|e| e.to_string())?;
-        let ecfg = EngineConfig::new(local.clone(), remote.clone(), &cfg.ha, cfg.digest_cluster());
+        let secret = Secret::from_file(&cfg.ha.secret_file).map_err(HaStartError::Secret)?;
+        let peer_listener = peer_listener.ok_or(HaStartError::NoPeerListener)?;
+        let st = db.status().await?;
+        let ecfg = engine_config(local.clone(), remote.clone(), &cfg);
         let engine = Engine::new(
             ecfg,
             engine::DbStatus { db_id: st.db_id.clone(), head: st.head, oldest: st.oldest },
@@ -264,7 +285,6 @@ impl HaNode {
             role,
             role_told: Default::default(),
             reconcile,
-            broker: OnceLock::new(),
             engine_tx: Some(req_tx),
             status: status.clone(),
             readiness,
@@ -279,7 +299,7 @@ impl HaNode {
             digest: cfg.digest_cluster(),
             // After a restart, the peer log we applied last is only known from the database;
             // without it our first hello would ask for a full snapshot on every restart.
-            last_peer: Arc::new(Mutex::new(db.last_peer_db_id().await.map_err(|e| e.to_string())?)),
+            last_peer: Arc::new(Mutex::new(db.last_peer_db_id().await?)),
         };
         let conns = ConnCounter::default();
         tracker.spawn(accept_loop(
@@ -313,10 +333,6 @@ impl HaNode {
         let h = tokio::spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         Ok(node)
-    }
-
-    pub fn set_broker(&self, b: Broker) {
-        let _ = self.broker.set(b);
     }
 
     /// Does this node serve clients (and so reconcile with agents)?
@@ -458,9 +474,10 @@ impl HaNode {
         }
     }
 
-    /// The status `tlctl ha status` shows.
+    /// The status `tlctl ha status` shows, but for the agents' clock offsets (left empty):
+    /// the broker knows them, and the API adds them.
     pub async fn status_view(&self) -> HaStatusView {
-        let role = self.role.borrow().to_string();
+        let role = *self.role.borrow();
         let db = self.db.status().await.ok();
         let db_digest = self.db.digest().await.ok();
         let readiness = self.readiness();
@@ -477,9 +494,8 @@ impl HaNode {
             sessions: db.as_ref().map(|d| d.sessions).unwrap_or(0),
             local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
             db_digest,
-            link: "down".into(),
+            link: LinkState::Down,
             max_clock_offset_ms: u64::try_from(self.cfg.ha.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
-            agent_clock_offsets: self.broker.get().map(|b| b.agent_clock_offsets()).unwrap_or_default(),
             ..Default::default()
         };
         match &self.setup.mode {
@@ -493,7 +509,7 @@ impl HaNode {
                 let st = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 if let Some(st) = st {
                     v.grace_left_ms = st.grace_left_ms;
-                    v.link = link_name(st.link).to_string();
+                    v.link = st.link;
                     v.peer_acked = st.peer_acked.0;
                     v.peer_head = st.peer_head.0;
                     v.applied_of_peer = st.applied_of_peer.0;
@@ -505,7 +521,7 @@ impl HaNode {
                     v.clock_offset_ms = st.clock_offset_ms;
                     v.clock_offset_age_ms = st.clock_offset_at_ms.map(|at| engine_now().saturating_sub(at));
                     v.clock_offset_exceeded = st.clock_offset_exceeded;
-                    if matches!(st.link, engine::LinkState::Down | engine::LinkState::Handshaking) {
+                    if matches!(st.link, LinkState::Down | LinkState::Handshaking) {
                         let hs = self.handshake_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
                         v.link_error = hs.or_else(|| st.last_link_error.clone());
                     }
@@ -964,20 +980,11 @@ impl Driver {
                 }
             }
             Command::ReadLog { after, limit } => match self.db.changes_since(after, limit).await {
-                Ok(r) => {
-                    let result = match r {
-                        LogRead::Changes(c) => engine::LogRead::Changes(c),
-                        LogRead::Truncated { oldest } => engine::LogRead::Truncated { oldest },
-                    };
-                    events.push_back(Event::LogRead { after, result, now: engine_now() })
-                }
+                Ok(result) => events.push_back(Event::LogRead { after, result, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
             },
             Command::ReadSnapshot => match self.db.snapshot().await {
-                Ok(s) => events.push_back(Event::SnapshotRead {
-                    snapshot: engine::Snapshot { head: s.head, records: s.records },
-                    now: engine_now(),
-                }),
+                Ok(snapshot) => events.push_back(Event::SnapshotRead { snapshot, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
             Command::Apply { peer_db_id, records, peer_pos } => {

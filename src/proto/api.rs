@@ -5,7 +5,7 @@
 //! Invariant: one request, one reply; every failure is an [`ApiReply::Error`] with a kind the
 //! client can act on and a message a person can read.
 
-use crate::model::{Readiness, Session, SessionId};
+use crate::model::{LinkState, Readiness, Role, Session, SessionId};
 use crate::proto::agent::LoadReport;
 use serde::{Deserialize, Serialize};
 
@@ -239,11 +239,12 @@ pub struct HaStatusView {
     pub remote_node: Option<String>,
     /// How the local node was recognised (hostname, address, override).
     pub matched_by: Option<String>,
-    pub role: String,
+    /// `active` or `standby`.
+    pub role: Role,
     /// `readiness.is_ready()`: the node serves logins and writes.
     pub ready: bool,
     /// `down`, `handshaking`, `catching_up`, `streaming`.
-    pub link: String,
+    pub link: LinkState,
     pub sync: String,
     pub local_head: u64,
     pub peer_acked: u64,
@@ -323,6 +324,24 @@ mod tests {
         use ApiErrorKind::*;
         for k in [NotAllowed, LimitReached, NoAgentAvailable, StartFailed, NotFound, BadRequest, NotReady, Internal] {
             assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.as_str()));
+        }
+    }
+
+    #[test]
+    fn ha_status_role_and_link_are_the_wire_words() {
+        use crate::model::{LinkState::*, Role::*};
+        for (role, word) in [(Active, "active"), (Standby, "standby")] {
+            let v = serde_json::to_value(HaStatusView { role, ..Default::default() }).unwrap();
+            assert_eq!(v["role"], word);
+            assert_eq!(role.to_string(), word);
+        }
+        for (link, word) in
+            [(Down, "down"), (Handshaking, "handshaking"), (CatchingUp, "catching_up"), (Streaming, "streaming")]
+        {
+            let v = serde_json::to_value(HaStatusView { link, ..Default::default() }).unwrap();
+            assert_eq!(v["link"], word);
+            assert_eq!(link.to_string(), word);
+            assert_eq!(serde_json::from_value::<HaStatusView>(v).unwrap().link, link);
         }
     }
 }

@@ -219,7 +219,7 @@ async fn master_state(lab: &Lab, m: &str) -> MasterState {
     if let Ok(ApiReply::HaStatus { status }) = lab.call(m, &ApiRequest::HaStatus, Duration::from_secs(5)).await {
         st.digest = status.db_digest.clone();
         st.ready = Some(status.ready);
-        st.link = Some(status.link.clone());
+        st.link = Some(status.link.to_string());
     }
     st
 }

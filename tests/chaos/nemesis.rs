@@ -226,7 +226,9 @@ impl Nemesis {
         let mut digests = Vec::new();
         for m in MASTERS {
             match self.lab.call(m, &ApiRequest::HaStatus, Duration::from_secs(3)).await {
-                Ok(ApiReply::HaStatus { status }) if status.ready && status.link == "streaming" => {
+                Ok(ApiReply::HaStatus { status })
+                    if status.ready && status.link == vsm::model::LinkState::Streaming =>
+                {
                     digests.push(status.db_digest.clone())
                 }
                 _ => return false,

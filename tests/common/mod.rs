@@ -456,7 +456,7 @@ impl TestPair {
     pub async fn wait_streaming(&self) -> bool {
         wait_until(CONVERGE, || async {
             let (a, b) = (self.a().ha_status().await, self.b().ha_status().await);
-            a.ready && b.ready && a.link == "streaming" && b.link == "streaming"
+            a.ready && b.ready && [a.link, b.link] == [vsm::model::LinkState::Streaming; 2]
         })
         .await
     }

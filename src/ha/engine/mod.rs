@@ -5,6 +5,7 @@
 //! answered, whether this node is ready. It takes [`Event`]s (with the time as Unix
 //! milliseconds) and returns [`Command`]s; the peer-link task carries them out. It must never
 //! do I/O, read a clock, sleep or spawn; the same events always give the same commands.
+//! It never sees the configuration either: the HA node fills its [`EngineConfig`] from it.
 //!
 //! # Data model
 //! Each node's database has a `db_id` (random, fixed at creation) and a change log of its own
@@ -100,8 +101,7 @@
 //! - Snapshots are sent in one go (the snapshot is in memory already); only change batches
 //!   are flow-controlled. A snapshot counts as one in-flight message until acknowledged.
 
-use crate::config::{Config, HaConfig, SyncLevel};
-use crate::model::{Change, NodeId, Readiness, Record, Role, Seq};
+use crate::model::{Change, LogRead, NodeId, Readiness, Record, Role, Seq, Snapshot, SyncLevel};
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -111,6 +111,9 @@ use std::time::Duration;
 mod sim;
 #[cfg(test)]
 mod tests;
+
+/// The link state the engine decides lives in `model`, so the status view carries it typed.
+pub use crate::model::LinkState;
 
 /// Default number of records per `Changes` or `SnapshotChunk` message.
 pub const DEFAULT_BATCH_LIMIT: usize = 1000;
@@ -136,23 +139,7 @@ pub struct DbStatus {
     pub oldest: Seq,
 }
 
-/// Result of a [`Command::ReadLog`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LogRead {
-    /// Entries after the requested position, ascending and contiguous (possibly empty).
-    Changes(Vec<Change>),
-    /// The log no longer holds the entry after the requested position.
-    Truncated { oldest: Seq },
-}
-
-/// Result of a [`Command::ReadSnapshot`]: every record, consistent at `head` of the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Snapshot {
-    pub head: Seq,
-    pub records: Vec<Record>,
-}
-
-/// Engine settings; [`EngineConfig::new`] fills them from the configuration.
+/// Engine settings. The engine never sees the configuration: the HA node fills these from it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineConfig {
     pub local: NodeId,
@@ -162,7 +149,8 @@ pub struct EngineConfig {
     pub startup_grace: Duration,
     pub heartbeat_interval: Duration,
     pub peer_timeout: Duration,
-    /// Digest of this node's cluster configuration, see [`config_digest`].
+    /// Digest of this node's cluster configuration (`Config::digest_cluster`), compared with
+    /// the peer's in the hello.
     pub config_digest: String,
     /// Records per message.
     pub batch_limit: usize,
@@ -175,26 +163,6 @@ pub struct EngineConfig {
     pub role: Role,
     /// `/HA/max_clock_offset`: the clock difference to the peer beyond which the alarm is up.
     pub max_clock_offset: Duration,
-}
-
-impl EngineConfig {
-    pub fn new(local: NodeId, peer: NodeId, ha: &HaConfig, config_digest: String) -> Self {
-        EngineConfig {
-            local,
-            peer,
-            sync: ha.sync,
-            sync_timeout: ha.sync_timeout,
-            startup_grace: ha.startup_grace,
-            heartbeat_interval: ha.heartbeat_interval,
-            peer_timeout: ha.peer_timeout,
-            config_digest,
-            batch_limit: DEFAULT_BATCH_LIMIT,
-            batch_bytes: crate::proto::peer::BATCH_BYTES,
-            max_inflight: DEFAULT_MAX_INFLIGHT,
-            role: Role::Standby,
-            max_clock_offset: ha.max_clock_offset,
-        }
-    }
 }
 
 /// How many of the leading `records` fit in one message of at most `budget` bytes of
@@ -210,36 +178,6 @@ fn fitting<'a>(records: impl Iterator<Item = &'a Record>, budget: usize) -> usiz
         n += 1;
     }
     n
-}
-
-/// Digest of the part of the configuration both masters must share: subclusters and
-/// agent settings (draining, weights). Hex SHA-256 of a canonical rendering.
-pub fn config_digest(cfg: &Config) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    let mut field = |s: &str| {
-        h.update((s.len() as u64).to_le_bytes());
-        h.update(s.as_bytes());
-    };
-    for (name, sc) in &cfg.subclusters {
-        field("subcluster");
-        field(name);
-        for list in [&sc.agents, &sc.users, &sc.groups] {
-            field(&list.len().to_string());
-            list.iter().for_each(|s| field(s));
-        }
-        field(&sc.max_users_per_agent.to_string());
-    }
-    field("draining");
-    let mut draining = cfg.agents.draining.clone();
-    draining.sort();
-    draining.iter().for_each(|s| field(s));
-    field("weights");
-    for (host, w) in &cfg.agents.weights {
-        field(host);
-        field(&w.to_string());
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The clock reading both masters agree to measure tombstone ages against: the earlier of
@@ -325,16 +263,6 @@ pub enum AckOutcome {
     Degraded,
     /// Replication is asynchronous; not waited for.
     NotReplicated,
-}
-
-/// State of the peer link as `tlctl ha status` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LinkState {
-    Down,
-    Handshaking,
-    CatchingUp,
-    Streaming,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -1106,7 +1034,7 @@ impl Engine {
         }
         link.out.reading = Reading::Idle;
         link.out.need_snapshot = false;
-        let Snapshot { head, records } = snapshot;
+        let Snapshot { head, records, .. } = snapshot;
         let total = records.len() as u64;
         out.push(Command::Send(PeerMsg::SnapshotBegin { head, total }));
         let mut records = records.into_iter().peekable();

@@ -96,7 +96,7 @@ impl Store {
     }
 
     fn snapshot(&self) -> Snapshot {
-        Snapshot { head: self.head, records: self.records.values().cloned().collect() }
+        Snapshot { head: self.head, db_id: self.db_id.clone(), records: self.records.values().cloned().collect() }
     }
 
     /// Merges like the database; returns the deletes it wrote again (local changes).

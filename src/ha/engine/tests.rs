@@ -172,7 +172,10 @@ fn truncated_log_read_switches_to_a_snapshot() {
     let cmds = e.step(Event::LogRead { after: Seq(2), result: LogRead::Truncated { oldest: Seq(4) }, now: 11 });
     assert_eq!(cmds, vec![Command::ReadSnapshot]);
     let records = vec![record("x", 1), record("y", 2), record("z", 3)];
-    let cmds = e.step(Event::SnapshotRead { snapshot: Snapshot { head: Seq(5), records: records.clone() }, now: 12 });
+    let cmds = e.step(Event::SnapshotRead {
+        snapshot: Snapshot { head: Seq(5), db_id: A_DB.into(), records: records.clone() },
+        now: 12,
+    });
     assert_eq!(
         cmds,
         vec![
@@ -217,7 +220,10 @@ fn batches_and_snapshot_chunks_are_bounded_by_bytes_not_only_by_count() {
     let mut e = engine_with(cfg, 5, 4);
     assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot]);
     let records: Vec<Record> = (1..=5).map(|n| big_change(n, 2).record).collect();
-    let cmds = e.step(Event::SnapshotRead { snapshot: Snapshot { head: Seq(5), records: records.clone() }, now: 12 });
+    let cmds = e.step(Event::SnapshotRead {
+        snapshot: Snapshot { head: Seq(5), db_id: A_DB.into(), records: records.clone() },
+        now: 12,
+    });
     assert_eq!(
         cmds,
         vec![
@@ -239,7 +245,10 @@ fn batches_and_snapshot_chunks_are_bounded_by_bytes_not_only_by_count() {
 fn snapshot_older_than_the_connect_head_is_followed_by_the_log() {
     let mut e = engine(5, 1);
     connect(&mut e, hello_b(None, 0, 0), 0, 10);
-    let cmds = e.step(Event::SnapshotRead { snapshot: Snapshot { head: Seq(3), records: vec![] }, now: 11 });
+    let cmds = e.step(Event::SnapshotRead {
+        snapshot: Snapshot { head: Seq(3), db_id: A_DB.into(), records: vec![] },
+        now: 11,
+    });
     assert_eq!(
         cmds,
         vec![
@@ -692,20 +701,6 @@ fn status_serializes() {
     assert_eq!(v["role"], "standby");
     assert_eq!(v["local_head"], 3);
     assert_eq!(v["last_resync_received"]["direction"], "received");
-}
-
-#[test]
-fn config_digest_covers_subclusters_and_agents() {
-    let a = Config::default();
-    let mut b = Config::default();
-    assert_eq!(config_digest(&a), config_digest(&b));
-    b.vsmserver.listen_port += 1;
-    assert_eq!(config_digest(&a), config_digest(&b), "server settings are local");
-    b.agents.weights.insert("x".into(), 50);
-    assert_ne!(config_digest(&a), config_digest(&b));
-    let mut c = Config::default();
-    c.subclusters.get_mut("default").unwrap().agents.push("agent2".into());
-    assert_ne!(config_digest(&a), config_digest(&c));
 }
 
 #[test]
