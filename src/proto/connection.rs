@@ -65,7 +65,8 @@ pub trait Transport {
     type Rx: fmt::Debug;
     /// Sending state of one direction.
     type Tx: fmt::Debug;
-    /// The link's name in `Debug` output (`PlainConn`, `SecureWriter`, ...).
+    /// What the link's types are called in `Debug` output: `Plain` gives `PlainConn`,
+    /// `PlainReader` and `PlainWriter`.
     const NAME: &'static str;
 
     /// Largest frame to read on a link accepting messages of up to `max` bytes.
@@ -203,7 +204,7 @@ impl<T: Transport> Tx<T> {
 }
 
 /// A link carrying one JSON message at a time over a [`Transport`]; made by
-/// [`PlainConn::new`] or by the handshake of `proto::secure`.
+/// `PlainConn::new` or by the handshake of `proto::secure`.
 pub struct Conn<T: Transport, S> {
     stream: S,
     pub(super) rx: Rx<T>,
