@@ -1,13 +1,19 @@
-//! Reading and writing frames on a stream, and the plain (unencrypted) JSON-message link.
+//! Reading and writing frames on a stream, and the one message link of every connection.
 //!
 //! This module owns the read buffer of a link: bytes from the stream go into it and leave it
-//! only as whole frames. [`PlainConn`] carries one JSON message per frame and is meant for the
-//! Unix socket, where the kernel's peer credentials authenticate the caller; it must never be
-//! used on a TCP port (use `proto::secure` there).
+//! only as whole frames. [`Conn`] (and its halves [`Reader`] and [`Writer`]) carries one JSON
+//! message at a time over a [`Transport`], which only turns a message's JSON into frames and
+//! frames back into a message: [`Plain`] here, one message per frame, or `secure::Noise`,
+//! encrypted transport messages. Sending, queueing, flushing, receiving, splitting and
+//! shutting down are written once, here, for both.
+//!
+//! [`PlainConn`] carries one JSON message per frame and is meant for the Unix socket, where
+//! the kernel's peer credentials authenticate the caller; it must never be used on a TCP port
+//! (use `proto::secure` there, whose handshake is the only way to make a `SecureConn`).
 //!
 //! Invariants:
-//! - `None` from a read means the peer closed cleanly between frames; a close inside a frame
-//!   is [`ProtoError::Truncated`].
+//! - `None` from a read means the peer closed cleanly between messages; a close inside a
+//!   frame is [`ProtoError::Truncated`], and so is one inside a message its transport split.
 //! - Reads are cancellation-safe (partial input stays in the connection's buffer), so `recv`
 //!   may be used in `tokio::select!`; writes are not, and a cancelled send breaks the link.
 //! - After an error other than a JSON decoding error, the connection reports
@@ -18,10 +24,14 @@ use super::ProtoError;
 use bytes::{Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::fmt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
 /// Initial read buffer; it grows to the size of the largest frame seen.
 const READ_BUF: usize = 8 * 1024;
+
+/// A send buffer grown past this by a large message is given back once it is written.
+const SEND_BUF_KEEP: usize = 256 * 1024;
 
 /// Read the next whole frame's payload from `r`, buffering in `buf`. `Ok(None)` when the peer
 /// closed cleanly between frames. Cancellation-safe.
@@ -48,74 +58,223 @@ pub(crate) fn decode_json<T: DeserializeOwned>(payload: &[u8]) -> Result<T, Prot
         .map_err(|e| ProtoError::Malformed(format!("expected a {} as json: {e}", std::any::type_name::<T>())))
 }
 
-/// Receiving half of a plain link's state (independent of the stream it reads).
+/// How a link's messages travel as frames: the only part in which a plain and a secure link
+/// differ. Each direction keeps its own state, so the halves of a split link need no lock.
+pub trait Transport {
+    /// Receiving state of one direction.
+    type Rx: fmt::Debug;
+    /// Sending state of one direction.
+    type Tx: fmt::Debug;
+    /// What the link's types are called in `Debug` output: `Plain` gives `PlainConn`,
+    /// `PlainReader` and `PlainWriter`.
+    const NAME: &'static str;
+
+    /// Largest frame to read on a link accepting messages of up to `max` bytes.
+    fn frame_max(max: usize) -> usize;
+
+    /// Take the next frame: the JSON of a message once one is whole, `None` while the message
+    /// continues in later frames. Messages over `max` bytes are refused. Nothing returned may
+    /// come from a frame the transport could not authenticate.
+    fn open<'a>(rx: &'a mut Self::Rx, frame: &'a [u8], max: usize) -> Result<Option<&'a [u8]>, ProtoError>;
+
+    /// The peer closed the stream between frames: a clean end, unless inside a message.
+    fn end(rx: &Self::Rx) -> Result<(), ProtoError>;
+
+    /// Append the frames carrying `json` (at most the link's limit, `max`) to `out`.
+    fn seal(tx: &mut Self::Tx, json: &[u8], max: usize, out: &mut BytesMut) -> Result<(), ProtoError>;
+}
+
+/// One JSON message per length-prefixed frame, without encryption.
 #[derive(Debug)]
-struct PlainRx {
+pub enum Plain {}
+
+impl Transport for Plain {
+    type Rx = ();
+    type Tx = ();
+    const NAME: &'static str = "Plain";
+
+    fn frame_max(max: usize) -> usize {
+        max
+    }
+
+    fn open<'a>(_: &'a mut (), frame: &'a [u8], _: usize) -> Result<Option<&'a [u8]>, ProtoError> {
+        Ok(Some(frame))
+    }
+
+    fn end(_: &()) -> Result<(), ProtoError> {
+        Ok(())
+    }
+
+    fn seal(_: &mut (), json: &[u8], max: usize, out: &mut BytesMut) -> Result<(), ProtoError> {
+        frame::encode(json, max, out)
+    }
+}
+
+/// Receiving half of a link's state (independent of the stream it reads).
+pub(super) struct Rx<T: Transport> {
     buf: BytesMut,
     broken: bool,
     /// Largest message accepted from the peer.
-    max: usize,
+    pub(super) max: usize,
+    pub(super) state: T::Rx,
 }
 
-impl PlainRx {
-    async fn recv<R: AsyncRead + Unpin, T: DeserializeOwned>(&mut self, r: &mut R) -> Result<Option<T>, ProtoError> {
+impl<T: Transport> Rx<T> {
+    async fn recv<R: AsyncRead + Unpin, M: DeserializeOwned>(&mut self, r: &mut R) -> Result<Option<M>, ProtoError> {
         if self.broken {
             return Err(ProtoError::Broken);
         }
-        match read_frame(r, &mut self.buf, self.max).await {
-            Ok(None) => Ok(None),
-            Ok(Some(payload)) => decode_json(&payload).map(Some),
-            Err(e) => {
-                self.broken = true;
-                Err(e)
+        loop {
+            let frame = match read_frame(r, &mut self.buf, T::frame_max(self.max)).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return T::end(&self.state).map(|()| None).map_err(|e| self.fail(e)),
+                Err(e) => return Err(self.fail(e)),
+            };
+            match T::open(&mut self.state, &frame, self.max) {
+                // A message that is not the expected JSON leaves the link usable.
+                Ok(Some(json)) => return decode_json(json).map(Some),
+                Ok(None) => {}
+                Err(e) => return Err(self.fail(e)),
             }
         }
     }
+
+    fn fail(&mut self, e: ProtoError) -> ProtoError {
+        self.broken = true;
+        e
+    }
 }
 
-/// Sending half of a plain link's state.
-#[derive(Debug)]
-struct PlainTx {
-    buf: BytesMut,
-    broken: bool,
+/// Sending half of a link's state.
+pub(super) struct Tx<T: Transport> {
     /// Largest message the peer accepts.
-    max: usize,
+    pub(super) max: usize,
+    json: Vec<u8>,
+    /// Frames queued for the next flush.
+    pub(super) out: BytesMut,
+    broken: bool,
+    pub(super) state: T::Tx,
 }
 
-impl PlainTx {
-    fn feed<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
+impl<T: Transport> Tx<T> {
+    fn feed<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<(), ProtoError> {
         if self.broken {
             return Err(ProtoError::Broken);
         }
-        let json = serde_json::to_vec(msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
-        if json.len() > self.max {
-            return Err(ProtoError::MessageTooLarge { len: json.len(), max: self.max });
+        self.json.clear();
+        serde_json::to_writer(&mut self.json, msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
+        if self.json.len() > self.max {
+            let len = self.json.len();
+            self.json = Vec::new();
+            return Err(ProtoError::MessageTooLarge { len, max: self.max });
         }
-        frame::encode(&json, self.max, &mut self.buf)
+        let res = T::seal(&mut self.state, &self.json, self.max, &mut self.out);
+        if res.is_err() {
+            self.broken = true;
+        }
+        res
     }
 
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), ProtoError> {
+    pub(super) async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), ProtoError> {
         if self.broken {
             return Err(ProtoError::Broken);
         }
-        // Mark broken first: if this future is dropped mid-write the peer is out of step.
+        // Broken until the write completes: a cancelled write leaves the peer out of step.
         self.broken = true;
-        if !self.buf.is_empty() {
-            w.write_all(&self.buf).await?;
-            self.buf.clear();
+        if !self.out.is_empty() {
+            w.write_all(&self.out).await?;
+            self.out.clear();
+            if self.out.capacity() > SEND_BUF_KEEP {
+                self.out = BytesMut::new();
+            }
         }
         w.flush().await?;
         self.broken = false;
         Ok(())
     }
+
+    async fn send<W: AsyncWrite + Unpin, M: Serialize + ?Sized>(
+        &mut self,
+        w: &mut W,
+        msg: &M,
+    ) -> Result<(), ProtoError> {
+        self.feed(msg)?;
+        self.flush(w).await
+    }
+}
+
+/// A link carrying one JSON message at a time over a [`Transport`]; made by
+/// `PlainConn::new` or by the handshake of `proto::secure`.
+pub struct Conn<T: Transport, S> {
+    stream: S,
+    pub(super) rx: Rx<T>,
+    pub(super) tx: Tx<T>,
 }
 
 /// A link carrying one JSON message per length-prefixed frame, without encryption.
-#[derive(Debug)]
-pub struct PlainConn<S> {
-    stream: S,
-    rx: PlainRx,
-    tx: PlainTx,
+pub type PlainConn<S> = Conn<Plain, S>;
+/// Receiving half of a [`PlainConn`].
+pub type PlainReader<R> = Reader<Plain, R>;
+/// Sending half of a [`PlainConn`].
+pub type PlainWriter<W> = Writer<Plain, W>;
+
+impl<T: Transport, S> fmt::Debug for Conn<T, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = format!("{}Conn", T::NAME);
+        f.debug_struct(&name).field("rx", &self.rx.state).field("tx", &self.tx.state).finish()
+    }
+}
+
+impl<T: Transport, S> Conn<T, S> {
+    /// A link over `stream` whose input so far is `buf`, each direction with its limit and
+    /// transport state.
+    pub(super) fn from_parts(stream: S, buf: BytesMut, recv: (usize, T::Rx), send: (usize, T::Tx)) -> Self {
+        Conn {
+            stream,
+            rx: Rx { buf, broken: false, max: recv.0, state: recv.1 },
+            tx: Tx { max: send.0, json: Vec::new(), out: BytesMut::new(), broken: false, state: send.1 },
+        }
+    }
+
+    /// The underlying stream (for example to read peer credentials or the peer's address).
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// Split with a stream-specific splitter (e.g. `UnixStream::into_split`), keeping any
+    /// input already buffered.
+    pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (Reader<T, R>, Writer<T, W>) {
+        let (r, w) = split(self.stream);
+        (Reader { r, rx: self.rx }, Writer { w, tx: self.tx })
+    }
+}
+
+impl<T: Transport, S: AsyncRead + AsyncWrite + Unpin> Conn<T, S> {
+    /// Send one message and flush it.
+    pub async fn send<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<(), ProtoError> {
+        self.tx.send(&mut self.stream, msg).await
+    }
+
+    /// Queue one message without writing it; [`Conn::flush`] writes everything queued.
+    pub fn feed<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<(), ProtoError> {
+        self.tx.feed(msg)
+    }
+
+    /// Write every queued message.
+    pub async fn flush(&mut self) -> Result<(), ProtoError> {
+        self.tx.flush(&mut self.stream).await
+    }
+
+    /// The next message; `None` when the peer closed cleanly between messages.
+    /// Cancellation-safe.
+    pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtoError> {
+        self.rx.recv(&mut self.stream).await
+    }
+
+    /// Split into halves usable from different tasks (full duplex), over `tokio::io::split`.
+    pub fn into_split(self) -> (Reader<T, ReadHalf<S>>, Writer<T, WriteHalf<S>>) {
+        self.split_with(tokio::io::split)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
@@ -127,83 +286,52 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PlainConn<S> {
     /// A link that refuses to receive messages over `recv_max` bytes (the header alone is
     /// enough to refuse them, nothing is buffered) and to send messages over `send_max`.
     pub fn with_limits(stream: S, recv_max: usize, send_max: usize) -> Self {
-        let recv_max = recv_max.min(MAX_FRAME);
-        let send_max = send_max.min(MAX_FRAME);
-        PlainConn {
-            stream,
-            rx: PlainRx { buf: BytesMut::new(), broken: false, max: recv_max },
-            tx: PlainTx { buf: BytesMut::new(), broken: false, max: send_max },
-        }
-    }
-
-    /// Send one message and flush it.
-    pub async fn send<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)?;
-        self.tx.flush(&mut self.stream).await
-    }
-
-    /// Queue one message without writing it; [`PlainConn::flush`] writes everything queued.
-    pub fn feed<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)
-    }
-
-    /// Write every queued message.
-    pub async fn flush(&mut self) -> Result<(), ProtoError> {
-        self.tx.flush(&mut self.stream).await
-    }
-
-    /// The next message; `None` when the peer closed cleanly between messages.
-    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
-        self.rx.recv(&mut self.stream).await
-    }
-
-    /// The underlying stream (for example to read peer credentials).
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// Split into independently usable halves (full duplex).
-    pub fn into_split(self) -> (PlainReader<ReadHalf<S>>, PlainWriter<WriteHalf<S>>) {
-        self.split_with(tokio::io::split)
-    }
-
-    /// Split with a stream-specific splitter, e.g. `UnixStream::into_split`, keeping buffered input.
-    pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (PlainReader<R>, PlainWriter<W>) {
-        let (r, w) = split(self.stream);
-        (PlainReader { r, rx: self.rx }, PlainWriter { w, tx: self.tx })
+        Self::from_parts(stream, BytesMut::new(), (recv_max.min(MAX_FRAME), ()), (send_max.min(MAX_FRAME), ()))
     }
 }
 
-/// Receiving half of a [`PlainConn`].
-#[derive(Debug)]
-pub struct PlainReader<R> {
+/// Receiving half of a [`Conn`].
+pub struct Reader<T: Transport, R> {
     r: R,
-    rx: PlainRx,
+    rx: Rx<T>,
 }
 
-impl<R: AsyncRead + Unpin> PlainReader<R> {
+impl<T: Transport, R> fmt::Debug for Reader<T, R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = format!("{}Reader", T::NAME);
+        f.debug_struct(&name).field("rx", &self.rx.state).finish()
+    }
+}
+
+impl<T: Transport, R: AsyncRead + Unpin> Reader<T, R> {
     /// The next message; `None` when the peer closed cleanly between messages.
-    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
+    /// Cancellation-safe.
+    pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtoError> {
         self.rx.recv(&mut self.r).await
     }
 }
 
-/// Sending half of a [`PlainConn`].
-#[derive(Debug)]
-pub struct PlainWriter<W> {
-    w: W,
-    tx: PlainTx,
+/// Sending half of a [`Conn`].
+pub struct Writer<T: Transport, W> {
+    pub(super) w: W,
+    pub(super) tx: Tx<T>,
 }
 
-impl<W: AsyncWrite + Unpin> PlainWriter<W> {
+impl<T: Transport, W> fmt::Debug for Writer<T, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = format!("{}Writer", T::NAME);
+        f.debug_struct(&name).field("tx", &self.tx.state).finish()
+    }
+}
+
+impl<T: Transport, W: AsyncWrite + Unpin> Writer<T, W> {
     /// Send one message and flush it.
-    pub async fn send<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)?;
-        self.tx.flush(&mut self.w).await
+    pub async fn send<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<(), ProtoError> {
+        self.tx.send(&mut self.w, msg).await
     }
 
-    /// Queue one message without writing it.
-    pub fn feed<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
+    /// Queue one message without writing it; [`Writer::flush`] writes everything queued.
+    pub fn feed<M: Serialize + ?Sized>(&mut self, msg: &M) -> Result<(), ProtoError> {
         self.tx.feed(msg)
     }
 

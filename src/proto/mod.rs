@@ -1,8 +1,9 @@
 //! Wire formats and connections: frames, the secure channel, and the message types of each link.
 //!
 //! Layers, bottom up: `frame` (byte layout, no I/O), `connection` (reading frames from a
-//! stream; the plain JSON link for the Unix socket), `secure` (Noise handshake with the
-//! cluster secret, encrypted JSON messages for every TCP link), `addr` (targets and TCP
+//! stream; the one JSON message link, generic over its transport, plain for the Unix
+//! socket), `secure` (Noise handshake with the cluster secret and the encrypted transport of
+//! every TCP link), `addr` (targets and TCP
 //! connect), `listen` (the one accept loop of every listener, with its connection cap and
 //! idle timeout), `access` (who may use a TCP port: the one allowed-clients check of master
 //! and agent), then one module of message types per link (`agent`, `api`, `peer`, each with

@@ -22,7 +22,12 @@
 //!
 //! Nonces are implicit per-direction counters (TCP is ordered), kept outside the shared
 //! `StatelessTransportState`, which lets the two directions live in separate tasks after
-//! [`SecureConn::into_split`].
+//! the connection is split.
+//!
+//! The connection is the one of every link, [`Conn`] of `proto::connection`, which sends,
+//! receives and splits; this module gives it the handshake and its [`Noise`] transport, which
+//! seals each message into transport messages and opens them again. [`SecureConn`],
+//! [`SecureReader`] and [`SecureWriter`] name it and its halves over that transport.
 //!
 //! Timeouts: [`connect`] and [`accept`] wait as long as the stream lets them; servers must
 //! bound them, with [`accept_timeout`] / [`connect_timeout`] or their own `tokio::time::timeout`.
@@ -31,19 +36,17 @@
 //! log key material. Invariants: see `proto` (a close between messages is a clean end, in
 //! the middle of a fragmented message an error; reads are cancellation-safe, writes are not).
 
-use super::connection::{decode_json, read_frame};
+use super::connection::{read_frame, Conn, Reader, Transport, Writer};
 use super::frame::{self, MAX_MESSAGE};
 use super::ProtoError;
 use bytes::{BufMut, Bytes, BytesMut};
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use sha2::{Digest, Sha256};
 use snow::StatelessTransportState;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -191,7 +194,7 @@ where
         Err(e) => return Err(ProtoError::Handshake(format!("invalid answer from the peer: {e}"))),
     }
     let transport = hs.into_stateless_transport_mode().map_err(noise_err)?;
-    Ok(SecureConn::new(stream, rbuf, transport))
+    Ok(SecureConn::established(stream, rbuf, transport))
 }
 
 fn rejection(reason: &[u8], ours: &[u8]) -> ProtoError {
@@ -311,7 +314,7 @@ where
     stream.write_all(&out).await?;
     stream.flush().await?;
     let transport = hs.into_stateless_transport_mode().map_err(noise_err)?;
-    Ok((SecureConn::new(stream, rbuf, transport), index))
+    Ok((SecureConn::established(stream, rbuf, transport), index))
 }
 
 /// Turn an initiator away before any handshake, telling it why (e.g. its address is not in
@@ -358,204 +361,141 @@ where
         .map_err(|_| ProtoError::Timeout { what: "secure handshake", after: timeout })?
 }
 
-/// Receiving state of one direction: read buffer, nonce, reassembly.
-struct SecureRx {
+/// Noise transport messages, one per frame, each starting with its fragment flag (see the
+/// wire format above). Made only by the handshake of [`connect`] and [`accept`].
+#[derive(Debug)]
+pub enum Noise {}
+
+/// An authenticated, encrypted, message-oriented link over a stream.
+pub type SecureConn<S> = Conn<Noise, S>;
+/// Receiving half of a [`SecureConn`].
+pub type SecureReader<R> = Reader<Noise, R>;
+/// Sending half of a [`SecureConn`].
+pub type SecureWriter<W> = Writer<Noise, W>;
+
+/// Receiving state of one direction: nonce and reassembly.
+pub struct NoiseRx {
     transport: Arc<StatelessTransportState>,
-    /// Largest message accepted from the peer, once reassembled.
-    max: usize,
     nonce: u64,
-    buf: BytesMut,
     plain: Vec<u8>,
     assembling: Vec<u8>,
     mid_message: bool,
-    broken: bool,
 }
 
-impl SecureRx {
-    async fn recv<R: AsyncRead + Unpin, T: DeserializeOwned>(&mut self, r: &mut R) -> Result<Option<T>, ProtoError> {
-        if self.broken {
-            return Err(ProtoError::Broken);
-        }
-        match self.recv_inner(r).await {
-            Ok(None) => Ok(None),
-            Ok(Some(Whole::Single(len))) => decode_json(&self.plain[1..len]).map(Some),
-            Ok(Some(Whole::Assembled)) => {
-                let res = decode_json(&self.assembling).map(Some);
-                self.assembling.clear();
-                res
-            }
-            Err(e) => {
-                self.broken = true;
-                Err(e)
-            }
-        }
+impl fmt::Debug for NoiseRx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NoiseRx").field("received", &self.nonce).finish()
     }
-
-    async fn recv_inner<R: AsyncRead + Unpin>(&mut self, r: &mut R) -> Result<Option<Whole>, ProtoError> {
-        loop {
-            let Some(ct) = read_frame(r, &mut self.buf, MAX_NOISE_MESSAGE).await? else {
-                return if self.mid_message {
-                    Err(ProtoError::Truncated { what: "a fragmented message" })
-                } else {
-                    Ok(None)
-                };
-            };
-            if ct.len() < TAG_LEN + 1 {
-                return Err(ProtoError::Decrypt);
-            }
-            let len = match self.transport.read_message(self.nonce, &ct, &mut self.plain) {
-                Ok(n) => n,
-                Err(snow::Error::Decrypt) => return Err(ProtoError::Decrypt),
-                Err(e) => return Err(noise_err(e)),
-            };
-            self.nonce += 1;
-            if len == 0 {
-                return Err(ProtoError::Violation("empty transport message".into()));
-            }
-            let flag = self.plain[0];
-            let data = &self.plain[1..len];
-            if flag != FLAG_MORE && flag != FLAG_LAST {
-                return Err(ProtoError::Violation(format!("unknown fragment flag {flag:#04x}")));
-            }
-            let total = self.assembling.len() + data.len();
-            if total > self.max {
-                return Err(ProtoError::MessageTooLarge { len: total, max: self.max });
-            }
-            if !self.mid_message && flag == FLAG_LAST {
-                return Ok(Some(Whole::Single(len)));
-            }
-            self.assembling.extend_from_slice(data);
-            if flag == FLAG_LAST {
-                self.mid_message = false;
-                return Ok(Some(Whole::Assembled));
-            }
-            self.mid_message = true;
-        }
-    }
-}
-
-/// Where a received message's JSON sits.
-enum Whole {
-    /// In `plain[1..len]` (one transport message).
-    Single(usize),
-    /// In `assembling`.
-    Assembled,
 }
 
 /// Sending state of one direction.
-struct SecureTx {
+pub struct NoiseTx {
     transport: Arc<StatelessTransportState>,
-    /// Largest message the peer accepts.
-    max: usize,
     nonce: u64,
-    json: Vec<u8>,
     plain: Vec<u8>,
-    out: BytesMut,
-    broken: bool,
 }
 
-impl SecureTx {
-    fn feed<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        if self.broken {
-            return Err(ProtoError::Broken);
-        }
-        self.json.clear();
-        serde_json::to_writer(&mut self.json, msg).map_err(|e| ProtoError::Encode(e.to_string()))?;
-        if self.json.len() > self.max {
-            let len = self.json.len();
-            self.json = Vec::new();
-            return Err(ProtoError::MessageTooLarge { len, max: self.max });
-        }
-        let json = std::mem::take(&mut self.json);
-        let res = self.seal(&json);
-        self.json = json;
-        if res.is_err() {
-            self.broken = true;
-        }
-        res
+impl fmt::Debug for NoiseTx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NoiseTx").field("sent", &self.nonce).finish()
+    }
+}
+
+impl NoiseTx {
+    /// Encrypt `plain` (its first byte the fragment flag) as the next transport message and
+    /// append its frame to `out`.
+    fn seal_one(&mut self, plain: &[u8], out: &mut BytesMut) -> Result<(), ProtoError> {
+        let ct_len = plain.len() + TAG_LEN;
+        out.put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
+        let start = out.len();
+        out.resize(start + ct_len, 0);
+        let n = self.transport.write_message(self.nonce, plain, &mut out[start..]).map_err(noise_err)?;
+        debug_assert_eq!(n, ct_len);
+        self.nonce += 1;
+        Ok(())
+    }
+}
+
+impl Transport for Noise {
+    type Rx = NoiseRx;
+    type Tx = NoiseTx;
+    const NAME: &'static str = "Secure";
+
+    fn frame_max(_: usize) -> usize {
+        MAX_NOISE_MESSAGE
     }
 
-    fn seal(&mut self, json: &[u8]) -> Result<(), ProtoError> {
+    fn open<'a>(rx: &'a mut NoiseRx, ct: &'a [u8], max: usize) -> Result<Option<&'a [u8]>, ProtoError> {
+        if !rx.mid_message {
+            // The last message was decoded by now.
+            rx.assembling.clear();
+        }
+        if ct.len() < TAG_LEN + 1 {
+            return Err(ProtoError::Decrypt);
+        }
+        let len = match rx.transport.read_message(rx.nonce, ct, &mut rx.plain) {
+            Ok(n) => n,
+            Err(snow::Error::Decrypt) => return Err(ProtoError::Decrypt),
+            Err(e) => return Err(noise_err(e)),
+        };
+        rx.nonce += 1;
+        if len == 0 {
+            return Err(ProtoError::Violation("empty transport message".into()));
+        }
+        let flag = rx.plain[0];
+        let data = &rx.plain[1..len];
+        if flag != FLAG_MORE && flag != FLAG_LAST {
+            return Err(ProtoError::Violation(format!("unknown fragment flag {flag:#04x}")));
+        }
+        let total = rx.assembling.len() + data.len();
+        if total > max {
+            return Err(ProtoError::MessageTooLarge { len: total, max });
+        }
+        if !rx.mid_message && flag == FLAG_LAST {
+            return Ok(Some(data));
+        }
+        rx.assembling.extend_from_slice(data);
+        rx.mid_message = flag == FLAG_MORE;
+        Ok(if rx.mid_message { None } else { Some(&rx.assembling) })
+    }
+
+    fn end(rx: &NoiseRx) -> Result<(), ProtoError> {
+        if rx.mid_message {
+            Err(ProtoError::Truncated { what: "a fragmented message" })
+        } else {
+            Ok(())
+        }
+    }
+
+    fn seal(tx: &mut NoiseTx, json: &[u8], _: usize, out: &mut BytesMut) -> Result<(), ProtoError> {
         let count = json.len().div_ceil(MAX_FRAGMENT).max(1);
         let mut chunks = json.chunks(MAX_FRAGMENT);
+        // Taken out while sealing; a failed seal breaks the link, the buffer with it.
+        let mut plain = std::mem::take(&mut tx.plain);
         for i in 0..count {
             let chunk = chunks.next().unwrap_or(&[]);
-            self.plain.clear();
-            self.plain.push(if i + 1 == count { FLAG_LAST } else { FLAG_MORE });
-            self.plain.extend_from_slice(chunk);
-            let ct_len = self.plain.len() + TAG_LEN;
-            self.out.put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
-            let start = self.out.len();
-            self.out.resize(start + ct_len, 0);
-            let n = self.transport.write_message(self.nonce, &self.plain, &mut self.out[start..]).map_err(noise_err)?;
-            debug_assert_eq!(n, ct_len);
-            self.nonce += 1;
+            plain.clear();
+            plain.push(if i + 1 == count { FLAG_LAST } else { FLAG_MORE });
+            plain.extend_from_slice(chunk);
+            tx.seal_one(&plain, out)?;
         }
+        tx.plain = plain;
         Ok(())
-    }
-
-    async fn flush<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> Result<(), ProtoError> {
-        if self.broken {
-            return Err(ProtoError::Broken);
-        }
-        // Broken until the write completes: a cancelled write leaves the peer out of step.
-        self.broken = true;
-        if !self.out.is_empty() {
-            w.write_all(&self.out).await?;
-            self.out.clear();
-            if self.out.capacity() > 4 * MAX_NOISE_MESSAGE {
-                self.out = BytesMut::new();
-            }
-        }
-        w.flush().await?;
-        self.broken = false;
-        Ok(())
-    }
-}
-
-/// An authenticated, encrypted, message-oriented link over a stream.
-pub struct SecureConn<S> {
-    stream: S,
-    rx: SecureRx,
-    tx: SecureTx,
-}
-
-impl<S> fmt::Debug for SecureConn<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecureConn").field("sent", &self.tx.nonce).field("received", &self.rx.nonce).finish()
     }
 }
 
 impl<S> SecureConn<S> {
-    fn new(stream: S, buf: BytesMut, transport: StatelessTransportState) -> Self {
+    fn established(stream: S, buf: BytesMut, transport: StatelessTransportState) -> Self {
         let transport = Arc::new(transport);
-        SecureConn {
-            stream,
-            rx: SecureRx {
-                transport: transport.clone(),
-                max: MAX_MESSAGE,
-                nonce: 0,
-                buf,
-                plain: vec![0u8; MAX_NOISE_MESSAGE],
-                assembling: Vec::new(),
-                mid_message: false,
-                broken: false,
-            },
-            tx: SecureTx {
-                transport,
-                max: MAX_MESSAGE,
-                nonce: 0,
-                json: Vec::new(),
-                plain: Vec::new(),
-                out: BytesMut::new(),
-                broken: false,
-            },
-        }
-    }
-
-    /// The underlying stream (for example to read the peer's address).
-    pub fn get_ref(&self) -> &S {
-        &self.stream
+        let rx = NoiseRx {
+            transport: transport.clone(),
+            nonce: 0,
+            plain: vec![0u8; MAX_NOISE_MESSAGE],
+            assembling: Vec::new(),
+            mid_message: false,
+        };
+        let tx = NoiseTx { transport, nonce: 0, plain: Vec::new() };
+        Conn::from_parts(stream, buf, (MAX_MESSAGE, rx), (MAX_MESSAGE, tx))
     }
 
     /// Refuse to receive messages over `recv_max` bytes (counted while reassembling, so a
@@ -565,42 +505,6 @@ impl<S> SecureConn<S> {
         self.rx.max = recv_max;
         self.tx.max = send_max;
         self
-    }
-
-    /// Split with a stream-specific splitter (e.g. `UnixStream::into_split`), keeping any
-    /// input already buffered.
-    pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (SecureReader<R>, SecureWriter<W>) {
-        let (r, w) = split(self.stream);
-        (SecureReader { r, rx: self.rx }, SecureWriter { w, tx: self.tx })
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> SecureConn<S> {
-    /// Encrypt and send one message, then flush.
-    pub async fn send<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)?;
-        self.tx.flush(&mut self.stream).await
-    }
-
-    /// Encrypt and queue one message; [`SecureConn::flush`] writes everything queued.
-    pub fn feed<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)
-    }
-
-    /// Write every queued message.
-    pub async fn flush(&mut self) -> Result<(), ProtoError> {
-        self.tx.flush(&mut self.stream).await
-    }
-
-    /// The next message; `None` when the peer closed cleanly between messages.
-    /// Cancellation-safe.
-    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
-        self.rx.recv(&mut self.stream).await
-    }
-
-    /// Split into halves usable from different tasks, over `tokio::io::split`.
-    pub fn into_split(self) -> (SecureReader<ReadHalf<S>>, SecureWriter<WriteHalf<S>>) {
-        self.split_with(tokio::io::split)
     }
 }
 
@@ -613,7 +517,7 @@ impl SecureConn<TcpStream> {
         use nix::sys::socket::{recv, MsgFlags};
         use std::os::fd::AsRawFd;
         let mut probe = [0u8; 1];
-        match recv(self.stream.as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
+        match recv(self.get_ref().as_raw_fd(), &mut probe, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT) {
             Ok(0) => false,
             Ok(_) => true,
             Err(Errno::EAGAIN | Errno::EINTR) => true,
@@ -627,48 +531,11 @@ impl SecureConn<TcpStream> {
     }
 }
 
-/// Receiving half of a [`SecureConn`].
-pub struct SecureReader<R> {
-    r: R,
-    rx: SecureRx,
-}
-
-impl<R> fmt::Debug for SecureReader<R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecureReader").field("received", &self.rx.nonce).finish()
-    }
-}
-
-impl<R: AsyncRead + Unpin> SecureReader<R> {
-    /// The next message; `None` when the peer closed cleanly between messages.
-    /// Cancellation-safe.
-    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
-        self.rx.recv(&mut self.r).await
-    }
-}
-
-/// Sending half of a [`SecureConn`].
-pub struct SecureWriter<W> {
-    w: W,
-    tx: SecureTx,
-}
-
-impl<W> fmt::Debug for SecureWriter<W> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SecureWriter").field("sent", &self.tx.nonce).finish()
-    }
-}
-
 impl<W: AsyncWrite + Unpin> SecureWriter<W> {
     /// Fuzzing: encrypt `plain` as one transport message as it is (its first byte is taken
     /// as the fragment flag) and send it.
     pub(crate) async fn send_transport_message(&mut self, plain: &[u8]) -> Result<(), ProtoError> {
-        let ct_len = plain.len() + TAG_LEN;
-        self.tx.out.put_slice(&frame::header(ct_len, MAX_NOISE_MESSAGE)?);
-        let start = self.tx.out.len();
-        self.tx.out.resize(start + ct_len, 0);
-        self.tx.transport.write_message(self.tx.nonce, plain, &mut self.tx.out[start..]).map_err(noise_err)?;
-        self.tx.nonce += 1;
+        self.tx.state.seal_one(plain, &mut self.tx.out)?;
         self.tx.flush(&mut self.w).await
     }
 
@@ -677,33 +544,12 @@ impl<W: AsyncWrite + Unpin> SecureWriter<W> {
         frame::encode(bytes, MAX_NOISE_MESSAGE, &mut self.tx.out)?;
         self.tx.flush(&mut self.w).await
     }
-
-    /// Encrypt and send one message, then flush.
-    pub async fn send<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)?;
-        self.tx.flush(&mut self.w).await
-    }
-
-    /// Encrypt and queue one message; [`SecureWriter::flush`] writes everything queued.
-    pub fn feed<T: Serialize + ?Sized>(&mut self, msg: &T) -> Result<(), ProtoError> {
-        self.tx.feed(msg)
-    }
-
-    /// Write every queued message.
-    pub async fn flush(&mut self) -> Result<(), ProtoError> {
-        self.tx.flush(&mut self.w).await
-    }
-
-    /// Shut the write direction down (the peer's `recv` then returns `None`).
-    pub async fn shutdown(&mut self) -> Result<(), ProtoError> {
-        self.w.shutdown().await.map_err(ProtoError::from)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde::Deserialize;
+    use serde::{Deserialize, Serialize};
     use tokio::io::{AsyncReadExt, DuplexStream};
     use tokio::net::TcpListener;
 
@@ -929,7 +775,7 @@ mod tests {
         assert!(got.text.bytes().all(|b| b == b'z'));
         assert_eq!(s.recv::<Msg>().await.unwrap(), Some(msg(2)));
         let c = sender.await.unwrap();
-        assert!(c.tx.nonce > 16, "a 1 MiB message must take several transport messages");
+        assert!(c.tx.state.nonce > 16, "a 1 MiB message must take several transport messages");
         // And back the other way.
         let back = tokio::spawn(async move { s.send(&got).await });
         let mut c = c;
