@@ -1042,17 +1042,9 @@ async fn a_terminate_without_an_answer_is_reported_unknown_not_pending_while_cut
 async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_linked() {
     init_logging();
     let d = cluster_dir();
-    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
-    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), short_adoption_hold).await;
-    assert!(p.wait_streaming().await);
-    set_roles(&p, 0).await;
+    let (agent, p, client) = adoption_pair(d.path(), 0).await;
     // A desktop neither master knows of (in the campaign: a start the other master gave up on
     // while the two were apart, and recorded as abandoned).
-    let client = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
-        secret: vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
-        port: 904,
-        timeout: Duration::from_secs(3),
-    });
     cut_and_wait(&p).await;
     let extra = client.start(&agent.name, SessionId::random(), "bob", None).await.unwrap();
     let sum = p.a().server().broker.reconcile_all().await.unwrap();
@@ -1079,28 +1071,33 @@ async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_link
     agent.stop().await;
 }
 
-/// Agent calls of 1 s and a peer timeout of 2 s: a desktop the database does not know is
-/// adopted after about 4 s (see `AdoptionGate`).
-fn short_adoption_hold(_: usize, c: &mut vsm::config::Config) {
-    c.vsmserver.agent_timeout = Duration::from_secs(1);
-    c.ha.peer_timeout = Duration::from_secs(2);
+/// One agent and a streaming pair with node `active` active, whose agent calls take 1 s and
+/// peer timeout is 2 s (a desktop the database does not know is adopted after about 4 s, see
+/// `AdoptionGate`), and a client that starts desktops on the agent behind the masters' backs.
+async fn adoption_pair(dir: &std::path::Path, active: usize) -> (TestAgent, TestPair, vsm::agent::AgentClient) {
+    let agent = TestAgent::start(dir, 0, 1, sleep_command()).await;
+    let p = TestPair::start(dir, std::slice::from_ref(&agent.name), |_, c| {
+        c.vsmserver.agent_timeout = Duration::from_secs(1);
+        c.ha.peer_timeout = Duration::from_secs(2);
+    })
+    .await;
+    assert!(p.wait_streaming().await);
+    set_roles(&p, active).await;
+    let client = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
+        secret: vsm::proto::secure::Secret::from_file(dir.join("cluster.key")).unwrap(),
+        port: 904,
+        timeout: Duration::from_secs(3),
+    });
+    (agent, p, client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_desktop_the_peer_is_still_starting_is_not_adopted_and_ends_when_the_peer_abandons_it() {
     init_logging();
     let d = cluster_dir();
-    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
-    let p = TestPair::start(d.path(), std::slice::from_ref(&agent.name), short_adoption_hold).await;
-    assert!(p.wait_streaming().await);
-    set_roles(&p, 1).await;
+    let (agent, p, client) = adoption_pair(d.path(), 1).await;
     // `a` asked the agent to start a desktop and has not heard back (its answer is lost): the
     // desktop runs, and neither database knows it yet.
-    let client = vsm::agent::AgentClient::new(vsm::agent::AgentClientConfig {
-        secret: vsm::proto::secure::Secret::from_file(d.path().join("cluster.key")).unwrap(),
-        port: 904,
-        timeout: Duration::from_secs(3),
-    });
     let started = client.start(&agent.name, SessionId::random(), "carol", None).await.unwrap();
     let id = started.session_id.clone();
     // `b`, linked and caught up, must not adopt it: `a`'s start may still be under way.
