@@ -24,10 +24,10 @@ mod common;
 
 use common::*;
 use std::time::{Duration, Instant};
-use vsm::broker::service::Replication;
 use vsm::config::SyncLevel;
 use vsm::db::Write;
 use vsm::ha::engine::ResyncKind;
+use vsm::ha::handle::Replication;
 use vsm::proto::api::{ApiReply, ApiRequest};
 
 fn main() {

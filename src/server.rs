@@ -18,10 +18,11 @@
 //! components that do.
 
 use crate::agent::AgentClient;
-use crate::api::{Api, HaControl};
-use crate::broker::service::{Broker, Replication};
+use crate::api::Api;
+use crate::broker::service::Broker;
 use crate::config::Config;
 use crate::db::{DbHandle, DbOptions};
+use crate::ha::handle::{HaControl, Replication};
 use crate::ha::node::{HaNode, HaSetup};
 use crate::metrics::Metrics;
 use crate::proto::secure::Secret;

@@ -189,3 +189,41 @@ fn the_architecture_check_sees_what_is_missing() {
     assert!(module_file(&src, &["telemetry"]).is_some());
     assert!(module_file(&src, &["no_such_module"]).is_none());
 }
+
+/// The layers of docs/architecture.md, as imports: a module below another never names it
+/// (doc links aside), so every arrow of the structure drawing points down.
+#[test]
+fn lower_layers_import_nothing_from_higher_ones() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // (directory, what no file below it may import)
+    let rules: &[(&str, &[&str])] = &[
+        ("src/db", &["crate::config", "crate::ha", "crate::broker", "crate::api", "crate::server", "crate::cli"]),
+        ("src/ha", &["crate::broker", "crate::api", "crate::server", "crate::cli"]),
+        // (Its simulation, a test, runs the database's own merge rule: `db` is allowed.)
+        ("src/ha/engine", &["crate::config"]),
+        ("src/proto", &["crate::ha", "crate::broker", "crate::api", "crate::server", "crate::cli"]),
+        ("src/broker", &["crate::api", "crate::server", "crate::cli"]),
+        ("src/api", &["crate::server", "crate::cli"]),
+    ];
+    let mut found = Vec::new();
+    for (dir, banned) in rules {
+        let mut files = Vec::new();
+        rust_files(&root.join(dir), &mut files);
+        assert!(!files.is_empty(), "{dir} holds no source file");
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                let code = line.trim_start();
+                if code.starts_with("//") {
+                    continue;
+                }
+                for b in banned.iter() {
+                    if code.contains(&format!("{b}::")) || code.contains(&format!("{b};")) {
+                        found.push(format!("{}:{}: {b}", f.strip_prefix(root).unwrap().display(), n + 1));
+                    }
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "imports against the layers: {found:#?}");
+}

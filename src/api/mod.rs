@@ -20,16 +20,14 @@ pub mod tcp;
 pub mod unix;
 
 use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
+use crate::ha::handle::HaControl;
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::model;
-use crate::model::{Readiness, Role};
-use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView, VrrpState};
+use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView};
 use crate::proto::listen::Limits;
 use crate::proto::ProtoError;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use tokio::sync::watch;
 
 /// Who is calling.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,22 +45,6 @@ impl Caller {
             Caller::RemoteAdmin { .. } => true,
         }
     }
-}
-
-/// What the API needs from the HA side of the node.
-pub trait HaControl: Send + Sync + 'static {
-    /// The node's HA status; `agent_clock_offsets` is left empty (see [`Api::ha_status`]).
-    fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>>;
-    fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>>;
-    /// Why the node is (not) ready now, and every change of it.
-    fn readiness(&self) -> watch::Receiver<Readiness>;
-    /// The current readiness as a sentence with this node's details.
-    fn readiness_reason(&self) -> String;
-    /// The role, and every change of it.
-    fn role(&self) -> watch::Receiver<Role>;
-    /// Why the node must not decide about sessions now although it is ready (a standby cut
-    /// off from the active master), if so.
-    fn decision_refusal(&self) -> Option<&'static str>;
 }
 
 /// Everything a handler needs.

@@ -29,6 +29,7 @@ use crate::broker::hooks::{run_hooks, HookEvent};
 use crate::broker::placement;
 use crate::config::Config;
 use crate::db::{DbError, DbHandle, SessionFilter, Write};
+use crate::ha::handle::{AdoptionGate, Replication};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
 use crate::proto::agent::AgentSession;
@@ -59,39 +60,6 @@ pub enum BrokerError {
     BadRequest(String),
     #[error("session database: {0}")]
     Db(#[from] DbError),
-}
-
-/// Waits until a committed change is safe to tell a client about (HA ack), or returns at once.
-pub trait Replication: Send + Sync + 'static {
-    fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-    /// HA is on and the peer link is not up and caught up (see `HaNode::cut_off`).
-    fn cut_off(&self) -> bool {
-        false
-    }
-
-    /// Whether a desktop the database does not know may be adopted now (see
-    /// [`AdoptionGate`]).
-    fn adoption_gate(&self) -> AdoptionGate {
-        AdoptionGate::Now
-    }
-}
-
-/// When reconciliation may adopt a desktop that runs on an agent but is not in the database.
-///
-/// With a peer, such a desktop may be the other master's start still under way: that master
-/// either stores it or records it as abandoned once its agent call ends, and the record takes
-/// up to `lag` to arrive here. Adopting before would race that record (and an abandoned
-/// start's tombstone wins the merge, ending a session this master may have handed out), so
-/// the desktop must have been seen unknown, and the link up, for longer than a start can take
-/// plus `lag`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AdoptionGate {
-    /// No peer: adopt at once.
-    Now,
-    /// Linked and caught up with the peer for `linked_for`.
-    Linked { linked_for: Duration, lag: Duration },
-    /// Cut off from the peer: never now.
-    CutOff,
 }
 
 /// No peer: a local commit is all there is.

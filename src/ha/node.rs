@@ -29,9 +29,8 @@
 //!   commit), so the hot path does not read the change log back.
 
 use super::engine::{self, Command, Engine, EngineConfig, Event};
+use super::handle::{AdoptionGate, HaControl, Replication};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
-use crate::api::HaControl;
-use crate::broker::service::{AdoptionGate, Replication};
 use crate::config::{Config, SyncLevel};
 use crate::db::DbHandle;
 use crate::metrics::Metrics;
