@@ -1,0 +1,296 @@
+//! The task that owns the HA engine: feeds it link events, local commits, ticks and role
+//! changes, carries out the commands it returns against the database and the link, and
+//! publishes the node's status and readiness after every step.
+//!
+//! Invariants: exactly one task owns the engine; database calls the engine asks for are made
+//! here and fed back as events in order; consecutive applies merge into one transaction of at
+//! most [`MERGE_RECORDS`] records, whose `Applied` events follow only after it committed.
+
+use super::*;
+
+/// Peer messages taken from the link queue at once (their applies may merge).
+pub(super) const LINK_DRAIN: usize = 64;
+/// Most records in one merged apply (one transaction). Small enough that the engine task,
+/// which waits for the apply, still answers heartbeats well within the peer timeout on a
+/// loaded machine (a snapshot comes in chunks of 1,000).
+pub(super) const MERGE_RECORDS: usize = 4_000;
+
+/// Consecutive `Apply` commands waiting to run as one database call.
+pub(super) struct MergedApply {
+    peer_db_id: String,
+    records: Vec<crate::model::Record>,
+    /// `peer_pos` of each merged command, in order: one `Applied` each.
+    positions: Vec<Option<Seq>>,
+}
+
+/// The task that owns the engine.
+pub(super) struct Driver {
+    pub(super) engine: Engine,
+    pub(super) db: DbHandle,
+    pub(super) node: Arc<HaNode>,
+    pub(super) writer: Option<mpsc::Sender<PeerMsg>>,
+    pub(super) conn: Option<u64>,
+    pub(super) waiters: std::collections::HashMap<engine::WaiterId, oneshot::Sender<()>>,
+    pub(super) next_waiter: u64,
+    pub(super) merged: Option<MergedApply>,
+    /// A new connection met while draining the link queue: handled once every event before
+    /// it is done, because it reads the position those events' applies store.
+    pub(super) held: Option<Link>,
+    pub(super) metrics: Metrics,
+    /// The last resyncs counted in the metrics, one per direction.
+    pub(super) seen_received: Option<engine::ResyncInfo>,
+    pub(super) seen_sent: Option<engine::ResyncInfo>,
+}
+
+impl Driver {
+    pub(super) async fn run(
+        mut self,
+        mut reqs: mpsc::Receiver<Req>,
+        mut links: mpsc::Receiver<Link>,
+        cancel: CancellationToken,
+    ) {
+        let head = self.db.watch_head();
+        let mut changes = self.db.subscribe_changes();
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = std::collections::VecDeque::new();
+        events.push_back(Event::Start { now: engine_now() });
+        // Commits between the engine's start and the subscription: the engine reads them.
+        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: engine_now() });
+        loop {
+            loop {
+                while let Some(ev) = events.pop_front() {
+                    let cmds = self.engine.step(ev);
+                    for c in cmds {
+                        self.execute(c, &mut events).await;
+                    }
+                }
+                if self.merged.is_some() {
+                    self.flush_applies(&mut events).await;
+                } else if let Some(l) = self.held.take() {
+                    self.on_link(l, &mut events).await;
+                } else {
+                    break;
+                }
+            }
+            self.publish();
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {
+                    let now = engine_now();
+                    events.push_back(Event::WallClock { now, wall_ms: now_ms() });
+                    events.push_back(Event::Tick { now });
+                }
+                r = changes.recv() => match r {
+                    Ok(batch) => {
+                        let now = engine_now();
+                        for c in batch.iter() {
+                            events.push_back(Event::LocalCommitted { seq: c.seq, change: Some(c.clone()), now });
+                        }
+                    }
+                    // Fell behind: the engine reads the log up to the head instead.
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: engine_now() });
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                Some(r) = reqs.recv() => match r {
+                    Req::AwaitAck { seq, done } => {
+                        self.next_waiter += 1;
+                        let w = engine::WaiterId(self.next_waiter);
+                        self.waiters.insert(w, done);
+                        events.push_back(Event::AwaitAck { waiter: w, seq, now: engine_now() });
+                    }
+                    Req::Role(role) => events.push_back(Event::RoleChanged { role, now: engine_now() }),
+                    Req::Ping(done) => {
+                        let _ = done.send(());
+                    }
+                },
+                Some(l) = links.recv() => {
+                    self.on_link(l, &mut events).await;
+                    // Take what else arrived, so that consecutive changes apply together.
+                    for _ in 1..LINK_DRAIN {
+                        match links.try_recv() {
+                            Ok(l @ Link::Up { .. }) => {
+                                self.held = Some(l);
+                                break;
+                            }
+                            Ok(l) => self.on_link(l, &mut events).await,
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+        // Release every waiting client: the node is going away.
+        for (_, w) in self.waiters.drain() {
+            let _ = w.send(());
+        }
+    }
+
+    async fn on_link(&mut self, l: Link, events: &mut std::collections::VecDeque<Event>) {
+        match l {
+            Link::Up { conn, hello, addr, writer } => {
+                if self.conn.is_some() {
+                    self.node.note_drop("replaced by a new connection");
+                    events.push_back(Event::PeerDisconnected {
+                        now: engine_now(),
+                        reason: "replaced by a new connection".into(),
+                    });
+                }
+                tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
+                *self.node.handshake_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
+                self.writer = Some(writer);
+                self.conn = Some(conn);
+                let now = engine_now();
+                events.push_back(Event::WallClock { now, wall_ms: now_ms() });
+                events.push_back(Event::PeerConnected { hello, our_position_for_them: pos, now });
+            }
+            Link::Msg { conn, msg } if Some(conn) == self.conn => {
+                events.push_back(Event::PeerMessage { msg, now: engine_now() });
+            }
+            Link::Msg { .. } => {}
+            Link::Down { conn, reason } if Some(conn) == self.conn => {
+                tracing::warn!(%reason, "peer link down");
+                self.node.note_drop(&reason);
+                self.writer = None;
+                self.conn = None;
+                events.push_back(Event::PeerDisconnected { now: engine_now(), reason });
+            }
+            Link::Down { .. } => {}
+        }
+    }
+
+    async fn execute(&mut self, c: Command, events: &mut std::collections::VecDeque<Event>) {
+        match &c {
+            Command::Apply { .. } | Command::Send(_) | Command::ReleaseWaiters { .. } => {}
+            _ => self.flush_applies(events).await,
+        }
+        match c {
+            Command::Send(m) => {
+                if let Some(w) = &self.writer {
+                    if w.send(m).await.is_err() {
+                        self.writer = None;
+                    }
+                }
+            }
+            Command::ReadLog { after, limit } => match self.db.changes_since(after, limit).await {
+                Ok(result) => events.push_back(Event::LogRead { after, result, now: engine_now() }),
+                Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
+            },
+            Command::ReadSnapshot => match self.db.snapshot().await {
+                Ok(snapshot) => events.push_back(Event::SnapshotRead { snapshot, now: engine_now() }),
+                Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
+            },
+            Command::Apply { peer_db_id, records, peer_pos } => {
+                let fits = self
+                    .merged
+                    .as_ref()
+                    .is_some_and(|m| m.peer_db_id == peer_db_id && m.records.len() + records.len() <= MERGE_RECORDS);
+                if !fits {
+                    self.flush_applies(events).await;
+                }
+                match &mut self.merged {
+                    Some(m) => {
+                        m.records.extend(records);
+                        m.positions.push(peer_pos);
+                    }
+                    None => self.merged = Some(MergedApply { peer_db_id, records, positions: vec![peer_pos] }),
+                }
+            }
+            Command::ReleaseWaiters { waiters, outcome } => {
+                for w in waiters {
+                    if let Some(tx) = self.waiters.remove(&w) {
+                        let _ = tx.send(());
+                    }
+                }
+                match outcome {
+                    engine::AckOutcome::TimedOut => {
+                        tracing::warn!("the peer did not acknowledge in time; continuing alone (degraded)")
+                    }
+                    engine::AckOutcome::Degraded => {
+                        tracing::debug!("peer link down; answering without its acknowledgement (degraded)")
+                    }
+                    _ => {}
+                }
+            }
+            Command::Disconnect { reason } => {
+                tracing::warn!(%reason, "dropping the peer link");
+                if self.conn.is_some() {
+                    self.node.note_drop(&reason);
+                }
+                self.writer = None;
+                self.conn = None;
+            }
+            Command::ReconcileAgents => self.node.request_reconcile(),
+        }
+    }
+
+    /// Runs the merged applies as one transaction; then one `Applied` per merged command.
+    async fn flush_applies(&mut self, events: &mut std::collections::VecDeque<Event>) {
+        let Some(MergedApply { peer_db_id, records, positions }) = self.merged.take() else { return };
+        let n = records.len();
+        // Storing the last position is what applying them one by one would leave behind.
+        let pos = match positions.iter().rev().flatten().next() {
+            Some(p) => crate::db::PositionUpdate::Set(*p),
+            None => crate::db::PositionUpdate::Keep,
+        };
+        match self.db.apply_remote_with(peer_db_id, records, pos).await {
+            Ok(out) => {
+                for c in &out.conflicts {
+                    tracing::warn!(
+                        session_id = %c.local.id, local = %c.local.version, remote = %c.remote.version,
+                        local_base = ?c.local.base.as_ref().map(|v| v.to_string()),
+                        remote_base = ?c.remote.base.as_ref().map(|v| v.to_string()), winner = ?c.winner,
+                        "concurrent changes to one session (neither was based on the other); an end wins, else the newer version"
+                    );
+                }
+                for r in &out.deletes_kept {
+                    tracing::warn!(
+                        session_id = %r.id, version = %r.version,
+                        "the session was ended on one master and changed on the other while they were apart; it stays ended"
+                    );
+                }
+                tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");
+                let now = engine_now();
+                for up_to in positions {
+                    events.push_back(Event::Applied { up_to, now });
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
+                self.node.note_drop(&format!("apply failed: {e}"));
+                let now = engine_now();
+                events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
+                // Nothing was stored. The engine counts the link as down first, so these
+                // only keep its apply queue in step; no position is acknowledged.
+                for up_to in positions {
+                    events.push_back(Event::Applied { up_to, now });
+                }
+                self.writer = None;
+                self.conn = None;
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        let st = self.engine.status();
+        let readiness = st.readiness;
+        // Each direction completes at most once per connection, and status is published
+        // after every batch of events, so comparing with the last one seen misses none.
+        for (now, seen) in
+            [(&st.last_resync_received, &mut self.seen_received), (&st.last_resync_sent, &mut self.seen_sent)]
+        {
+            if let Some(r) = now.as_ref().filter(|r| Some(*r) != seen.as_ref()) {
+                self.metrics.resync(resync_kind(r), resync_direction(r), r.duration_ms as f64 / 1000.0);
+                *seen = Some(r.clone());
+            }
+        }
+        *self.node.status.lock().unwrap_or_else(|p| p.into_inner()) = Some(st);
+        if self.node.readiness.send_if_modified(|r| std::mem::replace(r, readiness) != readiness) {
+            *self.node.caught_up_since.lock().unwrap_or_else(|p| p.into_inner()) =
+                (readiness == Readiness::CaughtUp).then(std::time::Instant::now);
+        }
+    }
+}

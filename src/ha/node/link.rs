@@ -1,0 +1,221 @@
+//! The peer link of the HA node: the accept and dial loops of the HA port, the secure
+//! handshake, and one task pair per connection that turns frames into [`Link`] events for
+//! the driver and writes what the driver sends, coalescing up to [`WRITE_COALESCE`] messages.
+//!
+//! Invariants: nothing reaches the driver from a connection before the handshake proved the
+//! shared secret; every connection ends with exactly one `Link::Down` naming its reason.
+
+use super::*;
+
+/// Builds our Hello for a new connection.
+#[derive(Clone)]
+pub(super) struct HelloSource {
+    pub(super) db: DbHandle,
+    pub(super) local: NodeId,
+    pub(super) digest: String,
+    /// The peer's database id as last announced to us, so our hello can say how far we
+    /// applied that log.
+    pub(super) last_peer: Arc<Mutex<Option<String>>>,
+}
+
+impl HelloSource {
+    pub(super) async fn hello(&self) -> Result<Hello, String> {
+        let st = self.db.status().await.map_err(|e| e.to_string())?;
+        let last = self.last_peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let your_position = match &last {
+            Some(id) => self.db.peer_position(id).await.map_err(|e| e.to_string())?,
+            None => Seq::ZERO,
+        };
+        Ok(Hello {
+            protocol: PROTOCOL_VERSION,
+            node: self.local.clone(),
+            db_id: st.db_id,
+            head: st.head,
+            oldest: st.oldest,
+            your_db_id: last,
+            your_position,
+            config_digest: self.digest.clone(),
+            now_ms: now_ms(),
+        })
+    }
+}
+
+#[derive(Clone, Default)]
+pub(super) struct ConnCounter(Arc<std::sync::atomic::AtomicU64>);
+
+impl ConnCounter {
+    pub(super) fn next(&self) -> u64 {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+    }
+}
+
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most peer messages encoded into one write.
+pub(super) const WRITE_COALESCE: usize = 16;
+
+/// Connections the HA port serves at once: one peer, plus room for a reconnect racing the
+/// old link and a stray caller being refused.
+pub(super) const PEER_MAX_CONNECTIONS: usize = 4;
+
+pub(super) async fn accept_loop(
+    l: TcpListener,
+    secret: Secret,
+    hs: HelloSource,
+    tx: mpsc::Sender<Link>,
+    conns: ConnCounter,
+    herr: HandshakeError,
+    cancel: CancellationToken,
+) {
+    // Before its hello a caller is bounded by the handshake timeout; afterwards the engine
+    // drops a link that stays silent for the peer timeout.
+    let limits = Limits { max_connections: PEER_MAX_CONNECTIONS, idle_timeout: HANDSHAKE_TIMEOUT };
+    let tracker = TaskTracker::new();
+    let c = cancel.clone();
+    listen::serve("HA port", l, limits, c, tracker, move |stream, peer| {
+        let (secret, hs, tx, conns, cancel, herr) =
+            (secret.clone(), hs.clone(), tx.clone(), conns.clone(), cancel.clone(), herr.clone());
+        async move {
+            let conn = match limits.idle(accept(stream, &secret, PEER_PROLOGUE)).await {
+                Ok(c) => c.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE),
+                Err(e @ ProtoError::Idle { .. }) => {
+                    tracing::warn!(%peer, error = %e, "peer handshake timed out");
+                    return Ok(());
+                }
+                Err(e) => {
+                    note_handshake_error(&herr, &peer.to_string(), &e);
+                    tracing::warn!(%peer, error = %e, "rejected a peer connection: nothing it sent was applied");
+                    return Ok(());
+                }
+            };
+            run_conn(conn, peer.to_string(), hs, tx, conns.next(), cancel).await;
+            Ok::<(), ProtoError>(())
+        }
+    })
+    .await
+}
+
+pub(super) async fn dial_loop(
+    addr: String,
+    secret: Secret,
+    hs: HelloSource,
+    tx: mpsc::Sender<Link>,
+    conns: ConnCounter,
+    herr: HandshakeError,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        let attempt = async {
+            let s = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+            let _ = s.set_nodelay(true);
+            connect(s, &secret, PEER_PROLOGUE).await.map_err(|e| {
+                if e.is_auth_failure() {
+                    note_handshake_error(&herr, &addr, &e);
+                    tracing::warn!(peer = %addr, error = %e, "the peer refused this node's secure handshake");
+                }
+                e.to_string()
+            })
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
+            Ok(Ok(conn)) => {
+                backoff = Duration::from_millis(100);
+                let conn = conn.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE);
+                run_conn(conn, addr.clone(), hs.clone(), tx.clone(), conns.next(), cancel.clone()).await;
+            }
+            Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "cannot reach the peer"),
+            Err(_) => tracing::debug!(peer = %addr, "connecting to the peer timed out"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs one authenticated connection: exchange Hellos, then pump messages both ways until
+/// it breaks or the engine drops the writer.
+pub(super) async fn run_conn<S>(
+    conn: crate::proto::secure::SecureConn<S>,
+    addr: String,
+    hs: HelloSource,
+    tx: mpsc::Sender<Link>,
+    id: u64,
+    cancel: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut reader, mut writer) = conn.into_split();
+    let ours = match hs.hello().await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot build the HA hello");
+            return;
+        }
+    };
+    if let Err(e) = writer.send(&PeerMsg::Hello(ours)).await {
+        tracing::debug!(peer = %addr, error = %e, "peer link broke during hello");
+        return;
+    }
+    let theirs = match tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.recv::<PeerMsg>()).await {
+        Ok(Ok(Some(PeerMsg::Hello(h)))) => h,
+        Ok(Ok(Some(other))) => {
+            tracing::warn!(peer = %addr, "peer sent {other:?} before its hello; closing");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::warn!(peer = %addr, error = %e, "peer link broke during hello");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(peer = %addr, "no hello from the peer within 5 s");
+            return;
+        }
+    };
+    *hs.last_peer.lock().unwrap_or_else(|p| p.into_inner()) = Some(theirs.db_id.clone());
+    let (wtx, mut wrx) = mpsc::channel::<PeerMsg>(1024);
+    if tx.send(Link::Up { conn: id, hello: theirs, addr: addr.clone(), writer: wtx }).await.is_err() {
+        return;
+    }
+    let mut write_task = tokio::spawn(async move {
+        while let Some(m) = wrx.recv().await {
+            if let Err(e) = writer.feed(&m) {
+                return format!("cannot send to the peer: {e}");
+            }
+            // Coalesce what else is queued into one flush, but not a whole snapshot: the
+            // peer starts on the first chunks while later ones are still being encoded.
+            for _ in 1..WRITE_COALESCE {
+                let Ok(m) = wrx.try_recv() else { break };
+                if let Err(e) = writer.feed(&m) {
+                    return format!("cannot send to the peer: {e}");
+                }
+            }
+            if let Err(e) = writer.flush().await {
+                return format!("sending to the peer failed: {e}");
+            }
+        }
+        let _ = writer.shutdown().await;
+        "closed by this node".to_string()
+    });
+    let reason = loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break "shutting down".to_string(),
+            w = &mut write_task => break w.unwrap_or_else(|e| format!("the peer link writer failed: {e}")),
+            r = reader.recv::<PeerMsg>() => match r {
+                Ok(Some(msg)) => {
+                    if tx.send(Link::Msg { conn: id, msg }).await.is_err() {
+                        break "engine stopped".into();
+                    }
+                }
+                Ok(None) => break "the peer closed the link".into(),
+                Err(e) => break format!("peer link error: {e}"),
+            },
+        }
+    };
+    write_task.abort();
+    let _ = tx.send(Link::Down { conn: id, reason }).await;
+}
