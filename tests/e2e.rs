@@ -63,10 +63,9 @@ fn verdict_lines(report: &Path, max: usize) -> String {
     let Ok(text) = std::fs::read_to_string(report) else {
         return format!("(no report at {})", report.display());
     };
-    let lines: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("anomalies:")).collect();
-    let mut out: Vec<&str> = lines.iter().copied().take(max).collect();
-    if lines.len() > max {
-        out.push("...");
+    let mut out: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("anomalies:")).take(max + 1).collect();
+    if out.len() > max {
+        out[max] = "...";
     }
     out.join("\n")
 }

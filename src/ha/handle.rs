@@ -50,7 +50,7 @@ pub enum AdoptionGate {
 
 /// What the API needs from the HA side of the node.
 pub trait HaControl: Send + Sync + 'static {
-    /// The node's HA status; `agent_clock_offsets` is left empty (see [`Api::ha_status`]).
+    /// The node's HA status; `agent_clock_offsets` is left empty (see [`crate::api::Api::ha_status`]).
     fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>>;
     fn notify(&self, state: VrrpState) -> Pin<Box<dyn Future<Output = String> + Send + '_>>;
     /// Why the node is (not) ready now, and every change of it.

@@ -57,63 +57,69 @@ pub(super) const WRITE_COALESCE: usize = 16;
 /// old link and a stray caller being refused.
 pub(super) const PEER_MAX_CONNECTIONS: usize = 4;
 
-pub(super) async fn accept_loop(
-    l: TcpListener,
-    secret: Secret,
-    hs: HelloSource,
-    tx: mpsc::Sender<Link>,
-    conns: ConnCounter,
-    herr: HandshakeError,
-    cancel: CancellationToken,
-) {
+/// What both the accept and the dial loop need to run a link.
+#[derive(Clone)]
+pub(super) struct LinkCtx {
+    pub(super) secret: Secret,
+    pub(super) hs: HelloSource,
+    pub(super) tx: mpsc::Sender<Link>,
+    pub(super) conns: ConnCounter,
+    /// Where a failed secure handshake is noted for the status.
+    pub(super) herr: HandshakeError,
+    pub(super) cancel: CancellationToken,
+}
+
+impl LinkCtx {
+    /// Runs one authenticated connection to its end (see [`run_conn`]).
+    async fn run<S>(&self, conn: crate::proto::secure::SecureConn<S>, addr: String)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = conn.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE);
+        run_conn(conn, addr, self.hs.clone(), self.tx.clone(), self.conns.next(), self.cancel.clone()).await;
+    }
+}
+
+pub(super) async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
     // Before its hello a caller is bounded by the handshake timeout; afterwards the engine
     // drops a link that stays silent for the peer timeout.
     let limits = Limits { max_connections: PEER_MAX_CONNECTIONS, idle_timeout: HANDSHAKE_TIMEOUT };
     let tracker = TaskTracker::new();
-    let c = cancel.clone();
+    let c = ctx.cancel.clone();
     listen::serve("HA port", l, limits, c, tracker, move |stream, peer| {
-        let (secret, hs, tx, conns, cancel, herr) =
-            (secret.clone(), hs.clone(), tx.clone(), conns.clone(), cancel.clone(), herr.clone());
+        let ctx = ctx.clone();
         async move {
-            let conn = match limits.idle(accept(stream, &secret, PEER_PROLOGUE)).await {
-                Ok(c) => c.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE),
+            let conn = match limits.idle(accept(stream, &ctx.secret, PEER_PROLOGUE)).await {
+                Ok(c) => c,
                 Err(e @ ProtoError::Idle { .. }) => {
                     tracing::warn!(%peer, error = %e, "peer handshake timed out");
                     return Ok(());
                 }
                 Err(e) => {
-                    note_handshake_error(&herr, &peer.to_string(), &e);
+                    note_handshake_error(&ctx.herr, &peer.to_string(), &e);
                     tracing::warn!(%peer, error = %e, "rejected a peer connection: nothing it sent was applied");
                     return Ok(());
                 }
             };
-            run_conn(conn, peer.to_string(), hs, tx, conns.next(), cancel).await;
+            ctx.run(conn, peer.to_string()).await;
             Ok::<(), ProtoError>(())
         }
     })
     .await
 }
 
-pub(super) async fn dial_loop(
-    addr: String,
-    secret: Secret,
-    hs: HelloSource,
-    tx: mpsc::Sender<Link>,
-    conns: ConnCounter,
-    herr: HandshakeError,
-    cancel: CancellationToken,
-) {
+pub(super) async fn dial_loop(addr: String, ctx: LinkCtx) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        if cancel.is_cancelled() {
+        if ctx.cancel.is_cancelled() {
             return;
         }
         let attempt = async {
             let s = TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
             let _ = s.set_nodelay(true);
-            connect(s, &secret, PEER_PROLOGUE).await.map_err(|e| {
+            connect(s, &ctx.secret, PEER_PROLOGUE).await.map_err(|e| {
                 if e.is_auth_failure() {
-                    note_handshake_error(&herr, &addr, &e);
+                    note_handshake_error(&ctx.herr, &addr, &e);
                     tracing::warn!(peer = %addr, error = %e, "the peer refused this node's secure handshake");
                 }
                 e.to_string()
@@ -122,14 +128,13 @@ pub(super) async fn dial_loop(
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
             Ok(Ok(conn)) => {
                 backoff = Duration::from_millis(100);
-                let conn = conn.with_limits(peer::MAX_MESSAGE, peer::MAX_MESSAGE);
-                run_conn(conn, addr.clone(), hs.clone(), tx.clone(), conns.next(), cancel.clone()).await;
+                ctx.run(conn, addr.clone()).await;
             }
             Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "cannot reach the peer"),
             Err(_) => tracing::debug!(peer = %addr, "connecting to the peer timed out"),
         }
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = ctx.cancel.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(2));

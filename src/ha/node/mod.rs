@@ -57,7 +57,7 @@ mod driver;
 mod link;
 
 use driver::Driver;
-use link::{accept_loop, dial_loop, ConnCounter, HelloSource};
+use link::{accept_loop, dial_loop, ConnCounter, HelloSource, LinkCtx};
 
 /// The outcome of node resolution plus how to reach the peer.
 #[derive(Clone, Debug)]
@@ -307,21 +307,19 @@ impl HaNode {
             // without it our first hello would ask for a full snapshot on every restart.
             last_peer: Arc::new(Mutex::new(db.last_peer_db_id().await?)),
         };
-        let conns = ConnCounter::default();
-        tracker.spawn(accept_loop(
-            peer_listener,
-            secret.clone(),
-            hello_src.clone(),
-            link_tx.clone(),
-            conns.clone(),
-            node.handshake_error.clone(),
-            cancel.clone(),
-        ));
+        let ctx = LinkCtx {
+            secret,
+            hs: hello_src,
+            tx: link_tx,
+            conns: ConnCounter::default(),
+            herr: node.handshake_error.clone(),
+            cancel: cancel.clone(),
+        };
         if local < remote {
             let addr = setup.peer_addr.clone().unwrap_or_default();
-            let herr = node.handshake_error.clone();
-            tracker.spawn(dial_loop(addr, secret, hello_src, link_tx.clone(), conns, herr, cancel.clone()));
+            tracker.spawn(dial_loop(addr, ctx.clone()));
         }
+        tracker.spawn(accept_loop(peer_listener, ctx));
         let driver = Driver {
             engine,
             db,
@@ -461,15 +459,18 @@ impl HaNode {
     }
 
     /// The clock reading tombstone ages are measured against (see
-    /// [`engine::shared_clock_ms`]): this machine's clock with HA off; with HA on the earlier
-    /// of both masters' clocks, or `None` (keep every tombstone) while the peer's clock has
-    /// not been measured since start.
+    /// [`engine::tombstone_clock_ms`]): this machine's clock with HA off; with HA on the
+    /// earlier of both masters' clocks while caught up with the peer, else `None` (keep every
+    /// tombstone: not caught up, or the peer's clock not measured since start).
     pub fn tombstone_clock_ms(&self, now: u64) -> Option<u64> {
         if self.engine_tx.is_none() {
             return Some(now);
         }
-        let offset = self.status.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|st| st.clock_offset_ms);
-        engine::shared_clock_ms(now, offset)
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|st| engine::tombstone_clock_ms(now, st))
     }
 
     /// Waits for the engine task to end (after the cancel token fired).
