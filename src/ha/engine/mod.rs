@@ -191,6 +191,17 @@ pub fn shared_clock_ms(now: u64, peer_offset_ms: Option<i64>) -> Option<u64> {
     Some(if offset < 0 { now.saturating_sub(offset.unsigned_abs()) } else { now })
 }
 
+/// The clock to forget tombstones against now ([`shared_clock_ms`]), or `None` (keep every
+/// tombstone): only while caught up with the peer. A peer record older than a tombstone may
+/// still be on its way only while the link is behind or down, and a tombstone forgotten then
+/// would let that record bring the session back on this node alone.
+pub fn tombstone_clock_ms(now: u64, st: &EngineStatus) -> Option<u64> {
+    if st.readiness != Readiness::CaughtUp {
+        return None;
+    }
+    shared_clock_ms(now, st.clock_offset_ms)
+}
+
 /// Something that happened; fed to [`Engine::step`]. `now` is milliseconds of a monotonic
 /// clock (the caller anchors it at the wall clock at start, so it reads like Unix ms); it
 /// drives every timer, so a wall clock set back or forward never stalls or fires them.

@@ -16,7 +16,8 @@
 //! beyond it in the examples); the engines run on the true monotonic time and learn the
 //! wall clock from [`Event::WallClock`], as the peer-link task feeds them. The stores stamp
 //! versions with the bounded hybrid clock of the real database and forget tombstones on the
-//! shared clock ([`shared_clock_ms`]). The clock test also checks that no tombstone is
+//! shared clock, only while caught up ([`tombstone_clock_ms`]). The clock test also checks
+//! that no tombstone is
 //! forgotten before its retention (less twice the bound: each clock may be that far off),
 //! that both stores forget the same tombstones, and that a write made after another write to
 //! the same session was acknowledged always wins over it.
@@ -276,8 +277,7 @@ impl World {
 
     /// Node `i`'s housekeeping: forget tombstones on the clock both nodes share.
     fn gc(&mut self, i: usize) {
-        let offset = self.nodes[i].engine.status().clock_offset_ms;
-        let shared = shared_clock_ms(self.wall(i), offset);
+        let shared = tombstone_clock_ms(self.wall(i), &self.nodes[i].engine.status());
         let now = self.now;
         for r in self.nodes[i].store.gc(shared) {
             if let Some(born) = self.born.get(&(r.id.clone(), r.version.clone())) {
