@@ -192,11 +192,14 @@ pub fn shared_clock_ms(now: u64, peer_offset_ms: Option<i64>) -> Option<u64> {
 }
 
 /// The clock to forget tombstones against now ([`shared_clock_ms`]), or `None` (keep every
-/// tombstone): only while caught up with the peer. A peer record older than a tombstone may
-/// still be on its way only while the link is behind or down, and a tombstone forgotten then
-/// would let that record bring the session back on this node alone.
+/// tombstone): only while the two databases are in step both ways, this node caught up with
+/// the peer and the peer holding every local change. A peer record older than a tombstone
+/// may still be on its way only while the link is behind or down, and a tombstone the peer
+/// has not yet received may be the only thing that ends a session there (a node restarted
+/// with an empty database ends a session the peer still holds live); forgetting it in either
+/// case would leave the session live on one node alone.
 pub fn tombstone_clock_ms(now: u64, st: &EngineStatus) -> Option<u64> {
-    if st.readiness != Readiness::CaughtUp {
+    if st.readiness != Readiness::CaughtUp || st.peer_acked < st.local_head {
         return None;
     }
     shared_clock_ms(now, st.clock_offset_ms)

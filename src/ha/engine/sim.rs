@@ -16,7 +16,7 @@
 //! beyond it in the examples); the engines run on the true monotonic time and learn the
 //! wall clock from [`Event::WallClock`], as the peer-link task feeds them. The stores stamp
 //! versions with the bounded hybrid clock of the real database and forget tombstones on the
-//! shared clock, only while caught up ([`tombstone_clock_ms`]). The clock test also checks
+//! shared clock, only while the two are in step ([`tombstone_clock_ms`]). The clock test also checks
 //! that no tombstone is
 //! forgotten before its retention (less twice the bound: each clock may be that far off),
 //! that both stores forget the same tombstones, and that a write made after another write to
@@ -32,6 +32,10 @@ use std::time::Duration;
 const MAX_OFFSET_MS: u64 = 1_000;
 /// The simulated `/HA/tombstone_retention`.
 const RETENTION_MS: u64 = 10_000;
+/// The true time the simulation starts at (any date: far enough from zero that no clock set
+/// back, even by days, reads before it, which would make it stand still at zero).
+const START_MS: u64 = 1_000 * DAY_MS as u64;
+const DAY_MS: i64 = 86_400_000;
 
 /// The test's database: records by id (merged like the real one), own change log, peer
 /// positions.
@@ -236,12 +240,12 @@ impl World {
         let n = names();
         let node = |i: usize| {
             let store = Store::new(&n[i], format!("db{i}"));
-            let mut engine = Engine::new(engine_config(i), store.status(), 0);
-            engine.step(Event::Start { now: 0 });
+            let mut engine = Engine::new(engine_config(i), store.status(), START_MS);
+            engine.step(Event::Start { now: START_MS });
             Node { store, engine, db_queue: VecDeque::new(), link: None, waiters: BTreeMap::new() }
         };
         World {
-            now: 0,
+            now: START_MS,
             nodes: [node(0), node(1)],
             wire: [VecDeque::new(), VecDeque::new()],
             partitioned: false,
@@ -869,8 +873,6 @@ fn wiped_node_whose_snapshot_is_interrupted_gets_a_full_snapshot_again() {
     w.check();
     assert_eq!(w.nodes[0].store.records.len(), 7);
 }
-
-const DAY_MS: i64 = 86_400_000;
 
 #[test]
 fn a_master_days_ahead_does_not_poison_the_peer_or_outlive_its_fix() {

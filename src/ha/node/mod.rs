@@ -460,8 +460,9 @@ impl HaNode {
 
     /// The clock reading tombstone ages are measured against (see
     /// [`engine::tombstone_clock_ms`]): this machine's clock with HA off; with HA on the
-    /// earlier of both masters' clocks while caught up with the peer, else `None` (keep every
-    /// tombstone: not caught up, or the peer's clock not measured since start).
+    /// earlier of both masters' clocks while the two databases are in step, else `None` (keep
+    /// every tombstone: not caught up, a local change not yet on the peer, or the peer's
+    /// clock not measured since start).
     pub fn tombstone_clock_ms(&self, now: u64) -> Option<u64> {
         if self.engine_tx.is_none() {
             return Some(now);
