@@ -20,40 +20,43 @@ pub const MAX_REPLY: usize = 16 * 1024 * 1024;
 /// Largest report (or acknowledgement) on the report link.
 pub const MAX_REPORT: usize = 64 * 1024;
 
-/// A call from a master to an agent.
-///
-/// Fencing: `Start` and `Terminate` are carried out only while the master still waits for the
-/// answer. `wait_ms` is how much longer the master waits, counted by the agent from the moment
-/// it reads the request (its own monotonic clock, so the two clocks never meet); and a master
-/// that gave up closes the connection, which the agent checks before acting (see
-/// `docs/architecture.md`, "Fenced agent actions"). The session id names the request.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum AgentRequest {
-    /// Start a session for `user` on a free display.
-    Start {
-        session_id: SessionId,
-        user: String,
-        /// `WIDTHxHEIGHT`; the agent's `default_geometry` when absent.
-        geometry: Option<String>,
-        /// Milliseconds the master still waits; `None` from masters that do not say.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        wait_ms: Option<u64>,
-    },
-    /// Is this session still alive?
-    Verify { session_id: SessionId, display: u32 },
-    /// End this session (SIGTERM, then SIGKILL after a grace period).
-    Terminate {
-        session_id: SessionId,
-        display: u32,
-        /// Milliseconds the master still waits; `None` from masters that do not say.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        wait_ms: Option<u64>,
-    },
-    /// Every session the agent runs.
-    List,
-    /// Current load figures.
-    Load,
+crate::tagged_enum! {
+    #[tagged(tag = "op", name = "AgentRequest")]
+    /// A call from a master to an agent.
+    ///
+    /// Fencing: `Start` and `Terminate` are carried out only while the master still waits for the
+    /// answer. `wait_ms` is how much longer the master waits, counted by the agent from the moment
+    /// it reads the request (its own monotonic clock, so the two clocks never meet); and a master
+    /// that gave up closes the connection, which the agent checks before acting (see
+    /// `docs/architecture.md`, "Fenced agent actions"). The session id names the request.
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum AgentRequest {
+        /// Start a session for `user` on a free display.
+        Start {
+            session_id: SessionId,
+            user: String,
+            /// `WIDTHxHEIGHT`; the agent's `default_geometry` when absent.
+            geometry: Option<String>,
+            /// Milliseconds the master still waits; `None` from masters that do not say.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            wait_ms: Option<u64>,
+        },
+        /// Is this session still alive?
+        Verify { session_id: SessionId, display: u32 },
+        /// End this session (SIGTERM, then SIGKILL after a grace period).
+        Terminate {
+            session_id: SessionId,
+            display: u32,
+            /// Milliseconds the master still waits; `None` from masters that do not say.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            wait_ms: Option<u64>,
+        },
+        /// Every session the agent runs.
+        List,
+        /// Current load figures.
+        Load,
+    }
+
 }
 
 impl AgentRequest {
@@ -67,16 +70,19 @@ impl AgentRequest {
     }
 }
 
-/// The agent's answer to one [`AgentRequest`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "snake_case")]
-pub enum AgentReply {
-    Started { session: AgentSession },
-    Verified { alive: bool },
-    Terminated { was_running: bool },
-    Sessions { sessions: Vec<AgentSession>, load: LoadReport },
-    Load { load: LoadReport },
-    Error { kind: AgentErrorKind, message: String },
+crate::tagged_enum! {
+    #[tagged(tag = "reply", name = "AgentReply")]
+    /// The agent's answer to one [`AgentRequest`].
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum AgentReply {
+        Started { session: AgentSession },
+        Verified { alive: bool },
+        Terminated { was_running: bool },
+        Sessions { sessions: Vec<AgentSession>, load: LoadReport },
+        Load { load: LoadReport },
+        Error { kind: AgentErrorKind, message: String },
+    }
+
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,20 +149,26 @@ pub struct LoadReport {
     pub now_ms: u64,
 }
 
-/// A report from an agent to the master at `master_hostname`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum AgentReport {
-    /// The session's process ended; retried by the agent until acknowledged.
-    SessionExited { session_id: SessionId, display: u32, exit_status: Option<i32> },
+crate::tagged_enum! {
+    #[tagged(tag = "op", name = "AgentReport")]
+    /// A report from an agent to the master at `master_hostname`.
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum AgentReport {
+        /// The session's process ended; retried by the agent until acknowledged.
+        SessionExited { session_id: SessionId, display: u32, exit_status: Option<i32> },
+    }
+
 }
 
-/// The master's answer to one [`AgentReport`] on the report link.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "ack", rename_all = "snake_case")]
-pub enum ReportAck {
-    /// The master recorded the report; the agent may forget it.
-    Accepted,
-    /// The master cannot record it now (for example it is the standby); the agent retries.
-    Retry { reason: String },
+crate::tagged_enum! {
+    #[tagged(tag = "ack", name = "ReportAck")]
+    /// The master's answer to one [`AgentReport`] on the report link.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum ReportAck {
+        /// The master recorded the report; the agent may forget it.
+        Accepted,
+        /// The master cannot record it now (for example it is the standby); the agent retries.
+        Retry { reason: String },
+    }
+
 }

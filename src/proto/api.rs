@@ -42,46 +42,49 @@ pub enum VrrpState {
     Fault,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum ApiRequest {
-    /// Log in: reconnect to the caller's live session or create one.
-    Connect {
-        /// Act for this user (root and admins only).
-        user: Option<String>,
-        /// Ask for an additional session within `max_sessions_per_user`.
-        new: bool,
-        /// End the caller's existing sessions first.
-        terminate_existing: bool,
-        geometry: Option<String>,
-        /// Where the user connects from (from `SSH_CONNECTION`), for the record.
-        client_address: Option<String>,
-    },
-    /// The caller's own sessions.
-    MySessions { user: Option<String> },
-    /// End one of the caller's own sessions.
-    TerminateMine { user: Option<String>, session_id: SessionId },
-    /// Admin: list sessions.
-    SessionList { selector: Selector, refresh: bool },
-    /// Admin: terminate sessions. With `dry_run` only the selection is returned.
-    SessionTerminate { selector: Selector, all: bool, allow_abandon: bool, dry_run: bool },
-    /// Admin: store a session record as given (import from another master, benchmarks).
-    /// Answered once the record is committed and, in HA `ack` mode, stored by the peer.
-    SessionPut { session: Session },
-    /// Admin: load of every agent; with `refresh`, every agent is asked first.
-    LoadList {
-        /// Ask every agent for its sessions and load before answering (older callers omit it).
-        #[serde(default)]
-        refresh: bool,
-    },
-    /// Admin: load of one agent.
-    LoadShow { agent: String },
-    /// HA status of this node.
-    HaStatus,
-    /// Exit 0 only when alive and ready: the keepalived / Pacemaker health check.
-    HaCheck,
-    /// keepalived notify hook.
-    HaNotify { state: VrrpState },
+crate::tagged_enum! {
+    #[tagged(tag = "op", name = "ApiRequest")]
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum ApiRequest {
+        /// Log in: reconnect to the caller's live session or create one.
+        Connect {
+            /// Act for this user (root and admins only).
+            user: Option<String>,
+            /// Ask for an additional session within `max_sessions_per_user`.
+            new: bool,
+            /// End the caller's existing sessions first.
+            terminate_existing: bool,
+            geometry: Option<String>,
+            /// Where the user connects from (from `SSH_CONNECTION`), for the record.
+            client_address: Option<String>,
+        },
+        /// The caller's own sessions.
+        MySessions { user: Option<String> },
+        /// End one of the caller's own sessions.
+        TerminateMine { user: Option<String>, session_id: SessionId },
+        /// Admin: list sessions.
+        SessionList { selector: Selector, refresh: bool },
+        /// Admin: terminate sessions. With `dry_run` only the selection is returned.
+        SessionTerminate { selector: Selector, all: bool, allow_abandon: bool, dry_run: bool },
+        /// Admin: store a session record as given (import from another master, benchmarks).
+        /// Answered once the record is committed and, in HA `ack` mode, stored by the peer.
+        SessionPut { session: Session },
+        /// Admin: load of every agent; with `refresh`, every agent is asked first.
+        LoadList {
+            /// Ask every agent for its sessions and load before answering (older callers omit it).
+            #[serde(default)]
+            refresh: bool,
+        },
+        /// Admin: load of one agent.
+        LoadShow { agent: String },
+        /// HA status of this node.
+        HaStatus,
+        /// Exit 0 only when alive and ready: the keepalived / Pacemaker health check.
+        HaCheck,
+        /// keepalived notify hook.
+        HaNotify { state: VrrpState },
+    }
+
 }
 
 /// Where a session lives, as the client needs it.
@@ -141,37 +144,40 @@ pub struct TerminateOutcome {
     pub unknown: Vec<(Session, String)>,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "reply", rename_all = "snake_case")]
-pub enum ApiReply {
-    Connected {
-        info: ConnectInfo,
-    },
-    Sessions {
-        sessions: Vec<Session>,
-        /// Set when the node is not ready: the list may lack changes the peer has.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        possibly_stale: Option<String>,
-    },
-    Terminated {
-        outcome: TerminateOutcome,
-    },
-    Loads {
-        agents: Vec<AgentLoad>,
-        /// Set when the node is not ready: session counts may lack changes the peer has.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        possibly_stale: Option<String>,
-    },
-    HaStatus {
-        status: Box<HaStatusView>,
-    },
-    Ok {
-        message: String,
-    },
-    Error {
-        kind: ApiErrorKind,
-        message: String,
-    },
+crate::tagged_enum! {
+    #[tagged(tag = "reply", name = "ApiReply")]
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum ApiReply {
+        Connected {
+            info: ConnectInfo,
+        },
+        Sessions {
+            sessions: Vec<Session>,
+            /// Set when the node is not ready: the list may lack changes the peer has.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            possibly_stale: Option<String>,
+        },
+        Terminated {
+            outcome: TerminateOutcome,
+        },
+        Loads {
+            agents: Vec<AgentLoad>,
+            /// Set when the node is not ready: session counts may lack changes the peer has.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            possibly_stale: Option<String>,
+        },
+        HaStatus {
+            status: Box<HaStatusView>,
+        },
+        Ok {
+            message: String,
+        },
+        Error {
+            kind: ApiErrorKind,
+            message: String,
+        },
+    }
+
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,6 +28,7 @@ pub mod listen;
 pub mod peer;
 pub mod report;
 pub mod secure;
+pub mod tagged;
 
 pub use connection::{PlainConn, PlainReader, PlainWriter};
 pub use error::ProtoError;

@@ -52,32 +52,35 @@ pub struct Hello {
     pub now_ms: u64,
 }
 
-/// One message of the peer link.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum PeerMsg {
-    /// Handshake; see [`Hello`].
-    Hello(Hello),
-    /// Entries of the sender's change log, ascending and contiguous; the first one follows
-    /// directly what the receiver already has.
-    Changes { records: Vec<Change> },
-    /// A full copy of the sender's database follows, consistent at `head` of its log;
-    /// `total` records in the chunks.
-    SnapshotBegin { head: Seq, total: u64 },
-    /// Part of a snapshot.
-    SnapshotChunk { records: Vec<Record> },
-    /// End of a snapshot; `head` repeats the one of `SnapshotBegin`.
-    SnapshotEnd { head: Seq },
-    /// The receiver now has everything the sender had at handshake time (up to `head` of the
-    /// sender's log); live changes follow.
-    CaughtUp { head: Seq },
-    /// The sender of this message has durably applied the receiver's log (of `db_id`) up to
-    /// `applied`.
-    Ack { db_id: String, applied: Seq },
-    /// Liveness while nothing else is sent; `head` is the sender's last sequence number.
-    Heartbeat { head: Seq, now_ms: u64 },
-    /// The sender refuses this connection and will close it; `reason` says why.
-    Reject { reason: String },
+crate::tagged_enum! {
+    #[tagged(tag = "type", name = "PeerMsg")]
+    /// One message of the peer link.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    pub enum PeerMsg {
+        /// Handshake; see [`Hello`].
+        Hello(Hello),
+        /// Entries of the sender's change log, ascending and contiguous; the first one follows
+        /// directly what the receiver already has.
+        Changes { records: Vec<Change> },
+        /// A full copy of the sender's database follows, consistent at `head` of its log;
+        /// `total` records in the chunks.
+        SnapshotBegin { head: Seq, total: u64 },
+        /// Part of a snapshot.
+        SnapshotChunk { records: Vec<Record> },
+        /// End of a snapshot; `head` repeats the one of `SnapshotBegin`.
+        SnapshotEnd { head: Seq },
+        /// The receiver now has everything the sender had at handshake time (up to `head` of the
+        /// sender's log); live changes follow.
+        CaughtUp { head: Seq },
+        /// The sender of this message has durably applied the receiver's log (of `db_id`) up to
+        /// `applied`.
+        Ack { db_id: String, applied: Seq },
+        /// Liveness while nothing else is sent; `head` is the sender's last sequence number.
+        Heartbeat { head: Seq, now_ms: u64 },
+        /// The sender refuses this connection and will close it; `reason` says why.
+        Reject { reason: String },
+    }
+
 }
 
 #[cfg(test)]
