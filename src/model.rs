@@ -21,11 +21,22 @@ pub struct SessionId(pub String);
 impl SessionId {
     /// A fresh random id (128 bits, hex), safe to create on either master without coordination.
     pub fn random() -> Self {
-        use rand::RngCore;
-        let mut b = [0u8; 16];
-        rand::thread_rng().fill_bytes(&mut b);
-        SessionId(b.iter().map(|x| format!("{x:02x}")).collect())
+        SessionId(random_hex_128())
     }
+}
+
+/// 128 random bits as 32 lowercase hex digits (session and database ids).
+pub fn random_hex_128() -> String {
+    use rand::RngCore;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut b = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut b);
+    let mut s = String::with_capacity(32);
+    for x in b {
+        s.push(char::from(DIGITS[usize::from(x >> 4)]));
+        s.push(char::from(DIGITS[usize::from(x & 0xf)]));
+    }
+    s
 }
 
 impl fmt::Display for SessionId {
@@ -760,7 +771,12 @@ mod tests {
     }
 
     #[test]
-    fn random_session_ids_differ() {
+    fn random_session_ids_differ_and_are_32_lowercase_hex_digits() {
         assert_ne!(SessionId::random(), SessionId::random());
+        for _ in 0..100 {
+            let id = SessionId::random().0;
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{id}");
+        }
     }
 }

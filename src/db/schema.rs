@@ -103,10 +103,7 @@ fn v2_record_base(tx: &Transaction<'_>) -> rusqlite::Result<()> {
 
 /// A random 128-bit identity for a freshly created database, as hex.
 fn new_db_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::model::random_hex_128()
 }
 
 /// The open database plus the lock that keeps other processes away from it.
