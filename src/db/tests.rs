@@ -1066,3 +1066,36 @@ fn starting_on_a_full_file_system_says_no_space_left() {
     assert!(matches!(e, DbError::DiskFull { .. }), "{e:?}");
     assert!(e.to_string().contains("no space left on device"), "{e}");
 }
+
+/// Latency of one durable commit at a time (FULL), and the size of the write-ahead log as it
+/// goes: shows whether commits overwrite the log (cheap fsync) or append to it.
+/// Run with `cargo test --release --lib db::tests::single_commit_latency -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement; run explicitly, preferably in release"]
+async fn single_commit_latency() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&db_path(&dir), "a");
+    o.synchronous = DbSynchronous::Full;
+    let db = DbHandle::open(o).unwrap();
+    let wal = dir.path().join("sessions.db-wal");
+    let mut lat = Vec::new();
+    for round in 0..6 {
+        let mut ts = Vec::new();
+        for i in 0..1000 {
+            let s = session(&SessionId::random().0, &format!("u{i}"), "ag1", i);
+            let t = std::time::Instant::now();
+            db.write(Write::Upsert(s)).await.unwrap();
+            ts.push(t.elapsed().as_micros() as u64);
+        }
+        ts.sort_unstable();
+        println!(
+            "round {round}: p50 {} us, p99 {} us, wal {} KiB",
+            ts[ts.len() / 2],
+            ts[ts.len() * 99 / 100],
+            std::fs::metadata(&wal).map(|m| m.len() / 1024).unwrap_or(0)
+        );
+        lat.extend(ts);
+    }
+    lat.sort_unstable();
+    println!("all: p50 {} us, p99 {} us", lat[lat.len() / 2], lat[lat.len() * 99 / 100]);
+}

@@ -37,7 +37,8 @@
 //!   turns out truncated switches to a snapshot.
 //! - *Receiving:* `Changes` must continue exactly where my position is (duplicates are
 //!   trimmed, a gap disconnects; the next connect resyncs from the stored position). Each batch
-//!   becomes one `Apply`; each `Applied` is acknowledged with `Ack`. A snapshot is applied
+//!   becomes one `Apply` (batches stepped together, one `Apply`: [`Engine::step_batch`]);
+//!   each `Applied` is acknowledged with one `Ack` of the last position. A snapshot is applied
 //!   chunk by chunk without a position, and its end with position = its head.
 //!
 //! # Readiness
@@ -205,6 +206,11 @@ pub fn tombstone_clock_ms(now: u64, st: &EngineStatus) -> Option<u64> {
     shared_clock_ms(now, st.clock_offset_ms)
 }
 
+/// Most records in one merged [`Command::Apply`] (one transaction). Small enough that the
+/// task running the engine, which waits for the apply, still answers heartbeats well within
+/// the peer timeout on a loaded machine (a snapshot comes in chunks of 1,000).
+pub const MERGE_RECORDS: usize = 4_000;
+
 /// Something that happened; fed to [`Engine::step`]. `now` is milliseconds of a monotonic
 /// clock (the caller anchors it at the wall clock at start, so it reads like Unix ms); it
 /// drives every timer, so a wall clock set back or forward never stalls or fires them.
@@ -254,8 +260,9 @@ pub enum Command {
     ReadSnapshot,
     /// Merge these peer records and, when `peer_pos` is set, store it as the position in the
     /// peer's log `peer_db_id` (verbatim, not the maximum), in one transaction. Snapshot chunks
-    /// carry `None`: they merge records but must not move the position. Answer with
-    /// [`Event::Applied`].
+    /// carry `None`: they merge records but must not move the position. Answer with one
+    /// [`Event::Applied`]. Several peer messages stepped in one batch
+    /// ([`Engine::step_batch`]) come as one `Apply` (see [`MERGE_RECORDS`]).
     Apply { peer_db_id: String, records: Vec<Record>, peer_pos: Option<Seq> },
     /// Answer these waiting clients.
     ReleaseWaiters { waiters: Vec<WaiterId>, outcome: AckOutcome },
@@ -476,6 +483,8 @@ pub struct Engine {
 
     applied_of_peer: Seq,
     pending_applies: VecDeque<PendingApply>,
+    /// How many of `pending_applies` each `Apply` command given out covers, oldest first.
+    apply_groups: VecDeque<usize>,
     applies_issued: u64,
     applies_completed: u64,
 
@@ -519,6 +528,7 @@ impl Engine {
             peer_presumed_gone: false,
             applied_of_peer: Seq::ZERO,
             pending_applies: VecDeque::new(),
+            apply_groups: VecDeque::new(),
             applies_issued: 0,
             applies_completed: 0,
             last_resync: None,
@@ -568,7 +578,68 @@ impl Engine {
 
     /// Feeds one event; returns what must be done, in order.
     pub fn step(&mut self, event: Event) -> Vec<Command> {
+        self.step_batch([event])
+    }
+
+    /// Feeds events that arrived together (several peer messages read at once); returns what
+    /// must be done, in order. Consecutive applies of the batch are merged into one `Apply`
+    /// (one transaction) of at most [`MERGE_RECORDS`] records, which is answered by one
+    /// `Applied`: a merged apply comes before any other command except `Send` and
+    /// `ReleaseWaiters`, which never depend on it and are given first.
+    pub fn step_batch(&mut self, events: impl IntoIterator<Item = Event>) -> Vec<Command> {
         let mut out = Vec::new();
+        for event in events {
+            self.step_one(event, &mut out);
+        }
+        self.merge_applies(out)
+    }
+
+    /// Merges consecutive `Apply` commands (see [`Engine::step_batch`]) and records how many
+    /// applies each command given out covers.
+    fn merge_applies(&mut self, cmds: Vec<Command>) -> Vec<Command> {
+        let mut out = Vec::with_capacity(cmds.len());
+        let mut merged: Option<(String, Vec<Record>, Option<Seq>, usize)> = None;
+        let flush = |merged: &mut Option<(String, Vec<Record>, Option<Seq>, usize)>,
+                     out: &mut Vec<Command>,
+                     groups: &mut VecDeque<usize>| {
+            if let Some((peer_db_id, records, peer_pos, n)) = merged.take() {
+                groups.push_back(n);
+                out.push(Command::Apply { peer_db_id, records, peer_pos });
+            }
+        };
+        for c in cmds {
+            match c {
+                Command::Apply { peer_db_id, records, peer_pos } => {
+                    match &mut merged {
+                        Some((db, recs, pos, n))
+                            if *db == peer_db_id && recs.len() + records.len() <= MERGE_RECORDS =>
+                        {
+                            recs.extend(records);
+                            // Storing the last position is what applying them one by one
+                            // would leave behind; snapshot chunks (`None`) keep it.
+                            if peer_pos.is_some() {
+                                *pos = peer_pos;
+                            }
+                            *n += 1;
+                        }
+                        _ => {
+                            flush(&mut merged, &mut out, &mut self.apply_groups);
+                            merged = Some((peer_db_id, records, peer_pos, 1));
+                        }
+                    }
+                }
+                c @ (Command::Send(_) | Command::ReleaseWaiters { .. }) => out.push(c),
+                c => {
+                    flush(&mut merged, &mut out, &mut self.apply_groups);
+                    out.push(c);
+                }
+            }
+        }
+        flush(&mut merged, &mut out, &mut self.apply_groups);
+        out
+    }
+
+    fn step_one(&mut self, event: Event, out: &mut Vec<Command>) {
         let was_ready = self.is_ready();
         match event {
             Event::Start { now } => {
@@ -577,7 +648,7 @@ impl Engine {
                     out.push(Command::ReconcileAgents);
                 }
             }
-            Event::Tick { now } => self.on_tick(now, &mut out),
+            Event::Tick { now } => self.on_tick(now, out),
             Event::WallClock { now, wall_ms } => {
                 self.observe(now);
                 self.wall_minus_now = (wall_ms as i128 - now as i128).clamp(i64::MIN.into(), i64::MAX.into()) as i64;
@@ -589,21 +660,21 @@ impl Engine {
                 }
             }
             Event::PeerConnected { hello, our_position_for_them, now } => {
-                self.on_connected(hello, our_position_for_them, now, &mut out)
+                self.on_connected(hello, our_position_for_them, now, out)
             }
             Event::PeerDisconnected { reason, now } => {
                 self.observe(now);
                 self.connecting = false;
                 if self.link.is_some() {
-                    self.link_down(reason, &mut out);
+                    self.link_down(reason, out);
                 }
             }
-            Event::PeerMessage { msg, now } => self.on_message(msg, now, &mut out),
-            Event::LocalCommitted { seq, change, now } => self.on_local_commit(seq, change, now, &mut out),
-            Event::AwaitAck { waiter, seq, now } => self.on_await(waiter, seq, now, &mut out),
-            Event::LogRead { after, result, now } => self.on_log_read(after, result, now, &mut out),
-            Event::SnapshotRead { snapshot, now } => self.on_snapshot_read(snapshot, now, &mut out),
-            Event::Applied { up_to, now } => self.on_applied(up_to, now, &mut out),
+            Event::PeerMessage { msg, now } => self.on_message(msg, now, out),
+            Event::LocalCommitted { seq, change, now } => self.on_local_commit(seq, change, now, out),
+            Event::AwaitAck { waiter, seq, now } => self.on_await(waiter, seq, now, out),
+            Event::LogRead { after, result, now } => self.on_log_read(after, result, now, out),
+            Event::SnapshotRead { snapshot, now } => self.on_snapshot_read(snapshot, now, out),
+            Event::Applied { up_to, now } => self.on_applied(up_to, now, out),
             Event::RoleChanged { role, now } => {
                 self.observe(now);
                 if role != self.role {
@@ -618,7 +689,7 @@ impl Engine {
                     if role == Role::Active {
                         out.push(Command::ReconcileAgents);
                         if self.link.is_some() {
-                            self.presume_peer_gone(&mut out);
+                            self.presume_peer_gone(out);
                         }
                     }
                 }
@@ -628,7 +699,6 @@ impl Engine {
         if ready != was_ready {
             tracing::info!(peer = %self.cfg.peer, ready, readiness = %self.readiness(), "{}", self.readiness().describe());
         }
-        out
     }
 
     fn observe(&mut self, now: u64) {
@@ -1244,23 +1314,33 @@ impl Engine {
         out.push(Command::Apply { peer_db_id: link.peer_db_id.clone(), records, peer_pos });
     }
 
+    /// One `Apply` command is durably done: every apply it merged, in order; the peer gets
+    /// one `Ack` for the last position among them.
     fn on_applied(&mut self, up_to: Option<Seq>, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
-        let Some(done) = self.pending_applies.pop_front() else {
+        let Some(n) = self.apply_groups.pop_front() else {
             tracing::error!(?up_to, "applied reported with no apply outstanding; ignored");
             return;
         };
-        if done.up_to != up_to {
-            tracing::error!(expected = ?done.up_to, got = ?up_to, "applied reported out of order");
+        let mut ack = None;
+        let mut last = None;
+        for _ in 0..n {
+            let Some(done) = self.pending_applies.pop_front() else { break };
+            self.applies_completed = done.no;
+            let Some(link) = &self.link else { continue };
+            if link.gen != done.gen {
+                continue;
+            }
+            if let Some(pos) = done.up_to {
+                self.applied_of_peer = pos;
+                ack = Some(PeerMsg::Ack { db_id: link.peer_db_id.clone(), applied: pos });
+                last = Some(pos);
+            }
         }
-        self.applies_completed = done.no;
-        let Some(link) = &mut self.link else { return };
-        if link.gen != done.gen {
-            return;
+        if up_to.is_some() && last.is_some() && last != up_to {
+            tracing::error!(expected = ?last, got = ?up_to, "applied reported out of order");
         }
-        if let Some(pos) = done.up_to {
-            self.applied_of_peer = pos;
-            let msg = PeerMsg::Ack { db_id: link.peer_db_id.clone(), applied: pos };
+        if let Some(msg) = ack {
             out.push(Command::Send(msg));
         }
         self.check_inbound_done();

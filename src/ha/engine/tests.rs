@@ -403,6 +403,49 @@ fn applied_batches_are_acknowledged_and_stale_ones_ignored() {
 }
 
 #[test]
+fn applies_stepped_together_are_one_transaction_and_one_ack() {
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(Some(A_DB), 0, 9), 0, 10);
+    let m = |records| Event::PeerMessage { msg: PeerMsg::Changes { records }, now: 11 };
+    // Three messages read at once, a heartbeat among them: one apply with every record and
+    // the last position; the heartbeat's answer does not wait for it.
+    let cmds = e.step_batch([
+        m(changes(1..=2)),
+        m(changes(3..=3)),
+        Event::PeerMessage { msg: PeerMsg::Heartbeat { head: Seq(5), now_ms: 11 }, now: 11 },
+        m(changes(4..=5)),
+    ]);
+    let applies: Vec<_> = cmds.iter().filter(|c| matches!(c, Command::Apply { .. })).collect();
+    let all = Command::Apply {
+        peer_db_id: B_DB.into(),
+        records: changes(1..=5).into_iter().map(|c| c.record).collect(),
+        peer_pos: Some(Seq(5)),
+    };
+    assert_eq!(applies, vec![&all], "{cmds:?}");
+    // One `Applied` completes all three: one acknowledgement of the last position.
+    assert_eq!(
+        e.step(Event::Applied { up_to: Some(Seq(5)), now: 12 }),
+        vec![send(PeerMsg::Ack { db_id: B_DB.into(), applied: Seq(5) })]
+    );
+    assert_eq!(e.status().applied_of_peer, Seq(5));
+    // A database read between two applies ends the merge, and runs after the first one.
+    let cmds = e.step_batch([
+        m(changes(6..=6)),
+        Event::LocalCommitted { seq: Seq(1), change: None, now: 13 },
+        m(changes(7..=7)),
+    ]);
+    let kinds: Vec<&str> = cmds
+        .iter()
+        .map(|c| match c {
+            Command::Apply { .. } => "apply",
+            Command::ReadLog { .. } => "read",
+            _ => "other",
+        })
+        .collect();
+    assert_eq!(kinds, ["apply", "read", "apply"], "{cmds:?}");
+}
+
+#[test]
 fn snapshot_protocol_violations_disconnect() {
     let mut e = engine(0, 1);
     connect(&mut e, hello_b(None, 0, 0), 0, 10);

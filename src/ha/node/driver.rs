@@ -3,25 +3,14 @@
 //! publishes the node's status and readiness after every step.
 //!
 //! Invariants: exactly one task owns the engine; database calls the engine asks for are made
-//! here and fed back as events in order; consecutive applies merge into one transaction of at
-//! most [`MERGE_RECORDS`] records, whose `Applied` events follow only after it committed.
+//! here, in the order given, and fed back as events in order. Events that arrived together
+//! are stepped as one batch, so the engine can merge their applies into one transaction.
 
 use super::*;
 
-/// Peer messages taken from the link queue at once (their applies may merge).
+/// Peer messages taken from the link queue at once (stepped as one batch, their applies
+/// merged by the engine).
 pub(super) const LINK_DRAIN: usize = 64;
-/// Most records in one merged apply (one transaction). Small enough that the engine task,
-/// which waits for the apply, still answers heartbeats well within the peer timeout on a
-/// loaded machine (a snapshot comes in chunks of 1,000).
-pub(super) const MERGE_RECORDS: usize = 4_000;
-
-/// Consecutive `Apply` commands waiting to run as one database call.
-pub(super) struct MergedApply {
-    peer_db_id: String,
-    records: Vec<crate::model::Record>,
-    /// `peer_pos` of each merged command, in order: one `Applied` each.
-    positions: Vec<Option<Seq>>,
-}
 
 /// The task that owns the engine.
 pub(super) struct Driver {
@@ -32,7 +21,6 @@ pub(super) struct Driver {
     pub(super) conn: Option<u64>,
     pub(super) waiters: std::collections::HashMap<engine::WaiterId, oneshot::Sender<()>>,
     pub(super) next_waiter: u64,
-    pub(super) merged: Option<MergedApply>,
     /// A new connection met while draining the link queue: handled once every event before
     /// it is done, because it reads the position those events' applies store.
     pub(super) held: Option<Link>,
@@ -59,14 +47,11 @@ impl Driver {
         events.push_back(Event::LocalCommitted { seq: *head.borrow(), change: None, now: engine_now() });
         loop {
             loop {
-                while let Some(ev) = events.pop_front() {
-                    let cmds = self.engine.step(ev);
-                    for c in cmds {
+                if !events.is_empty() {
+                    let batch: Vec<Event> = events.drain(..).collect();
+                    for c in self.engine.step_batch(batch) {
                         self.execute(c, &mut events).await;
                     }
-                }
-                if self.merged.is_some() {
-                    self.flush_applies(&mut events).await;
                 } else if let Some(l) = self.held.take() {
                     self.on_link(l, &mut events).await;
                 } else {
@@ -163,10 +148,6 @@ impl Driver {
     }
 
     async fn execute(&mut self, c: Command, events: &mut std::collections::VecDeque<Event>) {
-        match &c {
-            Command::Apply { .. } | Command::Send(_) | Command::ReleaseWaiters { .. } => {}
-            _ => self.flush_applies(events).await,
-        }
         match c {
             Command::Send(m) => {
                 if let Some(w) = &self.writer {
@@ -183,22 +164,7 @@ impl Driver {
                 Ok(snapshot) => events.push_back(Event::SnapshotRead { snapshot, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
-            Command::Apply { peer_db_id, records, peer_pos } => {
-                let fits = self
-                    .merged
-                    .as_ref()
-                    .is_some_and(|m| m.peer_db_id == peer_db_id && m.records.len() + records.len() <= MERGE_RECORDS);
-                if !fits {
-                    self.flush_applies(events).await;
-                }
-                match &mut self.merged {
-                    Some(m) => {
-                        m.records.extend(records);
-                        m.positions.push(peer_pos);
-                    }
-                    None => self.merged = Some(MergedApply { peer_db_id, records, positions: vec![peer_pos] }),
-                }
-            }
+            Command::Apply { peer_db_id, records, peer_pos } => self.apply(peer_db_id, records, peer_pos, events).await,
             Command::ReleaseWaiters { waiters, outcome } => {
                 for w in waiters {
                     if let Some(tx) = self.waiters.remove(&w) {
@@ -227,13 +193,17 @@ impl Driver {
         }
     }
 
-    /// Runs the merged applies as one transaction; then one `Applied` per merged command.
-    async fn flush_applies(&mut self, events: &mut std::collections::VecDeque<Event>) {
-        let Some(MergedApply { peer_db_id, records, positions }) = self.merged.take() else { return };
+    /// Runs one (merged) apply as one transaction; then its `Applied`.
+    async fn apply(
+        &mut self,
+        peer_db_id: String,
+        records: Vec<crate::model::Record>,
+        peer_pos: Option<Seq>,
+        events: &mut std::collections::VecDeque<Event>,
+    ) {
         let n = records.len();
-        // Storing the last position is what applying them one by one would leave behind.
-        let pos = match positions.iter().rev().flatten().next() {
-            Some(p) => crate::db::PositionUpdate::Set(*p),
+        let pos = match peer_pos {
+            Some(p) => crate::db::PositionUpdate::Set(p),
             None => crate::db::PositionUpdate::Keep,
         };
         match self.db.apply_remote_with(peer_db_id, records, pos).await {
@@ -252,22 +222,17 @@ impl Driver {
                         "the session was ended on one master and changed on the other while they were apart; it stays ended"
                     );
                 }
-                tracing::trace!(records = n, applies = positions.len(), ?pos, "applied peer changes");
-                let now = engine_now();
-                for up_to in positions {
-                    events.push_back(Event::Applied { up_to, now });
-                }
+                tracing::trace!(records = n, ?pos, "applied peer changes");
+                events.push_back(Event::Applied { up_to: peer_pos, now: engine_now() });
             }
             Err(e) => {
                 tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
                 self.node.note_drop(&format!("apply failed: {e}"));
                 let now = engine_now();
                 events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
-                // Nothing was stored. The engine counts the link as down first, so these
-                // only keep its apply queue in step; no position is acknowledged.
-                for up_to in positions {
-                    events.push_back(Event::Applied { up_to, now });
-                }
+                // Nothing was stored. The engine counts the link as down first, so this only
+                // keeps its apply queue in step; no position is acknowledged.
+                events.push_back(Event::Applied { up_to: peer_pos, now });
                 self.writer = None;
                 self.conn = None;
             }

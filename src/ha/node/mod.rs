@@ -20,12 +20,10 @@
 //!   (`HaConfiguredOff`), so the tools and the broker never pass it off as a single master.
 //! - The readiness watch changes only in the engine task, right after the engine stepped, so
 //!   whoever waits on it sees the engine's own decision.
-//! - Commands run in the order the engine gives them, with one exception: consecutive
-//!   `Apply` commands (several peer messages that arrived together) are merged into one
-//!   database call, one transaction, whose position is the last one given; their `Applied`
-//!   events follow, one each and in order, only after that transaction committed. A merged
-//!   apply runs before any other command except `Send` and `ReleaseWaiters`, which never
-//!   depend on it.
+//! - Commands run in the order the engine gives them, each database call fed back as its
+//!   event. Peer messages that arrived together are stepped as one batch
+//!   ([`Engine::step_batch`]), so the engine merges their applies into one transaction; its
+//!   `Applied` follows only after that transaction committed.
 //! - Local commits reach the engine with their change (published by the database after the
 //!   commit), so the hot path does not read the change log back.
 
@@ -328,7 +326,6 @@ impl HaNode {
             conn: None,
             waiters: Default::default(),
             next_waiter: 0,
-            merged: None,
             held: None,
             metrics,
             seen_received: None,
