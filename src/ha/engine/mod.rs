@@ -33,7 +33,8 @@
 //!   otherwise send a snapshot. Batches of at most `batch_limit` records, at most
 //!   `max_inflight` unacknowledged messages. When everything up to my head at connect is
 //!   sent, send `CaughtUp`, then stream live changes. A `LocalCommitted` carrying its change
-//!   goes straight out when nothing is queued before it; otherwise the log is read. A log that
+//!   goes straight out when nothing is queued before it (commits stepped together, one group
+//!   commit, share one message of up to `batch_limit` records); otherwise the log is read. A log that
 //!   turns out truncated switches to a snapshot.
 //! - *Receiving:* `Changes` must continue exactly where my position is (duplicates are
 //!   trimmed, a gap disconnects; the next connect resyncs from the stored position). Each batch
@@ -1025,19 +1026,35 @@ impl Engine {
             Some(back) if back.1 == now || full => back.0 = seq,
             _ => self.commit_times.push_back((seq, now)),
         }
-        let max_inflight = self.cfg.max_inflight;
+        let (max_inflight, limit) = (self.cfg.max_inflight, self.cfg.batch_limit.max(1));
         if let Some(link) = &mut self.link {
             let o = &mut link.out;
             o.stalled = false;
-            let next_in_line = !o.need_snapshot
-                && o.reading == Reading::Idle
-                && o.sent.next() == seq
-                && o.inflight.len() < max_inflight;
-            if let Some(change) = change.filter(|c| c.seq == seq && next_in_line) {
-                o.sent = seq;
-                o.inflight.push_back(seq);
-                o.records += 1;
-                out.push(Command::Send(PeerMsg::Changes { records: vec![change] }));
+            let in_order = !o.need_snapshot && o.reading == Reading::Idle && o.sent.next() == seq;
+            if let Some(change) = change.filter(|c| c.seq == seq && in_order) {
+                // Commits stepped together (one group commit) share the message given out
+                // just before, while it is the newest one in flight and has room.
+                let room = match out.last_mut() {
+                    Some(Command::Send(PeerMsg::Changes { records }))
+                        if o.inflight.back() == Some(&o.sent)
+                            && records.last().is_some_and(|r| r.seq == o.sent)
+                            && records.len() < limit =>
+                    {
+                        Some(records)
+                    }
+                    _ => None,
+                };
+                if let Some(records) = room {
+                    records.push(change);
+                    o.sent = seq;
+                    *o.inflight.back_mut().expect("checked above") = seq;
+                    o.records += 1;
+                } else if o.inflight.len() < max_inflight {
+                    o.sent = seq;
+                    o.inflight.push_back(seq);
+                    o.records += 1;
+                    out.push(Command::Send(PeerMsg::Changes { records: vec![change] }));
+                }
             }
         }
         self.pump(out);

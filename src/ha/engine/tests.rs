@@ -502,6 +502,21 @@ fn flow_control_bounds_unacknowledged_messages() {
 }
 
 #[test]
+fn commits_stepped_together_share_one_message() {
+    let mut e = streaming(0);
+    let lc = |s: u64| Event::LocalCommitted { seq: Seq(s), change: Some(change(s)), now: 20 };
+    // One group commit of three: messages of at most `batch_limit` (2) records.
+    let cmds = e.step_batch([lc(1), lc(2), lc(3)]);
+    assert_eq!(
+        cmds,
+        vec![send(PeerMsg::Changes { records: changes(1..=2) }), send(PeerMsg::Changes { records: changes(3..=3) })]
+    );
+    // Those two messages fill the window: the next group waits and is read from the log.
+    assert_eq!(e.step_batch([lc(4), lc(5)]), vec![]);
+    assert_eq!(msg(&mut e, ack(3), 21), vec![Command::ReadLog { after: Seq(3), limit: 2 }]);
+}
+
+#[test]
 fn ack_timeout_degrades_until_the_peer_catches_up() {
     let mut e = streaming(5);
     e.step(Event::LocalCommitted { seq: Seq(6), change: Some(change(6)), now: 100 });
