@@ -598,6 +598,15 @@ impl Engine {
     /// Merges consecutive `Apply` commands (see [`Engine::step_batch`]) and records how many
     /// applies each command given out covers.
     fn merge_applies(&mut self, cmds: Vec<Command>) -> Vec<Command> {
+        // Nothing to merge (the usual case): the commands stay as they are.
+        match cmds.iter().filter(|c| matches!(c, Command::Apply { .. })).count() {
+            0 => return cmds,
+            1 => {
+                self.apply_groups.push_back(1);
+                return cmds;
+            }
+            _ => {}
+        }
         let mut out = Vec::with_capacity(cmds.len());
         let mut merged: Option<(String, Vec<Record>, Option<Seq>, usize)> = None;
         let flush = |merged: &mut Option<(String, Vec<Record>, Option<Seq>, usize)>,

@@ -48,8 +48,7 @@ impl Driver {
         loop {
             loop {
                 if !events.is_empty() {
-                    let batch: Vec<Event> = events.drain(..).collect();
-                    for c in self.engine.step_batch(batch) {
+                    for c in self.engine.step_batch(std::mem::take(&mut events)) {
                         self.execute(c, &mut events).await;
                     }
                 } else if let Some(l) = self.held.take() {
