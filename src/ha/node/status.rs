@@ -33,10 +33,7 @@ impl HaNode {
             readiness,
             reason: self.readiness_reason(),
             role,
-            sync: match self.cfg.ha.sync {
-                SyncLevel::Async => "async".into(),
-                SyncLevel::Ack => "ack".into(),
-            },
+            sync: self.cfg.ha.sync,
             sessions: db.as_ref().map(|d| d.sessions).unwrap_or(0),
             local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
             db_digest,
