@@ -296,13 +296,32 @@ impl fmt::Display for Role {
     }
 }
 
-/// `/HA/sync`: when a client whose write must reach the peer is answered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// `/HA/sync`: when a client whose write must reach the peer is answered; `tlctl ha status`
+/// shows it (as `async` or `ack`, the words of the configuration).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SyncLevel {
     /// Answer clients as soon as the local commit is done.
     Async,
-    /// Answer clients after the peer stored the change (or `sync_timeout` passed).
+    /// Answer clients after the peer stored the change (or `sync_timeout` passed). The
+    /// default of `/HA/sync`.
+    #[default]
     Ack,
+}
+
+impl SyncLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncLevel::Async => "async",
+            SyncLevel::Ack => "ack",
+        }
+    }
+}
+
+impl fmt::Display for SyncLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `/vsmserver/db_synchronous`: how hard the session database flushes a commit.

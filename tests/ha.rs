@@ -1,8 +1,9 @@
 //! Two masters with HA in this process: a real peer link (Noise over TCP through a cuttable
 //! proxy), real databases in temporary directories, agents on 127.0.0.1:0.
 //!
-//! Every multi-node test ends with `assert_converged`. Nothing sleeps to synchronise: every
-//! wait polls with a deadline, and no test asserts on timing.
+//! Every multi-node test ends with `assert_converged` (most through
+//! `TestPair::converge_and_stop`). Nothing sleeps to synchronise: every wait polls with a
+//! deadline, and no test asserts on timing.
 // `i` names a node: it indexes both the pair and `NODES`.
 #![allow(clippy::needless_range_loop)]
 
@@ -101,8 +102,7 @@ async fn an_acked_session_is_on_the_peer_when_the_client_is_answered() {
     let s = p.b().put_session("dave", GHOST).await;
     assert_eq!(p.a().server().db.get(&s.id).await.unwrap().as_ref(), Some(&s));
 
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
     agent.stop().await;
 }
 
@@ -154,8 +154,7 @@ async fn restarts_at_every_step_of_resync_lose_nothing_acked() {
             }
         }
     }
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,8 +196,7 @@ async fn a_primary_back_with_an_empty_database_is_ready_only_with_everything() {
     let st = p.a().ha_status().await;
     let r = st.last_resync_received.expect("a resync was received");
     assert_eq!(r.kind, "snapshot", "an empty database gets a full snapshot: {r:?}");
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,8 +245,7 @@ async fn a_fresh_secondary_gets_everything_a_lone_master_has() {
     assert_eq!(b.value("vsm_ha_link_up"), 1.0);
     assert_eq!(b.value("vsm_ha_enabled"), 1.0);
     assert_eq!(b.value("vsm_ha_applied_of_peer"), a.value("vsm_ha_local_head"));
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -425,8 +422,7 @@ async fn a_different_subcluster_configuration_is_flagged_on_both_nodes() {
     assert!(flagged, "both nodes show the mismatch");
     // Replication itself goes on.
     p.a().put_session("x", GHOST).await;
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -451,8 +447,7 @@ async fn with_the_peer_down_ack_answers_degraded_until_the_peer_is_back() {
     .await;
     assert!(cleared, "degraded clears once the peer caught up: {:?}", p.a().ha_status().await);
     assert!(has_all(p.b(), &[before.id, during.id].into_iter().collect()).await.is_ok());
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -878,8 +873,7 @@ async fn a_local_user_cannot_degrade_replication_grow_memory_or_hold_connections
         let st = p.node(i).ha_status().await;
         assert!(st.link == LinkState::Streaming && !st.degraded && st.last_link_drop.is_none(), "{st:?}");
     }
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
     agent.stop().await;
 }
 
@@ -931,8 +925,7 @@ async fn a_node_made_active_stops_waiting_for_a_silent_peer() {
     assert!(cleared, "degraded clears once a has everything: {:?}", p.b().ha_status().await);
     let acked = p.b().put_session("acked", GHOST).await;
     assert!(p.a().server().db.get(&acked.id).await.unwrap().is_some(), "b waits for a's acknowledgement again");
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
 }
 
 /// Makes `i` the active master and the other the standby, as the VRRP manager's notify
@@ -985,8 +978,7 @@ async fn a_standby_cut_off_from_the_active_master_decides_nothing_until_made_act
 
     p.heal();
     assert!(p.wait_streaming().await);
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
     agent.stop().await;
 }
 
@@ -1033,8 +1025,7 @@ async fn a_terminate_without_an_answer_is_reported_unknown_not_pending_while_cut
     relay.heal();
     p.heal();
     assert!(p.wait_streaming().await);
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
     agent.stop().await;
 }
 
@@ -1066,8 +1057,7 @@ async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_link
         .await
     );
     assert!(p.a().server().db.get(&extra.session_id).await.unwrap().is_some());
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
     agent.stop().await;
 }
 
@@ -1111,7 +1101,6 @@ async fn a_desktop_the_peer_is_still_starting_is_not_adopted_and_ends_when_the_p
     let running = client.list(&agent.name).await.unwrap().0;
     assert!(running.iter().all(|r| r.session_id != id), "the abandoned desktop still runs: {running:?}");
     assert!(p.b().server().db.get(&id).await.unwrap().is_none());
-    p.assert_converged().await;
-    p.stop().await;
+    p.converge_and_stop().await;
     agent.stop().await;
 }

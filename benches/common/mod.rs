@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixStream};
 use vsm::config::{Config, DbSynchronous, SyncLevel};
-use vsm::model::{now_ms, Session, SessionId, SessionStatus};
+use vsm::model::{now_ms, LinkState, Session, SessionId, SessionStatus};
 use vsm::proto::agent::{AgentReply, AgentRequest, AgentSession, LoadReport};
 use vsm::proto::agent_link::serve_agent_conn;
 use vsm::proto::api::{ApiReply, ApiRequest};
@@ -181,7 +181,7 @@ impl Pair {
 
 /// Is the node's replication streaming (both directions caught up)?
 pub fn streaming(s: &Server) -> bool {
-    s.ha.replication_status().is_some_and(|st| st.ready && st.link == vsm::ha::engine::LinkState::Streaming)
+    s.ha.replication_status().is_some_and(|st| st.ready && st.link == LinkState::Streaming)
 }
 
 /// Polls `f` every `every` until it is true or `deadline` passed; returns whether it became true.

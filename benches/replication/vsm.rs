@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::PathBuf;
 use std::time::Duration;
 use vsm::client::Target;
-use vsm::model::Session;
+use vsm::model::{Session, SyncLevel};
 use vsm::proto::api::{ApiReply, ApiRequest};
 use vsm::proto::PlainConn;
 
@@ -75,7 +75,7 @@ impl Backend for Vsm {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        if status.sync != "ack" && !(self.allow_async && status.sync == "async") {
+        if status.sync != SyncLevel::Ack && !(self.allow_async && status.sync == SyncLevel::Async) {
             bail!("/HA/sync is {}, expected ack (answer after the peer stored the change)", status.sync);
         }
         let mode = match self.mode {

@@ -5,7 +5,7 @@
 //! Invariant: one request, one reply; every failure is an [`ApiReply::Error`] with a kind the
 //! client can act on and a message a person can read.
 
-use crate::model::{LinkState, Readiness, Role, Session, SessionId};
+use crate::model::{LinkState, Readiness, Role, Session, SessionId, SyncLevel};
 use crate::proto::agent::LoadReport;
 use serde::{Deserialize, Serialize};
 
@@ -251,7 +251,8 @@ pub struct HaStatusView {
     pub ready: bool,
     /// `down`, `handshaking`, `catching_up`, `streaming`.
     pub link: LinkState,
-    pub sync: String,
+    /// `/HA/sync`: `async` or `ack`.
+    pub sync: SyncLevel,
     pub local_head: u64,
     pub peer_acked: u64,
     pub peer_head: u64,
@@ -334,8 +335,8 @@ mod tests {
     }
 
     #[test]
-    fn ha_status_role_and_link_are_the_wire_words() {
-        use crate::model::{LinkState::*, Role::*};
+    fn ha_status_role_link_and_sync_are_the_wire_words() {
+        use crate::model::{LinkState::*, Role::*, SyncLevel::*};
         for (role, word) in [(Active, "active"), (Standby, "standby")] {
             let v = serde_json::to_value(HaStatusView { role, ..Default::default() }).unwrap();
             assert_eq!(v["role"], word);
@@ -348,6 +349,12 @@ mod tests {
             assert_eq!(v["link"], word);
             assert_eq!(link.to_string(), word);
             assert_eq!(serde_json::from_value::<HaStatusView>(v).unwrap().link, link);
+        }
+        for (sync, word) in [(Async, "async"), (Ack, "ack")] {
+            let v = serde_json::to_value(HaStatusView { sync, ..Default::default() }).unwrap();
+            assert_eq!(v["sync"], word);
+            assert_eq!(sync.to_string(), word);
+            assert_eq!(serde_json::from_value::<HaStatusView>(v).unwrap().sync, sync);
         }
     }
 }

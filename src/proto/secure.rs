@@ -341,9 +341,7 @@ pub async fn connect_timeout<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::time::timeout(timeout, connect(stream, secret, prologue))
-        .await
-        .map_err(|_| ProtoError::Timeout { what: "secure handshake", after: timeout })?
+    handshake_within(timeout, connect(stream, secret, prologue)).await
 }
 
 /// [`accept`] bounded by `timeout` ([`ProtoError::Timeout`] when it passes).
@@ -356,7 +354,15 @@ pub async fn accept_timeout<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    tokio::time::timeout(timeout, accept(stream, secret, prologue))
+    handshake_within(timeout, accept(stream, secret, prologue)).await
+}
+
+/// A handshake of either side bounded by `timeout` ([`ProtoError::Timeout`] when it passes).
+async fn handshake_within<S>(
+    timeout: Duration,
+    handshake: impl std::future::Future<Output = Result<SecureConn<S>, ProtoError>>,
+) -> Result<SecureConn<S>, ProtoError> {
+    tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| ProtoError::Timeout { what: "secure handshake", after: timeout })?
 }
@@ -746,6 +752,9 @@ mod tests {
     async fn handshake_timeout_when_the_peer_is_silent() {
         let (_a, b) = tokio::io::duplex(4096);
         let r = accept_timeout(b, &secret(), PROLOGUE_AGENT, Duration::from_millis(20)).await;
+        assert!(matches!(r, Err(ProtoError::Timeout { .. })), "{r:?}");
+        let (a, _b) = tokio::io::duplex(4096);
+        let r = connect_timeout(a, &secret(), PROLOGUE_AGENT, Duration::from_millis(20)).await;
         assert!(matches!(r, Err(ProtoError::Timeout { .. })), "{r:?}");
     }
 

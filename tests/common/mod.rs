@@ -469,6 +469,12 @@ impl TestPair {
         self.stop_node(0).await;
         self.stop_node(1).await;
     }
+
+    /// How a multi-node test ends: both nodes converge (see [`assert_converged`]), then stop.
+    pub async fn converge_and_stop(self) {
+        self.assert_converged().await;
+        self.stop().await;
+    }
 }
 
 /// Waits (bounded by [`CONVERGE`]) until both databases have the same digest, then checks that

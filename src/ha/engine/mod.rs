@@ -103,7 +103,7 @@
 //! - Snapshots are sent in one go (the snapshot is in memory already); only change batches
 //!   are flow-controlled. A snapshot counts as one in-flight message until acknowledged.
 
-use crate::model::{Change, LogRead, NodeId, Readiness, Record, Role, Seq, Snapshot, SyncLevel};
+use crate::model::{Change, LinkState, LogRead, NodeId, Readiness, Record, Role, Seq, Snapshot, SyncLevel};
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -113,9 +113,6 @@ use std::time::Duration;
 mod sim;
 #[cfg(test)]
 mod tests;
-
-/// The link state the engine decides lives in `model`, so the status view carries it typed.
-pub use crate::model::LinkState;
 
 /// Default number of records per `Changes` or `SnapshotChunk` message.
 pub const DEFAULT_BATCH_LIMIT: usize = 1000;

@@ -1,7 +1,8 @@
 //! The HA node: the only HA code with sockets and the database. It owns the peer link (one
 //! TCP connection, Noise PSK with `/HA/secret_file`), drives the sans-IO [`Engine`] with
 //! events, and carries out the commands it returns. The peer link is in [`link`], the task
-//! that owns the engine in [`driver`]; this module starts them and answers for the node.
+//! that owns the engine in [`driver`], the status view in [`status`]; this module starts the
+//! link and the driver and answers for the node.
 //!
 //! Which side dials: the node whose id sorts first connects, the other accepts, so there is
 //! never more than one link; a second connection replaces the first.
@@ -33,8 +34,8 @@ use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::config::{Config, SyncLevel};
 use crate::db::DbHandle;
 use crate::metrics::Metrics;
-use crate::model::{now_ms, LinkState, NodeId, Readiness, Role, Seq};
-use crate::proto::api::{HaStatusView, LinkDropView, ResyncView, VrrpState};
+use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
+use crate::proto::api::{HaStatusView, LinkDropView, VrrpState};
 use crate::proto::listen::{self, Limits};
 use crate::proto::peer;
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
@@ -53,9 +54,12 @@ use crate::proto::secure::PROLOGUE_PEER as PEER_PROLOGUE;
 
 mod driver;
 mod link;
+mod status;
 
 use driver::Driver;
 use link::{accept_loop, dial_loop, ConnCounter, HelloSource, LinkCtx};
+// The driver counts resyncs in the metrics under the names the status view shows.
+use status::{resync_direction, resync_kind};
 
 /// The outcome of node resolution plus how to reach the peer.
 #[derive(Clone, Debug)]
@@ -106,30 +110,6 @@ impl HaSetup {
     }
 }
 
-fn resync_kind(r: &engine::ResyncInfo) -> &'static str {
-    match r.kind {
-        engine::ResyncKind::Incremental => "incremental",
-        engine::ResyncKind::Snapshot => "snapshot",
-    }
-}
-
-fn resync_direction(r: &engine::ResyncInfo) -> &'static str {
-    match r.direction {
-        engine::Direction::Received => "received",
-        engine::Direction::Sent => "sent",
-    }
-}
-
-fn resync_view(r: &engine::ResyncInfo) -> ResyncView {
-    ResyncView {
-        kind: resync_kind(r).into(),
-        direction: resync_direction(r).into(),
-        records: r.records,
-        duration_ms: r.duration_ms,
-        at_ms: engine_to_wall(r.at_ms),
-    }
-}
-
 fn matched_by(m: &MatchedBy) -> String {
     match m {
         MatchedBy::Hostname => "host name".into(),
@@ -145,11 +125,6 @@ fn engine_now() -> u64 {
     static ANCHOR: OnceLock<(std::time::Instant, u64)> = OnceLock::new();
     let (at, wall) = ANCHOR.get_or_init(|| (std::time::Instant::now(), now_ms()));
     wall.saturating_add(u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX))
-}
-
-/// An engine time (see [`engine_now`]) on this machine's wall clock as it reads now.
-fn engine_to_wall(at: u64) -> u64 {
-    (at as i128 + now_ms() as i128 - engine_now() as i128).clamp(0, u64::MAX as i128) as u64
 }
 
 /// Requests from handles to the engine task.
@@ -448,13 +423,6 @@ impl HaNode {
         self.status.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Records why an established link was dropped (it is logged by the caller).
-    fn note_drop(&self, reason: &str) {
-        let mut d = self.last_drop.lock().unwrap_or_else(|p| p.into_inner());
-        let drops = d.as_ref().map_or(0, |d| d.drops) + 1;
-        *d = Some(LinkDropView { reason: reason.to_string(), at_ms: now_ms(), drops });
-    }
-
     /// The clock reading tombstone ages are measured against (see
     /// [`engine::tombstone_clock_ms`]): this machine's clock with HA off; with HA on the
     /// earlier of both masters' clocks while the two databases are in step, else `None` (keep
@@ -477,66 +445,6 @@ impl HaNode {
         if let Some(h) = h {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
         }
-    }
-
-    /// The status `tlctl ha status` shows, but for the agents' clock offsets (left empty):
-    /// the broker knows them, and the API adds them.
-    pub async fn status_view(&self) -> HaStatusView {
-        let role = *self.role.borrow();
-        let db = self.db.status().await.ok();
-        let db_digest = self.db.digest().await.ok();
-        let readiness = self.readiness();
-        let mut v = HaStatusView {
-            configured: self.cfg.ha.enabled,
-            ready: readiness.is_ready(),
-            readiness,
-            reason: self.readiness_reason(),
-            role,
-            sync: match self.cfg.ha.sync {
-                SyncLevel::Async => "async".into(),
-                SyncLevel::Ack => "ack".into(),
-            },
-            sessions: db.as_ref().map(|d| d.sessions).unwrap_or(0),
-            local_head: db.as_ref().map(|d| d.head.0).unwrap_or(0),
-            db_digest,
-            link: LinkState::Down,
-            max_clock_offset_ms: u64::try_from(self.cfg.ha.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
-            ..Default::default()
-        };
-        match &self.setup.mode {
-            HaMode::Disabled => {}
-            HaMode::Fallback { reason } => v.ha_off_reason = Some(reason.clone()),
-            HaMode::Enabled { local, remote, via, .. } => {
-                v.enabled = true;
-                v.local_node = Some(local.0.clone());
-                v.remote_node = Some(remote.0.clone());
-                v.matched_by = Some(matched_by(via));
-                let st = self.status.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(st) = st {
-                    v.grace_left_ms = st.grace_left_ms;
-                    v.link = st.link;
-                    v.peer_acked = st.peer_acked.0;
-                    v.peer_head = st.peer_head.0;
-                    v.applied_of_peer = st.applied_of_peer.0;
-                    v.lag_changes = st.lag_changes;
-                    v.lag_ms = st.lag_ms;
-                    v.config_digest_match = st.config_digest_match;
-                    v.degraded = st.degraded;
-                    v.degraded_reason = st.degraded_reason.clone();
-                    v.clock_offset_ms = st.clock_offset_ms;
-                    v.clock_offset_age_ms = st.clock_offset_at_ms.map(|at| engine_now().saturating_sub(at));
-                    v.clock_offset_exceeded = st.clock_offset_exceeded;
-                    if matches!(st.link, LinkState::Down | LinkState::Handshaking) {
-                        let hs = self.handshake_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                        v.link_error = hs.or_else(|| st.last_link_error.clone());
-                    }
-                    v.last_resync = st.last_resync.as_ref().map(resync_view);
-                    v.last_link_drop = self.last_drop.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    v.last_resync_received = st.last_resync_received.as_ref().map(resync_view);
-                }
-            }
-        }
-        v
     }
 }
 
