@@ -53,7 +53,9 @@
 //! - Except a *stale* node: one that lost the active role (`RoleChanged` to standby) while cut
 //!   off from the peer, or heard nothing from the peer between losing it and the link going
 //!   down (a pulled cable: the VRRP manager demotes the node at once, the link is declared
-//!   dead only `peer_timeout` later). The peer may have taken over and written since, so such
+//!   dead only `peer_timeout` later), or for two heartbeat intervals after losing it (then
+//!   the link is dropped at once: a cable plugged back in within the peer timeout must not
+//!   find the node ready with old data). The peer may have taken over and written since, so such
 //!   a node is not ready until its next catch-up completes; otherwise a returning primary
 //!   would take the VIP back with old data before it has even reconnected. Only a restart
 //!   (and then the start-up grace) lets it serve alone.
@@ -945,6 +947,18 @@ impl Engine {
         let timeout = self.cfg.peer_timeout.as_millis() as u64;
         let heartbeat = self.cfg.heartbeat_interval.as_millis() as u64;
         let wall = self.wall(now);
+        // Demoted, and not even a heartbeat from the peer since (two intervals): a pulled
+        // cable, and the peer may be active and writing. Waiting for the peer timeout would
+        // let a cable plugged back in before it lets this node look ready with old data, and
+        // the HA manager make it active again.
+        let demoted_unheard = self.link.as_ref().zip(self.demoted_at).and_then(|(link, d)| {
+            (self.role == Role::Standby && d >= link.last_heard && now.saturating_sub(d) >= 2 * heartbeat)
+                .then(|| now.saturating_sub(d))
+        });
+        if let Some(ago) = demoted_unheard {
+            self.mark_stale("nothing heard from the peer since this node lost the active role");
+            self.disconnect(format!("peer silent since this node lost the active role {ago} ms ago"), out);
+        }
         if let Some(link) = &mut self.link {
             let silent = now.saturating_sub(link.last_heard);
             if silent >= timeout {

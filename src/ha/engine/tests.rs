@@ -681,6 +681,38 @@ fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
 }
 
 #[test]
+fn a_cable_plugged_back_within_the_peer_timeout_finds_the_demoted_node_stale() {
+    // Demoted at 120 (cable pulled), nothing heard since: two heartbeat intervals (100 ms)
+    // later the node is stale and drops the link, long before the peer timeout (500 ms).
+    let mut e = streaming(0);
+    e.step(Event::RoleChanged { role: Role::Active, now: 50 });
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 100 }, 100);
+    e.step(Event::RoleChanged { role: Role::Standby, now: 120 });
+    assert!(!is_disconnect(&e.step(Event::Tick { now: 300 }), ""), "one interval and a bit: not yet");
+    assert!(e.is_ready());
+    let cmds = e.step(Event::Tick { now: 320 });
+    assert!(is_disconnect(&cmds, "since this node lost the active role"), "{cmds:?}");
+    assert_eq!(e.status().readiness, Readiness::Stale);
+    // The cable is back and the HA manager makes it active again: still not ready, so the
+    // health check keeps the address with the peer until the resync is done.
+    e.step(Event::RoleChanged { role: Role::Active, now: 400 });
+    assert!(!e.is_ready());
+    connect(&mut e, hello_b(Some(A_DB), 0, 2), 0, 450);
+    assert!(!e.is_ready());
+    msg(&mut e, PeerMsg::Changes { records: changes(1..=2) }, 451);
+    msg(&mut e, PeerMsg::CaughtUp { head: Seq(2) }, 451);
+    e.step(Event::Applied { up_to: Some(Seq(2)), now: 452 });
+    assert!(e.is_ready());
+    // A demotion the peer is heard after (a planned switch-over) leaves the link alone.
+    let mut e = streaming(0);
+    e.step(Event::RoleChanged { role: Role::Active, now: 50 });
+    e.step(Event::RoleChanged { role: Role::Standby, now: 120 });
+    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 200 }, 200);
+    assert!(!is_disconnect(&e.step(Event::Tick { now: 400 }), ""));
+    assert!(e.is_ready());
+}
+
+#[test]
 fn demoted_with_the_link_down_is_stale_but_a_demotion_the_peer_outlived_is_not() {
     let mut e = streaming(0);
     e.step(Event::RoleChanged { role: Role::Active, now: 10 });
