@@ -651,14 +651,32 @@ fn not_ready_on_reconnect_until_caught_up_but_ready_while_apart() {
     assert_eq!(e.status().resyncs, 5);
 }
 
-#[test]
-fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
-    // A pulled cable on the active node: the VRRP manager demotes it at once, the link is
-    // declared dead only after the peer timeout.
+/// Active from 50, last heard from the peer at 100, demoted at 120: the VRRP manager's
+/// answer to a pulled cable, while the link still counts as up.
+fn demoted_after_a_pulled_cable() -> Engine {
     let mut e = streaming(0);
     e.step(Event::RoleChanged { role: Role::Active, now: 50 });
     msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 100 }, 100);
     e.step(Event::RoleChanged { role: Role::Standby, now: 120 });
+    e
+}
+
+/// The link comes back at `now` and the peer's two changes arrive: not ready until they are
+/// applied, ready after.
+fn reconnect_and_catch_up(e: &mut Engine, now: u64) {
+    connect(e, hello_b(Some(A_DB), 0, 2), 0, now);
+    assert!(!e.is_ready());
+    msg(e, PeerMsg::Changes { records: changes(1..=2) }, now + 1);
+    msg(e, PeerMsg::CaughtUp { head: Seq(2) }, now + 1);
+    e.step(Event::Applied { up_to: Some(Seq(2)), now: now + 2 });
+    assert!(e.is_ready());
+}
+
+#[test]
+fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
+    // A pulled cable on the active node: the VRRP manager demotes it at once, the link is
+    // declared dead only after the peer timeout.
+    let mut e = demoted_after_a_pulled_cable();
     assert!(e.is_ready(), "the link still counts as up");
     e.step(Event::Tick { now: 620 });
     assert!(e.status().link == LinkState::Down);
@@ -669,12 +687,7 @@ fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
     e.step(Event::Tick { now: 10_000 });
     assert!(!e.is_ready());
     // Back: ready only once caught up.
-    connect(&mut e, hello_b(Some(A_DB), 0, 2), 0, 11_000);
-    assert!(!e.is_ready());
-    msg(&mut e, PeerMsg::Changes { records: changes(1..=2) }, 11_001);
-    msg(&mut e, PeerMsg::CaughtUp { head: Seq(2) }, 11_001);
-    e.step(Event::Applied { up_to: Some(Seq(2)), now: 11_002 });
-    assert!(e.is_ready());
+    reconnect_and_catch_up(&mut e, 11_000);
     // And a later loss of the peer leaves it ready (it is a caught-up standby).
     e.step(Event::PeerDisconnected { reason: "cable".into(), now: 12_000 });
     assert!(e.is_ready());
@@ -684,10 +697,7 @@ fn a_node_demoted_while_cut_off_is_not_ready_until_it_resyncs() {
 fn a_cable_plugged_back_within_the_peer_timeout_finds_the_demoted_node_stale() {
     // Demoted at 120 (cable pulled), nothing heard since: two heartbeat intervals (100 ms)
     // later the node is stale and drops the link, long before the peer timeout (500 ms).
-    let mut e = streaming(0);
-    e.step(Event::RoleChanged { role: Role::Active, now: 50 });
-    msg(&mut e, PeerMsg::Heartbeat { head: Seq(0), now_ms: 100 }, 100);
-    e.step(Event::RoleChanged { role: Role::Standby, now: 120 });
+    let mut e = demoted_after_a_pulled_cable();
     assert!(!is_disconnect(&e.step(Event::Tick { now: 300 }), ""), "one interval and a bit: not yet");
     assert!(e.is_ready());
     let cmds = e.step(Event::Tick { now: 320 });
@@ -697,12 +707,7 @@ fn a_cable_plugged_back_within_the_peer_timeout_finds_the_demoted_node_stale() {
     // health check keeps the address with the peer until the resync is done.
     e.step(Event::RoleChanged { role: Role::Active, now: 400 });
     assert!(!e.is_ready());
-    connect(&mut e, hello_b(Some(A_DB), 0, 2), 0, 450);
-    assert!(!e.is_ready());
-    msg(&mut e, PeerMsg::Changes { records: changes(1..=2) }, 451);
-    msg(&mut e, PeerMsg::CaughtUp { head: Seq(2) }, 451);
-    e.step(Event::Applied { up_to: Some(Seq(2)), now: 452 });
-    assert!(e.is_ready());
+    reconnect_and_catch_up(&mut e, 450);
     // A demotion the peer is heard after (a planned switch-over) leaves the link alone.
     let mut e = streaming(0);
     e.step(Event::RoleChanged { role: Role::Active, now: 50 });
