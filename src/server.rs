@@ -398,9 +398,18 @@ async fn housekeeping_loop(db: DbHandle, ha: Arc<HaNode>, cancel: CancellationTo
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(60)) => {}
         }
-        // Tombstones age on a clock both masters agree on, so both forget the same ones.
-        if let Err(e) = db.gc(ha.tombstone_clock_ms(crate::model::now_ms())).await {
-            tracing::warn!(error = %e, "database housekeeping failed");
+        // Tombstones age on a clock both masters agree on, so both forget the same ones. A
+        // long change log is trimmed in bounded steps, each its own transaction, so logins
+        // go on in between.
+        loop {
+            match db.gc(ha.tombstone_clock_ms(crate::model::now_ms())).await {
+                Ok(stats) if stats.more && !cancel.is_cancelled() => tokio::task::yield_now().await,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "database housekeeping failed");
+                    break;
+                }
+            }
         }
     }
 }

@@ -239,7 +239,15 @@ pub struct ApplyOutcome {
 pub struct GcStats {
     pub tombstones: usize,
     pub changes: usize,
+    /// More change-log rows are due than one call trims ([`GC_CHANGES_PER_CALL`]): call
+    /// again (each call is its own transaction, so writes go on in between).
+    pub more: bool,
 }
+
+/// Most change-log rows one [`DbHandle::gc`] call trims: a busy master writes a minute's
+/// worth of changes between two housekeeping rounds, and trimming them all in one
+/// transaction would hold every write for as long.
+pub const GC_CHANGES_PER_CALL: u64 = 5_000;
 
 /// Opaque SQLite error (keeps the source chain without exposing `rusqlite`).
 #[derive(Debug)]
@@ -461,7 +469,8 @@ impl DbHandle {
         self.call(|reply| owner::Request::Write(owner::WriteReq::Apply { peer: peer_db_id, records, pos, reply })).await
     }
 
-    /// Forgets change-log rows more than the change-log retention behind the head and, when
+    /// Forgets change-log rows more than the change-log retention behind the head (at most
+    /// [`GC_CHANGES_PER_CALL`] of them; [`GcStats::more`] says whether more are due) and, when
     /// `clock_ms` is given, tombstones whose version is older than `clock_ms` minus the
     /// tombstone retention. `clock_ms` must be a reading both masters agree on (the earlier
     /// of their two clocks, see [`crate::ha::engine::shared_clock_ms`]), so that both forget

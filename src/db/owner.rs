@@ -573,17 +573,25 @@ impl Owner {
             None => 0,
         };
         self.tombs = self.tombs.saturating_sub(tombstones as u64);
-        let changes = match self.head.0.checked_sub(self.changelog_retention) {
-            Some(keep_after) if keep_after > 0 => self
+        let (mut changes, mut more) = (0, false);
+        if let Some(keep_after) = self.head.0.checked_sub(self.changelog_retention).filter(|k| *k > 0) {
+            let oldest: Option<i64> = self
                 .conn
-                .execute("DELETE FROM changelog WHERE seq <= ?1", [keep_after as i64])
-                .ctx("trim the change log")?,
-            _ => 0,
-        };
-        if tombstones > 0 || changes > 0 {
-            tracing::debug!(tombstones, changes, "session database gc");
+                .query_row("SELECT min(seq) FROM changelog", [], |r| r.get(0))
+                .ctx("find the oldest change")?;
+            if let Some(oldest) = oldest.map(|o| o.max(0) as u64).filter(|o| *o <= keep_after) {
+                let upto = keep_after.min(oldest + super::GC_CHANGES_PER_CALL - 1);
+                more = upto < keep_after;
+                changes = self
+                    .conn
+                    .execute("DELETE FROM changelog WHERE seq <= ?1", [upto as i64])
+                    .ctx("trim the change log")?;
+            }
         }
-        Ok(GcStats { tombstones, changes })
+        if tombstones > 0 || changes > 0 {
+            tracing::debug!(tombstones, changes, more, "session database gc");
+        }
+        Ok(GcStats { tombstones, changes, more })
     }
 
     // ---- reads (no transaction open unless stated) -------------------------------------

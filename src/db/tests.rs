@@ -423,6 +423,31 @@ async fn an_invalid_record_fails_its_request_only() {
 }
 
 #[tokio::test]
+async fn gc_trims_a_long_log_in_bounded_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts(&db_path(&dir), "a");
+    o.changelog_retention = 100;
+    let db = DbHandle::open(o).unwrap();
+    let n = GC_CHANGES_PER_CALL as u32 + 1_100;
+    for chunk in 0..n / 1_000 + 1 {
+        let ws = (chunk * 1_000..((chunk + 1) * 1_000).min(n))
+            .map(|i| Write::Upsert(session(&format!("s{i}"), "u", "ag", i)))
+            .collect::<Vec<_>>();
+        if !ws.is_empty() {
+            db.write_batch(ws).await.unwrap();
+        }
+    }
+    // n - 100 rows are due: one full step, then the rest.
+    let first = db.gc(None).await.unwrap();
+    assert_eq!(first, GcStats { tombstones: 0, changes: GC_CHANGES_PER_CALL as usize, more: true });
+    let second = db.gc(None).await.unwrap();
+    assert_eq!(second, GcStats { tombstones: 0, changes: 1_000, more: false });
+    assert_eq!(db.gc(None).await.unwrap(), GcStats::default());
+    let st = db.status().await.unwrap();
+    assert_eq!((st.head.0, st.oldest.0), (u64::from(n), u64::from(n) - 99));
+}
+
+#[tokio::test]
 async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let mut o = opts(&db_path(&dir), "a");
@@ -432,7 +457,7 @@ async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
         db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
     }
     let g = db.gc(Some(now_ms())).await.unwrap();
-    assert_eq!(g, GcStats { tombstones: 0, changes: 20 });
+    assert_eq!(g, GcStats { tombstones: 0, changes: 20, more: false });
     let st = db.status().await.unwrap();
     assert_eq!((st.head, st.oldest), (Seq(30), Seq(21)));
     assert_eq!(db.changes_since(Seq(5), 100).await.unwrap(), LogRead::Truncated { oldest: Seq(21) });
