@@ -184,6 +184,13 @@ cmd_enter() {
         mount --bind "$LAB/usr-local-bin" /usr/local/bin
     fi
     if [ -d "$nd/sys" ]; then enter_cluster_binds "$nd"; fi
+    # Compiled keymaps: the X server writes them under one name per keymap, so two Xvnc
+    # starting at once on two nodes (separate machines in real life) would share and race on
+    # the same file ("XKB: Failed to compile keymap"). Each node gets its own.
+    if [ -d /var/lib/xkb ]; then
+        mkdir -p "$nd/lib-xkb"
+        mount --bind "$nd/lib-xkb" /var/lib/xkb
+    fi
     # /tmp last: a bind whose source is below /tmp would not be found after it.
     mount --bind "$nd/tmp" /tmp
     if [ -n "${VSM_LAB_PIDFILE:-}" ]; then
