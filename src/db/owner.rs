@@ -575,11 +575,9 @@ impl Owner {
         self.tombs = self.tombs.saturating_sub(tombstones as u64);
         let (mut changes, mut more) = (0, false);
         if let Some(keep_after) = self.head.0.checked_sub(self.changelog_retention).filter(|k| *k > 0) {
-            let oldest: Option<i64> = self
-                .conn
-                .query_row("SELECT min(seq) FROM changelog", [], |r| r.get(0))
-                .ctx("find the oldest change")?;
-            if let Some(oldest) = oldest.map(|o| o.max(0) as u64).filter(|o| *o <= keep_after) {
+            // An empty log reads as `head + 1`, past anything due.
+            let oldest = self.oldest()?.0;
+            if oldest <= keep_after {
                 let upto = keep_after.min(oldest + super::GC_CHANGES_PER_CALL - 1);
                 more = upto < keep_after;
                 changes = self

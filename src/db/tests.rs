@@ -26,6 +26,13 @@ fn open(dir: &tempfile::TempDir, node: &str) -> DbHandle {
     DbHandle::open(opts(&db_path(dir), node)).expect("open")
 }
 
+/// A database of node "a" that keeps `retention` change-log entries.
+fn open_keeping_changes(dir: &tempfile::TempDir, retention: u64) -> DbHandle {
+    let mut o = opts(&db_path(dir), "a");
+    o.changelog_retention = retention;
+    DbHandle::open(o).expect("open")
+}
+
 fn session(id: &str, user: &str, agent: &str, display: u32) -> Session {
     Session {
         id: SessionId(id.into()),
@@ -425,17 +432,12 @@ async fn an_invalid_record_fails_its_request_only() {
 #[tokio::test]
 async fn gc_trims_a_long_log_in_bounded_steps() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(&db_path(&dir), "a");
-    o.changelog_retention = 100;
-    let db = DbHandle::open(o).unwrap();
+    let db = open_keeping_changes(&dir, 100);
     let n = GC_CHANGES_PER_CALL as u32 + 1_100;
-    for chunk in 0..n / 1_000 + 1 {
-        let ws = (chunk * 1_000..((chunk + 1) * 1_000).min(n))
-            .map(|i| Write::Upsert(session(&format!("s{i}"), "u", "ag", i)))
-            .collect::<Vec<_>>();
-        if !ws.is_empty() {
-            db.write_batch(ws).await.unwrap();
-        }
+    let ids: Vec<u32> = (0..n).collect();
+    for chunk in ids.chunks(1_000) {
+        let ws = chunk.iter().map(|&i| Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).collect();
+        db.write_batch(ws).await.unwrap();
     }
     // n - 100 rows are due: one full step, then the rest.
     let first = db.gc(None).await.unwrap();
@@ -450,9 +452,7 @@ async fn gc_trims_a_long_log_in_bounded_steps() {
 #[tokio::test]
 async fn gc_trims_the_log_so_old_positions_need_a_snapshot() {
     let dir = tempfile::tempdir().unwrap();
-    let mut o = opts(&db_path(&dir), "a");
-    o.changelog_retention = 10;
-    let db = DbHandle::open(o).unwrap();
+    let db = open_keeping_changes(&dir, 10);
     for i in 0..30 {
         db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
     }

@@ -423,6 +423,25 @@ struct Link {
     inb: Inbound,
 }
 
+/// Consecutive applies being merged into one [`Command::Apply`] ([`Engine::step_batch`]).
+struct MergedApply {
+    peer_db_id: String,
+    records: Vec<Record>,
+    peer_pos: Option<Seq>,
+    /// How many applies it holds: answered together by one `Applied`.
+    applies: usize,
+}
+
+impl MergedApply {
+    /// Gives out the merged command, if any, and records how many applies it covers.
+    fn close(merged: Option<MergedApply>, out: &mut Vec<Command>, groups: &mut VecDeque<usize>) {
+        if let Some(m) = merged {
+            groups.push_back(m.applies);
+            out.push(Command::Apply { peer_db_id: m.peer_db_id, records: m.records, peer_pos: m.peer_pos });
+        }
+    }
+}
+
 #[derive(Debug)]
 struct PendingApply {
     no: u64,
@@ -607,44 +626,32 @@ impl Engine {
             _ => {}
         }
         let mut out = Vec::with_capacity(cmds.len());
-        let mut merged: Option<(String, Vec<Record>, Option<Seq>, usize)> = None;
-        let flush = |merged: &mut Option<(String, Vec<Record>, Option<Seq>, usize)>,
-                     out: &mut Vec<Command>,
-                     groups: &mut VecDeque<usize>| {
-            if let Some((peer_db_id, records, peer_pos, n)) = merged.take() {
-                groups.push_back(n);
-                out.push(Command::Apply { peer_db_id, records, peer_pos });
-            }
-        };
+        let mut merged: Option<MergedApply> = None;
         for c in cmds {
             match c {
-                Command::Apply { peer_db_id, records, peer_pos } => {
-                    match &mut merged {
-                        Some((db, recs, pos, n))
-                            if *db == peer_db_id && recs.len() + records.len() <= MERGE_RECORDS =>
-                        {
-                            recs.extend(records);
-                            // Storing the last position is what applying them one by one
-                            // would leave behind; snapshot chunks (`None`) keep it.
-                            if peer_pos.is_some() {
-                                *pos = peer_pos;
-                            }
-                            *n += 1;
+                Command::Apply { peer_db_id, records, peer_pos } => match &mut merged {
+                    Some(m) if m.peer_db_id == peer_db_id && m.records.len() + records.len() <= MERGE_RECORDS => {
+                        m.records.extend(records);
+                        // Storing the last position is what applying them one by one would
+                        // leave behind; snapshot chunks (`None`) keep it.
+                        if peer_pos.is_some() {
+                            m.peer_pos = peer_pos;
                         }
-                        _ => {
-                            flush(&mut merged, &mut out, &mut self.apply_groups);
-                            merged = Some((peer_db_id, records, peer_pos, 1));
-                        }
+                        m.applies += 1;
                     }
-                }
+                    _ => {
+                        MergedApply::close(merged.take(), &mut out, &mut self.apply_groups);
+                        merged = Some(MergedApply { peer_db_id, records, peer_pos, applies: 1 });
+                    }
+                },
                 c @ (Command::Send(_) | Command::ReleaseWaiters { .. }) => out.push(c),
                 c => {
-                    flush(&mut merged, &mut out, &mut self.apply_groups);
+                    MergedApply::close(merged.take(), &mut out, &mut self.apply_groups);
                     out.push(c);
                 }
             }
         }
-        flush(&mut merged, &mut out, &mut self.apply_groups);
+        MergedApply::close(merged, &mut out, &mut self.apply_groups);
         out
     }
 
