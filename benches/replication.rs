@@ -106,7 +106,10 @@ pub trait Backend: Sync {
 }
 
 /// The row every backend writes: a session record of about 200 bytes of payload.
-fn make_session(id: SessionId, writer: usize, n: u64) -> Session {
+/// `slot` is which of the writer's ids this is, `n` the write's number: a rewrite of an id
+/// changes what a session update changes (times, the process id) and keeps what a session
+/// keeps for its life (its user, agent and display), as a session's status update would.
+fn make_session(id: SessionId, writer: usize, slot: u64, n: u64) -> Session {
     let now = vsm::model::now_ms();
     Session {
         id,
@@ -114,8 +117,8 @@ fn make_session(id: SessionId, writer: usize, n: u64) -> Session {
         subcluster: "default".into(),
         agent: format!("agent{}.example.org", writer % 4 + 1),
         agent_address: format!("10.0.0.{}", writer % 4 + 11),
-        display: 10 + (n % 90) as u32,
-        vnc_port: 5910 + (n % 90) as u16,
+        display: 10 + (slot % 90) as u32,
+        vnc_port: 5910 + (slot % 90) as u16,
         status: SessionStatus::Running,
         created_ms: now,
         last_connect_ms: now,
@@ -151,8 +154,12 @@ fn run_writer(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let id = if ids == 0 { SessionId::random() } else { pool[(n as usize) % ids].clone() };
-        let s = make_session(id, writer, n);
+        let (id, slot) = if ids == 0 {
+            (SessionId::random(), n)
+        } else {
+            (pool[(n as usize) % ids].clone(), n % ids as u64)
+        };
+        let s = make_session(id, writer, slot, n);
         let t0 = Instant::now();
         if t0 >= end {
             break;
@@ -220,7 +227,7 @@ fn run(args: Args) -> Result<()> {
     for i in 0..args.writers {
         conns.push(b.connect().with_context(|| format!("connecting writer {i} to {}", args.addr))?);
     }
-    let row_bytes = serde_json::to_vec(&make_session(SessionId::random(), 0, 0)).map(|v| v.len()).unwrap_or(0);
+    let row_bytes = serde_json::to_vec(&make_session(SessionId::random(), 0, 0, 0)).map(|v| v.len()).unwrap_or(0);
 
     let start = Arc::new(Barrier::new(args.writers + 1));
     let stop = Arc::new(AtomicBool::new(false));

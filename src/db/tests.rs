@@ -620,6 +620,60 @@ async fn list_filters_combine_with_and() {
     db.close().await.unwrap();
 }
 
+/// Rewrites that keep a session's indexed columns take the narrow update; moves, ends and
+/// revivals take the full upsert. Either way every index-backed filter finds the row where
+/// it now is, and nowhere else.
+#[tokio::test]
+async fn rewrites_in_place_and_moves_keep_every_filter_true() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id.0).collect::<Vec<_>>();
+    let by = |user: &str, agent: &str, display: u32, subcluster: &str| SessionFilter {
+        user: Some(user.into()),
+        agent: Some(agent.into()),
+        display: Some(display),
+        subcluster: Some(subcluster.into()),
+        ..Default::default()
+    };
+    let mut s = session("1", "alice", "ag1", 10);
+    db.write(Write::Upsert(s.clone())).await.unwrap();
+    // Same indexed columns, other fields changed: written in place.
+    s.status = SessionStatus::Disconnected;
+    s.last_client_address = "10.0.0.9".into();
+    db.write(Write::Upsert(s.clone())).await.unwrap();
+    assert_eq!(db.list(&by("alice", "ag1", 10, "default")).await.unwrap(), vec![s.clone()]);
+    // Moved to another user, agent, display and subcluster: every index follows.
+    s.user = "bob".into();
+    s.agent = "ag2".into();
+    s.display = 11;
+    s.subcluster = "lab".into();
+    db.write(Write::Upsert(s.clone())).await.unwrap();
+    assert!(db.list(&by("alice", "ag1", 10, "default")).await.unwrap().is_empty());
+    for f in [
+        SessionFilter { user: Some("alice".into()), ..Default::default() },
+        SessionFilter { agent: Some("ag1".into()), ..Default::default() },
+        SessionFilter { subcluster: Some("default".into()), ..Default::default() },
+    ] {
+        assert!(db.list(&f).await.unwrap().is_empty(), "{f:?} still finds the moved session");
+    }
+    assert_eq!(db.list(&by("bob", "ag2", 11, "lab")).await.unwrap(), vec![s.clone()]);
+    // Ended: a tombstone, which no filter finds and no in-place update matches.
+    db.write(Write::Delete(id("1"))).await.unwrap();
+    assert!(db.list(&SessionFilter { user: Some("bob".into()), ..Default::default() }).await.unwrap().is_empty());
+    assert!(matches!(db.write(Write::Upsert(s.clone())).await, Err(DbError::Ended(_))));
+    let mut t = s.clone();
+    t.id = id("2");
+    db.write(Write::Upsert(t.clone())).await.unwrap();
+    t.status = SessionStatus::Disconnected;
+    db.write(Write::Upsert(t.clone())).await.unwrap();
+    assert_eq!(ids(db.list(&by("bob", "ag2", 11, "lab")).await.unwrap()), vec!["2"]);
+    assert_eq!(db.count_users_per_agent().await.unwrap().get("ag2"), Some(&1));
+    db.close().await.unwrap();
+    let conn = rusqlite::Connection::open(db_path(&dir)).unwrap();
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).unwrap();
+    assert_eq!(check, "ok");
+}
+
 #[tokio::test]
 async fn users_per_agent_counts_distinct_users_of_live_sessions() {
     let dir = tempfile::tempdir().unwrap();
