@@ -154,11 +154,8 @@ fn run_writer(
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let (id, slot) = if ids == 0 {
-            (SessionId::random(), n)
-        } else {
-            (pool[(n as usize) % ids].clone(), n % ids as u64)
-        };
+        let (id, slot) =
+            if ids == 0 { (SessionId::random(), n) } else { (pool[(n as usize) % ids].clone(), n % ids as u64) };
         let s = make_session(id, writer, slot, n);
         let t0 = Instant::now();
         if t0 >= end {

@@ -459,7 +459,7 @@ impl Owner {
         };
         let base = prior.as_ref().map(|p| p.version.clone());
         let record = Record { id: id.clone(), version: version.clone(), base, session };
-        store::put(&self.conn, &record)?;
+        store::put(&self.conn, &record, prior.as_ref())?;
         let seq = self.head.next();
         store::append_change(&self.conn, seq, &record)?;
         self.head = seq;
@@ -502,7 +502,7 @@ impl Owner {
             }
             match action {
                 Action::Store => {
-                    store::put(&self.conn, rec)?;
+                    store::put(&self.conn, rec, prior.as_ref())?;
                     self.since_poke.1 += 1;
                     self.count(prior.as_ref(), rec.session.as_ref());
                     out.applied += 1;

@@ -28,16 +28,36 @@ pub(super) struct Stored {
     /// `(agent, user)` of a live session (`None` for a tombstone or an incomplete row):
     /// what the in-memory users-per-agent count must forget when the row changes.
     pub placed: Option<(String, String)>,
+    /// `(subcluster, display)` of a live session: with `placed`, every indexed column, so a
+    /// write can tell whether it moves the row in any index (see [`put`]).
+    pub slot: Option<(String, i64)>,
+}
+
+impl Stored {
+    /// Whether writing `s` over this row leaves every secondary index as it is.
+    fn same_index_keys(&self, s: &Session) -> bool {
+        let placed = self.placed.as_ref().is_some_and(|(agent, user)| *agent == s.agent && *user == s.user);
+        let slot =
+            self.slot.as_ref().is_some_and(|(sub, display)| *sub == s.subcluster && *display == s.display as i64);
+        !self.tombstone && placed && slot
+    }
 }
 
 pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>, DbError> {
     let mut stmt = conn
-        .prepare_cached("SELECT hlc_wall, hlc_logical, origin, tombstone, agent, user FROM sessions WHERE id = ?1")
+        .prepare_cached(
+            "SELECT hlc_wall, hlc_logical, origin, tombstone, agent, user, subcluster, display
+             FROM sessions WHERE id = ?1",
+        )
         .ctx("prepare a version lookup")?;
     stmt.query_row([&id.0], |r| {
         let tombstone = r.get::<_, i64>(3)? != 0;
         let placed = match (tombstone, r.get::<_, Option<String>>(4)?, r.get::<_, Option<String>>(5)?) {
             (false, Some(agent), Some(user)) => Some((agent, user)),
+            _ => None,
+        };
+        let slot = match (tombstone, r.get::<_, Option<String>>(6)?, r.get::<_, Option<i64>>(7)?) {
+            (false, Some(subcluster), Some(display)) => Some((subcluster, display)),
             _ => None,
         };
         Ok(Stored {
@@ -47,6 +67,7 @@ pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>
             },
             tombstone,
             placed,
+            slot,
         })
     })
     .optional()
@@ -60,7 +81,8 @@ pub(super) fn load(conn: &Connection, path: &Path, id: &SessionId) -> Result<Opt
     row.map(|r| r.into_record(path)).transpose()
 }
 
-/// Inserts or replaces the row of `rec.id` with `rec`.
+/// Inserts or replaces the row of `rec.id` with `rec`; `prior` is the row as [`stored`]
+/// read it in this transaction.
 ///
 /// A live session whose indexed columns (user, subcluster, agent, display, and being live)
 /// stay as they are is written by an `UPDATE` of the other columns only, so SQLite leaves
@@ -68,9 +90,11 @@ pub(super) fn load(conn: &Connection, path: &Path, id: &SessionId) -> Result<Opt
 /// copy of one) then dirty only the row's own page instead of one page per index as well,
 /// which is fewer pages in the write-ahead log to write, checksum and sync on each commit.
 /// Anything else (a new row, a moved or ended session) takes the full upsert.
-pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
+pub(super) fn put(conn: &Connection, rec: &Record, prior: Option<&Stored>) -> Result<(), DbError> {
     if let Some(s) = &rec.session {
-        if update_in_place(conn, rec, s)? {
+        // The row was read in this transaction, so the update finds it; were it ever not
+        // there, the upsert below writes it whole.
+        if prior.is_some_and(|p| p.same_index_keys(s)) && update_in_place(conn, rec, s)? {
             return Ok(());
         }
     }
@@ -164,17 +188,16 @@ pub(super) fn put(conn: &Connection, rec: &Record) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The narrow write of [`put`]: `true` when the row was live with the same indexed
-/// columns and has been updated, `false` when nothing matched (the caller upserts).
+/// The narrow write of [`put`], for a live row whose indexed columns stay as they are:
+/// `false` when no row had the id.
 fn update_in_place(conn: &Connection, rec: &Record, s: &Session) -> Result<bool, DbError> {
     let mut stmt = conn
         .prepare_cached(
-            "UPDATE sessions SET agent_address = ?5, vnc_port = ?6, status = ?7, created_ms = ?8,
-                 last_connect_ms = ?9, last_client_address = ?10, pid = ?11, command = ?12,
-                 geometry = ?13, client_params = ?14, hlc_wall = ?15, hlc_logical = ?16,
-                 origin = ?17, base_wall = ?18, base_logical = ?19, base_origin = ?20
-             WHERE id = ?1 AND tombstone = 0 AND user IS ?2 AND subcluster IS ?3 AND agent IS ?4
-                 AND display IS ?21",
+            "UPDATE sessions SET agent_address = ?2, vnc_port = ?3, status = ?4, created_ms = ?5,
+                 last_connect_ms = ?6, last_client_address = ?7, pid = ?8, command = ?9,
+                 geometry = ?10, client_params = ?11, hlc_wall = ?12, hlc_logical = ?13,
+                 origin = ?14, base_wall = ?15, base_logical = ?16, base_origin = ?17
+             WHERE id = ?1",
         )
         .ctx("prepare a session update")?;
     let v = &rec.version;
@@ -182,9 +205,6 @@ fn update_in_place(conn: &Connection, rec: &Record, s: &Session) -> Result<bool,
     let changed = stmt
         .execute(params![
             rec.id.0,
-            s.user,
-            s.subcluster,
-            s.agent,
             s.agent_address,
             s.vnc_port as i64,
             s.status.as_str(),
@@ -201,7 +221,6 @@ fn update_in_place(conn: &Connection, rec: &Record, s: &Session) -> Result<bool,
             b.map(|b| b.hlc.wall_ms as i64),
             b.map(|b| b.hlc.logical as i64),
             b.map(|b| b.node.0.as_str()),
-            s.display as i64,
         ])
         .ctx("update a session")?;
     Ok(changed == 1)
