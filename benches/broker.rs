@@ -54,7 +54,7 @@ fn main() {
             println!("creates, two masters sync=ack, {clients} clients, run {}: {}", run + 1, s.line());
             figs.push(s);
         }
-        summary("creates, two masters, sync=ack (target >= 5000/s)", &figs);
+        summary("creates, two masters, sync=ack (target >= 8000/s)", &figs);
     }
     if selected("memory") {
         let mut rss = Vec::new();
