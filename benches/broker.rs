@@ -5,8 +5,9 @@
 //!   every connect creates a session): throughput and p50/p99 latency.
 //! - `ha_creates`: the same through the first of two in-process masters with `/HA/sync = ack`
 //!   (each create is answered only after the peer stored it).
-//! - `memory`: a real `vsmserver` process filled with 100,000 sessions through
-//!   `ApiRequest::SessionPut`; its resident memory, and the time to list one user's sessions.
+//! - `memory`: a real `vsmserver` process filled with 100,000 sessions on 1,000 agents through
+//!   `ApiRequest::SessionPut`; its resident memory, the time to list one user's sessions, and
+//!   the time to list all of them in one request (what `tlctl session list` sends).
 //!
 //! - `count` (only when named): `VSM_BENCH_COUNT` creates through one master, one client, one
 //!   after another, no timing, for counting instructions with `scripts/bench-instructions.sh`.
@@ -63,19 +64,29 @@ fn main() {
         let mut list_p50 = Vec::new();
         let mut list_p99 = Vec::new();
         let mut admin_p50 = Vec::new();
+        let mut list_all = Vec::new();
+        let mut listed_rss = Vec::new();
+        let mut listed_hwm = Vec::new();
         for run in 0..runs {
             let m = rt.block_on(memory(100_000, clients));
             println!(
-                "vsmserver with 100000 sessions, run {}: VmRSS {:.1} MiB (peak VmHWM {:.1} MiB); fill {}; \
-                 MySessions p50 {} p99 {}; SessionList(user) p50 {}",
+                "vsmserver with 100000 sessions on {MEMORY_AGENTS} agents, run {}: VmRSS {:.1} MiB (peak VmHWM {:.1} MiB); \
+                 after listing all: VmRSS {:.1} MiB, peak {:.1} MiB; fill {}; MySessions p50 {} p99 {}; \
+                 SessionList(user) p50 {}; SessionList(all) p50 {}",
                 run + 1,
                 m.rss_kib as f64 / 1024.0,
                 m.hwm_kib as f64 / 1024.0,
+                m.listed_rss_kib as f64 / 1024.0,
+                m.listed_hwm_kib as f64 / 1024.0,
                 m.fill.line(),
                 us(m.mine.p50),
                 us(m.mine.p99),
                 us(m.admin.p50),
+                us(m.all.p50),
             );
+            list_all.push(m.all.p50.as_secs_f64());
+            listed_rss.push(m.listed_rss_kib as f64 / 1024.0);
+            listed_hwm.push(m.listed_hwm_kib as f64 / 1024.0);
             rss.push(m.rss_kib as f64 / 1024.0);
             hwm.push(m.hwm_kib as f64 / 1024.0);
             fill.push(m.fill.rate());
@@ -84,7 +95,7 @@ fn main() {
             admin_p50.push(m.admin.p50.as_secs_f64() * 1e3);
         }
         println!(
-            "== vsmserver resident memory with 100000 sessions (target <= 64 MiB): median VmRSS {:.1} MiB, peak {:.1} MiB",
+            "== vsmserver resident memory with 100000 sessions on 1000 agents (target <= 64 MiB): median VmRSS {:.1} MiB, peak {:.1} MiB",
             median(rss),
             median(hwm)
         );
@@ -94,6 +105,13 @@ fn main() {
             median(list_p50),
             median(list_p99),
             median(admin_p50)
+        );
+        println!(
+            "== list all 100000 sessions in one request, as `tlctl session list` does (target <= 1 s): median {:.3} s; \
+             afterwards VmRSS {:.1} MiB, peak {:.1} MiB",
+            median(list_all),
+            median(listed_rss),
+            median(listed_hwm)
         );
         println!("== SessionPut fill rate (one process, FULL, {clients} clients): median {:.0}/s", median(fill));
     }
@@ -191,12 +209,22 @@ async fn drive(socket: &std::path::Path, clients: usize, total: usize, tag: &str
 }
 
 struct Memory {
+    /// Before the listings of every session.
     rss_kib: u64,
     hwm_kib: u64,
+    /// After them: the reply to such a listing is tens of MiB, built in memory.
+    listed_rss_kib: u64,
+    listed_hwm_kib: u64,
     fill: Stats,
     mine: Stats,
     admin: Stats,
+    /// Listing every session (`SessionList` with no selector, what `tlctl session list`
+    /// sends), one round trip each.
+    all: Stats,
 }
+
+/// Agents the sessions of the `memory` part are spread over (the scale target's figure).
+const MEMORY_AGENTS: u64 = 1_000;
 
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -259,7 +287,7 @@ async fn memory(n: u64, clients: usize) -> Memory {
             let mut lat = Vec::new();
             let mut i = c;
             while i < n {
-                let req = ApiRequest::SessionPut { session: session(i, users, 50) };
+                let req = ApiRequest::SessionPut { session: session(i, users, MEMORY_AGENTS) };
                 let t = Instant::now();
                 match conn.call(&req).await {
                     ApiReply::Ok { .. } => {}
@@ -302,7 +330,24 @@ async fn memory(n: u64, clients: usize) -> Memory {
 
     let rss_kib = proc_status_kib(pid, "VmRSS:");
     let hwm_kib = proc_status_kib(pid, "VmHWM:");
+
+    // Every session at once, as `tlctl session list` asks for them.
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = conn.call(&ApiRequest::SessionList { selector: Selector::default(), refresh: false }).await;
+        all.push(t.elapsed());
+        match r {
+            ApiReply::Sessions { sessions, .. } if sessions.len() as u64 == n => {}
+            ApiReply::Sessions { sessions, .. } => panic!("listed {} sessions, expected {n}", sessions.len()),
+            other => panic!("listing every session failed: {other:?}"),
+        }
+    }
+    let all = Stats::new(all, Duration::from_secs(1));
+
+    let listed_rss_kib = proc_status_kib(pid, "VmRSS:");
+    let listed_hwm_kib = proc_status_kib(pid, "VmHWM:");
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
-    Memory { rss_kib, hwm_kib, fill, mine, admin }
+    Memory { rss_kib, hwm_kib, listed_rss_kib, listed_hwm_kib, fill, mine, admin, all }
 }

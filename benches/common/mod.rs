@@ -219,7 +219,9 @@ pub struct ApiConn(PlainConn<UnixStream>);
 
 impl ApiConn {
     pub async fn open(path: &Path) -> ApiConn {
-        ApiConn(PlainConn::new(UnixStream::connect(path).await.expect("connect to the unix socket")))
+        // The limits of the real client (`vsm::client`), so a long listing fits as it does there.
+        let stream = UnixStream::connect(path).await.expect("connect to the unix socket");
+        ApiConn(PlainConn::with_limits(stream, vsm::proto::api::MAX_REPLY, vsm::proto::api::MAX_REQUEST))
     }
 
     pub async fn call(&mut self, req: &ApiRequest) -> ApiReply {
