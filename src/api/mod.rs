@@ -203,7 +203,7 @@ impl Api {
                 let client_address = client_address.filter(|a| !a.is_empty());
                 let user = self.acting_user(caller, user)?;
                 self.when_ready("login").await?;
-                let groups = user_groups(&user);
+                let groups = if b.config().login_uses_groups() { user_groups(&user) } else { Vec::new() };
                 let r = ConnectRequest { user, groups, new, terminate_existing, geometry, client_address };
                 match b.connect(r).await {
                     Ok(info) => ApiReply::Connected { info },

@@ -772,7 +772,7 @@ impl Broker {
                 summary.deferred += 1;
                 continue;
             }
-            let groups = user_groups(&a.user);
+            let groups = if self.inner.cfg.login_uses_groups() { user_groups(&a.user) } else { Vec::new() };
             let sub = placement::resolve_subcluster(&a.user, &groups, &self.inner.cfg.subclusters)
                 .map(|s| s.name.clone())
                 .unwrap_or_default();

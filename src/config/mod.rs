@@ -60,6 +60,14 @@ pub fn load_from(flag: Option<PathBuf>) -> Result<(PathBuf, Config), ConfigError
 }
 
 impl Config {
+    /// Whether a login's outcome can depend on the user's groups: `/vsmserver/allowed_groups`
+    /// is set, or some subcluster takes users by group. When neither, the broker does not
+    /// look them up (a lookup through NSS costs more than the rest of a login's work on
+    /// the master, and may wait for a directory service).
+    pub fn login_uses_groups(&self) -> bool {
+        !self.vsmserver.allowed_groups.is_empty() || self.subclusters.values().any(|s| !s.groups.is_empty())
+    }
+
     /// SHA-256 (hex) of a canonical rendering of the cluster settings (`/subclusters/*` and
     /// `/agents/*`). Two masters with the same subclusters, agents, draining list and weights
     /// get the same digest, whatever the order of list items or the file layout.
@@ -381,6 +389,27 @@ mod tests {
         if std::env::var_os(CONFIG_DIR_ENV).is_none() {
             assert_eq!(config_dir_from(None), PathBuf::from(DEFAULT_CONFIG_DIR));
         }
+    }
+
+    #[test]
+    fn groups_matter_to_a_login_only_when_a_setting_names_some() {
+        let mut c = Config::default();
+        assert!(!c.login_uses_groups(), "the default cluster has no group setting");
+        c.vsmserver.allowed_groups = vec!["staff".into()];
+        assert!(c.login_uses_groups());
+        c.vsmserver.allowed_groups.clear();
+        let eng = Subcluster {
+            name: "eng".into(),
+            agents: vec!["agent1".into()],
+            users: vec![],
+            groups: vec!["eng".into()],
+            max_users_per_agent: 0,
+        };
+        c.subclusters.insert("eng".into(), eng);
+        assert!(c.login_uses_groups(), "a subcluster takes users by group");
+        c.subclusters.get_mut("eng").unwrap().groups.clear();
+        c.subclusters.get_mut("eng").unwrap().users = vec!["alice".into()];
+        assert!(!c.login_uses_groups(), "users by name need no groups");
     }
 
     #[test]
