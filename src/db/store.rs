@@ -81,6 +81,37 @@ pub(super) fn load(conn: &Connection, path: &Path, id: &SessionId) -> Result<Opt
     row.map(|r| r.into_record(path)).transpose()
 }
 
+/// The full write of a row: insert, or replace every column. Parameters: `?1` to `?23` in
+/// the order of the column list.
+const UPSERT: &str = "INSERT INTO sessions (id, user, subcluster, agent, agent_address, display, vnc_port,
+         status, created_ms, last_connect_ms, last_client_address, pid, command, geometry,
+         client_params, hlc_wall, hlc_logical, origin, tombstone, tombstone_at_ms,
+         base_wall, base_logical, base_origin)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+         ?18, ?19, ?20, ?21, ?22, ?23)
+     ON CONFLICT(id) DO UPDATE SET
+         user = excluded.user, subcluster = excluded.subcluster, agent = excluded.agent,
+         agent_address = excluded.agent_address, display = excluded.display,
+         vnc_port = excluded.vnc_port, status = excluded.status,
+         created_ms = excluded.created_ms, last_connect_ms = excluded.last_connect_ms,
+         last_client_address = excluded.last_client_address, pid = excluded.pid,
+         command = excluded.command, geometry = excluded.geometry,
+         client_params = excluded.client_params, hlc_wall = excluded.hlc_wall,
+         hlc_logical = excluded.hlc_logical, origin = excluded.origin,
+         tombstone = excluded.tombstone, tombstone_at_ms = excluded.tombstone_at_ms,
+         base_wall = excluded.base_wall, base_logical = excluded.base_logical,
+         base_origin = excluded.base_origin";
+
+/// The narrow write of a live row whose indexed columns (user, subcluster, agent, display,
+/// tombstone and its time) stay as they are: the same parameters as [`UPSERT`], of which it
+/// leaves those unused.
+const UPDATE_IN_PLACE: &str = "UPDATE sessions SET agent_address = ?5, vnc_port = ?7, status = ?8,
+         created_ms = ?9, last_connect_ms = ?10, last_client_address = ?11, pid = ?12,
+         command = ?13, geometry = ?14, client_params = ?15, hlc_wall = ?16, hlc_logical = ?17,
+         origin = ?18, base_wall = ?21, base_logical = ?22, base_origin = ?23
+     WHERE id = ?1 AND ?2 IS user AND ?3 IS subcluster AND ?4 IS agent AND ?6 IS display
+         AND ?19 = tombstone AND ?20 IS tombstone_at_ms";
+
 /// Inserts or replaces the row of `rec.id` with `rec`; `prior` is the row as [`stored`]
 /// read it in this transaction.
 ///
@@ -91,139 +122,80 @@ pub(super) fn load(conn: &Connection, path: &Path, id: &SessionId) -> Result<Opt
 /// which is fewer pages in the write-ahead log to write, checksum and sync on each commit.
 /// Anything else (a new row, a moved or ended session) takes the full upsert.
 pub(super) fn put(conn: &Connection, rec: &Record, prior: Option<&Stored>) -> Result<(), DbError> {
-    if let Some(s) = &rec.session {
-        // The row was read in this transaction, so the update finds it; were it ever not
-        // there, the upsert below writes it whole.
-        if prior.is_some_and(|p| p.same_index_keys(s)) && update_in_place(conn, rec, s)? {
-            return Ok(());
-        }
-    }
-    let mut stmt = conn
-        .prepare_cached(
-            "INSERT INTO sessions (id, user, subcluster, agent, agent_address, display, vnc_port,
-                 status, created_ms, last_connect_ms, last_client_address, pid, command, geometry,
-                 client_params, hlc_wall, hlc_logical, origin, tombstone, tombstone_at_ms,
-                 base_wall, base_logical, base_origin)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                 ?18, ?19, ?20, ?21, ?22, ?23)
-             ON CONFLICT(id) DO UPDATE SET
-                 user = excluded.user, subcluster = excluded.subcluster, agent = excluded.agent,
-                 agent_address = excluded.agent_address, display = excluded.display,
-                 vnc_port = excluded.vnc_port, status = excluded.status,
-                 created_ms = excluded.created_ms, last_connect_ms = excluded.last_connect_ms,
-                 last_client_address = excluded.last_client_address, pid = excluded.pid,
-                 command = excluded.command, geometry = excluded.geometry,
-                 client_params = excluded.client_params, hlc_wall = excluded.hlc_wall,
-                 hlc_logical = excluded.hlc_logical, origin = excluded.origin,
-                 tombstone = excluded.tombstone, tombstone_at_ms = excluded.tombstone_at_ms,
-                 base_wall = excluded.base_wall, base_logical = excluded.base_logical,
-                 base_origin = excluded.base_origin",
-        )
-        .ctx("prepare a session upsert")?;
     let v = &rec.version;
     let (wall, logical, origin) = (v.hlc.wall_ms as i64, v.hlc.logical as i64, &v.node.0);
     let b = rec.base.as_ref();
     let (base_wall, base_logical, base_origin) =
         (b.map(|b| b.hlc.wall_ms as i64), b.map(|b| b.hlc.logical as i64), b.map(|b| b.node.0.as_str()));
-    match &rec.session {
-        Some(s) => {
-            let command = json(&s.command)?;
-            let client_params = json(&s.client_params)?;
-            stmt.execute(params![
-                rec.id.0,
-                s.user,
-                s.subcluster,
-                s.agent,
-                s.agent_address,
-                s.display as i64,
-                s.vnc_port as i64,
-                s.status.as_str(),
-                s.created_ms as i64,
-                s.last_connect_ms as i64,
-                s.last_client_address,
-                s.pid as i64,
-                command,
-                s.geometry,
-                client_params,
-                wall,
-                logical,
-                origin,
-                0i64,
-                None::<i64>,
-                base_wall,
-                base_logical,
-                base_origin,
-            ])
-        }
-        None => {
-            let null: Option<&str> = None;
-            stmt.execute(params![
-                rec.id.0,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                null,
-                wall,
-                logical,
-                origin,
-                1i64,
-                wall,
-                base_wall,
-                base_logical,
-                base_origin,
-            ])
+    let upsert = |params: &[&dyn rusqlite::ToSql]| -> Result<(), DbError> {
+        let mut stmt = conn.prepare_cached(UPSERT).ctx("prepare a session upsert")?;
+        stmt.execute(params).ctx("store a session")?;
+        Ok(())
+    };
+    let Some(s) = &rec.session else {
+        let null: Option<&str> = None;
+        return upsert(params![
+            rec.id.0,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            null,
+            wall,
+            logical,
+            origin,
+            1i64,
+            wall,
+            base_wall,
+            base_logical,
+            base_origin,
+        ]);
+    };
+    let command = json(&s.command)?;
+    let client_params = json(&s.client_params)?;
+    let live = params![
+        rec.id.0,
+        s.user,
+        s.subcluster,
+        s.agent,
+        s.agent_address,
+        s.display as i64,
+        s.vnc_port as i64,
+        s.status.as_str(),
+        s.created_ms as i64,
+        s.last_connect_ms as i64,
+        s.last_client_address,
+        s.pid as i64,
+        command,
+        s.geometry,
+        client_params,
+        wall,
+        logical,
+        origin,
+        0i64,
+        None::<i64>,
+        base_wall,
+        base_logical,
+        base_origin,
+    ];
+    if prior.is_some_and(|p| p.same_index_keys(s)) {
+        let mut stmt = conn.prepare_cached(UPDATE_IN_PLACE).ctx("prepare a session update")?;
+        // The row was read in this transaction, so the update finds it; were it ever not
+        // there (or not as read), the upsert writes it whole.
+        if stmt.execute(live).ctx("update a session")? == 1 {
+            return Ok(());
         }
     }
-    .ctx("store a session")?;
-    Ok(())
-}
-
-/// The narrow write of [`put`], for a live row whose indexed columns stay as they are:
-/// `false` when no row had the id.
-fn update_in_place(conn: &Connection, rec: &Record, s: &Session) -> Result<bool, DbError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "UPDATE sessions SET agent_address = ?2, vnc_port = ?3, status = ?4, created_ms = ?5,
-                 last_connect_ms = ?6, last_client_address = ?7, pid = ?8, command = ?9,
-                 geometry = ?10, client_params = ?11, hlc_wall = ?12, hlc_logical = ?13,
-                 origin = ?14, base_wall = ?15, base_logical = ?16, base_origin = ?17
-             WHERE id = ?1",
-        )
-        .ctx("prepare a session update")?;
-    let v = &rec.version;
-    let b = rec.base.as_ref();
-    let changed = stmt
-        .execute(params![
-            rec.id.0,
-            s.agent_address,
-            s.vnc_port as i64,
-            s.status.as_str(),
-            s.created_ms as i64,
-            s.last_connect_ms as i64,
-            s.last_client_address,
-            s.pid as i64,
-            json(&s.command)?,
-            s.geometry,
-            json(&s.client_params)?,
-            v.hlc.wall_ms as i64,
-            v.hlc.logical as i64,
-            v.node.0,
-            b.map(|b| b.hlc.wall_ms as i64),
-            b.map(|b| b.hlc.logical as i64),
-            b.map(|b| b.node.0.as_str()),
-        ])
-        .ctx("update a session")?;
-    Ok(changed == 1)
+    upsert(live)
 }
 
 pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result<(), DbError> {
