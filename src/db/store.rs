@@ -133,32 +133,21 @@ pub(super) fn put(conn: &Connection, rec: &Record, prior: Option<&Stored>) -> Re
         Ok(())
     };
     let Some(s) = &rec.session else {
+        // A tombstone: every body column (`?2` to `?15`) NULL.
         let null: Option<&str> = None;
-        return upsert(params![
-            rec.id.0,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            null,
-            wall,
-            logical,
+        let mut tombstone: Vec<&dyn rusqlite::ToSql> = vec![&rec.id.0];
+        tombstone.extend([&null as &dyn rusqlite::ToSql; 14]);
+        tombstone.extend::<[&dyn rusqlite::ToSql; 8]>([
+            &wall,
+            &logical,
             origin,
-            1i64,
-            wall,
-            base_wall,
-            base_logical,
-            base_origin,
+            &1i64,
+            &wall,
+            &base_wall,
+            &base_logical,
+            &base_origin,
         ]);
+        return upsert(&tombstone);
     };
     let command = json(&s.command)?;
     let client_params = json(&s.client_params)?;
