@@ -19,7 +19,7 @@ pub mod http;
 pub mod tcp;
 pub mod unix;
 
-use crate::broker::service::{user_groups, Broker, BrokerError, ConnectRequest};
+use crate::broker::service::{login_groups, Broker, BrokerError, ConnectRequest};
 use crate::ha::handle::HaControl;
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::model;
@@ -203,7 +203,7 @@ impl Api {
                 let client_address = client_address.filter(|a| !a.is_empty());
                 let user = self.acting_user(caller, user)?;
                 self.when_ready("login").await?;
-                let groups = if b.config().login_uses_groups() { user_groups(&user) } else { Vec::new() };
+                let groups = login_groups(b.config(), &user);
                 let r = ConnectRequest { user, groups, new, terminate_existing, geometry, client_address };
                 match b.connect(r).await {
                     Ok(info) => ApiReply::Connected { info },

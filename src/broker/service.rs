@@ -772,7 +772,7 @@ impl Broker {
                 summary.deferred += 1;
                 continue;
             }
-            let groups = if self.inner.cfg.login_uses_groups() { user_groups(&a.user) } else { Vec::new() };
+            let groups = login_groups(&self.inner.cfg, &a.user);
             let sub = placement::resolve_subcluster(&a.user, &groups, &self.inner.cfg.subclusters)
                 .map(|s| s.name.clone())
                 .unwrap_or_default();
@@ -1079,6 +1079,16 @@ async fn reported_by_host(s: &Session, from: std::net::IpAddr, port: u16) -> boo
         Err(_) => false,
     };
     found
+}
+
+/// The groups a login of `user` is decided by: looked up only when a setting uses them
+/// ([`Config::login_uses_groups`]), none otherwise.
+pub fn login_groups(cfg: &Config, user: &str) -> Vec<String> {
+    if cfg.login_uses_groups() {
+        user_groups(user)
+    } else {
+        Vec::new()
+    }
 }
 
 /// Names of the groups `user` belongs to on this machine (primary and supplementary).

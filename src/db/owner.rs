@@ -26,7 +26,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::merge::{self, Action, Winner};
-use super::store::{self, Stored};
+use super::store::{self, LiveKeys, Stored};
 use super::{
     ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead, SessionFilter, SqlContext,
     Write, GROUP_MAX,
@@ -400,7 +400,7 @@ impl Owner {
             Some(_) => self.live = self.live.saturating_sub(1),
             None => {}
         }
-        if let Some((agent, user)) = before.and_then(|s| s.placed.as_ref()) {
+        if let Some(LiveKeys { agent, user, .. }) = before.and_then(|s| s.live.as_ref()) {
             if let Some(users) = self.per_agent.get_mut(agent) {
                 if let Some(n) = users.get_mut(user) {
                     *n = n.saturating_sub(1);

@@ -25,21 +25,26 @@ pub(super) const COLUMNS: &str = "id, user, subcluster, agent, agent_address, di
 pub(super) struct Stored {
     pub version: Version,
     pub tombstone: bool,
-    /// `(agent, user)` of a live session (`None` for a tombstone or an incomplete row):
-    /// what the in-memory users-per-agent count must forget when the row changes.
-    pub placed: Option<(String, String)>,
-    /// `(subcluster, display)` of a live session: with `placed`, every indexed column, so a
-    /// write can tell whether it moves the row in any index (see [`put`]).
-    pub slot: Option<(String, i64)>,
+    /// The indexed columns of a live session (`None` for a tombstone or an incomplete row).
+    pub live: Option<LiveKeys>,
+}
+
+/// The columns of a live row that the secondary indexes hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LiveKeys {
+    /// With `user`: what the in-memory users-per-agent count must forget when the row changes.
+    pub agent: String,
+    pub user: String,
+    pub subcluster: String,
+    pub display: i64,
 }
 
 impl Stored {
     /// Whether writing `s` over this row leaves every secondary index as it is.
     fn same_index_keys(&self, s: &Session) -> bool {
-        let placed = self.placed.as_ref().is_some_and(|(agent, user)| *agent == s.agent && *user == s.user);
-        let slot =
-            self.slot.as_ref().is_some_and(|(sub, display)| *sub == s.subcluster && *display == s.display as i64);
-        !self.tombstone && placed && slot
+        self.live.as_ref().is_some_and(|k| {
+            k.agent == s.agent && k.user == s.user && k.subcluster == s.subcluster && k.display == s.display as i64
+        })
     }
 }
 
@@ -52,12 +57,11 @@ pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>
         .ctx("prepare a version lookup")?;
     stmt.query_row([&id.0], |r| {
         let tombstone = r.get::<_, i64>(3)? != 0;
-        let placed = match (tombstone, r.get::<_, Option<String>>(4)?, r.get::<_, Option<String>>(5)?) {
-            (false, Some(agent), Some(user)) => Some((agent, user)),
-            _ => None,
-        };
-        let slot = match (tombstone, r.get::<_, Option<String>>(6)?, r.get::<_, Option<i64>>(7)?) {
-            (false, Some(subcluster), Some(display)) => Some((subcluster, display)),
+        let keys = (r.get::<_, Option<String>>(4)?, r.get(5)?, r.get(6)?, r.get::<_, Option<i64>>(7)?);
+        let live = match keys {
+            (Some(agent), Some(user), Some(subcluster), Some(display)) if !tombstone => {
+                Some(LiveKeys { agent, user, subcluster, display })
+            }
             _ => None,
         };
         Ok(Stored {
@@ -66,8 +70,7 @@ pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>
                 node: NodeId(r.get(2)?),
             },
             tombstone,
-            placed,
-            slot,
+            live,
         })
     })
     .optional()

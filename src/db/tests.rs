@@ -620,8 +620,8 @@ async fn list_filters_combine_with_and() {
     db.close().await.unwrap();
 }
 
-/// Rewrites that keep a session's indexed columns take the narrow update; moves, ends and
-/// revivals take the full upsert. Either way every index-backed filter finds the row where
+/// Rewrites that keep a session's indexed columns take the narrow update; new rows, moves
+/// and ends take the full upsert. Either way every index-backed filter finds the row where
 /// it now is, and nowhere else.
 #[tokio::test]
 async fn rewrites_in_place_and_moves_keep_every_filter_true() {
