@@ -31,12 +31,10 @@ use crate::config::Config;
 use crate::db::{DbError, DbHandle, SessionFilter, Write};
 use crate::ha::handle::{AdoptionGate, Replication};
 use crate::metrics::Metrics;
-use crate::model::{now_ms, Seq, Session, SessionId, SessionStatus};
+use crate::model::{now_ms, Session, SessionId, SessionStatus};
 use crate::proto::agent::AgentSession;
 use crate::proto::api::{AgentLoad, ConnectInfo, Selector, TerminateOutcome};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
@@ -65,11 +63,7 @@ pub enum BrokerError {
 /// No peer: a local commit is all there is.
 pub struct Standalone;
 
-impl Replication for Standalone {
-    fn replicated(&self, _seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        Box::pin(async {})
-    }
-}
+impl Replication for Standalone {}
 
 /// What a login asks for, after the API layer established who the caller is.
 #[derive(Clone, Debug, Default)]
@@ -173,8 +167,7 @@ impl Broker {
 
     /// Commits one write and waits for replication as configured.
     async fn commit(&self, w: Write) -> Result<(), BrokerError> {
-        let c = self.inner.db.write(w).await?;
-        self.inner.replication.replicated(c.seq).await;
+        self.inner.replication.commit(&self.inner.db, w).await?;
         Ok(())
     }
 

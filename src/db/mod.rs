@@ -368,6 +368,7 @@ pub struct DbHandle {
     path: Arc<Path>,
     head: watch::Receiver<Seq>,
     changes: broadcast::Sender<owner::ChangeBatch>,
+    runtime: tokio::runtime::Handle,
 }
 
 /// Committed local changes of one transaction, in seq order; see [`DbHandle::subscribe_changes`].
@@ -387,8 +388,16 @@ impl DbHandle {
             .name("vsm-db".into())
             .spawn(move || owner::run(opts, rx, ready_tx))
             .map_err(|source| DbError::Io { context: "start the database thread".into(), source })?;
-        let (db_id, head, changes) = ready_rx.recv().map_err(|_| DbError::Closed)??;
-        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head, changes })
+        let owner::Opened { db_id, head, changes, runtime } = ready_rx.recv().map_err(|_| DbError::Closed)??;
+        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head, changes, runtime })
+    }
+
+    /// The owner thread's own single-threaded runtime. A task that talks to the database
+    /// far more than to anything else (the HA node's engine task and peer link) runs there:
+    /// each of its calls is then answered within the thread instead of waking two others.
+    /// Such a task must never block: while it runs, the database waits.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
     }
 
     /// This database's identity (random, made once when the file was created).

@@ -99,10 +99,31 @@ pub(super) type ChangeBatch = Arc<Vec<Change>>;
 const CHANGE_BUFFER: usize = 1024;
 
 /// What the caller of `open` gets back from the thread.
-pub(super) type Ready = Result<(String, watch::Receiver<Seq>, broadcast::Sender<ChangeBatch>), DbError>;
+pub(super) struct Opened {
+    pub(super) db_id: String,
+    pub(super) head: watch::Receiver<Seq>,
+    pub(super) changes: broadcast::Sender<ChangeBatch>,
+    /// The thread's own runtime (see [`run`]).
+    pub(super) runtime: tokio::runtime::Handle,
+}
+
+pub(super) type Ready = Result<Opened, DbError>;
 
 /// Thread body: open, report readiness, serve until shut down or every handle is gone.
+///
+/// The thread runs a single-threaded tokio runtime whose first task is the owner. Tasks that
+/// mostly wait on the database (the HA node's engine task and peer link) are spawned onto
+/// it ([`super::DbHandle::runtime`]): their calls and the owner's answers then pass within one
+/// thread, without waking another one per call. The owner blocks this thread while it
+/// commits, as before; those tasks run whenever it waits for requests.
 pub(super) fn run(opts: DbOptions, rx: mpsc::Receiver<Request>, ready: std::sync::mpsc::SyncSender<Ready>) {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(source) => {
+            let _ = ready.send(Err(DbError::Io { context: "start the database thread's runtime".into(), source }));
+            return;
+        }
+    };
     let owner = match Owner::open(&opts) {
         Ok(o) => o,
         Err(e) => {
@@ -110,8 +131,15 @@ pub(super) fn run(opts: DbOptions, rx: mpsc::Receiver<Request>, ready: std::sync
             return;
         }
     };
-    let _ = ready.send(Ok((owner.db_id.clone(), owner.head_tx.subscribe(), owner.changes_tx.clone())));
-    owner.serve(rx);
+    let _ = ready.send(Ok(Opened {
+        db_id: owner.db_id.clone(),
+        head: owner.head_tx.subscribe(),
+        changes: owner.changes_tx.clone(),
+        runtime: rt.handle().clone(),
+    }));
+    rt.block_on(owner.serve(rx));
+    // Tasks still on this runtime (none after an orderly stop: the HA node ends first)
+    // are dropped with it.
 }
 
 pub(super) struct Owner {
@@ -248,12 +276,12 @@ impl Owner {
         })
     }
 
-    fn serve(mut self, mut rx: mpsc::Receiver<Request>) {
+    async fn serve(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut batch: Vec<Request> = Vec::with_capacity(GROUP_MAX);
         let mut writes: Vec<WriteReq> = Vec::with_capacity(GROUP_MAX);
         let mut reads: Vec<ReadJob> = Vec::new();
         let mut shutdowns: Vec<Reply<()>> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
+        while let Some(first) = rx.recv().await {
             batch.push(first);
             while batch.len() < GROUP_MAX {
                 match rx.try_recv() {
@@ -277,6 +305,13 @@ impl Owner {
             self.commit_group(&mut writes);
             for job in reads.drain(..) {
                 job(&mut self);
+            }
+            // Let the tasks sharing this thread run before the next round (the HA node
+            // sends what just committed to the peer while the next group gathers) even when
+            // requests keep the queue full. With the queue empty, waiting for the next
+            // request lets them run anyway.
+            if !rx.is_empty() {
+                tokio::task::yield_now().await;
             }
         }
         let res = self.finish();

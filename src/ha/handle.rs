@@ -8,16 +8,27 @@
 //! Invariants: nothing here holds state; every method answers from the node's own watches and
 //! never waits on the broker or the API.
 
-use crate::model::{Readiness, Role, Seq};
+use crate::db::{Committed, DbError, DbHandle, Write};
+use crate::model::{Readiness, Role};
 use crate::proto::api::{HaStatusView, VrrpState};
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 use tokio::sync::watch;
 
-/// Waits until a committed change is safe to tell a client about (HA ack), or returns at once.
+/// A committed change, answered once it is safe to tell a client about.
+pub type CommitFuture = Pin<Box<dyn Future<Output = Result<Committed, DbError>> + Send + 'static>>;
+
+/// Commits a change and waits until it is safe to tell a client about (HA ack), or not at all.
 pub trait Replication: Send + Sync + 'static {
-    fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    /// Commits `w` and, with HA acknowledgements on, waits for the peer to have it too (or
+    /// for the engine to release the wait: timed out, link down). With no peer, only the
+    /// local commit.
+    fn commit(&self, db: &DbHandle, w: Write) -> CommitFuture {
+        let db = db.clone();
+        Box::pin(async move { db.write(w).await })
+    }
+
     /// HA is on and the peer link is not up and caught up (see `HaNode::cut_off`).
     fn cut_off(&self) -> bool {
         false

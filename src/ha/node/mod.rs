@@ -27,12 +27,16 @@
 //!   `Applied` follows only after that transaction committed.
 //! - Local commits reach the engine with their change (published by the database after the
 //!   commit), so the hot path does not read the change log back.
+//! - The engine task and the peer link run on the database thread's runtime
+//!   ([`DbHandle::runtime`]), and so does a commit that waits for the peer's acknowledgement:
+//!   the database's answers, the peer's records and its acknowledgements reach them without a
+//!   thread hand-over. None of them blocks.
 
 use super::engine::{self, Command, Engine, EngineConfig, Event};
-use super::handle::{AdoptionGate, HaControl, Replication};
+use super::handle::{AdoptionGate, CommitFuture, HaControl, Replication};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::config::{Config, SyncLevel};
-use crate::db::DbHandle;
+use crate::db::{DbError, DbHandle, Write};
 use crate::metrics::Metrics;
 use crate::model::{now_ms, NodeId, Readiness, Role, Seq};
 use crate::proto::api::{HaStatusView, LinkDropView, VrrpState};
@@ -179,6 +183,8 @@ pub enum HaStartError {
     Secret(ProtoError),
     #[error("HA is on but no listener for /HA/port was bound")]
     NoPeerListener,
+    #[error("/HA/port: {0}")]
+    Listener(String),
     #[error("{0}")]
     Db(#[from] crate::db::DbError),
 }
@@ -288,11 +294,26 @@ impl HaNode {
             herr: node.handshake_error.clone(),
             cancel: cancel.clone(),
         };
+        // The link and the engine task run on the database thread's runtime: a peer record
+        // is then read, applied and acknowledged (and a local commit sent) without a thread
+        // hand-over. The listener moves to that runtime's reactor with them.
+        let rt = db.runtime().clone();
         if local < remote {
             let addr = setup.peer_addr.clone().unwrap_or_default();
-            tracker.spawn(dial_loop(addr, ctx.clone()));
+            tracker.spawn_on(dial_loop(addr, ctx.clone()), &rt);
         }
-        tracker.spawn(accept_loop(peer_listener, ctx));
+        let peer_listener = peer_listener
+            .into_std()
+            .map_err(|e| HaStartError::Listener(format!("move the HA port's listener: {e}")))?;
+        tracker.spawn_on(
+            async move {
+                match TcpListener::from_std(peer_listener) {
+                    Ok(l) => accept_loop(l, ctx).await,
+                    Err(e) => tracing::error!(error = %e, "cannot listen on the HA port; the peer must dial"),
+                }
+            },
+            &rt,
+        );
         let driver = Driver {
             engine,
             db,
@@ -306,7 +327,7 @@ impl HaNode {
             seen_received: None,
             seen_sent: None,
         };
-        let h = tokio::spawn(driver.run(req_rx, link_rx, cancel));
+        let h = rt.spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
         Ok(node)
     }
@@ -468,17 +489,30 @@ impl Replication for HaNode {
         }
     }
 
-    fn replicated(&self, seq: Seq) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        let Some(tx) = self.engine_tx.clone() else { return Box::pin(async {}) };
-        if self.cfg.ha.sync == SyncLevel::Async {
-            return Box::pin(async {});
-        }
-        Box::pin(async move {
-            let (done, rx) = oneshot::channel();
-            if tx.send(Req::AwaitAck { seq, done }).await.is_ok() {
-                let _ = rx.await;
+    /// The write and the wait for its acknowledgement run as one task on the database
+    /// thread's runtime, where the engine task also runs: the commit's answer, the wait's
+    /// registration with the engine and the peer's acknowledgement all pass within that
+    /// thread, and the caller is woken once, with the result.
+    fn commit(&self, db: &DbHandle, w: Write) -> CommitFuture {
+        let db = db.clone();
+        let tx = match &self.engine_tx {
+            Some(tx) if self.cfg.ha.sync != SyncLevel::Async => tx.clone(),
+            _ => return Box::pin(async move { db.write(w).await }),
+        };
+        let task = db.runtime().spawn({
+            let db = db.clone();
+            async move {
+                let c = db.write(w).await?;
+                let (done, rx) = oneshot::channel();
+                if tx.send(Req::AwaitAck { seq: c.seq, done }).await.is_ok() {
+                    let _ = rx.await;
+                }
+                Ok(c)
             }
-        })
+        });
+        // The task ends on its own whether or not anyone still waits for it; it fails to
+        // run only when the database thread is gone.
+        Box::pin(async move { task.await.unwrap_or(Err(DbError::Closed)) })
     }
 }
 
