@@ -3,7 +3,7 @@
 //!
 //! - `lag`: 1,000 changes/s for 5 s. Two figures:
 //!   * commit → acknowledged: the write is committed on A (`DbHandle::write` returned), then
-//!     the time until A's engine has the peer's `Ack` for it (`Replication::replicated`).
+//!     the time until A's engine has the peer's `Ack` for it (`HaNode::replicated`).
 //!     B acknowledges only after the change is durably applied, so this is an upper bound of
 //!     "committed on A → applied on B" (it adds the Ack's trip back and A's engine hop).
 //!   * writer round trip: `ApiRequest::SessionPut` over A's Unix socket, from the request to
@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use vsm::config::SyncLevel;
 use vsm::db::Write;
 use vsm::ha::engine::ResyncKind;
-use vsm::ha::handle::Replication;
 use vsm::proto::api::{ApiReply, ApiRequest};
 
 fn main() {

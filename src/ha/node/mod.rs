@@ -460,12 +460,39 @@ impl HaNode {
             .and_then(|st| engine::tombstone_clock_ms(now, st))
     }
 
+    /// Waits until the engine releases a wait for `seq` of the local log: the peer
+    /// acknowledged it, the wait timed out, or the link is down. Returns at once with HA off
+    /// or `/HA/sync = async`. (The broker commits through [`Replication::commit`], which
+    /// waits the same way from the database thread.)
+    pub fn replicated(&self, seq: Seq) -> impl Future<Output = ()> + Send + 'static {
+        let tx = self.ack_requests();
+        async move {
+            if let Some(tx) = tx {
+                await_ack(&tx, seq).await;
+            }
+        }
+    }
+
+    /// Where waits for the peer's acknowledgement go, when writes wait for it at all.
+    fn ack_requests(&self) -> Option<mpsc::Sender<Req>> {
+        self.engine_tx.clone().filter(|_| self.cfg.ha.sync != SyncLevel::Async)
+    }
+
     /// Waits for the engine task to end (after the cancel token fired).
     pub async fn stopped(&self) {
         let h = self.done.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = h {
             let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
         }
+    }
+}
+
+/// Registers a wait for `seq` with the engine task and waits until it is released (or the
+/// task is gone).
+async fn await_ack(tx: &mpsc::Sender<Req>, seq: Seq) {
+    let (done, rx) = oneshot::channel();
+    if tx.send(Req::AwaitAck { seq, done }).await.is_ok() {
+        let _ = rx.await;
     }
 }
 
@@ -495,18 +522,12 @@ impl Replication for HaNode {
     /// thread, and the caller is woken once, with the result.
     fn commit(&self, db: &DbHandle, w: Write) -> CommitFuture {
         let db = db.clone();
-        let tx = match &self.engine_tx {
-            Some(tx) if self.cfg.ha.sync != SyncLevel::Async => tx.clone(),
-            _ => return Box::pin(async move { db.write(w).await }),
-        };
+        let Some(tx) = self.ack_requests() else { return Box::pin(async move { db.write(w).await }) };
         let task = db.runtime().spawn({
             let db = db.clone();
             async move {
                 let c = db.write(w).await?;
-                let (done, rx) = oneshot::channel();
-                if tx.send(Req::AwaitAck { seq: c.seq, done }).await.is_ok() {
-                    let _ = rx.await;
-                }
+                await_ack(&tx, c.seq).await;
                 Ok(c)
             }
         });
