@@ -11,7 +11,9 @@
 //! - `scale`: one in-process master (HA off, FULL) with 1,000 stand-in agents that keep the
 //!   desktops they start and report them when polled (run in a child process of this
 //!   benchmark, so their connections and CPU time are their own), filled with 100,000
-//!   sessions by real logins; then login latency (10,000 more logins of new users) and one
+//!   sessions (the last 10,000 by real logins, the others desktops the agents hold, stored
+//!   with `ApiRequest::SessionPut`: logins with 1,000 agents are too slow to make them all);
+//!   then login latency (10,000 more logins of new users) and one
 //!   reconciliation sweep over every agent (`Broker::reconcile_all`, the background loop being
 //!   off): its wall time and the CPU time of the master's process and of the agents' process.
 //!   The sweep must end no session. `VSM_BENCH_SCALE_AGENTS` and `VSM_BENCH_SCALE_SESSIONS`
@@ -136,10 +138,11 @@ fn main() {
         for run in 0..runs {
             let s = rt.block_on(scale(agents, sessions, logins, clients, run));
             println!(
-                "scale, {agents} agents, run {}: fill of {sessions} sessions by logins: {}; \
+                "scale, {agents} agents, run {}: fill of {sessions} sessions: stored {}; then by logins {}; \
                  logins with {sessions} to {} sessions: {}; one reconciliation sweep over {} sessions: wall {}, \
                  CPU of the master's process {}, of the agents' process {}; {} change-log rows written",
                 run + 1,
+                s.put.line(),
                 s.fill.line(),
                 sessions + logins,
                 s.logins.line(),
@@ -291,6 +294,37 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stores `sessions` through `ApiRequest::SessionPut` from `clients` connections.
+async fn put_all(socket: &std::path::Path, clients: usize, sessions: Vec<vsm::model::Session>) -> Stats {
+    let start = Instant::now();
+    let mut queues: Vec<Vec<vsm::model::Session>> = (0..clients).map(|_| Vec::new()).collect();
+    for (i, s) in sessions.into_iter().enumerate() {
+        queues[i % clients].push(s);
+    }
+    let mut tasks = Vec::new();
+    for queue in queues {
+        let socket = socket.to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = ApiConn::open(&socket).await;
+            let mut lat = Vec::with_capacity(queue.len());
+            for session in queue {
+                let t = Instant::now();
+                match conn.call(&ApiRequest::SessionPut { session }).await {
+                    ApiReply::Ok { .. } => {}
+                    other => panic!("session put failed: {other:?}"),
+                }
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("fill task"));
+    }
+    Stats::new(lat, start.elapsed())
+}
+
 /// A real `vsmserver` process (HA off, FULL), filled with `n` sessions of `n / 10` users.
 async fn memory(n: u64, clients: usize) -> Memory {
     let dir = bench_dir();
@@ -334,32 +368,7 @@ async fn memory(n: u64, clients: usize) -> Memory {
 
     // Fill.
     let users = (n / 10).max(1);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients as u64 {
-        let socket = socket.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = ApiConn::open(&socket).await;
-            let mut lat = Vec::new();
-            let mut i = c;
-            while i < n {
-                let req = ApiRequest::SessionPut { session: session(i, users, MEMORY_AGENTS) };
-                let t = Instant::now();
-                match conn.call(&req).await {
-                    ApiReply::Ok { .. } => {}
-                    other => panic!("session put failed: {other:?}"),
-                }
-                lat.push(t.elapsed());
-                i += clients as u64;
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("fill task"));
-    }
-    let fill = Stats::new(lat, start.elapsed());
+    let fill = put_all(&socket, clients, (0..n).map(|i| session(i, users, MEMORY_AGENTS)).collect()).await;
 
     // Listing one user's sessions (10 of 100,000), many users in turn.
     let mut conn = ApiConn::open(&socket).await;
@@ -411,11 +420,16 @@ async fn memory(n: u64, clients: usize) -> Memory {
 /// Logins timed by the `scale` part, after its fill.
 const SCALE_LOGINS: usize = 10_000;
 
+/// Sessions of the `scale` part's fill created by logins (the rest is stored directly).
+const SCALE_FILL_LOGINS: usize = 10_000;
+
 /// The word that makes this benchmark binary the agents' process of the `scale` part.
 const AGENT_HOST: &str = "scale-agent-host";
 
 /// Figures of one `scale` run.
 struct Scale {
+    /// The part of the fill stored with `SessionPut`, then the part filled by logins.
+    put: Stats,
     fill: Stats,
     logins: Stats,
     /// Sessions stored when the sweep began.
@@ -439,8 +453,12 @@ async fn scale(agents: usize, sessions: usize, logins: usize, clients: usize, ru
     // No background reconciliation: the one sweep measured is the one run below.
     let server = start_master(cfg, None, None).await;
 
+    // Logins with 1,000 agents run at a few hundred per second on the build machine, so most
+    // of the fill is stored directly: desktops the agents hold, put through the socket.
+    let by_login = SCALE_FILL_LOGINS.min(sessions);
+    let put = put_all(&socket, clients, host.hold(sessions - by_login).await).await;
     let start = Instant::now();
-    let lat = drive(&socket, clients, sessions, &format!("f{run}")).await;
+    let lat = drive(&socket, clients, by_login, &format!("f{run}")).await;
     let fill = Stats::new(lat, start.elapsed());
     let start = Instant::now();
     let lat = drive(&socket, clients, logins, &format!("l{run}")).await;
@@ -464,6 +482,7 @@ async fn scale(agents: usize, sessions: usize, logins: usize, clients: usize, ru
     assert_eq!(host.running().await, after.sessions, "the sweep ended no desktop");
     server.stop().await;
     Scale {
+        put,
         fill,
         logins,
         swept: before.sessions,
@@ -517,6 +536,18 @@ impl AgentHost {
         self.output.next_line().await.expect("read from the agents' process").expect("the agents' process runs")
     }
 
+    /// `n` desktops started on the agents in turn, without the master asking: the sessions
+    /// to store for them.
+    async fn hold(&mut self, n: usize) -> Vec<vsm::model::Session> {
+        let ask = format!("hold {n}\n");
+        tokio::io::AsyncWriteExt::write_all(&mut self.input, ask.as_bytes()).await.expect("ask the agents' process");
+        let mut sessions = Vec::with_capacity(n);
+        for _ in 0..n {
+            sessions.push(serde_json::from_str(&self.line().await).expect("a session from the agents' process"));
+        }
+        sessions
+    }
+
     /// Desktops the agents run now.
     async fn running(&mut self) -> u64 {
         tokio::io::AsyncWriteExt::write_all(&mut self.input, b"running\n").await.expect("ask the agents' process");
@@ -552,6 +583,14 @@ fn agent_host() {
         while let Ok(Some(line)) = lines.next_line().await {
             if line == "running" {
                 println!("{}", started.iter().map(RecordingAgent::running).sum::<usize>());
+            } else if let Some(n) = line.strip_prefix("hold ").and_then(|n| n.parse::<usize>().ok()) {
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                for (i, agent) in started.iter().cycle().take(n).enumerate() {
+                    let session = agent.hold(format!("held{i}"));
+                    writeln!(out, "{}", serde_json::to_string(&session).expect("a session as JSON")).expect("stdout");
+                }
+                out.flush().expect("stdout");
             }
         }
     });

@@ -62,7 +62,8 @@ pub async fn noop_agent() -> String {
     .await
 }
 
-/// An agent that keeps the desktops it started until told to end them, and reports them in
+/// An agent that keeps the desktops it started (and those handed to it with
+/// [`RecordingAgent::hold`]) until told to end them, and reports them in
 /// `List` with its load, as a real agent does; nothing is spawned. Each desktop is reported
 /// with one viewer attached, as after a login, so a reconciliation sweep finds it as the
 /// master stored it and changes nothing.
@@ -129,6 +130,29 @@ impl RecordingAgent {
         let d = desktops.clone();
         let name = serve_agent(move |req| d.answer(req)).await;
         RecordingAgent { name, desktops }
+    }
+
+    /// A desktop of `user` started here without the master asking (for a fill through
+    /// `ApiRequest::SessionPut`): the session to store for it.
+    pub fn hold(&self, user: String) -> Session {
+        let a = self.desktops.start(SessionId::random(), user, None);
+        Session {
+            id: a.session_id,
+            user: a.user,
+            subcluster: "default".into(),
+            agent: self.name.clone(),
+            agent_address: a.agent_address,
+            display: a.display,
+            vnc_port: a.vnc_port,
+            status: SessionStatus::Running,
+            created_ms: a.started_ms,
+            last_connect_ms: a.started_ms,
+            last_client_address: "192.0.2.1".into(),
+            pid: a.pid,
+            command: a.command,
+            geometry: a.geometry,
+            client_params: vec![],
+        }
     }
 
     /// Desktops running here now.
