@@ -8,6 +8,16 @@
 //! - `memory`: a real `vsmserver` process filled with 100,000 sessions on 1,000 agents through
 //!   `ApiRequest::SessionPut`; its resident memory, the time to list one user's sessions, and
 //!   the time to list all of them in one request (what `tlctl session list` sends).
+//! - `scale`: one in-process master (HA off, FULL) with 1,000 stand-in agents that keep the
+//!   desktops they start and report them when polled (run in a child process of this
+//!   benchmark, so their connections and CPU time are their own), filled with 100,000
+//!   sessions (the last 10,000 by real logins, the others desktops the agents hold, stored
+//!   with `ApiRequest::SessionPut`: logins with 1,000 agents are too slow to make them all);
+//!   then login latency (10,000 more logins of new users) and one
+//!   reconciliation sweep over every agent (`Broker::reconcile_all`, the background loop being
+//!   off): its wall time and the CPU time of the master's process and of the agents' process.
+//!   The sweep must end no session. `VSM_BENCH_SCALE_AGENTS` and `VSM_BENCH_SCALE_SESSIONS`
+//!   (defaults 1000 and 100000) shrink it for a quick check.
 //!
 //! - `count` (only when named): `VSM_BENCH_COUNT` creates through one master, one client, one
 //!   after another, no timing, for counting instructions with `scripts/bench-instructions.sh`.
@@ -28,6 +38,10 @@ const CREATES: usize = 20_000;
 const HA_CREATES: usize = 10_000;
 
 fn main() {
+    if named(AGENT_HOST) {
+        agent_host();
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     machine_note();
     let runs = runs();
@@ -115,6 +129,51 @@ fn main() {
         );
         println!("== SessionPut fill rate (one process, FULL, {clients} clients): median {:.0}/s", median(fill));
     }
+    if selected("scale") {
+        let agents = scale_env("VSM_BENCH_SCALE_AGENTS", 1_000);
+        let sessions = scale_env("VSM_BENCH_SCALE_SESSIONS", 100_000);
+        let logins = SCALE_LOGINS.min(sessions);
+        let (mut timed, mut fill, mut wall, mut master, mut stand_ins) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let s = rt.block_on(scale(agents, sessions, logins, clients, run));
+            println!(
+                "scale, {agents} agents, run {}: fill of {sessions} sessions: stored {}; then by logins {}; \
+                 logins with {sessions} to {} sessions: {}; one reconciliation sweep over {} sessions: wall {}, \
+                 CPU of the master's process {}, of the agents' process {}; {} change-log rows written",
+                run + 1,
+                s.put.line(),
+                s.fill.line(),
+                sessions + logins,
+                s.logins.line(),
+                s.swept,
+                us(s.sweep_wall),
+                us(s.master_cpu),
+                us(s.agents_cpu),
+                s.writes,
+            );
+            fill.push(s.fill.rate());
+            wall.push(s.sweep_wall.as_secs_f64() * 1e3);
+            master.push(s.master_cpu.as_secs_f64() * 1e3);
+            stand_ins.push(s.agents_cpu.as_secs_f64() * 1e3);
+            timed.push(s.logins);
+        }
+        summary(&format!("login p99 with {agents} agents and {sessions} sessions (target <= 5 ms)"), &timed);
+        println!(
+            "== one reconciliation sweep over {agents} agents and {} sessions: wall median {:.1} ms, \
+             CPU median {:.1} ms in the master's process (user + system; its clients idle), \
+             {:.1} ms in the agents' process",
+            sessions + logins,
+            median(wall),
+            median(master),
+            median(stand_ins),
+        );
+        println!("== fill by logins, {agents} agents, {clients} clients: median {:.0}/s", median(fill));
+    }
+}
+
+fn scale_env(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).filter(|&n| n > 0).unwrap_or(default)
 }
 
 fn summary(what: &str, figs: &[Stats]) {
@@ -235,6 +294,37 @@ fn proc_status_kib(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stores `sessions` through `ApiRequest::SessionPut` from `clients` connections.
+async fn put_all(socket: &std::path::Path, clients: usize, sessions: Vec<vsm::model::Session>) -> Stats {
+    let start = Instant::now();
+    let mut queues: Vec<Vec<vsm::model::Session>> = (0..clients).map(|_| Vec::new()).collect();
+    for (i, s) in sessions.into_iter().enumerate() {
+        queues[i % clients].push(s);
+    }
+    let mut tasks = Vec::new();
+    for queue in queues {
+        let socket = socket.to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = ApiConn::open(&socket).await;
+            let mut lat = Vec::with_capacity(queue.len());
+            for session in queue {
+                let t = Instant::now();
+                match conn.call(&ApiRequest::SessionPut { session }).await {
+                    ApiReply::Ok { .. } => {}
+                    other => panic!("session put failed: {other:?}"),
+                }
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("fill task"));
+    }
+    Stats::new(lat, start.elapsed())
+}
+
 /// A real `vsmserver` process (HA off, FULL), filled with `n` sessions of `n / 10` users.
 async fn memory(n: u64, clients: usize) -> Memory {
     let dir = bench_dir();
@@ -278,32 +368,7 @@ async fn memory(n: u64, clients: usize) -> Memory {
 
     // Fill.
     let users = (n / 10).max(1);
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for c in 0..clients as u64 {
-        let socket = socket.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut conn = ApiConn::open(&socket).await;
-            let mut lat = Vec::new();
-            let mut i = c;
-            while i < n {
-                let req = ApiRequest::SessionPut { session: session(i, users, MEMORY_AGENTS) };
-                let t = Instant::now();
-                match conn.call(&req).await {
-                    ApiReply::Ok { .. } => {}
-                    other => panic!("session put failed: {other:?}"),
-                }
-                lat.push(t.elapsed());
-                i += clients as u64;
-            }
-            lat
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await.expect("fill task"));
-    }
-    let fill = Stats::new(lat, start.elapsed());
+    let fill = put_all(&socket, clients, (0..n).map(|i| session(i, users, MEMORY_AGENTS)).collect()).await;
 
     // Listing one user's sessions (10 of 100,000), many users in turn.
     let mut conn = ApiConn::open(&socket).await;
@@ -350,4 +415,183 @@ async fn memory(n: u64, clients: usize) -> Memory {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
     let _ = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
     Memory { rss_kib, hwm_kib, listed_rss_kib, listed_hwm_kib, fill, mine, admin, all }
+}
+
+/// Logins timed by the `scale` part, after its fill.
+const SCALE_LOGINS: usize = 10_000;
+
+/// Sessions of the `scale` part's fill created by logins (the rest is stored directly).
+const SCALE_FILL_LOGINS: usize = 10_000;
+
+/// The word that makes this benchmark binary the agents' process of the `scale` part.
+const AGENT_HOST: &str = "scale-agent-host";
+
+/// Figures of one `scale` run.
+struct Scale {
+    /// The part of the fill stored with `SessionPut`, then the part filled by logins.
+    put: Stats,
+    fill: Stats,
+    logins: Stats,
+    /// Sessions stored when the sweep began.
+    swept: u64,
+    sweep_wall: Duration,
+    /// CPU time during the sweep of this process (the master; its clients are idle then) and
+    /// of the agents' process.
+    master_cpu: Duration,
+    agents_cpu: Duration,
+    /// Change-log rows the sweep wrote (none when agents and database agree).
+    writes: u64,
+}
+
+/// One master with `agents` recording agents, filled with `sessions` sessions by logins of
+/// new users from `clients` connections; then timed logins and one reconciliation sweep.
+async fn scale(agents: usize, sessions: usize, logins: usize, clients: usize, run: usize) -> Scale {
+    let mut host = AgentHost::spawn(agents).await;
+    let dir = bench_dir();
+    let cfg = master_config(dir.path(), "a", &host.names);
+    let socket = cfg.vsmserver.socket_path.clone();
+    // No background reconciliation: the one sweep measured is the one run below.
+    let server = start_master(cfg, None, None).await;
+
+    // Logins with 1,000 agents run at a few hundred per second on the build machine, so most
+    // of the fill is stored directly: desktops the agents hold, put through the socket.
+    let by_login = SCALE_FILL_LOGINS.min(sessions);
+    let put = put_all(&socket, clients, host.hold(sessions - by_login).await).await;
+    let start = Instant::now();
+    let lat = drive(&socket, clients, by_login, &format!("f{run}")).await;
+    let fill = Stats::new(lat, start.elapsed());
+    let start = Instant::now();
+    let lat = drive(&socket, clients, logins, &format!("l{run}")).await;
+    let logins = Stats::new(lat, start.elapsed());
+
+    let before = server.db.status().await.expect("database status");
+    assert_eq!(host.running().await, before.sessions, "the agents run every stored session");
+    let cpu = (process_cpu(), host.cpu());
+    let start = Instant::now();
+    let summary = server.broker.reconcile_all().await.expect("a reconciliation sweep");
+    let sweep_wall = start.elapsed();
+    let (master_cpu, agents_cpu) = (process_cpu().saturating_sub(cpu.0), host.cpu().saturating_sub(cpu.1));
+    let after = server.db.status().await.expect("database status");
+    assert_eq!(summary.reachable, agents, "every agent answered the sweep: {summary:?}");
+    assert_eq!(
+        (summary.vanished, summary.ended, summary.marked_unreachable, summary.recovered),
+        (0, 0, 0, 0),
+        "the sweep found agents and database in agreement: {summary:?}"
+    );
+    assert_eq!(after.sessions, before.sessions, "the sweep ended no session");
+    assert_eq!(host.running().await, after.sessions, "the sweep ended no desktop");
+    server.stop().await;
+    Scale {
+        put,
+        fill,
+        logins,
+        swept: before.sessions,
+        sweep_wall,
+        master_cpu,
+        agents_cpu,
+        writes: after.head.0 - before.head.0,
+    }
+}
+
+/// CPU time (user and system) of this process so far, threads that ended included.
+fn process_cpu() -> Duration {
+    let s = vsm::metrics::ProcessFigures::read().cpu_seconds.expect("CPU time from /proc/self/stat");
+    Duration::from_secs_f64(s)
+}
+
+/// The `scale` part's agents, in a process of their own (this binary, run with
+/// [`AGENT_HOST`]): its open connections count against its own descriptor limit, not the
+/// master's, and its CPU time is apart. It prints the agents' names, then answers each line
+/// `running` with the number of desktops its agents run, and ends when its input closes.
+struct AgentHost {
+    child: tokio::process::Child,
+    input: tokio::process::ChildStdin,
+    output: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    names: Vec<String>,
+}
+
+impl AgentHost {
+    async fn spawn(agents: usize) -> AgentHost {
+        use std::process::Stdio;
+        let mut child = tokio::process::Command::new(std::env::current_exe().expect("path of this benchmark"))
+            .arg(AGENT_HOST)
+            .arg(agents.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the agents' process");
+        let input = child.stdin.take().expect("agents' stdin");
+        let output =
+            tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().expect("agents' stdout")));
+        let mut host = AgentHost { child, input, output, names: Vec::with_capacity(agents) };
+        for _ in 0..agents {
+            let name = host.line().await;
+            host.names.push(name);
+        }
+        host
+    }
+
+    async fn line(&mut self) -> String {
+        self.output.next_line().await.expect("read from the agents' process").expect("the agents' process runs")
+    }
+
+    /// `n` desktops started on the agents in turn, without the master asking: the sessions
+    /// to store for them.
+    async fn hold(&mut self, n: usize) -> Vec<vsm::model::Session> {
+        let ask = format!("hold {n}\n");
+        tokio::io::AsyncWriteExt::write_all(&mut self.input, ask.as_bytes()).await.expect("ask the agents' process");
+        let mut sessions = Vec::with_capacity(n);
+        for _ in 0..n {
+            sessions.push(serde_json::from_str(&self.line().await).expect("a session from the agents' process"));
+        }
+        sessions
+    }
+
+    /// Desktops the agents run now.
+    async fn running(&mut self) -> u64 {
+        tokio::io::AsyncWriteExt::write_all(&mut self.input, b"running\n").await.expect("ask the agents' process");
+        self.line().await.parse().expect("a count of desktops")
+    }
+
+    /// CPU time of the agents' process so far, from its threads' `schedstat` (nanoseconds).
+    fn cpu(&self) -> Duration {
+        let pid = self.child.id().expect("the agents' process runs");
+        let mut ns = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agents' threads").flatten() {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            ns += stat.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        }
+        Duration::from_nanos(ns)
+    }
+}
+
+/// The body of the agents' process (see [`AgentHost`]).
+fn agent_host() {
+    let agents: usize =
+        std::env::args().skip_while(|a| a != AGENT_HOST).nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async {
+        use tokio::io::AsyncBufReadExt;
+        let mut started = Vec::with_capacity(agents);
+        for _ in 0..agents {
+            let a = RecordingAgent::start().await;
+            println!("{}", a.name);
+            started.push(a);
+        }
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line == "running" {
+                println!("{}", started.iter().map(RecordingAgent::running).sum::<usize>());
+            } else if let Some(n) = line.strip_prefix("hold ").and_then(|n| n.parse::<usize>().ok()) {
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                for (i, agent) in started.iter().cycle().take(n).enumerate() {
+                    let session = agent.hold(format!("held{i}"));
+                    writeln!(out, "{}", serde_json::to_string(&session).expect("a session as JSON")).expect("stdout");
+                }
+                out.flush().expect("stdout");
+            }
+        }
+    });
 }

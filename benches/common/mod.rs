@@ -1,12 +1,14 @@
-//! Shared pieces of the benchmarks: a no-op agent, master configurations, in-process
-//! masters (one, or two with HA), latency statistics and machine notes.
+//! Shared pieces of the benchmarks: stand-in agents (a no-op one, and one that keeps its
+//! desktops), master configurations, in-process masters (one, or two with HA), latency
+//! statistics and machine notes.
 //!
 //! Benchmarks print figures; they never assert on timing.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixStream};
 use vsm::config::{Config, DbSynchronous, SyncLevel};
@@ -47,44 +49,153 @@ pub fn bench_dir() -> tempfile::TempDir {
 /// An agent that does nothing: `Start` answers at once with a made-up session, `Verify` says
 /// alive, `Terminate` says it was running, `List` is empty. Returns its `host:port` name.
 pub async fn noop_agent() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind the no-op agent");
+    let display = AtomicU32::new(10);
+    serve_agent(move |req| match req {
+        AgentRequest::Start { session_id, user, geometry, .. } => AgentReply::Started {
+            session: desktop(session_id, user, geometry, display.fetch_add(1, Ordering::Relaxed), 0),
+        },
+        AgentRequest::Verify { .. } => AgentReply::Verified { alive: true },
+        AgentRequest::Terminate { .. } => AgentReply::Terminated { was_running: true },
+        AgentRequest::List => AgentReply::Sessions { sessions: vec![], load: LoadReport::default() },
+        AgentRequest::Load => AgentReply::Load { load: LoadReport::default() },
+    })
+    .await
+}
+
+/// An agent that keeps the desktops it started (and those handed to it with
+/// [`RecordingAgent::hold`]) until told to end them, and reports them in
+/// `List` with its load, as a real agent does; nothing is spawned. Each desktop is reported
+/// with one viewer attached, as after a login, so a reconciliation sweep finds it as the
+/// master stored it and changes nothing.
+#[derive(Clone)]
+pub struct RecordingAgent {
+    /// `127.0.0.1:port`, the name the master knows it by.
+    pub name: String,
+    desktops: Arc<Desktops>,
+}
+
+struct Desktops {
+    next_display: AtomicU32,
+    running: Mutex<HashMap<SessionId, AgentSession>>,
+}
+
+impl Desktops {
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, AgentSession>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn start(&self, session_id: SessionId, user: String, geometry: Option<String>) -> AgentSession {
+        let d = self.next_display.fetch_add(1, Ordering::Relaxed);
+        let mut running = self.running();
+        running.entry(session_id.clone()).or_insert_with(|| desktop(session_id, user, geometry, d, 1)).clone()
+    }
+
+    fn load(&self, sessions: usize) -> LoadReport {
+        LoadReport {
+            hostname: "bench-agent".into(),
+            cpus: 8,
+            mem_total_kib: 32 << 20,
+            mem_available_kib: 16 << 20,
+            sessions: sessions as u32,
+            now_ms: now_ms(),
+            ..LoadReport::default()
+        }
+    }
+
+    fn answer(&self, req: AgentRequest) -> AgentReply {
+        match req {
+            AgentRequest::Start { session_id, user, geometry, .. } => {
+                AgentReply::Started { session: self.start(session_id, user, geometry) }
+            }
+            AgentRequest::Verify { session_id, .. } => {
+                AgentReply::Verified { alive: self.running().contains_key(&session_id) }
+            }
+            AgentRequest::Terminate { session_id, .. } => {
+                AgentReply::Terminated { was_running: self.running().remove(&session_id).is_some() }
+            }
+            AgentRequest::List => {
+                let sessions: Vec<AgentSession> = self.running().values().cloned().collect();
+                let load = self.load(sessions.len());
+                AgentReply::Sessions { sessions, load }
+            }
+            AgentRequest::Load => AgentReply::Load { load: self.load(self.running().len()) },
+        }
+    }
+}
+
+impl RecordingAgent {
+    /// Listens on `127.0.0.1:0`; its tasks run on the runtime that calls this.
+    pub async fn start() -> RecordingAgent {
+        let desktops = Arc::new(Desktops { next_display: AtomicU32::new(10), running: Mutex::new(HashMap::new()) });
+        let d = desktops.clone();
+        let name = serve_agent(move |req| d.answer(req)).await;
+        RecordingAgent { name, desktops }
+    }
+
+    /// A desktop of `user` started here without the master asking (for a fill through
+    /// `ApiRequest::SessionPut`): the session to store for it.
+    pub fn hold(&self, user: String) -> Session {
+        let a = self.desktops.start(SessionId::random(), user, None);
+        Session {
+            id: a.session_id,
+            user: a.user,
+            subcluster: "default".into(),
+            agent: self.name.clone(),
+            agent_address: a.agent_address,
+            display: a.display,
+            vnc_port: a.vnc_port,
+            status: SessionStatus::Running,
+            created_ms: a.started_ms,
+            last_connect_ms: a.started_ms,
+            last_client_address: "192.0.2.1".into(),
+            pid: a.pid,
+            command: a.command,
+            geometry: a.geometry,
+            client_params: vec![],
+        }
+    }
+
+    /// Desktops running here now.
+    pub fn running(&self) -> usize {
+        self.desktops.running().len()
+    }
+}
+
+/// What a stand-in agent reports for a desktop on display `d`.
+fn desktop(session_id: SessionId, user: String, geometry: Option<String>, d: u32, viewers: u32) -> AgentSession {
+    AgentSession {
+        session_id,
+        user,
+        display: d,
+        vnc_port: 5900u16.wrapping_add(d as u16),
+        pid: 1000 + d,
+        command: vec!["Xvnc".into(), format!(":{d}")],
+        geometry: geometry.unwrap_or_else(|| "1024x768".into()),
+        started_ms: now_ms(),
+        agent_address: "127.0.0.1".into(),
+        vnc_socket: String::new(),
+        viewers,
+        last_viewer_ms: 0,
+        viewer_address: String::new(),
+    }
+}
+
+/// Serves the agent protocol on `127.0.0.1:0`, one reply from `answer` per request, on the
+/// runtime that calls this. Returns the agent's `host:port` name.
+async fn serve_agent(answer: impl Fn(AgentRequest) -> AgentReply + Send + Sync + 'static) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind a stand-in agent");
     let port = l.local_addr().expect("agent address").port();
     let secret = Secret::from_bytes(CLUSTER_SECRET);
-    let display = Arc::new(AtomicU32::new(10));
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         loop {
             let Ok((sock, _)) = l.accept().await else { return };
             let _ = sock.set_nodelay(true);
             let secret = secret.clone();
-            let display = display.clone();
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let _ = serve_agent_conn(sock, &secret, |req| {
-                    let reply = match req {
-                        AgentRequest::Start { session_id, user, geometry, .. } => {
-                            let d = display.fetch_add(1, Ordering::Relaxed);
-                            AgentReply::Started {
-                                session: AgentSession {
-                                    session_id,
-                                    user,
-                                    display: d,
-                                    vnc_port: 5900u16.wrapping_add(d as u16),
-                                    pid: 1000 + d,
-                                    command: vec!["Xvnc".into(), format!(":{d}")],
-                                    geometry: geometry.unwrap_or_else(|| "1024x768".into()),
-                                    started_ms: now_ms(),
-                                    agent_address: "127.0.0.1".into(),
-                                    vnc_socket: String::new(),
-                                    viewers: 0,
-                                    last_viewer_ms: 0,
-                                    viewer_address: String::new(),
-                                },
-                            }
-                        }
-                        AgentRequest::Verify { .. } => AgentReply::Verified { alive: true },
-                        AgentRequest::Terminate { .. } => AgentReply::Terminated { was_running: true },
-                        AgentRequest::List => AgentReply::Sessions { sessions: vec![], load: LoadReport::default() },
-                        AgentRequest::Load => AgentReply::Load { load: LoadReport::default() },
-                    };
+                    let reply = answer(req);
                     async move { reply }
                 })
                 .await;
