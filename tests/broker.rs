@@ -834,3 +834,95 @@ async fn ha_status_shows_the_agents_clock_offsets_the_broker_measured() {
     m.stop().await;
     agent.stop().await;
 }
+
+/// An agent that takes `delay` to start each desktop and answers everything else at once; its
+/// `host:port` name.
+async fn slow_agent(dir: &std::path::Path, delay: Duration) -> String {
+    use vsm::proto::agent::{AgentReply, AgentRequest, AgentSession, LoadReport};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let name = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
+    let secret = vsm::proto::secure::Secret::from_file(dir.join("cluster.key")).unwrap();
+    let displays = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(10));
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = l.accept().await {
+            let (secret, displays) = (secret.clone(), displays.clone());
+            tokio::spawn(async move {
+                let _ = vsm::proto::agent_link::serve_agent_conn(sock, &secret, |req| {
+                    let displays = displays.clone();
+                    async move {
+                        match req {
+                            AgentRequest::Start { session_id, user, .. } => {
+                                tokio::time::sleep(delay).await;
+                                let display = displays.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                AgentReply::Started {
+                                    session: AgentSession {
+                                        session_id,
+                                        user,
+                                        display,
+                                        vnc_port: 5900 + display as u16,
+                                        pid: 1000 + display,
+                                        command: vec!["Xvnc".into()],
+                                        geometry: "1024x768".into(),
+                                        started_ms: vsm::model::now_ms(),
+                                        agent_address: "127.0.0.1".into(),
+                                        vnc_socket: String::new(),
+                                        viewers: 0,
+                                        last_viewer_ms: 0,
+                                        viewer_address: String::new(),
+                                    },
+                                }
+                            }
+                            AgentRequest::Verify { .. } => AgentReply::Verified { alive: true },
+                            AgentRequest::Terminate { .. } => AgentReply::Terminated { was_running: true },
+                            AgentRequest::List => {
+                                AgentReply::Sessions { sessions: vec![], load: LoadReport::default() }
+                            }
+                            AgentRequest::Load => AgentReply::Load { load: LoadReport::default() },
+                        }
+                    }
+                })
+                .await;
+            });
+        }
+    });
+    name
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_logins_spreads_over_the_agents_while_their_starts_are_under_way() {
+    init_logging();
+    let dir = cluster_dir();
+    // Every start takes long enough that all logins choose their agent before any is stored:
+    // only the starts under way can tell the later choices where the earlier ones went.
+    let mut agents = Vec::new();
+    for _ in 0..4 {
+        agents.push(slow_agent(dir.path(), Duration::from_millis(400)).await);
+    }
+    let cfg = master_config(dir.path(), "master", &agents);
+    let mut m = TestMaster::standalone(cfg).await;
+    let mut logins = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let target = m.target();
+        logins.spawn(async move {
+            let req = ApiRequest::Connect {
+                user: Some(format!("burst{i}")),
+                new: false,
+                terminate_existing: false,
+                geometry: None,
+                client_address: None,
+            };
+            match vsm::client::call(&target, &req, T).await {
+                Ok(ApiReply::Connected { info }) => info.agent,
+                other => panic!("login {i}: {other:?}"),
+            }
+        });
+    }
+    let mut per_agent = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(agent) = logins.join_next().await {
+        *per_agent.entry(agent.unwrap()).or_default() += 1;
+    }
+    for a in &agents {
+        assert_eq!(per_agent.get(a), Some(&2), "8 logins at once on 4 agents: two each, got {per_agent:?}");
+    }
+    m.stop().await;
+}

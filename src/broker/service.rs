@@ -88,9 +88,11 @@ struct Inner {
     registry: Mutex<AgentRegistry>,
     replication: Arc<dyn Replication>,
     user_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Sessions this master asked an agent to start and has not stored yet: reconciliation
-    /// leaves them alone. Entries leave when the start ends, however it ends.
-    starting: Mutex<HashSet<SessionId>>,
+    /// Sessions this master asked an agent to start and has not stored yet, with that agent:
+    /// reconciliation leaves them alone, and placement counts them as users of their agent
+    /// (so a burst of logins spreads instead of all picking the agent that was least loaded
+    /// when it began). Entries leave when the start ends, however it ends.
+    starting: Mutex<HashMap<SessionId, String>>,
     /// Agents whose clock offset is beyond `/HA/max_clock_offset` (logged once per crossing).
     clock_alarms: Mutex<HashSet<String>>,
     hook_timeout: Duration,
@@ -130,7 +132,7 @@ impl Broker {
                 registry: Mutex::new(AgentRegistry::new(DEFAULT_PENALTY)),
                 replication,
                 user_locks: Mutex::new(HashMap::new()),
-                starting: Mutex::new(HashSet::new()),
+                starting: Mutex::new(HashMap::new()),
                 clock_alarms: Mutex::new(HashSet::new()),
                 hook_timeout: Duration::from_secs(30),
                 abandoned: Mutex::new(VecDeque::new()),
@@ -153,7 +155,7 @@ impl Broker {
         self.inner.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn starting(&self) -> std::sync::MutexGuard<'_, HashSet<SessionId>> {
+    fn starting(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, String>> {
         self.inner.starting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -295,40 +297,8 @@ impl Broker {
         for _ in 0..sub.agents.len().max(1) {
             let users_per_agent: BTreeMap<String, u32> =
                 self.inner.db.count_users_per_agent().await?.into_iter().map(|(a, n)| (a, n as u32)).collect();
-            let chosen = {
-                let now = now_ms();
-                let (unreachable, mut penalties) = {
-                    let reg = self.registry();
-                    let at = Instant::now();
-                    let unreachable: BTreeSet<String> =
-                        reg.iter().filter(|(_, s)| !s.reachable).map(|(a, _)| a.to_string()).collect();
-                    // Ordered by when the penalty ends, which orders by when the agent failed.
-                    let penalties: BTreeMap<String, u64> = reg
-                        .iter()
-                        .filter_map(|(a, s)| {
-                            s.penalised_until.filter(|&t| t > at).map(|t| (a.to_string(), (t - at).as_millis() as u64))
-                        })
-                        .collect();
-                    (unreachable, penalties)
-                };
-                // Agents that already failed during this login go to the very back.
-                for t in &tried {
-                    penalties.insert(t.clone(), u64::MAX);
-                }
-                let _ = now;
-                let input = placement::PlacementInput {
-                    subcluster: &sub,
-                    user: &req.user,
-                    user_agents: &user_agents,
-                    draining: &cfg.agents.draining,
-                    weights: &cfg.agents.weights,
-                    users_per_agent: &users_per_agent,
-                    unreachable: &unreachable,
-                    penalties: &penalties,
-                };
-                placement::choose_agent(&input)
-            };
-            let agent = match chosen {
+            let id = SessionId::random();
+            let agent = match self.place(&sub, &req.user, &user_agents, users_per_agent, &tried, &id) {
                 Ok(a) => a,
                 Err(e) => {
                     return Err(match last_error {
@@ -338,10 +308,8 @@ impl Broker {
                 }
             };
             tried.insert(agent.clone());
-            let id = SessionId::random();
             // The creation time is this master's clock when it asked, not the agent's.
             let asked = now_ms();
-            self.starting().insert(id.clone());
             let _start = StartGuard { broker: self, id: id.clone() };
             match self.inner.agents.start(&agent, id.clone(), &req.user, req.geometry.clone()).await {
                 Ok(started) => {
@@ -371,6 +339,57 @@ impl Broker {
             }
         }
         Err(BrokerError::StartFailed(last_error.unwrap_or_else(|| "no agent could start it".into())))
+    }
+
+    /// Chooses the agent for a new session `id` of `user` and enters it among the starts
+    /// under way, in one step: every choice counts the starts chosen before it (as users of
+    /// their agents, on top of `users_per_agent` from the database), so a burst of logins
+    /// spreads over the agents instead of all taking the one least loaded when it began.
+    /// Agents in `tried` (they failed during this login) go to the very back.
+    fn place(
+        &self,
+        sub: &crate::config::Subcluster,
+        user: &str,
+        user_agents: &[String],
+        mut users_per_agent: BTreeMap<String, u32>,
+        tried: &BTreeSet<String>,
+        id: &SessionId,
+    ) -> Result<String, placement::PlacementError> {
+        let cfg = &self.inner.cfg;
+        let (unreachable, mut penalties) = {
+            let reg = self.registry();
+            let at = Instant::now();
+            let unreachable: BTreeSet<String> =
+                reg.iter().filter(|(_, s)| !s.reachable).map(|(a, _)| a.to_string()).collect();
+            // Ordered by when the penalty ends, which orders by when the agent failed.
+            let penalties: BTreeMap<String, u64> = reg
+                .iter()
+                .filter_map(|(a, s)| {
+                    s.penalised_until.filter(|&t| t > at).map(|t| (a.to_string(), (t - at).as_millis() as u64))
+                })
+                .collect();
+            (unreachable, penalties)
+        };
+        for t in tried {
+            penalties.insert(t.clone(), u64::MAX);
+        }
+        let mut starting = self.starting();
+        for agent in starting.values() {
+            *users_per_agent.entry(agent.clone()).or_default() += 1;
+        }
+        let input = placement::PlacementInput {
+            subcluster: sub,
+            user,
+            user_agents,
+            draining: &cfg.agents.draining,
+            weights: &cfg.agents.weights,
+            users_per_agent: &users_per_agent,
+            unreachable: &unreachable,
+            penalties: &penalties,
+        };
+        let agent = placement::choose_agent(&input)?;
+        starting.insert(id.clone(), agent.clone());
+        Ok(agent)
     }
 
     /// A start the user is told failed, although the agent may have carried it out: record
@@ -726,7 +745,7 @@ impl Broker {
                     // A session stored after the poll was sent (created here or by the peer)
                     // may be missing from an answer given before it existed, and a start still
                     // under way is not finished: both wait for the next round.
-                    if !before.contains(&s.id) || self.starting().contains(&s.id) {
+                    if !before.contains(&s.id) || self.starting().contains_key(&s.id) {
                         continue;
                     }
                     tracing::info!(session_id = %s.id, user = %s.user, agent = %agent, "session vanished from its agent, removing it");
@@ -739,7 +758,7 @@ impl Broker {
         self.forget_unknown_gone(agent, running, &known_ids);
         for a in running {
             // A start of this master still under way is stored or abandoned when it ends.
-            if known_ids.contains(&a.session_id) || self.starting().contains(&a.session_id) {
+            if known_ids.contains(&a.session_id) || self.starting().contains_key(&a.session_id) {
                 continue;
             }
             match self.inner.db.record(&a.session_id).await? {
