@@ -32,7 +32,7 @@
 //! not full); when none is, the error says for every agent why it was skipped.
 
 use crate::config::Subcluster;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
 
 /// Weight of an agent with no (or a non-positive) configured weight.
@@ -204,8 +204,9 @@ pub struct PlacementInput<'a> {
     pub draining: &'a [String],
     /// `/agents/weights/<host>`; missing or 0 means [`DEFAULT_WEIGHT`].
     pub weights: &'a BTreeMap<String, u32>,
-    /// Distinct users with live sessions per agent; missing means 0.
-    pub users_per_agent: &'a BTreeMap<String, u32>,
+    /// Distinct users with live sessions per agent; missing means 0. A hash map: it is
+    /// looked up once per agent of the subcluster, on every login.
+    pub users_per_agent: &'a HashMap<String, u32>,
     /// Agents that currently do not answer; every other agent counts as reachable.
     pub unreachable: &'a BTreeSet<String>,
     /// Agents that recently failed to start a session, with the time of that failure (ms).
@@ -238,7 +239,7 @@ pub fn choose_agent(input: &PlacementInput) -> Result<String, PlacementError> {
 /// Like [`choose_agent`], also saying why the agent was chosen.
 pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
     let sub = input.subcluster;
-    let mut seen = BTreeSet::new();
+    let mut seen = HashSet::with_capacity(sub.agents.len());
     let agents: Vec<&String> = sub.agents.iter().filter(|a| seen.insert(a.as_str())).collect();
 
     struct Candidate<'b> {
@@ -391,7 +392,7 @@ mod tests {
         user_agents: Vec<String>,
         draining: Vec<String>,
         weights: BTreeMap<String, u32>,
-        users: BTreeMap<String, u32>,
+        users: HashMap<String, u32>,
         unreachable: BTreeSet<String>,
         penalties: BTreeMap<String, u64>,
     }
@@ -403,7 +404,7 @@ mod tests {
                 user_agents: vec![],
                 draining: vec![],
                 weights: BTreeMap::new(),
-                users: BTreeMap::new(),
+                users: HashMap::new(),
                 unreachable: BTreeSet::new(),
                 penalties: BTreeMap::new(),
             }

@@ -289,14 +289,19 @@ impl Broker {
     async fn create(&self, req: &ConnectRequest, live: &[Session]) -> Result<ConnectInfo, BrokerError> {
         let cfg = &self.inner.cfg;
         let sub = placement::resolve_subcluster(&req.user, &req.groups, &cfg.subclusters)
-            .map_err(|e| BrokerError::NoAgentAvailable(e.to_string()))?
-            .clone();
+            .map_err(|e| BrokerError::NoAgentAvailable(e.to_string()))?;
         let user_agents: Vec<String> = live.iter().map(|s| s.agent.clone()).collect();
         let mut tried: BTreeSet<String> = BTreeSet::new();
         let mut last_error = None;
         for _ in 0..sub.agents.len().max(1) {
-            let users_per_agent: BTreeMap<String, u32> =
-                self.inner.db.count_users_per_agent().await?.into_iter().map(|(a, n)| (a, n as u32)).collect();
+            let users_per_agent: HashMap<String, u32> = self
+                .inner
+                .db
+                .count_users_per_agent()
+                .await?
+                .into_iter()
+                .map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX)))
+                .collect();
             let id = SessionId::random();
             let agent = match self.place(&sub, &req.user, &user_agents, users_per_agent, &tried, &id) {
                 Ok(a) => a,
@@ -351,7 +356,7 @@ impl Broker {
         sub: &crate::config::Subcluster,
         user: &str,
         user_agents: &[String],
-        mut users_per_agent: BTreeMap<String, u32>,
+        mut users_per_agent: HashMap<String, u32>,
         tried: &BTreeSet<String>,
         id: &SessionId,
     ) -> Result<String, placement::PlacementError> {
