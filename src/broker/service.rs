@@ -303,7 +303,7 @@ impl Broker {
                 .map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX)))
                 .collect();
             let id = SessionId::random();
-            let agent = match self.place(&sub, &req.user, &user_agents, users_per_agent, &tried, &id) {
+            let agent = match self.place(sub, &req.user, &user_agents, users_per_agent, &tried, &id) {
                 Ok(a) => a,
                 Err(e) => {
                     return Err(match last_error {
