@@ -91,6 +91,32 @@ pub async fn bind_loopback(port: u16) -> Result<TcpListener, TestkitError> {
     TcpListener::bind(("127.0.0.1", port)).await.map_err(io(format!("bind 127.0.0.1:{port}")))
 }
 
+/// What a stand-in agent (in tests and benchmarks, nothing spawned) reports for a desktop
+/// of `user` on display `d` with `viewers` attached, started now.
+pub fn stand_in_desktop(
+    session_id: crate::model::SessionId,
+    user: String,
+    geometry: Option<String>,
+    d: u32,
+    viewers: u32,
+) -> crate::proto::agent::AgentSession {
+    crate::proto::agent::AgentSession {
+        session_id,
+        user,
+        display: d,
+        vnc_port: 5900u16.wrapping_add(d as u16),
+        pid: 1000 + d,
+        command: vec!["Xvnc".into(), format!(":{d}")],
+        geometry: geometry.unwrap_or_else(|| "1024x768".into()),
+        started_ms: crate::model::now_ms(),
+        agent_address: "127.0.0.1".into(),
+        vnc_socket: String::new(),
+        viewers,
+        last_viewer_ms: 0,
+        viewer_address: String::new(),
+    }
+}
+
 /// A master under `base/name` (socket, data and script directories) with the secrets
 /// `base/cluster.key` and `base/ha.key`, one default subcluster of `agents`, reconciliation
 /// only when asked (every hour), the calling user's group as admins and HA off.

@@ -838,7 +838,7 @@ async fn ha_status_shows_the_agents_clock_offsets_the_broker_measured() {
 /// An agent that takes `delay` to start each desktop and answers everything else at once; its
 /// `host:port` name.
 async fn slow_agent(dir: &std::path::Path, delay: Duration) -> String {
-    use vsm::proto::agent::{AgentReply, AgentRequest, AgentSession, LoadReport};
+    use vsm::proto::agent::{AgentReply, AgentRequest, LoadReport};
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let name = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
     let secret = vsm::proto::secure::Secret::from_file(dir.join("cluster.key")).unwrap();
@@ -855,21 +855,7 @@ async fn slow_agent(dir: &std::path::Path, delay: Duration) -> String {
                                 tokio::time::sleep(delay).await;
                                 let display = displays.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                 AgentReply::Started {
-                                    session: AgentSession {
-                                        session_id,
-                                        user,
-                                        display,
-                                        vnc_port: 5900 + display as u16,
-                                        pid: 1000 + display,
-                                        command: vec!["Xvnc".into()],
-                                        geometry: "1024x768".into(),
-                                        started_ms: vsm::model::now_ms(),
-                                        agent_address: "127.0.0.1".into(),
-                                        vnc_socket: String::new(),
-                                        viewers: 0,
-                                        last_viewer_ms: 0,
-                                        viewer_address: String::new(),
-                                    },
+                                    session: vsm::testkit::stand_in_desktop(session_id, user, None, display, 0),
                                 }
                             }
                             AgentRequest::Verify { .. } => AgentReply::Verified { alive: true },

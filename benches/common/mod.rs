@@ -18,6 +18,7 @@ use vsm::proto::agent_link::serve_agent_conn;
 use vsm::proto::api::{ApiReply, ApiRequest};
 use vsm::proto::{PlainConn, Secret};
 use vsm::server::Server;
+use vsm::testkit::stand_in_desktop;
 
 pub const CLUSTER_SECRET: &[u8] = b"cluster secret for benchmarks";
 pub const HA_SECRET: &[u8] = b"ha secret for the benchmarks, 32b";
@@ -52,7 +53,7 @@ pub async fn noop_agent() -> String {
     let display = AtomicU32::new(10);
     serve_agent(move |req| match req {
         AgentRequest::Start { session_id, user, geometry, .. } => AgentReply::Started {
-            session: desktop(session_id, user, geometry, display.fetch_add(1, Ordering::Relaxed), 0),
+            session: stand_in_desktop(session_id, user, geometry, display.fetch_add(1, Ordering::Relaxed), 0),
         },
         AgentRequest::Verify { .. } => AgentReply::Verified { alive: true },
         AgentRequest::Terminate { .. } => AgentReply::Terminated { was_running: true },
@@ -87,7 +88,7 @@ impl Desktops {
     fn start(&self, session_id: SessionId, user: String, geometry: Option<String>) -> AgentSession {
         let d = self.next_display.fetch_add(1, Ordering::Relaxed);
         let mut running = self.running();
-        running.entry(session_id.clone()).or_insert_with(|| desktop(session_id, user, geometry, d, 1)).clone()
+        running.entry(session_id.clone()).or_insert_with(|| stand_in_desktop(session_id, user, geometry, d, 1)).clone()
     }
 
     fn load(&self, sessions: usize) -> LoadReport {
@@ -158,25 +159,6 @@ impl RecordingAgent {
     /// Desktops running here now.
     pub fn running(&self) -> usize {
         self.desktops.running().len()
-    }
-}
-
-/// What a stand-in agent reports for a desktop on display `d`.
-fn desktop(session_id: SessionId, user: String, geometry: Option<String>, d: u32, viewers: u32) -> AgentSession {
-    AgentSession {
-        session_id,
-        user,
-        display: d,
-        vnc_port: 5900u16.wrapping_add(d as u16),
-        pid: 1000 + d,
-        command: vec!["Xvnc".into(), format!(":{d}")],
-        geometry: geometry.unwrap_or_else(|| "1024x768".into()),
-        started_ms: now_ms(),
-        agent_address: "127.0.0.1".into(),
-        vnc_socket: String::new(),
-        viewers,
-        last_viewer_ms: 0,
-        viewer_address: String::new(),
     }
 }
 

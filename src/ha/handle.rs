@@ -19,14 +19,19 @@ use tokio::sync::watch;
 /// A committed change, answered once it is safe to tell a client about.
 pub type CommitFuture = Pin<Box<dyn Future<Output = Result<Committed, DbError>> + Send + 'static>>;
 
+/// The local commit alone: what [`Replication::commit`] is with no peer to wait for.
+pub fn commit_locally(db: &DbHandle, w: Write) -> CommitFuture {
+    let db = db.clone();
+    Box::pin(async move { db.write(w).await })
+}
+
 /// Commits a change and waits until it is safe to tell a client about (HA ack), or not at all.
 pub trait Replication: Send + Sync + 'static {
     /// Commits `w` and, with HA acknowledgements on, waits for the peer to have it too (or
     /// for the engine to release the wait: timed out, link down). With no peer, only the
     /// local commit.
     fn commit(&self, db: &DbHandle, w: Write) -> CommitFuture {
-        let db = db.clone();
-        Box::pin(async move { db.write(w).await })
+        commit_locally(db, w)
     }
 
     /// HA is on and the peer link is not up and caught up (see `HaNode::cut_off`).

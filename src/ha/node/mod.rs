@@ -33,7 +33,7 @@
 //!   thread hand-over. None of them blocks.
 
 use super::engine::{self, Command, Engine, EngineConfig, Event};
-use super::handle::{AdoptionGate, CommitFuture, HaControl, Replication};
+use super::handle::{commit_locally, AdoptionGate, CommitFuture, HaControl, Replication};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::config::{Config, SyncLevel};
 use crate::db::{DbError, DbHandle, Write};
@@ -521,15 +521,12 @@ impl Replication for HaNode {
     /// registration with the engine and the peer's acknowledgement all pass within that
     /// thread, and the caller is woken once, with the result.
     fn commit(&self, db: &DbHandle, w: Write) -> CommitFuture {
+        let Some(tx) = self.ack_requests() else { return commit_locally(db, w) };
         let db = db.clone();
-        let Some(tx) = self.ack_requests() else { return Box::pin(async move { db.write(w).await }) };
-        let task = db.runtime().spawn({
-            let db = db.clone();
-            async move {
-                let c = db.write(w).await?;
-                await_ack(&tx, c.seq).await;
-                Ok(c)
-            }
+        let task = db.runtime().clone().spawn(async move {
+            let c = db.write(w).await?;
+            await_ack(&tx, c.seq).await;
+            Ok(c)
         });
         // The task ends on its own whether or not anyone still waits for it; it fails to
         // run only when the database thread is gone.
