@@ -14,15 +14,26 @@ struct TestAgent {
     opts: SessionOptions,
 }
 
+/// The first of four consecutive ports (displays 100 to 103) that are all free now, below
+/// the kernel's ephemeral range so that other tests' connections do not take them while
+/// this one runs. Each call searches from a run of its own, so that tests running at the
+/// same time do not share ports.
+fn free_port_run() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let first = 20_000 + (std::process::id() % 100) as u16 * 40;
+    (0..1_500)
+        .map(|_| first + NEXT.fetch_add(4, std::sync::atomic::Ordering::Relaxed) % 6_000)
+        .find(|&p| (p..p + 4).all(|q| std::net::TcpListener::bind(("0.0.0.0", q)).is_ok()))
+        .expect("four consecutive free ports between 20000 and 30000")
+}
+
 impl TestAgent {
     /// Four displays starting at 100, on VNC ports that were free a moment ago.
     fn new(command: &[&str]) -> TestAgent {
         let dir = tempfile::tempdir().unwrap();
         let x_dir = dir.path().join("x");
         std::fs::create_dir_all(x_dir.join(".X11-unix")).unwrap();
-        let probe = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
-        let base = probe.local_addr().unwrap().port() - 100;
-        drop(probe);
+        let base = free_port_run() - 100;
         let opts = SessionOptions {
             display_min: 100,
             display_max: 103,

@@ -188,13 +188,18 @@ async fn serve_agent(answer: impl Fn(AgentRequest) -> AgentReply + Send + Sync +
 }
 
 /// A master's configuration under `base/name`; SQLite `synchronous` is FULL (the default of
-/// the product) unless the caller changes it.
+/// the product) unless the caller changes it or `VSM_BENCH_SYNC=normal` is set (to tell the
+/// cost of the disk's flushes from the rest).
 pub fn master_config(base: &Path, name: &str, agents: &[String]) -> Config {
     let mut cfg = vsm::testkit::master_config(base, name, agents);
     cfg.vsmserver.agent_timeout = Duration::from_secs(5);
     cfg.vsmserver.max_sessions_per_user = 0;
     cfg.vsmserver.admin_group = None;
-    cfg.vsmserver.db_synchronous = DbSynchronous::Full;
+    cfg.vsmserver.db_synchronous = match std::env::var("VSM_BENCH_SYNC").as_deref() {
+        Ok("normal") => DbSynchronous::Normal,
+        Ok("full") | Err(_) => DbSynchronous::Full,
+        Ok(other) => panic!("VSM_BENCH_SYNC={other}: expected full or normal"),
+    };
     cfg
 }
 

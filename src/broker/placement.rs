@@ -32,7 +32,8 @@
 //! not full); when none is, the error says for every agent why it was skipped.
 
 use crate::config::Subcluster;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 
 /// Weight of an agent with no (or a non-positive) configured weight.
@@ -206,7 +207,10 @@ pub struct PlacementInput<'a> {
     pub weights: &'a BTreeMap<String, u32>,
     /// Distinct users with live sessions per agent; missing means 0. A hash map: it is
     /// looked up once per agent of the subcluster, on every login.
-    pub users_per_agent: &'a HashMap<String, u32>,
+    pub users_per_agent: &'a FxHashMap<String, u32>,
+    /// Starts under way per agent (chosen, not yet recorded), counted as users on top of
+    /// `users_per_agent`; missing means 0.
+    pub starting: &'a FxHashMap<&'a str, u32>,
     /// Agents that currently do not answer; every other agent counts as reachable.
     pub unreachable: &'a BTreeSet<String>,
     /// Agents that recently failed to start a session, with the time of that failure (ms).
@@ -237,64 +241,98 @@ pub fn choose_agent(input: &PlacementInput) -> Result<String, PlacementError> {
 }
 
 /// Like [`choose_agent`], also saying why the agent was chosen.
+///
+/// One pass over the subcluster's list with no allocation until an agent is chosen: it runs
+/// for every login, over up to thousands of agents. A duplicate in the list is looked at
+/// again but never wins (it ties with its first occurrence, which is listed before it).
 pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
-    let sub = input.subcluster;
-    let mut seen = HashSet::with_capacity(sub.agents.len());
-    let agents: Vec<&String> = sub.agents.iter().filter(|a| seen.insert(a.as_str())).collect();
-
+    #[derive(Clone, Copy)]
     struct Candidate<'b> {
         agent: &'b str,
         position: usize,
-        hosts_user: bool,
         users_after: u64,
         weight: u64,
-        penalty: Option<u64>,
     }
+    // (users_after / weight) compared exactly by cross-multiplication; ties by list order.
+    let lighter = |a: &Candidate, b: &Candidate| {
+        (a.users_after * b.weight).cmp(&(b.users_after * a.weight)).then(a.position.cmp(&b.position)).is_lt()
+    };
 
-    let mut skipped = Vec::new();
-    let mut eligible: Vec<Candidate> = Vec::new();
-    for (position, agent) in agents.iter().enumerate() {
-        let users = input.users_per_agent.get(agent.as_str()).copied().unwrap_or(0);
-        let hosts_user = input.user_agents.iter().any(|a| a == *agent);
-        let reason = if input.draining.iter().any(|d| d == *agent) {
-            Some(SkipReason::Draining)
-        } else if input.unreachable.contains(agent.as_str()) {
-            Some(SkipReason::Unreachable)
-        } else if sub.max_users_per_agent > 0 && !hosts_user && users >= sub.max_users_per_agent {
-            Some(SkipReason::Full { users, max: sub.max_users_per_agent })
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            skipped.push(AgentSkip { agent: agent.to_string(), reason });
+    let sub = input.subcluster;
+    let mut colocated: Option<&str> = None;
+    let mut balanced: Option<Candidate> = None;
+    // The penalised candidate with the oldest failure, then the lightest.
+    let mut penalised: Option<(u64, Candidate)> = None;
+    for (position, agent) in sub.agents.iter().enumerate() {
+        let hosts_user = input.user_agents.iter().any(|a| a == agent);
+        if skip_reason(input, agent, hosts_user).is_some() {
             continue;
         }
-        let weight = input.weights.get(agent.as_str()).copied().filter(|w| *w > 0);
-        eligible.push(Candidate {
+        let penalty = if input.penalties.is_empty() { None } else { input.penalties.get(agent.as_str()).copied() };
+        if hosts_user && penalty.is_none() {
+            if colocated.is_none() {
+                colocated = Some(agent);
+            }
+            continue;
+        }
+        let weight = if input.weights.is_empty() { None } else { input.weights.get(agent.as_str()).copied() };
+        let c = Candidate {
             agent,
             position,
-            hosts_user,
-            users_after: u64::from(users) + u64::from(!hosts_user),
-            weight: u64::from(weight.unwrap_or(DEFAULT_WEIGHT)),
-            penalty: input.penalties.get(agent.as_str()).copied(),
-        });
+            users_after: u64::from(users_of(input, agent)) + u64::from(!hosts_user),
+            weight: u64::from(weight.filter(|w| *w > 0).unwrap_or(DEFAULT_WEIGHT)),
+        };
+        match penalty {
+            None if balanced.is_none_or(|b| lighter(&c, &b)) => balanced = Some(c),
+            Some(p) if penalised.is_none_or(|(bp, b)| p < bp || (p == bp && lighter(&c, &b))) => {
+                penalised = Some((p, c))
+            }
+            _ => {}
+        }
     }
 
-    if let Some(c) = eligible.iter().find(|c| c.hosts_user && c.penalty.is_none()) {
-        return Ok(Placement { agent: c.agent.to_string(), reason: PlacementReason::Colocated });
+    if let Some(agent) = colocated {
+        return Ok(Placement { agent: agent.to_string(), reason: PlacementReason::Colocated });
     }
-
-    // (users_after / weight) compared exactly by cross-multiplication.
-    let by_load = |a: &&Candidate, b: &&Candidate| {
-        (a.users_after * b.weight).cmp(&(b.users_after * a.weight)).then(a.position.cmp(&b.position))
-    };
-    if let Some(c) = eligible.iter().filter(|c| c.penalty.is_none()).min_by(by_load) {
+    if let Some(c) = balanced {
         return Ok(Placement { agent: c.agent.to_string(), reason: PlacementReason::Balanced });
     }
-    if let Some(c) = eligible.iter().min_by(|a, b| a.penalty.cmp(&b.penalty).then(by_load(a, b))) {
+    if let Some((_, c)) = penalised {
         return Ok(Placement { agent: c.agent.to_string(), reason: PlacementReason::Penalised });
     }
-    Err(PlacementError::NoAgentAvailable { subcluster: sub.name.clone(), reasons: skipped })
+    // None is eligible: say why, for every agent once.
+    let mut seen = HashSet::new();
+    let reasons = sub
+        .agents
+        .iter()
+        .filter(|a| seen.insert(a.as_str()))
+        .filter_map(|agent| {
+            let hosts_user = input.user_agents.iter().any(|a| a == agent);
+            skip_reason(input, agent, hosts_user).map(|reason| AgentSkip { agent: agent.clone(), reason })
+        })
+        .collect();
+    Err(PlacementError::NoAgentAvailable { subcluster: sub.name.clone(), reasons })
+}
+
+/// Distinct users on `agent`, counting its starts under way.
+fn users_of(input: &PlacementInput, agent: &str) -> u32 {
+    let starting = if input.starting.is_empty() { 0 } else { input.starting.get(agent).copied().unwrap_or(0) };
+    input.users_per_agent.get(agent).copied().unwrap_or(0).saturating_add(starting)
+}
+
+/// Why `agent` cannot take the session, if it cannot.
+fn skip_reason(input: &PlacementInput, agent: &str, hosts_user: bool) -> Option<SkipReason> {
+    let max = input.subcluster.max_users_per_agent;
+    if input.draining.iter().any(|d| d == agent) {
+        Some(SkipReason::Draining)
+    } else if !input.unreachable.is_empty() && input.unreachable.contains(agent) {
+        Some(SkipReason::Unreachable)
+    } else if max > 0 && !hosts_user {
+        let users = users_of(input, agent);
+        (users >= max).then_some(SkipReason::Full { users, max })
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]
@@ -392,7 +430,8 @@ mod tests {
         user_agents: Vec<String>,
         draining: Vec<String>,
         weights: BTreeMap<String, u32>,
-        users: HashMap<String, u32>,
+        users: FxHashMap<String, u32>,
+        starting: FxHashMap<&'static str, u32>,
         unreachable: BTreeSet<String>,
         penalties: BTreeMap<String, u64>,
     }
@@ -404,7 +443,8 @@ mod tests {
                 user_agents: vec![],
                 draining: vec![],
                 weights: BTreeMap::new(),
-                users: HashMap::new(),
+                users: FxHashMap::default(),
+                starting: FxHashMap::default(),
                 unreachable: BTreeSet::new(),
                 penalties: BTreeMap::new(),
             }
@@ -423,6 +463,7 @@ mod tests {
                 draining: &self.draining,
                 weights: &self.weights,
                 users_per_agent: &self.users,
+                starting: &self.starting,
                 unreachable: &self.unreachable,
                 penalties: &self.penalties,
             }
@@ -441,6 +482,17 @@ mod tests {
         assert_eq!(w.place(), Placement { agent: "b".into(), reason: PlacementReason::Balanced });
         let w = World::new(&["c", "b", "a"]);
         assert_eq!(w.choose().unwrap(), "c");
+    }
+
+    #[test]
+    fn starts_under_way_count_as_users() {
+        let mut w = World::new(&["a", "b"]).users(&[("a", 1)]);
+        w.starting.insert("b", 2);
+        assert_eq!(w.choose().unwrap(), "a");
+        w.sub.max_users_per_agent = 2;
+        w.starting.insert("a", 1);
+        let err = w.choose().unwrap_err().to_string();
+        assert!(err.contains("2 of 2"), "{err}");
     }
 
     #[test]

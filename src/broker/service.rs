@@ -294,16 +294,8 @@ impl Broker {
         let mut tried: BTreeSet<String> = BTreeSet::new();
         let mut last_error = None;
         for _ in 0..sub.agents.len().max(1) {
-            let users_per_agent: HashMap<String, u32> = self
-                .inner
-                .db
-                .count_users_per_agent()
-                .await?
-                .into_iter()
-                .map(|(a, n)| (a, u32::try_from(n).unwrap_or(u32::MAX)))
-                .collect();
             let id = SessionId::random();
-            let agent = match self.place(sub, &req.user, &user_agents, users_per_agent, &tried, &id) {
+            let agent = match self.place(sub, &req.user, &user_agents, &tried, &id) {
                 Ok(a) => a,
                 Err(e) => {
                     return Err(match last_error {
@@ -348,7 +340,7 @@ impl Broker {
 
     /// Chooses the agent for a new session `id` of `user` and enters it among the starts
     /// under way, in one step: every choice counts the starts chosen before it (as users of
-    /// their agents, on top of `users_per_agent` from the database), so a burst of logins
+    /// their agents, on top of the database's count of users per agent), so a burst of logins
     /// spreads over the agents instead of all taking the one least loaded when it began.
     /// Agents in `tried` (they failed during this login) go to the very back.
     fn place(
@@ -356,7 +348,6 @@ impl Broker {
         sub: &crate::config::Subcluster,
         user: &str,
         user_agents: &[String],
-        mut users_per_agent: HashMap<String, u32>,
         tried: &BTreeSet<String>,
         id: &SessionId,
     ) -> Result<String, placement::PlacementError> {
@@ -379,20 +370,23 @@ impl Broker {
             penalties.insert(t.clone(), u64::MAX);
         }
         let mut starting = self.starting();
+        let mut starting_per_agent: rustc_hash::FxHashMap<&str, u32> = Default::default();
         for agent in starting.values() {
-            *users_per_agent.entry(agent.clone()).or_default() += 1;
+            *starting_per_agent.entry(agent.as_str()).or_default() += 1;
         }
-        let input = placement::PlacementInput {
-            subcluster: sub,
-            user,
-            user_agents,
-            draining: &cfg.agents.draining,
-            weights: &cfg.agents.weights,
-            users_per_agent: &users_per_agent,
-            unreachable: &unreachable,
-            penalties: &penalties,
-        };
-        let agent = placement::choose_agent(&input)?;
+        let agent = self.inner.db.users_per_agent().read(|users_per_agent| {
+            placement::choose_agent(&placement::PlacementInput {
+                subcluster: sub,
+                user,
+                user_agents,
+                draining: &cfg.agents.draining,
+                weights: &cfg.agents.weights,
+                users_per_agent,
+                starting: &starting_per_agent,
+                unreachable: &unreachable,
+                penalties: &penalties,
+            })
+        })?;
         starting.insert(id.clone(), agent.clone());
         Ok(agent)
     }
@@ -453,8 +447,12 @@ impl Broker {
         }
     }
 
+    /// The user's live sessions as committed, read without waiting for a commit in progress:
+    /// it includes every write answered before it was asked (the caller's own, under the
+    /// user's lock, among them).
     async fn user_sessions(&self, user: &str) -> Result<Vec<Session>, BrokerError> {
-        Ok(self.inner.db.list(&SessionFilter { user: Some(user.to_string()), ..Default::default() }).await?)
+        let filter = SessionFilter { user: Some(user.to_string()), ..Default::default() };
+        Ok(self.inner.db.list_committed(&filter).await?)
     }
 
     /// The caller's own sessions.

@@ -369,6 +369,48 @@ pub struct DbHandle {
     head: watch::Receiver<Seq>,
     changes: broadcast::Sender<owner::ChangeBatch>,
     runtime: tokio::runtime::Handle,
+    user_counts: AgentUserCounts,
+    /// The point reader's queue (see [`DbHandle::list_committed`]).
+    points: mpsc::Sender<reader::PointJob>,
+}
+
+/// Distinct users with live sessions per agent, kept by the owner thread as it writes and
+/// readable from any thread without a round trip to it: placement reads it on every login.
+/// The owner updates it while a transaction runs, so for a moment it may count a write that
+/// then fails (it is recounted after a rollback); placement only balances load with it.
+#[derive(Clone, Debug, Default)]
+pub struct AgentUserCounts(Arc<std::sync::RwLock<rustc_hash::FxHashMap<String, u32>>>);
+
+impl AgentUserCounts {
+    /// Runs `f` on the current counts (agent → users; an agent without users is absent).
+    pub fn read<T>(&self, f: impl FnOnce(&rustc_hash::FxHashMap<String, u32>) -> T) -> T {
+        // A panic while the owner held the lock leaves counts that are at worst stale.
+        f(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, rustc_hash::FxHashMap<String, u32>> {
+        self.0.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the figure of `agent` (0 removes it).
+    pub(super) fn set(&self, agent: &str, users: usize) {
+        let mut m = self.write();
+        match (users, m.get_mut(agent)) {
+            (0, _) => {
+                m.remove(agent);
+            }
+            (n, Some(v)) => *v = u32::try_from(n).unwrap_or(u32::MAX),
+            (n, None) => {
+                m.insert(agent.to_string(), u32::try_from(n).unwrap_or(u32::MAX));
+            }
+        }
+    }
+
+    /// Replaces every figure by those of `per_agent`.
+    pub(super) fn reset(&self, per_agent: &store::UsersPerAgent) {
+        let fresh = per_agent.iter().map(|(a, users)| (a.clone(), u32::try_from(users.len()).unwrap_or(u32::MAX)));
+        *self.write() = fresh.collect();
+    }
 }
 
 /// Committed local changes of one transaction, in seq order; see [`DbHandle::subscribe_changes`].
@@ -388,8 +430,17 @@ impl DbHandle {
             .name("vsm-db".into())
             .spawn(move || owner::run(opts, rx, ready_tx))
             .map_err(|source| DbError::Io { context: "start the database thread".into(), source })?;
-        let owner::Opened { db_id, head, changes, runtime } = ready_rx.recv().map_err(|_| DbError::Closed)??;
-        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head, changes, runtime })
+        let owner::Opened { db_id, head, changes, runtime, user_counts } =
+            ready_rx.recv().map_err(|_| DbError::Closed)??;
+        // Opened after the owner checked and migrated the file.
+        let conn = schema::open_reader(&path)?;
+        let (points, jobs) = mpsc::channel(QUEUE);
+        let reader_path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("vsm-db-reader".into())
+            .spawn(move || reader::serve_points(conn, reader_path, jobs))
+            .map_err(|source| DbError::Io { context: "start the point reader thread".into(), source })?;
+        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head, changes, runtime, user_counts, points })
     }
 
     /// The owner thread's own single-threaded runtime. A task that talks to the database
@@ -506,9 +557,30 @@ impl DbHandle {
         self.read(move |o| o.list(&filter)).await
     }
 
-    /// Per agent, how many distinct users have live sessions on it.
+    /// Like [`DbHandle::list`], but read by the point reader on a connection of its own, so
+    /// it never waits for a commit in progress (with FULL, an fsync), as a read through the
+    /// owner does. It sees every write that was answered before it was asked; a write still
+    /// queued or committing may or may not be seen.
+    pub async fn list_committed(&self, filter: &SessionFilter) -> Result<Vec<Session>, DbError> {
+        if self.tx.is_closed() {
+            return Err(DbError::Closed);
+        }
+        let filter = filter.clone();
+        let (reply, rx) = oneshot::channel();
+        let job: reader::PointJob = Box::new(move |conn, path| drop(reply.send(store::list(conn, path, &filter))));
+        self.points.send(job).await.map_err(|_| DbError::Closed)?;
+        rx.await.map_err(|_| DbError::Closed)?
+    }
+
+    /// Per agent, how many distinct users have live sessions on it, copied out of
+    /// [`DbHandle::users_per_agent`].
     pub async fn count_users_per_agent(&self) -> Result<BTreeMap<String, usize>, DbError> {
-        self.read(|o| o.count_users_per_agent()).await
+        Ok(self.user_counts.read(|m| m.iter().map(|(a, n)| (a.clone(), *n as usize)).collect()))
+    }
+
+    /// The live count of distinct users per agent, read in place (no copy, no round trip).
+    pub fn users_per_agent(&self) -> &AgentUserCounts {
+        &self.user_counts
     }
 
     /// Live sessions counted per agent and state, without reading the rows out.

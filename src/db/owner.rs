@@ -7,8 +7,9 @@
 //! while serving a read, or block on anything but the request queue and SQLite.
 //!
 //! Invariants:
-//! - `head`, `live`, `tombs` and `per_agent` equal what the database holds whenever no
-//!   transaction is open; a failed transaction restores them (`per_agent` by a recount).
+//! - `head`, `live`, `tombs`, `per_agent` and `user_counts` equal what the database holds
+//!   whenever no transaction is open; a failed transaction restores them (`per_agent` and
+//!   `user_counts` by a recount).
 //! - Reads of one round run after the round's writes committed: a read sees every write
 //!   queued before it (and maybe writes queued after it, which were concurrent with it), and
 //!   never uncommitted data. Reads do not split a group commit.
@@ -18,11 +19,10 @@
 //!   clock after a write, and it is persisted in the same transaction as the writes that
 //!   advanced it.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, ToSql};
+use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::merge::{self, Action, Winner};
@@ -105,6 +105,7 @@ pub(super) struct Opened {
     pub(super) changes: broadcast::Sender<ChangeBatch>,
     /// The thread's own runtime (see [`run`]).
     pub(super) runtime: tokio::runtime::Handle,
+    pub(super) user_counts: super::AgentUserCounts,
 }
 
 pub(super) type Ready = Result<Opened, DbError>;
@@ -136,6 +137,7 @@ pub(super) fn run(opts: DbOptions, rx: mpsc::Receiver<Request>, ready: std::sync
         head: owner.head_tx.subscribe(),
         changes: owner.changes_tx.clone(),
         runtime: rt.handle().clone(),
+        user_counts: owner.user_counts.clone(),
     }));
     rt.block_on(owner.serve(rx));
     // Tasks still on this runtime (none after an orderly stop: the HA node ends first)
@@ -165,6 +167,8 @@ pub(super) struct Owner {
     pending_changes: Vec<Change>,
     /// Agent → user → live sessions; answers placement without scanning the table.
     per_agent: store::UsersPerAgent,
+    /// Distinct users per agent from `per_agent`, shared with every handle.
+    user_counts: super::AgentUserCounts,
     /// Pokes the checkpointer thread (see [`spawn_checkpointer`]).
     checkpointer: std::sync::mpsc::SyncSender<()>,
     checkpointer_thread: Option<std::thread::JoinHandle<()>>,
@@ -237,6 +241,8 @@ impl Owner {
             .ctx("count sessions")?;
         let head = Seq(head as u64);
         let per_agent = store::users_per_agent(&conn)?;
+        let user_counts = super::AgentUserCounts::default();
+        user_counts.reset(&per_agent);
         let hlc = Hlc { wall_ms: wall as u64, logical: u32::try_from(logical).unwrap_or(u32::MAX) };
         let max_ahead = u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX);
         if let Some(ahead) = hlc.beyond(now_ms(), max_ahead) {
@@ -270,6 +276,7 @@ impl Owner {
             changes_tx: broadcast::channel(CHANGE_BUFFER).0,
             pending_changes: Vec::new(),
             per_agent,
+            user_counts,
             checkpointer,
             checkpointer_thread,
             since_poke: (0, 0),
@@ -367,7 +374,10 @@ impl Owner {
             self.restore(saved);
             self.pending_changes.clear();
             match store::users_per_agent(&self.conn) {
-                Ok(m) => self.per_agent = m,
+                Ok(m) => {
+                    self.user_counts.reset(&m);
+                    self.per_agent = m;
+                }
                 Err(e) => tracing::error!(error = %e, "cannot recount users per agent after a rollback"),
             }
         } else {
@@ -441,6 +451,7 @@ impl Owner {
                     *n = n.saturating_sub(1);
                     if *n == 0 {
                         users.remove(user);
+                        self.user_counts.set(agent, users.len());
                     }
                 }
                 if users.is_empty() {
@@ -460,6 +471,7 @@ impl Owner {
                     Some(n) => *n += 1,
                     None => {
                         users.insert(s.user.clone(), 1);
+                        self.user_counts.set(&s.agent, users.len());
                     }
                 }
             }
@@ -638,40 +650,7 @@ impl Owner {
     }
 
     pub(super) fn list(&mut self, f: &SessionFilter) -> Result<Vec<Session>, DbError> {
-        let mut sql = format!("SELECT {} FROM sessions WHERE tombstone = 0", store::COLUMNS);
-        let display = f.display.map(i64::from);
-        let status = f.status.map(|s| s.as_str());
-        let mut args: Vec<&dyn ToSql> = Vec::new();
-        for (col, val) in [
-            ("user", f.user.as_ref().map(|v| v as &dyn ToSql)),
-            ("agent", f.agent.as_ref().map(|v| v as &dyn ToSql)),
-            ("display", display.as_ref().map(|v| v as &dyn ToSql)),
-            ("subcluster", f.subcluster.as_ref().map(|v| v as &dyn ToSql)),
-            ("status", status.as_ref().map(|v| v as &dyn ToSql)),
-        ] {
-            if let Some(v) = val {
-                sql.push_str(&format!(" AND {col} = ?"));
-                args.push(v);
-            }
-        }
-        if f.exclude_unreachable {
-            sql.push_str(" AND status <> 'unreachable'");
-        }
-        sql.push_str(" ORDER BY created_ms, id");
-        let mut stmt = self.conn.prepare_cached(&sql).ctx("prepare a session listing")?;
-        let rows = stmt.query_map(args.as_slice(), store::raw_from_row).ctx("list sessions")?;
-        let mut out = Vec::new();
-        for raw in rows {
-            if let Some(s) = raw.ctx("list sessions")?.into_record(&self.path)?.session {
-                out.push(s);
-            }
-        }
-        Ok(out)
-    }
-
-    /// From the in-memory count: no table scan per placement.
-    pub(super) fn count_users_per_agent(&mut self) -> Result<BTreeMap<String, usize>, DbError> {
-        Ok(self.per_agent.iter().map(|(agent, users)| (agent.clone(), users.len())).collect())
+        store::list(&self.conn, &self.path, f)
     }
 
     pub(super) fn count_sessions(&mut self) -> Result<Vec<super::SessionCount>, DbError> {
@@ -695,14 +674,14 @@ impl Owner {
 
     /// The same figure computed by SQL, to check the in-memory count against.
     #[cfg(test)]
-    pub(super) fn count_users_per_agent_sql(&mut self) -> Result<BTreeMap<String, usize>, DbError> {
+    pub(super) fn count_users_per_agent_sql(&mut self) -> Result<std::collections::BTreeMap<String, usize>, DbError> {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT agent, count(DISTINCT user) FROM sessions WHERE tombstone = 0 GROUP BY agent")
             .ctx("prepare the users-per-agent count")?;
         let rows =
             stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).ctx("count users per agent")?;
-        let mut out = BTreeMap::new();
+        let mut out = std::collections::BTreeMap::new();
         for row in rows {
             let (agent, n) = row.ctx("count users per agent")?;
             out.insert(agent, n as usize);

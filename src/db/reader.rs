@@ -1,9 +1,13 @@
-//! Whole-database reads (snapshots, digests) on a connection of their own.
+//! Reads on connections of their own: whole-database reads (snapshots, digests) and the
+//! point reader.
 //!
 //! Owns: short-lived reader threads, each with a read-only connection and one read
 //! transaction. WAL gives each of them one consistent state while the owner keeps
 //! committing, so a 100,000-session snapshot neither stalls writes nor has to sit in
 //! memory at once: chunks go out through a channel of two, at the pace of the consumer.
+//! Also the point reader: one long-lived thread with one read-only connection that serves
+//! short reads of committed rows, so that they never wait behind the owner's commit (with
+//! FULL, its fsync).
 //! Must never: write, or read `meta` and `sessions` in different transactions.
 
 use std::path::{Path, PathBuf};
@@ -15,6 +19,18 @@ use tokio::sync::{mpsc, oneshot};
 use super::store;
 use super::{DbError, SqlContext};
 use crate::model::{Record, Seq};
+
+/// A short read of committed rows, run on the point reader's connection.
+pub(super) type PointJob = Box<dyn FnOnce(&Connection, &Path) + Send>;
+
+/// Thread body of the point reader: runs `jobs` one after another on `conn` until every
+/// sender is gone. Each statement reads the state of the last commit (autocommit: one read
+/// transaction per statement).
+pub(super) fn serve_points(conn: Connection, path: PathBuf, mut jobs: mpsc::Receiver<PointJob>) {
+    while let Some(job) = jobs.blocking_recv() {
+        job(&conn, &path);
+    }
+}
 
 /// Head, database id and record count of a snapshot, sent before its chunks.
 pub(super) type Header = Result<(Seq, String, u64), DbError>;

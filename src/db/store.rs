@@ -10,9 +10,9 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OptionalExtension, Row, ToSql};
 
-use super::{DbError, SqlContext};
+use super::{DbError, SessionFilter, SqlContext};
 use crate::model::{Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version};
 
 /// Every column of `sessions`, in the order [`record_from_row`] reads them.
@@ -197,6 +197,39 @@ pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result
         .ctx("prepare a change-log append")?;
     stmt.execute(params![seq.0 as i64, rec.id.0, body]).ctx("append to the change log")?;
     Ok(())
+}
+
+/// Live sessions matching every set field of `f`, oldest first.
+pub(super) fn list(conn: &Connection, path: &Path, f: &SessionFilter) -> Result<Vec<Session>, DbError> {
+    let mut sql = format!("SELECT {} FROM sessions WHERE tombstone = 0", COLUMNS);
+    let display = f.display.map(i64::from);
+    let status = f.status.map(|s| s.as_str());
+    let mut args: Vec<&dyn ToSql> = Vec::new();
+    for (col, val) in [
+        ("user", f.user.as_ref().map(|v| v as &dyn ToSql)),
+        ("agent", f.agent.as_ref().map(|v| v as &dyn ToSql)),
+        ("display", display.as_ref().map(|v| v as &dyn ToSql)),
+        ("subcluster", f.subcluster.as_ref().map(|v| v as &dyn ToSql)),
+        ("status", status.as_ref().map(|v| v as &dyn ToSql)),
+    ] {
+        if let Some(v) = val {
+            sql.push_str(&format!(" AND {col} = ?"));
+            args.push(v);
+        }
+    }
+    if f.exclude_unreachable {
+        sql.push_str(" AND status <> 'unreachable'");
+    }
+    sql.push_str(" ORDER BY created_ms, id");
+    let mut stmt = conn.prepare_cached(&sql).ctx("prepare a session listing")?;
+    let rows = stmt.query_map(args.as_slice(), raw_from_row).ctx("list sessions")?;
+    let mut out = Vec::new();
+    for raw in rows {
+        if let Some(s) = raw.ctx("list sessions")?.into_record(path)?.session {
+            out.push(s);
+        }
+    }
+    Ok(out)
 }
 
 pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), DbError> {

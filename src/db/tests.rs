@@ -694,6 +694,27 @@ async fn users_per_agent_counts_distinct_users_of_live_sessions() {
 }
 
 #[tokio::test]
+async fn the_point_reader_sees_every_answered_write_and_the_handle_reads_user_counts_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let mine = SessionFilter { user: Some("u1".into()), ..Default::default() };
+    assert!(db.list_committed(&mine).await.unwrap().is_empty());
+    db.write(Write::Upsert(session("1", "u1", "ag1", 1))).await.unwrap();
+    db.write(Write::Upsert(session("2", "u2", "ag1", 2))).await.unwrap();
+    db.write(Write::Upsert(session("3", "u1", "ag2", 1))).await.unwrap();
+    let ids = |v: Vec<Session>| v.into_iter().map(|s| s.id.0).collect::<Vec<_>>();
+    assert_eq!(ids(db.list_committed(&mine).await.unwrap()), ["1", "3"]);
+    assert_eq!(db.list_committed(&mine).await.unwrap(), db.list(&mine).await.unwrap());
+    assert_eq!(db.users_per_agent().read(|m| (m.get("ag1").copied(), m.get("ag2").copied())), (Some(2), Some(1)));
+    db.write(Write::Delete(id("3"))).await.unwrap();
+    assert_eq!(ids(db.list_committed(&mine).await.unwrap()), ["1"]);
+    assert_eq!(db.users_per_agent().read(|m| m.get("ag2").copied()), None);
+    let other = db.clone();
+    db.close().await.unwrap();
+    assert!(matches!(other.list_committed(&mine).await, Err(DbError::Closed)));
+}
+
+#[tokio::test]
 async fn sessions_counted_per_agent_and_state_without_tombstones() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
