@@ -333,6 +333,7 @@ pub struct Stats {
     pub count: usize,
     pub elapsed: Duration,
     pub p50: Duration,
+    pub p90: Duration,
     pub p99: Duration,
     pub max: Duration,
 }
@@ -347,7 +348,7 @@ impl Stats {
                 lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1]
             }
         };
-        Stats { count: lat.len(), elapsed, p50: pick(0.50), p99: pick(0.99), max: pick(1.0) }
+        Stats { count: lat.len(), elapsed, p50: pick(0.50), p90: pick(0.90), p99: pick(0.99), max: pick(1.0) }
     }
 
     pub fn rate(&self) -> f64 {
@@ -356,11 +357,12 @@ impl Stats {
 
     pub fn line(&self) -> String {
         format!(
-            "{} ops in {:.3} s = {:.0}/s, p50 {}, p99 {}, max {}",
+            "{} ops in {:.3} s = {:.0}/s, p50 {}, p90 {}, p99 {}, max {}",
             self.count,
             self.elapsed.as_secs_f64(),
             self.rate(),
             us(self.p50),
+            us(self.p90),
             us(self.p99),
             us(self.max)
         )
