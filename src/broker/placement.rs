@@ -265,7 +265,8 @@ pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
     let mut penalised: Option<(u64, Candidate)> = None;
     for (position, agent) in sub.agents.iter().enumerate() {
         let hosts_user = input.user_agents.iter().any(|a| a == agent);
-        if skip_reason(input, agent, hosts_user).is_some() {
+        let users = users_of(input, agent);
+        if skip_reason(input, agent, users, hosts_user).is_some() {
             continue;
         }
         let penalty = if input.penalties.is_empty() { None } else { input.penalties.get(agent.as_str()).copied() };
@@ -279,7 +280,7 @@ pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
         let c = Candidate {
             agent,
             position,
-            users_after: u64::from(users_of(input, agent)) + u64::from(!hosts_user),
+            users_after: u64::from(users) + u64::from(!hosts_user),
             weight: u64::from(weight.filter(|w| *w > 0).unwrap_or(DEFAULT_WEIGHT)),
         };
         match penalty {
@@ -308,7 +309,8 @@ pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
         .filter(|a| seen.insert(a.as_str()))
         .filter_map(|agent| {
             let hosts_user = input.user_agents.iter().any(|a| a == agent);
-            skip_reason(input, agent, hosts_user).map(|reason| AgentSkip { agent: agent.clone(), reason })
+            skip_reason(input, agent, users_of(input, agent), hosts_user)
+                .map(|reason| AgentSkip { agent: agent.clone(), reason })
         })
         .collect();
     Err(PlacementError::NoAgentAvailable { subcluster: sub.name.clone(), reasons })
@@ -320,16 +322,15 @@ fn users_of(input: &PlacementInput, agent: &str) -> u32 {
     input.users_per_agent.get(agent).copied().unwrap_or(0).saturating_add(starting)
 }
 
-/// Why `agent` cannot take the session, if it cannot.
-fn skip_reason(input: &PlacementInput, agent: &str, hosts_user: bool) -> Option<SkipReason> {
+/// Why `agent`, which hosts `users` distinct users, cannot take the session, if it cannot.
+fn skip_reason(input: &PlacementInput, agent: &str, users: u32, hosts_user: bool) -> Option<SkipReason> {
     let max = input.subcluster.max_users_per_agent;
     if input.draining.iter().any(|d| d == agent) {
         Some(SkipReason::Draining)
     } else if !input.unreachable.is_empty() && input.unreachable.contains(agent) {
         Some(SkipReason::Unreachable)
-    } else if max > 0 && !hosts_user {
-        let users = users_of(input, agent);
-        (users >= max).then_some(SkipReason::Full { users, max })
+    } else if max > 0 && !hosts_user && users >= max {
+        Some(SkipReason::Full { users, max })
     } else {
         None
     }

@@ -80,7 +80,6 @@ pub mod merge;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -573,8 +572,9 @@ impl DbHandle {
     }
 
     /// Per agent, how many distinct users have live sessions on it, copied out of
-    /// [`DbHandle::users_per_agent`].
-    pub async fn count_users_per_agent(&self) -> Result<BTreeMap<String, usize>, DbError> {
+    /// [`DbHandle::users_per_agent`] (what the tests compare with a count by SQL).
+    #[cfg(test)]
+    pub(crate) async fn count_users_per_agent(&self) -> Result<std::collections::BTreeMap<String, usize>, DbError> {
         Ok(self.user_counts.read(|m| m.iter().map(|(a, n)| (a.clone(), *n as usize)).collect()))
     }
 
