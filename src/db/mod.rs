@@ -70,6 +70,7 @@
 //!   does not depend on order. Snapshots come in storage order, digests in id order.
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.
 
+mod checkpoint;
 mod owner;
 mod reader;
 mod schema;

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use rusqlite::{Connection, OptionalExtension};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use super::checkpoint::Checkpointer;
 use super::merge::{self, Action, Winner};
 use super::store::{self, LiveKeys, Stored};
 use super::{
@@ -169,49 +170,8 @@ pub(super) struct Owner {
     per_agent: store::UsersPerAgent,
     /// Distinct users per agent from `per_agent`, shared with every handle.
     user_counts: super::AgentUserCounts,
-    /// Pokes the checkpointer thread (see [`spawn_checkpointer`]).
-    checkpointer: std::sync::mpsc::SyncSender<()>,
-    checkpointer_thread: Option<std::thread::JoinHandle<()>>,
-    /// Commits and rows written since the checkpointer was last poked.
-    since_poke: (u32, u32),
-}
-
-/// The checkpointer is poked after this many commits or rows written, whichever first:
-/// often enough to keep the log short, rarely enough not to fsync the file per commit.
-const CHECKPOINT_COMMITS: u32 = 32;
-const CHECKPOINT_ROWS: u32 = 512;
-
-/// Starts the thread that copies the write-ahead log back into the database file, so
-/// commits do not pay for it: without it, every ~1000th page written makes one commit
-/// run a whole checkpoint (and, with FULL, its fsync) inline. A PASSIVE checkpoint never
-/// blocks the owner. SQLite's automatic checkpoint stays as a safety net at a higher mark
-/// (set in `schema.rs`). The thread ends when the owner drops its sender.
-fn spawn_checkpointer(
-    path: &std::path::Path,
-) -> (std::sync::mpsc::SyncSender<()>, Option<std::thread::JoinHandle<()>>) {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-    let path = path.to_path_buf();
-    let started = std::thread::Builder::new().name("vsm-db-checkpoint".into()).spawn(move || {
-        let conn = match super::schema::open_checkpointer(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
-                return;
-            }
-        };
-        while rx.recv().is_ok() {
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                tracing::debug!(error = %e, "background checkpoint failed");
-            }
-        }
-    });
-    match started {
-        Ok(thread) => (tx, Some(thread)),
-        Err(e) => {
-            tracing::warn!(error = %e, "no background checkpoints; commits will checkpoint inline");
-            (tx, None)
-        }
-    }
+    /// Keeps the write-ahead log short (see `checkpoint.rs`).
+    checkpoints: Checkpointer,
 }
 
 /// The in-memory state a failed transaction must put back.
@@ -257,7 +217,7 @@ impl Owner {
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
             tombstones = tombs, "session database open"
         );
-        let (checkpointer, checkpointer_thread) = spawn_checkpointer(&opts.path);
+        let checkpoints = Checkpointer::spawn(&opts.path);
         Ok(Owner {
             conn,
             _lock: lock,
@@ -277,9 +237,7 @@ impl Owner {
             pending_changes: Vec::new(),
             per_agent,
             user_counts,
-            checkpointer,
-            checkpointer_thread,
-            since_poke: (0, 0),
+            checkpoints,
         })
     }
 
@@ -313,6 +271,7 @@ impl Owner {
             for job in reads.drain(..) {
                 job(&mut self);
             }
+            self.checkpoints.between_rounds(&self.conn);
             // Let the tasks sharing this thread run before the next round (the HA node
             // sends what just committed to the peer while the next group gathers) even when
             // requests keep the queue full. With the queue empty, waiting for the next
@@ -332,11 +291,7 @@ impl Owner {
 
     fn finish(mut self) -> Result<(), DbError> {
         // Stop the checkpointer first: two checkpoints at once would make ours fail busy.
-        let (idle, _) = std::sync::mpsc::sync_channel(1);
-        drop(std::mem::replace(&mut self.checkpointer, idle));
-        if let Some(t) = self.checkpointer_thread.take() {
-            let _ = t.join();
-        }
+        self.checkpoints.stop();
         // A snapshot reader still running keeps part of the log; the checkpoint then
         // reports "busy" in its result row, which is fine: the next open replays it.
         self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())).ctx("checkpoint the write-ahead log")?;
@@ -388,13 +343,7 @@ impl Owner {
                 // No subscriber is fine: nobody waits for these.
                 let _ = self.changes_tx.send(Arc::new(std::mem::take(&mut self.pending_changes)));
             }
-            self.since_poke.0 += 1;
-            if self.since_poke.0 >= CHECKPOINT_COMMITS || self.since_poke.1 >= CHECKPOINT_ROWS {
-                self.since_poke = (0, 0);
-                // Full means a checkpoint is already pending; gone means the checkpointer
-                // stopped, and SQLite's own (rarer) automatic checkpoints take over.
-                let _ = self.checkpointer.try_send(());
-            }
+            self.checkpoints.committed();
         }
         res
     }
@@ -510,7 +459,7 @@ impl Owner {
         let seq = self.head.next();
         store::append_change(&self.conn, seq, &record)?;
         self.head = seq;
-        self.since_poke.1 += 1;
+        self.checkpoints.wrote_row();
         self.count(prior.as_ref(), record.session.as_ref());
         if self.changes_tx.receiver_count() > 0 {
             self.pending_changes.push(Change { seq, record: record.clone() });
@@ -550,7 +499,7 @@ impl Owner {
             match action {
                 Action::Store => {
                     store::put(&self.conn, rec, prior.as_ref())?;
-                    self.since_poke.1 += 1;
+                    self.checkpoints.wrote_row();
                     self.count(prior.as_ref(), rec.session.as_ref());
                     out.applied += 1;
                 }
