@@ -113,7 +113,7 @@ impl<'a> Fence<'a> {
 
     /// Does the master still wait, given the `wait_ms` it sent?
     fn waits(&self, wait_ms: Option<u64>) -> bool {
-        let in_time = wait_ms.is_none_or(|ms| self.received.elapsed() < Duration::from_millis(ms));
+        let in_time = wait_ms.map_or(true, |ms| self.received.elapsed() < Duration::from_millis(ms));
         in_time && (self.link_open)()
     }
 }

@@ -284,8 +284,8 @@ pub fn place(input: &PlacementInput) -> Result<Placement, PlacementError> {
             weight: u64::from(weight.filter(|w| *w > 0).unwrap_or(DEFAULT_WEIGHT)),
         };
         match penalty {
-            None if balanced.is_none_or(|b| lighter(&c, &b)) => balanced = Some(c),
-            Some(p) if penalised.is_none_or(|(bp, b)| p < bp || (p == bp && lighter(&c, &b))) => {
+            None if balanced.as_ref().map_or(true, |b| lighter(&c, b)) => balanced = Some(c),
+            Some(p) if penalised.as_ref().map_or(true, |(bp, b)| p < *bp || (p == *bp && lighter(&c, b))) => {
                 penalised = Some((p, c))
             }
             _ => {}
