@@ -23,10 +23,11 @@
 //!
 //! # Invariants
 //! - Every local write and its change-log row commit in the same transaction; `seq` is
-//!   dense (1, 2, 3, ...) and never reused, even after `gc` emptied the log (the head is
-//!   kept in `meta`).
+//!   dense (1, 2, 3, ...) and never reused, even after `gc` emptied the log (a `gc` that
+//!   deletes rows writes the head and clock to `meta`; otherwise they are read back from
+//!   the rows at open, so commits do not rewrite `meta`).
 //! - A local write's version is `(hlc.tick(now), local node)`; the clock is persisted in
-//!   the same transaction and merged with every applied remote record, so local versions
+//!   the same transaction (as the row's version) and merged with every applied remote record, so local versions
 //!   exceed every version this database has seen within the clock bound below, and always
 //!   the stored version of the record they replace.
 //! - Merging is last-writer-wins on [`Version`]; equal versions are skipped, so applying

@@ -15,9 +15,13 @@
 //!   never uncommitted data. Reads do not split a group commit.
 //! - Committed local changes are published (in commit order) only after their commit.
 //! - `hlc` is never below any version stored in the database that lay within
-//!   `max_clock_offset` of the wall clock when seen, never more than that ahead of the wall
-//!   clock after a write, and it is persisted in the same transaction as the writes that
-//!   advanced it.
+//!   `max_clock_offset` of the wall clock when seen, and never more than that ahead of the
+//!   wall clock after a write. It persists without a write of its own: every version it
+//!   issued or followed is a stored row's version or below one, and `head` is the last
+//!   change-log row. Only a transaction that deletes rows (`gc`) writes both to `meta`, in
+//!   that transaction; `open` takes the highest of `meta`, the newest stored version (capped
+//!   at the bound) and the last change-log row. (A commit that rewrote `meta` cost one more
+//!   log page of seven for every write.)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -186,10 +190,9 @@ impl Owner {
     fn open(opts: &DbOptions) -> Result<Owner, DbError> {
         let super::schema::Opened { conn, lock } =
             super::schema::open(&opts.path, opts.synchronous).map_err(|e| e.or_disk_full(&opts.path))?;
-        let (db_id, wall, logical, head): (String, i64, i64, i64) = conn
-            .query_row("SELECT db_id, hlc_wall, hlc_logical, head_seq FROM meta WHERE id = 1", [], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-            })
+        let (db_id, head) = store::id_and_head(&conn)?;
+        let (wall, logical): (i64, i64) = conn
+            .query_row("SELECT hlc_wall, hlc_logical FROM meta WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .ctx("read the database metadata")?;
         let (live, tombs): (i64, i64) = conn
             .query_row(
@@ -199,18 +202,35 @@ impl Owner {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .ctx("count sessions")?;
-        let head = Seq(head as u64);
+        // `meta` holds the clock only as of the last transaction that deleted rows; since
+        // then it lives in the rows themselves (see the module docs).
+        let newest_row: Option<(i64, i64)> = conn
+            .query_row(
+                "SELECT hlc_wall, hlc_logical FROM sessions ORDER BY hlc_wall DESC, hlc_logical DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .ctx("read the newest stored version")?;
         let per_agent = store::users_per_agent(&conn)?;
         let user_counts = super::AgentUserCounts::default();
         user_counts.reset(&per_agent);
-        let hlc = Hlc { wall_ms: wall as u64, logical: u32::try_from(logical).unwrap_or(u32::MAX) };
+        let as_hlc = |wall: i64, logical: i64| Hlc {
+            wall_ms: u64::try_from(wall).unwrap_or(0),
+            logical: u32::try_from(logical).unwrap_or(u32::MAX),
+        };
         let max_ahead = u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX);
-        if let Some(ahead) = hlc.beyond(now_ms(), max_ahead) {
+        let stored = as_hlc(wall, logical);
+        let newest = newest_row.map(|(w, l)| as_hlc(w, l));
+        // A row's version is followed only up to the clock bound, as when it was written.
+        let hlc = newest.map_or(stored, |row| stored.max(row.capped(now_ms(), max_ahead)));
+        if let Some(ahead) = newest.map_or(stored, |row| stored.max(row)).beyond(now_ms(), max_ahead) {
             tracing::warn!(
                 ahead_ms = ahead,
                 max_clock_offset_ms = max_ahead,
-                "the stored clock is ahead of this machine's wall clock by more than /HA/max_clock_offset \
-                 (the wall clock was set back?); new versions are stamped at most the bound ahead"
+                "the stored clock or the newest stored version is ahead of this machine's wall clock by more \
+                 than /HA/max_clock_offset (the wall clock was set back?); new versions are stamped at most \
+                 the bound ahead"
             );
         }
         tracing::info!(
@@ -319,7 +339,6 @@ impl Owner {
         let res = (|| {
             self.conn.prepare_cached("BEGIN IMMEDIATE").and_then(|mut s| s.execute([])).ctx("begin a transaction")?;
             let out = f(self)?;
-            store::save_meta(&self.conn, self.hlc, self.head)?;
             self.conn.prepare_cached("COMMIT").and_then(|mut s| s.execute([])).ctx("commit")?;
             Ok(out)
         })();
@@ -583,6 +602,8 @@ impl Owner {
             }
         }
         if tombstones > 0 || changes > 0 {
+            // The rows gone may have held the newest version or the head: keep both.
+            store::save_meta(&self.conn, self.hlc, self.head)?;
             tracing::debug!(tombstones, changes, more, "session database gc");
         }
         Ok(GcStats { tombstones, changes, more })

@@ -107,11 +107,9 @@ pub(super) fn digest(path: &Path) -> Result<String, DbError> {
 }
 
 fn read_header(conn: &Connection) -> Result<(Seq, String, u64), DbError> {
-    let (db_id, head): (String, i64) = conn
-        .query_row("SELECT db_id, head_seq FROM meta WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-        .ctx("read the snapshot head")?;
+    let (db_id, head) = store::id_and_head(conn)?;
     let total: i64 = conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0)).ctx("count the snapshot")?;
-    Ok((Seq(head as u64), db_id, total as u64))
+    Ok((head, db_id, total as u64))
 }
 
 enum Order {

@@ -232,6 +232,20 @@ pub(super) fn list(conn: &Connection, path: &Path, f: &SessionFilter) -> Result<
     Ok(out)
 }
 
+/// The database's id and head (the last change-log sequence number). `meta` keeps the head
+/// only as of the last transaction that deleted rows; after that it is the newest change-log
+/// row (see `owner.rs`).
+pub(super) fn id_and_head(conn: &Connection) -> Result<(String, Seq), DbError> {
+    let (db_id, head): (String, i64) = conn
+        .query_row(
+            "SELECT db_id, max(head_seq, coalesce((SELECT max(seq) FROM changelog), 0)) FROM meta WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .ctx("read the database id and head")?;
+    Ok((db_id, Seq(u64::try_from(head).unwrap_or(0))))
+}
+
 pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), DbError> {
     let mut stmt = conn
         .prepare_cached("UPDATE meta SET hlc_wall = ?1, hlc_logical = ?2, head_seq = ?3 WHERE id = 1")

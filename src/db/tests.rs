@@ -312,6 +312,58 @@ async fn remote_clocks_ahead_of_ours_within_the_bound_push_local_versions_past_t
     db.close().await.unwrap();
 }
 
+/// `meta` as a second connection reads it: (hlc_wall, head_seq).
+fn meta_row(dir: &tempfile::TempDir) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(db_path(dir)).unwrap();
+    conn.query_row("SELECT hlc_wall, head_seq FROM meta WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap()
+}
+
+#[tokio::test]
+async fn commits_leave_meta_alone_and_a_reopen_finds_clock_and_head_in_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    // A clock half a minute ahead (within the bound): only the stored row remembers it.
+    let ahead = Record {
+        id: id("x"),
+        version: version(now_ms() + 30_000, "b"),
+        base: None,
+        session: Some(session("x", "u", "ag", 2)),
+    };
+    db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
+    for i in 0..3 {
+        db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
+    }
+    db.close().await.unwrap();
+    assert_eq!(meta_row(&dir), (0, 0), "no commit rewrites meta");
+
+    let db = open(&dir, "a");
+    let st = db.status().await.unwrap();
+    assert_eq!(st.head, Seq(3));
+    assert!(st.hlc > ahead.version.hlc, "the clock is recovered from the rows: {}", st.hlc);
+    let c = db.write(Write::Upsert(session("y", "u", "ag", 9))).await.unwrap();
+    assert_eq!(c.seq, Seq(4));
+    assert!(c.version.hlc > ahead.version.hlc);
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_gc_that_forgets_the_newest_version_keeps_the_clock_in_meta() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let t = now_ms() + 30_000;
+    let tomb = Record { id: id("x"), version: version(t, "b"), base: None, session: None };
+    db.apply_remote("peer".into(), vec![tomb.clone()], Seq(1)).await.unwrap();
+    // The tombstone is past its retention for this clock reading: forgotten.
+    assert_eq!(db.gc(Some(now_ms() + 2 * 3_600_000)).await.unwrap().tombstones, 1);
+    db.close().await.unwrap();
+    assert!(meta_row(&dir).0 >= t as i64, "gc wrote the clock to meta: {:?}", meta_row(&dir));
+
+    let db = open(&dir, "a");
+    let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
+    assert!(c.version.hlc > tomb.version.hlc, "{} must follow {}", c.version, tomb.version);
+    db.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_record_from_a_clock_beyond_the_bound_is_stored_as_sent_but_not_followed() {
     let dir = tempfile::tempdir().unwrap();
