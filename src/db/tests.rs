@@ -292,17 +292,22 @@ async fn applying_the_same_records_twice_equals_once() {
     b.close().await.unwrap();
 }
 
+/// A live session from node "b" whose clock is half a minute ahead of ours (within the
+/// tests' bound of one minute).
+fn half_a_minute_ahead(sid: &str) -> Record {
+    Record {
+        id: id(sid),
+        version: version(now_ms() + 30_000, "b"),
+        base: None,
+        session: Some(session(sid, "u", "ag", 2)),
+    }
+}
+
 #[tokio::test]
 async fn remote_clocks_ahead_of_ours_within_the_bound_push_local_versions_past_them() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    // The bound in these tests is one minute.
-    let ahead = Record {
-        id: id("x"),
-        version: version(now_ms() + 30_000, "b"),
-        base: None,
-        session: Some(session("x", "u", "ag", 2)),
-    };
+    let ahead = half_a_minute_ahead("x");
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     let c = db.write(Write::Upsert(session("y", "u", "ag", 1))).await.unwrap();
     assert!(c.version.hlc > ahead.version.hlc);
@@ -322,13 +327,8 @@ fn meta_row(dir: &tempfile::TempDir) -> (i64, i64) {
 async fn commits_leave_meta_alone_and_a_reopen_finds_clock_and_head_in_the_rows() {
     let dir = tempfile::tempdir().unwrap();
     let db = open(&dir, "a");
-    // A clock half a minute ahead (within the bound): only the stored row remembers it.
-    let ahead = Record {
-        id: id("x"),
-        version: version(now_ms() + 30_000, "b"),
-        base: None,
-        session: Some(session("x", "u", "ag", 2)),
-    };
+    // Only the stored row remembers the peer's clock.
+    let ahead = half_a_minute_ahead("x");
     db.apply_remote("peer".into(), vec![ahead.clone()], Seq(1)).await.unwrap();
     for i in 0..3 {
         db.write(Write::Upsert(session(&format!("s{i}"), "u", "ag", i))).await.unwrap();
