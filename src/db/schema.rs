@@ -27,7 +27,7 @@ pub(super) const APPLICATION_ID: i64 = 0x7673_6d31;
 type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 
 /// Migration `i + 1` is `MIGRATIONS[i]`. Append only; never edit a released migration.
-const MIGRATIONS: &[Migration] = &[v1_initial, v2_record_base];
+const MIGRATIONS: &[Migration] = &[v1_initial, v2_record_base, v3_meta_only_at_gc];
 
 /// Log pages after which a commit checkpoints inline: SQLite's safety net, four times the
 /// mark at which the owner restarts the log itself (see `checkpoint.rs`).
@@ -103,6 +103,15 @@ fn v2_record_base(tx: &Transaction<'_>) -> rusqlite::Result<()> {
          ALTER TABLE sessions ADD COLUMN base_logical INTEGER;
          ALTER TABLE sessions ADD COLUMN base_origin TEXT;",
     )
+}
+
+/// Version 3: no change to the tables. From this version on `meta` holds the clock and the
+/// change log's head only as of the last `gc` that deleted rows; the current values are in
+/// the rows (see `owner.rs`). The number changes so that an older `vsmserver`, which takes
+/// the head from `meta` alone and would number new changes from a stale head, refuses the
+/// file instead of opening it.
+fn v3_meta_only_at_gc(_tx: &Transaction<'_>) -> rusqlite::Result<()> {
+    Ok(())
 }
 
 /// A random 128-bit identity for a freshly created database, as hex.
