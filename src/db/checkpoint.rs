@@ -39,7 +39,7 @@ const POKE_ROWS: u32 = 512;
 /// Log frames (pages) after which the owner completes a checkpoint itself so the log
 /// restarts: 4,096 frames are 16 MiB of log with 4 KiB pages. Larger means fewer of the
 /// owner's short waits, a longer log for readers to search and more disk kept by the log.
-const RESTART_FRAMES: u64 = 4096;
+pub(super) const RESTART_FRAMES: u64 = 4096;
 
 /// A background pass this short (in microseconds) left only a few commits' frames behind
 /// it, so the owner's own checkpoint after it is short too (a flush of a few dozen pages).

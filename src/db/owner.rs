@@ -190,10 +190,7 @@ impl Owner {
     fn open(opts: &DbOptions) -> Result<Owner, DbError> {
         let super::schema::Opened { conn, lock } =
             super::schema::open(&opts.path, opts.synchronous).map_err(|e| e.or_disk_full(&opts.path))?;
-        let (db_id, head) = store::id_and_head(&conn)?;
-        let (wall, logical): (i64, i64) = conn
-            .query_row("SELECT hlc_wall, hlc_logical FROM meta WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
-            .ctx("read the database metadata")?;
+        let store::Meta { db_id, head, hlc: stored } = store::read_meta(&conn)?;
         let (live, tombs): (i64, i64) = conn
             .query_row(
                 "SELECT count(*) FILTER (WHERE tombstone = 0), count(*) FILTER (WHERE tombstone = 1)
@@ -204,24 +201,11 @@ impl Owner {
             .ctx("count sessions")?;
         // `meta` holds the clock only as of the last transaction that deleted rows; since
         // then it lives in the rows themselves (see the module docs).
-        let newest_row: Option<(i64, i64)> = conn
-            .query_row(
-                "SELECT hlc_wall, hlc_logical FROM sessions ORDER BY hlc_wall DESC, hlc_logical DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-            .ctx("read the newest stored version")?;
+        let newest = store::newest_version(&conn)?;
         let per_agent = store::users_per_agent(&conn)?;
         let user_counts = super::AgentUserCounts::default();
         user_counts.reset(&per_agent);
-        let as_hlc = |wall: i64, logical: i64| Hlc {
-            wall_ms: u64::try_from(wall).unwrap_or(0),
-            logical: u32::try_from(logical).unwrap_or(u32::MAX),
-        };
         let max_ahead = u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX);
-        let stored = as_hlc(wall, logical);
-        let newest = newest_row.map(|(w, l)| as_hlc(w, l));
         // A row's version is followed only up to the clock bound, as when it was written.
         let hlc = newest.map_or(stored, |row| stored.max(row.capped(now_ms(), max_ahead)));
         if let Some(ahead) = newest.map_or(stored, |row| stored.max(row)).beyond(now_ms(), max_ahead) {

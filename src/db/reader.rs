@@ -107,9 +107,9 @@ pub(super) fn digest(path: &Path) -> Result<String, DbError> {
 }
 
 fn read_header(conn: &Connection) -> Result<(Seq, String, u64), DbError> {
-    let (db_id, head) = store::id_and_head(conn)?;
+    let meta = store::read_meta(conn)?;
     let total: i64 = conn.query_row("SELECT count(*) FROM sessions", [], |r| r.get(0)).ctx("count the snapshot")?;
-    Ok((head, db_id, total as u64))
+    Ok((meta.head, meta.db_id, total as u64))
 }
 
 enum Order {

@@ -30,8 +30,8 @@ type Migration = fn(&Transaction<'_>) -> rusqlite::Result<()>;
 const MIGRATIONS: &[Migration] = &[v1_initial, v2_record_base, v3_meta_only_at_gc];
 
 /// Log pages after which a commit checkpoints inline: SQLite's safety net, four times the
-/// mark at which the owner restarts the log itself (see `checkpoint.rs`).
-pub(super) const WAL_AUTOCHECKPOINT_PAGES: i64 = 16384;
+/// mark at which the owner restarts the log itself.
+pub(super) const WAL_AUTOCHECKPOINT_PAGES: i64 = 4 * super::checkpoint::RESTART_FRAMES as i64;
 
 /// The highest schema version this code knows.
 pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -246,7 +246,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
     };
     conn.pragma_update(None, "synchronous", sync).ctx("set synchronous")?;
     conn.pragma_update(None, "temp_store", "MEMORY").ctx("set temp_store")?;
-    // The background checkpointer (owner.rs) keeps the log short; SQLite's own checkpoint,
+    // The checkpointer (checkpoint.rs) keeps the log short; SQLite's own checkpoint,
     // which runs inside a commit and makes every write of its group wait for the database
     // file's flush, is only the safety net for when that thread falls behind.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES).ctx("set wal_autocheckpoint")?;

@@ -64,14 +64,7 @@ pub(super) fn stored(conn: &Connection, id: &SessionId) -> Result<Option<Stored>
             }
             _ => None,
         };
-        Ok(Stored {
-            version: Version {
-                hlc: Hlc { wall_ms: r.get::<_, i64>(0)? as u64, logical: r.get::<_, i64>(1)? as u32 },
-                node: NodeId(r.get(2)?),
-            },
-            tombstone,
-            live,
-        })
+        Ok(Stored { version: Version { hlc: hlc_at(r, 0)?, node: NodeId(r.get(2)?) }, tombstone, live })
     })
     .optional()
     .ctx("look up a version")
@@ -232,18 +225,41 @@ pub(super) fn list(conn: &Connection, path: &Path, f: &SessionFilter) -> Result<
     Ok(out)
 }
 
-/// The database's id and head (the last change-log sequence number). `meta` keeps the head
-/// only as of the last transaction that deleted rows; after that it is the newest change-log
-/// row (see `owner.rs`).
-pub(super) fn id_and_head(conn: &Connection) -> Result<(String, Seq), DbError> {
-    let (db_id, head): (String, i64) = conn
-        .query_row(
-            "SELECT db_id, max(head_seq, coalesce((SELECT max(seq) FROM changelog), 0)) FROM meta WHERE id = 1",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .ctx("read the database id and head")?;
-    Ok((db_id, Seq(u64::try_from(head).unwrap_or(0))))
+/// What the one-row `meta` table says, with the head made current. `meta` keeps the head
+/// and clock only as of the last transaction that deleted rows (see `owner.rs`); the head
+/// is then the newest change-log row, and the clock is completed by [`newest_version`].
+pub(super) struct Meta {
+    pub db_id: String,
+    /// The last change-log sequence number.
+    pub head: Seq,
+    /// The clock as `meta` holds it.
+    pub hlc: Hlc,
+}
+
+pub(super) fn read_meta(conn: &Connection) -> Result<Meta, DbError> {
+    conn.query_row(
+        "SELECT db_id, hlc_wall, hlc_logical, max(head_seq, coalesce((SELECT max(seq) FROM changelog), 0))
+         FROM meta WHERE id = 1",
+        [],
+        |r| Ok(Meta { db_id: r.get(0)?, hlc: hlc_at(r, 1)?, head: Seq(r.get::<_, i64>(3)?.max(0) as u64) }),
+    )
+    .ctx("read the database metadata")
+}
+
+/// The highest version stored in `sessions`, if any row is.
+pub(super) fn newest_version(conn: &Connection) -> Result<Option<Hlc>, DbError> {
+    conn.query_row(
+        "SELECT hlc_wall, hlc_logical FROM sessions ORDER BY hlc_wall DESC, hlc_logical DESC LIMIT 1",
+        [],
+        |r| hlc_at(r, 0),
+    )
+    .optional()
+    .ctx("read the newest stored version")
+}
+
+/// The clock reading in columns `i` (wall) and `i + 1` (logical) of a row.
+fn hlc_at(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Hlc> {
+    Ok(Hlc { wall_ms: r.get::<_, i64>(i)? as u64, logical: r.get::<_, i64>(i + 1)? as u32 })
 }
 
 pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), DbError> {
