@@ -72,6 +72,7 @@
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.
 
 mod checkpoint;
+mod flush;
 mod owner;
 mod reader;
 mod schema;
@@ -373,6 +374,8 @@ pub struct DbHandle {
     user_counts: AgentUserCounts,
     /// The point reader's queue (see [`DbHandle::list_committed`]).
     points: mpsc::Sender<reader::PointJob>,
+    /// What reads on other connections wait on before they answer (see `flush.rs`).
+    durable: flush::Durable,
 }
 
 /// Distinct users with live sessions per agent, kept by the owner thread as it writes and
@@ -431,7 +434,7 @@ impl DbHandle {
             .name("vsm-db".into())
             .spawn(move || owner::run(opts, rx, ready_tx))
             .map_err(|source| DbError::Io { context: "start the database thread".into(), source })?;
-        let owner::Opened { db_id, head, changes, runtime, user_counts } =
+        let owner::Opened { db_id, head, changes, runtime, user_counts, durable } =
             ready_rx.recv().map_err(|_| DbError::Closed)??;
         // Opened after the owner checked and migrated the file.
         let conn = schema::open_reader(&path)?;
@@ -441,7 +444,18 @@ impl DbHandle {
             .name("vsm-db-reader".into())
             .spawn(move || reader::serve_points(conn, reader_path, jobs))
             .map_err(|source| DbError::Io { context: "start the point reader thread".into(), source })?;
-        Ok(DbHandle { tx, db_id: Arc::from(db_id.as_str()), node, path, head, changes, runtime, user_counts, points })
+        Ok(DbHandle {
+            tx,
+            db_id: Arc::from(db_id.as_str()),
+            node,
+            path,
+            head,
+            changes,
+            runtime,
+            user_counts,
+            points,
+            durable,
+        })
     }
 
     /// The owner thread's own single-threaded runtime. A task that talks to the database
@@ -568,7 +582,12 @@ impl DbHandle {
         }
         let filter = filter.clone();
         let (reply, rx) = oneshot::channel();
-        let job: reader::PointJob = Box::new(move |conn, path| drop(reply.send(store::list(conn, path, &filter))));
+        let durable = self.durable.clone();
+        let job: reader::PointJob = Box::new(move |conn, path| {
+            let res = store::list(conn, path, &filter);
+            // What was read leaves only once it is on disk (with FULL; see `flush.rs`).
+            drop(reply.send(durable.settle().and(res)))
+        });
         self.points.send(job).await.map_err(|_| DbError::Closed)?;
         rx.await.map_err(|_| DbError::Closed)?
     }
@@ -624,9 +643,10 @@ impl DbHandle {
         let (tx, chunks) = mpsc::channel(2);
         let path = self.path.to_path_buf();
         let chunk = chunk_records.max(1);
+        let durable = self.durable.clone();
         std::thread::Builder::new()
             .name("vsm-db-snapshot".into())
-            .spawn(move || reader::stream(path, chunk, header_tx, tx))
+            .spawn(move || reader::stream(path, chunk, &durable, header_tx, tx))
             .map_err(|source| DbError::Io { context: "start a snapshot reader".into(), source })?;
         let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
         Ok(SnapshotStream { head, db_id, total, chunks })
@@ -665,9 +685,10 @@ impl DbHandle {
         }
         let (reply, rx) = oneshot::channel();
         let path = self.path.to_path_buf();
+        let durable = self.durable.clone();
         std::thread::Builder::new()
             .name("vsm-db-digest".into())
-            .spawn(move || drop(reply.send(reader::digest(&path))))
+            .spawn(move || drop(reply.send(reader::digest(&path).and_then(|d| durable.settle().map(|()| d)))))
             .map_err(|source| DbError::Io { context: "start a digest reader".into(), source })?;
         rx.await.map_err(|_| DbError::Closed)?
     }

@@ -8,7 +8,8 @@
 //! Also the point reader: one long-lived thread with one read-only connection that serves
 //! short reads of committed rows, so that they never wait behind the owner's commit (with
 //! FULL, its fsync).
-//! Must never: write, or read `meta` and `sessions` in different transactions.
+//! Must never: write, read `meta` and `sessions` in different transactions, or let out what
+//! it read before `Durable::settle` said it is on disk.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,7 @@ use rusqlite::Connection;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use super::flush::Durable;
 use super::store;
 use super::{DbError, SqlContext};
 use crate::model::{Record, Seq};
@@ -39,6 +41,7 @@ pub(super) type Header = Result<(Seq, String, u64), DbError>;
 pub(super) fn stream(
     path: PathBuf,
     chunk: usize,
+    durable: &Durable,
     header: oneshot::Sender<Header>,
     out: mpsc::Sender<Result<Vec<Record>, DbError>>,
 ) {
@@ -47,6 +50,9 @@ pub(super) fn stream(
         let mut conn = super::schema::open_reader(&path)?;
         let tx = conn.transaction().ctx("begin a snapshot")?;
         let (head, db_id, total) = read_header(&tx)?;
+        // The transaction's view is fixed by the read above; none of it leaves before it is
+        // on disk (with FULL, commits are flushed after they become visible: `flush.rs`).
+        durable.settle()?;
         let sent = header.take().map(|h| h.send(Ok((head, db_id, total))).is_ok());
         if sent != Some(true) {
             return Ok(());

@@ -11,7 +11,7 @@ fn opts(path: &Path, node: &str) -> DbOptions {
     DbOptions {
         path: path.to_path_buf(),
         node: NodeId(node.into()),
-        synchronous: DbSynchronous::Normal,
+        synchronous: DbSynchronous::Full,
         changelog_retention: 10_000,
         tombstone_retention: Duration::from_secs(3600),
         max_clock_offset: Duration::from_secs(60),
