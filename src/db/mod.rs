@@ -66,7 +66,11 @@
 //!   backup), the position must go back too.
 //! - A background checkpointer thread (its own connection) copies the write-ahead log into
 //!   the file, poked every 32 commits or 512 rows, so commits do not pay for checkpoints;
-//!   SQLite's automatic checkpoint remains as a safety net at 8192 pages.
+//!   SQLite's automatic checkpoint remains as a safety net at 16,384 pages.
+//! - With FULL, a commit is on disk before anything of it leaves the process (its reply,
+//!   its changes for the peer, a read that saw it), but the flush happens on a thread of its
+//!   own while the owner commits the next group (`flush.rs`); a flush that fails makes every
+//!   later write fail until restart.
 //! - `apply_remote` visits a request's records in id order (index locality); the result
 //!   does not depend on order. Snapshots come in storage order, digests in id order.
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.
@@ -573,8 +577,8 @@ impl DbHandle {
     }
 
     /// Like [`DbHandle::list`], but read by the point reader on a connection of its own, so
-    /// it never waits for a commit in progress (with FULL, an fsync), as a read through the
-    /// owner does. It sees every write that was answered before it was asked; a write still
+    /// it never waits behind a commit in progress, as a read through the owner does (with
+    /// FULL it waits only when it saw a commit not yet flushed, for that flush). It sees every write that was answered before it was asked; a write still
     /// queued or committing may or may not be seen.
     pub async fn list_committed(&self, filter: &SessionFilter) -> Result<Vec<Session>, DbError> {
         if self.tx.is_closed() {
