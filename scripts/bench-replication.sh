@@ -16,7 +16,9 @@
 #                                     [--tmpdir /tmp] [--no-pgbench] [--no-install] [--keep-logs]
 # --vsm-sync lists /vsmserver/db_synchronous values, one pair of masters each; an entry DB:async
 # runs that pair with /HA/sync=async (answered before the peer has the write: not a replicated
-# write, only for finding where the time goes; it gets no ratio).
+# write, only for finding where the time goes; it gets no ratio). An entry DB@BINARY runs that
+# pair with another vsmserver binary (a copy built from another tree), so two builds are
+# compared in one interleaved run: --vsm-sync "full full@/tmp/vsmserver-before".
 # --tmpdir holds every data directory (default /tmp); on a tmpfs such as /dev/shm no fsync
 # reaches a disk, which takes disk noise out of the comparison (and durability with it).
 # Needs root (installs Debian packages, runs PostgreSQL as the postgres user).
@@ -47,7 +49,7 @@ while [ $# -gt 0 ]; do
         --no-pgbench) PGBENCH=0; shift ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
         --tmpdir) TMPBASE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
         *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -304,8 +306,15 @@ setup_vsm() {
     head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$TMP/cluster.key"
     chmod 600 "$TMP/ha.key" "$TMP/cluster.key"
     for entry in $VSM_SYNC; do
+        local bin="target/release/vsmserver"
+        case "$entry" in *@*) bin="${entry#*@}" entry="${entry%%@*}" ;; esac
+        if [ ! -x "$bin" ]; then
+            echo "bench-replication: --vsm-sync names $bin, which is not an executable file" >&2
+            exit 2
+        fi
         sync="${entry%%:*}" ha=ack label="vsm-sync_${entry%%:*}"
         case "$entry" in *:*) ha="${entry#*:}" label="$label-ha_$ha" ;; esac
+        [ "$bin" = target/release/vsmserver ] || label="$label-bin_$(basename "$bin")"
         local base=$((VSM_PORT_BASE + 20 * i))
         for node in a b; do
             local dir="$TMP/vsm-$i-$node" api=$base peer=$((base + 11))
@@ -323,7 +332,7 @@ setup_vsm() {
                 "/vsmserver/session_startup_dir=$dir/startup.d" \
                 "/vsmserver/session_reconnect_dir=$dir/reconnect.d" \
                 /subclusters/default/agents=agent1.invalid
-            target/release/vsmserver --config-dir "$dir/conf" --peer-addr "127.0.0.1:$peer" \
+            "$bin" --config-dir "$dir/conf" --peer-addr "127.0.0.1:$peer" \
                 >"$TMP/vsm-$i-$node.log" 2>&1 &
             PIDS+=($!)
         done

@@ -18,7 +18,9 @@
 //!   next group, so one flush usually covers several commits.
 //! - When nothing else is queued and the thread is idle (a lone writer), the owner flushes
 //!   and delivers itself: that saves two thread hand-overs and costs no concurrency, since
-//!   nobody waits to be served meanwhile.
+//!   nobody waits to be served meanwhile. The thread and the readers are woken only when they
+//!   wait (a condition variable's notify is a system call even then), so a lone writer's
+//!   commit wakes nobody.
 //! - Readers on other connections (the point reader, snapshots, digests) may see a commit as
 //!   soon as `COMMIT` returned, before its flush. [`Durable::settle`] makes them wait, after
 //!   their read, until every commit begun before it ended is flushed, so what they read is on
@@ -84,6 +86,12 @@ struct State {
     busy: bool,
     failed: Option<FlushFailed>,
     stop: bool,
+    /// The thread waits on `work` (so a delivery queued must wake it).
+    thread_waiting: bool,
+    /// Readers waiting on `settled`.
+    readers_waiting: usize,
+    /// How often the thread woke up (for tests: a lone writer's flushes must not wake it).
+    thread_wakeups: u64,
 }
 
 struct Shared {
@@ -124,16 +132,32 @@ impl Shared {
             st.failed.get_or_insert(f);
         }
         st.settled = st.settled.max(upto);
+        // A notify is a system call even when nobody waits: wake only who does (a lone
+        // writer's inline flush then costs no wake-up of the thread or of anyone).
+        let wake_readers = st.readers_waiting > 0;
+        let wake_thread = st.thread_waiting && !st.queue.is_empty();
         drop(st);
-        self.settled.notify_all();
-        self.work.notify_one();
+        if wake_readers {
+            self.settled.notify_all();
+        }
+        if wake_thread {
+            self.work.notify_one();
+        }
+    }
+
+    fn wait_for_work<'a>(&'a self, mut st: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        st.thread_waiting = true;
+        let mut st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+        st.thread_waiting = false;
+        st.thread_wakeups += 1;
+        st
     }
 
     fn run(&self) {
         let mut st = self.lock();
         loop {
             while (st.queue.is_empty() || st.busy) && !st.stop {
-                st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = self.wait_for_work(st);
             }
             if st.queue.is_empty() {
                 return;
@@ -141,7 +165,7 @@ impl Shared {
             if st.busy {
                 // Stopping while the owner flushes inline cannot happen (the owner stops
                 // us), but never run two flushes' deliveries at once.
-                st = self.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = self.wait_for_work(st);
                 continue;
             }
             st.busy = true;
@@ -218,8 +242,12 @@ impl Flusher {
             self.shared.flush_and_deliver(n, failed, [delivery]);
         } else {
             st.queue.push_back(delivery);
+            // A busy thread looks at the queue again after its flush.
+            let wake = st.thread_waiting;
             drop(st);
-            self.shared.work.notify_one();
+            if wake {
+                self.shared.work.notify_one();
+            }
         }
     }
 
@@ -262,7 +290,9 @@ impl Durable {
         let mut st = shared.lock();
         let target = st.begun;
         while st.settled < target && st.failed.is_none() && !st.stop {
+            st.readers_waiting += 1;
             st = shared.settled.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.readers_waiting -= 1;
         }
         if let Some(f) = &st.failed {
             return Err(f.error());
@@ -316,6 +346,29 @@ mod tests {
         let n = f.begin();
         f.committed(n, note(&log, n), true);
         assert_eq!(*log.lock().unwrap(), vec![(1, true)]);
+    }
+
+    #[test]
+    fn a_lone_writers_flushes_wake_neither_the_thread_nor_anyone() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = flusher(&dir);
+        while !f.shared.lock().thread_waiting {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let before = f.shared.lock().thread_wakeups;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..100 {
+            let n = f.begin();
+            f.committed(n, note(&log, n), true);
+        }
+        assert_eq!(log.lock().unwrap().len(), 100);
+        assert_eq!(f.shared.lock().thread_wakeups, before, "an inline flush woke the flush thread");
+        // A queued delivery does wake it.
+        let n = f.begin();
+        f.committed(n, note(&log, n), false);
+        f.durable().settle().unwrap();
+        assert_eq!(log.lock().unwrap().len(), 101);
+        assert!(f.shared.lock().thread_wakeups > before);
     }
 
     #[test]

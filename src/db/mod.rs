@@ -133,6 +133,24 @@ pub enum PositionUpdate {
     Set(Seq),
 }
 
+/// Names a sequence of applies queued without waiting ([`DbHandle::queue_apply`]); one per
+/// peer connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyChain(pub u64);
+
+/// An apply queued with [`DbHandle::queue_apply`]: resolves once it is done (with FULL, on
+/// disk) or failed.
+#[derive(Debug)]
+pub struct PendingApply(oneshot::Receiver<Result<ApplyOutcome, DbError>>);
+
+impl std::future::Future for PendingApply {
+    type Output = Result<ApplyOutcome, DbError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.unwrap_or(Err(DbError::Closed)))
+    }
+}
+
 /// A local mutation.
 // A session moves once, into the owner's queue; boxing it would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -310,6 +328,10 @@ pub enum DbError {
     /// session is never live again, so nothing was written.
     #[error("session {0} has ended; an ended session is never brought back")]
     Ended(SessionId),
+    /// An earlier apply of the same chain failed, so this one was refused unapplied (storing
+    /// it would have left a gap below the position it carries).
+    #[error("not applied: an earlier batch of the peer's changes on this link failed to apply")]
+    ApplyChainBroken,
 }
 
 impl DbError {
@@ -545,7 +567,29 @@ impl DbHandle {
         records: Vec<Record>,
         pos: PositionUpdate,
     ) -> Result<ApplyOutcome, DbError> {
-        self.call(|reply| owner::Request::Write(owner::WriteReq::Apply { peer: peer_db_id, records, pos, reply })).await
+        self.call(|reply| {
+            owner::Request::Write(owner::WriteReq::Apply { peer: peer_db_id, records, pos, chain: None, reply })
+        })
+        .await
+    }
+
+    /// Hands an apply to the database and returns once it is queued, not done: the caller
+    /// may queue the next before this one is on disk (the replication engine does, so the
+    /// standby commits the next changes while the last are flushed). The applies of one
+    /// `chain` are done in the order queued, and once one of them fails every later one of
+    /// that chain fails with [`DbError::ApplyChainBroken`] without storing anything, so no
+    /// position is ever stored past records that were not.
+    pub async fn queue_apply(
+        &self,
+        chain: ApplyChain,
+        peer_db_id: String,
+        records: Vec<Record>,
+        pos: PositionUpdate,
+    ) -> Result<PendingApply, DbError> {
+        let (reply, rx) = oneshot::channel();
+        let req = owner::WriteReq::Apply { peer: peer_db_id, records, pos, chain: Some(chain), reply };
+        self.tx.send(owner::Request::Write(req)).await.map_err(|_| DbError::Closed)?;
+        Ok(PendingApply(rx))
     }
 
     /// Forgets change-log rows more than the change-log retention behind the head (at most

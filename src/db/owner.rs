@@ -58,11 +58,30 @@ pub(super) enum Request {
 
 /// A request that changes the database; these are grouped into one transaction.
 pub(super) enum WriteReq {
-    One { write: Write, reply: Reply<Committed> },
-    Batch { writes: Vec<Write>, reply: Reply<Vec<Committed>> },
-    Apply { peer: String, records: Vec<Record>, pos: super::PositionUpdate, reply: Reply<ApplyOutcome> },
-    Gc { clock_ms: Option<u64>, reply: Reply<GcStats> },
-    SetPeer { peer: String, pos: Seq, reply: Reply<()> },
+    One {
+        write: Write,
+        reply: Reply<Committed>,
+    },
+    Batch {
+        writes: Vec<Write>,
+        reply: Reply<Vec<Committed>>,
+    },
+    Apply {
+        peer: String,
+        records: Vec<Record>,
+        pos: super::PositionUpdate,
+        chain: Option<super::ApplyChain>,
+        reply: Reply<ApplyOutcome>,
+    },
+    Gc {
+        clock_ms: Option<u64>,
+        reply: Reply<GcStats>,
+    },
+    SetPeer {
+        peer: String,
+        pos: Seq,
+        reply: Reply<()>,
+    },
 }
 
 /// The result of a write request, held until its transaction commits.
@@ -188,6 +207,8 @@ pub(super) struct Owner {
     max_clock_offset_ms: u64,
     /// When a clock reading beyond the bound was last logged (at most one warning a minute).
     clock_warned: Option<std::time::Instant>,
+    /// The last chain of applies one of which failed: the rest of it is refused.
+    broken_chain: Option<super::ApplyChain>,
     /// Where committed heads and changes go out.
     out: Arc<Outlets>,
     /// Changes of the open transaction, kept only while someone subscribes.
@@ -321,6 +342,7 @@ impl Owner {
             tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis()).unwrap_or(u64::MAX),
             max_clock_offset_ms: u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
             clock_warned: None,
+            broken_chain: None,
             out: Arc::new(Outlets { head: watch::channel(head).0, changes: broadcast::channel(CHANGE_BUFFER).0 }),
             pending_changes: Vec::new(),
             unpublished: Published::default(),
@@ -475,11 +497,19 @@ impl Owner {
         let res = self.transact(|o| writes.iter().map(|w| o.exec(w)).collect::<Result<Vec<_>, _>>());
         match res {
             Ok(done) => answers.extend(writes.drain(..).zip(done.into_iter().map(Ok))),
-            Err(e) if writes.len() == 1 => answers.extend(writes.pop().map(|w| (w, Err(e)))),
+            Err(e) if writes.len() == 1 => {
+                if let Some(w) = writes.pop() {
+                    self.note_failure(&w);
+                    answers.push((w, Err(e)));
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, requests = writes.len(), "group commit failed; retrying one by one");
                 for w in writes.drain(..) {
                     let res = self.transact(|o| o.exec(&w));
+                    if res.is_err() {
+                        self.note_failure(&w);
+                    }
                     answers.push((w, res));
                 }
             }
@@ -494,12 +524,21 @@ impl Owner {
         }
     }
 
+    /// A request failed for good (nothing of it stored): an apply's chain is broken from here
+    /// on, so no later apply of it stores records or a position past the ones lost.
+    fn note_failure(&mut self, w: &WriteReq) {
+        if let WriteReq::Apply { chain: Some(c), .. } = w {
+            self.broken_chain = Some(*c);
+        }
+    }
+
     fn exec(&mut self, w: &WriteReq) -> Result<Done, DbError> {
         match w {
             WriteReq::One { write, .. } => self.local_write(write).map(Done::One),
             WriteReq::Batch { writes, .. } => {
                 writes.iter().map(|w| self.local_write(w)).collect::<Result<_, _>>().map(Done::Batch)
             }
+            WriteReq::Apply { chain: Some(c), .. } if self.broken_chain == Some(*c) => Err(DbError::ApplyChainBroken),
             WriteReq::Apply { peer, records, pos, .. } => self.apply(peer, records, *pos).map(Done::Apply),
             WriteReq::Gc { clock_ms, .. } => self.gc(*clock_ms).map(Done::Gc),
             WriteReq::SetPeer { peer, pos, .. } => self.set_peer(peer, *pos, false).map(|()| Done::Unit),

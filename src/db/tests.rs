@@ -482,6 +482,40 @@ async fn an_invalid_record_fails_its_request_only() {
 }
 
 #[tokio::test]
+async fn after_a_failed_queued_apply_the_rest_of_its_chain_stores_nothing() {
+    use crate::db::{ApplyChain, PositionUpdate};
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    let rec = |sid: &str, wall: u64| Record {
+        id: id(sid),
+        version: version(wall, "b"),
+        base: None,
+        session: Some(session(sid, "u", "ag", wall as u32)),
+    };
+    let bad = Record { session: Some(session("not-x", "u", "ag", 1)), ..rec("x", 2) };
+    let chain = ApplyChain(7);
+    // Queued back to back, as the replication engine does: the first is stored, the second
+    // fails, and the third (valid, with a later position) must not store its records or
+    // its position past the lost ones.
+    let first = db.queue_apply(chain, "pb".into(), vec![rec("a", 1)], PositionUpdate::Set(Seq(1))).await.unwrap();
+    let second = db.queue_apply(chain, "pb".into(), vec![bad], PositionUpdate::Set(Seq(2))).await.unwrap();
+    let third = db.queue_apply(chain, "pb".into(), vec![rec("c", 3)], PositionUpdate::Set(Seq(3))).await.unwrap();
+    assert_eq!(first.await.unwrap().applied, 1);
+    assert!(matches!(second.await, Err(DbError::InvalidRecord { .. })));
+    let err = third.await.unwrap_err();
+    assert!(matches!(err, DbError::ApplyChainBroken), "{err:?}");
+    assert!(err.to_string().contains("earlier batch"), "{err}");
+    assert_eq!(db.peer_position("pb").await.unwrap(), Seq(1));
+    assert_eq!(db.get(&id("c")).await.unwrap(), None);
+    // The next connection's chain applies again, from the stored position.
+    let next =
+        db.queue_apply(ApplyChain(8), "pb".into(), vec![rec("c", 3)], PositionUpdate::Set(Seq(3))).await.unwrap();
+    assert_eq!(next.await.unwrap().applied, 1);
+    assert_eq!(db.peer_position("pb").await.unwrap(), Seq(3));
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
 async fn gc_trims_a_long_log_in_bounded_steps() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_keeping_changes(&dir, 100);

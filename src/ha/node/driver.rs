@@ -5,12 +5,55 @@
 //! Invariants: exactly one task owns the engine; database calls the engine asks for are made
 //! here, in the order given, and fed back as events in order. Events that arrived together
 //! are stepped as one batch, so the engine can merge their applies into one transaction.
+//!
+//! Applies are queued to the database without waiting for each to be done (on disk, with
+//! FULL): while one is flushed the next is committed, and the peer's later messages are read
+//! meanwhile. Their outcomes come back in the order queued and are fed to the engine as
+//! `Applied`, in that order. The applies of one connection form one chain
+//! ([`crate::db::ApplyChain`]): once one fails the database refuses the rest, so a position is
+//! never stored past records that were not; the failure drops the link and the next
+//! connection resyncs from the position stored.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 
 use super::*;
+use crate::db::{ApplyChain, ApplyOutcome, PendingApply};
 
 /// Peer messages taken from the link queue at once (stepped as one batch, their applies
 /// merged by the engine).
 pub(super) const LINK_DRAIN: usize = 64;
+
+/// Most applies queued to the database and not yet done; the next waits for the oldest.
+pub(super) const MAX_APPLYING: usize = 64;
+
+/// An apply queued to the database, its outcome not yet fed to the engine.
+pub(super) struct Applying {
+    pending: PendingApply,
+    what: Queued,
+}
+
+/// What the outcome of a queued apply is reported with.
+pub(super) struct Queued {
+    chain: ApplyChain,
+    records: usize,
+    pos: crate::db::PositionUpdate,
+    peer_pos: Option<Seq>,
+}
+
+/// The oldest queued apply's outcome (outcomes come in the order queued).
+fn next_applied(q: &mut VecDeque<Applying>) -> impl Future<Output = (Queued, Result<ApplyOutcome, DbError>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        let Some(front) = q.front_mut() else { return Poll::Pending };
+        let Poll::Ready(res) = Pin::new(&mut front.pending).poll(cx) else { return Poll::Pending };
+        match q.pop_front() {
+            Some(a) => Poll::Ready((a.what, res)),
+            None => Poll::Pending,
+        }
+    })
+}
 
 /// The task that owns the engine.
 pub(super) struct Driver {
@@ -28,6 +71,10 @@ pub(super) struct Driver {
     /// The last resyncs counted in the metrics, one per direction.
     pub(super) seen_received: Option<engine::ResyncInfo>,
     pub(super) seen_sent: Option<engine::ResyncInfo>,
+    /// Applies queued to the database, oldest first.
+    pub(super) applying: VecDeque<Applying>,
+    /// The chain of the current connection's applies (a new one for every connection).
+    pub(super) chain: ApplyChain,
 }
 
 impl Driver {
@@ -60,6 +107,9 @@ impl Driver {
             self.publish();
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                (a, res) = next_applied(&mut self.applying), if !self.applying.is_empty() => {
+                    self.on_applied(a, res, &mut events);
+                }
                 _ = tick.tick() => {
                     let now = engine_now();
                     events.push_back(Event::WallClock { now, wall_ms: now_ms() });
@@ -123,6 +173,7 @@ impl Driver {
                     });
                 }
                 tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
+                self.chain = ApplyChain(self.chain.0 + 1);
                 *self.node.handshake_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
                 self.writer = Some(writer);
@@ -192,20 +243,35 @@ impl Driver {
         }
     }
 
-    /// Runs one (merged) apply as one transaction; then its `Applied`.
+    /// Queues one (merged) apply, one transaction; its `Applied` follows once it is done.
     async fn apply(
         &mut self,
         peer_db_id: String,
         records: Vec<crate::model::Record>,
         peer_pos: Option<Seq>,
-        events: &mut std::collections::VecDeque<Event>,
+        events: &mut VecDeque<Event>,
     ) {
+        while self.applying.len() >= MAX_APPLYING {
+            let (a, res) = next_applied(&mut self.applying).await;
+            self.on_applied(a, res, events);
+        }
         let n = records.len();
         let pos = match peer_pos {
             Some(p) => crate::db::PositionUpdate::Set(p),
             None => crate::db::PositionUpdate::Keep,
         };
-        match self.db.apply_remote_with(peer_db_id, records, pos).await {
+        let what = Queued { chain: self.chain, records: n, pos, peer_pos };
+        match self.db.queue_apply(self.chain, peer_db_id, records, pos).await {
+            Ok(pending) => self.applying.push_back(Applying { pending, what }),
+            Err(e) => self.on_applied(what, Err(e), events),
+        }
+    }
+
+    /// Feeds a queued apply's outcome to the engine: `Applied`, after dropping the link if it
+    /// failed on the current connection.
+    fn on_applied(&mut self, a: Queued, res: Result<ApplyOutcome, DbError>, events: &mut VecDeque<Event>) {
+        let (n, pos, peer_pos) = (a.records, a.pos, a.peer_pos);
+        match res {
             Ok(out) => {
                 for c in &out.conflicts {
                     tracing::warn!(
@@ -225,15 +291,19 @@ impl Driver {
                 events.push_back(Event::Applied { up_to: peer_pos, now: engine_now() });
             }
             Err(e) => {
-                tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
-                self.node.note_drop(&format!("apply failed: {e}"));
                 let now = engine_now();
-                events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
-                // Nothing was stored. The engine counts the link as down first, so this only
-                // keeps its apply queue in step; no position is acknowledged.
+                if a.chain == self.chain && self.conn.is_some() {
+                    tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
+                    self.node.note_drop(&format!("apply failed: {e}"));
+                    events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
+                    self.writer = None;
+                    self.conn = None;
+                } else {
+                    tracing::debug!(error = %e, records = n, "an apply of a dropped link was not done");
+                }
+                // Nothing of it was stored. The engine counts the link as down first, so this
+                // only keeps its apply queue in step; no position is acknowledged.
                 events.push_back(Event::Applied { up_to: peer_pos, now });
-                self.writer = None;
-                self.conn = None;
             }
         }
     }

@@ -326,6 +326,8 @@ impl HaNode {
             metrics,
             seen_received: None,
             seen_sent: None,
+            applying: Default::default(),
+            chain: crate::db::ApplyChain(0),
         };
         let h = rt.spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
