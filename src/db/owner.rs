@@ -142,6 +142,10 @@ const LONE_WRITER_ROUNDS: u32 = 8;
 /// Transactions' change batches buffered for a slow subscriber before it is told it lagged.
 const CHANGE_BUFFER: usize = 1024;
 
+/// A snapshot chunk this large, arriving in an empty database, is loaded without the
+/// secondary indexes (built once after the snapshot): smaller snapshots gain nothing.
+const BULK_LOAD_MIN_RECORDS: usize = 256;
+
 /// What the caller of `open` gets back from the thread.
 pub(super) struct Opened {
     pub(super) db_id: String,
@@ -209,6 +213,9 @@ pub(super) struct Owner {
     clock_warned: Option<std::time::Instant>,
     /// The last chain of applies one of which failed: the rest of it is refused.
     broken_chain: Option<super::ApplyChain>,
+    /// A snapshot is loading into what was an empty database: the secondary indexes are
+    /// dropped until the first request that is not a snapshot chunk.
+    bulk_load: bool,
     /// Where committed heads and changes go out.
     out: Arc<Outlets>,
     /// Changes of the open transaction, kept only while someone subscribes.
@@ -279,6 +286,7 @@ struct Saved {
     head: Seq,
     live: u64,
     tombs: u64,
+    bulk_load: bool,
 }
 
 impl Owner {
@@ -343,6 +351,7 @@ impl Owner {
             max_clock_offset_ms: u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
             clock_warned: None,
             broken_chain: None,
+            bulk_load: false,
             out: Arc::new(Outlets { head: watch::channel(head).0, changes: broadcast::channel(CHANGE_BUFFER).0 }),
             pending_changes: Vec::new(),
             unpublished: Published::default(),
@@ -420,6 +429,12 @@ impl Owner {
         if let Some(f) = &mut self.flush {
             f.stop();
         }
+        // A snapshot cut off by the stop: the indexes are built now (or at the next open).
+        if self.bulk_load {
+            if let Err(e) = self.transact(Owner::end_bulk_load) {
+                tracing::warn!(error = %e, "cannot build the session indexes at close; the next start builds them");
+            }
+        }
         // Stop the checkpointer first: two checkpoints at once would make ours fail busy.
         self.checkpoints.stop();
         // A snapshot reader still running keeps part of the log; the checkpoint then
@@ -433,13 +448,14 @@ impl Owner {
     // ---- transactions ------------------------------------------------------------------
 
     fn saved(&self) -> Saved {
-        Saved { head: self.head, live: self.live, tombs: self.tombs }
+        Saved { head: self.head, live: self.live, tombs: self.tombs, bulk_load: self.bulk_load }
     }
 
     fn restore(&mut self, s: Saved) {
         self.head = s.head;
         self.live = s.live;
         self.tombs = s.tombs;
+        self.bulk_load = s.bulk_load;
     }
 
     /// Runs `f` in one IMMEDIATE transaction that also persists the clock and head.
@@ -539,6 +555,10 @@ impl Owner {
                 writes.iter().map(|w| self.local_write(w)).collect::<Result<_, _>>().map(Done::Batch)
             }
             WriteReq::Apply { chain: Some(c), .. } if self.broken_chain == Some(*c) => Err(DbError::ApplyChainBroken),
+            _ if self.bulk_load && !matches!(w, WriteReq::Apply { pos: super::PositionUpdate::Keep, .. }) => {
+                self.end_bulk_load()?;
+                self.exec(w)
+            }
             WriteReq::Apply { peer, records, pos, .. } => self.apply(peer, records, *pos).map(Done::Apply),
             WriteReq::Gc { clock_ms, .. } => self.gc(*clock_ms).map(Done::Gc),
             WriteReq::SetPeer { peer, pos, .. } => self.set_peer(peer, *pos, false).map(|()| Done::Unit),
@@ -625,7 +645,33 @@ impl Owner {
         Ok(Committed { seq, version, record, was_live })
     }
 
+    /// Drops the secondary indexes when a snapshot starts loading into an empty database
+    /// (see [`super::schema::SECONDARY_INDEXES`]); in the current transaction.
+    fn begin_bulk_load(&mut self) -> Result<(), DbError> {
+        super::schema::drop_secondary_indexes(&self.conn).ctx("drop the session indexes for a snapshot load")?;
+        self.bulk_load = true;
+        tracing::debug!("loading a snapshot into an empty database: indexes dropped until its end");
+        Ok(())
+    }
+
+    /// Builds the secondary indexes again after a snapshot load; in the current transaction.
+    fn end_bulk_load(&mut self) -> Result<(), DbError> {
+        let started = std::time::Instant::now();
+        super::schema::create_secondary_indexes(&self.conn).ctx("build the session indexes after a snapshot load")?;
+        self.bulk_load = false;
+        tracing::debug!(sessions = self.live, ms = started.elapsed().as_millis() as u64, "session indexes built");
+        Ok(())
+    }
+
     fn apply(&mut self, peer: &str, records: &[Record], pos: super::PositionUpdate) -> Result<ApplyOutcome, DbError> {
+        if pos == super::PositionUpdate::Keep
+            && !self.bulk_load
+            && self.live == 0
+            && self.tombs == 0
+            && records.len() >= BULK_LOAD_MIN_RECORDS
+        {
+            self.begin_bulk_load()?;
+        }
         let mut out = ApplyOutcome::default();
         let mut newest: Option<Hlc> = None;
         // Visiting ids in order keeps index lookups and inserts local (ids are random).

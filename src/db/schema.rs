@@ -115,6 +115,33 @@ fn v3_meta_only_at_gc(_tx: &Transaction<'_>) -> rusqlite::Result<()> {
 }
 
 /// A random 128-bit identity for a freshly created database, as hex.
+/// The secondary indexes of `sessions`, each as [`v1_initial`] creates it. They are dropped
+/// while a snapshot loads into an empty database and built once after it (`owner.rs`): one
+/// sort per index instead of an insertion into each for every row. `open` builds any that a
+/// stop in between left missing.
+pub(super) const SECONDARY_INDEXES: [(&str, &str); 4] = [
+    ("sessions_by_user", "ON sessions(user) WHERE tombstone = 0"),
+    ("sessions_by_agent_display", "ON sessions(agent, display) WHERE tombstone = 0"),
+    ("sessions_by_subcluster", "ON sessions(subcluster) WHERE tombstone = 0"),
+    ("sessions_tombstones_by_age", "ON sessions(tombstone_at_ms) WHERE tombstone = 1"),
+];
+
+/// Builds every secondary index that is missing.
+pub(super) fn create_secondary_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, def) in SECONDARY_INDEXES {
+        conn.execute_batch(&format!("CREATE INDEX IF NOT EXISTS {name} {def}"))?;
+    }
+    Ok(())
+}
+
+/// Drops every secondary index (inside the caller's transaction).
+pub(super) fn drop_secondary_indexes(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, _) in SECONDARY_INDEXES {
+        conn.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+    }
+    Ok(())
+}
+
 fn new_db_id() -> String {
     crate::model::random_hex_128()
 }
@@ -253,6 +280,8 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
     conn.set_prepared_statement_cache_capacity(64);
 
     migrate(&mut conn, path, version)?;
+    // A stop while a snapshot was loading leaves the indexes dropped.
+    create_secondary_indexes(&conn).map_err(|e| classify(path, e, "build the session indexes"))?;
     Ok(Opened { conn, lock })
 }
 

@@ -515,6 +515,87 @@ async fn after_a_failed_queued_apply_the_rest_of_its_chain_stores_nothing() {
     db.close().await.unwrap();
 }
 
+/// The secondary indexes as `sqlite_master` holds them, by name.
+fn index_sql(path: &Path) -> Vec<(String, String)> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let mut st = c
+        .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name")
+        .unwrap();
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+    rows.collect::<Result<_, _>>().unwrap()
+}
+
+fn live_records(from: u32, n: u32) -> Vec<Record> {
+    (from..from + n)
+        .map(|i| {
+            let sid = format!("s{i:05}");
+            Record {
+                id: id(&sid),
+                version: version(1 + i as u64, "b"),
+                base: None,
+                session: Some(session(&sid, "u", "ag", i)),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_snapshot_into_an_empty_database_loads_without_indexes_and_builds_them_at_its_end() {
+    let (fresh, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    open(&fresh, "a").close().await.unwrap();
+    let expected = index_sql(&db_path(&fresh));
+    assert_eq!(expected.len(), 4, "{expected:?}");
+    let db = open(&dir, "a");
+    db.apply_remote_with("pb".into(), live_records(0, 500), PositionUpdate::Keep).await.unwrap();
+    assert_eq!(index_sql(&db_path(&dir)), vec![], "indexes kept while loading into an empty database");
+    db.apply_remote_with("pb".into(), live_records(500, 500), PositionUpdate::Keep).await.unwrap();
+    // Reads are right without them, only slower.
+    assert_eq!(db.list(&SessionFilter { user: Some("u".into()), ..Default::default() }).await.unwrap().len(), 1000);
+    db.apply_remote_with("pb".into(), vec![], PositionUpdate::Set(Seq(1000))).await.unwrap();
+    assert_eq!(index_sql(&db_path(&dir)), expected, "the snapshot's end builds the same indexes");
+    assert_eq!(db.status().await.unwrap().sessions, 1000);
+    // A snapshot into a database that holds sessions keeps its indexes.
+    db.apply_remote_with("pb".into(), live_records(1000, 500), PositionUpdate::Keep).await.unwrap();
+    assert_eq!(index_sql(&db_path(&dir)), expected);
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn indexes_dropped_by_a_load_cut_off_by_a_stop_are_back_after_close_or_open() {
+    let (fresh, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    open(&fresh, "a").close().await.unwrap();
+    let expected = index_sql(&db_path(&fresh));
+    let db = open(&dir, "a");
+    db.apply_remote_with("pb".into(), live_records(0, 300), PositionUpdate::Keep).await.unwrap();
+    assert_eq!(index_sql(&db_path(&dir)), vec![]);
+    db.close().await.unwrap();
+    assert_eq!(index_sql(&db_path(&dir)), expected, "close builds them");
+    // A crash in the middle leaves them dropped; the next open builds them.
+    let raw = rusqlite::Connection::open(db_path(&dir)).unwrap();
+    raw.execute_batch("DROP INDEX sessions_by_user; DROP INDEX sessions_tombstones_by_age;").unwrap();
+    drop(raw);
+    let db = open(&dir, "a");
+    assert_eq!(index_sql(&db_path(&dir)), expected, "open builds them");
+    assert_eq!(db.status().await.unwrap().sessions, 300);
+    db.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_first_chunk_of_a_load_leaves_the_indexes_in_place() {
+    let (fresh, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    open(&fresh, "a").close().await.unwrap();
+    let expected = index_sql(&db_path(&fresh));
+    let db = open(&dir, "a");
+    let mut chunk = live_records(0, 300);
+    chunk[299].session = Some(session("not-the-id", "u", "ag", 1));
+    db.apply_remote_with("pb".into(), chunk, PositionUpdate::Keep).await.unwrap_err();
+    assert_eq!(index_sql(&db_path(&dir)), expected, "the drop was rolled back with the chunk");
+    // And the owner knows: a local write keeps them too.
+    db.write(Write::Upsert(session("w", "u", "ag", 1))).await.unwrap();
+    assert_eq!(index_sql(&db_path(&dir)), expected);
+    db.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn gc_trims_a_long_log_in_bounded_steps() {
     let dir = tempfile::tempdir().unwrap();
@@ -1126,10 +1207,12 @@ async fn resync_of_100k_sessions() {
         parts.push(part.unwrap());
     }
     lap("snapshot of 100k (chunks of 5000)");
+    // As the replication engine applies a snapshot: chunks without a position, then its end.
     for part in &parts {
-        b.apply_remote(stream.db_id.clone(), part.clone(), Seq::ZERO).await.unwrap();
+        b.apply_remote_with(stream.db_id.clone(), part.clone(), PositionUpdate::Keep).await.unwrap();
     }
-    lap("apply on an empty node");
+    b.apply_remote_with(stream.db_id.clone(), vec![], PositionUpdate::Set(stream.head)).await.unwrap();
+    lap("apply on an empty node (indexes built at the end)");
     let mut skipped = 0;
     for part in parts {
         skipped += b.apply_remote(stream.db_id.clone(), part, stream.head).await.unwrap().skipped;
