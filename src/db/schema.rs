@@ -34,6 +34,9 @@ const MIGRATIONS: &[Migration] = &[v1_initial, v2_record_base, v3_meta_only_at_g
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: i64 = 4 * super::checkpoint::RESTART_FRAMES as i64;
 
 /// The highest schema version this code knows.
+/// The owner connection's page cache, in KiB (SQLite's negative `cache_size`).
+const OWNER_CACHE_KIB: i64 = 16 * 1024;
+
 pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version 1: sessions (incl. tombstones), change log, metadata, peer positions.
@@ -277,6 +280,10 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
     // which runs inside a commit and makes every write of its group wait for the database
     // file's flush, is only the safety net for when that thread falls behind.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT_PAGES).ctx("set wal_autocheckpoint")?;
+    // SQLite's default page cache (2 MiB) holds a fraction of a 100,000-session database's
+    // pages: a large transaction (a snapshot chunk) spilled dirty pages to the log before its
+    // commit and read others back from the file. Pages are allocated only as they are used.
+    conn.pragma_update(None, "cache_size", -OWNER_CACHE_KIB).ctx("set cache_size")?;
     conn.set_prepared_statement_cache_capacity(64);
 
     migrate(&mut conn, path, version)?;
