@@ -73,6 +73,13 @@
 //!   later write fail until restart.
 //! - `apply_remote` visits a request's records in id order (index locality); the result
 //!   does not depend on order. Snapshots come in storage order, digests in id order.
+//! - A snapshot loading into an empty database (chunks applied with
+//!   [`PositionUpdate::Keep`] while no session is stored) is loaded without the secondary
+//!   indexes, which the first other request (the snapshot's end) builds again: one sort per
+//!   index instead of an insertion into each for every row. Reads stay right meanwhile, only
+//!   slower; the drop rolls back with a failed chunk, and open builds indexes a stop left out.
+//! - [`DbHandle::queue_apply`] lets the replication engine queue the next apply before the
+//!   last is on disk; a chain of them stops at the first failure (see there).
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.
 
 mod checkpoint;
