@@ -24,6 +24,59 @@ pub const MAX_MESSAGE: usize = 32 * 1024 * 1024;
 /// Most bytes of records the sender puts in one `Changes` or `SnapshotChunk` message.
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+/// Cuts records, in the order given, into the record lists of `SnapshotChunk` messages: at
+/// most `limit` records each and at most `bytes` of records by [`Record::json_len_bound`]
+/// (a single larger record goes alone). Fed one record at a time, so a snapshot streamed
+/// from the database is never held whole.
+#[derive(Debug)]
+pub struct Chunker {
+    limit: usize,
+    bytes: usize,
+    chunk: Vec<Record>,
+    size: usize,
+}
+
+impl Chunker {
+    pub fn new(limit: usize, bytes: usize) -> Chunker {
+        Chunker { limit: limit.max(1), bytes, chunk: Vec::new(), size: 0 }
+    }
+
+    /// Adds `r`; returns the chunk it closed, if it did not fit in the current one.
+    pub fn push(&mut self, r: Record) -> Option<Vec<Record>> {
+        let len = r.json_len_bound();
+        let full = !self.chunk.is_empty() && (self.chunk.len() >= self.limit || self.size + len > self.bytes);
+        let closed = full.then(|| self.take());
+        self.size += len;
+        self.chunk.push(r);
+        closed
+    }
+
+    /// The last chunk, if any record is left.
+    pub fn finish(&mut self) -> Option<Vec<Record>> {
+        (!self.chunk.is_empty()).then(|| self.take())
+    }
+
+    fn take(&mut self) -> Vec<Record> {
+        self.size = 0;
+        std::mem::take(&mut self.chunk)
+    }
+}
+
+/// Every message that sends a snapshot of `records` at `head` held whole, as a [`Chunker`]
+/// cuts it (the engine task streams it from the database instead; this is for tests and the
+/// replication simulation).
+pub fn snapshot_messages(head: Seq, records: Vec<Record>, limit: usize, bytes: usize) -> Vec<PeerMsg> {
+    let total = records.len() as u64;
+    let mut chunker = Chunker::new(limit, bytes);
+    let mut msgs = vec![PeerMsg::SnapshotBegin { head, total }];
+    for r in records {
+        msgs.extend(chunker.push(r).map(|records| PeerMsg::SnapshotChunk { records }));
+    }
+    msgs.extend(chunker.finish().map(|records| PeerMsg::SnapshotChunk { records }));
+    msgs.push(PeerMsg::SnapshotEnd { head });
+    msgs
+}
+
 /// Version of this protocol; peers with another version are rejected.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -125,6 +178,55 @@ mod tests {
         }
         let v = serde_json::to_value(PeerMsg::CaughtUp { head: Seq(7) }).unwrap();
         assert_eq!(v, serde_json::json!({"type": "caught_up", "head": 7}));
+    }
+
+    fn tomb(i: usize, node_len: usize) -> Record {
+        Record {
+            id: SessionId(format!("s{i}")),
+            version: Version { hlc: Hlc { wall_ms: 5, logical: 1 }, node: NodeId("n".repeat(node_len)) },
+            base: None,
+            session: None,
+        }
+    }
+
+    #[test]
+    fn the_chunker_cuts_by_count_and_by_bytes_and_keeps_order() {
+        // By count: 7 records, 3 a chunk.
+        let mut c = Chunker::new(3, usize::MAX);
+        let mut chunks: Vec<Vec<Record>> = (0..7).filter_map(|i| c.push(tomb(i, 1))).collect();
+        chunks.extend(c.finish());
+        assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 3, 1]);
+        let ids: Vec<String> = chunks.concat().into_iter().map(|r| r.id.0).collect();
+        assert_eq!(ids, (0..7).map(|i| format!("s{i}")).collect::<Vec<_>>());
+        assert_eq!(c.finish(), None, "nothing left after the last chunk");
+        // By bytes: each record about 1 KiB, at most 2.5 KiB a chunk; a record over the
+        // limit goes alone.
+        let one = tomb(0, 1000).json_len_bound();
+        let mut c = Chunker::new(100, one * 5 / 2);
+        let mut sizes = Vec::new();
+        for i in 0..5 {
+            sizes.extend(c.push(tomb(i, 1000)).map(|ch| ch.len()));
+        }
+        sizes.extend(c.push(tomb(9, 10_000)).map(|ch| ch.len()));
+        sizes.extend(c.push(tomb(10, 1000)).map(|ch| ch.len()));
+        sizes.extend(c.finish().map(|ch| ch.len()));
+        assert_eq!(sizes, vec![2, 2, 1, 1, 1]);
+    }
+
+    #[test]
+    fn a_snapshot_held_whole_is_begin_chunks_end() {
+        let msgs = snapshot_messages(Seq(9), (0..5).map(|i| tomb(i, 1)).collect(), 2, BATCH_BYTES);
+        let kinds: Vec<String> = msgs
+            .iter()
+            .map(|m| match m {
+                PeerMsg::SnapshotBegin { head, total } => format!("begin {} {total}", head.0),
+                PeerMsg::SnapshotChunk { records } => format!("chunk {}", records.len()),
+                PeerMsg::SnapshotEnd { head } => format!("end {}", head.0),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(kinds, ["begin 9 5", "chunk 2", "chunk 2", "chunk 1", "end 9"]);
+        assert_eq!(snapshot_messages(Seq(3), vec![], 2, BATCH_BYTES).len(), 2, "an empty snapshot: begin and end");
     }
 
     #[test]

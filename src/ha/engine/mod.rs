@@ -102,10 +102,12 @@
 //! - `LocalCommitted` may carry the committed change, which saves a log read on the hot path.
 //! - A peer announcing our own `db_id` (a database file copied between the masters) is
 //!   rejected: positions would be meaningless.
-//! - Snapshots are sent in one go (the snapshot is in memory already); only change batches
-//!   are flow-controlled. A snapshot counts as one in-flight message until acknowledged.
+//! - A snapshot is sent by one command ([`Command::SendSnapshot`]): the task that runs the
+//!   engine streams it from the database as it is read, so it is never held whole, and
+//!   sends nothing else meanwhile; only change batches are flow-controlled. A snapshot
+//!   counts as one in-flight message until acknowledged.
 
-use crate::model::{Change, LinkState, LogRead, NodeId, Readiness, Record, Role, Seq, Snapshot, SyncLevel};
+use crate::model::{Change, LinkState, LogRead, NodeId, Readiness, Record, Role, Seq, SyncLevel};
 use crate::proto::peer::{Hello, PeerMsg, PROTOCOL_VERSION};
 use serde::Serialize;
 use std::collections::VecDeque;
@@ -240,8 +242,10 @@ pub enum Event {
     AwaitAck { waiter: WaiterId, seq: Seq, now: u64 },
     /// Answer to [`Command::ReadLog`] with the same `after`.
     LogRead { after: Seq, result: LogRead, now: u64 },
-    /// Answer to [`Command::ReadSnapshot`].
-    SnapshotRead { snapshot: Snapshot, now: u64 },
+    /// Answer to [`Command::ReadSnapshot`]: a snapshot of `total` records at `head` is open
+    /// (the caller holds it until [`Command::SendSnapshot`], or drops it at the next
+    /// connection or snapshot).
+    SnapshotRead { head: Seq, total: u64, now: u64 },
     /// The oldest outstanding [`Command::Apply`] is durably done; `up_to` is its `peer_pos`.
     Applied { up_to: Option<Seq>, now: u64 },
     /// The VIP manager changed this node's role.
@@ -258,6 +262,12 @@ pub enum Command {
     ReadLog { after: Seq, limit: usize },
     /// Take a consistent snapshot of the local database; answer with [`Event::SnapshotRead`].
     ReadSnapshot,
+    /// Send the snapshot opened for [`Event::SnapshotRead`] (the one at `head`):
+    /// `SnapshotBegin { head, total }`, its records cut by a [`crate::proto::peer::Chunker`] of `limit` records and
+    /// `bytes` into `SnapshotChunk`s, then `SnapshotEnd { head }`; all before any later
+    /// command. If the snapshot cannot be read to its end (or holds other than `total`
+    /// records), drop the link instead: the peer then never sees its end.
+    SendSnapshot { head: Seq, total: u64, limit: usize, bytes: usize },
     /// Merge these peer records and, when `peer_pos` is set, store it as the position in the
     /// peer's log `peer_db_id` (verbatim, not the maximum), in one transaction. Snapshot chunks
     /// carry `None`: they merge records but must not move the position. Answer with one
@@ -689,7 +699,7 @@ impl Engine {
             Event::LocalCommitted { seq, change, now } => self.on_local_commit(seq, change, now, out),
             Event::AwaitAck { waiter, seq, now } => self.on_await(waiter, seq, now, out),
             Event::LogRead { after, result, now } => self.on_log_read(after, result, now, out),
-            Event::SnapshotRead { snapshot, now } => self.on_snapshot_read(snapshot, now, out),
+            Event::SnapshotRead { head, total, now } => self.on_snapshot_read(head, total, now, out),
             Event::Applied { up_to, now } => self.on_applied(up_to, now, out),
             Event::RoleChanged { role, now } => {
                 self.observe(now);
@@ -1153,32 +1163,16 @@ impl Engine {
         self.pump(out);
     }
 
-    fn on_snapshot_read(&mut self, snapshot: Snapshot, now: u64, out: &mut Vec<Command>) {
+    fn on_snapshot_read(&mut self, head: Seq, total: u64, now: u64, out: &mut Vec<Command>) {
         self.observe(now);
-        let (limit, batch_bytes) = (self.cfg.batch_limit.max(1), self.cfg.batch_bytes);
+        let (limit, bytes) = (self.cfg.batch_limit.max(1), self.cfg.batch_bytes);
         let Some(link) = &mut self.link else { return };
         if link.out.reading != Reading::Snapshot {
             return;
         }
         link.out.reading = Reading::Idle;
         link.out.need_snapshot = false;
-        let Snapshot { head, records, .. } = snapshot;
-        let total = records.len() as u64;
-        out.push(Command::Send(PeerMsg::SnapshotBegin { head, total }));
-        let mut records = records.into_iter().peekable();
-        while records.peek().is_some() {
-            let mut bytes = 0;
-            let mut chunk: Vec<Record> = Vec::new();
-            while let Some(r) = records.next_if(|r| {
-                let fits = chunk.is_empty() || (chunk.len() < limit && bytes + r.json_len_bound() <= batch_bytes);
-                fits
-            }) {
-                bytes += r.json_len_bound();
-                chunk.push(r);
-            }
-            out.push(Command::Send(PeerMsg::SnapshotChunk { records: chunk }));
-        }
-        out.push(Command::Send(PeerMsg::SnapshotEnd { head }));
+        out.push(Command::SendSnapshot { head, total, limit, bytes });
         link.out.sent = head;
         link.out.inflight.push_back(head);
         link.out.records += total;

@@ -23,7 +23,7 @@
 //! the same session was acknowledged always wins over it.
 
 use super::*;
-use crate::model::{Hlc, Session, SessionId, SessionStatus, Version};
+use crate::model::{Hlc, Session, SessionId, SessionStatus, Snapshot, Version};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -166,6 +166,9 @@ struct Node {
     link: Option<u64>,
     /// Outstanding waiters: the write each one waits for, and the peer's database then.
     waiters: BTreeMap<WaiterId, (SessionId, Version, String)>,
+    /// The snapshot read last, held until the engine sends it (as the engine task holds
+    /// the database's stream).
+    snapshot: Option<Snapshot>,
 }
 
 fn names() -> [NodeId; 2] {
@@ -242,7 +245,7 @@ impl World {
             let store = Store::new(&n[i], format!("db{i}"));
             let mut engine = Engine::new(engine_config(i), store.status(), START_MS);
             engine.step(Event::Start { now: START_MS });
-            Node { store, engine, db_queue: VecDeque::new(), link: None, waiters: BTreeMap::new() }
+            Node { store, engine, db_queue: VecDeque::new(), link: None, waiters: BTreeMap::new(), snapshot: None }
         };
         World {
             now: START_MS,
@@ -324,6 +327,13 @@ impl World {
             }
             Command::ReadLog { after, limit } => self.nodes[i].db_queue.push_back(DbCmd::ReadLog { after, limit }),
             Command::ReadSnapshot => self.nodes[i].db_queue.push_back(DbCmd::ReadSnapshot),
+            Command::SendSnapshot { head, total, limit, bytes } => {
+                let snapshot = self.nodes[i].snapshot.take().expect("asked to send a snapshot never read");
+                assert_eq!((snapshot.head, snapshot.records.len() as u64), (head, total), "another snapshot");
+                for m in crate::proto::peer::snapshot_messages(head, snapshot.records, limit, bytes) {
+                    self.exec(i, Command::Send(m));
+                }
+            }
             Command::Apply { peer_db_id, records, peer_pos } => {
                 self.nodes[i].db_queue.push_back(DbCmd::Apply { peer_db_id, records, peer_pos })
             }
@@ -428,7 +438,12 @@ impl World {
                 DbCmd::ReadLog { after, limit } => {
                     Event::LogRead { after, result: store.changes_since(after, limit), now }
                 }
-                DbCmd::ReadSnapshot => Event::SnapshotRead { snapshot: store.snapshot(), now },
+                DbCmd::ReadSnapshot => {
+                    let snapshot = store.snapshot();
+                    let (head, total) = (snapshot.head, snapshot.records.len() as u64);
+                    self.nodes[i].snapshot = Some(snapshot);
+                    Event::SnapshotRead { head, total, now }
+                }
                 DbCmd::Apply { peer_db_id, records, peer_pos } => {
                     kept = store.apply_remote(&peer_db_id, records, peer_pos, wall);
                     Event::Applied { up_to: peer_pos, now }
@@ -532,6 +547,7 @@ impl World {
         self.wire[i].clear();
         self.nodes[i].db_queue.clear();
         self.nodes[i].waiters.clear();
+        self.nodes[i].snapshot = None;
         self.now += 1;
         if wipe {
             // Losing this store is a failure; an acked write whose only other copy is gone

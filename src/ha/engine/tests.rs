@@ -172,10 +172,8 @@ fn truncated_log_read_switches_to_a_snapshot() {
     let cmds = e.step(Event::LogRead { after: Seq(2), result: LogRead::Truncated { oldest: Seq(4) }, now: 11 });
     assert_eq!(cmds, vec![Command::ReadSnapshot]);
     let records = vec![record("x", 1), record("y", 2), record("z", 3)];
-    let cmds = e.step(Event::SnapshotRead {
-        snapshot: Snapshot { head: Seq(5), db_id: A_DB.into(), records: records.clone() },
-        now: 12,
-    });
+    let cmds = e.step(Event::SnapshotRead { head: Seq(5), total: 3, now: 12 });
+    let cmds = send_snapshot(cmds, &records);
     assert_eq!(
         cmds,
         vec![
@@ -191,6 +189,22 @@ fn truncated_log_read_switches_to_a_snapshot() {
     msg(&mut e, ack(5), 13);
     let info = e.status().last_resync.unwrap();
     assert_eq!((info.kind, info.records, info.direction), (ResyncKind::Snapshot, 3, Direction::Sent));
+}
+
+/// `cmds` with each `SendSnapshot` carried out as the engine task does, sending `records`
+/// (the snapshot it read) cut by the command's chunker.
+fn send_snapshot(cmds: Vec<Command>, records: &[Record]) -> Vec<Command> {
+    let mut out = Vec::new();
+    for c in cmds {
+        let Command::SendSnapshot { head, total, limit, bytes } = c else {
+            out.push(c);
+            continue;
+        };
+        assert_eq!(total, records.len() as u64);
+        let msgs = crate::proto::peer::snapshot_messages(head, records.to_vec(), limit, bytes);
+        out.extend(msgs.into_iter().map(send));
+    }
+    out
 }
 
 /// A change whose record's size bound is about `kib` KiB.
@@ -220,10 +234,8 @@ fn batches_and_snapshot_chunks_are_bounded_by_bytes_not_only_by_count() {
     let mut e = engine_with(cfg, 5, 4);
     assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot]);
     let records: Vec<Record> = (1..=5).map(|n| big_change(n, 2).record).collect();
-    let cmds = e.step(Event::SnapshotRead {
-        snapshot: Snapshot { head: Seq(5), db_id: A_DB.into(), records: records.clone() },
-        now: 12,
-    });
+    let cmds = e.step(Event::SnapshotRead { head: Seq(5), total: 5, now: 12 });
+    let cmds = send_snapshot(cmds, &records);
     assert_eq!(
         cmds,
         vec![
@@ -245,10 +257,8 @@ fn batches_and_snapshot_chunks_are_bounded_by_bytes_not_only_by_count() {
 fn snapshot_older_than_the_connect_head_is_followed_by_the_log() {
     let mut e = engine(5, 1);
     connect(&mut e, hello_b(None, 0, 0), 0, 10);
-    let cmds = e.step(Event::SnapshotRead {
-        snapshot: Snapshot { head: Seq(3), db_id: A_DB.into(), records: vec![] },
-        now: 11,
-    });
+    let cmds = e.step(Event::SnapshotRead { head: Seq(3), total: 0, now: 11 });
+    let cmds = send_snapshot(cmds, &[]);
     assert_eq!(
         cmds,
         vec![

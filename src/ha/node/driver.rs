@@ -21,10 +21,15 @@ use std::task::Poll;
 
 use super::*;
 use crate::db::{ApplyChain, ApplyOutcome, PendingApply};
+use crate::proto::peer::Chunker;
 
 /// Peer messages taken from the link queue at once (stepped as one batch, their applies
 /// merged by the engine).
 pub(super) const LINK_DRAIN: usize = 64;
+
+/// Records the database's snapshot reader hands over at once (it stays two such chunks
+/// ahead of the link; the engine's chunker cuts the messages).
+const SNAPSHOT_READ_CHUNK: usize = 2048;
 
 /// Most applies queued to the database and not yet done; the next waits for the oldest.
 pub(super) const MAX_APPLYING: usize = 64;
@@ -75,6 +80,8 @@ pub(super) struct Driver {
     pub(super) applying: VecDeque<Applying>,
     /// The chain of the current connection's applies (a new one for every connection).
     pub(super) chain: ApplyChain,
+    /// The snapshot read for the peer, held open until the engine sends it.
+    pub(super) snapshot: Option<crate::db::SnapshotStream>,
 }
 
 impl Driver {
@@ -174,6 +181,7 @@ impl Driver {
                 }
                 tracing::info!(peer = %hello.node, addr = %addr, head = hello.head.0, "peer link up");
                 self.chain = ApplyChain(self.chain.0 + 1);
+                self.snapshot = None;
                 *self.node.handshake_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
                 self.writer = Some(writer);
@@ -191,6 +199,8 @@ impl Driver {
                 self.node.note_drop(&reason);
                 self.writer = None;
                 self.conn = None;
+                // An open snapshot keeps a read transaction (and the log behind it).
+                self.snapshot = None;
                 events.push_back(Event::PeerDisconnected { now: engine_now(), reason });
             }
             Link::Down { .. } => {}
@@ -199,21 +209,24 @@ impl Driver {
 
     async fn execute(&mut self, c: Command, events: &mut std::collections::VecDeque<Event>) {
         match c {
-            Command::Send(m) => {
-                if let Some(w) = &self.writer {
-                    if w.send(m).await.is_err() {
-                        self.writer = None;
-                    }
-                }
-            }
+            Command::Send(m) => self.send(m).await,
             Command::ReadLog { after, limit } => match self.db.changes_since(after, limit).await {
                 Ok(result) => events.push_back(Event::LogRead { after, result, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
             },
-            Command::ReadSnapshot => match self.db.snapshot().await {
-                Ok(snapshot) => events.push_back(Event::SnapshotRead { snapshot, now: engine_now() }),
+            Command::ReadSnapshot => match self.db.snapshot_stream(SNAPSHOT_READ_CHUNK).await {
+                Ok(stream) => {
+                    events.push_back(Event::SnapshotRead { head: stream.head, total: stream.total, now: engine_now() });
+                    self.snapshot = Some(stream);
+                }
                 Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
             },
+            Command::SendSnapshot { head, total, limit, bytes } => {
+                if let Err(reason) = self.send_snapshot(head, total, limit, bytes).await {
+                    tracing::error!(%reason, "sending a snapshot to the peer failed; dropping the link");
+                    self.drop_link(&reason, events);
+                }
+            }
             Command::Apply { peer_db_id, records, peer_pos } => self.apply(peer_db_id, records, peer_pos, events).await,
             Command::ReleaseWaiters { waiters, outcome } => {
                 for w in waiters {
@@ -238,9 +251,64 @@ impl Driver {
                 }
                 self.writer = None;
                 self.conn = None;
+                self.snapshot = None;
             }
             Command::ReconcileAgents => self.node.request_reconcile(),
         }
+    }
+
+    async fn send(&mut self, m: PeerMsg) {
+        if let Some(w) = &self.writer {
+            if w.send(m).await.is_err() {
+                self.writer = None;
+            }
+        }
+    }
+
+    /// Streams the snapshot opened for the engine to the peer, cut into messages as it is
+    /// read. An error means the peer must not see the snapshot's end.
+    async fn send_snapshot(&mut self, head: Seq, total: u64, limit: usize, bytes: usize) -> Result<(), String> {
+        let mut stream = match self.snapshot.take() {
+            Some(s) if s.head == head && s.total == total => s,
+            Some(s) => {
+                return Err(format!("the snapshot open is at {} ({} records), not {head} ({total})", s.head, s.total))
+            }
+            None => return Err("no snapshot open".into()),
+        };
+        self.send(PeerMsg::SnapshotBegin { head, total }).await;
+        let mut chunker = Chunker::new(limit, bytes);
+        let mut sent = 0u64;
+        while let Some(part) = stream.next_chunk().await {
+            for r in part.map_err(|e| format!("reading the snapshot: {e}"))? {
+                sent += 1;
+                if let Some(records) = chunker.push(r) {
+                    self.send(PeerMsg::SnapshotChunk { records }).await;
+                }
+            }
+            if self.writer.is_none() {
+                return Ok(());
+            }
+        }
+        if let Some(records) = chunker.finish() {
+            self.send(PeerMsg::SnapshotChunk { records }).await;
+        }
+        if sent != total {
+            return Err(format!("the snapshot held {sent} records, its header said {total}"));
+        }
+        self.send(PeerMsg::SnapshotEnd { head }).await;
+        Ok(())
+    }
+
+    /// Drops the current peer link for `reason` (the engine is told it went down).
+    fn drop_link(&mut self, reason: &str, events: &mut VecDeque<Event>) {
+        if self.conn.is_none() {
+            return;
+        }
+        self.node.note_drop(reason);
+        events.push_back(Event::PeerDisconnected { now: engine_now(), reason: reason.to_string() });
+        self.writer = None;
+        self.conn = None;
+        self.snapshot = None;
     }
 
     /// Queues one (merged) apply, one transaction; its `Applied` follows once it is done.
@@ -294,10 +362,7 @@ impl Driver {
                 let now = engine_now();
                 if a.chain == self.chain && self.conn.is_some() {
                     tracing::error!(error = %e, "applying the peer's changes failed; dropping the link to resync");
-                    self.node.note_drop(&format!("apply failed: {e}"));
-                    events.push_back(Event::PeerDisconnected { now, reason: format!("apply failed: {e}") });
-                    self.writer = None;
-                    self.conn = None;
+                    self.drop_link(&format!("apply failed: {e}"), events);
                 } else {
                     tracing::debug!(error = %e, records = n, "an apply of a dropped link was not done");
                 }

@@ -328,6 +328,7 @@ impl HaNode {
             seen_sent: None,
             applying: Default::default(),
             chain: crate::db::ApplyChain(0),
+            snapshot: None,
         };
         let h = rt.spawn(driver.run(req_rx, link_rx, cancel));
         *node.done.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
