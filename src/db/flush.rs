@@ -24,7 +24,10 @@
 //! - Readers on other connections (the point reader, snapshots, digests) may see a commit as
 //!   soon as `COMMIT` returned, before its flush. [`Durable::settle`] makes them wait, after
 //!   their read, until every commit begun before it ended is flushed, so what they read is on
-//!   disk before it leaves the process. Reads served by the owner wait the same way.
+//!   disk before it leaves the process. Reads served by the owner wait the same way. A read
+//!   of one user's sessions (a login's) waits only for the commits that wrote a record of
+//!   that user ([`Durable::settle_user`]; the owner notes them with [`Flusher::touch`]), so
+//!   concurrent logins of different users do not wait for each other's flushes.
 //!
 //! Must never: deliver a commit before a flush that began after its `COMMIT` returned; deliver
 //! out of commit order; answer a write as done after a failed flush. A flush that fails makes
@@ -94,9 +97,15 @@ struct State {
     thread_wakeups: u64,
 }
 
+/// Above this many users remembered, those whose last commit is settled are forgotten.
+const TOUCHED_PRUNE_AT: usize = 4096;
+
 struct Shared {
     /// The log file, opened on its own: `fdatasync` on any descriptor flushes the file.
     wal: File,
+    /// Per user, the last group commit that wrote a record of theirs (as the session's user,
+    /// before or after the write): what a read of one user's sessions must wait for.
+    touched: Mutex<std::collections::HashMap<String, u64>>,
     wal_path: PathBuf,
     state: Mutex<State>,
     /// The thread waits here for deliveries.
@@ -132,6 +141,7 @@ impl Shared {
             st.failed.get_or_insert(f);
         }
         st.settled = st.settled.max(upto);
+        let settled = st.settled;
         // A notify is a system call even when nobody waits: wake only who does (a lone
         // writer's inline flush then costs no wake-up of the thread or of anyone).
         let wake_readers = st.readers_waiting > 0;
@@ -142,6 +152,10 @@ impl Shared {
         }
         if wake_thread {
             self.work.notify_one();
+        }
+        let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        if touched.len() > TOUCHED_PRUNE_AT {
+            touched.retain(|_, n| *n > settled);
         }
     }
 
@@ -199,6 +213,7 @@ impl Flusher {
         let shared = Arc::new(Shared {
             wal,
             wal_path,
+            touched: Mutex::new(Default::default()),
             state: Mutex::new(State::default()),
             work: Condvar::new(),
             settled: Condvar::new(),
@@ -227,6 +242,17 @@ impl Flusher {
         let mut st = self.shared.lock();
         st.begun += 1;
         st.begun
+    }
+
+    /// Group commit `n` (begun, not yet committed) writes a record of `user`.
+    pub(super) fn touch(&self, n: u64, user: &str) {
+        let mut touched = self.shared.touched.lock().unwrap_or_else(|e| e.into_inner());
+        match touched.get_mut(user) {
+            Some(t) => *t = (*t).max(n),
+            None => {
+                touched.insert(user.to_string(), n);
+            }
+        }
     }
 
     /// Commit `n` returned (or failed: then `delivery` only answers errors, but still in
@@ -286,9 +312,27 @@ impl Durable {
     /// the read saw can be lost by a power failure. Waits at most for one commit and one
     /// flush; returns at once when nothing is pending.
     pub(super) fn settle(&self) -> Result<(), DbError> {
+        self.settle_to(None)
+    }
+
+    /// Call after a read of `user`'s sessions only: returns once every commit that wrote a
+    /// record of theirs before now is flushed. Commits of other users' records, which the read
+    /// did not see, are not waited for (a login does not wait for the other logins' flushes).
+    pub(super) fn settle_user(&self, user: &str) -> Result<(), DbError> {
+        let Some(shared) = &self.0 else { return Ok(()) };
+        let last = shared.touched.lock().unwrap_or_else(|e| e.into_inner()).get(user).copied();
+        match last {
+            Some(n) => self.settle_to(Some(n)),
+            // Never written, or forgotten once settled; a failed flush still refuses.
+            None => self.settle_to(Some(0)),
+        }
+    }
+
+    /// Waits until every commit up to `upto` (all begun when `None`) is flushed.
+    fn settle_to(&self, upto: Option<u64>) -> Result<(), DbError> {
         let Some(shared) = &self.0 else { return Ok(()) };
         let mut st = shared.lock();
-        let target = st.begun;
+        let target = upto.map_or(st.begun, |n| n.min(st.begun));
         while st.settled < target && st.failed.is_none() && !st.stop {
             st.readers_waiting += 1;
             st = shared.settled.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -389,6 +433,37 @@ mod tests {
         f.committed(n, Box::new(move |_| mark.store(1, Ordering::SeqCst)), false);
         // The reader is released only after the delivery ran.
         assert_eq!(reader.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn a_read_of_one_users_sessions_waits_only_for_that_users_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = flusher(&dir);
+        let n = f.begin();
+        f.touch(n, "anna");
+        let durable = f.durable();
+        // Another user's read does not wait for anna's commit, still open.
+        durable.settle_user("bert").unwrap();
+        let theirs = f.durable();
+        let done = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&done);
+        let reader = std::thread::spawn(move || {
+            theirs.settle_user("anna").unwrap();
+            seen.load(Ordering::SeqCst)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!reader.is_finished(), "anna's read returned before her commit was flushed");
+        let mark = Arc::clone(&done);
+        f.committed(n, Box::new(move |_| mark.store(1, Ordering::SeqCst)), false);
+        assert_eq!(reader.join().unwrap(), 1);
+        // Settled entries are forgotten once there are many; a read of them returns at once.
+        for i in 0..(TOUCHED_PRUNE_AT as u64 + 10) {
+            let n = f.begin();
+            f.touch(n, &format!("user{i}"));
+            f.committed(n, Box::new(|_| ()), true);
+        }
+        assert!(f.shared.touched.lock().unwrap().len() <= TOUCHED_PRUNE_AT + 1);
+        durable.settle_user("user3").unwrap();
     }
 
     #[test]

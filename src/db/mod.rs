@@ -640,8 +640,13 @@ impl DbHandle {
         let durable = self.durable.clone();
         let job: reader::PointJob = Box::new(move |conn, path| {
             let res = store::list(conn, path, &filter);
-            // What was read leaves only once it is on disk (with FULL; see `flush.rs`).
-            drop(reply.send(durable.settle().and(res)))
+            // What was read leaves only once it is on disk (with FULL; see `flush.rs`): for
+            // one user's sessions, once that user's commits are.
+            let settled = match &filter.user {
+                Some(user) => durable.settle_user(user),
+                None => durable.settle(),
+            };
+            drop(reply.send(settled.and(res)))
         });
         self.points.send(job).await.map_err(|_| DbError::Closed)?;
         rx.await.map_err(|_| DbError::Closed)?

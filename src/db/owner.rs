@@ -211,6 +211,9 @@ pub(super) struct Owner {
     max_clock_offset_ms: u64,
     /// When a clock reading beyond the bound was last logged (at most one warning a minute).
     clock_warned: Option<std::time::Instant>,
+    /// The number of the group commit under way (with FULL), under which writes note the
+    /// users whose records they change (see [`Flusher::touch`]).
+    ticket: Option<u64>,
     /// The last chain of applies one of which failed: the rest of it is refused.
     broken_chain: Option<super::ApplyChain>,
     /// A snapshot is loading into what was an empty database: the secondary indexes are
@@ -351,6 +354,7 @@ impl Owner {
             max_clock_offset_ms: u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
             clock_warned: None,
             broken_chain: None,
+            ticket: None,
             bulk_load: false,
             out: Arc::new(Outlets { head: watch::channel(head).0, changes: broadcast::channel(CHANGE_BUFFER).0 }),
             pending_changes: Vec::new(),
@@ -509,6 +513,7 @@ impl Owner {
             }
         }
         let ticket = self.flush.as_ref().map(Flusher::begin);
+        self.ticket = ticket;
         let mut answers = Vec::with_capacity(writes.len());
         let res = self.transact(|o| writes.iter().map(|w| o.exec(w)).collect::<Result<Vec<_>, _>>());
         match res {
@@ -530,6 +535,7 @@ impl Owner {
                 }
             }
         }
+        self.ticket = None;
         let round = Round { out: Arc::clone(&self.out), published: std::mem::take(&mut self.unpublished), answers };
         match (&self.flush, ticket) {
             (Some(f), Some(n)) => {
@@ -565,7 +571,15 @@ impl Owner {
         }
     }
 
+    /// Counts a stored write (live and tombstone totals, users per agent) and notes its
+    /// users for readers of one user's sessions.
     fn count(&mut self, before: Option<&Stored>, after: Option<&Session>) {
+        if let (Some(f), Some(n)) = (&self.flush, self.ticket) {
+            for user in before.and_then(|s| s.live.as_ref()).map(|k| &k.user).into_iter().chain(after.map(|s| &s.user))
+            {
+                f.touch(n, user);
+            }
+        }
         match before {
             Some(s) if s.tombstone => self.tombs = self.tombs.saturating_sub(1),
             Some(_) => self.live = self.live.saturating_sub(1),
