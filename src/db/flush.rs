@@ -231,9 +231,9 @@ impl Flusher {
         Durable(Some(Arc::clone(&self.shared)))
     }
 
-    /// The failure every write gets after a flush failed.
-    pub(super) fn failed(&self) -> Option<DbError> {
-        self.shared.lock().failed.as_ref().map(FlushFailed::error)
+    /// The failed flush every later write is refused with ([`FlushFailed::error`]).
+    pub(super) fn failed(&self) -> Option<FlushFailed> {
+        self.shared.lock().failed.clone()
     }
 
     /// Numbers the group commit about to start. Every number begun must be passed to
@@ -244,13 +244,15 @@ impl Flusher {
         st.begun
     }
 
-    /// Group commit `n` (begun, not yet committed) writes a record of `user`.
-    pub(super) fn touch(&self, n: u64, user: &str) {
+    /// Group commit `n` (begun, not yet committed) writes records of `users`.
+    pub(super) fn touch<'a>(&self, n: u64, users: impl IntoIterator<Item = &'a str>) {
         let mut touched = self.shared.touched.lock().unwrap_or_else(|e| e.into_inner());
-        match touched.get_mut(user) {
-            Some(t) => *t = (*t).max(n),
-            None => {
-                touched.insert(user.to_string(), n);
+        for user in users {
+            match touched.get_mut(user) {
+                Some(t) => *t = (*t).max(n),
+                None => {
+                    touched.insert(user.to_string(), n);
+                }
             }
         }
     }
@@ -312,7 +314,7 @@ impl Durable {
     /// the read saw can be lost by a power failure. Waits at most for one commit and one
     /// flush; returns at once when nothing is pending.
     pub(super) fn settle(&self) -> Result<(), DbError> {
-        self.settle_to(None)
+        self.settle_to(u64::MAX)
     }
 
     /// Call after a read of `user`'s sessions only: returns once every commit that wrote a
@@ -320,19 +322,16 @@ impl Durable {
     /// did not see, are not waited for (a login does not wait for the other logins' flushes).
     pub(super) fn settle_user(&self, user: &str) -> Result<(), DbError> {
         let Some(shared) = &self.0 else { return Ok(()) };
+        // None: never written, or forgotten once settled (a failed flush still refuses).
         let last = shared.touched.lock().unwrap_or_else(|e| e.into_inner()).get(user).copied();
-        match last {
-            Some(n) => self.settle_to(Some(n)),
-            // Never written, or forgotten once settled; a failed flush still refuses.
-            None => self.settle_to(Some(0)),
-        }
+        self.settle_to(last.unwrap_or(0))
     }
 
-    /// Waits until every commit up to `upto` (all begun when `None`) is flushed.
-    fn settle_to(&self, upto: Option<u64>) -> Result<(), DbError> {
+    /// Waits until every commit up to `upto` (at most those begun so far) is flushed.
+    fn settle_to(&self, upto: u64) -> Result<(), DbError> {
         let Some(shared) = &self.0 else { return Ok(()) };
         let mut st = shared.lock();
-        let target = upto.map_or(st.begun, |n| n.min(st.begun));
+        let target = upto.min(st.begun);
         while st.settled < target && st.failed.is_none() && !st.stop {
             st.readers_waiting += 1;
             st = shared.settled.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -440,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = flusher(&dir);
         let n = f.begin();
-        f.touch(n, "anna");
+        f.touch(n, ["anna"]);
         let durable = f.durable();
         // Another user's read does not wait for anna's commit, still open.
         durable.settle_user("bert").unwrap();
@@ -459,7 +458,7 @@ mod tests {
         // Settled entries are forgotten once there are many; a read of them returns at once.
         for i in 0..(TOUCHED_PRUNE_AT as u64 + 10) {
             let n = f.begin();
-            f.touch(n, &format!("user{i}"));
+            f.touch(n, [format!("user{i}").as_str()]);
             f.committed(n, Box::new(|_| ()), true);
         }
         assert!(f.shared.touched.lock().unwrap().len() <= TOUCHED_PRUNE_AT + 1);

@@ -628,9 +628,11 @@ impl DbHandle {
     }
 
     /// Like [`DbHandle::list`], but read by the point reader on a connection of its own, so
-    /// it never waits behind a commit in progress, as a read through the owner does (with
-    /// FULL it waits only when it saw a commit not yet flushed, for that flush). It sees every write that was answered before it was asked; a write still
-    /// queued or committing may or may not be seen.
+    /// it never waits behind a commit in progress, as a read through the owner does. With
+    /// FULL it waits after its read for the flush of the commits it may have seen (for a read
+    /// of one user's sessions, only those that wrote a record of that user). It sees every
+    /// write that was answered before it was asked; a write still queued or committing may or
+    /// may not be seen.
     pub async fn list_committed(&self, filter: &SessionFilter) -> Result<Vec<Session>, DbError> {
         if self.tx.is_closed() {
             return Err(DbError::Closed);

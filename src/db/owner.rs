@@ -504,13 +504,11 @@ impl Owner {
         if writes.is_empty() {
             return;
         }
-        if let Some(f) = &self.flush {
-            if f.failed().is_some() {
-                for w in writes.drain(..) {
-                    w.fail(f.failed().unwrap_or(DbError::Closed));
-                }
-                return;
+        if let Some(failed) = self.flush.as_ref().and_then(Flusher::failed) {
+            for w in writes.drain(..) {
+                w.fail(failed.error());
             }
+            return;
         }
         let ticket = self.flush.as_ref().map(Flusher::begin);
         self.ticket = ticket;
@@ -555,15 +553,18 @@ impl Owner {
     }
 
     fn exec(&mut self, w: &WriteReq) -> Result<Done, DbError> {
+        if let WriteReq::Apply { chain: Some(c), .. } = w {
+            if self.broken_chain == Some(*c) {
+                return Err(DbError::ApplyChainBroken);
+            }
+        }
+        if self.bulk_load && !matches!(w, WriteReq::Apply { pos: super::PositionUpdate::Keep, .. }) {
+            self.end_bulk_load()?;
+        }
         match w {
             WriteReq::One { write, .. } => self.local_write(write).map(Done::One),
             WriteReq::Batch { writes, .. } => {
                 writes.iter().map(|w| self.local_write(w)).collect::<Result<_, _>>().map(Done::Batch)
-            }
-            WriteReq::Apply { chain: Some(c), .. } if self.broken_chain == Some(*c) => Err(DbError::ApplyChainBroken),
-            _ if self.bulk_load && !matches!(w, WriteReq::Apply { pos: super::PositionUpdate::Keep, .. }) => {
-                self.end_bulk_load()?;
-                self.exec(w)
             }
             WriteReq::Apply { peer, records, pos, .. } => self.apply(peer, records, *pos).map(Done::Apply),
             WriteReq::Gc { clock_ms, .. } => self.gc(*clock_ms).map(Done::Gc),
@@ -575,10 +576,8 @@ impl Owner {
     /// users for readers of one user's sessions.
     fn count(&mut self, before: Option<&Stored>, after: Option<&Session>) {
         if let (Some(f), Some(n)) = (&self.flush, self.ticket) {
-            for user in before.and_then(|s| s.live.as_ref()).map(|k| &k.user).into_iter().chain(after.map(|s| &s.user))
-            {
-                f.touch(n, user);
-            }
+            let was = before.and_then(|s| s.live.as_ref()).map(|k| k.user.as_str());
+            f.touch(n, was.into_iter().chain(after.map(|s| s.user.as_str())));
         }
         match before {
             Some(s) if s.tombstone => self.tombs = self.tombs.saturating_sub(1),

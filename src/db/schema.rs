@@ -33,10 +33,10 @@ const MIGRATIONS: &[Migration] = &[v1_initial, v2_record_base, v3_meta_only_at_g
 /// mark at which the owner restarts the log itself.
 pub(super) const WAL_AUTOCHECKPOINT_PAGES: i64 = 4 * super::checkpoint::RESTART_FRAMES as i64;
 
-/// The highest schema version this code knows.
 /// The owner connection's page cache, in KiB (SQLite's negative `cache_size`).
 const OWNER_CACHE_KIB: i64 = 16 * 1024;
 
+/// The highest schema version this code knows.
 pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version 1: sessions (incl. tombstones), change log, metadata, peer positions.
@@ -117,7 +117,6 @@ fn v3_meta_only_at_gc(_tx: &Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// A random 128-bit identity for a freshly created database, as hex.
 /// The secondary indexes of `sessions`, each as [`v1_initial`] creates it. They are dropped
 /// while a snapshot loads into an empty database and built once after it (`owner.rs`): one
 /// sort per index instead of an insertion into each for every row. `open` builds any that a
@@ -145,6 +144,7 @@ pub(super) fn drop_secondary_indexes(conn: &Connection) -> rusqlite::Result<()> 
     Ok(())
 }
 
+/// A random 128-bit identity for a freshly created database, as hex.
 fn new_db_id() -> String {
     crate::model::random_hex_128()
 }

@@ -44,7 +44,6 @@ pub(super) struct Applying {
 pub(super) struct Queued {
     chain: ApplyChain,
     records: usize,
-    pos: crate::db::PositionUpdate,
     peer_pos: Option<Seq>,
 }
 
@@ -196,12 +195,7 @@ impl Driver {
             Link::Msg { .. } => {}
             Link::Down { conn, reason } if Some(conn) == self.conn => {
                 tracing::warn!(%reason, "peer link down");
-                self.node.note_drop(&reason);
-                self.writer = None;
-                self.conn = None;
-                // An open snapshot keeps a read transaction (and the log behind it).
-                self.snapshot = None;
-                events.push_back(Event::PeerDisconnected { now: engine_now(), reason });
+                self.drop_link(&reason, events);
             }
             Link::Down { .. } => {}
         }
@@ -299,7 +293,9 @@ impl Driver {
         Ok(())
     }
 
-    /// Drops the current peer link for `reason` (the engine is told it went down).
+    /// Forgets the current peer link, gone or dropped for `reason` (the engine is told it
+    /// went down). An open snapshot goes too: it keeps a read transaction, and the log
+    /// behind it.
     fn drop_link(&mut self, reason: &str, events: &mut VecDeque<Event>) {
         if self.conn.is_none() {
             return;
@@ -328,7 +324,7 @@ impl Driver {
             Some(p) => crate::db::PositionUpdate::Set(p),
             None => crate::db::PositionUpdate::Keep,
         };
-        let what = Queued { chain: self.chain, records: n, pos, peer_pos };
+        let what = Queued { chain: self.chain, records: n, peer_pos };
         match self.db.queue_apply(self.chain, peer_db_id, records, pos).await {
             Ok(pending) => self.applying.push_back(Applying { pending, what }),
             Err(e) => self.on_applied(what, Err(e), events),
@@ -338,7 +334,7 @@ impl Driver {
     /// Feeds a queued apply's outcome to the engine: `Applied`, after dropping the link if it
     /// failed on the current connection.
     fn on_applied(&mut self, a: Queued, res: Result<ApplyOutcome, DbError>, events: &mut VecDeque<Event>) {
-        let (n, pos, peer_pos) = (a.records, a.pos, a.peer_pos);
+        let (n, peer_pos) = (a.records, a.peer_pos);
         match res {
             Ok(out) => {
                 for c in &out.conflicts {
@@ -355,7 +351,7 @@ impl Driver {
                         "the session was ended on one master and changed on the other while they were apart; it stays ended"
                     );
                 }
-                tracing::trace!(records = n, ?pos, "applied peer changes");
+                tracing::trace!(records = n, ?peer_pos, "applied peer changes");
                 events.push_back(Event::Applied { up_to: peer_pos, now: engine_now() });
             }
             Err(e) => {
