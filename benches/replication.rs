@@ -143,7 +143,7 @@ fn run_writer(
     stop: Arc<AtomicBool>,
     warm_end: Arc<std::sync::OnceLock<(Instant, Instant)>>,
 ) -> Outcome {
-    let pool: Vec<SessionId> = (0..ids).map(|_| SessionId::random()).collect();
+    let pool: Vec<SessionId> = (0..ids).map(|_| SessionId::generate()).collect();
     let mut samples = Vec::with_capacity(1 << 16);
     start.wait();
     let Some(&(measure_from, end)) = warm_end.get() else {
@@ -155,7 +155,7 @@ fn run_writer(
             break;
         }
         let (id, slot) =
-            if ids == 0 { (SessionId::random(), n) } else { (pool[(n as usize) % ids].clone(), n % ids as u64) };
+            if ids == 0 { (SessionId::generate(), n) } else { (pool[(n as usize) % ids].clone(), n % ids as u64) };
         let s = make_session(id, writer, slot, n);
         let t0 = Instant::now();
         if t0 >= end {
@@ -224,7 +224,7 @@ fn run(args: Args) -> Result<()> {
     for i in 0..args.writers {
         conns.push(b.connect().with_context(|| format!("connecting writer {i} to {}", args.addr))?);
     }
-    let row_bytes = serde_json::to_vec(&make_session(SessionId::random(), 0, 0, 0)).map(|v| v.len()).unwrap_or(0);
+    let row_bytes = serde_json::to_vec(&make_session(SessionId::generate(), 0, 0, 0)).map(|v| v.len()).unwrap_or(0);
 
     let start = Arc::new(Barrier::new(args.writers + 1));
     let stop = Arc::new(AtomicBool::new(false));

@@ -19,24 +19,46 @@ use std::fmt;
 pub struct SessionId(pub String);
 
 impl SessionId {
-    /// A fresh random id (128 bits, hex), safe to create on either master without coordination.
-    pub fn random() -> Self {
-        SessionId(random_hex_128())
+    /// A fresh id, safe to create on either master without coordination: 32 lowercase hex
+    /// digits, the first 12 the creation time (milliseconds since the epoch, 48 bits), the
+    /// other 20 random (80 bits).
+    ///
+    /// The time comes first so that ids made later sort later: a new session's entry then
+    /// lands at the end of the database's id index, next to the entries of the sessions
+    /// created just before it, instead of on a random page of it. A group commit of many
+    /// creates dirties a few pages instead of one per session, which is less to write, to
+    /// flush and to copy back at the next checkpoint. Uniqueness rests on the random part
+    /// alone (80 bits within one millisecond); a clock set back only costs that locality.
+    pub fn generate() -> Self {
+        Self::at(now_ms())
+    }
+
+    /// The id [`SessionId::generate`] makes at clock reading `ms`.
+    fn at(ms: u64) -> Self {
+        let mut random = [0u8; 10];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut random);
+        let mut s = String::with_capacity(32);
+        push_hex(&mut s, &(ms & 0xffff_ffff_ffff).to_be_bytes()[2..]);
+        push_hex(&mut s, &random);
+        SessionId(s)
     }
 }
 
-/// 128 random bits as 32 lowercase hex digits (session and database ids).
+/// 128 random bits as 32 lowercase hex digits (database ids).
 pub fn random_hex_128() -> String {
-    use rand::RngCore;
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut b = [0u8; 16];
-    rand::thread_rng().fill_bytes(&mut b);
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut b);
     let mut s = String::with_capacity(32);
-    for x in b {
+    push_hex(&mut s, &b);
+    s
+}
+
+fn push_hex(s: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in bytes {
         s.push(char::from(DIGITS[usize::from(x >> 4)]));
         s.push(char::from(DIGITS[usize::from(x & 0xf)]));
     }
-    s
 }
 
 impl fmt::Display for SessionId {
@@ -715,7 +737,7 @@ mod tests {
 
     fn session(address: &str) -> Session {
         Session {
-            id: SessionId::random(),
+            id: SessionId::generate(),
             user: "anna".into(),
             subcluster: "default".into(),
             agent: "agent1".into(),
@@ -790,12 +812,31 @@ mod tests {
     }
 
     #[test]
-    fn random_session_ids_differ_and_are_32_lowercase_hex_digits() {
-        assert_ne!(SessionId::random(), SessionId::random());
+    fn new_session_ids_differ_and_are_32_lowercase_hex_digits() {
+        assert_ne!(SessionId::generate(), SessionId::generate());
         for _ in 0..100 {
-            let id = SessionId::random().0;
+            let id = SessionId::generate().0;
             assert_eq!(id.len(), 32, "{id}");
             assert!(id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{id}");
         }
+        let db_id = random_hex_128();
+        assert_eq!(db_id.len(), 32, "{db_id}");
+        assert!(db_id.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)), "{db_id}");
+    }
+
+    #[test]
+    fn session_ids_begin_with_their_creation_time_so_later_ones_sort_later() {
+        let id = SessionId::at(0x0123_4567_89ab);
+        assert!(id.0.starts_with("0123456789ab"), "{id}");
+        // Only the low 48 bits of the clock are kept.
+        assert!(SessionId::at(0xffff_0000_0000_0001).0.starts_with("000000000001"));
+        let (earlier, later) = (SessionId::at(1_700_000_000_000), SessionId::at(1_700_000_000_001));
+        for _ in 0..100 {
+            assert!(earlier < SessionId::at(1_700_000_000_001), "{earlier} sorts before any later id");
+        }
+        assert!(earlier < later);
+        let (a, b) = (SessionId::at(5), SessionId::at(5));
+        assert_ne!(a, b, "ids of the same millisecond differ in their random part");
+        assert_eq!(a.0[..12], b.0[..12]);
     }
 }

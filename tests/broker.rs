@@ -215,7 +215,7 @@ async fn reconciliation_recovers_and_marks_sessions() {
         port: 904,
         timeout: Duration::from_secs(3),
     });
-    let extra = client.start(&agent.name, vsm::model::SessionId::random(), "bob", None).await.unwrap();
+    let extra = client.start(&agent.name, vsm::model::SessionId::generate(), "bob", None).await.unwrap();
     let sum = m.server().broker.reconcile_all().await.unwrap();
     assert_eq!(sum.recovered, 1, "{sum:?}");
     let got = m.server().db.get(&extra.session_id).await.unwrap().expect("recovered session stored");

@@ -30,7 +30,7 @@ async fn bulk(m: &TestMaster, user: &str, n: usize) -> Vec<SessionId> {
         let mut ws = vec![];
         for i in 0..500.min(n - chunk * 500) {
             let mut s = template(&format!("{user}{}", chunk * 500 + i));
-            s.id = SessionId::random();
+            s.id = SessionId::generate();
             ids.push(s.id.clone());
             ws.push(Write::Upsert(s));
         }
@@ -41,7 +41,7 @@ async fn bulk(m: &TestMaster, user: &str, n: usize) -> Vec<SessionId> {
 
 fn template(user: &str) -> Session {
     Session {
-        id: SessionId::random(),
+        id: SessionId::generate(),
         user: user.into(),
         subcluster: "default".into(),
         agent: GHOST.into(),
@@ -1037,7 +1037,7 @@ async fn a_desktop_the_database_does_not_know_is_adopted_only_with_the_peer_link
     // A desktop neither master knows of (in the campaign: a start the other master gave up on
     // while the two were apart, and recorded as abandoned).
     cut_and_wait(&p).await;
-    let extra = client.start(&agent.name, SessionId::random(), "bob", None).await.unwrap();
+    let extra = client.start(&agent.name, SessionId::generate(), "bob", None).await.unwrap();
     let sum = p.a().server().broker.reconcile_all().await.unwrap();
     assert_eq!((sum.recovered, sum.deferred), (0, 1), "{sum:?}");
     assert!(p.a().server().db.get(&extra.session_id).await.unwrap().is_none(), "not adopted while apart");
@@ -1088,7 +1088,7 @@ async fn a_desktop_the_peer_is_still_starting_is_not_adopted_and_ends_when_the_p
     let (agent, p, client) = adoption_pair(d.path(), 1).await;
     // `a` asked the agent to start a desktop and has not heard back (its answer is lost): the
     // desktop runs, and neither database knows it yet.
-    let started = client.start(&agent.name, SessionId::random(), "carol", None).await.unwrap();
+    let started = client.start(&agent.name, SessionId::generate(), "carol", None).await.unwrap();
     let id = started.session_id.clone();
     // `b`, linked and caught up, must not adopt it: `a`'s start may still be under way.
     let sum = p.b().server().broker.reconcile_all().await.unwrap();

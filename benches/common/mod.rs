@@ -136,7 +136,7 @@ impl RecordingAgent {
     /// A desktop of `user` started here without the master asking (for a fill through
     /// `ApiRequest::SessionPut`): the session to store for it.
     pub fn hold(&self, user: String) -> Session {
-        let a = self.desktops.start(SessionId::random(), user, None);
+        let a = self.desktops.start(SessionId::generate(), user, None);
         Session {
             id: a.session_id,
             user: a.user,
@@ -294,7 +294,7 @@ pub async fn wait_for(deadline: Duration, every: Duration, mut f: impl FnMut() -
 /// A session record as an admin import would store it.
 pub fn session(n: u64, users: u64, agents: u64) -> Session {
     Session {
-        id: SessionId::random(),
+        id: SessionId::generate(),
         user: format!("user{}", n % users),
         subcluster: "default".into(),
         agent: format!("agent{}.example.com", n % agents),

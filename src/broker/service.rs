@@ -294,7 +294,7 @@ impl Broker {
         let mut tried: BTreeSet<String> = BTreeSet::new();
         let mut last_error = None;
         for _ in 0..sub.agents.len().max(1) {
-            let id = SessionId::random();
+            let id = SessionId::generate();
             let agent = match self.place(sub, &req.user, &user_agents, &tried, &id) {
                 Ok(a) => a,
                 Err(e) => {

@@ -687,7 +687,8 @@ impl Owner {
         }
         let mut out = ApplyOutcome::default();
         let mut newest: Option<Hlc> = None;
-        // Visiting ids in order keeps index lookups and inserts local (ids are random).
+        // Visiting ids in order keeps index lookups and inserts local (a batch from the
+        // peer mixes ids of both masters, and of sessions both new and old).
         // The merge does not depend on order; the stable sort keeps duplicates in turn.
         let mut order: Vec<&Record> = records.iter().collect();
         order.sort_by(|a, b| a.id.cmp(&b.id));

@@ -41,8 +41,9 @@ pub(super) const KNOWN_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version 1: sessions (incl. tombstones), change log, metadata, peer positions.
 ///
-/// `sessions` is a rowid table: new rows append at the end and only the small id index
-/// takes random inserts (session ids are random), which keeps inserts cache-friendly.
+/// `sessions` is a rowid table: new rows append at the end, and so do their entries in the
+/// id index, since session ids begin with their creation time (`SessionId::generate`; ids
+/// made by older versions were wholly random and spread over that index).
 fn v1_initial(tx: &Transaction<'_>) -> rusqlite::Result<()> {
     tx.execute_batch(
         "CREATE TABLE meta (

@@ -1195,7 +1195,7 @@ async fn resync_of_100k_sessions() {
         let ws = (0..1000)
             .map(|i| {
                 let user = format!("user{}", i % 700);
-                Write::Upsert(session(&SessionId::random().0, &user, &format!("ag{}", chunk % 20), i))
+                Write::Upsert(session(&SessionId::generate().0, &user, &format!("ag{}", chunk % 20), i))
             })
             .collect();
         a.write_batch(ws).await.unwrap();
@@ -1351,7 +1351,7 @@ async fn single_commit_latency() {
     for round in 0..6 {
         let mut ts = Vec::new();
         for i in 0..1000 {
-            let s = session(&SessionId::random().0, &format!("u{i}"), "ag1", i);
+            let s = session(&SessionId::generate().0, &format!("u{i}"), "ag1", i);
             let t = std::time::Instant::now();
             db.write(Write::Upsert(s)).await.unwrap();
             ts.push(t.elapsed().as_micros() as u64);

@@ -542,7 +542,7 @@ impl TestMaster {
     pub async fn put_session(&self, user: &str, agent: &str) -> Session {
         let now = vsm::model::now_ms();
         let s = Session {
-            id: SessionId::random(),
+            id: SessionId::generate(),
             user: user.into(),
             subcluster: "default".into(),
             agent: agent.into(),
