@@ -33,6 +33,13 @@ const READ_BUF: usize = 8 * 1024;
 /// A send buffer grown past this by a large message is given back once it is written.
 const SEND_BUF_KEEP: usize = 256 * 1024;
 
+/// Messages this large are decoded off the receiving task's thread by
+/// [`Reader::recv_off_thread`]: a batch of records from the peer during a resync, whose
+/// decoding would otherwise take turns with the database work on the same thread. Smaller
+/// ones (a single change, an ack) are decoded in place, where a hand-over would cost more
+/// than the decoding.
+pub const DECODE_OFF_THREAD_MIN: usize = 64 * 1024;
+
 /// Read the next whole frame's payload from `r`, buffering in `buf`. `Ok(None)` when the peer
 /// closed cleanly between frames. Cancellation-safe.
 pub async fn read_frame<R: AsyncRead + Unpin>(
@@ -121,6 +128,39 @@ pub(super) struct Rx<T: Transport> {
 
 impl<T: Transport> Rx<T> {
     async fn recv<R: AsyncRead + Unpin, M: DeserializeOwned>(&mut self, r: &mut R) -> Result<Option<M>, ProtoError> {
+        // A message that is not the expected JSON leaves the link usable.
+        self.next_with(r, decode_json).await?.transpose()
+    }
+
+    /// As `recv`, but a message of [`DECODE_OFF_THREAD_MIN`] bytes or more is decoded on
+    /// the runtime's blocking pool, so the task's thread serves others meanwhile.
+    async fn recv_off_thread<R, M>(&mut self, r: &mut R) -> Result<Option<M>, ProtoError>
+    where
+        R: AsyncRead + Unpin,
+        M: DeserializeOwned + Send + 'static,
+    {
+        let next = self
+            .next_with(
+                r,
+                |json| if json.len() >= DECODE_OFF_THREAD_MIN { Err(json.to_vec()) } else { Ok(decode_json(json)) },
+            )
+            .await?;
+        match next {
+            None => Ok(None),
+            Some(Ok(decoded)) => decoded.map(Some),
+            Some(Err(json)) => tokio::task::spawn_blocking(move || decode_json(&json))
+                .await
+                .map_err(|e| ProtoError::Malformed(format!("decoding a message failed: {e}")))?
+                .map(Some),
+        }
+    }
+
+    /// `f` of the JSON of the next whole message; `None` at a clean end between messages.
+    async fn next_with<R: AsyncRead + Unpin, O>(
+        &mut self,
+        r: &mut R,
+        f: impl FnOnce(&[u8]) -> O,
+    ) -> Result<Option<O>, ProtoError> {
         if self.broken {
             return Err(ProtoError::Broken);
         }
@@ -131,8 +171,7 @@ impl<T: Transport> Rx<T> {
                 Err(e) => return Err(self.fail(e)),
             };
             match T::open(&mut self.state, &frame, self.max) {
-                // A message that is not the expected JSON leaves the link usable.
-                Ok(Some(json)) => return decode_json(json).map(Some),
+                Ok(Some(json)) => return Ok(Some(f(json))),
                 Ok(None) => {}
                 Err(e) => return Err(self.fail(e)),
             }
@@ -309,6 +348,14 @@ impl<T: Transport, R: AsyncRead + Unpin> Reader<T, R> {
     pub async fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>, ProtoError> {
         self.rx.recv(&mut self.r).await
     }
+
+    /// As [`Reader::recv`], but a message of [`DECODE_OFF_THREAD_MIN`] bytes or more is
+    /// decoded on the runtime's blocking pool while this task's thread runs other tasks.
+    /// Not cancellation-safe: a large message whose decoding was under way is lost, so use it
+    /// only where cancelling the call ends the link.
+    pub async fn recv_off_thread<M: DeserializeOwned + Send + 'static>(&mut self) -> Result<Option<M>, ProtoError> {
+        self.rx.recv_off_thread(&mut self.r).await
+    }
 }
 
 /// Sending half of a [`Conn`].
@@ -410,6 +457,35 @@ mod tests {
             other => panic!("expected Malformed, got {other:?}"),
         }
         assert_eq!(b.recv::<Msg>().await.unwrap().unwrap(), Msg { n: 1, s: "ok".into() });
+    }
+
+    #[tokio::test]
+    async fn large_messages_decoded_off_thread_arrive_whole_and_in_order() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let big = |n: u32| Msg { n, s: "y".repeat(DECODE_OFF_THREAD_MIN + n as usize) };
+        let writer = tokio::spawn(async move {
+            let mut a = PlainConn::new(a);
+            a.send(&Msg { n: 0, s: "small".into() }).await.unwrap();
+            a.send(&big(1)).await.unwrap();
+            // A large message that is not a `Msg`: an error, and the link stays usable.
+            let mut out = BytesMut::new();
+            let junk = format!("{{\"n\":2,\"s\":{}}}", "7".repeat(DECODE_OFF_THREAD_MIN));
+            frame::encode(junk.as_bytes(), MAX_FRAME, &mut out).unwrap();
+            a.stream.write_all(&out).await.unwrap();
+            a.send(&big(3)).await.unwrap();
+            a.send(&Msg { n: 4, s: "small".into() }).await.unwrap();
+        });
+        let (mut reader, _writer) = PlainConn::new(b).into_split();
+        assert_eq!(reader.recv_off_thread::<Msg>().await.unwrap().unwrap(), Msg { n: 0, s: "small".into() });
+        assert_eq!(reader.recv_off_thread::<Msg>().await.unwrap().unwrap(), big(1));
+        match reader.recv_off_thread::<Msg>().await {
+            Err(ProtoError::Malformed(detail)) => assert!(detail.contains("Msg"), "{detail}"),
+            other => panic!("expected Malformed, got {other:?}"),
+        }
+        assert_eq!(reader.recv_off_thread::<Msg>().await.unwrap().unwrap(), big(3));
+        assert_eq!(reader.recv_off_thread::<Msg>().await.unwrap().unwrap(), Msg { n: 4, s: "small".into() });
+        writer.await.unwrap();
+        assert!(reader.recv_off_thread::<Msg>().await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -210,7 +210,9 @@ pub(super) async fn run_conn<S>(
         tokio::select! {
             _ = cancel.cancelled() => break "shutting down".to_string(),
             w = &mut write_task => break w.unwrap_or_else(|e| format!("the peer link writer failed: {e}")),
-            r = reader.recv::<PeerMsg>() => match r {
+            // Batches of a resync are decoded off this thread (the database's), which then
+            // applies the previous batch meanwhile. Cancelling drops the link anyway.
+            r = reader.recv_off_thread::<PeerMsg>() => match r {
                 Ok(Some(msg)) => {
                     if tx.send(Link::Msg { conn: id, msg }).await.is_err() {
                         break "engine stopped".into();
