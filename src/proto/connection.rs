@@ -139,16 +139,24 @@ impl<T: Transport> Rx<T> {
         R: AsyncRead + Unpin,
         M: DeserializeOwned + Send + 'static,
     {
+        /// A message decoded here, or the JSON of one to decode on the blocking pool.
+        enum Next<M> {
+            Decoded(Result<M, ProtoError>),
+            Large(Vec<u8>),
+        }
         let next = self
-            .next_with(
-                r,
-                |json| if json.len() >= DECODE_OFF_THREAD_MIN { Err(json.to_vec()) } else { Ok(decode_json(json)) },
-            )
+            .next_with(r, |json| {
+                if json.len() >= DECODE_OFF_THREAD_MIN {
+                    Next::Large(json.to_vec())
+                } else {
+                    Next::Decoded(decode_json(json))
+                }
+            })
             .await?;
         match next {
             None => Ok(None),
-            Some(Ok(decoded)) => decoded.map(Some),
-            Some(Err(json)) => tokio::task::spawn_blocking(move || decode_json(&json))
+            Some(Next::Decoded(decoded)) => decoded.map(Some),
+            Some(Next::Large(json)) => tokio::task::spawn_blocking(move || decode_json(&json))
                 .await
                 .map_err(|e| ProtoError::Malformed(format!("decoding a message failed: {e}")))?
                 .map(Some),
