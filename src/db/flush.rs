@@ -420,14 +420,26 @@ mod tests {
         let f = flusher(&dir);
         let n = f.begin();
         let durable = f.durable();
+        waits_for_commit(
+            &f,
+            n,
+            move || durable.settle().unwrap(),
+            &format!("settle returned while commit {n} was still open"),
+        );
+    }
+
+    /// Runs `wait` on a thread of its own, checks that it still waits 50 ms later (else
+    /// fails with `early`), then commits `n` and checks that the wait ended only after the
+    /// commit's delivery ran.
+    fn waits_for_commit(f: &Flusher, n: u64, wait: impl FnOnce() + Send + 'static, early: &str) {
         let done = Arc::new(AtomicU64::new(0));
         let theirs = Arc::clone(&done);
         let reader = std::thread::spawn(move || {
-            durable.settle().unwrap();
+            wait();
             theirs.load(Ordering::SeqCst)
         });
         std::thread::sleep(Duration::from_millis(50));
-        assert!(!reader.is_finished(), "settle returned while commit {n} was still open");
+        assert!(!reader.is_finished(), "{early}");
         let mark = Arc::clone(&done);
         f.committed(n, Box::new(move |_| mark.store(1, Ordering::SeqCst)), false);
         // The reader is released only after the delivery ran.
@@ -444,17 +456,12 @@ mod tests {
         // Another user's read does not wait for anna's commit, still open.
         durable.settle_user("bert").unwrap();
         let theirs = f.durable();
-        let done = Arc::new(AtomicU64::new(0));
-        let seen = Arc::clone(&done);
-        let reader = std::thread::spawn(move || {
-            theirs.settle_user("anna").unwrap();
-            seen.load(Ordering::SeqCst)
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        assert!(!reader.is_finished(), "anna's read returned before her commit was flushed");
-        let mark = Arc::clone(&done);
-        f.committed(n, Box::new(move |_| mark.store(1, Ordering::SeqCst)), false);
-        assert_eq!(reader.join().unwrap(), 1);
+        waits_for_commit(
+            &f,
+            n,
+            move || theirs.settle_user("anna").unwrap(),
+            "anna's read returned before her commit was flushed",
+        );
         // Settled entries are forgotten once there are many; a read of them returns at once.
         for i in 0..(TOUCHED_PRUNE_AT as u64 + 10) {
             let n = f.begin();
