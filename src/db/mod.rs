@@ -85,6 +85,7 @@
 mod checkpoint;
 mod flush;
 mod owner;
+mod pcache;
 mod reader;
 mod schema;
 mod store;

@@ -235,6 +235,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
     create_private(path)?;
 
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    super::pcache::install();
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
 
@@ -296,6 +297,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
 /// The background checkpointer's connection: it never touches a row.
 pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    super::pcache::install();
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open the checkpointer"))?;
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
     Ok(conn)
@@ -305,6 +307,7 @@ pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
 /// WAL lets it read one consistent state while the owner keeps committing.
 pub(super) fn open_reader(path: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    super::pcache::install();
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a reader"))?;
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
     conn.pragma_update(None, "query_only", true).ctx("make a reader read-only")?;
