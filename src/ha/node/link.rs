@@ -50,6 +50,16 @@ impl ConnCounter {
 }
 
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The dialer's pause after a failed attempt starts here and doubles up to
+/// [`REDIAL_MAX`]; a connection resets it.
+const REDIAL_FIRST: Duration = Duration::from_millis(100);
+/// The longest pause between two dials. Only the node whose id sorts first dials, so a
+/// restarted peer waits for this node's next attempt before it can resynchronise and
+/// become ready: half of this on average, every time. An attempt that the peer's host
+/// refuses costs one round trip; one that gets no answer already waits for
+/// [`HANDSHAKE_TIMEOUT`] before the pause.
+const REDIAL_MAX: Duration = Duration::from_millis(250);
 /// Most peer messages encoded into one write.
 pub(super) const WRITE_COALESCE: usize = 16;
 
@@ -108,8 +118,13 @@ pub(super) async fn accept_loop(l: TcpListener, ctx: LinkCtx) {
     .await
 }
 
+/// The pause after `prev` when the next attempt fails as well.
+fn next_pause(prev: Duration) -> Duration {
+    (prev * 2).min(REDIAL_MAX)
+}
+
 pub(super) async fn dial_loop(addr: String, ctx: LinkCtx) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = REDIAL_FIRST;
     loop {
         if ctx.cancel.is_cancelled() {
             return;
@@ -127,7 +142,7 @@ pub(super) async fn dial_loop(addr: String, ctx: LinkCtx) {
         };
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt).await {
             Ok(Ok(conn)) => {
-                backoff = Duration::from_millis(100);
+                backoff = REDIAL_FIRST;
                 ctx.run(conn, addr.clone()).await;
             }
             Ok(Err(e)) => tracing::debug!(peer = %addr, error = %e, "cannot reach the peer"),
@@ -137,7 +152,7 @@ pub(super) async fn dial_loop(addr: String, ctx: LinkCtx) {
             _ = ctx.cancel.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        backoff = next_pause(backoff);
     }
 }
 
@@ -225,4 +240,23 @@ pub(super) async fn run_conn<S>(
     };
     write_task.abort();
     let _ = tx.send(Link::Down { conn: id, reason }).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A restarted peer waits for this node's next dial: the pauses between failed attempts
+    /// grow from the first to the cap and stay there.
+    #[test]
+    fn redial_pauses_double_up_to_the_cap_and_stay_there() {
+        let mut pauses = vec![REDIAL_FIRST];
+        for _ in 0..10 {
+            pauses.push(next_pause(*pauses.last().unwrap()));
+        }
+        let ms: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(ms[..4], [100, 200, 250, 250]);
+        assert!(pauses.iter().all(|p| *p <= REDIAL_MAX));
+        assert_eq!(*pauses.last().unwrap(), REDIAL_MAX);
+    }
 }
