@@ -415,6 +415,25 @@ async fn a_caller_with_the_wrong_secret_is_refused_on_tcp() {
     agent.stop().await;
 }
 
+/// `tlctl ha status` shows the database digest (every record read and hashed); the status a
+/// metrics scrape reads does not compute it, since no metric shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_status_has_the_database_digest_and_the_metrics_status_does_not() {
+    use vsm::ha::handle::Digest;
+    let (_d, agent, mut m) = one_agent_cluster().await;
+    m.connect("alice", false).await.unwrap();
+    let api = Api::new(m.server().broker.clone(), m.server().ha.clone(), m.server().metrics.clone());
+    let full = api.ha_status(Digest::Include).await;
+    let digest = full.db_digest.clone().expect("a digest");
+    assert_eq!(digest.len(), 64, "sha-256 in hex: {digest}");
+    assert_eq!(m.ha_status().await.db_digest.as_deref(), Some(digest.as_str()), "the API request includes it");
+    let light = api.ha_status(Digest::Omit).await;
+    assert_eq!(light.db_digest, None);
+    assert_eq!((light.sessions, light.local_head, light.ready), (full.sessions, full.local_head, full.ready));
+    m.stop().await;
+    agent.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_metrics_over_http() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -20,7 +20,7 @@ pub mod tcp;
 pub mod unix;
 
 use crate::broker::service::{login_groups, Broker, BrokerError, ConnectRequest};
-use crate::ha::handle::HaControl;
+use crate::ha::handle::{Digest, HaControl};
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::model;
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView};
@@ -91,8 +91,8 @@ impl Api {
     }
 
     /// The HA node's status with what only the broker knows: the agents' clock offsets.
-    pub async fn ha_status(&self) -> HaStatusView {
-        let mut st = self.ha.status().await;
+    pub async fn ha_status(&self, digest: Digest) -> HaStatusView {
+        let mut st = self.ha.status(digest).await;
         st.agent_clock_offsets = self.broker.agent_clock_offsets();
         st
     }
@@ -267,7 +267,7 @@ impl Api {
                 }
                 ApiReply::Loads { agents: one, possibly_stale: self.possibly_stale() }
             }
-            ApiRequest::HaStatus => ApiReply::HaStatus { status: Box::new(self.ha_status().await) },
+            ApiRequest::HaStatus => ApiReply::HaStatus { status: Box::new(self.ha_status(Digest::Include).await) },
             ApiRequest::HaCheck => {
                 // A round trip to the database owner: a node whose database hangs is not ready.
                 if let Err(e) = b.db().status().await {

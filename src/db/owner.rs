@@ -39,9 +39,7 @@ use super::{
     ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead, SessionFilter, SqlContext,
     Write, GROUP_MAX,
 };
-use crate::model::{
-    now_ms, Change, DbSynchronous, Hlc, NodeId, Record, Seq, Session, SessionId, SessionStatus, Version,
-};
+use crate::model::{now_ms, Change, DbSynchronous, Hlc, NodeId, Record, Seq, Session, SessionId, Version};
 
 type Reply<T> = oneshot::Sender<Result<T, DbError>>;
 
@@ -819,25 +817,6 @@ impl Owner {
 
     pub(super) fn list(&mut self, f: &SessionFilter) -> Result<Vec<Session>, DbError> {
         store::list(&self.conn, &self.path, f)
-    }
-
-    pub(super) fn count_sessions(&mut self) -> Result<Vec<super::SessionCount>, DbError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT agent, status, count(*) FROM sessions WHERE tombstone = 0 GROUP BY agent, status")
-            .ctx("prepare the session count")?;
-        let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
-            .ctx("count sessions")?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (agent, status, n) = row.ctx("count sessions")?;
-            // A state this build does not know (written by a newer peer) is not counted.
-            if let Some(status) = SessionStatus::parse(&status) {
-                out.push(super::SessionCount { agent, status, count: n as u64 });
-            }
-        }
-        Ok(out)
     }
 
     /// The same figure computed by SQL, to check the in-memory count against.

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::flush::Durable;
 use super::store;
 use super::{DbError, SqlContext};
-use crate::model::{Record, Seq};
+use crate::model::{Record, Seq, SessionId};
 
 /// A short read of committed rows, run on the point reader's connection.
 pub(super) type PointJob = Box<dyn FnOnce(&Connection, &Path) + Send>;
@@ -80,6 +80,16 @@ pub(super) fn stream(
             None => drop(out.blocking_send(Err(e))),
         }
     }
+}
+
+/// The id and agent of every live session, read on a connection of its own.
+pub(super) fn live_ids(path: &Path) -> Result<Vec<(SessionId, String)>, DbError> {
+    store::live_ids(&super::schema::open_reader(path)?)
+}
+
+/// Live sessions per agent and state, counted on a connection of its own.
+pub(super) fn count_sessions(path: &Path) -> Result<Vec<super::SessionCount>, DbError> {
+    store::count_sessions(&super::schema::open_reader(path)?)
 }
 
 /// SHA-256 (hex) over every record in id order, each field length-prefixed.

@@ -270,6 +270,36 @@ pub(super) fn save_meta(conn: &Connection, hlc: Hlc, head: Seq) -> Result<(), Db
     Ok(())
 }
 
+/// The id and agent of every live session.
+pub(super) fn live_ids(conn: &Connection) -> Result<Vec<(SessionId, String)>, DbError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT id, agent FROM sessions WHERE tombstone = 0")
+        .ctx("prepare the live session ids")?;
+    let rows = stmt
+        .query_map([], |r| Ok((SessionId(r.get(0)?), r.get::<_, Option<String>>(1)?.unwrap_or_default())))
+        .ctx("read the live session ids")?;
+    rows.map(|r| r.ctx("read the live session ids")).collect()
+}
+
+/// Live sessions counted per agent and state.
+pub(super) fn count_sessions(conn: &Connection) -> Result<Vec<super::SessionCount>, DbError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT agent, status, count(*) FROM sessions WHERE tombstone = 0 GROUP BY agent, status")
+        .ctx("prepare the session count")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?)))
+        .ctx("count sessions")?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (agent, status, n) = row.ctx("count sessions")?;
+        // A state this build does not know (written by a newer peer) is not counted.
+        if let Some(status) = SessionStatus::parse(&status) {
+            out.push(super::SessionCount { agent, status, count: n as u64 });
+        }
+    }
+    Ok(out)
+}
+
 /// Per agent, per user, how many live sessions: the source of the in-memory count the
 /// owner keeps up to date (read once at open, and again after a failed transaction).
 pub(super) fn users_per_agent(conn: &Connection) -> Result<UsersPerAgent, DbError> {

@@ -910,6 +910,32 @@ async fn sessions_counted_per_agent_and_state_without_tombstones() {
     db.close().await.unwrap();
 }
 
+/// The ids a reconciliation sweep reads before it polls the agents, on a connection of its
+/// own: every live session written before, with its agent, and no tombstone.
+#[tokio::test]
+async fn live_ids_are_every_live_session_written_before_with_its_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open(&dir, "a");
+    for x in [session("1", "u1", "ag1", 1), session("2", "u1", "ag2", 2), session("3", "u2", "ag1", 3)] {
+        db.write(Write::Upsert(x)).await.unwrap();
+    }
+    db.write(Write::Delete(id("2"))).await.unwrap();
+    db.write(Write::Delete(id("never-seen"))).await.unwrap();
+    let mut got = db.live_ids().await.unwrap();
+    got.sort();
+    assert_eq!(got, vec![(id("1"), "ag1".to_string()), (id("3"), "ag1".to_string())]);
+    db.close().await.unwrap();
+    assert!(matches!(db_closed_live_ids(&dir).await, Err(DbError::Closed)));
+}
+
+/// A handle whose database is closed answers `Closed` instead of opening the file again.
+async fn db_closed_live_ids(dir: &tempfile::TempDir) -> Result<Vec<(SessionId, String)>, DbError> {
+    let db = open(dir, "a");
+    let other = db.clone();
+    db.close().await.unwrap();
+    other.live_ids().await
+}
+
 #[tokio::test]
 async fn users_per_agent_in_memory_matches_the_table_after_moves_applies_and_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -33,7 +33,7 @@
 //!   thread hand-over. None of them blocks.
 
 use super::engine::{self, Command, Engine, EngineConfig, Event};
-use super::handle::{commit_locally, AdoptionGate, CommitFuture, HaControl, Replication};
+use super::handle::{commit_locally, AdoptionGate, CommitFuture, Digest, HaControl, Replication};
 use super::resolve::{resolve_nodes, HaMode, MatchedBy, SystemHostEnv};
 use crate::config::{Config, SyncLevel};
 use crate::db::{DbError, DbHandle, Write};
@@ -538,8 +538,8 @@ impl Replication for HaNode {
 }
 
 impl HaControl for HaNode {
-    fn status(&self) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>> {
-        Box::pin(self.status_view())
+    fn status(&self, digest: Digest) -> Pin<Box<dyn Future<Output = HaStatusView> + Send + '_>> {
+        Box::pin(self.status_view(digest))
     }
 
     fn readiness(&self) -> watch::Receiver<Readiness> {

@@ -21,11 +21,14 @@ impl HaNode {
     }
 
     /// The status `tlctl ha status` shows, but for the agents' clock offsets (left empty):
-    /// the broker knows them, and the API adds them.
-    pub async fn status_view(&self) -> HaStatusView {
+    /// the broker knows them, and the API adds them. The database digest only if asked for.
+    pub async fn status_view(&self, digest: Digest) -> HaStatusView {
         let role = *self.role.borrow();
         let db = self.db.status().await.ok();
-        let db_digest = self.db.digest().await.ok();
+        let db_digest = match digest {
+            Digest::Include => self.db.digest().await.ok(),
+            Digest::Omit => None,
+        };
         let readiness = self.readiness();
         let mut v = HaStatusView {
             configured: self.cfg.ha.enabled,
