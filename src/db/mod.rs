@@ -671,7 +671,7 @@ impl DbHandle {
     /// (commits go on meanwhile). It holds every write answered before it was asked; with
     /// FULL it answers once what it read is flushed.
     pub async fn live_ids(&self) -> Result<Vec<(SessionId, String)>, DbError> {
-        self.on_reader_thread("vsm-db-ids", reader::live_ids).await
+        self.on_reader_thread("vsm-db-ids", |conn, _| store::live_ids(conn)).await
     }
 
     /// Live sessions counted per agent and state, without reading the rows out. Counted on
@@ -679,7 +679,7 @@ impl DbHandle {
     /// 100,000), so commits go on meanwhile; with FULL it answers once what it may have
     /// counted is flushed.
     pub async fn count_sessions(&self) -> Result<Vec<SessionCount>, DbError> {
-        self.on_reader_thread("vsm-db-count", reader::count_sessions).await
+        self.on_reader_thread("vsm-db-count", |conn, _| store::count_sessions(conn)).await
     }
 
     pub async fn status(&self) -> Result<DbStatus, DbError> {
@@ -756,12 +756,12 @@ impl DbHandle {
         self.on_reader_thread("vsm-db-digest", reader::digest).await
     }
 
-    /// Runs `read` on a new thread named `name` (it opens a connection of its own), and
+    /// Runs `read` on a new thread named `name`, on a read-only connection of its own, and
     /// answers once what it may have seen is flushed.
     async fn on_reader_thread<T: Send + 'static>(
         &self,
         name: &str,
-        read: fn(&Path) -> Result<T, DbError>,
+        read: fn(&mut rusqlite::Connection, &Path) -> Result<T, DbError>,
     ) -> Result<T, DbError> {
         if self.tx.is_closed() {
             return Err(DbError::Closed);
@@ -771,7 +771,10 @@ impl DbHandle {
         let durable = self.durable.clone();
         std::thread::Builder::new()
             .name(name.into())
-            .spawn(move || drop(reply.send(read(&path).and_then(|v| durable.settle().map(|()| v)))))
+            .spawn(move || {
+                let value = schema::open_reader(&path).and_then(|mut conn| read(&mut conn, &path));
+                drop(reply.send(value.and_then(|v| durable.settle().map(|()| v))))
+            })
             .map_err(|source| DbError::Io { context: format!("start a reader thread ({name})"), source })?;
         rx.await.map_err(|_| DbError::Closed)?
     }

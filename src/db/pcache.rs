@@ -26,7 +26,7 @@
 //!   stays in use, unwrapped, and nothing else changes.
 
 use std::ffi::{c_int, c_uint, c_void};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use rusqlite::ffi;
@@ -45,7 +45,6 @@ unsafe impl Send for Inner {}
 unsafe impl Sync for Inner {}
 
 static INNER: OnceLock<Inner> = OnceLock::new();
-static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Truncations answered here (nothing to drop) and passed to SQLite's cache, process-wide.
 static SKIPPED: AtomicU64 = AtomicU64::new(0);
@@ -56,8 +55,8 @@ static PARKED: AtomicU64 = AtomicU64::new(0);
 /// Installs the wrapper once, if SQLite is not initialised yet. Returns whether it is in
 /// use.
 pub(super) fn install() -> bool {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
+    static INSTALLED: OnceLock<bool> = OnceLock::new();
+    *INSTALLED.get_or_init(|| {
         let mut inner = ffi::sqlite3_pcache_methods2 {
             iVersion: 0,
             pArg: std::ptr::null_mut(),
@@ -78,10 +77,10 @@ pub(super) fn install() -> bool {
         let rc = unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_GETPCACHE2, &mut inner as *mut _) };
         if rc != ffi::SQLITE_OK || inner.iVersion < 1 || !complete(&inner) {
             tracing::debug!(rc, "sqlite page cache: left as it is (sqlite already initialised)");
-            return;
+            return false;
         }
         if INNER.set(Inner(inner)).is_err() {
-            return;
+            return false;
         }
         let ours = ffi::sqlite3_pcache_methods2 {
             iVersion: 1,
@@ -101,9 +100,8 @@ pub(super) fn install() -> bool {
         // SAFETY: SQLite copies the struct (and `INNER` is set for the callbacks); it is
         // not initialised yet, as the call above showed.
         let rc = unsafe { ffi::sqlite3_config(ffi::SQLITE_CONFIG_PCACHE2, &ours as *const _) };
-        INSTALLED.store(rc == ffi::SQLITE_OK, Ordering::Release);
-    });
-    INSTALLED.load(Ordering::Acquire)
+        rc == ffi::SQLITE_OK
+    })
 }
 
 /// What the wrapper saw since the start, process-wide (read by the tests).
@@ -150,7 +148,7 @@ struct Cache {
     /// The page number holding the lock byte for this cache's page size.
     spare_key: c_uint,
     /// At least the number of every page held, except one at `spare_key`.
-    hi: std::sync::atomic::AtomicU32,
+    hi: AtomicU32,
     /// A page is held at `spare_key`.
     spare: AtomicBool,
 }
@@ -210,12 +208,7 @@ unsafe extern "C" fn x_create(sz_page: c_int, sz_extra: c_int, purgeable: c_int)
         return p;
     }
     let spare_key = if sz_page > 0 { LOCK_BYTE / sz_page as u32 + 1 } else { c_uint::MAX };
-    let cache = Box::new(Cache {
-        inner: p,
-        spare_key,
-        hi: std::sync::atomic::AtomicU32::new(0),
-        spare: AtomicBool::new(false),
-    });
+    let cache = Box::new(Cache { inner: p, spare_key, hi: AtomicU32::new(0), spare: AtomicBool::new(false) });
     Box::into_raw(cache) as *mut ffi::sqlite3_pcache
 }
 

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::flush::Durable;
 use super::store;
 use super::{DbError, SqlContext};
-use crate::model::{Record, Seq, SessionId};
+use crate::model::{Record, Seq};
 
 /// A short read of committed rows, run on the point reader's connection.
 pub(super) type PointJob = Box<dyn FnOnce(&Connection, &Path) + Send>;
@@ -82,23 +82,12 @@ pub(super) fn stream(
     }
 }
 
-/// The id and agent of every live session, read on a connection of its own.
-pub(super) fn live_ids(path: &Path) -> Result<Vec<(SessionId, String)>, DbError> {
-    store::live_ids(&super::schema::open_reader(path)?)
-}
-
-/// Live sessions per agent and state, counted on a connection of its own.
-pub(super) fn count_sessions(path: &Path) -> Result<Vec<super::SessionCount>, DbError> {
-    store::count_sessions(&super::schema::open_reader(path)?)
-}
-
 /// SHA-256 (hex) over every record in id order, each field length-prefixed.
-pub(super) fn digest(path: &Path) -> Result<String, DbError> {
+pub(super) fn digest(conn: &mut Connection, path: &Path) -> Result<String, DbError> {
     fn field(h: &mut Sha256, b: &[u8]) {
         h.update((b.len() as u64).to_le_bytes());
         h.update(b);
     }
-    let mut conn = super::schema::open_reader(path)?;
     let tx = conn.transaction().ctx("begin a digest")?;
     let mut h = Sha256::new();
     let mut body = Vec::new();
