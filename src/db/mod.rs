@@ -730,8 +730,10 @@ impl DbHandle {
         Ok(self.snapshot().await?.records)
     }
 
-    /// Position reached in the change log of `peer_db_id` (`Seq::ZERO` when unknown).
-    pub async fn peer_position(&self, peer_db_id: &str) -> Result<Seq, DbError> {
+    /// Position reached in the change log of `peer_db_id`; `None` when none was ever stored
+    /// (nothing of that log applied, or only part of a snapshot), which is not position 0:
+    /// only a stored position says this database holds everything the peer had up to it.
+    pub async fn peer_position(&self, peer_db_id: &str) -> Result<Option<Seq>, DbError> {
         let peer = peer_db_id.to_string();
         self.read(move |o| o.peer_position(&peer)).await
     }

@@ -888,13 +888,13 @@ impl Owner {
             .ctx("read the last peer position")
     }
 
-    pub(super) fn peer_position(&mut self, peer: &str) -> Result<Seq, DbError> {
+    pub(super) fn peer_position(&mut self, peer: &str) -> Result<Option<Seq>, DbError> {
         let seq: Option<i64> = self
             .conn
             .prepare_cached("SELECT seq FROM peer_positions WHERE peer_db_id = ?1")
             .and_then(|mut s| s.query_row([peer], |r| r.get(0)).optional())
             .ctx("read a peer position")?;
-        Ok(seq.map_or(Seq::ZERO, |s| Seq(s as u64)))
+        Ok(seq.map(|s| Seq(s as u64)))
     }
 }
 

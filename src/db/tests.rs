@@ -296,10 +296,10 @@ async fn applying_the_same_records_twice_equals_once() {
     assert_eq!(digest, a.digest().await.unwrap());
 
     // Positions only move forward.
-    assert_eq!(b.peer_position(a.db_id()).await.unwrap(), Seq(21));
+    assert_eq!(b.peer_position(a.db_id()).await.unwrap(), Some(Seq(21)));
     b.apply_remote(a.db_id().into(), vec![], Seq(5)).await.unwrap();
-    assert_eq!(b.peer_position(a.db_id()).await.unwrap(), Seq(21));
-    assert_eq!(b.peer_position("unknown").await.unwrap(), Seq::ZERO);
+    assert_eq!(b.peer_position(a.db_id()).await.unwrap(), Some(Seq(21)));
+    assert_eq!(b.peer_position("unknown").await.unwrap(), None);
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
@@ -487,7 +487,7 @@ async fn an_invalid_record_fails_its_request_only() {
         t.await.unwrap().unwrap();
     }
     assert_eq!(db.get(&id("g")).await.unwrap(), None, "the whole request was rolled back");
-    assert_eq!(db.peer_position("pb").await.unwrap(), Seq::ZERO);
+    assert_eq!(db.peer_position("pb").await.unwrap(), None);
     let st = db.status().await.unwrap();
     assert_eq!((st.head, st.sessions), (Seq(32), 32));
     db.close().await.unwrap();
@@ -517,13 +517,13 @@ async fn after_a_failed_queued_apply_the_rest_of_its_chain_stores_nothing() {
     let err = third.await.unwrap_err();
     assert!(matches!(err, DbError::ApplyChainBroken), "{err:?}");
     assert!(err.to_string().contains("earlier batch"), "{err}");
-    assert_eq!(db.peer_position("pb").await.unwrap(), Seq(1));
+    assert_eq!(db.peer_position("pb").await.unwrap(), Some(Seq(1)));
     assert_eq!(db.get(&id("c")).await.unwrap(), None);
     // The next connection's chain applies again, from the stored position.
     let next =
         db.queue_apply(ApplyChain(8), "pb".into(), vec![rec("c", 3)], PositionUpdate::Set(Seq(3))).await.unwrap();
     assert_eq!(next.await.unwrap().applied, 1);
-    assert_eq!(db.peer_position("pb").await.unwrap(), Seq(3));
+    assert_eq!(db.peer_position("pb").await.unwrap(), Some(Seq(3)));
     db.close().await.unwrap();
 }
 
@@ -1047,7 +1047,7 @@ async fn snapshot_streams_come_in_chunks_and_positions_can_be_reset() {
 
     db.apply_remote("p".into(), vec![], Seq(50)).await.unwrap();
     db.set_peer_position("p", Seq(7)).await.unwrap();
-    assert_eq!(db.peer_position("p").await.unwrap(), Seq(7));
+    assert_eq!(db.peer_position("p").await.unwrap(), Some(Seq(7)));
     db.close().await.unwrap();
 }
 
@@ -1091,7 +1091,7 @@ fn arb_op() -> impl proptest::strategy::Strategy<Value = Op> {
 async fn sync(from: &DbHandle, to: &DbHandle, chunk: usize) {
     let peer = from.db_id().to_string();
     loop {
-        let pos = to.peer_position(&peer).await.unwrap();
+        let pos = to.peer_position(&peer).await.unwrap().unwrap_or(Seq::ZERO);
         match from.changes_since(pos, chunk).await.unwrap() {
             LogRead::Changes(ch) if ch.is_empty() => return,
             LogRead::Changes(ch) => {

@@ -88,7 +88,11 @@
 //!
 //! # Refinements of the original plan
 //! - `Hello::your_db_id` names the log `your_position` refers to, because both sides send
-//!   `Hello` before reading the other's.
+//!   `Hello` before reading the other's. It is set only with a stored position: the link
+//!   remembers the peer's `db_id` from its hello, and after a snapshot interrupted on that
+//!   connection, naming it with position 0 asked for an incremental resync from the peer's
+//!   first change, so a wiped node never got back its own writes (found by the random
+//!   operations test in `tests/ha.rs`; `sim.rs` now remembers the peer's id the same way).
 //! - `Apply` carries `peer_db_id`, and `peer_pos` is an `Option` (`None` for snapshot chunks)
 //!   rather than position 0: storing 0 made an interrupted snapshot look like a valid
 //!   position, and a reinstalled node then never got back its own writes held by the peer

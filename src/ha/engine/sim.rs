@@ -500,14 +500,20 @@ impl World {
         self.next_link += 1;
         let hellos: Vec<Hello> = (0..2)
             .map(|i| {
+                // As the real link does: the peer's log is named only with a stored position.
                 let s = &self.nodes[i].store;
-                let pos = s.last_peer_db.as_ref().and_then(|d| s.positions.get(d)).copied();
-                self.nodes[i].engine.hello(s.last_peer_db.clone(), pos.unwrap_or_default(), now)
+                match s.last_peer_db.as_ref().and_then(|d| Some((d.clone(), *s.positions.get(d)?))) {
+                    Some((d, pos)) => self.nodes[i].engine.hello(Some(d), pos, now),
+                    None => self.nodes[i].engine.hello(None, Seq::ZERO, now),
+                }
             })
             .collect();
         for i in 0..2 {
             self.nodes[i].link = Some(link);
             self.wire[i].clear();
+            // The real link remembers the peer's database id from its hello, before anything
+            // of it is applied.
+            self.nodes[i].store.last_peer_db = Some(hellos[1 - i].db_id.clone());
         }
         for i in 0..2 {
             if self.nodes[i].link != Some(link) {

@@ -182,7 +182,7 @@ impl Driver {
                 self.chain = ApplyChain(self.chain.0 + 1);
                 self.snapshot = None;
                 *self.node.handshake_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-                let pos = self.db.peer_position(&hello.db_id).await.unwrap_or(Seq::ZERO);
+                let pos = self.db.peer_position(&hello.db_id).await.ok().flatten().unwrap_or(Seq::ZERO);
                 self.writer = Some(writer);
                 self.conn = Some(conn);
                 let now = engine_now();

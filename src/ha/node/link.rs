@@ -19,20 +19,26 @@ pub(super) struct HelloSource {
 }
 
 impl HelloSource {
+    /// Names the peer's log only with a position stored for it. A peer announced on an
+    /// earlier connection whose snapshot never completed has none, and claiming position 0
+    /// of its log would get an incremental resync from its first change: everything it holds
+    /// outside its own log (the writes this node made before losing its database) would
+    /// never come back.
     pub(super) async fn hello(&self) -> Result<Hello, String> {
         let st = self.db.status().await.map_err(|e| e.to_string())?;
         let last = self.last_peer.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let your_position = match &last {
-            Some(id) => self.db.peer_position(id).await.map_err(|e| e.to_string())?,
-            None => Seq::ZERO,
+        let applied = match last {
+            Some(id) => self.db.peer_position(&id).await.map_err(|e| e.to_string())?.map(|pos| (id, pos)),
+            None => None,
         };
+        let (your_db_id, your_position) = applied.map_or((None, Seq::ZERO), |(id, pos)| (Some(id), pos));
         Ok(Hello {
             protocol: PROTOCOL_VERSION,
             node: self.local.clone(),
             db_id: st.db_id,
             head: st.head,
             oldest: st.oldest,
-            your_db_id: last,
+            your_db_id,
             your_position,
             config_digest: self.digest.clone(),
             now_ms: now_ms(),
