@@ -1124,3 +1124,80 @@ async fn a_desktop_the_peer_is_still_starting_is_not_adopted_and_ends_when_the_p
     p.converge_and_stop().await;
     agent.stop().await;
 }
+
+/// One request as the Unix socket carries it: a 4-byte big-endian length, then JSON.
+fn frame(req: &ApiRequest) -> Vec<u8> {
+    let body = serde_json::to_vec(req).unwrap();
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend(body);
+    f
+}
+
+/// An admin's connection moves to the database thread at its first session write; from
+/// then on its writes, and every other request it sends (handled on a worker), are answered
+/// in order, pipelined ones too, each write acknowledged by the peer before its reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_connection_that_writes_keeps_answering_every_request_in_order() {
+    use tokio::io::AsyncWriteExt;
+    init_logging();
+    let d = cluster_dir();
+    let agent = TestAgent::start(d.path(), 0, 1, sleep_command()).await;
+    // Root is an admin anyway; another user is one through its primary group.
+    let group = nix::unistd::Group::from_gid(nix::unistd::getgid()).unwrap().map(|g| g.name);
+    let p =
+        TestPair::start(d.path(), std::slice::from_ref(&agent.name), |_, c| c.vsmserver.admin_group = group.clone())
+            .await;
+    assert!(p.wait_streaming().await);
+    let mut s = tokio::net::UnixStream::connect(&p.a().cfg.vsmserver.socket_path).await.unwrap();
+    let (first, second) = (template("importer-one"), template("importer-two"));
+
+    s.write_all(&frame(&ApiRequest::SessionPut { session: first.clone() })).await.unwrap();
+    assert!(matches!(raw_reply(&mut s, T).await, Some(ApiReply::Ok { .. })));
+    assert!(p.b().server().db.get(&first.id).await.unwrap().is_some(), "answered before the peer had it");
+
+    // A write and two reads in one write: the bytes after the write survive the move.
+    let mut burst = frame(&ApiRequest::SessionPut { session: second.clone() });
+    burst.extend(frame(&ApiRequest::SessionList { selector: Default::default(), refresh: false }));
+    burst.extend(frame(&ApiRequest::MySessions { user: Some(first.user.clone()) }));
+    s.write_all(&burst).await.unwrap();
+    assert!(matches!(raw_reply(&mut s, T).await, Some(ApiReply::Ok { .. })));
+    assert!(p.b().server().db.get(&second.id).await.unwrap().is_some(), "answered before the peer had it");
+    match raw_reply(&mut s, T).await {
+        Some(ApiReply::Sessions { sessions, .. }) => {
+            let ids: BTreeSet<_> = sessions.into_iter().map(|s| s.id).collect();
+            assert_eq!(ids, [first.id.clone(), second.id.clone()].into(), "the listing holds both writes");
+        }
+        other => panic!("expected the session list, got {other:?}"),
+    }
+    match raw_reply(&mut s, T).await {
+        Some(ApiReply::Sessions { sessions, .. }) => {
+            assert_eq!(sessions.iter().map(|s| &s.id).collect::<Vec<_>>(), [&first.id], "one user's sessions")
+        }
+        other => panic!("expected the user's sessions, got {other:?}"),
+    }
+
+    // A login on the same connection starts a desktop on the agent, as on any other.
+    let login = ApiRequest::Connect {
+        user: Some("importer-login".into()),
+        new: false,
+        terminate_existing: false,
+        geometry: None,
+        client_address: None,
+    };
+    s.write_all(&frame(&login)).await.unwrap();
+    match raw_reply(&mut s, T).await {
+        Some(ApiReply::Connected { info }) => assert_eq!(info.agent, agent.name),
+        other => panic!("expected a login, got {other:?}"),
+    }
+
+    // Garbage after the move is refused with a clear error and ends the connection.
+    s.write_all(&[0, 0, 0, 3, b'{', b'x', b'}']).await.unwrap();
+    match raw_reply(&mut s, T).await {
+        Some(ApiReply::Error { kind: ApiErrorKind::BadRequest, message }) => {
+            assert!(message.contains("malformed request"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(closed_by_server(&mut s).await);
+    p.converge_and_stop().await;
+}

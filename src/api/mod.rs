@@ -317,6 +317,14 @@ impl RequestConn for crate::proto::SecureConn<tokio::net::TcpStream> {
     }
 }
 
+/// How [`Api::serve_requests_until`] ended.
+pub(crate) enum Served {
+    /// The caller closed the connection, or the server shuts down.
+    Closed,
+    /// This request asked for the connection to be handed over; it is not answered yet.
+    HandOver(ApiRequest),
+}
+
 impl Api {
     /// Answers requests on `conn` until the caller closes it, sends nothing for the idle
     /// timeout, or the server shuts down. A malformed or oversized request gets a
@@ -328,23 +336,49 @@ impl Api {
         limits: &Limits,
         shutdown: &tokio_util::sync::CancellationToken,
     ) -> Result<(), ProtoError> {
+        self.serve_requests_until(conn, caller, limits, shutdown, |_| false).await.map(|_| ())
+    }
+
+    /// [`Api::serve_requests`] until a request for which `hand_over` is true: that one is
+    /// returned unanswered, and the connection is left where its next request begins.
+    pub(crate) async fn serve_requests_until<C: RequestConn>(
+        &self,
+        conn: &mut C,
+        caller: &Caller,
+        limits: &Limits,
+        shutdown: &tokio_util::sync::CancellationToken,
+        hand_over: impl Fn(&ApiRequest) -> bool,
+    ) -> Result<Served, ProtoError> {
         loop {
-            let req = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = limits.idle(conn.recv_request()) => r,
-            };
-            let reply = match req {
-                Ok(Some(req)) => self.handle(caller, req).await,
-                Ok(None) => return Ok(()),
-                Err(e @ ProtoError::Idle { .. }) => return Err(e),
-                Err(e) => {
-                    let r =
-                        ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
-                    let _ = conn.send_reply(&r).await;
-                    return Err(e);
-                }
-            };
+            let Some(req) = self.next_request(conn, limits, shutdown).await? else { return Ok(Served::Closed) };
+            if hand_over(&req) {
+                return Ok(Served::HandOver(req));
+            }
+            let reply = self.handle(caller, req).await;
             conn.send_reply(&reply).await?;
+        }
+    }
+
+    /// The next request on `conn`; `None` once the caller closed it or the server shuts
+    /// down. A malformed request is answered `BadRequest` and returned as the error.
+    pub(crate) async fn next_request<C: RequestConn>(
+        &self,
+        conn: &mut C,
+        limits: &Limits,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<ApiRequest>, ProtoError> {
+        let req = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            r = limits.idle(conn.recv_request()) => r,
+        };
+        match req {
+            Ok(r) => Ok(r),
+            Err(e @ ProtoError::Idle { .. }) => Err(e),
+            Err(e) => {
+                let r = ApiReply::Error { kind: ApiErrorKind::BadRequest, message: format!("malformed request: {e}") };
+                let _ = conn.send_reply(&r).await;
+                Err(e)
+            }
         }
     }
 }

@@ -6,13 +6,18 @@
 //! most [`MAX_REQUEST`] bytes (refused from the frame header alone), the listener's
 //! connection cap and idle timeout, and at most `/vsmserver/max_connections_per_user`
 //! connections per user (root and admins excepted), so one user cannot take every slot.
+//! An admin's connection moves to the database thread's runtime at its first session write
+//! (`SessionPut`), where its writes are answered without a thread hand-over; any other
+//! request on it is still handled on a worker. At most [`DB_THREAD_CONNECTIONS`] connections
+//! are served there at once; the others stay on the workers.
 
-use super::{Api, Caller};
-use crate::proto::api::{ApiErrorKind, ApiReply, MAX_REPLY, MAX_REQUEST};
-use crate::proto::listen::{self, Peer};
+use super::{Api, Caller, RequestConn, Served};
+use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, MAX_REPLY, MAX_REQUEST};
+use crate::proto::listen::{self, Limits, Peer};
 use crate::proto::{PlainConn, ProtoError};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,9 +26,10 @@ use tokio_util::task::TaskTracker;
 pub async fn serve(listener: UnixListener, api: Api, shutdown: CancellationToken, tracker: TaskTracker) {
     let limits = api.limits();
     let per_user = PerUser::default();
+    let db_seats = DbSeats::default();
     let sd = shutdown.clone();
     listen::serve("unix socket", listener, limits, shutdown, tracker, move |stream, _peer: Peer| {
-        serve_conn(stream, api.clone(), per_user.clone(), sd.clone())
+        serve_conn(stream, api.clone(), per_user.clone(), db_seats.clone(), sd.clone())
     })
     .await
 }
@@ -62,6 +68,33 @@ impl Drop for UserSlot {
     }
 }
 
+/// How many connections the database thread serves at once. One or two writers gain most
+/// from being served there (no hand-over per write); with many, the database thread is the
+/// bottleneck and the requests it would decode and answer are better left to the workers.
+const DB_THREAD_CONNECTIONS: usize = 2;
+
+/// Connections being served on the database thread.
+#[derive(Clone, Default)]
+struct DbSeats(Arc<AtomicUsize>);
+
+/// One of the [`DB_THREAD_CONNECTIONS`] seats; given back when dropped.
+struct DbSeat(Arc<AtomicUsize>);
+
+impl DbSeats {
+    fn take(&self) -> Option<DbSeat> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < DB_THREAD_CONNECTIONS).then_some(n + 1))
+            .ok()
+            .map(|_| DbSeat(self.0.clone()))
+    }
+}
+
+impl Drop for DbSeat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn identify(stream: &UnixStream, admin_group: Option<&str>) -> Result<Caller, String> {
     let cred = stream.peer_cred().map_err(|e| format!("cannot read peer credentials: {e}"))?;
     let uid = cred.uid();
@@ -78,6 +111,7 @@ async fn serve_conn(
     stream: UnixStream,
     api: Api,
     per_user: PerUser,
+    db_seats: DbSeats,
     shutdown: CancellationToken,
 ) -> Result<(), ProtoError> {
     let cfg = &api.broker.config().vsmserver;
@@ -108,5 +142,64 @@ async fn serve_conn(
         },
         Caller::RemoteAdmin { .. } => None,
     };
-    api.serve_requests(&mut conn, &caller, &api.limits(), &shutdown).await
+    let limits = api.limits();
+    let admin = caller.is_admin();
+    let seat = OnceLock::new();
+    let hand_over = |r: &ApiRequest| {
+        admin && matches!(r, ApiRequest::SessionPut { .. }) && db_seats.take().is_some_and(|s| seat.set(s).is_ok())
+    };
+    let first = match api.serve_requests_until(&mut conn, &caller, &limits, &shutdown, hand_over).await? {
+        Served::Closed => return Ok(()),
+        Served::HandOver(req) => req,
+    };
+    // An admin storing session records (an import, a migration, a tool writing records
+    // one after another): each write is a commit and, in `ack` mode, the peer's
+    // acknowledgement, both on the database thread. Served there, a write is read,
+    // committed, acknowledged and answered without waking a worker thread twice.
+    let conn = conn.map_stream(UnixStream::into_std)?;
+    let worker = tokio::runtime::Handle::current();
+    let db_runtime = api.broker.db().runtime().clone();
+    let served = db_runtime.spawn(async move {
+        let _seat = seat;
+        let conn = conn.map_stream(UnixStream::from_std)?;
+        serve_writes(&api, conn, &caller, first, &worker, &limits, &shutdown).await
+    });
+    // The task ends with the connection, or is dropped with the database thread at shutdown.
+    served.await.unwrap_or(Ok(()))
+}
+
+/// Serves a handed-over connection on the database thread's runtime, starting with `first`.
+/// Only session writes are answered there; anything else the caller sends is handled on a
+/// worker (`worker`), since it may look up users and groups or read at length, and the
+/// database thread must never block.
+async fn serve_writes(
+    api: &Api,
+    mut conn: PlainConn<UnixStream>,
+    caller: &Caller,
+    first: ApiRequest,
+    worker: &tokio::runtime::Handle,
+    limits: &Limits,
+    shutdown: &CancellationToken,
+) -> Result<(), ProtoError> {
+    let mut next = Some(first);
+    loop {
+        let req = match next.take() {
+            Some(r) => r,
+            None => match api.next_request(&mut conn, limits, shutdown).await? {
+                Some(r) => r,
+                None => return Ok(()),
+            },
+        };
+        let reply = if matches!(req, ApiRequest::SessionPut { .. }) {
+            api.handle(caller, req).await
+        } else {
+            let (api, caller) = (api.clone(), caller.clone());
+            match worker.spawn(async move { api.handle(&caller, req).await }).await {
+                Ok(reply) => reply,
+                // The worker runtime is shutting down.
+                Err(_) => return Ok(()),
+            }
+        };
+        conn.send_reply(&reply).await?;
+    }
 }

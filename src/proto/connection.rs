@@ -288,6 +288,14 @@ impl<T: Transport, S> Conn<T, S> {
         &self.stream
     }
 
+    /// The same link over `f(stream)`, keeping any input already buffered and the state of
+    /// both directions: how a connection moves to another runtime (`into_std` here,
+    /// `from_std` there).
+    pub fn map_stream<S2, E>(self, f: impl FnOnce(S) -> Result<S2, E>) -> Result<Conn<T, S2>, E> {
+        let Conn { stream, rx, tx } = self;
+        Ok(Conn { stream: f(stream)?, rx, tx })
+    }
+
     /// Split with a stream-specific splitter (e.g. `UnixStream::into_split`), keeping any
     /// input already buffered.
     pub fn split_with<R, W>(self, split: impl FnOnce(S) -> (R, W)) -> (Reader<T, R>, Writer<T, W>) {
