@@ -1249,8 +1249,9 @@ async fn resync_of_100k_sessions() {
     for part in &parts {
         b.apply_remote_with(stream.db_id.clone(), part.clone(), PositionUpdate::Keep).await.unwrap();
     }
+    lap("apply on an empty node");
     b.apply_remote_with(stream.db_id.clone(), vec![], PositionUpdate::Set(stream.head)).await.unwrap();
-    lap("apply on an empty node (indexes built at the end)");
+    lap("end of the snapshot (indexes built)");
     let mut skipped = 0;
     for part in parts {
         skipped += b.apply_remote(stream.db_id.clone(), part, stream.head).await.unwrap().skipped;
