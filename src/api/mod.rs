@@ -297,6 +297,21 @@ impl Api {
 pub(crate) trait RequestConn: Send {
     fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send;
     fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a;
+    /// See [`crate::proto::connection::Conn::take_wrote_large`].
+    fn take_wrote_large(&mut self) -> bool;
+
+    /// Sends `reply` and drops it; after a large one (every session of a big cluster), the
+    /// memory it took is handed back to the system.
+    fn answer(&mut self, reply: ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send {
+        async move {
+            self.send_reply(&reply).await?;
+            drop(reply);
+            if self.take_wrote_large() {
+                crate::proto::connection::give_back_freed_memory();
+            }
+            Ok(())
+        }
+    }
 }
 
 impl RequestConn for crate::proto::PlainConn<tokio::net::UnixStream> {
@@ -306,6 +321,9 @@ impl RequestConn for crate::proto::PlainConn<tokio::net::UnixStream> {
     fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a {
         self.send(r)
     }
+    fn take_wrote_large(&mut self) -> bool {
+        crate::proto::connection::Conn::take_wrote_large(self)
+    }
 }
 
 impl RequestConn for crate::proto::SecureConn<tokio::net::TcpStream> {
@@ -314,6 +332,9 @@ impl RequestConn for crate::proto::SecureConn<tokio::net::TcpStream> {
     }
     fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a {
         self.send(r)
+    }
+    fn take_wrote_large(&mut self) -> bool {
+        crate::proto::connection::Conn::take_wrote_large(self)
     }
 }
 
@@ -355,7 +376,7 @@ impl Api {
                 return Ok(Served::HandOver(req));
             }
             let reply = self.handle(caller, req).await;
-            conn.send_reply(&reply).await?;
+            conn.answer(reply).await?;
         }
     }
 

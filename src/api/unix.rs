@@ -200,6 +200,6 @@ async fn serve_writes(
                 Err(_) => return Ok(()),
             }
         };
-        conn.send_reply(&reply).await?;
+        conn.answer(reply).await?;
     }
 }

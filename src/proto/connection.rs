@@ -33,6 +33,11 @@ const READ_BUF: usize = 8 * 1024;
 /// A send buffer grown past this by a large message is given back once it is written.
 const SEND_BUF_KEEP: usize = 256 * 1024;
 
+/// After writing this much at once (every session in one listing), the memory the message
+/// took is handed back to the system, not kept by the allocator for a next time that may
+/// never come.
+const TRIM_AFTER: usize = 4 * 1024 * 1024;
+
 /// Messages this large are decoded off the receiving task's thread by
 /// [`Reader::recv_off_thread`]: a batch of records from the peer during a resync, whose
 /// decoding would otherwise take turns with the database work on the same thread. Smaller
@@ -199,6 +204,8 @@ pub(super) struct Tx<T: Transport> {
     json: Vec<u8>,
     /// Frames queued for the next flush.
     pub(super) out: BytesMut,
+    /// A flush wrote more than [`TRIM_AFTER`] bytes since [`Conn::take_wrote_large`].
+    wrote_large: bool,
     broken: bool,
     pub(super) state: T::Tx,
 }
@@ -216,6 +223,10 @@ impl<T: Transport> Tx<T> {
             return Err(ProtoError::MessageTooLarge { len, max: self.max });
         }
         let res = T::seal(&mut self.state, &self.json, self.max, &mut self.out);
+        // A snapshot chunk's buffer (some 400 KiB) is kept for the next; a listing's is not.
+        if self.json.capacity() > TRIM_AFTER {
+            self.json = Vec::new();
+        }
         if res.is_err() {
             self.broken = true;
         }
@@ -230,10 +241,12 @@ impl<T: Transport> Tx<T> {
         self.broken = true;
         if !self.out.is_empty() {
             w.write_all(&self.out).await?;
+            let large = self.out.len() > TRIM_AFTER;
             self.out.clear();
             if self.out.capacity() > SEND_BUF_KEEP {
                 self.out = BytesMut::new();
             }
+            self.wrote_large |= large;
         }
         w.flush().await?;
         self.broken = false;
@@ -247,6 +260,18 @@ impl<T: Transport> Tx<T> {
     ) -> Result<(), ProtoError> {
         self.feed(msg)?;
         self.flush(w).await
+    }
+}
+
+/// Returns the allocator's free memory to the system. glibc keeps what a large message
+/// freed in its arenas, so a master that once listed 100,000 sessions would otherwise stay
+/// some 100 MiB larger for the rest of its life. Call it once the message's source is
+/// dropped too (see [`Conn::take_wrote_large`]).
+pub fn give_back_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory the allocator holds; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -279,7 +304,14 @@ impl<T: Transport, S> Conn<T, S> {
         Conn {
             stream,
             rx: Rx { buf, broken: false, max: recv.0, state: recv.1 },
-            tx: Tx { max: send.0, json: Vec::new(), out: BytesMut::new(), broken: false, state: send.1 },
+            tx: Tx {
+                max: send.0,
+                json: Vec::new(),
+                out: BytesMut::new(),
+                wrote_large: false,
+                broken: false,
+                state: send.1,
+            },
         }
     }
 
@@ -318,6 +350,13 @@ impl<T: Transport, S: AsyncRead + AsyncWrite + Unpin> Conn<T, S> {
     /// Write every queued message.
     pub async fn flush(&mut self) -> Result<(), ProtoError> {
         self.tx.flush(&mut self.stream).await
+    }
+
+    /// Whether a message of more than [`TRIM_AFTER`] bytes was written since the last call:
+    /// then, once the value it was made from is dropped as well, [`give_back_freed_memory`]
+    /// returns what both took.
+    pub fn take_wrote_large(&mut self) -> bool {
+        std::mem::take(&mut self.tx.wrote_large)
     }
 
     /// The next message; `None` when the peer closed cleanly between messages.
@@ -502,6 +541,32 @@ mod tests {
         assert_eq!(reader.recv_off_thread::<Msg>().await.unwrap().unwrap(), Msg { n: 4, s: "small".into() });
         writer.await.unwrap();
         assert!(reader.recv_off_thread::<Msg>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_large_message_is_reported_once_and_its_buffers_are_not_kept() {
+        let (a, b) = tokio::io::duplex(1024 * 1024);
+        let mut a = PlainConn::new(a);
+        let reader = tokio::spawn(async move {
+            let mut b = PlainConn::new(b);
+            let mut lens = Vec::new();
+            while let Some(m) = b.recv::<Msg>().await.unwrap() {
+                lens.push(m.s.len());
+            }
+            lens
+        });
+        a.send(&Msg { n: 0, s: "small".into() }).await.unwrap();
+        assert!(!a.take_wrote_large(), "a small message is not large");
+        let big = "z".repeat(TRIM_AFTER + 1);
+        a.send(&Msg { n: 1, s: big }).await.unwrap();
+        assert!(a.take_wrote_large(), "a message over TRIM_AFTER is reported");
+        assert!(!a.take_wrote_large(), "and only once");
+        assert!(a.tx.json.capacity() <= TRIM_AFTER && a.tx.out.capacity() <= SEND_BUF_KEEP, "buffers kept");
+        give_back_freed_memory();
+        a.send(&Msg { n: 2, s: "after".into() }).await.unwrap();
+        assert!(!a.take_wrote_large());
+        drop(a);
+        assert_eq!(reader.await.unwrap(), [5, TRIM_AFTER + 1, 5]);
     }
 
     #[tokio::test]
