@@ -343,7 +343,7 @@ pub(crate) enum Served {
     /// The caller closed the connection, or the server shuts down.
     Closed,
     /// This request asked for the connection to be handed over; it is not answered yet.
-    HandOver(ApiRequest),
+    HandOver(Box<ApiRequest>),
 }
 
 impl Api {
@@ -373,7 +373,7 @@ impl Api {
         loop {
             let Some(req) = self.next_request(conn, limits, shutdown).await? else { return Ok(Served::Closed) };
             if hand_over(&req) {
-                return Ok(Served::HandOver(req));
+                return Ok(Served::HandOver(Box::new(req)));
             }
             let reply = self.handle(caller, req).await;
             conn.answer(reply).await?;

@@ -150,7 +150,7 @@ async fn serve_conn(
     };
     let first = match api.serve_requests_until(&mut conn, &caller, &limits, &shutdown, hand_over).await? {
         Served::Closed => return Ok(()),
-        Served::HandOver(req) => req,
+        Served::HandOver(req) => *req,
     };
     // An admin storing session records (an import, a migration, a tool writing records
     // one after another): each write is a commit and, in `ack` mode, the peer's
