@@ -24,6 +24,7 @@ use crate::ha::handle::{Digest, HaControl};
 use crate::metrics::{Metrics, OutcomeLabel, ReasonLabel};
 use crate::model;
 use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, HaStatusView};
+use crate::proto::connection::{Conn, Transport};
 use crate::proto::listen::Limits;
 use crate::proto::ProtoError;
 use std::future::Future;
@@ -297,7 +298,7 @@ impl Api {
 pub(crate) trait RequestConn: Send {
     fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send;
     fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a;
-    /// See [`crate::proto::connection::Conn::take_wrote_large`].
+    /// See [`Conn::take_wrote_large`].
     fn take_wrote_large(&mut self) -> bool;
 
     /// Sends `reply` and drops it; after a large one (every session of a big cluster), the
@@ -314,7 +315,14 @@ pub(crate) trait RequestConn: Send {
     }
 }
 
-impl RequestConn for crate::proto::PlainConn<tokio::net::UnixStream> {
+/// Both of the master's request links: `PlainConn` on the Unix socket, `SecureConn` on TCP.
+impl<T, S> RequestConn for Conn<T, S>
+where
+    T: Transport + Send,
+    T::Rx: Send,
+    T::Tx: Send,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
+{
     fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send {
         self.recv::<ApiRequest>()
     }
@@ -322,19 +330,7 @@ impl RequestConn for crate::proto::PlainConn<tokio::net::UnixStream> {
         self.send(r)
     }
     fn take_wrote_large(&mut self) -> bool {
-        crate::proto::connection::Conn::take_wrote_large(self)
-    }
-}
-
-impl RequestConn for crate::proto::SecureConn<tokio::net::TcpStream> {
-    fn recv_request(&mut self) -> impl Future<Output = Result<Option<ApiRequest>, ProtoError>> + Send {
-        self.recv::<ApiRequest>()
-    }
-    fn send_reply<'a>(&'a mut self, r: &'a ApiReply) -> impl Future<Output = Result<(), ProtoError>> + Send + 'a {
-        self.send(r)
-    }
-    fn take_wrote_large(&mut self) -> bool {
-        crate::proto::connection::Conn::take_wrote_large(self)
+        Conn::take_wrote_large(self)
     }
 }
 

@@ -16,9 +16,9 @@ use crate::proto::api::{ApiErrorKind, ApiReply, ApiRequest, MAX_REPLY, MAX_REQUE
 use crate::proto::listen::{self, Limits, Peer};
 use crate::proto::{PlainConn, ProtoError};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 pub async fn serve(listener: UnixListener, api: Api, shutdown: CancellationToken, tracker: TaskTracker) {
     let limits = api.limits();
     let per_user = PerUser::default();
-    let db_seats = DbSeats::default();
+    let db_seats = Arc::new(Semaphore::new(DB_THREAD_CONNECTIONS));
     let sd = shutdown.clone();
     listen::serve("unix socket", listener, limits, shutdown, tracker, move |stream, _peer: Peer| {
         serve_conn(stream, api.clone(), per_user.clone(), db_seats.clone(), sd.clone())
@@ -68,32 +68,11 @@ impl Drop for UserSlot {
     }
 }
 
-/// How many connections the database thread serves at once. One or two writers gain most
-/// from being served there (no hand-over per write); with many, the database thread is the
-/// bottleneck and the requests it would decode and answer are better left to the workers.
+/// How many connections the database thread serves at once (its seats, a semaphore's
+/// permits). One or two writers gain most from being served there (no hand-over per write);
+/// with many, the database thread is the bottleneck and the requests it would decode and
+/// answer are better left to the workers.
 const DB_THREAD_CONNECTIONS: usize = 2;
-
-/// Connections being served on the database thread.
-#[derive(Clone, Default)]
-struct DbSeats(Arc<AtomicUsize>);
-
-/// One of the [`DB_THREAD_CONNECTIONS`] seats; given back when dropped.
-struct DbSeat(Arc<AtomicUsize>);
-
-impl DbSeats {
-    fn take(&self) -> Option<DbSeat> {
-        self.0
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < DB_THREAD_CONNECTIONS).then_some(n + 1))
-            .ok()
-            .map(|_| DbSeat(self.0.clone()))
-    }
-}
-
-impl Drop for DbSeat {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 fn identify(stream: &UnixStream, admin_group: Option<&str>) -> Result<Caller, String> {
     let cred = stream.peer_cred().map_err(|e| format!("cannot read peer credentials: {e}"))?;
@@ -111,7 +90,7 @@ async fn serve_conn(
     stream: UnixStream,
     api: Api,
     per_user: PerUser,
-    db_seats: DbSeats,
+    db_seats: Arc<Semaphore>,
     shutdown: CancellationToken,
 ) -> Result<(), ProtoError> {
     let cfg = &api.broker.config().vsmserver;
@@ -146,7 +125,9 @@ async fn serve_conn(
     let admin = caller.is_admin();
     let seat = OnceLock::new();
     let hand_over = |r: &ApiRequest| {
-        admin && matches!(r, ApiRequest::SessionPut { .. }) && db_seats.take().is_some_and(|s| seat.set(s).is_ok())
+        admin
+            && matches!(r, ApiRequest::SessionPut { .. })
+            && db_seats.clone().try_acquire_owned().is_ok_and(|s| seat.set(s).is_ok())
     };
     let first = match api.serve_requests_until(&mut conn, &caller, &limits, &shutdown, hand_over).await? {
         Served::Closed => return Ok(()),
@@ -181,15 +162,8 @@ async fn serve_writes(
     limits: &Limits,
     shutdown: &CancellationToken,
 ) -> Result<(), ProtoError> {
-    let mut next = Some(first);
+    let mut req = first;
     loop {
-        let req = match next.take() {
-            Some(r) => r,
-            None => match api.next_request(&mut conn, limits, shutdown).await? {
-                Some(r) => r,
-                None => return Ok(()),
-            },
-        };
         let reply = if matches!(req, ApiRequest::SessionPut { .. }) {
             api.handle(caller, req).await
         } else {
@@ -201,5 +175,9 @@ async fn serve_writes(
             }
         };
         conn.answer(reply).await?;
+        req = match api.next_request(&mut conn, limits, shutdown).await? {
+            Some(r) => r,
+            None => return Ok(()),
+        };
     }
 }
