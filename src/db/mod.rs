@@ -78,6 +78,9 @@
 //!   indexes, which the first other request (the snapshot's end) builds again: one sort per
 //!   index instead of an insertion into each for every row. Reads stay right meanwhile, only
 //!   slower; the drop rolls back with a failed chunk, and open builds indexes a stop left out.
+//!   Meanwhile an id above every id stored since the load began has no row: such records
+//!   are inserted without looking each up first (a snapshot comes in storage order, which
+//!   follows the ids' creation times); any other goes through the merge as usual.
 //! - [`DbHandle::queue_apply`] lets the replication engine queue the next apply before the
 //!   last is on disk; a chain of them stops at the first failure (see there).
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.

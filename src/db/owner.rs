@@ -217,6 +217,9 @@ pub(super) struct Owner {
     /// A snapshot is loading into what was an empty database: the secondary indexes are
     /// dropped until the first request that is not a snapshot chunk.
     bulk_load: bool,
+    /// While `bulk_load`: the greatest id stored since it began. Every row the database
+    /// holds was stored since then, by a snapshot chunk, so no row has an id above it.
+    bulk_greatest: Option<SessionId>,
     /// Where committed heads and changes go out.
     out: Arc<Outlets>,
     /// Changes of the open transaction, kept only while someone subscribes.
@@ -282,12 +285,12 @@ impl Round {
 }
 
 /// The in-memory state a failed transaction must put back.
-#[derive(Clone, Copy)]
 struct Saved {
     head: Seq,
     live: u64,
     tombs: u64,
     bulk_load: bool,
+    bulk_greatest: Option<SessionId>,
 }
 
 impl Owner {
@@ -354,6 +357,7 @@ impl Owner {
             broken_chain: None,
             ticket: None,
             bulk_load: false,
+            bulk_greatest: None,
             out: Arc::new(Outlets { head: watch::channel(head).0, changes: broadcast::channel(CHANGE_BUFFER).0 }),
             pending_changes: Vec::new(),
             unpublished: Published::default(),
@@ -450,7 +454,13 @@ impl Owner {
     // ---- transactions ------------------------------------------------------------------
 
     fn saved(&self) -> Saved {
-        Saved { head: self.head, live: self.live, tombs: self.tombs, bulk_load: self.bulk_load }
+        Saved {
+            head: self.head,
+            live: self.live,
+            tombs: self.tombs,
+            bulk_load: self.bulk_load,
+            bulk_greatest: self.bulk_greatest.clone(),
+        }
     }
 
     fn restore(&mut self, s: Saved) {
@@ -458,6 +468,7 @@ impl Owner {
         self.live = s.live;
         self.tombs = s.tombs;
         self.bulk_load = s.bulk_load;
+        self.bulk_greatest = s.bulk_greatest;
     }
 
     /// Runs `f` in one IMMEDIATE transaction that also persists the clock and head.
@@ -661,6 +672,7 @@ impl Owner {
     fn begin_bulk_load(&mut self) -> Result<(), DbError> {
         super::schema::drop_secondary_indexes(&self.conn).ctx("drop the session indexes for a snapshot load")?;
         self.bulk_load = true;
+        self.bulk_greatest = None;
         tracing::debug!("loading a snapshot into an empty database: indexes dropped until its end");
         Ok(())
     }
@@ -670,6 +682,7 @@ impl Owner {
         let started = std::time::Instant::now();
         super::schema::create_secondary_indexes(&self.conn).ctx("build the session indexes after a snapshot load")?;
         self.bulk_load = false;
+        self.bulk_greatest = None;
         tracing::debug!(sessions = self.live, ms = started.elapsed().as_millis() as u64, "session indexes built");
         Ok(())
     }
@@ -685,16 +698,27 @@ impl Owner {
         }
         let mut out = ApplyOutcome::default();
         let mut newest: Option<Hlc> = None;
+        for rec in records {
+            validate(rec)?;
+            if newest.map_or(true, |h| rec.version.hlc > h) {
+                newest = Some(rec.version.hlc);
+            }
+        }
         // Visiting ids in order keeps index lookups and inserts local (a batch from the
         // peer mixes ids of both masters, and of sessions both new and old).
         // The merge does not depend on order; the stable sort keeps duplicates in turn.
         let mut order: Vec<&Record> = records.iter().collect();
         order.sort_by(|a, b| a.id.cmp(&b.id));
-        for rec in order {
-            validate(rec)?;
-            if newest.map_or(true, |h| rec.version.hlc > h) {
-                newest = Some(rec.version.hlc);
+        let mut rest = order.as_slice();
+        while let Some((&rec, tail)) = rest.split_first() {
+            let new = self.new_ids(rest);
+            if new > 0 {
+                self.insert_new(&rest[..new])?;
+                out.applied += new;
+                rest = &rest[new..];
+                continue;
             }
+            rest = tail;
             let prior = store::stored(&self.conn, &rec.id)?;
             let action = merge::decide(prior.as_ref().map(|p| &p.version), &rec.version);
             // Only versions from another node can be concurrent; load the body just then.
@@ -716,6 +740,7 @@ impl Owner {
                     store::put(&self.conn, rec, prior.as_ref())?;
                     self.checkpoints.wrote_row();
                     self.count(prior.as_ref(), rec.session.as_ref());
+                    self.note_bulk_id(&rec.id);
                     out.applied += 1;
                 }
                 Action::Skip => out.skipped += 1,
@@ -740,6 +765,45 @@ impl Owner {
             super::PositionUpdate::Set(p) => self.set_peer(peer, p, false)?,
         }
         Ok(out)
+    }
+
+    /// How many of `sorted` (ids in order) from its start are known to have no row: while
+    /// a snapshot loads into an empty database, ids above every id stored since, each
+    /// above the one before. Zero otherwise.
+    fn new_ids(&self, sorted: &[&Record]) -> usize {
+        if !self.bulk_load {
+            return 0;
+        }
+        let mut above = self.bulk_greatest.as_ref();
+        sorted
+            .iter()
+            .take_while(|r| {
+                let new = above.map_or(true, |g| r.id > *g);
+                above = Some(&r.id);
+                new
+            })
+            .count()
+    }
+
+    /// Stores records whose ids have no row (see [`Owner::new_ids`]), without looking each
+    /// up first.
+    fn insert_new(&mut self, recs: &[&Record]) -> Result<(), DbError> {
+        store::insert_new(&self.conn, recs)?;
+        for rec in recs {
+            self.checkpoints.wrote_row();
+            self.count(None, rec.session.as_ref());
+        }
+        if let Some(last) = recs.last() {
+            self.note_bulk_id(&last.id);
+        }
+        Ok(())
+    }
+
+    /// Notes an id stored while a snapshot loads into an empty database.
+    fn note_bulk_id(&mut self, id: &SessionId) {
+        if self.bulk_load && self.bulk_greatest.as_ref().map_or(true, |g| id > g) {
+            self.bulk_greatest = Some(id.clone());
+        }
     }
 
     fn set_peer(&mut self, peer: &str, pos: Seq, forward_only: bool) -> Result<(), DbError> {

@@ -235,7 +235,7 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
     create_private(path)?;
 
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    super::pcache::install();
+    configure_sqlite();
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open"))?;
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
 
@@ -294,10 +294,27 @@ pub(super) fn open(path: &Path, synchronous: DbSynchronous) -> Result<Opened, Db
     Ok(Opened { conn, lock })
 }
 
+/// Process-wide SQLite settings, which must be made before SQLite initialises: every
+/// connection this crate opens calls this first. Our page cache (`pcache.rs`), and no
+/// memory statistics: SQLite keeps them under one process-wide mutex taken around each of
+/// its allocations, and nothing here reads them.
+fn configure_sqlite() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: MEMSTATUS takes one int; SQLite refuses it (SQLITE_MISUSE, nothing
+        // changed) once it is initialised, which leaves the statistics on: harmless.
+        let rc = unsafe { rusqlite::ffi::sqlite3_config(rusqlite::ffi::SQLITE_CONFIG_MEMSTATUS, 0 as std::ffi::c_int) };
+        if rc != rusqlite::ffi::SQLITE_OK {
+            tracing::debug!(rc, "sqlite memory statistics: left on (sqlite already initialised)");
+        }
+        super::pcache::install();
+    });
+}
+
 /// The background checkpointer's connection: it never touches a row.
 pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    super::pcache::install();
+    configure_sqlite();
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open the checkpointer"))?;
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
     Ok(conn)
@@ -307,7 +324,7 @@ pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, DbError> {
 /// WAL lets it read one consistent state while the owner keeps committing.
 pub(super) fn open_reader(path: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    super::pcache::install();
+    configure_sqlite();
     let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a reader"))?;
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
     conn.pragma_update(None, "query_only", true).ctx("make a reader read-only")?;

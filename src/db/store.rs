@@ -108,6 +108,15 @@ const UPDATE_IN_PLACE: &str = "UPDATE sessions SET agent_address = ?5, vnc_port 
      WHERE id = ?1 AND ?2 IS user AND ?3 IS subcluster AND ?4 IS agent AND ?6 IS display
          AND ?19 = tombstone AND ?20 IS tombstone_at_ms";
 
+/// The full insert of a row no other row has the id of: the same parameters as [`UPSERT`].
+/// A row already there makes it fail (the unique id), never overwrite.
+const INSERT: &str = "INSERT INTO sessions (id, user, subcluster, agent, agent_address, display, vnc_port,
+         status, created_ms, last_connect_ms, last_client_address, pid, command, geometry,
+         client_params, hlc_wall, hlc_logical, origin, tombstone, tombstone_at_ms,
+         base_wall, base_logical, base_origin)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+         ?18, ?19, ?20, ?21, ?22, ?23)";
+
 /// Inserts or replaces the row of `rec.id` with `rec`; `prior` is the row as [`stored`]
 /// read it in this transaction.
 ///
@@ -118,22 +127,47 @@ const UPDATE_IN_PLACE: &str = "UPDATE sessions SET agent_address = ?5, vnc_port 
 /// which is fewer pages in the write-ahead log to write, checksum and sync on each commit.
 /// Anything else (a new row, a moved or ended session) takes the full upsert.
 pub(super) fn put(conn: &Connection, rec: &Record, prior: Option<&Stored>) -> Result<(), DbError> {
+    with_params(rec, |params| {
+        if let (Some(s), Some(p)) = (&rec.session, prior) {
+            if p.same_index_keys(s) {
+                let mut stmt = conn.prepare_cached(UPDATE_IN_PLACE).ctx("prepare a session update")?;
+                // The row was read in this transaction, so the update finds it; were it
+                // ever not there (or not as read), the upsert writes it whole.
+                if stmt.execute(params).ctx("update a session")? == 1 {
+                    return Ok(());
+                }
+            }
+        }
+        let mut stmt = conn.prepare_cached(UPSERT).ctx("prepare a session upsert")?;
+        stmt.execute(params).ctx("store a session")?;
+        Ok(())
+    })
+}
+
+/// Inserts `recs`, none of whose ids has a row: one statement prepared for all of them, and
+/// no lookup before each (the caller knows the ids are new; were one not, the insert fails
+/// and the caller's transaction with it).
+pub(super) fn insert_new(conn: &Connection, recs: &[&Record]) -> Result<(), DbError> {
+    let mut stmt = conn.prepare_cached(INSERT).ctx("prepare a session insert")?;
+    for rec in recs {
+        with_params(rec, |params| stmt.execute(params).map(drop).ctx("insert a session"))?;
+    }
+    Ok(())
+}
+
+/// Calls `f` with the 23 parameters of [`UPSERT`] for `rec`.
+fn with_params<T>(rec: &Record, f: impl FnOnce(&[&dyn ToSql]) -> Result<T, DbError>) -> Result<T, DbError> {
     let v = &rec.version;
     let (wall, logical, origin) = (v.hlc.wall_ms as i64, v.hlc.logical as i64, &v.node.0);
     let b = rec.base.as_ref();
     let (base_wall, base_logical, base_origin) =
         (b.map(|b| b.hlc.wall_ms as i64), b.map(|b| b.hlc.logical as i64), b.map(|b| b.node.0.as_str()));
-    let upsert = |params: &[&dyn rusqlite::ToSql]| -> Result<(), DbError> {
-        let mut stmt = conn.prepare_cached(UPSERT).ctx("prepare a session upsert")?;
-        stmt.execute(params).ctx("store a session")?;
-        Ok(())
-    };
     let Some(s) = &rec.session else {
         // A tombstone: every body column (`?2` to `?15`) NULL.
         let null: Option<&str> = None;
-        let mut tombstone: Vec<&dyn rusqlite::ToSql> = vec![&rec.id.0];
-        tombstone.extend([&null as &dyn rusqlite::ToSql; 14]);
-        tombstone.extend::<[&dyn rusqlite::ToSql; 8]>([
+        let mut tombstone: Vec<&dyn ToSql> = vec![&rec.id.0];
+        tombstone.extend([&null as &dyn ToSql; 14]);
+        tombstone.extend::<[&dyn ToSql; 8]>([
             &wall,
             &logical,
             origin,
@@ -143,11 +177,11 @@ pub(super) fn put(conn: &Connection, rec: &Record, prior: Option<&Stored>) -> Re
             &base_logical,
             &base_origin,
         ]);
-        return upsert(&tombstone);
+        return f(&tombstone);
     };
     let command = json(&s.command)?;
     let client_params = json(&s.client_params)?;
-    let live = params![
+    f(params![
         rec.id.0,
         s.user,
         s.subcluster,
@@ -171,16 +205,7 @@ pub(super) fn put(conn: &Connection, rec: &Record, prior: Option<&Stored>) -> Re
         base_wall,
         base_logical,
         base_origin,
-    ];
-    if prior.is_some_and(|p| p.same_index_keys(s)) {
-        let mut stmt = conn.prepare_cached(UPDATE_IN_PLACE).ctx("prepare a session update")?;
-        // The row was read in this transaction, so the update finds it; were it ever not
-        // there (or not as read), the upsert writes it whole.
-        if stmt.execute(live).ctx("update a session")? == 1 {
-            return Ok(());
-        }
-    }
-    upsert(live)
+    ])
 }
 
 pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result<(), DbError> {
