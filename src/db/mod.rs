@@ -73,14 +73,16 @@
 //!   later write fail until restart.
 //! - `apply_remote` visits a request's records in id order (index locality); the result
 //!   does not depend on order. Snapshots come in storage order, digests in id order.
+//! - The owner knows an id at least as great as every stored one (read at open, raised by
+//!   each write). A write or a record whose id is above it has no row: it is inserted
+//!   without looking the row up first, with one statement for a run of such records in an
+//!   apply. Session ids begin with their creation time, so this is most creates, and most
+//!   of a snapshot (it comes in storage order) loading into an empty database.
 //! - A snapshot loading into an empty database (chunks applied with
 //!   [`PositionUpdate::Keep`] while no session is stored) is loaded without the secondary
 //!   indexes, which the first other request (the snapshot's end) builds again: one sort per
 //!   index instead of an insertion into each for every row. Reads stay right meanwhile, only
 //!   slower; the drop rolls back with a failed chunk, and open builds indexes a stop left out.
-//!   Meanwhile an id above every id stored since the load began has no row: such records
-//!   are inserted without looking each up first (a snapshot comes in storage order, which
-//!   follows the ids' creation times); any other goes through the merge as usual.
 //! - [`DbHandle::queue_apply`] lets the replication engine queue the next apply before the
 //!   last is on disk; a chain of them stops at the first failure (see there).
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.

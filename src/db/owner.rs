@@ -217,9 +217,11 @@ pub(super) struct Owner {
     /// A snapshot is loading into what was an empty database: the secondary indexes are
     /// dropped until the first request that is not a snapshot chunk.
     bulk_load: bool,
-    /// While `bulk_load`: the greatest id stored since it began. Every row the database
-    /// holds was stored since then, by a snapshot chunk, so no row has an id above it.
-    bulk_greatest: Option<SessionId>,
+    /// No row of `sessions` has an id above this one (`None`: the table holds no row). It
+    /// is the greatest id at open, raised by every row stored since, so a write of an id
+    /// above it is known to be new without looking it up: as most creates are, since a
+    /// session id begins with its creation time (`SessionId::generate`).
+    greatest: Option<SessionId>,
     /// Where committed heads and changes go out.
     out: Arc<Outlets>,
     /// Changes of the open transaction, kept only while someone subscribes.
@@ -290,7 +292,7 @@ struct Saved {
     live: u64,
     tombs: u64,
     bulk_load: bool,
-    bulk_greatest: Option<SessionId>,
+    greatest: Option<SessionId>,
 }
 
 impl Owner {
@@ -310,6 +312,7 @@ impl Owner {
         // then it lives in the rows themselves (see the module docs).
         let newest = store::newest_version(&conn)?;
         let per_agent = store::users_per_agent(&conn)?;
+        let greatest = store::greatest_id(&conn)?;
         let user_counts = super::AgentUserCounts::default();
         user_counts.reset(&per_agent);
         let max_ahead = u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX);
@@ -357,7 +360,7 @@ impl Owner {
             broken_chain: None,
             ticket: None,
             bulk_load: false,
-            bulk_greatest: None,
+            greatest,
             out: Arc::new(Outlets { head: watch::channel(head).0, changes: broadcast::channel(CHANGE_BUFFER).0 }),
             pending_changes: Vec::new(),
             unpublished: Published::default(),
@@ -459,7 +462,7 @@ impl Owner {
             live: self.live,
             tombs: self.tombs,
             bulk_load: self.bulk_load,
-            bulk_greatest: self.bulk_greatest.clone(),
+            greatest: self.greatest.clone(),
         }
     }
 
@@ -468,7 +471,7 @@ impl Owner {
         self.live = s.live;
         self.tombs = s.tombs;
         self.bulk_load = s.bulk_load;
-        self.bulk_greatest = s.bulk_greatest;
+        self.greatest = s.greatest;
     }
 
     /// Runs `f` in one IMMEDIATE transaction that also persists the clock and head.
@@ -630,7 +633,8 @@ impl Owner {
 
     fn local_write(&mut self, w: &Write) -> Result<Committed, DbError> {
         let id = w.id();
-        let prior = store::stored(&self.conn, id)?;
+        let known_new = self.is_new(id);
+        let prior = if known_new { None } else { store::stored(&self.conn, id)? };
         // An ended session stays ended: a live write over its tombstone would bring it back
         // (and the peer, holding the same tombstone, would treat it as an ordinary update).
         if matches!(w, Write::Upsert(_)) && prior.as_ref().is_some_and(|p| p.tombstone) {
@@ -654,7 +658,13 @@ impl Owner {
         };
         let base = prior.as_ref().map(|p| p.version.clone());
         let record = Record { id: id.clone(), version: version.clone(), base, session };
-        store::put(&self.conn, &record, prior.as_ref())?;
+        if known_new {
+            // An insert, which would fail rather than overwrite were the id not new.
+            store::insert_new(&self.conn, &[&record])?;
+        } else {
+            store::put(&self.conn, &record, prior.as_ref())?;
+        }
+        self.note_stored(id);
         let seq = self.head.next();
         store::append_change(&self.conn, seq, &record)?;
         self.head = seq;
@@ -672,7 +682,6 @@ impl Owner {
     fn begin_bulk_load(&mut self) -> Result<(), DbError> {
         super::schema::drop_secondary_indexes(&self.conn).ctx("drop the session indexes for a snapshot load")?;
         self.bulk_load = true;
-        self.bulk_greatest = None;
         tracing::debug!("loading a snapshot into an empty database: indexes dropped until its end");
         Ok(())
     }
@@ -682,7 +691,6 @@ impl Owner {
         let started = std::time::Instant::now();
         super::schema::create_secondary_indexes(&self.conn).ctx("build the session indexes after a snapshot load")?;
         self.bulk_load = false;
-        self.bulk_greatest = None;
         tracing::debug!(sessions = self.live, ms = started.elapsed().as_millis() as u64, "session indexes built");
         Ok(())
     }
@@ -740,7 +748,7 @@ impl Owner {
                     store::put(&self.conn, rec, prior.as_ref())?;
                     self.checkpoints.wrote_row();
                     self.count(prior.as_ref(), rec.session.as_ref());
-                    self.note_bulk_id(&rec.id);
+                    self.note_stored(&rec.id);
                     out.applied += 1;
                 }
                 Action::Skip => out.skipped += 1,
@@ -767,14 +775,15 @@ impl Owner {
         Ok(out)
     }
 
-    /// How many of `sorted` (ids in order) from its start are known to have no row: while
-    /// a snapshot loads into an empty database, ids above every id stored since, each
-    /// above the one before. Zero otherwise.
+    /// Whether `id` is known to have no row (see [`Owner::greatest`]).
+    fn is_new(&self, id: &SessionId) -> bool {
+        self.greatest.as_ref().map_or(true, |g| id > g)
+    }
+
+    /// How many of `sorted` (ids in order) from its start are known to have no row: ids
+    /// above every id stored (see [`Owner::greatest`]), each above the one before.
     fn new_ids(&self, sorted: &[&Record]) -> usize {
-        if !self.bulk_load {
-            return 0;
-        }
-        let mut above = self.bulk_greatest.as_ref();
+        let mut above = self.greatest.as_ref();
         sorted
             .iter()
             .take_while(|r| {
@@ -794,15 +803,15 @@ impl Owner {
             self.count(None, rec.session.as_ref());
         }
         if let Some(last) = recs.last() {
-            self.note_bulk_id(&last.id);
+            self.note_stored(&last.id);
         }
         Ok(())
     }
 
-    /// Notes an id stored while a snapshot loads into an empty database.
-    fn note_bulk_id(&mut self, id: &SessionId) {
-        if self.bulk_load && self.bulk_greatest.as_ref().map_or(true, |g| id > g) {
-            self.bulk_greatest = Some(id.clone());
+    /// Keeps [`Owner::greatest`] above a row just stored.
+    fn note_stored(&mut self, id: &SessionId) {
+        if self.is_new(id) {
+            self.greatest = Some(id.clone());
         }
     }
 

@@ -208,6 +208,13 @@ fn with_params<T>(rec: &Record, f: impl FnOnce(&[&dyn ToSql]) -> Result<T, DbErr
     ])
 }
 
+/// The greatest id in `sessions` (a seek to the end of its id index).
+pub(super) fn greatest_id(conn: &Connection) -> Result<Option<SessionId>, DbError> {
+    let max: Option<String> =
+        conn.query_row("SELECT max(id) FROM sessions", [], |r| r.get(0)).ctx("read the greatest session id")?;
+    Ok(max.map(SessionId))
+}
+
 pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result<(), DbError> {
     let body = json(rec)?;
     let mut stmt = conn
