@@ -677,10 +677,10 @@ impl Owner {
         Ok(Committed { seq, version, record, was_live })
     }
 
-    /// Drops the secondary indexes when a snapshot starts loading into an empty database
-    /// (see [`super::schema::SECONDARY_INDEXES`]); in the current transaction.
+    /// Drops the scattered secondary indexes when a snapshot starts loading into an empty
+    /// database (see [`super::schema::SECONDARY_INDEXES`]); in the current transaction.
     fn begin_bulk_load(&mut self) -> Result<(), DbError> {
-        super::schema::drop_secondary_indexes(&self.conn).ctx("drop the session indexes for a snapshot load")?;
+        super::schema::drop_indexes_for_a_load(&self.conn).ctx("drop the session indexes for a snapshot load")?;
         self.bulk_load = true;
         tracing::debug!("loading a snapshot into an empty database: indexes dropped until its end");
         Ok(())

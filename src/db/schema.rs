@@ -118,29 +118,36 @@ fn v3_meta_only_at_gc(_tx: &Transaction<'_>) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The secondary indexes of `sessions`, each as [`v1_initial`] creates it. They are dropped
-/// while a snapshot loads into an empty database and built once after it (`owner.rs`): one
-/// sort per index instead of an insertion into each for every row. `open` builds any that a
-/// stop in between left missing.
-pub(super) const SECONDARY_INDEXES: [(&str, &str); 4] = [
-    ("sessions_by_user", "ON sessions(user) WHERE tombstone = 0"),
-    ("sessions_by_agent_display", "ON sessions(agent, display) WHERE tombstone = 0"),
-    ("sessions_by_subcluster", "ON sessions(subcluster) WHERE tombstone = 0"),
-    ("sessions_tombstones_by_age", "ON sessions(tombstone_at_ms) WHERE tombstone = 1"),
+/// The secondary indexes of `sessions`, each as [`v1_initial`] creates it, and whether a
+/// snapshot load drops it. Those whose keys are scattered over the table (a user, an agent
+/// and display) are dropped while a snapshot loads into an empty database and built once
+/// after it (`owner.rs`): one sort each instead of an insertion at a random place for every
+/// row. The others stay: their entries come in the order rows are stored (a handful of
+/// subclusters, each in row order; few tombstones), so each row appends to them, which is
+/// cheaper than the scan of the whole table and the sort that building them again takes.
+/// `open` builds any that a stop in between left missing.
+pub(super) const SECONDARY_INDEXES: [(&str, &str, bool); 4] = [
+    ("sessions_by_user", "ON sessions(user) WHERE tombstone = 0", true),
+    ("sessions_by_agent_display", "ON sessions(agent, display) WHERE tombstone = 0", true),
+    ("sessions_by_subcluster", "ON sessions(subcluster) WHERE tombstone = 0", false),
+    ("sessions_tombstones_by_age", "ON sessions(tombstone_at_ms) WHERE tombstone = 1", false),
 ];
 
 /// Builds every secondary index that is missing.
 pub(super) fn create_secondary_indexes(conn: &Connection) -> rusqlite::Result<()> {
-    for (name, def) in SECONDARY_INDEXES {
+    for (name, def, _) in SECONDARY_INDEXES {
         conn.execute_batch(&format!("CREATE INDEX IF NOT EXISTS {name} {def}"))?;
     }
     Ok(())
 }
 
-/// Drops every secondary index (inside the caller's transaction).
-pub(super) fn drop_secondary_indexes(conn: &Connection) -> rusqlite::Result<()> {
-    for (name, _) in SECONDARY_INDEXES {
-        conn.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+/// Drops the secondary indexes a snapshot load builds again after it (inside the caller's
+/// transaction).
+pub(super) fn drop_indexes_for_a_load(conn: &Connection) -> rusqlite::Result<()> {
+    for (name, _, for_a_load) in SECONDARY_INDEXES {
+        if for_a_load {
+            conn.execute_batch(&format!("DROP INDEX IF EXISTS {name}"))?;
+        }
     }
     Ok(())
 }
