@@ -694,8 +694,13 @@ impl DbHandle {
 
     /// Up to `limit` changes with `seq > after`, or `Truncated` when the log no longer
     /// reaches back to `after + 1` (or `after` is beyond the head).
+    ///
+    /// Read on a thread and connection of its own, not the owner's: a peer catching up
+    /// reads batch after batch, and the owner's thread meanwhile seals and sends the batch
+    /// before (the HA node runs on its runtime) and goes on committing. Answers once what
+    /// it read is on disk.
     pub async fn changes_since(&self, after: Seq, limit: usize) -> Result<LogRead, DbError> {
-        self.read(move |o| o.changes_since(after, limit)).await
+        self.on_reader_thread("vsm-db-log", move |conn, path| reader::changes_since(conn, path, after, limit)).await
     }
 
     /// Every record, read in one transaction together with the head.
@@ -769,7 +774,7 @@ impl DbHandle {
     async fn on_reader_thread<T: Send + 'static>(
         &self,
         name: &str,
-        read: fn(&mut rusqlite::Connection, &Path) -> Result<T, DbError>,
+        read: impl FnOnce(&mut rusqlite::Connection, &Path) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, DbError> {
         if self.tx.is_closed() {
             return Err(DbError::Closed);

@@ -36,8 +36,8 @@ use super::flush::{Delivery, Durable, FlushFailed, Flusher};
 use super::merge::{self, Action, Winner};
 use super::store::{self, LiveKeys, Stored};
 use super::{
-    ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, LogRead, SessionFilter, SqlContext,
-    Write, GROUP_MAX,
+    ApplyOutcome, Committed, Conflict, DbError, DbOptions, DbStatus, GcStats, SessionFilter, SqlContext, Write,
+    GROUP_MAX,
 };
 use crate::model::{now_ms, Change, DbSynchronous, Hlc, NodeId, Record, Seq, Session, SessionId, Version};
 
@@ -927,31 +927,6 @@ impl Owner {
             tombstones: self.tombs,
             hlc: self.hlc,
         })
-    }
-
-    pub(super) fn changes_since(&mut self, after: Seq, limit: usize) -> Result<LogRead, DbError> {
-        let oldest = self.oldest()?;
-        if after > self.head || after.0 + 1 < oldest.0 {
-            return Ok(LogRead::Truncated { oldest });
-        }
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, record FROM changelog WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-            .ctx("prepare a change-log read")?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = stmt
-            .query_map([after.0 as i64, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
-            .ctx("read the change log")?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, body) = row.ctx("read the change log")?;
-            let record: Record = serde_json::from_str(&body).map_err(|e| DbError::Corrupt {
-                path: self.path.clone(),
-                detail: format!("change {seq} cannot be decoded: {e}"),
-            })?;
-            out.push(Change { seq: Seq(seq as u64), record });
-        }
-        Ok(LogRead::Changes(out))
     }
 
     pub(super) fn last_peer_db_id(&mut self) -> Result<Option<String>, DbError> {

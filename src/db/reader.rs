@@ -1,5 +1,5 @@
-//! Reads on connections of their own: whole-database reads (snapshots, digests) and the
-//! point reader.
+//! Reads on connections of their own: whole-database reads (snapshots, digests), the
+//! change log a peer catches up from, and the point reader.
 //!
 //! Owns: short-lived reader threads, each with a read-only connection and one read
 //! transaction. WAL gives each of them one consistent state while the owner keeps
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::flush::Durable;
 use super::store;
-use super::{DbError, SqlContext};
+use super::{Change, DbError, LogRead, SqlContext};
 use crate::model::{Record, Seq};
 
 /// A short read of committed rows, run on the point reader's connection.
@@ -109,6 +109,37 @@ pub(super) fn digest(conn: &mut Connection, path: &Path) -> Result<String, DbErr
         true
     })?;
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Up to `limit` changes with `seq > after`, or `Truncated` when the log no longer reaches
+/// back to `after + 1` (or `after` is beyond the head): the head, the oldest change and the
+/// changes read in one transaction.
+pub(super) fn changes_since(conn: &mut Connection, path: &Path, after: Seq, limit: usize) -> Result<LogRead, DbError> {
+    let tx = conn.transaction().ctx("begin a change-log read")?;
+    let head = store::read_meta(&tx)?.head;
+    let min: Option<i64> =
+        tx.query_row("SELECT min(seq) FROM changelog", [], |r| r.get(0)).ctx("find the oldest change")?;
+    let oldest = min.map_or(head.next(), |m| Seq(m as u64));
+    if after > head || after.0 + 1 < oldest.0 {
+        return Ok(LogRead::Truncated { oldest });
+    }
+    let mut stmt = tx
+        .prepare("SELECT seq, record FROM changelog WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+        .ctx("prepare a change-log read")?;
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let rows = stmt
+        .query_map([after.0 as i64, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .ctx("read the change log")?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, body) = row.ctx("read the change log")?;
+        let record: Record = serde_json::from_str(&body).map_err(|e| DbError::Corrupt {
+            path: path.to_path_buf(),
+            detail: format!("change {seq} cannot be decoded: {e}"),
+        })?;
+        out.push(Change { seq: Seq(seq as u64), record });
+    }
+    Ok(LogRead::Changes(out))
 }
 
 fn read_header(conn: &Connection) -> Result<(Seq, String, u64), DbError> {
