@@ -82,8 +82,9 @@
 //!   [`PositionUpdate::Keep`] while no session is stored) is loaded without the secondary
 //!   indexes on a user and on an agent and display, which the first other request (the
 //!   snapshot's end) builds again: one sort per index instead of an insertion at a random
-//!   place for every row (the other two, appended to in row order, stay). Reads stay right meanwhile, only
-//!   slower; the drop rolls back with a failed chunk, and open builds indexes a stop left out.
+//!   place for every row (the other two, appended to in row order, stay). Reads stay right
+//!   meanwhile, only slower; the drop rolls back with a failed chunk, and open builds
+//!   indexes a stop left out.
 //! - [`DbHandle::queue_apply`] lets the replication engine queue the next apply before the
 //!   last is on disk; a chain of them stops at the first failure (see there).
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.

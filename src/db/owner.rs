@@ -910,12 +910,7 @@ impl Owner {
     }
 
     fn oldest(&self) -> Result<Seq, DbError> {
-        let min: Option<i64> = self
-            .conn
-            .prepare_cached("SELECT min(seq) FROM changelog")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
-            .ctx("find the oldest change")?;
-        Ok(min.map_or(self.head.next(), |m| Seq(m as u64)))
+        store::oldest_change(&self.conn, self.head)
     }
 
     pub(super) fn status(&mut self) -> Result<DbStatus, DbError> {

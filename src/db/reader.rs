@@ -117,9 +117,7 @@ pub(super) fn digest(conn: &mut Connection, path: &Path) -> Result<String, DbErr
 pub(super) fn changes_since(conn: &mut Connection, path: &Path, after: Seq, limit: usize) -> Result<LogRead, DbError> {
     let tx = conn.transaction().ctx("begin a change-log read")?;
     let head = store::read_meta(&tx)?.head;
-    let min: Option<i64> =
-        tx.query_row("SELECT min(seq) FROM changelog", [], |r| r.get(0)).ctx("find the oldest change")?;
-    let oldest = min.map_or(head.next(), |m| Seq(m as u64));
+    let oldest = store::oldest_change(&tx, head)?;
     if after > head || after.0 + 1 < oldest.0 {
         return Ok(LogRead::Truncated { oldest });
     }

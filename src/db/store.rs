@@ -215,6 +215,15 @@ pub(super) fn greatest_id(conn: &Connection) -> Result<Option<SessionId>, DbErro
     Ok(max.map(SessionId))
 }
 
+/// The oldest change in the log; with none, the one after `head`.
+pub(super) fn oldest_change(conn: &Connection, head: Seq) -> Result<Seq, DbError> {
+    let min: Option<i64> = conn
+        .prepare_cached("SELECT min(seq) FROM changelog")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .ctx("find the oldest change")?;
+    Ok(min.map_or(head.next(), |m| Seq(m as u64)))
+}
+
 pub(super) fn append_change(conn: &Connection, seq: Seq, rec: &Record) -> Result<(), DbError> {
     let body = json(rec)?;
     let mut stmt = conn
