@@ -131,6 +131,11 @@ impl Checkpointer {
         self.rows = self.rows.saturating_add(1);
     }
 
+    /// Counts `n` rows written by the transaction under way.
+    pub(super) fn wrote_rows(&mut self, n: usize) {
+        self.rows = self.rows.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
     /// Called by the owner after each commit.
     pub(super) fn committed(&mut self) {
         self.commits += 1;

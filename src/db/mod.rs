@@ -251,6 +251,26 @@ impl SnapshotStream {
     }
 }
 
+/// A snapshot as a SQLite file holding the `sessions` table (rows and indexes as stored),
+/// handed out in pieces; built on a thread of its own in one read transaction with the
+/// header. Dropping it ends the read and removes the file.
+#[derive(Debug)]
+pub struct SnapshotFile {
+    /// The change-log head the file is consistent with.
+    pub head: Seq,
+    pub db_id: String,
+    /// How many records (sessions and tombstones) the file holds.
+    pub total: u64,
+    pieces: mpsc::Receiver<Result<Vec<u8>, DbError>>,
+}
+
+impl SnapshotFile {
+    /// The next bytes of the file; `None` after the last.
+    pub async fn next_piece(&mut self) -> Option<Result<Vec<u8>, DbError>> {
+        self.pieces.recv().await
+    }
+}
+
 /// Both sides of a concurrent change, after the merge decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Conflict {
@@ -339,6 +359,9 @@ pub enum DbError {
     /// that request was applied.
     #[error("invalid record {id}: {detail}")]
     InvalidRecord { id: SessionId, detail: String },
+    /// A snapshot the peer sent as a file cannot be loaded; nothing of it was applied.
+    #[error("the peer's snapshot cannot be loaded: {detail}; nothing of it was applied")]
+    InvalidSnapshot { detail: String },
     /// A live write for a session that has ended (its record is a tombstone): an ended
     /// session is never live again, so nothing was written.
     #[error("session {0} has ended; an ended session is never brought back")]
@@ -735,6 +758,61 @@ impl DbHandle {
             .map_err(|source| DbError::Io { context: "start a snapshot reader".into(), source })?;
         let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
         Ok(SnapshotStream { head, db_id, total, chunks })
+    }
+
+    /// The same snapshot as [`DbHandle::snapshot_stream`], as a SQLite file of the
+    /// `sessions` table in pieces of at most `piece_bytes` (see [`SnapshotFile`]): for a peer
+    /// whose database is empty, which loads it without decoding a row
+    /// ([`DbHandle::queue_snapshot_load`]). The file is written next to the database, mode
+    /// 0600, and removed once read.
+    pub async fn snapshot_file(&self, piece_bytes: usize) -> Result<SnapshotFile, DbError> {
+        if self.tx.is_closed() {
+            return Err(DbError::Closed);
+        }
+        let (header_tx, header_rx) = oneshot::channel();
+        let (tx, pieces) = mpsc::channel(2);
+        let path = self.path.to_path_buf();
+        let piece = piece_bytes.max(1);
+        let durable = self.durable.clone();
+        std::thread::Builder::new()
+            .name("vsm-db-snapshot".into())
+            .spawn(move || reader::stream_file(path, piece, &durable, header_tx, tx))
+            .map_err(|source| DbError::Io { context: "start a snapshot reader".into(), source })?;
+        let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
+        Ok(SnapshotFile { head, db_id, total, pieces })
+    }
+
+    /// Queues the next bytes of a snapshot file from the peer (`first`: the start of a new
+    /// one, which replaces any earlier file not loaded); in `chain`, like
+    /// [`DbHandle::queue_apply`]. Nothing of the file counts until
+    /// [`DbHandle::queue_snapshot_load`].
+    pub async fn queue_snapshot_part(
+        &self,
+        chain: ApplyChain,
+        first: bool,
+        data: Vec<u8>,
+    ) -> Result<PendingApply, DbError> {
+        let (reply, rx) = oneshot::channel();
+        let req = owner::WriteReq::SnapshotPart { first, data, chain, reply };
+        self.tx.send(owner::Request::Write(req)).await.map_err(|_| DbError::Closed)?;
+        Ok(PendingApply(rx))
+    }
+
+    /// Queues the load of the snapshot file received (see [`DbHandle::snapshot_file`]) and
+    /// the position `pos` in the log `peer_db_id`, in one transaction; in `chain`. Into an
+    /// empty database the rows are copied as stored; otherwise they are merged like any
+    /// peer records. A file that is not a readable snapshot ([`DbError::InvalidSnapshot`])
+    /// changes nothing. The file is removed either way.
+    pub async fn queue_snapshot_load(
+        &self,
+        chain: ApplyChain,
+        peer_db_id: String,
+        pos: Seq,
+    ) -> Result<PendingApply, DbError> {
+        let (reply, rx) = oneshot::channel();
+        let req = owner::WriteReq::LoadSnapshot { peer: peer_db_id, pos, chain, reply };
+        self.tx.send(owner::Request::Write(req)).await.map_err(|_| DbError::Closed)?;
+        Ok(PendingApply(rx))
     }
 
     /// Same records as [`DbHandle::snapshot`].

@@ -80,6 +80,21 @@ pub(super) enum WriteReq {
         pos: Seq,
         reply: Reply<()>,
     },
+    /// The next bytes of a snapshot the peer sends as a file; `first` starts a new file.
+    SnapshotPart {
+        first: bool,
+        data: Vec<u8>,
+        chain: super::ApplyChain,
+        reply: Reply<ApplyOutcome>,
+    },
+    /// The snapshot file received is complete: load it and store `pos` as the position in
+    /// the peer's log, in one transaction.
+    LoadSnapshot {
+        peer: String,
+        pos: Seq,
+        chain: super::ApplyChain,
+        reply: Reply<ApplyOutcome>,
+    },
 }
 
 /// The result of a write request, held until its transaction commits.
@@ -98,7 +113,20 @@ impl WriteReq {
         match self {
             WriteReq::Batch { writes, .. } => writes.len().max(1),
             WriteReq::Apply { records, .. } => records.len().max(1),
-            WriteReq::One { .. } | WriteReq::Gc { .. } | WriteReq::SetPeer { .. } => 1,
+            WriteReq::One { .. }
+            | WriteReq::Gc { .. }
+            | WriteReq::SetPeer { .. }
+            | WriteReq::SnapshotPart { .. }
+            | WriteReq::LoadSnapshot { .. } => 1,
+        }
+    }
+
+    /// The chain of peer applies the request belongs to, if any.
+    fn chain(&self) -> Option<super::ApplyChain> {
+        match self {
+            WriteReq::Apply { chain, .. } => *chain,
+            WriteReq::SnapshotPart { chain, .. } | WriteReq::LoadSnapshot { chain, .. } => Some(*chain),
+            _ => None,
         }
     }
 
@@ -107,7 +135,9 @@ impl WriteReq {
         match (self, res) {
             (WriteReq::One { reply, .. }, Ok(Done::One(c))) => drop(reply.send(Ok(c))),
             (WriteReq::Batch { reply, .. }, Ok(Done::Batch(c))) => drop(reply.send(Ok(c))),
-            (WriteReq::Apply { reply, .. }, Ok(Done::Apply(o))) => drop(reply.send(Ok(o))),
+            (WriteReq::Apply { reply, .. }, Ok(Done::Apply(o)))
+            | (WriteReq::SnapshotPart { reply, .. }, Ok(Done::Apply(o)))
+            | (WriteReq::LoadSnapshot { reply, .. }, Ok(Done::Apply(o))) => drop(reply.send(Ok(o))),
             (WriteReq::Gc { reply, .. }, Ok(Done::Gc(g))) => drop(reply.send(Ok(g))),
             (WriteReq::SetPeer { reply, .. }, Ok(Done::Unit)) => drop(reply.send(Ok(()))),
             (req, Err(e)) => req.fail(e),
@@ -121,7 +151,9 @@ impl WriteReq {
         match self {
             WriteReq::One { reply, .. } => drop(reply.send(Err(e))),
             WriteReq::Batch { reply, .. } => drop(reply.send(Err(e))),
-            WriteReq::Apply { reply, .. } => drop(reply.send(Err(e))),
+            WriteReq::Apply { reply, .. }
+            | WriteReq::SnapshotPart { reply, .. }
+            | WriteReq::LoadSnapshot { reply, .. } => drop(reply.send(Err(e))),
             WriteReq::Gc { reply, .. } => drop(reply.send(Err(e))),
             WriteReq::SetPeer { reply, .. } => drop(reply.send(Err(e))),
         }
@@ -222,6 +254,10 @@ pub(super) struct Owner {
     /// above it is known to be new without looking it up: as most creates are, since a
     /// session id begins with its creation time (`SessionId::generate`).
     greatest: Option<SessionId>,
+    /// The snapshot file the peer is sending, open for appending, and its length so far.
+    snapshot_in: Option<(std::fs::File, u64)>,
+    /// The received snapshot file is attached as `snap` (for the round that loads it).
+    snapshot_attached: Result<(), String>,
     /// Where committed heads and changes go out.
     out: Arc<Outlets>,
     /// Changes of the open transaction, kept only while someone subscribes.
@@ -300,14 +336,7 @@ impl Owner {
         let super::schema::Opened { conn, lock } =
             super::schema::open(&opts.path, opts.synchronous).map_err(|e| e.or_disk_full(&opts.path))?;
         let store::Meta { db_id, head, hlc: stored } = store::read_meta(&conn)?;
-        let (live, tombs): (i64, i64) = conn
-            .query_row(
-                "SELECT count(*) FILTER (WHERE tombstone = 0), count(*) FILTER (WHERE tombstone = 1)
-                 FROM sessions",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .ctx("count sessions")?;
+        let (live, tombs) = store::count_rows(&conn)?;
         // `meta` holds the clock only as of the last transaction that deleted rows; since
         // then it lives in the rows themselves (see the module docs).
         let newest = store::newest_version(&conn)?;
@@ -331,6 +360,7 @@ impl Owner {
             path = %opts.path.display(), db_id = %db_id, seq = head.0, sessions = live,
             tombstones = tombs, "session database open"
         );
+        super::schema::remove_stale_snapshot_files(&opts.path);
         let checkpoints = Checkpointer::spawn(&opts.path);
         let flush = match opts.synchronous {
             // The log exists: the reads above opened it.
@@ -351,8 +381,8 @@ impl Owner {
             db_id,
             hlc,
             head,
-            live: live as u64,
-            tombs: tombs as u64,
+            live,
+            tombs,
             changelog_retention: opts.changelog_retention,
             tombstone_retention_ms: u64::try_from(opts.tombstone_retention.as_millis()).unwrap_or(u64::MAX),
             max_clock_offset_ms: u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX),
@@ -361,6 +391,8 @@ impl Owner {
             ticket: None,
             bulk_load: false,
             greatest,
+            snapshot_in: None,
+            snapshot_attached: Err("no snapshot file was received".into()),
             out: Arc::new(Outlets { head: watch::channel(head).0, changes: broadcast::channel(CHANGE_BUFFER).0 }),
             pending_changes: Vec::new(),
             unpublished: Published::default(),
@@ -404,6 +436,17 @@ impl Owner {
             let records: usize = writes.iter().map(WriteReq::records).sum();
             self.single_rounds = if records <= 1 { self.single_rounds.saturating_add(1) } else { 0 };
             let alone = rx.is_empty() && self.single_rounds > LONE_WRITER_ROUNDS;
+            // A snapshot file is loaded in a transaction of its own, after the writes queued
+            // before it (its last parts among them), and attached outside any transaction, as
+            // SQLite requires.
+            while let Some(i) = writes.iter().position(|w| matches!(w, WriteReq::LoadSnapshot { .. })) {
+                let mut before: Vec<WriteReq> = writes.drain(..i).collect();
+                self.commit_group(&mut before, false);
+                let mut load = vec![writes.remove(0)];
+                self.attach_snapshot();
+                self.commit_group(&mut load, false);
+                self.detach_snapshot();
+            }
             self.commit_group(&mut writes, alone);
             if !reads.is_empty() {
                 if let Some(f) = &self.flush {
@@ -559,14 +602,14 @@ impl Owner {
     /// A request failed for good (nothing of it stored): an apply's chain is broken from here
     /// on, so no later apply of it stores records or a position past the ones lost.
     fn note_failure(&mut self, w: &WriteReq) {
-        if let WriteReq::Apply { chain: Some(c), .. } = w {
-            self.broken_chain = Some(*c);
+        if let Some(c) = w.chain() {
+            self.broken_chain = Some(c);
         }
     }
 
     fn exec(&mut self, w: &WriteReq) -> Result<Done, DbError> {
-        if let WriteReq::Apply { chain: Some(c), .. } = w {
-            if self.broken_chain == Some(*c) {
+        if let Some(c) = w.chain() {
+            if self.broken_chain == Some(c) {
                 return Err(DbError::ApplyChainBroken);
             }
         }
@@ -581,6 +624,8 @@ impl Owner {
             WriteReq::Apply { peer, records, pos, .. } => self.apply(peer, records, *pos).map(Done::Apply),
             WriteReq::Gc { clock_ms, .. } => self.gc(*clock_ms).map(Done::Gc),
             WriteReq::SetPeer { peer, pos, .. } => self.set_peer(peer, *pos, false).map(|()| Done::Unit),
+            WriteReq::SnapshotPart { first, data, .. } => self.snapshot_part(*first, data).map(Done::Apply),
+            WriteReq::LoadSnapshot { peer, pos, .. } => self.load_snapshot(peer, *pos).map(Done::Apply),
         }
     }
 
@@ -760,6 +805,17 @@ impl Owner {
                 out.deletes_kept.push(c.record);
             }
         }
+        self.observe_peer(newest);
+        match pos {
+            super::PositionUpdate::Keep => {}
+            super::PositionUpdate::Advance(p) => self.set_peer(peer, p, true)?,
+            super::PositionUpdate::Set(p) => self.set_peer(peer, p, false)?,
+        }
+        Ok(out)
+    }
+
+    /// Follows the newest version of records from the peer, up to the clock bound.
+    fn observe_peer(&mut self, newest: Option<Hlc>) {
         if let Some(h) = newest {
             let now = now_ms();
             if let Some(ahead) = h.beyond(now, self.max_clock_offset_ms) {
@@ -767,12 +823,155 @@ impl Owner {
             }
             self.hlc = self.hlc.observe_bounded(h, now, self.max_clock_offset_ms);
         }
-        match pos {
-            super::PositionUpdate::Keep => {}
-            super::PositionUpdate::Advance(p) => self.set_peer(peer, p, true)?,
-            super::PositionUpdate::Set(p) => self.set_peer(peer, p, false)?,
+    }
+
+    // ---- a snapshot received as a file -------------------------------------------------
+
+    /// Appends the next bytes of a snapshot file from the peer (`first`: a new file). The
+    /// file is private to this process and read once, so it is never flushed.
+    fn snapshot_part(&mut self, first: bool, data: &[u8]) -> Result<ApplyOutcome, DbError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = super::schema::snapshot_in_path(&self.path);
+        let io = |what: &str, source: std::io::Error| {
+            if source.raw_os_error() == Some(nix::libc::ENOSPC) {
+                DbError::DiskFull { context: format!("{what} {}", path.display()) }
+            } else {
+                DbError::Io { context: format!("{what} {}", path.display()), source }
+            }
+        };
+        if first {
+            self.snapshot_in = None;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io("create the snapshot file", e))?;
+            self.snapshot_in = Some((file, 0));
         }
+        let Some((file, len)) = &mut self.snapshot_in else {
+            return Err(DbError::InvalidSnapshot { detail: "a part of a snapshot file came without its start".into() });
+        };
+        file.write_all(data).map_err(|e| io("write the snapshot file", e))?;
+        *len += data.len() as u64;
+        Ok(ApplyOutcome::default())
+    }
+
+    /// Attaches the snapshot file received as `snap` for this round's load (outside any
+    /// transaction, as SQLite requires); a failure is kept for the load to report.
+    fn attach_snapshot(&mut self) {
+        self.snapshot_attached = match self.snapshot_in.take() {
+            None => Err("no snapshot file was received".into()),
+            Some((file, len)) => {
+                drop(file);
+                let path = super::schema::snapshot_in_path(&self.path);
+                tracing::debug!(bytes = len, "loading a snapshot file from the peer");
+                self.conn
+                    .execute("ATTACH ?1 AS snap", [path.to_string_lossy()])
+                    .map(drop)
+                    .map_err(|e| format!("cannot open the file received ({e})"))
+            }
+        };
+    }
+
+    /// Detaches and removes the snapshot file after the round that loaded it.
+    fn detach_snapshot(&mut self) {
+        if self.snapshot_attached.is_ok() {
+            if let Err(e) = self.conn.execute_batch("DETACH snap") {
+                tracing::warn!(error = %e, "cannot close the snapshot file received");
+            }
+        }
+        self.snapshot_attached = Err("no snapshot file was received".into());
+        let _ = std::fs::remove_file(super::schema::snapshot_in_path(&self.path));
+    }
+
+    /// Loads the snapshot file attached as `snap` and stores `pos` as the position in the
+    /// peer's log. Into a database that holds no session its rows and index entries are
+    /// copied as they are (SQLite's transfer of rows between tables of one definition);
+    /// otherwise each record is merged like any other from the peer. Either way the file is
+    /// checked: the same columns as ours, SQLite's structural check, and every row one this
+    /// build can read (`reader::check_snapshot_file`); a file that fails changes nothing.
+    fn load_snapshot(&mut self, peer: &str, pos: Seq) -> Result<ApplyOutcome, DbError> {
+        let invalid = |detail: String| DbError::InvalidSnapshot { detail };
+        if let Err(why) = &self.snapshot_attached {
+            return Err(invalid(why.clone()));
+        }
+        let theirs = super::schema::sessions_columns(&self.conn, "snap")
+            .map_err(|e| invalid(format!("it holds no readable sessions table ({e})")))?;
+        if theirs != super::schema::sessions_columns(&self.conn, "main")? {
+            return Err(invalid(format!("its sessions table has other columns than ours: {}", theirs.join(", "))));
+        }
+        // The file is checked on a thread and connection of its own while its rows are
+        // copied (or merged); this transaction commits only if both went well.
+        let file = super::schema::snapshot_in_path(&self.path);
+        let check = std::thread::Builder::new()
+            .name("vsm-db-check".into())
+            .spawn(move || super::reader::check_snapshot_file(&file))
+            .map_err(|source| DbError::Io { context: "start the check of a snapshot file".into(), source })?;
+        let out = if self.live == 0 && self.tombs == 0 { self.copy_snapshot() } else { self.merge_snapshot(peer) };
+        let verdict = check.join().unwrap_or_else(|_| Err("its check stopped unexpectedly".into()));
+        verdict.map_err(invalid)?;
+        let out = out?;
+        self.set_peer(peer, pos, false)?;
         Ok(out)
+    }
+
+    /// Copies every row of `snap` into the empty `sessions` table and counts them.
+    fn copy_snapshot(&mut self) -> Result<ApplyOutcome, DbError> {
+        let n = self
+            .conn
+            .execute("INSERT INTO main.sessions SELECT * FROM snap.sessions", [])
+            .ctx("copy the sessions of a snapshot file")?;
+        let (live, tombs) = store::count_rows(&self.conn)?;
+        (self.live, self.tombs) = (live, tombs);
+        self.greatest = store::greatest_id(&self.conn)?;
+        let per_agent = store::users_per_agent(&self.conn)?;
+        self.user_counts.reset(&per_agent);
+        if let (Some(f), Some(t)) = (&self.flush, self.ticket) {
+            f.touch(t, per_agent.values().flat_map(|users| users.keys().map(String::as_str)));
+        }
+        self.per_agent = per_agent;
+        self.checkpoints.wrote_rows(n);
+        let newest = store::newest_version(&self.conn)?;
+        self.observe_peer(newest);
+        Ok(ApplyOutcome { applied: n, ..ApplyOutcome::default() })
+    }
+
+    /// Merges the records of `snap` into a database that holds sessions, a batch at a time.
+    fn merge_snapshot(&mut self, peer: &str) -> Result<ApplyOutcome, DbError> {
+        const BATCH: i64 = 2048;
+        let mut out = ApplyOutcome::default();
+        let mut after = i64::MIN;
+        loop {
+            let mut stmt = self
+                .conn
+                .prepare_cached(&format!(
+                    "SELECT {}, rowid FROM snap.sessions WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+                    store::COLUMNS
+                ))
+                .ctx("prepare a snapshot file read")?;
+            let rows = stmt
+                .query_map([after, BATCH], |r| Ok((store::raw_from_row(r)?, r.get::<_, i64>(22)?)))
+                .ctx("read a snapshot file")?;
+            let mut records = Vec::new();
+            for row in rows {
+                let (raw, rowid) = row.ctx("read a snapshot file")?;
+                after = rowid;
+                let rec = raw.into_record(&self.path).map_err(|e| DbError::InvalidSnapshot { detail: e.to_string() })?;
+                records.push(rec);
+            }
+            drop(stmt);
+            if records.is_empty() {
+                return Ok(out);
+            }
+            let o = self.apply(peer, &records, super::PositionUpdate::Keep)?;
+            out.applied += o.applied;
+            out.skipped += o.skipped;
+            out.conflicts.extend(o.conflicts);
+            out.deletes_kept.extend(o.deletes_kept);
+        }
     }
 
     /// Whether `id` is known to have no row (see [`Owner::greatest`]).

@@ -11,6 +11,7 @@
 //! Must never: write, read `meta` and `sessions` in different transactions, or let out what
 //! it read before `Durable::settle` said it is on disk.
 
+use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
@@ -168,4 +169,83 @@ fn each_record(conn: &Connection, path: &Path, order: Order, mut f: impl FnMut(R
         }
     }
     Ok(())
+}
+
+/// Thread body of a snapshot sent as a file: copies `sessions` (rows and indexes, as
+/// stored) into a new SQLite file next to the database, in the read transaction that also
+/// reads the header, then hands the file out in pieces of `piece` bytes and removes it.
+///
+/// The copy is one `INSERT INTO … SELECT *` between tables of the same definition, which
+/// SQLite carries out by copying each row's and each index entry's bytes as they are
+/// (its transfer optimisation) rather than decoding and encoding every row: the receiver
+/// loads the file the same way (`owner.rs`).
+pub(super) fn stream_file(
+    path: PathBuf,
+    piece: usize,
+    durable: &Durable,
+    header: oneshot::Sender<Header>,
+    out: mpsc::Sender<Result<Vec<u8>, DbError>>,
+) {
+    let file = super::schema::snapshot_out_path(&path);
+    let mut header = Some(header);
+    let res = (|| {
+        let conn = super::schema::open_snapshot_builder(&path, &file)?;
+        conn.execute_batch("BEGIN").ctx("begin a snapshot")?;
+        let (head, db_id, total) = read_header(&conn)?;
+        durable.settle()?;
+        let sent = header.take().map(|h| h.send(Ok((head, db_id, total))).is_ok());
+        if sent != Some(true) {
+            return Ok(());
+        }
+        let copied = conn.execute("INSERT INTO snap.sessions SELECT * FROM main.sessions", []).ctx("copy the sessions")?;
+        conn.execute_batch("COMMIT").ctx("end a snapshot")?;
+        if copied as u64 != total {
+            return Err(DbError::Corrupt {
+                path: path.clone(),
+                detail: format!("the snapshot copied {copied} sessions, its header counted {total}"),
+            });
+        }
+        conn.execute_batch("DETACH snap").ctx("close the snapshot file")?;
+        drop(conn);
+        let mut f = std::fs::File::open(&file)
+            .map_err(|source| DbError::Io { context: format!("open {}", file.display()), source })?;
+        // Gone from the directory already; the open descriptor keeps it readable.
+        let _ = std::fs::remove_file(&file);
+        loop {
+            let mut buf = Vec::with_capacity(piece);
+            let n = std::io::Read::by_ref(&mut f)
+                .take(piece as u64)
+                .read_to_end(&mut buf)
+                .map_err(|source| DbError::Io { context: format!("read {}", file.display()), source })?;
+            if n == 0 || out.blocking_send(Ok(buf)).is_err() {
+                return Ok(());
+            }
+        }
+    })();
+    let _ = std::fs::remove_file(&file);
+    if let Err(e) = res {
+        match header.take() {
+            Some(h) => drop(h.send(Err(e))),
+            None => drop(out.blocking_send(Err(e))),
+        }
+    }
+}
+
+/// SQLite's structural check of a snapshot file received from the peer, and the check of
+/// its every row ([`store::first_unreadable_row`]), on a read-only connection of its own:
+/// why the file must not be loaded, if it must not.
+pub(super) fn check_snapshot_file(file: &Path) -> Result<(), String> {
+    let conn = super::schema::open_read_only(file).map_err(|e| format!("cannot open it ({e})"))?;
+    let check: Vec<String> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut st| st.query_map([], |r| r.get::<_, String>(0))?.collect())
+        .map_err(|e| format!("sqlite cannot check it ({e})"))?;
+    if check != ["ok"] {
+        return Err(format!("sqlite's check of it failed: {}", check.join("; ")));
+    }
+    match store::first_unreadable_row(&conn, "main") {
+        Ok(None) => Ok(()),
+        Ok(Some((id, reason))) => Err(format!("session {id}: {reason}")),
+        Err(e) => Err(format!("its rows cannot be checked ({e})")),
+    }
 }

@@ -13,7 +13,7 @@
 //! - `PRAGMA application_id` marks the file as a vsm session database; an SQLite file
 //!   carrying another application's id, or tables but no version, is refused.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, Transaction};
@@ -336,6 +336,119 @@ pub(super) fn open_reader(path: &Path) -> Result<Connection, DbError> {
     conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
     conn.pragma_update(None, "query_only", true).ctx("make a reader read-only")?;
     Ok(conn)
+}
+
+/// Where a snapshot received as a file is written until it is loaded (`owner.rs`).
+pub(super) fn snapshot_in_path(path: &Path) -> PathBuf {
+    with_suffix(path, ".snapshot-in")
+}
+
+/// A new name for a snapshot file built for the peer (`reader.rs`): several may be built at
+/// once (a reconnect while the last is still sent).
+pub(super) fn snapshot_out_path(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    with_suffix(path, &format!("{SNAPSHOT_OUT_INFIX}{}-{n}", std::process::id()))
+}
+
+const SNAPSHOT_OUT_INFIX: &str = ".snapshot-out-";
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
+/// Removes snapshot files a stop left behind beside the database at `path`.
+pub(super) fn remove_stale_snapshot_files(path: &Path) {
+    let _ = std::fs::remove_file(snapshot_in_path(path));
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    let mut prefix = name.to_owned();
+    prefix.push(SNAPSHOT_OUT_INFIX);
+    let prefix = prefix.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Creates `file` empty with mode 0600 (it must not exist), so SQLite opens it private
+/// whatever the umask.
+pub(super) fn create_snapshot_file(file: &Path) -> Result<(), DbError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map(drop)
+        .map_err(|source| DbError::Io { context: format!("create {}", file.display()), source })
+}
+
+/// A connection to a database the owner already opened, with the new file `file` attached
+/// as `snap` and holding empty copies of the `sessions` table and its indexes, made from
+/// their definitions in this database (so the two match exactly, as SQLite's row transfer
+/// needs). The file needs no journal or flush: it is read once and removed. The connection
+/// writes nothing but `snap`.
+pub(super) fn open_snapshot_builder(path: &Path, file: &Path) -> Result<Connection, DbError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    configure_sqlite();
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| classify(path, e, "open a snapshot reader"))?;
+    conn.busy_timeout(Duration::from_secs(2)).ctx("set the busy timeout")?;
+    create_snapshot_file(file)?;
+    conn.execute("ATTACH ?1 AS snap", [file.to_string_lossy()]).ctx("attach a snapshot file")?;
+    conn.execute_batch("PRAGMA snap.journal_mode = OFF; PRAGMA snap.synchronous = OFF;")
+        .ctx("set up a snapshot file")?;
+    for sql in sessions_definitions(&conn, "main")? {
+        let sql = sql
+            .strip_prefix("CREATE TABLE ")
+            .map(|rest| format!("CREATE TABLE snap.{rest}"))
+            .or_else(|| sql.strip_prefix("CREATE INDEX ").map(|rest| format!("CREATE INDEX snap.{rest}")))
+            .ok_or_else(|| corrupt(path, &format!("unexpected definition in the schema: {sql}")))?;
+        conn.execute_batch(&sql).ctx("create the tables of a snapshot file")?;
+    }
+    Ok(conn)
+}
+
+/// The SQL that created `sessions` and its explicit indexes in `schema`, table first.
+fn sessions_definitions(conn: &Connection, schema: &str) -> Result<Vec<String>, DbError> {
+    let mut stmt = conn
+        .prepare(&format!(
+            "SELECT sql FROM {schema}.sqlite_schema WHERE tbl_name = 'sessions' AND sql IS NOT NULL
+             ORDER BY type = 'table' DESC, name"
+        ))
+        .ctx("read the schema")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0)).ctx("read the schema")?;
+    rows.map(|r| r.ctx("read the schema")).collect()
+}
+
+/// A read-only connection to a file this process wrote (a snapshot file received).
+pub(super) fn open_read_only(file: &Path) -> Result<Connection, DbError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    configure_sqlite();
+    Connection::open_with_flags(file, flags).map_err(|e| classify(file, e, "open a snapshot file"))
+}
+
+/// Name, declared type, NOT NULL, default and key position of each column of `sessions` in
+/// `schema`, in order.
+pub(super) fn sessions_columns(conn: &Connection, schema: &str) -> Result<Vec<String>, DbError> {
+    let mut stmt = conn.prepare(&format!("PRAGMA {schema}.table_info(sessions)")).ctx("read the table's columns")?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(format!(
+                "{} {} {} {:?} {}",
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+                r.get::<_, i64>(5)?
+            ))
+        })
+        .ctx("read the table's columns")?;
+    rows.map(|r| r.ctx("read the table's columns")).collect()
 }
 
 fn migrate(conn: &mut Connection, path: &Path, from: i64) -> Result<(), DbError> {

@@ -215,6 +215,70 @@ pub(super) fn greatest_id(conn: &Connection) -> Result<Option<SessionId>, DbErro
     Ok(max.map(SessionId))
 }
 
+/// Live sessions and tombstones in `sessions`.
+pub(super) fn count_rows(conn: &Connection) -> Result<(u64, u64), DbError> {
+    conn.query_row(
+        "SELECT count(*) FILTER (WHERE tombstone = 0), count(*) FILTER (WHERE tombstone = 1) FROM sessions",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+    .ctx("count sessions")
+}
+
+/// The first row of `schema.sessions` that [`RawRow::into_record`] would refuse, or whose
+/// tombstone is not as this module writes one, with the reason: what a snapshot file from
+/// the peer is checked with before its rows are copied as they are. The JSON columns are
+/// checked to be lists; the type of each element only when a row is read (a full check of
+/// every element cost 200 ms for 100,000 sessions, as much as the copy itself).
+pub(super) fn first_unreadable_row(conn: &Connection, schema: &str) -> rusqlite::Result<Option<(String, String)>> {
+    let statuses = [SessionStatus::Running, SessionStatus::Disconnected, SessionStatus::Unreachable]
+        .map(|s| format!("'{}'", s.as_str()))
+        .join(", ");
+    let u32_range = "BETWEEN 0 AND 4294967295";
+    let sql = format!(
+        "SELECT id, reason FROM (SELECT id, CASE
+           WHEN typeof(id) <> 'text' THEN 'the id is not text'
+           WHEN typeof(hlc_wall) <> 'integer' OR hlc_wall < 0 OR typeof(hlc_logical) <> 'integer'
+             OR hlc_logical NOT {u32_range} OR typeof(origin) <> 'text' THEN 'its version is not readable'
+           WHEN NOT ((base_wall IS NULL AND base_logical IS NULL AND base_origin IS NULL)
+             OR (typeof(base_wall) = 'integer' AND base_wall >= 0 AND typeof(base_logical) = 'integer'
+                 AND base_logical {u32_range} AND typeof(base_origin) = 'text'))
+             THEN 'the version it replaced is not readable'
+           WHEN typeof(tombstone) <> 'integer' OR tombstone NOT IN (0, 1) THEN 'tombstone is neither 0 nor 1'
+           WHEN tombstone = 1 THEN CASE
+             WHEN coalesce(user, subcluster, agent, agent_address, display, vnc_port, status, created_ms,
+               last_connect_ms, last_client_address, pid, command, geometry, client_params) IS NOT NULL
+               THEN 'a tombstone with a session body'
+             WHEN typeof(tombstone_at_ms) <> 'integer' THEN 'a tombstone without its time' END
+           WHEN tombstone_at_ms IS NOT NULL THEN 'a live session with a tombstone time'
+           WHEN typeof(user) <> 'text' OR typeof(subcluster) <> 'text' OR typeof(agent) <> 'text'
+             OR typeof(agent_address) <> 'text' OR typeof(last_client_address) <> 'text'
+             OR typeof(geometry) <> 'text' OR typeof(status) <> 'text'
+             THEN 'a live session with a text field missing'
+           WHEN typeof(display) <> 'integer' OR display NOT {u32_range} OR typeof(vnc_port) <> 'integer'
+             OR vnc_port NOT BETWEEN 0 AND 65535 OR typeof(pid) <> 'integer' OR pid NOT {u32_range}
+             OR typeof(created_ms) <> 'integer' OR typeof(last_connect_ms) <> 'integer'
+             THEN 'a live session with a number missing or out of range'
+           WHEN status NOT IN ({statuses}) THEN 'unknown status ' || status
+           WHEN json_type(command) IS NOT 'array' 
+             THEN 'command is not a json list'
+           WHEN json_type(client_params) IS NOT 'array' 
+             THEN 'client_params is not a json list'
+         END AS reason FROM {schema}.sessions) WHERE reason IS NOT NULL LIMIT 1"
+    );
+    conn.query_row(&sql, [], |r| Ok((r.get::<_, rusqlite::types::Value>(0)?, r.get::<_, String>(1)?)))
+        .optional()
+        .map(|row| {
+            row.map(|(id, reason)| {
+                let id = match id {
+                    rusqlite::types::Value::Text(t) => t,
+                    other => format!("{other:?}"),
+                };
+                (id, reason)
+            })
+        })
+}
+
 /// The oldest change in the log; with none, the one after `head`.
 pub(super) fn oldest_change(conn: &Connection, head: Seq) -> Result<Seq, DbError> {
     let min: Option<i64> = conn

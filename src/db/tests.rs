@@ -1575,3 +1575,176 @@ fn page_cache_wrapper_keeps_every_row_through_sibling_swaps_and_rollbacks() {
     assert!(after.skipped > before.skipped, "commits with nothing past the end skipped the scan");
     assert!(after.passed > before.passed, "the rollbacks' truncations went through");
 }
+
+// ---- snapshots sent as a file ------------------------------------------------------------
+
+/// The pieces of a snapshot file of `db` (small pieces, so that several are sent).
+async fn snapshot_file_of(db: &DbHandle) -> (Seq, String, u64, Vec<Vec<u8>>) {
+    let mut f = db.snapshot_file(64 * 1024).await.unwrap();
+    let mut pieces = Vec::new();
+    while let Some(p) = f.next_piece().await {
+        pieces.push(p.unwrap());
+    }
+    (f.head, f.db_id.clone(), f.total, pieces)
+}
+
+/// Sends `pieces` to `db` as the replication engine does, then loads them at `head`.
+async fn load_file(db: &DbHandle, peer: &str, head: Seq, pieces: Vec<Vec<u8>>) -> Result<ApplyOutcome, DbError> {
+    static CHAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1000);
+    let chain = ApplyChain(CHAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let mut pending = Vec::new();
+    for (i, p) in pieces.into_iter().enumerate() {
+        pending.push(db.queue_snapshot_part(chain, i == 0, p).await.unwrap());
+    }
+    let load = db.queue_snapshot_load(chain, peer.into(), head).await.unwrap();
+    for p in pending {
+        p.await?;
+    }
+    load.await
+}
+
+/// Names of the files in `dir`.
+fn files_in(dir: &tempfile::TempDir) -> BTreeSet<String> {
+    std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// A database of node "a" with 3,000 live sessions, some updated, and 100 ended.
+async fn a_with_history(dir: &tempfile::TempDir) -> DbHandle {
+    let a = open(dir, "a");
+    for chunk in 0..3 {
+        let ws = (0..1000)
+            .map(|i| Write::Upsert(session(&format!("s{chunk}-{i:04}"), &format!("u{}", i % 70), "ag1", i)))
+            .collect();
+        a.write_batch(ws).await.unwrap();
+    }
+    let mut s = session("s1-0007", "u7", "ag1", 7);
+    s.status = SessionStatus::Disconnected;
+    s.client_params = vec![("lang".into(), "sv".into())];
+    a.write(Write::Upsert(s)).await.unwrap();
+    a.write_batch((0..100).map(|i| Write::Delete(SessionId(format!("s2-{i:04}")))).collect()).await.unwrap();
+    a
+}
+
+#[tokio::test]
+async fn a_snapshot_file_loads_into_an_empty_database_as_stored() {
+    let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = a_with_history(&da).await;
+    let b = open(&dbb, "b");
+    let (head, db_id, total, pieces) = snapshot_file_of(&a).await;
+    assert_eq!(total, 3000);
+    assert!(pieces.len() > 1, "cut into pieces: {}", pieces.len());
+    assert_eq!(files_in(&da), files_in(&da).into_iter().filter(|f| !f.contains("snapshot")).collect());
+    let out = load_file(&b, &db_id, head, pieces).await.unwrap();
+    assert_eq!(out.applied, 3000);
+    assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
+    assert_eq!(b.peer_position(&db_id).await.unwrap(), Some(head));
+    let st = b.status().await.unwrap();
+    assert_eq!((st.sessions, st.tombstones), (2900, 100));
+    assert_eq!(st.head, Seq::ZERO, "nothing of the peer's goes into this node's own log");
+    // The indexes came with the rows: lookups by user and by agent find them.
+    let by_user = b.list(&SessionFilter { user: Some("u7".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(by_user.len(), a.list(&SessionFilter { user: Some("u7".into()), ..Default::default() }).await.unwrap().len());
+    assert!(by_user.iter().any(|s| s.client_params == vec![("lang".to_string(), "sv".to_string())]));
+    // The clock follows the peer's, and new writes go on from there.
+    let c = b.write(Write::Upsert(session("zz-new", "u1", "ag1", 900))).await.unwrap();
+    assert!(c.version.hlc > a.status().await.unwrap().hlc);
+    assert!(!files_in(&dbb).iter().any(|f| f.contains("snapshot")), "the file received is removed: {:?}", files_in(&dbb));
+    // A database opened again holds the same.
+    let digest = b.digest().await.unwrap();
+    b.close().await.unwrap();
+    let b = open(&dbb, "b");
+    assert_eq!(b.digest().await.unwrap(), digest);
+}
+
+#[tokio::test]
+async fn a_snapshot_file_merges_into_a_database_that_holds_sessions() {
+    let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = a_with_history(&da).await;
+    let b = open(&dbb, "b");
+    // B's own session, and a newer version of one of A's.
+    b.write(Write::Upsert(session("b-own", "u1", "ag2", 3))).await.unwrap();
+    let (head, db_id, _, pieces) = snapshot_file_of(&a).await;
+    let theirs = a.record(&SessionId("s0-0001".into())).await.unwrap().unwrap();
+    b.apply_remote_with(db_id.clone(), vec![theirs], PositionUpdate::Keep).await.unwrap();
+    let mut newer = session("s0-0001", "u1", "ag1", 1);
+    newer.status = SessionStatus::Unreachable;
+    b.write(Write::Upsert(newer.clone())).await.unwrap();
+    let out = load_file(&b, &db_id, head, pieces).await.unwrap();
+    assert_eq!((out.applied, out.skipped), (2999, 1));
+    assert_eq!(b.get(&SessionId("s0-0001".into())).await.unwrap(), Some(newer));
+    assert!(b.get(&SessionId("b-own".into())).await.unwrap().is_some());
+    let st = b.status().await.unwrap();
+    assert_eq!((st.sessions, st.tombstones), (2901, 100));
+    assert_eq!(b.peer_position(&db_id).await.unwrap(), Some(head));
+}
+
+#[tokio::test]
+async fn a_snapshot_file_that_cannot_be_loaded_changes_nothing() {
+    let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = a_with_history(&da).await;
+    let b = open(&dbb, "b");
+    let (head, db_id, _, pieces) = snapshot_file_of(&a).await;
+    let whole: Vec<u8> = pieces.concat();
+    let expect_invalid = |r: Result<ApplyOutcome, DbError>, what: &str| match r {
+        Err(e @ DbError::InvalidSnapshot { .. }) => assert!(e.to_string().contains(what), "{e}"),
+        other => panic!("expected an invalid snapshot ({what}), got {other:?}"),
+    };
+    // Not an SQLite file at all.
+    expect_invalid(load_file(&b, &db_id, head, vec![b"not a database".repeat(400)]).await, "");
+    // Cut short: the end of the file missing.
+    expect_invalid(load_file(&b, &db_id, head, vec![whole[..whole.len() / 2].to_vec()]).await, "");
+    // A row this build cannot read, and one of another layout.
+    let edited = |sql: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.db");
+        std::fs::write(&p, &whole).unwrap();
+        raw_open(&p).unwrap().execute_batch(sql).unwrap();
+        std::fs::read(&p).unwrap()
+    };
+    let bad_status = edited("UPDATE sessions SET status = 'sleeping' WHERE id = 's1-0500'");
+    expect_invalid(load_file(&b, &db_id, head, vec![bad_status]).await, "session s1-0500: unknown status sleeping");
+    let bad_command = edited("UPDATE sessions SET command = '{\"a\": 1}' WHERE id = 's0-0003'");
+    expect_invalid(load_file(&b, &db_id, head, vec![bad_command]).await, "session s0-0003: command is not a json list");
+    let body_on_tomb = edited("UPDATE sessions SET user = 'x' WHERE id = 's2-0001'");
+    expect_invalid(load_file(&b, &db_id, head, vec![body_on_tomb]).await, "a tombstone with a session body");
+    let other_layout = edited("ALTER TABLE sessions ADD COLUMN extra TEXT");
+    expect_invalid(load_file(&b, &db_id, head, vec![other_layout]).await, "other columns");
+    // A part that does not start a file.
+    let r = b.queue_snapshot_part(ApplyChain(9), false, vec![1, 2, 3]).await.unwrap().await;
+    expect_invalid(r, "without its start");
+    // Nothing of any of them was applied.
+    let st = b.status().await.unwrap();
+    assert_eq!((st.sessions, st.tombstones), (0, 0));
+    assert_eq!(b.peer_position(&db_id).await.unwrap(), None);
+    assert!(!files_in(&dbb).iter().any(|f| f.contains("snapshot")), "{:?}", files_in(&dbb));
+    // The same file whole loads afterwards.
+    load_file(&b, &db_id, head, pieces).await.unwrap();
+    assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
+}
+
+/// A full resync of 100,000 sessions sent as a file (see `resync_of_100k_sessions`).
+/// Run with `cargo test --release --lib db::tests::resync_file_of_100k -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "measurement; run explicitly, preferably in release"]
+async fn resync_file_of_100k_sessions() {
+    let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = open(&da, "a");
+    let b = open(&dbb, "b");
+    for chunk in 0..100 {
+        let ws = (0..1000)
+            .map(|i| {
+                let user = format!("user{}", i % 700);
+                Write::Upsert(session(&SessionId::generate().0, &user, &format!("ag{}", chunk % 20), i))
+            })
+            .collect();
+        a.write_batch(ws).await.unwrap();
+    }
+    let t = std::time::Instant::now();
+    let (head, db_id, _, pieces) = snapshot_file_of(&a).await;
+    let bytes: usize = pieces.iter().map(Vec::len).sum();
+    println!("snapshot file of 100k: {bytes} bytes, {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    load_file(&b, &db_id, head, pieces).await.unwrap();
+    println!("load into an empty node: {:?}", t.elapsed());
+    assert_eq!(a.digest().await.unwrap(), b.digest().await.unwrap());
+}
