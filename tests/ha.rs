@@ -195,7 +195,7 @@ async fn a_primary_back_with_an_empty_database_is_ready_only_with_everything() {
     assert!(done, "a became ready and streaming");
     let st = p.a().ha_status().await;
     let r = st.last_resync_received.expect("a resync was received");
-    assert_eq!(r.kind, "snapshot", "an empty database gets a full snapshot: {r:?}");
+    assert_eq!(r.kind, "snapshot_file", "an empty database gets a full snapshot as a file: {r:?}");
     p.converge_and_stop().await;
 }
 

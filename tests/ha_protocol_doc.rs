@@ -14,6 +14,7 @@ fn kind(m: &PeerMsg) -> &'static str {
         PeerMsg::Changes { .. } => "changes",
         PeerMsg::SnapshotBegin { .. } => "snapshot_begin",
         PeerMsg::SnapshotChunk { .. } => "snapshot_chunk",
+        PeerMsg::SnapshotPart { .. } => "snapshot_part",
         PeerMsg::SnapshotEnd { .. } => "snapshot_end",
         PeerMsg::CaughtUp { .. } => "caught_up",
         PeerMsg::Ack { .. } => "ack",
@@ -22,8 +23,18 @@ fn kind(m: &PeerMsg) -> &'static str {
     }
 }
 
-const KINDS: [&str; 9] =
-    ["hello", "changes", "snapshot_begin", "snapshot_chunk", "snapshot_end", "caught_up", "ack", "heartbeat", "reject"];
+const KINDS: [&str; 10] = [
+    "hello",
+    "changes",
+    "snapshot_begin",
+    "snapshot_chunk",
+    "snapshot_part",
+    "snapshot_end",
+    "caught_up",
+    "ack",
+    "heartbeat",
+    "reject",
+];
 
 /// The bodies of the fenced ```json blocks, with the line each starts on.
 fn json_blocks(doc: &str) -> Vec<(usize, String)> {

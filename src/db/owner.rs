@@ -959,7 +959,8 @@ impl Owner {
             for row in rows {
                 let (raw, rowid) = row.ctx("read a snapshot file")?;
                 after = rowid;
-                let rec = raw.into_record(&self.path).map_err(|e| DbError::InvalidSnapshot { detail: e.to_string() })?;
+                let rec =
+                    raw.into_record(&self.path).map_err(|e| DbError::InvalidSnapshot { detail: e.to_string() })?;
                 records.push(rec);
             }
             drop(stmt);

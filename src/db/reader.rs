@@ -197,7 +197,8 @@ pub(super) fn stream_file(
         if sent != Some(true) {
             return Ok(());
         }
-        let copied = conn.execute("INSERT INTO snap.sessions SELECT * FROM main.sessions", []).ctx("copy the sessions")?;
+        let copied =
+            conn.execute("INSERT INTO snap.sessions SELECT * FROM main.sessions", []).ctx("copy the sessions")?;
         conn.execute_batch("COMMIT").ctx("end a snapshot")?;
         if copied as u64 != total {
             return Err(DbError::Corrupt {

@@ -266,9 +266,8 @@ pub(super) fn first_unreadable_row(conn: &Connection, schema: &str) -> rusqlite:
              THEN 'client_params is not a json list'
          END AS reason FROM {schema}.sessions) WHERE reason IS NOT NULL LIMIT 1"
     );
-    conn.query_row(&sql, [], |r| Ok((r.get::<_, rusqlite::types::Value>(0)?, r.get::<_, String>(1)?)))
-        .optional()
-        .map(|row| {
+    conn.query_row(&sql, [], |r| Ok((r.get::<_, rusqlite::types::Value>(0)?, r.get::<_, String>(1)?))).optional().map(
+        |row| {
             row.map(|(id, reason)| {
                 let id = match id {
                     rusqlite::types::Value::Text(t) => t,
@@ -276,7 +275,8 @@ pub(super) fn first_unreadable_row(conn: &Connection, schema: &str) -> rusqlite:
                 };
                 (id, reason)
             })
-        })
+        },
+    )
 }
 
 /// The oldest change in the log; with none, the one after `head`.

@@ -1643,12 +1643,19 @@ async fn a_snapshot_file_loads_into_an_empty_database_as_stored() {
     assert_eq!(st.head, Seq::ZERO, "nothing of the peer's goes into this node's own log");
     // The indexes came with the rows: lookups by user and by agent find them.
     let by_user = b.list(&SessionFilter { user: Some("u7".into()), ..Default::default() }).await.unwrap();
-    assert_eq!(by_user.len(), a.list(&SessionFilter { user: Some("u7".into()), ..Default::default() }).await.unwrap().len());
+    assert_eq!(
+        by_user.len(),
+        a.list(&SessionFilter { user: Some("u7".into()), ..Default::default() }).await.unwrap().len()
+    );
     assert!(by_user.iter().any(|s| s.client_params == vec![("lang".to_string(), "sv".to_string())]));
     // The clock follows the peer's, and new writes go on from there.
     let c = b.write(Write::Upsert(session("zz-new", "u1", "ag1", 900))).await.unwrap();
     assert!(c.version.hlc > a.status().await.unwrap().hlc);
-    assert!(!files_in(&dbb).iter().any(|f| f.contains("snapshot")), "the file received is removed: {:?}", files_in(&dbb));
+    assert!(
+        !files_in(&dbb).iter().any(|f| f.contains("snapshot")),
+        "the file received is removed: {:?}",
+        files_in(&dbb)
+    );
     // A database opened again holds the same.
     let digest = b.digest().await.unwrap();
     b.close().await.unwrap();

@@ -313,7 +313,8 @@ pub struct AgentClockOffset {
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ResyncView {
-    /// `incremental` or `snapshot`.
+    /// `incremental`, `snapshot` (records) or `snapshot_file` (a SQLite file, to a peer
+    /// whose database was empty).
     pub kind: String,
     /// `received` (we caught up from the peer) or `sent`.
     pub direction: String,

@@ -103,6 +103,39 @@ pub struct Hello {
     pub config_digest: String,
     /// The sender's wall clock in Unix milliseconds, to detect clock skew.
     pub now_ms: u64,
+    /// The sender's database holds no session and no tombstone, and the sender loads a
+    /// snapshot sent as a file ([`PeerMsg::SnapshotPart`]). Absent (false) from a sender
+    /// that does not: it only ever gets `SnapshotChunk`s.
+    #[serde(default)]
+    pub empty: bool,
+}
+
+/// Bytes that travel in a JSON message as one base64 string (standard alphabet, padded).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Base64Bytes(pub Vec<u8>);
+
+impl std::fmt::Debug for Base64Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+impl Serialize for Base64Bytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use base64::Engine as _;
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Base64Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use base64::Engine as _;
+        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(Base64Bytes)
+            .map_err(|e| serde::de::Error::custom(format!("not base64: {e}")))
+    }
 }
 
 crate::tagged_enum! {
@@ -120,6 +153,10 @@ crate::tagged_enum! {
         SnapshotBegin { head: Seq, total: u64 },
         /// Part of a snapshot.
         SnapshotChunk { records: Vec<Record> },
+        /// The next bytes of a snapshot sent as a file, instead of chunks, to a receiver that
+        /// announced an empty database ([`Hello::empty`]): a SQLite database holding the
+        /// `sessions` table of the sender's schema, rows and indexes as the sender stores them.
+        SnapshotPart { data: Base64Bytes },
         /// End of a snapshot; `head` repeats the one of `SnapshotBegin`.
         SnapshotEnd { head: Seq },
         /// The receiver now has everything the sender had at handshake time (up to `head` of the
@@ -160,10 +197,12 @@ mod tests {
                 your_position: Seq(2),
                 config_digest: "abc".into(),
                 now_ms: 9,
+                empty: true,
             }),
             PeerMsg::Changes { records: vec![Change { seq: Seq(1), record: record.clone() }] },
             PeerMsg::SnapshotBegin { head: Seq(4), total: 1 },
             PeerMsg::SnapshotChunk { records: vec![record] },
+            PeerMsg::SnapshotPart { data: Base64Bytes(vec![0, 1, 2, 250, 251, 252, 253]) },
             PeerMsg::SnapshotEnd { head: Seq(4) },
             PeerMsg::CaughtUp { head: Seq(4) },
             PeerMsg::Ack { db_id: "d1".into(), applied: Seq(4) },
@@ -227,6 +266,20 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["begin 9 5", "chunk 2", "chunk 2", "chunk 1", "end 9"]);
         assert_eq!(snapshot_messages(Seq(3), vec![], 2, BATCH_BYTES).len(), 2, "an empty snapshot: begin and end");
+    }
+
+    #[test]
+    fn file_parts_are_base64_and_an_older_hello_is_not_empty() {
+        let v = serde_json::to_value(PeerMsg::SnapshotPart { data: Base64Bytes(b"SQLite".to_vec()) }).unwrap();
+        assert_eq!(v, serde_json::json!({"type": "snapshot_part", "data": "U1FMaXRl"}));
+        let bad = serde_json::from_str::<PeerMsg>(r#"{"type":"snapshot_part","data":"not base64!"}"#);
+        assert!(bad.unwrap_err().to_string().contains("not base64"));
+        let old = r#"{"type":"hello","protocol":1,"node":"a","db_id":"d","head":0,"oldest":1,
+            "your_db_id":null,"your_position":0,"config_digest":"x","now_ms":1}"#;
+        match serde_json::from_str::<PeerMsg>(old).unwrap() {
+            PeerMsg::Hello(h) => assert!(!h.empty),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

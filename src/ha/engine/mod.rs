@@ -264,8 +264,10 @@ pub enum Command {
     /// Read local change-log entries after `after`, at most `limit`; answer with
     /// [`Event::LogRead`].
     ReadLog { after: Seq, limit: usize },
-    /// Take a consistent snapshot of the local database; answer with [`Event::SnapshotRead`].
-    ReadSnapshot,
+    /// Take a consistent snapshot of the local database, as a file when `as_file` (the peer
+    /// announced an empty database: [`Hello::empty`]) and then sent as `SnapshotPart`s by
+    /// [`Command::SendSnapshot`]; answer with [`Event::SnapshotRead`].
+    ReadSnapshot { as_file: bool },
     /// Send the snapshot opened for [`Event::SnapshotRead`] (the one at `head`):
     /// `SnapshotBegin { head, total }`, its records cut by a [`crate::proto::peer::Chunker`] of `limit` records and
     /// `bytes` into `SnapshotChunk`s, then `SnapshotEnd { head }`; all before any later
@@ -278,12 +280,36 @@ pub enum Command {
     /// [`Event::Applied`]. Several peer messages stepped in one batch
     /// ([`Engine::step_batch`]) come as one `Apply` (see [`MERGE_RECORDS`]).
     Apply { peer_db_id: String, records: Vec<Record>, peer_pos: Option<Seq> },
+    /// Store the next bytes of the snapshot file the peer sends (`first`: the start of a new
+    /// file); answer with one [`Event::Applied`] (`up_to: None`). Nothing of the file counts
+    /// before [`Command::LoadSnapshot`].
+    StoreSnapshotPart { first: bool, data: Vec<u8> },
+    /// Load the snapshot file stored and store `head` as the position in the peer's log
+    /// `peer_db_id`, in one transaction; answer with one [`Event::Applied`] (`up_to:
+    /// Some(head)`).
+    LoadSnapshot { peer_db_id: String, head: Seq },
     /// Answer these waiting clients.
     ReleaseWaiters { waiters: Vec<WaiterId>, outcome: AckOutcome },
     /// Close the peer link; `reason` is logged. The engine already counts the link as down.
     Disconnect { reason: String },
     /// Reconcile the database with every agent (this node just became active).
     ReconcileAgents,
+}
+
+impl Command {
+    /// Whether the command is a database apply answered by exactly one [`Event::Applied`],
+    /// in the order given.
+    pub fn answered_by_applied(&self) -> bool {
+        matches!(self, Command::Apply { .. } | Command::StoreSnapshotPart { .. } | Command::LoadSnapshot { .. })
+    }
+}
+
+/// The most bytes a snapshot file of `total` records may have: a row and its index entries
+/// take at most a few times the largest record, and pages are at least half full. A peer
+/// that sends more is cut off rather than filling the disk.
+pub fn snapshot_file_limit(total: u64) -> u64 {
+    const BASE: u64 = 16 << 20;
+    BASE.saturating_add(total.saturating_mul(8 * crate::model::MAX_RECORD as u64))
 }
 
 /// How a waiting client's write ended up.
@@ -305,6 +331,8 @@ pub enum AckOutcome {
 pub enum ResyncKind {
     Incremental,
     Snapshot,
+    /// A snapshot sent as a SQLite file, to a peer with an empty database.
+    SnapshotFile,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -401,6 +429,8 @@ struct Outbound {
     sent: Seq,
     /// A snapshot must be sent before anything else.
     need_snapshot: bool,
+    /// The peer announced an empty database: snapshots go to it as a file.
+    peer_empty: bool,
     reading: Reading,
     /// The last log read returned nothing new; wait for a commit before reading again.
     stalled: bool,
@@ -412,6 +442,16 @@ struct Outbound {
     records: u64,
 }
 
+impl Outbound {
+    fn snapshot_kind(&self) -> ResyncKind {
+        if self.peer_empty {
+            ResyncKind::SnapshotFile
+        } else {
+            ResyncKind::Snapshot
+        }
+    }
+}
+
 /// The peer's log towards me, for one connection.
 #[derive(Debug)]
 struct Inbound {
@@ -420,6 +460,11 @@ struct Inbound {
     recv_pos: Seq,
     /// Head of the snapshot being received.
     snapshot: Option<Seq>,
+    /// How the snapshot being received comes: its record count, and the bytes of its file
+    /// so far (`None` while it comes, if at all, as chunks).
+    snapshot_total: u64,
+    file_bytes: Option<u64>,
+    chunks_seen: bool,
     /// `CaughtUp` received: done once the apply numbered `barrier` has completed.
     caught_up_barrier: Option<u64>,
     done: bool,
@@ -584,6 +629,8 @@ impl Engine {
             your_position,
             config_digest: self.cfg.config_digest.clone(),
             now_ms: self.wall(now),
+            // The engine does not know the database's contents; the link fills this in.
+            empty: false,
         }
     }
 
@@ -631,7 +678,7 @@ impl Engine {
     /// applies each command given out covers.
     fn merge_applies(&mut self, cmds: Vec<Command>) -> Vec<Command> {
         // Nothing to merge (the usual case): the commands stay as they are.
-        match cmds.iter().filter(|c| matches!(c, Command::Apply { .. })).count() {
+        match cmds.iter().filter(|c| c.answered_by_applied()).count() {
             0 => return cmds,
             1 => {
                 self.apply_groups.push_back(1);
@@ -661,6 +708,9 @@ impl Engine {
                 c @ (Command::Send(_) | Command::ReleaseWaiters { .. }) => out.push(c),
                 c => {
                     MergedApply::close(merged.take(), &mut out, &mut self.apply_groups);
+                    if c.answered_by_applied() {
+                        self.apply_groups.push_back(1);
+                    }
                     out.push(c);
                 }
             }
@@ -874,7 +924,8 @@ impl Engine {
                 "the peer's database is older than what this node applied of it; sending a snapshot");
         }
         let incremental = mine && !peer_rewound && pos.0 + 1 >= self.oldest.0 && pos <= self.local_head;
-        let kind = if incremental { ResyncKind::Incremental } else { ResyncKind::Snapshot };
+        let snapshot_kind = if hello.empty { ResyncKind::SnapshotFile } else { ResyncKind::Snapshot };
+        let kind = if incremental { ResyncKind::Incremental } else { snapshot_kind };
         self.peer_acked = if incremental { pos } else { Seq::ZERO };
         tracing::info!(
             peer = %self.cfg.peer, peer_db = %hello.db_id, ?kind, from = %pos,
@@ -891,6 +942,7 @@ impl Engine {
                 target: self.local_head,
                 sent: if incremental { pos } else { Seq::ZERO },
                 need_snapshot: !incremental,
+                peer_empty: hello.empty,
                 reading: Reading::Idle,
                 stalled: false,
                 inflight: VecDeque::new(),
@@ -902,6 +954,9 @@ impl Engine {
                 kind: ResyncKind::Incremental,
                 recv_pos: our_pos,
                 snapshot: None,
+                snapshot_total: 0,
+                file_bytes: None,
+                chunks_seen: false,
                 caught_up_barrier: None,
                 done: false,
                 records: 0,
@@ -1111,7 +1166,7 @@ impl Engine {
         }
         if o.need_snapshot {
             o.reading = Reading::Snapshot;
-            out.push(Command::ReadSnapshot);
+            out.push(Command::ReadSnapshot { as_file: o.peer_empty });
             return;
         }
         if !o.caught_up_sent && (o.sent >= o.target || o.stalled) {
@@ -1140,7 +1195,7 @@ impl Engine {
                 tracing::info!(peer = %self.cfg.peer, %after, %oldest, "change log truncated; sending a snapshot");
                 self.oldest = oldest;
                 link.out.need_snapshot = true;
-                link.out.kind = ResyncKind::Snapshot;
+                link.out.kind = link.out.snapshot_kind();
             }
             LogRead::Changes(mut changes) => {
                 // What does not fit in one message is read again for the next one.
@@ -1150,7 +1205,7 @@ impl Engine {
                 if !contiguous {
                     tracing::error!(peer = %self.cfg.peer, %after, "change log read is not contiguous; sending a snapshot");
                     link.out.need_snapshot = true;
-                    link.out.kind = ResyncKind::Snapshot;
+                    link.out.kind = link.out.snapshot_kind();
                 } else if let Some(last) = changes.last().map(|c| c.seq) {
                     link.out.sent = last;
                     link.out.inflight.push_back(last);
@@ -1314,6 +1369,9 @@ impl Engine {
                 }
                 tracing::info!(peer = %self.cfg.peer, %head, total, "receiving a snapshot");
                 link.inb.snapshot = Some(head);
+                link.inb.snapshot_total = total;
+                link.inb.file_bytes = None;
+                link.inb.chunks_seen = false;
                 link.inb.recv_pos = Seq::ZERO;
                 if !link.inb.done {
                     link.inb.kind = ResyncKind::Snapshot;
@@ -1323,8 +1381,35 @@ impl Engine {
                 if link.inb.snapshot.is_none() {
                     return self.disconnect(violation("snapshot chunk outside a snapshot".into()), out);
                 }
+                if link.inb.file_bytes.is_some() {
+                    return self.disconnect(violation("snapshot chunk in a snapshot sent as a file".into()), out);
+                }
+                link.inb.chunks_seen = true;
                 link.inb.records += records.len() as u64;
                 self.apply(records, None, out);
+            }
+            PeerMsg::SnapshotPart { data } => {
+                if link.inb.snapshot.is_none() {
+                    return self.disconnect(violation("snapshot file part outside a snapshot".into()), out);
+                }
+                if link.inb.chunks_seen {
+                    return self.disconnect(violation("snapshot file part in a snapshot sent as chunks".into()), out);
+                }
+                let before = link.inb.file_bytes.unwrap_or(0);
+                let after = before.saturating_add(data.0.len() as u64);
+                let limit = snapshot_file_limit(link.inb.snapshot_total);
+                if after > limit {
+                    let what = format!(
+                        "a snapshot file of {} records over {limit} bytes, the most such a file can take",
+                        link.inb.snapshot_total
+                    );
+                    return self.disconnect(violation(what), out);
+                }
+                link.inb.file_bytes = Some(after);
+                if !link.inb.done {
+                    link.inb.kind = ResyncKind::SnapshotFile;
+                }
+                self.queue_apply(Command::StoreSnapshotPart { first: before == 0, data: data.0 }, None, out);
             }
             PeerMsg::SnapshotEnd { head } => {
                 if link.inb.snapshot != Some(head) {
@@ -1333,7 +1418,13 @@ impl Engine {
                 link.inb.snapshot = None;
                 link.inb.recv_pos = head;
                 self.peer_head = self.peer_head.max(head);
-                self.apply(vec![], Some(head), out);
+                if link.inb.file_bytes.take().is_some() {
+                    link.inb.records += link.inb.snapshot_total;
+                    let load = Command::LoadSnapshot { peer_db_id: link.peer_db_id.clone(), head };
+                    self.queue_apply(load, Some(head), out);
+                } else {
+                    self.apply(vec![], Some(head), out);
+                }
             }
             PeerMsg::CaughtUp { head } => {
                 if link.inb.snapshot.is_some() || link.inb.caught_up_barrier.is_some() {
@@ -1351,9 +1442,17 @@ impl Engine {
 
     fn apply(&mut self, records: Vec<Record>, peer_pos: Option<Seq>, out: &mut Vec<Command>) {
         let Some(link) = &self.link else { return };
+        let cmd = Command::Apply { peer_db_id: link.peer_db_id.clone(), records, peer_pos };
+        self.queue_apply(cmd, peer_pos, out);
+    }
+
+    /// Gives out `cmd`, one answered by an `Applied` (see [`Command::answered_by_applied`]),
+    /// which stores `peer_pos` when it is set.
+    fn queue_apply(&mut self, cmd: Command, peer_pos: Option<Seq>, out: &mut Vec<Command>) {
+        let Some(link) = &self.link else { return };
         self.applies_issued += 1;
         self.pending_applies.push_back(PendingApply { no: self.applies_issued, gen: link.gen, up_to: peer_pos });
-        out.push(Command::Apply { peer_db_id: link.peer_db_id.clone(), records, peer_pos });
+        out.push(cmd);
     }
 
     /// One `Apply` command is durably done: every apply it merged, in order; the peer gets

@@ -64,6 +64,7 @@ fn hello_b(your_db_id: Option<&str>, your_position: u64, head: u64) -> Hello {
         your_position: Seq(your_position),
         config_digest: "digest".into(),
         now_ms: 0,
+        empty: false,
     }
 }
 
@@ -151,18 +152,18 @@ fn stale_log_reads_are_ignored() {
 fn position_outside_the_log_or_for_another_database_means_snapshot() {
     // Truncated: the peer is at 2, the log starts at 4.
     let mut e = engine(5, 4);
-    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot]);
+    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot { as_file: false }]);
     // Exactly at the edge (oldest - 1) is still incremental.
     let mut e = engine(5, 4);
     assert_eq!(connect(&mut e, hello_b(Some(A_DB), 3, 0), 0, 10), vec![Command::ReadLog { after: Seq(3), limit: 2 }]);
     // Ahead of my head (my database went back in time).
     let mut e = engine(5, 1);
-    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 9, 0), 0, 10), vec![Command::ReadSnapshot]);
+    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 9, 0), 0, 10), vec![Command::ReadSnapshot { as_file: false }]);
     // A position in another database of mine, or none at all.
     let mut e = engine(5, 1);
-    assert_eq!(connect(&mut e, hello_b(Some("db-old"), 2, 0), 0, 10), vec![Command::ReadSnapshot]);
+    assert_eq!(connect(&mut e, hello_b(Some("db-old"), 2, 0), 0, 10), vec![Command::ReadSnapshot { as_file: false }]);
     let mut e = engine(5, 1);
-    assert_eq!(connect(&mut e, hello_b(None, 0, 0), 0, 10), vec![Command::ReadSnapshot]);
+    assert_eq!(connect(&mut e, hello_b(None, 0, 0), 0, 10), vec![Command::ReadSnapshot { as_file: false }]);
 }
 
 #[test]
@@ -170,7 +171,7 @@ fn truncated_log_read_switches_to_a_snapshot() {
     let mut e = engine(5, 1);
     connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10);
     let cmds = e.step(Event::LogRead { after: Seq(2), result: LogRead::Truncated { oldest: Seq(4) }, now: 11 });
-    assert_eq!(cmds, vec![Command::ReadSnapshot]);
+    assert_eq!(cmds, vec![Command::ReadSnapshot { as_file: false }]);
     let records = vec![record("x", 1), record("y", 2), record("z", 3)];
     let cmds = e.step(Event::SnapshotRead { head: Seq(5), total: 3, now: 12 });
     let cmds = send_snapshot(cmds, &records);
@@ -232,7 +233,7 @@ fn batches_and_snapshot_chunks_are_bounded_by_bytes_not_only_by_count() {
     assert_eq!(cmds[0], send(PeerMsg::Changes { records: read[..1].to_vec() }));
 
     let mut e = engine_with(cfg, 5, 4);
-    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot]);
+    assert_eq!(connect(&mut e, hello_b(Some(A_DB), 2, 0), 0, 10), vec![Command::ReadSnapshot { as_file: false }]);
     let records: Vec<Record> = (1..=5).map(|n| big_change(n, 2).record).collect();
     let cmds = e.step(Event::SnapshotRead { head: Seq(5), total: 5, now: 12 });
     let cmds = send_snapshot(cmds, &records);
@@ -276,7 +277,7 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
     let mut e = Engine::new(config(), DbStatus { db_id: "db-new".into(), head: Seq(0), oldest: Seq(1) }, 0);
     e.step(Event::Start { now: 0 });
     let cmds = connect(&mut e, hello_b(Some("db-old"), 7, 10), 0, 10);
-    assert_eq!(cmds, vec![Command::ReadSnapshot]);
+    assert_eq!(cmds, vec![Command::ReadSnapshot { as_file: false }]);
     assert!(!e.is_ready());
 
     let recs = [record("x", 1), record("y", 2), record("z", 3)];
@@ -312,6 +313,77 @@ fn empty_database_gets_a_snapshot_and_is_ready_only_once_it_is_applied() {
     assert_eq!(st.applied_of_peer, Seq(10));
     let info = st.last_resync_received.unwrap();
     assert_eq!((info.kind, info.records, info.direction), (ResyncKind::Snapshot, 3, Direction::Received));
+}
+
+#[test]
+fn a_snapshot_sent_as_a_file_is_stored_part_by_part_and_loaded_at_its_end() {
+    let mut e = Engine::new(config(), DbStatus { db_id: "db-new".into(), head: Seq(0), oldest: Seq(1) }, 0);
+    e.step(Event::Start { now: 0 });
+    assert_eq!(connect(&mut e, hello_b(Some("db-old"), 7, 10), 0, 10), vec![Command::ReadSnapshot { as_file: false }]);
+    assert_eq!(msg(&mut e, PeerMsg::SnapshotBegin { head: Seq(10), total: 3 }, 11), vec![]);
+    let part = |b: &[u8]| PeerMsg::SnapshotPart { data: crate::proto::peer::Base64Bytes(b.to_vec()) };
+    let store = |first: bool, b: &[u8]| Command::StoreSnapshotPart { first, data: b.to_vec() };
+    // Parts that arrive together are not merged: each is one apply answered by one `Applied`.
+    let cmds = e.step_batch([
+        Event::PeerMessage { msg: part(b"one"), now: 12 },
+        Event::PeerMessage { msg: part(b"two"), now: 12 },
+    ]);
+    assert_eq!(cmds, vec![store(true, b"one"), store(false, b"two")]);
+    assert_eq!(e.readiness(), Readiness::ReceivingSnapshot);
+    let load = Command::LoadSnapshot { peer_db_id: B_DB.into(), head: Seq(10) };
+    assert_eq!(msg(&mut e, PeerMsg::SnapshotEnd { head: Seq(10) }, 13), vec![load]);
+    assert_eq!(msg(&mut e, PeerMsg::CaughtUp { head: Seq(10) }, 13), vec![]);
+    assert_eq!(e.step(Event::Applied { up_to: None, now: 14 }), vec![]);
+    assert_eq!(e.step(Event::Applied { up_to: None, now: 14 }), vec![]);
+    assert!(!e.is_ready(), "not ready before the file is loaded");
+    assert_eq!(
+        e.step(Event::Applied { up_to: Some(Seq(10)), now: 15 }),
+        vec![send(PeerMsg::Ack { db_id: B_DB.into(), applied: Seq(10) })]
+    );
+    assert!(e.is_ready());
+    let info = e.status().last_resync_received.unwrap();
+    assert_eq!((info.kind, info.records), (ResyncKind::SnapshotFile, 3));
+}
+
+#[test]
+fn a_peer_that_announces_an_empty_database_gets_its_snapshot_as_a_file() {
+    let mut e = engine(5, 1);
+    let mut hello = hello_b(None, 0, 0);
+    hello.empty = true;
+    assert_eq!(connect(&mut e, hello, 0, 10), vec![Command::ReadSnapshot { as_file: true }]);
+    let cmds = e.step(Event::SnapshotRead { head: Seq(5), total: 4, now: 11 });
+    assert!(matches!(cmds[0], Command::SendSnapshot { head: Seq(5), total: 4, .. }), "{cmds:?}");
+    e.step(Event::PeerMessage { msg: PeerMsg::Ack { db_id: A_DB.into(), applied: Seq(5) }, now: 12 });
+    let info = e.status().last_resync_sent.expect("the resync sent is over");
+    assert_eq!((info.kind, info.records), (ResyncKind::SnapshotFile, 4));
+}
+
+#[test]
+fn snapshot_file_parts_out_of_place_or_too_many_disconnect() {
+    let part = |n: usize| PeerMsg::SnapshotPart { data: crate::proto::peer::Base64Bytes(vec![7; n]) };
+    let begun = |total: u64| {
+        let mut e = engine(0, 1);
+        connect(&mut e, hello_b(None, 0, 0), 0, 10);
+        msg(&mut e, PeerMsg::SnapshotBegin { head: Seq(3), total }, 11);
+        e
+    };
+    let mut e = engine(0, 1);
+    connect(&mut e, hello_b(None, 0, 0), 0, 10);
+    assert!(is_disconnect(&msg(&mut e, part(1), 11), "file part outside a snapshot"));
+    let mut e = begun(2);
+    msg(&mut e, PeerMsg::SnapshotChunk { records: vec![record("x", 1)] }, 12);
+    assert!(is_disconnect(&msg(&mut e, part(1), 12), "part in a snapshot sent as chunks"));
+    let mut e = begun(2);
+    msg(&mut e, part(1), 12);
+    assert!(is_disconnect(
+        &msg(&mut e, PeerMsg::SnapshotChunk { records: vec![record("x", 1)] }, 12),
+        "chunk in a snapshot sent as a file"
+    ));
+    // An empty snapshot's file may take the base allowance, not a byte more.
+    let limit = crate::ha::engine::snapshot_file_limit(0) as usize;
+    let mut e = begun(0);
+    assert_eq!(msg(&mut e, part(limit), 12).len(), 1);
+    assert!(is_disconnect(&msg(&mut e, part(1), 12), "the most such a file can take"));
 }
 
 #[test]
@@ -794,6 +866,7 @@ fn hello_describes_this_node() {
             your_position: Seq(4),
             config_digest: "digest".into(),
             now_ms: 7,
+            empty: false,
         }
     );
 }
@@ -813,7 +886,7 @@ fn peer_database_older_than_what_we_applied_gets_a_snapshot() {
     // B restored an old backup: its log ends at 3, but we applied 5 of it.
     let mut e = engine(5, 1);
     let cmds = connect(&mut e, hello_b(Some(A_DB), 2, 3), 5, 10);
-    assert_eq!(cmds, vec![Command::ReadSnapshot]);
+    assert_eq!(cmds, vec![Command::ReadSnapshot { as_file: false }]);
 }
 
 /// A wall clock far from zero, so offsets either way stay positive readings.

@@ -31,6 +31,26 @@ pub(super) const LINK_DRAIN: usize = 64;
 /// ahead of the link; the engine's chunker cuts the messages).
 const SNAPSHOT_READ_CHUNK: usize = 2048;
 
+/// Bytes of a snapshot file per `SnapshotPart` message (a third more as base64): small
+/// enough that the peer stores one part while the next arrives.
+const SNAPSHOT_PIECE_BYTES: usize = 1024 * 1024;
+
+/// A snapshot read for the peer, held open until the engine sends it: records for a peer
+/// that holds data, a file for one whose database is empty (see `Hello::empty`).
+pub(super) enum OpenSnapshot {
+    Records(crate::db::SnapshotStream),
+    File(crate::db::SnapshotFile),
+}
+
+impl OpenSnapshot {
+    fn header(&self) -> (Seq, u64) {
+        match self {
+            OpenSnapshot::Records(s) => (s.head, s.total),
+            OpenSnapshot::File(f) => (f.head, f.total),
+        }
+    }
+}
+
 /// Most applies queued to the database and not yet done; the next waits for the oldest.
 pub(super) const MAX_APPLYING: usize = 64;
 
@@ -80,7 +100,7 @@ pub(super) struct Driver {
     /// The chain of the current connection's applies (a new one for every connection).
     pub(super) chain: ApplyChain,
     /// The snapshot read for the peer, held open until the engine sends it.
-    pub(super) snapshot: Option<crate::db::SnapshotStream>,
+    pub(super) snapshot: Option<OpenSnapshot>,
 }
 
 impl Driver {
@@ -208,13 +228,21 @@ impl Driver {
                 Ok(result) => events.push_back(Event::LogRead { after, result, now: engine_now() }),
                 Err(e) => tracing::error!(error = %e, "reading the change log for the peer failed"),
             },
-            Command::ReadSnapshot => match self.db.snapshot_stream(SNAPSHOT_READ_CHUNK).await {
-                Ok(stream) => {
-                    events.push_back(Event::SnapshotRead { head: stream.head, total: stream.total, now: engine_now() });
-                    self.snapshot = Some(stream);
+            Command::ReadSnapshot { as_file } => {
+                let opened = if as_file {
+                    self.db.snapshot_file(SNAPSHOT_PIECE_BYTES).await.map(OpenSnapshot::File)
+                } else {
+                    self.db.snapshot_stream(SNAPSHOT_READ_CHUNK).await.map(OpenSnapshot::Records)
+                };
+                match opened {
+                    Ok(snapshot) => {
+                        let (head, total) = snapshot.header();
+                        events.push_back(Event::SnapshotRead { head, total, now: engine_now() });
+                        self.snapshot = Some(snapshot);
+                    }
+                    Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
                 }
-                Err(e) => tracing::error!(error = %e, "reading a snapshot for the peer failed"),
-            },
+            }
             Command::SendSnapshot { head, total, limit, bytes } => {
                 if let Err(reason) = self.send_snapshot(head, total, limit, bytes).await {
                     tracing::error!(%reason, "sending a snapshot to the peer failed; dropping the link");
@@ -222,6 +250,18 @@ impl Driver {
                 }
             }
             Command::Apply { peer_db_id, records, peer_pos } => self.apply(peer_db_id, records, peer_pos, events).await,
+            Command::StoreSnapshotPart { first, data } => {
+                self.make_room(events).await;
+                let what = Queued { chain: self.chain, records: 0, peer_pos: None };
+                let queued = self.db.queue_snapshot_part(self.chain, first, data).await;
+                self.queued(what, queued, events);
+            }
+            Command::LoadSnapshot { peer_db_id, head } => {
+                self.make_room(events).await;
+                let what = Queued { chain: self.chain, records: 0, peer_pos: Some(head) };
+                let queued = self.db.queue_snapshot_load(self.chain, peer_db_id, head).await;
+                self.queued(what, queued, events);
+            }
             Command::ReleaseWaiters { waiters, outcome } => {
                 for w in waiters {
                     if let Some(tx) = self.waiters.remove(&w) {
@@ -262,14 +302,32 @@ impl Driver {
     /// Streams the snapshot opened for the engine to the peer, cut into messages as it is
     /// read. An error means the peer must not see the snapshot's end.
     async fn send_snapshot(&mut self, head: Seq, total: u64, limit: usize, bytes: usize) -> Result<(), String> {
-        let mut stream = match self.snapshot.take() {
-            Some(s) if s.head == head && s.total == total => s,
+        let stream = match self.snapshot.take() {
+            Some(s) if s.header() == (head, total) => s,
             Some(s) => {
-                return Err(format!("the snapshot open is at {} ({} records), not {head} ({total})", s.head, s.total))
+                let (h, t) = s.header();
+                return Err(format!("the snapshot open is at {h} ({t} records), not {head} ({total})"));
             }
             None => return Err("no snapshot open".into()),
         };
         self.send(PeerMsg::SnapshotBegin { head, total }).await;
+        let mut stream = match stream {
+            OpenSnapshot::Records(s) => s,
+            OpenSnapshot::File(mut file) => {
+                let mut sent = 0u64;
+                while let Some(piece) = file.next_piece().await {
+                    let data = piece.map_err(|e| format!("reading the snapshot file: {e}"))?;
+                    sent += data.len() as u64;
+                    self.send(PeerMsg::SnapshotPart { data: crate::proto::peer::Base64Bytes(data) }).await;
+                    if self.writer.is_none() {
+                        return Ok(());
+                    }
+                }
+                tracing::debug!(bytes = sent, records = total, "snapshot sent as a file");
+                self.send(PeerMsg::SnapshotEnd { head }).await;
+                return Ok(());
+            }
+        };
         let mut chunker = Chunker::new(limit, bytes);
         let mut sent = 0u64;
         while let Some(part) = stream.next_chunk().await {
@@ -315,17 +373,28 @@ impl Driver {
         peer_pos: Option<Seq>,
         events: &mut VecDeque<Event>,
     ) {
-        while self.applying.len() >= MAX_APPLYING {
-            let (a, res) = next_applied(&mut self.applying).await;
-            self.on_applied(a, res, events);
-        }
+        self.make_room(events).await;
         let n = records.len();
         let pos = match peer_pos {
             Some(p) => crate::db::PositionUpdate::Set(p),
             None => crate::db::PositionUpdate::Keep,
         };
         let what = Queued { chain: self.chain, records: n, peer_pos };
-        match self.db.queue_apply(self.chain, peer_db_id, records, pos).await {
+        let queued = self.db.queue_apply(self.chain, peer_db_id, records, pos).await;
+        self.queued(what, queued, events);
+    }
+
+    /// Waits until fewer than [`MAX_APPLYING`] applies are queued.
+    async fn make_room(&mut self, events: &mut VecDeque<Event>) {
+        while self.applying.len() >= MAX_APPLYING {
+            let (a, res) = next_applied(&mut self.applying).await;
+            self.on_applied(a, res, events);
+        }
+    }
+
+    /// Keeps an apply just queued (or reports it failed) for its outcome.
+    fn queued(&mut self, what: Queued, queued: Result<PendingApply, DbError>, events: &mut VecDeque<Event>) {
+        match queued {
             Ok(pending) => self.applying.push_back(Applying { pending, what }),
             Err(e) => self.on_applied(what, Err(e), events),
         }

@@ -42,6 +42,7 @@ impl HelloSource {
             your_position,
             config_digest: self.digest.clone(),
             now_ms: now_ms(),
+            empty: st.sessions == 0 && st.tombstones == 0,
         })
     }
 }

@@ -85,6 +85,7 @@ pub(super) fn resync_kind(r: &engine::ResyncInfo) -> &'static str {
     match r.kind {
         engine::ResyncKind::Incremental => "incremental",
         engine::ResyncKind::Snapshot => "snapshot",
+        engine::ResyncKind::SnapshotFile => "snapshot_file",
     }
 }
 
