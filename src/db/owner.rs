@@ -336,12 +336,9 @@ impl Owner {
         let super::schema::Opened { conn, lock } =
             super::schema::open(&opts.path, opts.synchronous).map_err(|e| e.or_disk_full(&opts.path))?;
         let store::Meta { db_id, head, hlc: stored } = store::read_meta(&conn)?;
-        let (live, tombs) = store::count_rows(&conn)?;
         // `meta` holds the clock only as of the last transaction that deleted rows; since
         // then it lives in the rows themselves (see the module docs).
-        let newest = store::newest_version(&conn)?;
-        let per_agent = store::users_per_agent(&conn)?;
-        let greatest = store::greatest_id(&conn)?;
+        let store::TableStats { live, tombs, greatest, newest, per_agent } = store::table_stats(&conn)?;
         let user_counts = super::AgentUserCounts::default();
         user_counts.reset(&per_agent);
         let max_ahead = u64::try_from(opts.max_clock_offset.as_millis()).unwrap_or(u64::MAX);
@@ -924,17 +921,14 @@ impl Owner {
             .conn
             .execute("INSERT INTO main.sessions SELECT * FROM snap.sessions", [])
             .ctx("copy the sessions of a snapshot file")?;
-        let (live, tombs) = store::count_rows(&self.conn)?;
-        (self.live, self.tombs) = (live, tombs);
-        self.greatest = store::greatest_id(&self.conn)?;
-        let per_agent = store::users_per_agent(&self.conn)?;
+        let store::TableStats { live, tombs, greatest, newest, per_agent } = store::table_stats(&self.conn)?;
+        (self.live, self.tombs, self.greatest) = (live, tombs, greatest);
         self.user_counts.reset(&per_agent);
         if let (Some(f), Some(t)) = (&self.flush, self.ticket) {
             f.touch(t, per_agent.values().flat_map(|users| users.keys().map(String::as_str)));
         }
         self.per_agent = per_agent;
         self.checkpoints.wrote_rows(n);
-        let newest = store::newest_version(&self.conn)?;
         self.observe_peer(newest);
         Ok(ApplyOutcome { applied: n, ..ApplyOutcome::default() })
     }
