@@ -416,6 +416,19 @@ impl Owner {
             }
             for req in batch.drain(..) {
                 match req {
+                    // A part of a snapshot file is stored at once: it is neither a
+                    // transaction nor anything that must be on disk (the load that follows
+                    // is both). Only after a load queued before it in this round would it
+                    // overwrite that load's file: then it waits its turn.
+                    Request::Write(w @ WriteReq::SnapshotPart { .. })
+                        if !writes.iter().any(|w| matches!(w, WriteReq::LoadSnapshot { .. })) =>
+                    {
+                        let res = self.exec(&w);
+                        if res.is_err() {
+                            self.note_failure(&w);
+                        }
+                        w.deliver(res);
+                    }
                     Request::Write(w) => writes.push(w),
                     // After the group commit below: a read sees every write queued before it,
                     // and reads no longer split the group into one transaction each.
@@ -610,7 +623,9 @@ impl Owner {
                 return Err(DbError::ApplyChainBroken);
             }
         }
-        if self.bulk_load && !matches!(w, WriteReq::Apply { pos: super::PositionUpdate::Keep, .. }) {
+        if self.bulk_load
+            && !matches!(w, WriteReq::Apply { pos: super::PositionUpdate::Keep, .. } | WriteReq::SnapshotPart { .. })
+        {
             self.end_bulk_load()?;
         }
         match w {
