@@ -880,8 +880,11 @@ impl Owner {
                 drop(file);
                 let path = super::schema::snapshot_in_path(&self.path);
                 tracing::debug!(bytes = len, "loading a snapshot file from the peer");
+                // The file comes from elsewhere: SQLite checks each page it loads, and runs no
+                // function a schema in it might name.
                 self.conn
-                    .execute("ATTACH ?1 AS snap", [path.to_string_lossy()])
+                    .execute_batch("PRAGMA cell_size_check = ON; PRAGMA trusted_schema = OFF;")
+                    .and_then(|()| self.conn.execute("ATTACH ?1 AS snap", [path.to_string_lossy()]))
                     .map(drop)
                     .map_err(|e| format!("cannot open the file received ({e})"))
             }
@@ -894,6 +897,9 @@ impl Owner {
             if let Err(e) = self.conn.execute_batch("DETACH snap") {
                 tracing::warn!(error = %e, "cannot close the snapshot file received");
             }
+        }
+        if let Err(e) = self.conn.execute_batch("PRAGMA cell_size_check = OFF; PRAGMA trusted_schema = ON;") {
+            tracing::warn!(error = %e, "cannot restore the connection's settings after a snapshot load");
         }
         self.snapshot_attached = Err("no snapshot file was received".into());
         let _ = std::fs::remove_file(super::schema::snapshot_in_path(&self.path));
@@ -909,6 +915,14 @@ impl Owner {
         let invalid = |detail: String| DbError::InvalidSnapshot { detail };
         if let Err(why) = &self.snapshot_attached {
             return Err(invalid(why.clone()));
+        }
+        let kind: Option<String> = self
+            .conn
+            .query_row("SELECT type FROM snap.sqlite_schema WHERE name = 'sessions'", [], |r| r.get(0))
+            .optional()
+            .map_err(|e| invalid(format!("its schema cannot be read ({e})")))?;
+        if kind.as_deref() != Some("table") {
+            return Err(invalid(format!("it holds no sessions table (found {kind:?})")));
         }
         let theirs = super::schema::sessions_columns(&self.conn, "snap")
             .map_err(|e| invalid(format!("it holds no readable sessions table ({e})")))?;

@@ -244,7 +244,7 @@ pub(super) fn check_snapshot_file(file: &Path) -> Result<(), String> {
     if check != ["ok"] {
         return Err(format!("sqlite's check of it failed: {}", check.join("; ")));
     }
-    match store::first_unreadable_row(&conn, "main") {
+    match store::first_unreadable_row(&conn) {
         Ok(None) => Ok(()),
         Ok(Some((id, reason))) => Err(format!("session {id}: {reason}")),
         Err(e) => Err(format!("its rows cannot be checked ({e})")),

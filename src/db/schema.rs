@@ -431,7 +431,10 @@ fn sessions_definitions(conn: &Connection, schema: &str) -> Result<Vec<String>, 
 pub(super) fn open_read_only(file: &Path) -> Result<Connection, DbError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     configure_sqlite();
-    Connection::open_with_flags(file, flags).map_err(|e| classify(file, e, "open a snapshot file"))
+    let conn = Connection::open_with_flags(file, flags).map_err(|e| classify(file, e, "open a snapshot file"))?;
+    conn.execute_batch("PRAGMA cell_size_check = ON; PRAGMA trusted_schema = OFF;")
+        .ctx("set up a snapshot file check")?;
+    Ok(conn)
 }
 
 /// Name, declared type, NOT NULL, default and key position of each column of `sessions` in
