@@ -85,6 +85,13 @@
 //!   place for every row (the other two, appended to in row order, stay). Reads stay right
 //!   meanwhile, only slower; the drop rolls back with a failed chunk, and open builds
 //!   indexes a stop left out.
+//! - A peer whose database is empty gets the snapshot as a SQLite file of `sessions`
+//!   ([`DbHandle::snapshot_file`]): rows and index entries are copied as stored, by SQLite's
+//!   transfer between tables of one definition, into the file and out of it again
+//!   ([`DbHandle::queue_snapshot_load`]), with no record decoded or encoded; the loading side
+//!   checks every row as a read would decode it, on a thread of its own meanwhile, and the
+//!   load commits only if that passes. 100,000 sessions: 0.1 s to build, 0.22 s to load,
+//!   against 0.7 s through records.
 //! - [`DbHandle::queue_apply`] lets the replication engine queue the next apply before the
 //!   last is on disk; a chain of them stops at the first failure (see there).
 //! - Dropping a `write` future does not cancel the write: once queued, it commits.
