@@ -179,6 +179,38 @@ fn loadavg() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg").ok()?.split_whitespace().next()?.parse().ok()
 }
 
+/// CPU time (user and system, every core) the machine has spent since boot, in seconds,
+/// from `/proc/stat`.
+fn machine_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        stat.lines().next()?.split_whitespace().skip(1).map(|v| v.parse().ok()).collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal guest guest_nice: user, nice, system,
+    // irq, softirq and steal (guest time is counted in user already).
+    let busy: u64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| fields.get(i)).sum();
+    Some(busy as f64 / clock_ticks())
+}
+
+/// CPU time (user and system) this driver process has spent, in seconds.
+fn own_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces; the fields after it are fixed.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 fn percentile_us(sorted: &[u64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -246,6 +278,12 @@ fn run(args: Args) -> Result<()> {
     let end = measure_from + Duration::from_secs_f64(args.duration);
     let _ = times.set((measure_from, end));
     start.wait();
+    // CPU time over the measured window: the whole machine's and this driver's own, so
+    // what the servers spend per write can be compared between systems.
+    std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
+    let cpu_start = (machine_cpu_s(), own_cpu_s());
+    std::thread::sleep(end.saturating_duration_since(Instant::now()));
+    let cpu_end = (machine_cpu_s(), own_cpu_s());
 
     let mut samples = Vec::new();
     let mut first_error = None;
@@ -272,6 +310,12 @@ fn run(args: Args) -> Result<()> {
         (percentile_us(&samples, 0.50), percentile_us(&samples, 0.99), percentile_us(&samples, 0.999));
     let max = samples.last().map(|&v| v as f64 / 1000.0).unwrap_or(0.0);
     let mean = if n == 0 { 0.0 } else { samples.iter().sum::<u64>() as f64 / n as f64 / 1000.0 };
+    let per_write_us = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if n > 0 => Some(((b - a) * 1e6 / n as f64).round()),
+        _ => None,
+    };
+    let machine_cpu_us = per_write_us(cpu_start.0, cpu_end.0);
+    let driver_cpu_us = per_write_us(cpu_start.1, cpu_end.1);
     let json = serde_json::json!({
         "target": args.target.name(),
         "label": args.label,
@@ -290,10 +334,12 @@ fn run(args: Args) -> Result<()> {
         "setup": setup,
         "loadavg_start": load_start,
         "loadavg_end": load_end,
+        "machine_cpu_us_per_write": machine_cpu_us,
+        "driver_cpu_us_per_write": driver_cpu_us,
     });
     println!("{json}");
     println!(
-        "{:<5} writers={:<3} {:>9.0} writes/s  p50 {:>8.1} us  p99 {:>8.1} us  p999 {:>8.1} us  n={} load {:.2}->{:.2} [{}]",
+        "{:<5} writers={:<3} {:>9.0} writes/s  p50 {:>8.1} us  p99 {:>8.1} us  p999 {:>8.1} us  n={} cpu/write {} us (driver {}) load {:.2}->{:.2} [{}]",
         args.target.name(),
         args.writers,
         rate,
@@ -301,6 +347,8 @@ fn run(args: Args) -> Result<()> {
         p99,
         p999,
         n,
+        machine_cpu_us.map_or("?".to_string(), |v| v.to_string()),
+        driver_cpu_us.map_or("?".to_string(), |v| v.to_string()),
         load_start.unwrap_or(f64::NAN),
         load_end.unwrap_or(f64::NAN),
         setup

@@ -24,6 +24,8 @@
 # Needs root (installs Debian packages, runs PostgreSQL as the postgres user).
 # Everything it starts it stops on exit; its temporary directory is removed.
 # Prints every run (JSON + human line), then medians of each figure and vsm's ratio to the others.
+# "cpu us" is the CPU time (user and system, all cores) the whole machine spent per write over
+# the measured window, "driver" the part of it spent by the benchmark's own writer process.
 set -euo pipefail
 
 ONLY="echo,pg,redis,vsm"
@@ -49,7 +51,7 @@ while [ $# -gt 0 ]; do
         --no-pgbench) PGBENCH=0; shift ;;
         --keep-logs) KEEP_LOGS=1; shift ;;
         --tmpdir) TMPBASE="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "bench-replication: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -389,7 +391,8 @@ field() { jq -r --arg l "$1" --argjson w "$2" "select(.label == \$l and .writers
 
 echo
 echo "Replicated small-row writes on loopback, median of $RUNS runs of ${DURATION}s (after ${WARMUP}s warm-up)"
-printf '%-26s %7s %12s %10s %10s %10s %14s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us" "load (min-max)"
+printf '%-26s %7s %12s %10s %10s %10s %9s %9s %14s\n' system writers "writes/s" "p50 us" "p99 us" "p999 us" \
+    "cpu us" "driver" "load (min-max)"
 LABELS="$(jq -r .label "$RESULTS" | awk '!seen[$0]++')"
 declare -A RATE P99
 for l in $LABELS; do
@@ -400,8 +403,10 @@ for l in $LABELS; do
         P99["$l/$w"]="$(field "$l" "$w" p99_us | median)"
         loads="$(jq -r --arg l "$l" --argjson w "$w" 'select(.label == $l and .writers == $w) | .loadavg_start, .loadavg_end' "$RESULTS" |
             sort -g | awk 'NR == 1 { a = $1 } { b = $1 } END { printf "%.1f-%.1f", a, b }')"
-        printf '%-26s %7s %12.0f %10.1f %10.1f %10.1f %14s\n' "$l" "$w" "$rate" \
-            "$(field "$l" "$w" p50_us | median)" "${P99[$l/$w]}" "$(field "$l" "$w" p999_us | median)" "$loads"
+        printf '%-26s %7s %12.0f %10.1f %10.1f %10.1f %9s %9s %14s\n' "$l" "$w" "$rate" \
+            "$(field "$l" "$w" p50_us | median)" "${P99[$l/$w]}" "$(field "$l" "$w" p999_us | median)" \
+            "$(field "$l" "$w" 'machine_cpu_us_per_write // empty' | median)" \
+            "$(field "$l" "$w" 'driver_cpu_us_per_write // empty' | median)" "$loads"
     done
 done
 echo

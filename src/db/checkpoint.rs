@@ -31,15 +31,20 @@ use std::time::Instant;
 use rusqlite::Connection;
 
 /// The background thread is poked after this many commits or rows written, whichever
-/// first: often enough that the owner's own pass has little left to copy, rarely enough
-/// not to flush the database file for every commit.
-const POKE_COMMITS: u32 = 32;
-const POKE_ROWS: u32 = 512;
+/// first. Each pass ends with a flush of the database file, which on a shared disk delays
+/// the log flushes that commits wait for, and copies every page the log changed since the
+/// pass before, however often it changed: rare passes copy a hot page (the last leaf of the
+/// table, of its id index, of the change log) once for many commits. Every 32 commits or 512
+/// rows made replicated writes from 16 writers 5-10 % slower, with a p99 10-20 % higher,
+/// than these values on a disk whose flush takes 0.1 ms (`docs/benchmarks.md`).
+const POKE_COMMITS: u32 = 4096;
+const POKE_ROWS: u32 = 4096;
 
 /// Log frames (pages) after which the owner completes a checkpoint itself so the log
-/// restarts: 4,096 frames are 16 MiB of log with 4 KiB pages. Larger means fewer of the
-/// owner's short waits, a longer log for readers to search and more disk kept by the log.
-pub(super) const RESTART_FRAMES: u64 = 4096;
+/// restarts: 16,384 frames are 64 MiB of log with 4 KiB pages. Larger means fewer of the
+/// owner's short waits and fewer copies of hot pages, a longer log for readers to search
+/// and more disk kept by the log.
+pub(super) const RESTART_FRAMES: u64 = 16_384;
 
 /// A background pass this short (in microseconds) left only a few commits' frames behind
 /// it, so the owner's own checkpoint after it is short too (a flush of a few dozen pages).

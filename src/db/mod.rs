@@ -65,8 +65,8 @@
 //!   forward): after a full snapshot from a peer whose log went backwards (restored from a
 //!   backup), the position must go back too.
 //! - A background checkpointer thread (its own connection) copies the write-ahead log into
-//!   the file, poked every 32 commits or 512 rows, so commits do not pay for checkpoints;
-//!   SQLite's automatic checkpoint remains as a safety net at 16,384 pages.
+//!   the file, poked every 4,096 commits or rows, so commits do not pay for checkpoints;
+//!   SQLite's automatic checkpoint remains as a safety net at 65,536 pages.
 //! - With FULL, a commit is on disk before anything of it leaves the process (its reply,
 //!   its changes for the peer, a read that saw it), but the flush happens on a thread of its
 //!   own while the owner commits the next group (`flush.rs`); a flush that fails makes every
