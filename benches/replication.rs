@@ -337,8 +337,13 @@ fn run(args: Args) -> Result<()> {
         "machine_cpu_us_per_write": machine_cpu_us,
         "driver_cpu_us_per_write": driver_cpu_us,
     });
-    println!("{json}");
-    println!(
+    // Written, not printed: a reader that closed the pipe early (`| head -n 1`) ends the
+    // output quietly instead of making `println!` panic.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{json}");
+    let _ = writeln!(
+        out,
         "{:<5} writers={:<3} {:>9.0} writes/s  p50 {:>8.1} us  p99 {:>8.1} us  p999 {:>8.1} us  n={} cpu/write {} us (driver {}) load {:.2}->{:.2} [{}]",
         args.target.name(),
         args.writers,
