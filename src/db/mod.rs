@@ -751,19 +751,10 @@ impl DbHandle {
     /// Every record in storage order, in chunks of `chunk_records`, read in one transaction on a
     /// reader thread while writes go on. The reader stays at most two chunks ahead.
     pub async fn snapshot_stream(&self, chunk_records: usize) -> Result<SnapshotStream, DbError> {
-        if self.tx.is_closed() {
-            return Err(DbError::Closed);
-        }
-        let (header_tx, header_rx) = oneshot::channel();
-        let (tx, chunks) = mpsc::channel(2);
-        let path = self.path.to_path_buf();
         let chunk = chunk_records.max(1);
-        let durable = self.durable.clone();
-        std::thread::Builder::new()
-            .name("vsm-db-snapshot".into())
-            .spawn(move || reader::stream(path, chunk, &durable, header_tx, tx))
-            .map_err(|source| DbError::Io { context: "start a snapshot reader".into(), source })?;
-        let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
+        let (head, db_id, total, chunks) = self
+            .start_snapshot_reader(move |path, durable, header, out| reader::stream(path, chunk, durable, header, out))
+            .await?;
         Ok(SnapshotStream { head, db_id, total, chunks })
     }
 
@@ -773,20 +764,36 @@ impl DbHandle {
     /// ([`DbHandle::queue_snapshot_load`]). The file is written next to the database, mode
     /// 0600, and removed once read.
     pub async fn snapshot_file(&self, piece_bytes: usize) -> Result<SnapshotFile, DbError> {
+        let piece = piece_bytes.max(1);
+        let (head, db_id, total, pieces) = self
+            .start_snapshot_reader(move |path, durable, header, out| {
+                reader::stream_file(path, piece, durable, header, out)
+            })
+            .await?;
+        Ok(SnapshotFile { head, db_id, total, pieces })
+    }
+
+    /// Starts a snapshot reader thread (`body`, one of `reader`'s) and waits for its header:
+    /// head, database id, record count, and what it then sends, at most two items ahead.
+    async fn start_snapshot_reader<T: Send + 'static>(
+        &self,
+        body: impl FnOnce(PathBuf, &flush::Durable, oneshot::Sender<reader::Header>, mpsc::Sender<Result<T, DbError>>)
+            + Send
+            + 'static,
+    ) -> Result<(Seq, String, u64, mpsc::Receiver<Result<T, DbError>>), DbError> {
         if self.tx.is_closed() {
             return Err(DbError::Closed);
         }
         let (header_tx, header_rx) = oneshot::channel();
-        let (tx, pieces) = mpsc::channel(2);
+        let (tx, rx) = mpsc::channel(2);
         let path = self.path.to_path_buf();
-        let piece = piece_bytes.max(1);
         let durable = self.durable.clone();
         std::thread::Builder::new()
             .name("vsm-db-snapshot".into())
-            .spawn(move || reader::stream_file(path, piece, &durable, header_tx, tx))
+            .spawn(move || body(path, &durable, header_tx, tx))
             .map_err(|source| DbError::Io { context: "start a snapshot reader".into(), source })?;
         let (head, db_id, total) = header_rx.await.map_err(|_| DbError::Closed)??;
-        Ok(SnapshotFile { head, db_id, total, pieces })
+        Ok((head, db_id, total, rx))
     }
 
     /// Queues the next bytes of a snapshot file from the peer (`first`: the start of a new

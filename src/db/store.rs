@@ -374,7 +374,7 @@ mod json_check {
     use std::fmt;
 
     /// A string, discarded.
-    struct Str;
+    pub(super) struct Str;
     impl<'de> Deserialize<'de> for Str {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
             struct V;
@@ -391,43 +391,30 @@ mod json_check {
         }
     }
 
-    /// A list of strings (as `Vec<String>` decodes).
-    pub(super) struct Strings;
-    impl<'de> Deserialize<'de> for Strings {
+    /// A list whose every element checks as `T`, kept nowhere.
+    pub(super) struct ListOf<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for ListOf<T> {
         fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Strings;
+            struct V<T>(std::marker::PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+                type Value = ListOf<T>;
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a list of strings")
+                    f.write_str("a list")
                 }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strings, A::Error> {
-                    while seq.next_element::<Str>()?.is_some() {}
-                    Ok(Strings)
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ListOf<T>, A::Error> {
+                    while seq.next_element::<T>()?.is_some() {}
+                    Ok(ListOf(std::marker::PhantomData))
                 }
             }
-            d.deserialize_seq(V)
+            d.deserialize_seq(V(std::marker::PhantomData))
         }
     }
 
+    /// A list of strings (as `Vec<String>` decodes).
+    pub(super) type Strings = ListOf<Str>;
+
     /// A list of pairs of strings (as `Vec<(String, String)>` decodes).
-    pub(super) struct Pairs;
-    impl<'de> Deserialize<'de> for Pairs {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Pairs;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a list of pairs of strings")
-                }
-                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pairs, A::Error> {
-                    while seq.next_element::<(Str, Str)>()?.is_some() {}
-                    Ok(Pairs)
-                }
-            }
-            d.deserialize_seq(V)
-        }
-    }
+    pub(super) type Pairs = ListOf<(Str, Str)>;
 
     #[cfg(test)]
     mod tests {

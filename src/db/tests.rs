@@ -1313,6 +1313,20 @@ fn cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// 100,000 sessions of 700 users on 20 agents, written in batches of 1,000 (the measurements'
+/// database).
+async fn fill_100k(a: &DbHandle) {
+    for chunk in 0..100 {
+        let ws = (0..1000)
+            .map(|i| {
+                let user = format!("user{}", i % 700);
+                Write::Upsert(session(&SessionId::generate().0, &user, &format!("ag{}", chunk % 20), i))
+            })
+            .collect();
+        a.write_batch(ws).await.unwrap();
+    }
+}
+
 /// Full resync of 100,000 sessions: snapshot on one node, apply on an empty one.
 /// Run with `cargo test --release --lib db::tests::resync_of_100k -- --ignored --nocapture`.
 #[tokio::test]
@@ -1327,15 +1341,7 @@ async fn resync_of_100k_sessions() {
         println!("{what}: wall {:?}, cpu {:?}", now.0 - t.0, now.1 - t.1);
         t = now;
     };
-    for chunk in 0..100 {
-        let ws = (0..1000)
-            .map(|i| {
-                let user = format!("user{}", i % 700);
-                Write::Upsert(session(&SessionId::generate().0, &user, &format!("ag{}", chunk % 20), i))
-            })
-            .collect();
-        a.write_batch(ws).await.unwrap();
-    }
+    fill_100k(&a).await;
     lap("write 100k in batches of 1000");
     let mut stream = a.snapshot_stream(5000).await.unwrap();
     let mut parts = Vec::new();
@@ -1786,15 +1792,7 @@ async fn resync_file_of_100k_sessions() {
     let (da, dbb) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = open(&da, "a");
     let b = open(&dbb, "b");
-    for chunk in 0..100 {
-        let ws = (0..1000)
-            .map(|i| {
-                let user = format!("user{}", i % 700);
-                Write::Upsert(session(&SessionId::generate().0, &user, &format!("ag{}", chunk % 20), i))
-            })
-            .collect();
-        a.write_batch(ws).await.unwrap();
-    }
+    fill_100k(&a).await;
     let t = std::time::Instant::now();
     let (head, db_id, _, pieces) = snapshot_file_of(&a).await;
     let bytes: usize = pieces.iter().map(Vec::len).sum();
