@@ -20,6 +20,7 @@ use clap::{Parser, ValueEnum};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
+use vsm::metrics::ProcessFigures;
 use vsm::model::{Session, SessionId, SessionStatus};
 
 #[path = "replication/echo.rs"]
@@ -191,16 +192,7 @@ fn machine_cpu_s() -> Option<f64> {
     Some(busy as f64 / clock_ticks())
 }
 
-/// CPU time (user and system) this driver process has spent, in seconds.
-fn own_cpu_s() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name may hold spaces; the fields after it are fixed.
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / clock_ticks())
-}
-
+/// Clock ticks per second (the unit of `/proc/stat`).
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf only reads a system constant.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -281,9 +273,9 @@ fn run(args: Args) -> Result<()> {
     // CPU time over the measured window: the whole machine's and this driver's own, so
     // what the servers spend per write can be compared between systems.
     std::thread::sleep(measure_from.saturating_duration_since(Instant::now()));
-    let cpu_start = (machine_cpu_s(), own_cpu_s());
+    let cpu_start = (machine_cpu_s(), ProcessFigures::read().cpu_seconds);
     std::thread::sleep(end.saturating_duration_since(Instant::now()));
-    let cpu_end = (machine_cpu_s(), own_cpu_s());
+    let cpu_end = (machine_cpu_s(), ProcessFigures::read().cpu_seconds);
 
     let mut samples = Vec::new();
     let mut first_error = None;
